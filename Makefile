@@ -1,0 +1,48 @@
+# medtransfer: every target sets itself up; `make fit` and `make test` work as the first command on a clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/pneumonia_effnet_lite0.yaml
+HOST ?= 127.0.0.1
+PORT ?= 5000
+
+# The shipped data copy beside the repository, when there is one; otherwise the CLI downloads (MD5-checked).
+SHARED_DATA := $(abspath ../shared/data)
+ifeq ($(origin MEDTRANSFER_DATA_DIR),undefined)
+ifneq ($(wildcard $(SHARED_DATA)/pneumoniamnist.npz),)
+export MEDTRANSFER_DATA_DIR := $(SHARED_DATA)
+endif
+endif
+
+.PHONY: setup fit test ui lint format clean
+
+setup: $(STAMP) ## create .venv and install medtransfer with its dev extras (skipped when up to date)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+fit: setup ## train the default config, then test its best checkpoint; all tracked in mlruns/
+	$(BIN)/medtransfer fit --config $(CONFIG)
+
+test: setup ## run the test suite
+	$(BIN)/pytest
+
+ui: setup ## the MLflow UI over mlruns/ on http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host $(HOST) --port $(PORT)
+
+lint: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: setup
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+clean: ## remove tracked runs, checkpoints and caches (keeps .venv)
+	find mlruns -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
+	rm -rf .pytest_cache .ruff_cache
+	find . -name __pycache__ -not -path './$(VENV)/*' -exec rm -rf {} +

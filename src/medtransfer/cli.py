@@ -1,0 +1,134 @@
+"""``medtransfer`` command line: LightningCLI over ClassifierModule and MedMNISTDataModule.
+
+Every option is a typed constructor argument, so ``--help`` and ``--print_config`` list them all. On top of
+Lightning's own CLI this adds the project's defaults (MLflow logging, checkpointing on validation AUROC,
+freeze-then-finetune), ``--test_after_fit``, continuation of a checkpoint's MLflow run, and one-line errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
+
+from medtransfer.callbacks.finetuning import FreezeThenFinetune
+from medtransfer.data.medmnist import MedMNISTDataModule
+from medtransfer.errors import MedtransferError
+from medtransfer.models.classifier import ClassifierModule
+from medtransfer.tracking.callbacks import LogConfigToMLflow, MLflowRunTracking, find_mlflow_logger, read_run_info
+from medtransfer.tracking.mlflow import MLflowLogger
+
+__all__ = ["MedTransferCLI", "main"]
+
+_logger = logging.getLogger(__name__)
+
+
+class MedTransferCLI(LightningCLI):
+    """LightningCLI with medtransfer's callbacks, links and MLflow run handling."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(FreezeThenFinetune, "finetuning")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/auroc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "epoch={epoch:02d}-val_auroc={val/auroc:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.link_arguments("data.task", "model.task", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="After fit, run test on the best checkpoint and log to the same MLflow run (fit only).",
+        )
+
+    def _checkpoint_run(self) -> str | None:
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return None
+        info = read_run_info(ckpt_path)
+        return info["run_id"] if info else None
+
+    def _prepare_logger(self) -> None:
+        """Continue the checkpoint's MLflow run, else name the new run ``<backbone>-<dataset>-<time>``."""
+        logger = find_mlflow_logger(self.trainer)
+        if not isinstance(logger, MLflowLogger):
+            return
+        run_id = self._checkpoint_run()
+        if run_id is not None:
+            logger.continue_run(run_id)
+        else:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            logger.name_run(f"{self.model.hparams.backbone}-{self.datamodule.hparams.flag}-{stamp}")
+
+    def before_fit(self) -> None:
+        self._prepare_logger()
+
+    def before_validate(self) -> None:
+        self._prepare_logger()
+
+    def before_test(self) -> None:
+        self._prepare_logger()
+
+    def after_fit(self) -> None:
+        if self.config.fit.get("test_after_fit") and not self.trainer.interrupted:
+            best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+            _report(f"Testing the best checkpoint (by {self.trainer.checkpoint_callback.monitor}): {best}")
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
+        self._print_run()
+
+    def after_test(self) -> None:
+        self._print_run()
+
+    def after_validate(self) -> None:
+        self._print_run()
+
+    @rank_zero_only
+    def _print_run(self) -> None:
+        logger = find_mlflow_logger(self.trainer)
+        if logger is None or logger.run_id is None:
+            return
+        lines = [f"MLflow run {logger.run_id} (experiment {logger.experiment_id}) in {logger._tracking_uri}"]
+        if self.trainer.checkpoint_callback and self.trainer.checkpoint_callback.best_model_path:
+            lines.append(f"Best checkpoint: {self.trainer.checkpoint_callback.best_model_path}")
+        lines.append("See it in the MLflow UI: make ui  ->  http://127.0.0.1:5000")
+        _report("\n".join(lines))
+
+
+def _report(message: str) -> None:
+    print(message, flush=True)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``medtransfer`` console script."""
+    try:
+        MedTransferCLI(
+            ClassifierModule,
+            MedMNISTDataModule,
+            save_config_callback=LogConfigToMLflow,
+            save_config_kwargs={"save_to_log_dir": False},
+            trainer_defaults={
+                "logger": {"class_path": "medtransfer.tracking.mlflow.MLflowLogger"},
+                "callbacks": [MLflowRunTracking()],
+                "default_root_dir": "mlruns",
+            },
+            seed_everything_default=0,
+            args=args,
+        )
+    except MedtransferError as err:
+        print(f"medtransfer: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

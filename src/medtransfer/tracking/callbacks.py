@@ -1,0 +1,108 @@
+"""Callbacks that keep an MLflow run complete: the resolved config, run bookkeeping, the best checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
+__all__ = ["LogConfigToMLflow", "MLflowRunTracking", "find_mlflow_logger", "flatten_config", "read_run_info"]
+
+_logger = logging.getLogger(__name__)
+
+#: Keys of the resolved config that describe one invocation, not the experiment.
+_NOT_PARAMS = ("config", "ckpt_path", "test_after_fit")
+
+
+def find_mlflow_logger(trainer: Trainer) -> MLFlowLogger | None:
+    """The trainer's first MLflow logger, if any."""
+    return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten a LightningCLI config into ``a.b.c`` keys; ``init_args`` levels are dropped and
+    ``class_path`` becomes the value of its parent key, so ``model.optimizer`` reads ``torch.optim.Adam``."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        if key == "class_path":
+            flat[prefix.rstrip(".")] = str(value)
+            continue
+        name = prefix if key == "init_args" else f"{prefix}{key}."
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, name))
+        elif isinstance(value, list) and any(isinstance(v, Mapping) for v in value):
+            for index, item in enumerate(value):
+                item = item if isinstance(item, Mapping) else {"value": item}
+                flat.update(flatten_config(item, f"{name}{index}."))
+        else:
+            flat[name.rstrip(".")] = str(value)
+    return flat
+
+
+def read_run_info(checkpoint_path: str | Path) -> dict[str, str] | None:
+    """The MLflow run a checkpoint was written in (``run_id``, ``experiment_id``, ``tracking_uri``), if any."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    return checkpoint.get("mlflow")
+
+
+class LogConfigToMLflow(SaveConfigCallback):
+    """Log the resolved config to MLflow: as flattened params (on ``fit``) and as ``config/<stage>.yaml``.
+
+    A resumed run keeps its params; values that changed since are logged as a warning, because MLflow
+    refuses to overwrite a param.
+    """
+
+    @override
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        logger = find_mlflow_logger(trainer)
+        if logger is None:
+            return
+        stage = getattr(stage, "value", stage)  # Lightning passes its TrainerFn enum
+        text = self.parser.dump(self.config, skip_none=False)
+        logger.experiment.log_text(logger.run_id, text, f"config/{stage}.yaml")
+        if stage != "fit":
+            return
+        params = {k: v for k, v in flatten_config(yaml.safe_load(text)).items() if k.split(".")[0] not in _NOT_PARAMS}
+        existing = logger.experiment.get_run(logger.run_id).data.params
+        changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v[:250])
+        if changed:
+            _logger.warning("Resumed run keeps its original params; changed since: %s", ", ".join(changed))
+        logger.log_hyperparams({k: v for k, v in params.items() if k not in existing})
+
+
+class MLflowRunTracking(Callback):
+    """Store the MLflow run in every checkpoint (so ``test``/resume continue it) and log the best checkpoint."""
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        logger = find_mlflow_logger(trainer)
+        if logger is not None and logger.run_id is not None:
+            checkpoint["mlflow"] = {
+                "run_id": logger.run_id,
+                "experiment_id": logger.experiment_id,
+                "tracking_uri": logger._tracking_uri,
+            }
+
+    @override
+    @rank_zero_only
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        logger = find_mlflow_logger(trainer)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if logger is None or not best or not Path(best).is_file():
+            return
+        logger.experiment.log_artifact(logger.run_id, best, "checkpoints")
+        logger.experiment.set_tag(logger.run_id, "best_checkpoint", str(Path(best).resolve()))
+        score = trainer.checkpoint_callback.best_model_score
+        if score is not None:
+            monitor = trainer.checkpoint_callback.monitor
+            logger.experiment.set_tag(logger.run_id, f"best_{monitor}", f"{float(score):.6f}")
+        _logger.info("Logged best checkpoint %s to MLflow run %s", best, logger.run_id)

@@ -1,0 +1,31 @@
+"""Shared fixtures: the real data files in ../shared/data, found the way the project documents."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """``$MEDTRANSFER_DATA_DIR`` if set, else ``../shared/data`` beside the repository."""
+    return Path(os.environ.get("MEDTRANSFER_DATA_DIR") or REPO_ROOT.parent / "shared" / "data").resolve()
+
+
+def require_file(path: Path) -> Path:
+    """Skip when a shared data file is missing on a user's machine; fail in CI, where it must exist."""
+    if not path.is_file():
+        message = f"shared test data {path} is not available (set MEDTRANSFER_DATA_DIR)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pneumonia_npz() -> Path:
+    """The real PneumoniaMNIST file (official val/test splits)."""
+    return require_file(shared_data_dir() / "pneumoniamnist.npz")

@@ -1,0 +1,111 @@
+"""MedMNISTDataModule on the real PneumoniaMNIST file: splits, tensors, normalisation and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from medtransfer.data.medmnist import MedMNISTDataModule
+from medtransfer.errors import DataError
+from medtransfer.models.classifier import ClassifierModule
+
+HALF = (0.5, 0.5, 0.5)
+
+
+def _datamodule(path, **kwargs) -> MedMNISTDataModule:
+    kwargs = {"image_size": 64, "mean": HALF, "std": HALF, "batch_size": 16, **kwargs}
+    return MedMNISTDataModule(path=str(path), **kwargs)
+
+
+def test_official_splits_and_binary_labels(pneumonia_npz):
+    dm = _datamodule(pneumonia_npz)
+    dm.setup("fit")
+    assert {k: len(v) for k, v in dm.datasets.items()} == {"train": 4690, "val": 524, "test": 624}
+    assert (dm.task, dm.num_classes, dm.class_names) == ("binary", 2, ["normal", "pneumonia"])
+    assert int(dm.datasets["val"].labels.sum()) == 389  # pneumonia cases in the official val split
+
+
+def test_batches_are_resized_replicated_and_normalised(pneumonia_npz):
+    dm = _datamodule(pneumonia_npz)
+    dm.setup("fit")
+    images, labels = next(iter(dm.val_dataloader()))
+    assert images.shape == (16, 3, 64, 64) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and set(labels.tolist()) <= {0, 1}
+    assert -1.0 <= images.min() and images.max() <= 1.0  # uint8 scaled by mean=std=0.5
+    torch.testing.assert_close(images[:, 0], images[:, 2])  # gray replicated to RGB
+    raw = dm.datasets["val"].images[0].astype(np.float32) / 255
+    assert images[0, 0].mean().item() == pytest.approx((raw.mean() - 0.5) / 0.5, abs=0.02)
+
+
+def test_eval_is_deterministic_and_train_is_augmented(pneumonia_npz):
+    dm = _datamodule(pneumonia_npz)
+    dm.setup("fit")
+    assert torch.equal(dm.datasets["val"][0][0], dm.datasets["val"][0][0])
+    assert not torch.equal(dm.datasets["train"][0][0], dm.datasets["train"][0][0])
+    no_aug = _datamodule(pneumonia_npz, rotate_degrees=0, translate=0, scale=0)
+    no_aug.setup("fit")
+    assert torch.equal(no_aug.datasets["train"][0][0], no_aug.datasets["train"][0][0])
+
+
+def test_single_channel_for_an_adapted_stem(pneumonia_npz):
+    dm = _datamodule(pneumonia_npz, channels=1)
+    dm.setup("fit")
+    assert dm.datasets["test"][0][0].shape == (1, 64, 64)
+
+
+def test_size_and_statistics_follow_the_attached_backbone(pneumonia_npz):
+    model = ClassifierModule(backbone="resnet18", pretrained="none")
+    dm = MedMNISTDataModule(path=str(pneumonia_npz), image_size=32, batch_size=64)
+    trainer = Trainer(limit_val_batches=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(model, datamodule=dm)
+    size, mean, std = dm.normalisation
+    assert size == 32
+    assert mean == pytest.approx((0.485, 0.456, 0.406)) and std == pytest.approx((0.229, 0.224, 0.225))
+
+
+def test_default_location_is_the_data_dir_environment_variable(pneumonia_npz, monkeypatch):
+    monkeypatch.setenv("MEDTRANSFER_DATA_DIR", str(pneumonia_npz.parent))
+    assert MedMNISTDataModule().file == pneumonia_npz
+
+
+def test_missing_explicit_file_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"Data file not found: .*nothing\.npz"):
+        MedMNISTDataModule(path=str(tmp_path / "nothing.npz"))
+
+
+def test_missing_file_without_download_says_how_to_fix(tmp_path):
+    with pytest.raises(DataError, match=r"pneumoniamnist\.npz.*download: true"):
+        MedMNISTDataModule(root=str(tmp_path), download=False)
+
+
+def test_npz_without_expected_keys_lists_what_is_missing(tmp_path):
+    path = tmp_path / "wrong.npz"
+    np.savez(path, x_train=np.zeros((2, 28, 28), np.uint8), y_train=np.zeros((2, 1)))
+    dm = _datamodule(path)
+    with pytest.raises(DataError, match=r"wrong\.npz lacks the key\(s\) train_images, train_labels; it has x_train"):
+        dm.setup("fit")
+
+
+def test_out_of_range_label_names_split_and_row(tmp_path):
+    arrays = {}
+    for split in ("train", "val", "test"):
+        arrays[f"{split}_images"] = np.zeros((3, 28, 28), np.uint8)
+        arrays[f"{split}_labels"] = np.array([[0], [1], [0]])
+    arrays["val_labels"] = np.array([[0], [1], [7]])
+    np.savez(tmp_path / "labels.npz", **arrays)
+    with pytest.raises(DataError, match=r"val_labels row 2 has label 7, outside 0\.\.1"):
+        _datamodule(tmp_path / "labels.npz").setup("fit")
+
+
+def test_not_an_npz_file_is_reported(tmp_path):
+    path = tmp_path / "broken.npz"
+    path.write_bytes(b"not a zip archive")
+    with pytest.raises(DataError, match=r"Cannot read .*broken\.npz as a \.npz archive"):
+        _datamodule(path).setup("fit")
+
+
+def test_multilabel_dataset_is_refused_for_now():
+    with pytest.raises(DataError, match="multi-label"):
+        MedMNISTDataModule(flag="chestmnist", download=False)

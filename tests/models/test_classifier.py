@@ -1,0 +1,47 @@
+"""ClassifierModule: outputs, losses and optimizer groups for binary and multi-class tasks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medtransfer.models.classifier import ClassifierModule
+
+
+def test_binary_task_has_one_logit_and_probabilities_in_unit_interval():
+    model = ClassifierModule(backbone="resnet18", pretrained="none", task="binary", num_classes=2)
+    logits = model(torch.randn(4, 3, 32, 32))
+    assert logits.shape == (4,)
+    loss, probs, _ = model.model_step((torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])))
+    assert loss.ndim == 0 and probs.shape == (4,) and bool(((probs >= 0) & (probs <= 1)).all())
+
+
+def test_multiclass_task_has_softmax_over_classes():
+    model = ClassifierModule(backbone="resnet18", pretrained="none", task="multiclass", num_classes=5)
+    _, probs, _ = model.model_step((torch.randn(3, 3, 32, 32), torch.tensor([0, 4, 2])))
+    assert probs.shape == (3, 5)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+
+
+def test_grayscale_input_with_one_channel_backbone():
+    model = ClassifierModule(backbone="resnet18", pretrained="none", in_chans=1)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2,)
+
+
+def test_optimizer_groups_are_named_and_skip_frozen_parameters():
+    model = ClassifierModule(backbone="resnet18", pretrained="none")
+    assert [g["name"] for g in model.configure_optimizers().param_groups] == ["head", "backbone"]
+    for p in model.backbone.parameters():
+        p.requires_grad = False
+    assert [g["name"] for g in model.configure_optimizers().param_groups] == ["head"]
+
+
+def test_data_config_comes_from_timm():
+    model = ClassifierModule(backbone="resnet18", pretrained="none")
+    assert model.data_config["mean"] == pytest.approx((0.485, 0.456, 0.406))
+
+
+@pytest.mark.parametrize(("task", "num_classes"), [("binary", 3), ("multiclass", 1)])
+def test_inconsistent_task_and_class_count_is_rejected(task, num_classes):
+    with pytest.raises(ValueError, match="Expected argument `num_classes`"):
+        ClassifierModule(backbone="resnet18", pretrained="none", task=task, num_classes=num_classes)

@@ -1,0 +1,144 @@
+"""The ``medtransfer`` CLI end to end: a short real fit + test tracked in MLflow, and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from medtransfer.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
+SMALL = [
+    "--trainer.max_epochs=2",
+    "--trainer.limit_train_batches=4",
+    "--trainer.limit_val_batches=4",
+    "--trainer.limit_test_batches=3",
+    "--trainer.enable_progress_bar=false",
+    "--finetuning.unfreeze_at_epoch=1",
+    "--data.image_size=32",
+]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Run in an empty folder, so ``mlruns/`` is the test's own."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def _client(workdir: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
+
+
+def _runs(workdir: Path):
+    mlflow.set_tracking_uri(f"sqlite:///{workdir}/mlruns/mlflow.db")
+    return mlflow.search_runs(experiment_names=["medtransfer"])
+
+
+@pytest.fixture
+def fitted(workdir, pneumonia_npz, capsys):
+    """One short fit + test of the default config through the CLI; returns the run and its output."""
+    main(["fit", f"--config={DEFAULT_CONFIG}", f"--data.path={pneumonia_npz}", *SMALL])
+    return _runs(workdir), capsys.readouterr().out
+
+
+def test_fit_then_test_leaves_one_complete_mlflow_run(workdir, fitted):
+    runs, out = fitted
+    assert len(runs) == 1
+    run = runs.iloc[0]
+    assert run["status"] == "FINISHED"
+    assert run["tags.mlflow.runName"].startswith("tf_efficientnet_lite0-pneumoniamnist-")
+    assert run["params.model.backbone"] == "tf_efficientnet_lite0"
+    assert run["params.model.pretrained"] == "lite0-package"
+    assert run["params.finetuning.finetune_lr"] == "1e-05"
+    assert run["params.model.optimizer.lr"] == "0.001"
+    assert run["params.data.image_size"] == "32"
+    for metric in ("val/auroc", "val/acc", "val/loss", "train/loss", "test/auroc", "test/acc", "finetune/phase"):
+        assert f"metrics.{metric}" in runs.columns, metric
+    assert 0.5 < run["metrics.test/auroc"] <= 1.0
+    assert run["metrics.finetune/phase"] == 2
+    history = _client(workdir).get_metric_history(run.run_id, "val/auroc")
+    assert len(history) == 2  # per epoch
+    artifacts = {a.path for a in _client(workdir).list_artifacts(run.run_id)}
+    assert {"checkpoints", "config"} <= artifacts
+    checkpoints = _client(workdir).list_artifacts(run.run_id, "checkpoints")
+    assert len(checkpoints) == 1 and checkpoints[0].path.endswith(".ckpt")
+    assert run.run_id in out and "make ui" in out
+
+
+def test_logged_checkpoint_is_the_best_and_knows_its_run(workdir, fitted):
+    runs, _ = fitted
+    run_id = runs.iloc[0].run_id
+    local = Path(
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints", dst_path=str(workdir / "dl"))
+    )
+    checkpoint = torch.load(next(local.glob("*.ckpt")), weights_only=True)
+    assert checkpoint["mlflow"]["run_id"] == run_id
+    best_score = float(runs.iloc[0]["tags.best_val/auroc"])
+    val_history = [m.value for m in _client(workdir).get_metric_history(run_id, "val/auroc")]
+    assert best_score == pytest.approx(max(val_history), abs=1e-5)
+
+
+def test_test_command_on_a_checkpoint_logs_into_the_fit_run(workdir, fitted, pneumonia_npz):
+    runs, _ = fitted
+    run_id = runs.iloc[0].run_id
+    last = next(workdir.glob("mlruns/*/*/checkpoints/last.ckpt"))
+    main(["test", f"--config={DEFAULT_CONFIG}", f"--data.path={pneumonia_npz}", f"--ckpt_path={last}", *SMALL])
+    after = _runs(workdir)
+    assert list(after.run_id) == [run_id]
+    artifacts = {a.path for a in _client(workdir).list_artifacts(run_id, "config")}
+    assert artifacts == {"config/fit.yaml", "config/test.yaml"}
+    assert len(_client(workdir).get_metric_history(run_id, "test/auroc")) == 2
+
+
+def _error_line(capsys, args: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1]
+
+
+def test_missing_data_file_is_one_clear_line(workdir, capsys):
+    line = _error_line(capsys, ["fit", f"--config={DEFAULT_CONFIG}", "--data.path=missing.npz"])
+    assert line.startswith("medtransfer: error: Data file not found: missing.npz")
+
+
+def test_unknown_backbone_is_one_clear_line(workdir, pneumonia_npz, capsys):
+    args = [
+        "fit",
+        f"--config={DEFAULT_CONFIG}",
+        f"--data.path={pneumonia_npz}",
+        "--model.backbone=resnet5O",
+        "--model.pretrained=none",
+    ]
+    line = _error_line(capsys, args)
+    assert line.startswith("medtransfer: error: Unknown backbone 'resnet5O'")
+
+
+def test_npz_without_expected_keys_is_one_clear_line(workdir, capsys):
+    import numpy as np
+
+    np.savez(workdir / "odd.npz", images=np.zeros((2, 28, 28), np.uint8))
+    line = _error_line(capsys, ["fit", f"--config={DEFAULT_CONFIG}", "--data.path=odd.npz", *SMALL])
+    assert "odd.npz lacks the key(s) train_images, train_labels" in line
+
+
+def test_console_script_prints_no_traceback(workdir):
+    result = subprocess.run(
+        [sys.executable, "-m", "medtransfer.cli", "fit", f"--config={DEFAULT_CONFIG}", "--data.path=missing.npz"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("medtransfer: error: Data file not found")

@@ -31,6 +31,7 @@ def workdir(tmp_path, monkeypatch):
     """Run in an empty folder, so ``mlruns/`` is the test's own."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("sys.argv", ["medtransfer"])  # pytest's own arguments are not the CLI's
     return tmp_path
 
 
@@ -97,6 +98,23 @@ def test_test_command_on_a_checkpoint_logs_into_the_fit_run(workdir, fitted, pne
     artifacts = {a.path for a in _client(workdir).list_artifacts(run_id, "config")}
     assert artifacts == {"config/fit.yaml", "config/test.yaml"}
     assert len(_client(workdir).get_metric_history(run_id, "test/auroc")) == 2
+
+
+def test_resumed_fit_continues_the_same_run_in_phase_two(workdir, fitted, pneumonia_npz):
+    runs, _ = fitted
+    run_id = runs.iloc[0].run_id
+    last = next(workdir.glob("mlruns/*/*/checkpoints/last.ckpt"))
+    args = [a for a in SMALL if not a.startswith("--trainer.max_epochs")]
+    main(["fit", f"--config={DEFAULT_CONFIG}", f"--data.path={pneumonia_npz}", f"--ckpt_path={last}", *args,
+          "--trainer.max_epochs=3", "--test_after_fit=false"])  # fmt: skip
+    after = _runs(workdir)
+    assert list(after.run_id) == [run_id]
+    client = _client(workdir)
+    phases = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "finetune/phase"))
+    epochs = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "epoch"))
+    assert epochs[-1][1] == 2 and phases[-1] == (epochs[-1][0], 2.0)  # the new epoch ran, in phase 2
+    # Known gap (issue 8): Lightning replays the end of the checkpointed epoch on resume, so that epoch's
+    # epoch-end metrics are logged twice at the same step.
 
 
 def _error_line(capsys, args: list[str]) -> str:

@@ -109,3 +109,27 @@ def test_not_an_npz_file_is_reported(tmp_path):
 def test_multilabel_dataset_is_refused_for_now():
     with pytest.raises(DataError, match="multi-label"):
         MedMNISTDataModule(flag="chestmnist", download=False)
+
+
+def test_augmentation_is_reproducible_under_a_global_seed(pneumonia_npz):
+    def first_train_images(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        dm = _datamodule(pneumonia_npz)
+        dm.setup("fit")
+        return torch.stack([dm.datasets["train"][i][0] for i in range(4)])
+
+    assert torch.equal(first_train_images(3), first_train_images(3))
+    assert not torch.equal(first_train_images(3), first_train_images(4))
+
+
+def test_loader_workers_draw_different_augmentations(pneumonia_npz):
+    torch.manual_seed(0)
+    dm = _datamodule(pneumonia_npz, num_workers=2, batch_size=1)
+    dm.setup("fit")
+    dm.datasets["train"].images = dm.datasets["train"].images[[0, 0]]  # one image twice, one per worker
+    dm.datasets["train"].labels = dm.datasets["train"].labels[[0, 0]]
+    loader = torch.utils.data.DataLoader(
+        dm.datasets["train"], batch_size=1, num_workers=2, worker_init_fn=dm.train_dataloader().worker_init_fn
+    )
+    first, second = (batch[0] for batch in loader)
+    assert not torch.equal(first, second)

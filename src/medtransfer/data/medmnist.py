@@ -72,6 +72,18 @@ class ArrayDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.transform(image=self.images[index])["image"], int(self.labels[index])
 
+    def seed_transform(self, seed: int) -> None:
+        """Seed the pipeline's own RNG: albumentations ignores the global seeds that Lightning sets."""
+        if hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed % 2**32)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Give each loader worker its own augmentation stream, derived from torch's per-worker seed."""
+    info = torch.utils.data.get_worker_info()
+    if info is not None and isinstance(info.dataset, ArrayDataset):
+        info.dataset.seed_transform(torch.initial_seed())
+
 
 class MedMNISTDataModule(LightningDataModule):
     """A MedMNIST dataset (or any ``.npz`` in its layout) with its official train/val/test splits.
@@ -198,6 +210,7 @@ class MedMNISTDataModule(LightningDataModule):
                 )
             transform = train_transform if split == "train" else eval_transform
             self.datasets[split] = ArrayDataset(images, labels, transform)
+        self.datasets["train"].seed_transform(torch.initial_seed())  # reproducible under seed_everything
         _logger.info(
             "%s: %s images at %dpx, mean %s, std %s", self.file.name,
             {k: len(v) for k, v in self.datasets.items()}, size, tuple(mean), tuple(std),
@@ -212,6 +225,7 @@ class MedMNISTDataModule(LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_seed_worker if workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:

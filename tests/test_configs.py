@@ -1,0 +1,37 @@
+"""Every shipped config parses, names a real timm backbone, and resolves to the documented schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import yaml
+
+from medtransfer.cli import main
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_the_default_and_three_hub_configs_ship():
+    names = {c.stem for c in CONFIGS}
+    assert {
+        "pneumonia_effnet_lite0",
+        "pneumonia_densenet121",
+        "pneumonia_resnet50",
+        "pneumonia_efficientnet_b0",
+    } <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
+def test_config_resolves_through_the_cli(config, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["medtransfer"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", f"--config={config}", "--print_config"])
+    assert exit_info.value.code == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert timm.is_model(resolved["model"]["backbone"])
+    assert resolved["finetuning"]["finetune_lr"] == pytest.approx(1e-5)
+    assert resolved["model"]["optimizer"]["init_args"]["lr"] == pytest.approx(1e-3)
+    assert resolved["checkpoint"]["monitor"] == "val/auroc" and resolved["checkpoint"]["mode"] == "max"
+    assert resolved["test_after_fit"] is True

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
+from medtransfer.callbacks.epoch_summary import EpochSummary
 from medtransfer.callbacks.finetuning import FreezeThenFinetune
 from medtransfer.data.medmnist import MedMNISTDataModule
 from medtransfer.errors import MedtransferError
@@ -119,7 +120,7 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"save_to_log_dir": False},
             trainer_defaults={
                 "logger": {"class_path": "medtransfer.tracking.mlflow.MLflowLogger"},
-                "callbacks": [MLflowRunTracking()],
+                "callbacks": [MLflowRunTracking(), EpochSummary()],
                 "default_root_dir": "mlruns",
             },
             seed_everything_default=0,

@@ -100,6 +100,15 @@ def test_test_command_on_a_checkpoint_logs_into_the_fit_run(workdir, fitted, pne
     assert len(_client(workdir).get_metric_history(run_id, "test/auroc")) == 2
 
 
+def test_validate_and_predict_on_a_checkpoint_create_no_new_run(workdir, fitted, pneumonia_npz):
+    runs, _ = fitted
+    last = next(workdir.glob("mlruns/*/*/checkpoints/last.ckpt"))
+    common = [f"--config={DEFAULT_CONFIG}", f"--data.path={pneumonia_npz}", f"--ckpt_path={last}", *SMALL]
+    main(["validate", *common])
+    main(["predict", *common, "--trainer.limit_predict_batches=1"])
+    assert list(_runs(workdir).run_id) == list(runs.run_id)
+
+
 def test_resumed_fit_continues_the_same_run_in_phase_two(workdir, fitted, pneumonia_npz):
     runs, _ = fitted
     run_id = runs.iloc[0].run_id
@@ -160,3 +169,9 @@ def test_console_script_prints_no_traceback(workdir):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("medtransfer: error: Data file not found")
+
+
+def test_offline_lite0_weights_on_another_backbone_is_one_clear_line(workdir, pneumonia_npz, capsys):
+    args = ["fit", f"--config={DEFAULT_CONFIG}", f"--data.path={pneumonia_npz}", "--model.backbone=resnet18"]
+    line = _error_line(capsys, args)
+    assert line.startswith("medtransfer: error: pretrained: lite0-package holds weights for 'tf_efficientnet_lite0'")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -81,6 +82,9 @@ class MedTransferCLI(LightningCLI):
     def before_test(self) -> None:
         self._prepare_logger()
 
+    def before_predict(self) -> None:
+        self._prepare_logger()
+
     def after_fit(self) -> None:
         if self.config.fit.get("test_after_fit") and not self.trainer.interrupted:
             best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
@@ -106,12 +110,26 @@ class MedTransferCLI(LightningCLI):
         _report("\n".join(lines))
 
 
+class _DropAdvertisements(logging.Filter):
+    """Lightning advertises its cloud logger on every run; medtransfer logs to MLflow, so drop that line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def _quiet_third_party_noise() -> None:
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisements())
+    # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates; users can do nothing about it.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
+
+
 def _report(message: str) -> None:
     print(message, flush=True)
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``medtransfer`` console script."""
+    _quiet_third_party_noise()
     try:
         MedTransferCLI(
             ClassifierModule,

@@ -60,8 +60,8 @@ def test_size_and_statistics_follow_the_attached_backbone(pneumonia_npz):
     dm = MedMNISTDataModule(path=str(pneumonia_npz), image_size=32, batch_size=64)
     trainer = Trainer(limit_val_batches=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(model, datamodule=dm)
-    size, mean, std = dm.normalisation
-    assert size == 32
+    size, mean, std, interpolation = dm.normalisation
+    assert size == 32 and interpolation == "bicubic"  # resnet18 resizes bicubic in timm
     assert mean == pytest.approx((0.485, 0.456, 0.406)) and std == pytest.approx((0.229, 0.224, 0.225))
 
 

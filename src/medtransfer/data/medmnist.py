@@ -103,6 +103,7 @@ class MedMNISTDataModule(LightningDataModule):
         channels: 3 replicates gray to RGB; 1 feeds one channel (set the model's ``in_chans: 1``).
         mean: per-channel mean in [0, 1]; ``None`` means the backbone's.
         std: per-channel std in [0, 1]; ``None`` means the backbone's.
+        interpolation: resize filter (``bilinear``, ``bicubic``, ``area``, ...); ``None`` means the backbone's.
         batch_size: images per batch.
         num_workers: data loader worker processes.
         rotate_degrees: training augmentation: maximum rotation.
@@ -123,6 +124,7 @@ class MedMNISTDataModule(LightningDataModule):
         channels: int = 3,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        interpolation: str | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
         rotate_degrees: float = 10.0,
@@ -138,8 +140,8 @@ class MedMNISTDataModule(LightningDataModule):
             raise DataError(f"MedMNIST {flag!r} is multi-label, which medtransfer does not train yet")
         self.file = self._locate_file()
         self.datasets: dict[str, ArrayDataset] = {}
-        #: ``(image_size, mean, std)`` in use, resolved in ``setup``.
-        self.normalisation: tuple[int, tuple[float, ...], tuple[float, ...]] | None = None
+        #: ``(image_size, mean, std, interpolation)`` in use, resolved in ``setup``.
+        self.normalisation: tuple[int, tuple[float, ...], tuple[float, ...], str] | None = None
 
     @property
     def task(self) -> str:
@@ -175,29 +177,30 @@ class MedMNISTDataModule(LightningDataModule):
             _logger.info("Downloading %s to %s", self.info.filename(self.hparams.size), self.file.parent)
             fetch_medmnist(self.hparams.flag, self.hparams.size, self.file.parent)
 
-    def _normalisation(self) -> tuple[int, Sequence[float], Sequence[float]]:
-        """Image size, mean and std: explicit arguments first, then the backbone's timm data config."""
+    def _normalisation(self) -> tuple[int, Sequence[float], Sequence[float], str]:
+        """Image size, mean, std, interpolation: explicit arguments first, then the backbone's timm data config."""
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         config = getattr(module, "data_config", None) or {}
         size = self.hparams.image_size or (config["input_size"][-1] if config else None)
         mean = self.hparams.mean or config.get("mean")
         std = self.hparams.std or config.get("std")
+        interpolation = self.hparams.interpolation or config.get("interpolation") or "bilinear"
         if size is None or mean is None or std is None:
             raise DataError(
                 "image_size, mean and std are unknown: set them on the data module, or attach a model that has "
                 "a timm `data_config` (as ClassifierModule does)."
             )
-        return int(size), mean, std
+        return int(size), mean, std, interpolation
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        size, mean, std = self._normalisation()
-        self.normalisation = (size, tuple(mean), tuple(std))
+        size, mean, std, interpolation = self._normalisation()
+        self.normalisation = (size, tuple(mean), tuple(std), interpolation)
         hp = self.hparams
-        eval_transform = build_eval_transform(size, hp.channels, mean, std)
+        eval_transform = build_eval_transform(size, hp.channels, mean, std, interpolation)
         train_transform = build_train_transform(
-            size, hp.channels, mean, std, hp.rotate_degrees, hp.translate, hp.scale,
+            size, hp.channels, mean, std, interpolation, hp.rotate_degrees, hp.translate, hp.scale,
             hp.brightness_contrast, hp.horizontal_flip,
         )  # fmt: skip
         for split in SPLITS:
@@ -212,8 +215,8 @@ class MedMNISTDataModule(LightningDataModule):
             self.datasets[split] = ArrayDataset(images, labels, transform)
         self.datasets["train"].seed_transform(torch.initial_seed())  # reproducible under seed_everything
         _logger.info(
-            "%s: %s images at %dpx, mean %s, std %s", self.file.name,
-            {k: len(v) for k, v in self.datasets.items()}, size, tuple(mean), tuple(std),
+            "%s: %s images at %dpx (%s), mean %s, std %s", self.file.name,
+            {k: len(v) for k, v in self.datasets.items()}, size, interpolation, tuple(mean), tuple(std),
         )  # fmt: skip
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

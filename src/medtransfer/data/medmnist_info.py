@@ -96,6 +96,21 @@ class MedMNISTInfo:
         return self.resources[self._check_size(size)]
 
 
+#: The three OrganMNIST views (axial, coronal, sagittal) share their 11 organ classes.
+_ORGAN_LABELS = {
+    0: "bladder",
+    1: "femur-left",
+    2: "femur-right",
+    3: "heart",
+    4: "kidney-left",
+    5: "kidney-right",
+    6: "liver",
+    7: "lung-left",
+    8: "lung-right",
+    9: "pancreas",
+    10: "spleen",
+}
+
 # Generated from medmnist/info.py (MedMNIST/MedMNIST, v3.0.2); do not edit by hand.
 _ENTRIES: tuple[MedMNISTInfo, ...] = (
     MedMNISTInfo(
@@ -424,19 +439,7 @@ _ENTRIES: tuple[MedMNISTInfo, ...] = (
         task="multiclass",
         official_task="multi-class",
         n_channels=1,
-        labels={
-            0: "bladder",
-            1: "femur-left",
-            2: "femur-right",
-            3: "heart",
-            4: "kidney-left",
-            5: "kidney-right",
-            6: "liver",
-            7: "lung-left",
-            8: "lung-right",
-            9: "pancreas",
-            10: "spleen",
-        },
+        labels=_ORGAN_LABELS,
         n_samples={"train": 34561, "val": 6491, "test": 17778},
         license="CC BY 4.0",
         resources={
@@ -464,19 +467,7 @@ _ENTRIES: tuple[MedMNISTInfo, ...] = (
         task="multiclass",
         official_task="multi-class",
         n_channels=1,
-        labels={
-            0: "bladder",
-            1: "femur-left",
-            2: "femur-right",
-            3: "heart",
-            4: "kidney-left",
-            5: "kidney-right",
-            6: "liver",
-            7: "lung-left",
-            8: "lung-right",
-            9: "pancreas",
-            10: "spleen",
-        },
+        labels=_ORGAN_LABELS,
         n_samples={"train": 12975, "val": 2392, "test": 8216},
         license="CC BY 4.0",
         resources={
@@ -504,19 +495,7 @@ _ENTRIES: tuple[MedMNISTInfo, ...] = (
         task="multiclass",
         official_task="multi-class",
         n_channels=1,
-        labels={
-            0: "bladder",
-            1: "femur-left",
-            2: "femur-right",
-            3: "heart",
-            4: "kidney-left",
-            5: "kidney-right",
-            6: "liver",
-            7: "lung-left",
-            8: "lung-right",
-            9: "pancreas",
-            10: "spleen",
-        },
+        labels=_ORGAN_LABELS,
         n_samples={"train": 13932, "val": 2452, "test": 8827},
         license="CC BY 4.0",
         resources={

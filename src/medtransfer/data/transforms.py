@@ -8,25 +8,44 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
-__all__ = ["build_eval_transform", "build_train_transform"]
+__all__ = ["INTERPOLATIONS", "build_eval_transform", "build_train_transform"]
+
+#: timm's interpolation names (as in a model's data config) -> OpenCV flags.
+INTERPOLATIONS = {
+    "nearest": cv2.INTER_NEAREST,
+    "bilinear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+    "area": cv2.INTER_AREA,
+    "lanczos": cv2.INTER_LANCZOS4,
+}
 
 
-def _finish(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> list[A.BasicTransform]:
+def _interpolation_flag(name: str) -> int:
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"Expected argument `interpolation` to be one of {sorted(INTERPOLATIONS)}, but got {name!r}")
+    return INTERPOLATIONS[name]
+
+
+def _finish(
+    size: int, channels: int, mean: Sequence[float], std: Sequence[float], interpolation: str
+) -> list[A.BasicTransform]:
     """Resize, replicate gray to ``channels`` and normalise with the backbone's mean/std."""
     if channels not in (1, 3):
         raise ValueError(f"Expected argument `channels` to be 1 or 3, but got {channels}")
     if channels == 1:  # one channel for timm's adapted first conv: the average of the RGB statistics
         mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
-    steps: list[A.BasicTransform] = [A.Resize(size, size, interpolation=cv2.INTER_LINEAR)]
+    steps: list[A.BasicTransform] = [A.Resize(size, size, interpolation=_interpolation_flag(interpolation))]
     if channels == 3:
         steps.append(A.ToRGB(num_output_channels=3))
     steps += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
     return steps
 
 
-def build_eval_transform(size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
+def build_eval_transform(
+    size: int, channels: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bilinear"
+) -> A.Compose:
     """Deterministic pipeline for validation, test and prediction."""
-    return A.Compose(_finish(size, channels, mean, std))
+    return A.Compose(_finish(size, channels, mean, std, interpolation))
 
 
 def build_train_transform(
@@ -34,6 +53,7 @@ def build_train_transform(
     channels: int,
     mean: Sequence[float],
     std: Sequence[float],
+    interpolation: str = "bilinear",
     rotate_degrees: float = 10.0,
     translate: float = 0.05,
     scale: float = 0.05,
@@ -59,5 +79,5 @@ def build_train_transform(
         augment.append(A.RandomBrightnessContrast(brightness_contrast, brightness_contrast, p=0.5))
     if horizontal_flip:
         augment.append(A.HorizontalFlip(p=0.5))
-    finish = _finish(size, channels, mean, std)
+    finish = _finish(size, channels, mean, std, interpolation)
     return A.Compose([finish[0], *augment, *finish[1:]])

@@ -232,3 +232,20 @@ def test_fetch_medmnist_rejects_unknown_size_and_flag_before_downloading(server:
         fetch_medmnist("nosuchmnist", 28, root, base_url=server.base_url, progress=False)
     assert server.requests == []
     assert not root.exists()
+
+
+def test_datamodule_downloads_a_missing_file_before_setup(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from medtransfer.data.medmnist import MedMNISTDataModule
+
+    info = medmnist_info.get_medmnist_info("pneumoniamnist")
+    local = dataclasses.replace(info, resources={28: (server.url("pneumoniamnist.npz"), server.npz_md5)})
+    monkeypatch.setitem(medmnist_info._REGISTRY, "pneumoniamnist", local)
+    root = tmp_path / "cache"
+    dm = MedMNISTDataModule(root=str(root), image_size=28, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert not dm.file.exists()
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.file == root / "pneumoniamnist.npz" and server.requests == ["/pneumoniamnist.npz"]
+    assert len(dm.datasets["test"]) == 624

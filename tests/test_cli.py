@@ -62,7 +62,8 @@ def test_fit_then_test_leaves_one_complete_mlflow_run(workdir, fitted):
     assert run["params.finetuning.finetune_lr"] == "1e-05"
     assert run["params.model.optimizer.lr"] == "0.001"
     assert run["params.data.image_size"] == "32"
-    for metric in ("val/auroc", "val/acc", "val/loss", "train/loss", "test/auroc", "test/acc", "finetune/phase"):
+    for metric in ("val/auroc", "val/acc", "val/loss", "train/loss", "test/auroc", "test/acc", "finetune/phase",
+                   "val/threshold", "test/threshold", "test/sensitivity", "test/specificity"):  # fmt: skip
         assert f"metrics.{metric}" in runs.columns, metric
     assert 0.5 < run["metrics.test/auroc"] <= 1.0
     assert run["metrics.finetune/phase"] == 2
@@ -84,8 +85,13 @@ def test_logged_checkpoint_is_the_best_and_knows_its_run(workdir, fitted):
     checkpoint = torch.load(next(local.glob("*.ckpt")), weights_only=True)
     assert checkpoint["mlflow"]["run_id"] == run_id
     best_score = float(runs.iloc[0]["tags.best_val/auroc"])
-    val_history = [m.value for m in _client(workdir).get_metric_history(run_id, "val/auroc")]
-    assert best_score == pytest.approx(max(val_history), abs=1e-5)
+    val_history = {m.step: m.value for m in _client(workdir).get_metric_history(run_id, "val/auroc")}
+    assert best_score == pytest.approx(max(val_history.values()), abs=1e-5)
+    # test applied the threshold fitted on validation at the best epoch, carried in the checkpoint
+    best_step = max(val_history, key=val_history.get)
+    thresholds = {m.step: m.value for m in _client(workdir).get_metric_history(run_id, "val/threshold")}
+    assert float(checkpoint["state_dict"]["decision_threshold"]) == pytest.approx(thresholds[best_step])
+    assert runs.iloc[0]["metrics.test/threshold"] == pytest.approx(thresholds[best_step])
 
 
 def test_test_command_on_a_checkpoint_logs_into_the_fit_run(workdir, fitted, pneumonia_npz):

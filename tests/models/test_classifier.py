@@ -12,13 +12,15 @@ def test_binary_task_has_one_logit_and_probabilities_in_unit_interval():
     model = ClassifierModule(backbone="resnet18", pretrained="none", task="binary", num_classes=2)
     logits = model(torch.randn(4, 3, 32, 32))
     assert logits.shape == (4,)
-    loss, probs, _ = model.model_step((torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])))
+    loss, logits, _ = model.model_step((torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])))
+    probs = model.predict_proba(logits)
     assert loss.ndim == 0 and probs.shape == (4,) and bool(((probs >= 0) & (probs <= 1)).all())
 
 
 def test_multiclass_task_has_softmax_over_classes():
     model = ClassifierModule(backbone="resnet18", pretrained="none", task="multiclass", num_classes=5)
-    _, probs, _ = model.model_step((torch.randn(3, 3, 32, 32), torch.tensor([0, 4, 2])))
+    _, logits, _ = model.model_step((torch.randn(3, 3, 32, 32), torch.tensor([0, 4, 2])))
+    probs = model.predict_proba(logits)
     assert probs.shape == (3, 5)
     torch.testing.assert_close(probs.sum(-1), torch.ones(3))
 
@@ -45,3 +47,13 @@ def test_data_config_comes_from_timm():
 def test_inconsistent_task_and_class_count_is_rejected(task, num_classes):
     with pytest.raises(ValueError, match="Expected argument `num_classes`"):
         ClassifierModule(backbone="resnet18", pretrained="none", task=task, num_classes=num_classes)
+
+
+def test_temperature_and_threshold_shape_probabilities_and_decisions():
+    model = ClassifierModule(backbone="resnet18", pretrained="none")
+    logits = torch.tensor([-1.0, 0.2, 2.0])
+    model.temperature.fill_(2.0)
+    torch.testing.assert_close(model.predict_proba(logits), (logits / 2).sigmoid())
+    model.decision_threshold.fill_(0.6)
+    assert model.decide(torch.tensor([0.3, 0.6, 0.9])).tolist() == [0, 1, 1]
+    assert {"decision_threshold", "temperature"} <= set(model.state_dict())

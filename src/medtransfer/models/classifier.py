@@ -9,9 +9,11 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import AUROC, Accuracy
+from torchmetrics import CatMetric, MetricCollection
+from torchmetrics.classification import AUROC, Accuracy, Recall, Specificity
 
+from medtransfer.metrics.calibration import fit_temperature
+from medtransfer.metrics.thresholds import ThresholdPolicy, fit_thresholds
 from medtransfer.models.backbones import create_backbone
 
 __all__ = ["ClassifierModule"]
@@ -20,8 +22,12 @@ Task = Literal["binary", "multiclass"]
 
 
 def _stage_metrics(task: Task, num_classes: int, stage: str) -> MetricCollection:
+    """AUROC over probabilities; accuracy (and, for binary, sensitivity/specificity) over decisions."""
     kwargs: dict[str, Any] = {"task": task} if task == "binary" else {"task": task, "num_classes": num_classes}
-    return MetricCollection({"auroc": AUROC(**kwargs), "acc": Accuracy(**kwargs)}, prefix=f"{stage}/")
+    metrics = {"auroc": AUROC(**kwargs), "acc": Accuracy(**kwargs)}
+    if task == "binary":
+        metrics |= {"sensitivity": Recall(**kwargs), "specificity": Specificity(**kwargs)}
+    return MetricCollection(metrics, prefix=f"{stage}/")
 
 
 class ClassifierModule(LightningModule):
@@ -35,6 +41,12 @@ class ClassifierModule(LightningModule):
         in_chans: input channels the backbone expects (3: grayscale replicated; 1: adapted first conv).
         drop_rate: dropout before the new head.
         optimizer: optimizer factory; its learning rate is the head's (phase 1) learning rate.
+        threshold_policy: how the binary decision threshold is chosen on the validation set after every
+            validation epoch (``youden``, ``target_sensitivity``, ``target_specificity``, ``f1``, ``fixed``
+            = 0.5). It is stored in the checkpoint and applied, never re-fitted, by ``test`` and ``predict``.
+        threshold_target: the sensitivity or specificity that the ``target_*`` policies must reach.
+        temperature_scaling: fit a temperature on the validation logits (Guo et al. 2017) and divide
+            logits by it before every probability; stored in the checkpoint like the threshold.
     """
 
     def __init__(
@@ -46,19 +58,26 @@ class ClassifierModule(LightningModule):
         in_chans: int = 3,
         drop_rate: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.Adam,
+        threshold_policy: ThresholdPolicy = "youden",
+        threshold_target: float = 0.9,
+        temperature_scaling: bool = False,
     ) -> None:
         super().__init__()
         if task == "binary" and num_classes != 2:
             raise ValueError(f"Expected argument `num_classes` to be 2 for a binary task, but got {num_classes}")
         if task == "multiclass" and num_classes < 2:
             raise ValueError(f"Expected argument `num_classes` to be at least 2, but got {num_classes}")
-        self.save_hyperparameters(ignore=["optimizer"])
+        self.save_hyperparameters(ignore=["optimizer"], logger=False)  # the CLI logs the whole config
         self.optimizer_factory = optimizer
         self.backbone = create_backbone(backbone, pretrained=pretrained, in_chans=in_chans)
         out_features = 1 if task == "binary" else num_classes
         self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(self.backbone.num_features, out_features))
         #: timm's data config of the backbone (mean, std, input size), used by the data module.
         self.data_config: dict[str, Any] = timm.data.resolve_model_data_config(self.backbone)
+        #: Chosen on validation data; buffers, so every checkpoint carries the values fitted for its weights.
+        self.register_buffer("decision_threshold", torch.tensor(0.5))
+        self.register_buffer("temperature", torch.tensor(1.0))
+        self.val_logits, self.val_targets = CatMetric(), CatMetric()
         self.train_metrics = _stage_metrics(task, num_classes, "train")
         self.val_metrics = _stage_metrics(task, num_classes, "val")
         self.test_metrics = _stage_metrics(task, num_classes, "test")
@@ -69,25 +88,45 @@ class ClassifierModule(LightningModule):
         return logits.squeeze(1) if self.hparams.task == "binary" else logits
 
     def predict_proba(self, logits: Tensor) -> Tensor:
-        """Probabilities from logits: of the positive class (binary) or per class (multiclass)."""
+        """Probabilities from logits (after temperature scaling): positive class (binary) or per class."""
+        logits = logits / self.temperature
         return logits.sigmoid() if self.hparams.task == "binary" else logits.softmax(dim=-1)
 
+    def decide(self, probs: Tensor) -> Tensor:
+        """Predicted labels: ``probs >= decision_threshold`` (binary) or the most probable class."""
+        if self.hparams.task == "binary":
+            return (probs >= self.decision_threshold).long()
+        return probs.argmax(dim=-1)
+
     def model_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """Shared by every stage: returns loss, probabilities and targets."""
+        """Shared by every stage: returns loss, logits and targets."""
         x, y = batch
         logits = self(x)
         if self.hparams.task == "binary":
             loss = nn.functional.binary_cross_entropy_with_logits(logits, y.float())
         else:
             loss = nn.functional.cross_entropy(logits, y)
-        return loss, self.predict_proba(logits.detach()), y
+        return loss, logits.detach(), y
 
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str, metrics: MetricCollection) -> Tensor:
-        loss, probs, y = self.model_step(batch)
-        metrics.update(probs, y)
+        loss, logits, y = self.model_step(batch)
+        probs = self.predict_proba(logits)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        if stage == "val":  # decisions wait for the threshold fitted on the whole epoch
+            metrics[f"{stage}/auroc"].update(probs, y)
+            self.log(f"{stage}/auroc", metrics[f"{stage}/auroc"], on_step=False, on_epoch=True, prog_bar=True)
+            self.val_logits.update(logits)
+            self.val_targets.update(y)
+            return loss
+        self._update_metrics(metrics, probs, y)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
         return loss
+
+    def _update_metrics(self, metrics: MetricCollection, probs: Tensor, target: Tensor, skip: str = "") -> None:
+        decisions = self.decide(probs)
+        for name, metric in metrics.items(keep_base=False):
+            if name != skip:
+                metric.update(probs if name.endswith("/auroc") else decisions, target)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train", self.train_metrics)
@@ -95,8 +134,36 @@ class ClassifierModule(LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val", self.val_metrics)
 
+    def on_validation_epoch_end(self) -> None:
+        """Fit temperature and decision threshold on this epoch's validation outputs, then score decisions.
+
+        Every rank holds the gathered outputs (``CatMetric``), so all ranks fit the same values.
+        """
+        logits, targets = self.val_logits.compute(), self.val_targets.compute()
+        self.val_logits.reset()
+        self.val_targets.reset()
+        if self.hparams.temperature_scaling:
+            self.temperature.fill_(fit_temperature(logits, targets, self.hparams.task))
+            self.log("val/temperature", self.temperature)
+        probs = self.predict_proba(logits)
+        if self.hparams.task == "binary":
+            threshold = fit_thresholds(probs, targets, self.hparams.threshold_policy, self.hparams.threshold_target)
+            self.decision_threshold.fill_(float(threshold[0]))
+            self.log("val/threshold", self.decision_threshold)
+        if self.trainer.sanity_checking:
+            return
+        self._update_metrics(self.val_metrics, probs, targets.long(), skip="val/auroc")
+        decision_metrics = {k: m for k, m in self.val_metrics.items(keep_base=False) if k != "val/auroc"}
+        self.log_dict(decision_metrics, prog_bar=True)
+
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "test", self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        """Record the stored (validation-fitted) values that the test metrics used."""
+        if self.hparams.task == "binary":
+            self.log("test/threshold", self.decision_threshold)
+        self.log("test/temperature", self.temperature)
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

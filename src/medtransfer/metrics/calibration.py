@@ -1,0 +1,50 @@
+"""Temperature scaling (Guo et al. 2017): one scalar fitted on validation logits to calibrate probabilities.
+
+None of the installed libraries fits a temperature (torch-uncertainty does, but is a heavy dependency for
+a dozen lines), hence this short implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["fit_temperature"]
+
+
+def fit_temperature(
+    logits: Tensor, target: Tensor, task: Literal["binary", "multiclass", "multilabel"], max_iter: int = 100
+) -> float:
+    """The temperature ``T > 0`` minimising the negative log-likelihood of ``logits / T`` on ``target``.
+
+    Args:
+        logits: ``(N,)`` for binary, ``(N, C)`` for multi-class, ``(N, L)`` for multi-label.
+        target: ``(N,)`` class indices, or ``{0, 1}`` labels shaped like ``logits`` (binary, multi-label).
+        task: decides between softmax cross-entropy and sigmoid BCE.
+        max_iter: L-BFGS iterations.
+    """
+    if logits.numel() == 0:
+        raise ValueError("Cannot fit a temperature on an empty batch")
+    if not torch.isfinite(logits).all():
+        raise ValueError("Expected finite `logits`, but got NaN or inf")
+    logits, target = logits.detach().double(), target.detach()
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)  # T = exp(log_t) stays positive
+    if task == "multiclass":
+        loss_fn: nn.Module = nn.CrossEntropyLoss()
+        target = target.long()
+    else:
+        loss_fn = nn.BCEWithLogitsLoss()
+        target = target.double()
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = loss_fn(logits / log_t.exp(), target)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():  # callers may sit inside Lightning's no-grad evaluation loops
+        optimizer.step(closure)
+    return float(log_t.detach().exp())

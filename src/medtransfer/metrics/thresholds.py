@@ -1,0 +1,75 @@
+"""Decision thresholds chosen on validation data, per class, by a named policy.
+
+The ROC and precision-recall curves come from torchmetrics; this module only picks a point on them.
+A case is called positive when its probability is ``>=`` the threshold.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
+
+__all__ = ["ThresholdPolicy", "fit_threshold", "fit_thresholds"]
+
+ThresholdPolicy = Literal["fixed", "youden", "target_sensitivity", "target_specificity", "f1"]
+_POLICIES = ("fixed", "youden", "target_sensitivity", "target_specificity", "f1")
+
+
+def _check(probs: Tensor, target: Tensor, policy: str, target_value: float) -> None:
+    if policy not in _POLICIES:
+        raise ValueError(f"Expected argument `policy` to be one of {_POLICIES}, but got {policy!r}")
+    if not 0.0 < target_value <= 1.0:
+        raise ValueError(f"Expected argument `target_value` to be in (0, 1], but got {target_value}")
+    if probs.numel() == 0:
+        raise ValueError("Cannot fit a threshold on an empty batch")
+    if probs.shape != target.shape:
+        raise ValueError(f"Expected `probs` and `target` of the same shape, but got {probs.shape} and {target.shape}")
+    if not torch.isfinite(probs).all() or probs.min() < 0 or probs.max() > 1:
+        raise ValueError("Expected `probs` to be probabilities in [0, 1] without NaN")
+
+
+def fit_threshold(
+    probs: Tensor, target: Tensor, policy: ThresholdPolicy = "youden", target_value: float = 0.9, default: float = 0.5
+) -> float:
+    """Pick a threshold for one binary problem.
+
+    Args:
+        probs: ``(N,)`` probabilities of the positive class.
+        target: ``(N,)`` labels in {0, 1}.
+        policy: ``fixed`` (always ``default``); ``youden`` (max sensitivity + specificity - 1);
+            ``target_sensitivity`` (the highest threshold whose sensitivity is at least ``target_value``, so
+            specificity is as high as that allows); ``target_specificity`` (the lowest threshold whose
+            specificity is at least ``target_value``); ``f1`` (max F1).
+        target_value: the sensitivity or specificity to reach.
+        default: the threshold when ``policy="fixed"`` or when ``target`` holds one class only.
+    """
+    _check(probs, target, policy, target_value)
+    target = target.long()
+    if policy == "fixed" or target.min() == target.max():
+        return float(default)
+    if policy == "f1":
+        precision, recall, thresholds = binary_precision_recall_curve(probs, target)
+        f1 = 2 * precision[:-1] * recall[:-1] / (precision[:-1] + recall[:-1]).clamp_min(1e-12)
+        return float(thresholds[int(torch.argmax(f1))])
+    fpr, tpr, thresholds = binary_roc(probs, target)  # thresholds decrease; tpr and fpr increase
+    if policy == "youden":
+        index = int(torch.argmax(tpr - fpr))
+    elif policy == "target_sensitivity":
+        index = int(torch.nonzero(tpr >= target_value - 1e-12)[0])
+    else:  # target_specificity
+        index = int(torch.nonzero(1 - fpr >= target_value - 1e-12)[-1])
+    return float(thresholds[index])
+
+
+def fit_thresholds(
+    probs: Tensor, target: Tensor, policy: ThresholdPolicy = "youden", target_value: float = 0.9, default: float = 0.5
+) -> Tensor:
+    """Thresholds for a binary ``(N,)`` task (returns shape ``(1,)``) or per label of a ``(N, L)`` task."""
+    if probs.ndim == 1:
+        return torch.tensor([fit_threshold(probs, target, policy, target_value, default)])
+    return torch.tensor(
+        [fit_threshold(probs[:, j], target[:, j], policy, target_value, default) for j in range(probs.shape[1])]
+    )

@@ -29,3 +29,12 @@ def require_file(path: Path) -> Path:
 def pneumonia_npz() -> Path:
     """The real PneumoniaMNIST file (official val/test splits)."""
     return require_file(shared_data_dir() / "pneumoniamnist.npz")
+
+
+@pytest.fixture(scope="session")
+def chexnet_dir() -> Path:
+    """The CheXNet reproduction: its predictions, its published per-finding AUROCs and the full label file."""
+    folder = shared_data_dir() / "chexnet_reproduction"
+    for name in ("preds.csv", "aucs.csv", "Data_Entry_2017_v2020.csv.gz"):
+        require_file(folder / name)
+    return folder

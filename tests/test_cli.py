@@ -63,14 +63,17 @@ def test_fit_then_test_leaves_one_complete_mlflow_run(workdir, fitted):
     assert run["params.model.optimizer.lr"] == "0.001"
     assert run["params.data.image_size"] == "32"
     for metric in ("val/auroc", "val/acc", "val/loss", "train/loss", "test/auroc", "test/acc", "finetune/phase",
-                   "val/threshold", "test/threshold", "test/sensitivity", "test/specificity"):  # fmt: skip
+                   "val/threshold", "test/threshold", "test/sensitivity", "test/specificity", "test/aurc", "test/ece",
+                   "test/selective_acc_cov90", "test/coverage_at_acc95", "test/coverage"):  # fmt: skip
         assert f"metrics.{metric}" in runs.columns, metric
     assert 0.5 < run["metrics.test/auroc"] <= 1.0
     assert run["metrics.finetune/phase"] == 2
     history = _client(workdir).get_metric_history(run.run_id, "val/auroc")
     assert len(history) == 2  # per epoch
     artifacts = {a.path for a in _client(workdir).list_artifacts(run.run_id)}
-    assert {"checkpoints", "config"} <= artifacts
+    assert {"checkpoints", "config", "plots"} <= artifacts
+    figures = {Path(a.path).name for a in _client(workdir).list_artifacts(run.run_id, "plots")}
+    assert figures == {"roc.png", "risk_coverage.png", "reliability.png", "confusion.png"}
     checkpoints = _client(workdir).list_artifacts(run.run_id, "checkpoints")
     assert len(checkpoints) == 1 and checkpoints[0].path.endswith(".ckpt")
     assert run.run_id in out and "make ui" in out
@@ -130,6 +133,13 @@ def test_resumed_fit_continues_the_same_run_in_phase_two(workdir, fitted, pneumo
     assert epochs[-1][1] == 2 and phases[-1] == (epochs[-1][0], 2.0)  # the new epoch ran, in phase 2
     # Known gap (issue 8): Lightning replays the end of the checkpointed epoch on resume, so that epoch's
     # epoch-end metrics are logged twice at the same step.
+
+
+def test_evaluate_subcommand_audits_a_predictions_file(workdir, chexnet_dir, capsys):
+    main(["evaluate", str(chexnet_dir / "preds.csv"), str(chexnet_dir / "Data_Entry_2017_v2020.csv.gz"),
+          "--out_dir", str(workdir / "audit")])  # fmt: skip
+    assert "Pneumonia" in capsys.readouterr().out
+    assert (workdir / "audit" / "evaluation.csv").is_file()
 
 
 def _error_line(capsys, args: list[str]) -> str:

@@ -24,6 +24,7 @@ from medtransfer.errors import MedtransferError
 from medtransfer.models.classifier import ClassifierModule
 from medtransfer.tracking.callbacks import LogConfigToMLflow, MLflowRunTracking, find_mlflow_logger, read_run_info
 from medtransfer.tracking.mlflow import MLflowLogger
+from medtransfer.tracking.report import TestReportPlots
 
 __all__ = ["MedTransferCLI", "main"]
 
@@ -128,7 +129,17 @@ def _report(message: str) -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``medtransfer`` console script."""
+    """Entry point of the ``medtransfer`` console script.
+
+    ``medtransfer evaluate ...`` audits a predictions file (``medtransfer.evaluate``); every other subcommand
+    (``fit``, ``validate``, ``test``, ``predict``) is Lightning's.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["evaluate"]:
+        from medtransfer.evaluate import main as evaluate_main
+
+        evaluate_main(argv[1:])
+        return
     _quiet_third_party_noise()
     try:
         MedTransferCLI(
@@ -138,7 +149,7 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"save_to_log_dir": False},
             trainer_defaults={
                 "logger": {"class_path": "medtransfer.tracking.mlflow.MLflowLogger"},
-                "callbacks": [MLflowRunTracking(), EpochSummary()],
+                "callbacks": [MLflowRunTracking(), EpochSummary(), TestReportPlots()],
                 "default_root_dir": "mlruns",
             },
             seed_everything_default=0,

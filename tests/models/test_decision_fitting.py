@@ -73,3 +73,30 @@ def test_thresholds_travel_in_the_checkpoint(fitted, tmp_path):
     restored = ClassifierModule.load_from_checkpoint(tmp_path / "model.ckpt", pretrained="none", weights_only=True)
     assert float(restored.decision_threshold) == float(model.decision_threshold)
     assert float(restored.temperature) == float(model.temperature)
+
+
+def test_abstention_band_decides_on_the_target_share_of_validation_cases(fitted):
+    model, _, val = fitted
+    logits, _ = _outputs(model, val)
+    probs = model.predict_proba(logits)
+    decided = ~model.abstains(probs)
+    assert decided.float().mean() >= 0.9  # target_coverage default
+    confidence = model.confidence(probs)
+    assert (confidence[decided] >= confidence[~decided].max()).all() if (~decided).any() else True
+    low, high = model.abstention_band
+    torch.testing.assert_close(decided, (probs <= low) | (probs >= high))
+
+
+def test_target_risk_picks_the_largest_coverage_within_the_risk(fitted):
+    model, _, val = fitted
+    logits, targets = _outputs(model, val)
+    probs = model.predict_proba(logits)
+    model.hparams.target_risk = 0.2
+    try:
+        model._fit_min_confidence(probs, targets)
+        decided = ~model.abstains(probs)
+        errors = (model.decide(probs) != targets)[decided].float().mean()
+        assert errors <= 0.2
+    finally:
+        model.hparams.target_risk = None
+        model._fit_min_confidence(probs, targets)

@@ -11,7 +11,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import CatMetric, MetricCollection
 from torchmetrics.classification import AUROC, Accuracy, Recall, Specificity
+from torchmetrics.functional.classification import calibration_error
 
+from medtransfer.metrics import functional as F
 from medtransfer.metrics.calibration import fit_temperature
 from medtransfer.metrics.thresholds import ThresholdPolicy, fit_thresholds
 from medtransfer.models.backbones import create_backbone
@@ -47,6 +49,11 @@ class ClassifierModule(LightningModule):
         threshold_target: the sensitivity or specificity that the ``target_*`` policies must reach.
         temperature_scaling: fit a temperature on the validation logits (Guo et al. 2017) and divide
             logits by it before every probability; stored in the checkpoint like the threshold.
+        confidence_score: how sure a decision is: ``margin`` (``|p - threshold|``; top-1 minus top-2 for
+            multi-class) or ``max_prob``. Cases are referred to a human from the least confident up.
+        target_coverage: share of validation cases the model should decide on itself; the rest fall in the
+            abstention band (``refer``). Fitted on validation with the threshold, stored in the checkpoint.
+        target_risk: if set, instead the largest validation coverage whose error rate is at most this.
     """
 
     def __init__(
@@ -61,6 +68,9 @@ class ClassifierModule(LightningModule):
         threshold_policy: ThresholdPolicy = "youden",
         threshold_target: float = 0.9,
         temperature_scaling: bool = False,
+        confidence_score: F.Score = "margin",
+        target_coverage: float = 0.9,
+        target_risk: float | None = None,
     ) -> None:
         super().__init__()
         if task == "binary" and num_classes != 2:
@@ -77,7 +87,12 @@ class ClassifierModule(LightningModule):
         #: Chosen on validation data; buffers, so every checkpoint carries the values fitted for its weights.
         self.register_buffer("decision_threshold", torch.tensor(0.5))
         self.register_buffer("temperature", torch.tensor(1.0))
+        #: Decide on a case when its confidence is at least this; below it the model abstains (refers).
+        self.register_buffer("min_confidence", torch.tensor(0.0))
         self.val_logits, self.val_targets = CatMetric(), CatMetric()
+        self.test_logits, self.test_targets = CatMetric(), CatMetric()
+        #: Probabilities, targets and report values of the last test epoch, for report callbacks.
+        self.test_outputs: dict[str, Any] = {}
         self.train_metrics = _stage_metrics(task, num_classes, "train")
         self.val_metrics = _stage_metrics(task, num_classes, "val")
         self.test_metrics = _stage_metrics(task, num_classes, "test")
@@ -98,6 +113,32 @@ class ClassifierModule(LightningModule):
             return (probs >= self.decision_threshold).long()
         return probs.argmax(dim=-1)
 
+    def confidence(self, probs: Tensor) -> Tensor:
+        """Confidence of each decision (see ``confidence_score``), around the stored threshold."""
+        return F.confidence_scores(
+            probs, self.hparams.task, float(self.decision_threshold), self.hparams.confidence_score
+        )
+
+    def abstains(self, probs: Tensor) -> Tensor:
+        """True where the model refers the case instead of deciding (inside the abstention band)."""
+        return self.confidence(probs) < self.min_confidence
+
+    @property
+    def abstention_band(self) -> tuple[float, float]:
+        """Binary tasks: probabilities strictly between ``(low, high)`` are referred (margin score)."""
+        t, m = float(self.decision_threshold), float(self.min_confidence)
+        return max(0.0, t - m), min(1.0, t + m)
+
+    def _fit_min_confidence(self, probs: Tensor, targets: Tensor) -> None:
+        confidence = self.confidence(probs)
+        coverage, risk, cutoffs = F.risk_coverage_curve(confidence, self.decide(probs) == targets)
+        if self.hparams.target_risk is not None:
+            ok = torch.nonzero(risk <= self.hparams.target_risk + 1e-12)
+            index = int(ok[-1]) if len(ok) else 0  # none meets it: keep only the most confident group
+        else:
+            index = int(torch.nonzero(coverage >= self.hparams.target_coverage - 1e-9)[0])
+        self.min_confidence.fill_(float(cutoffs[index]))
+
     def model_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Shared by every stage: returns loss, logits and targets."""
         x, y = batch
@@ -112,6 +153,9 @@ class ClassifierModule(LightningModule):
         loss, logits, y = self.model_step(batch)
         probs = self.predict_proba(logits)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        if stage == "test":
+            self.test_logits.update(logits)
+            self.test_targets.update(y)
         if stage == "val":  # decisions wait for the threshold fitted on the whole epoch
             metrics[f"{stage}/auroc"].update(probs, y)
             self.log(f"{stage}/auroc", metrics[f"{stage}/auroc"], on_step=False, on_epoch=True, prog_bar=True)
@@ -150,6 +194,8 @@ class ClassifierModule(LightningModule):
             threshold = fit_thresholds(probs, targets, self.hparams.threshold_policy, self.hparams.threshold_target)
             self.decision_threshold.fill_(float(threshold[0]))
             self.log("val/threshold", self.decision_threshold)
+        self._fit_min_confidence(probs, targets.long())
+        self.log("val/min_confidence", self.min_confidence)
         if self.trainer.sanity_checking:
             return
         self._update_metrics(self.val_metrics, probs, targets.long(), skip="val/auroc")
@@ -160,10 +206,40 @@ class ClassifierModule(LightningModule):
         self._shared_step(batch, "test", self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
-        """Record the stored (validation-fitted) values that the test metrics used."""
-        if self.hparams.task == "binary":
-            self.log("test/threshold", self.decision_threshold)
-        self.log("test/temperature", self.temperature)
+        """Selective-prediction and calibration report with the stored (validation-fitted) values."""
+        logits, targets = self.test_logits.compute(), self.test_targets.compute().long()
+        self.test_logits.reset()
+        self.test_targets.reset()
+        probs = self.predict_proba(logits)
+        report = self.selective_report(probs, targets)
+        for name, value in report.items():
+            self.log(f"test/{name}", value)
+        self.test_outputs = {"probs": probs.cpu(), "targets": targets.cpu(), "report": report}
+
+    def selective_report(self, probs: Tensor, targets: Tensor) -> dict[str, float]:
+        """AURC, ECE, selective accuracy at 80/90/95 % coverage, coverage at 95/99 % accuracy, and what the
+        stored abstention band does: share of cases decided and their accuracy."""
+        task = self.hparams.task
+        confidence, correct = self.confidence(probs), self.decide(probs) == targets
+        decided = ~self.abstains(probs)
+        report = {
+            "aurc": F.aurc(confidence, correct),
+            "eaurc": F.eaurc(confidence, correct),
+            "augrc": F.augrc(confidence, correct),
+            "ece": calibration_error(probs, targets, task=task, num_classes=self.hparams.num_classes, n_bins=15),
+            "coverage": decided.float().mean(),
+            "selective_acc": correct[decided].float().mean() if decided.any() else torch.tensor(float("nan")),
+            "threshold": self.decision_threshold,
+            "min_confidence": self.min_confidence,
+            "temperature": self.temperature,
+        }
+        for coverage in (80, 90, 95):
+            report[f"selective_acc_cov{coverage}"] = 1 - F.selective_risk_at_coverage(
+                confidence, correct, coverage / 100
+            )
+        for accuracy in (95, 99):
+            report[f"coverage_at_acc{accuracy}"] = F.coverage_at_accuracy(confidence, correct, accuracy / 100)
+        return {name: float(value) for name, value in report.items()}
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -1,0 +1,107 @@
+"""Figures for evaluation reports: ROC, risk-coverage, reliability diagram, confusion matrix with abstentions.
+
+Pure drawing: each function takes numbers already computed elsewhere and returns a matplotlib ``Figure``
+(Agg backend, no display needed); ``save_figure`` writes it as PNG atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+
+__all__ = ["plot_confusion", "plot_reliability", "plot_risk_coverage", "plot_roc", "save_figure"]
+
+
+def plot_roc(
+    fpr: Sequence[float],
+    tpr: Sequence[float],
+    auroc: float,
+    operating_point: tuple[float, float] | None = None,
+    threshold: float | None = None,
+) -> Figure:
+    """ROC curve with the chosen operating point (``(1 - specificity, sensitivity)``) marked."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(fpr, tpr, lw=2, label=f"AUROC {auroc:.3f}")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    if operating_point is not None:
+        label = "operating point" + (f" (threshold {threshold:.3f})" if threshold is not None else "")
+        ax.scatter(*operating_point, c="crimson", zorder=3, label=label)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01), title="ROC")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_risk_coverage(coverage: Sequence[float], risk: Sequence[float], aurc: float,
+                       marks: dict[str, tuple[float, float]] | None = None) -> Figure:  # fmt: skip
+    """Selective risk against coverage; ``marks`` labels points such as the chosen abstention band."""
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.step(coverage, risk, where="post", lw=2, label=f"AURC {aurc:.4f}")
+    for name, (cov, rsk) in (marks or {}).items():
+        ax.scatter(cov, rsk, zorder=3, label=f"{name}: coverage {cov:.0%}, risk {rsk:.3f}")
+    ax.set(xlabel="coverage (share of cases decided)", ylabel="selective risk (error rate)", xlim=(0, 1.01),
+           title="Risk-coverage")  # fmt: skip
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_reliability(confidence: Sequence[float], accuracy: Sequence[float], count: Sequence[float],
+                     ece: float) -> Figure:  # fmt: skip
+    """Reliability diagram: accuracy per confidence bin against the diagonal, bin sizes below."""
+    confidence, accuracy, count = (np.asarray(a, dtype=float) for a in (confidence, accuracy, count))
+    filled = count > 0
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.5, 5.5), height_ratios=(3, 1), sharex=True)
+    top.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    top.plot(confidence[filled], accuracy[filled], marker="o", lw=2, label=f"ECE {ece:.4f}")
+    top.set(ylabel="observed frequency", ylim=(0, 1.01), title="Reliability")
+    top.legend(loc="upper left")
+    bottom.bar(confidence[filled], count[filled], width=0.04, color="grey")
+    bottom.set(xlabel="predicted probability", ylabel="cases", xlim=(0, 1))
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], abstained: Sequence[int] | None = None) -> Figure:
+    """Confusion matrix (rows: truth, columns: decision), with an ``abstain`` column when given."""
+    matrix = np.asarray(matrix)
+    columns = list(class_names)
+    if abstained is not None:
+        matrix = np.column_stack([matrix, np.asarray(abstained)])
+        columns.append("abstain")
+    fig, ax = plt.subplots(figsize=(1.4 * len(columns) + 1.5, 1.2 * len(class_names) + 1.2))
+    ax.imshow(matrix, cmap="Blues")
+    for (row, col), value in np.ndenumerate(matrix):
+        ax.text(col, row, str(int(value)), ha="center", va="center",
+                color="white" if value > matrix.max() / 2 else "black")  # fmt: skip
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set(xlabel="decision", ylabel="truth", title="Confusion at the decision threshold")
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as PNG via a temporary file and rename, so a crash never leaves half an image."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

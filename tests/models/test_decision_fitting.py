@@ -93,10 +93,10 @@ def test_target_risk_picks_the_largest_coverage_within_the_risk(fitted):
     probs = model.predict_proba(logits)
     model.hparams.target_risk = 0.2
     try:
-        model._fit_min_confidence(probs, targets)
+        model.fit_min_confidence(probs, targets)
         decided = ~model.abstains(probs)
         errors = (model.decide(probs) != targets)[decided].float().mean()
         assert errors <= 0.2
     finally:
         model.hparams.target_risk = None
-        model._fit_min_confidence(probs, targets)
+        model.fit_min_confidence(probs, targets)

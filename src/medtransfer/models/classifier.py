@@ -77,6 +77,10 @@ class ClassifierModule(LightningModule):
             raise ValueError(f"Expected argument `num_classes` to be 2 for a binary task, but got {num_classes}")
         if task == "multiclass" and num_classes < 2:
             raise ValueError(f"Expected argument `num_classes` to be at least 2, but got {num_classes}")
+        if not 0.0 < target_coverage <= 1.0:
+            raise ValueError(f"Expected argument `target_coverage` to be in (0, 1], but got {target_coverage}")
+        if target_risk is not None and not 0.0 <= target_risk <= 1.0:
+            raise ValueError(f"Expected argument `target_risk` to be in [0, 1], but got {target_risk}")
         self.save_hyperparameters(ignore=["optimizer"], logger=False)  # the CLI logs the whole config
         self.optimizer_factory = optimizer
         self.backbone = create_backbone(backbone, pretrained=pretrained, in_chans=in_chans)
@@ -129,7 +133,8 @@ class ClassifierModule(LightningModule):
         t, m = float(self.decision_threshold), float(self.min_confidence)
         return max(0.0, t - m), min(1.0, t + m)
 
-    def _fit_min_confidence(self, probs: Tensor, targets: Tensor) -> None:
+    def fit_min_confidence(self, probs: Tensor, targets: Tensor) -> None:
+        """Choose the abstention cut-off on validation outputs for ``target_coverage`` (or ``target_risk``)."""
         confidence = self.confidence(probs)
         coverage, risk, cutoffs = F.risk_coverage_curve(confidence, self.decide(probs) == targets)
         if self.hparams.target_risk is not None:
@@ -194,7 +199,7 @@ class ClassifierModule(LightningModule):
             threshold = fit_thresholds(probs, targets, self.hparams.threshold_policy, self.hparams.threshold_target)
             self.decision_threshold.fill_(float(threshold[0]))
             self.log("val/threshold", self.decision_threshold)
-        self._fit_min_confidence(probs, targets.long())
+        self.fit_min_confidence(probs, targets.long())
         self.log("val/min_confidence", self.min_confidence)
         if self.trainer.sanity_checking:
             return
@@ -241,9 +246,11 @@ class ClassifierModule(LightningModule):
             report[f"coverage_at_acc{accuracy}"] = F.coverage_at_accuracy(confidence, correct, accuracy / 100)
         return {name: float(value) for name, value in report.items()}
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Probabilities, decisions at the stored threshold, and whether the stored band refers the case."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self.predict_proba(self(x))
+        probs = self.predict_proba(self(x))
+        return {"probs": probs, "decision": self.decide(probs), "abstain": self.abstains(probs)}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """One optimizer over the parameters trainable now, in named groups (``head``, ``backbone``).

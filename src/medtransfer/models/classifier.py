@@ -11,7 +11,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import CatMetric, MetricCollection
 from torchmetrics.classification import AUROC, Accuracy, Recall, Specificity
-from torchmetrics.functional.classification import calibration_error
+from torchmetrics.functional.classification import calibration_error, multilabel_auroc
 
 from medtransfer.metrics import functional as F
 from medtransfer.metrics.calibration import fit_temperature
@@ -20,14 +20,18 @@ from medtransfer.models.backbones import create_backbone
 
 __all__ = ["ClassifierModule"]
 
-Task = Literal["binary", "multiclass"]
+Task = Literal["binary", "multiclass", "multilabel"]
 
 
 def _stage_metrics(task: Task, num_classes: int, stage: str) -> MetricCollection:
     """AUROC over probabilities; accuracy (and, for binary, sensitivity/specificity) over decisions."""
-    kwargs: dict[str, Any] = {"task": task} if task == "binary" else {"task": task, "num_classes": num_classes}
+    kwargs: dict[str, Any] = {"task": task}
+    if task == "multiclass":
+        kwargs["num_classes"] = num_classes
+    elif task == "multilabel":
+        kwargs["num_labels"] = num_classes  # macro averages over labels
     metrics = {"auroc": AUROC(**kwargs), "acc": Accuracy(**kwargs)}
-    if task == "binary":
+    if task != "multiclass":
         metrics |= {"sensitivity": Recall(**kwargs), "specificity": Specificity(**kwargs)}
     return MetricCollection(metrics, prefix=f"{stage}/")
 
@@ -38,8 +42,9 @@ class ClassifierModule(LightningModule):
     Args:
         backbone: timm model name (``tf_efficientnet_lite0``, ``densenet121``, ``resnet50``, ...).
         pretrained: ``hub``, ``none``, ``lite0-package`` or a checkpoint path (see ``create_backbone``).
-        task: ``binary`` (one logit, BCE) or ``multiclass`` (softmax, cross-entropy).
-        num_classes: number of classes; 2 for a binary task.
+        task: ``binary`` (one logit, BCE), ``multiclass`` (softmax, cross-entropy) or ``multilabel`` (one
+            sigmoid per label, e.g. ChestX-ray14's 14 findings; thresholds and bands per label).
+        num_classes: number of classes (2 for a binary task), or of labels for a multi-label task.
         in_chans: input channels the backbone expects (3: grayscale replicated; 1: adapted first conv).
         drop_rate: dropout before the new head.
         optimizer: optimizer factory; its learning rate is the head's (phase 1) learning rate.
@@ -54,6 +59,8 @@ class ClassifierModule(LightningModule):
         target_coverage: share of validation cases the model should decide on itself; the rest fall in the
             abstention band (``refer``). Fitted on validation with the threshold, stored in the checkpoint.
         target_risk: if set, instead the largest validation coverage whose error rate is at most this.
+        class_weighting: ``balanced`` weighs positives by ``negatives / positives`` of the training labels
+            (CheXNet's weighted BCE; binary and multi-label), read from the data module at fit start.
     """
 
     def __init__(
@@ -71,12 +78,15 @@ class ClassifierModule(LightningModule):
         confidence_score: F.Score = "margin",
         target_coverage: float = 0.9,
         target_risk: float | None = None,
+        class_weighting: Literal["none", "balanced"] = "none",
     ) -> None:
         super().__init__()
         if task == "binary" and num_classes != 2:
             raise ValueError(f"Expected argument `num_classes` to be 2 for a binary task, but got {num_classes}")
         if task == "multiclass" and num_classes < 2:
             raise ValueError(f"Expected argument `num_classes` to be at least 2, but got {num_classes}")
+        if task == "multilabel" and num_classes < 1:
+            raise ValueError(f"Expected argument `num_classes` to be at least 1 label, but got {num_classes}")
         if not 0.0 < target_coverage <= 1.0:
             raise ValueError(f"Expected argument `target_coverage` to be in (0, 1], but got {target_coverage}")
         if target_risk is not None and not 0.0 <= target_risk <= 1.0:
@@ -89,10 +99,13 @@ class ClassifierModule(LightningModule):
         #: timm's data config of the backbone (mean, std, input size), used by the data module.
         self.data_config: dict[str, Any] = timm.data.resolve_model_data_config(self.backbone)
         #: Chosen on validation data; buffers, so every checkpoint carries the values fitted for its weights.
-        self.register_buffer("decision_threshold", torch.tensor(0.5))
+        per_label = (num_classes,) if task == "multilabel" else ()
+        self.register_buffer("decision_threshold", torch.full(per_label, 0.5))
         self.register_buffer("temperature", torch.tensor(1.0))
         #: Decide on a case when its confidence is at least this; below it the model abstains (refers).
-        self.register_buffer("min_confidence", torch.tensor(0.0))
+        self.register_buffer("min_confidence", torch.zeros(per_label))
+        #: BCE weight of positive cases (``class_weighting``), per label for a multi-label task.
+        self.register_buffer("pos_weight", torch.ones(per_label))
         self.val_logits, self.val_targets = CatMetric(), CatMetric()
         self.test_logits, self.test_targets = CatMetric(), CatMetric()
         #: Probabilities, targets and report values of the last test epoch, for report callbacks.
@@ -107,21 +120,20 @@ class ClassifierModule(LightningModule):
         return logits.squeeze(1) if self.hparams.task == "binary" else logits
 
     def predict_proba(self, logits: Tensor) -> Tensor:
-        """Probabilities from logits (after temperature scaling): positive class (binary) or per class."""
+        """Probabilities from logits (after temperature scaling): sigmoid per output, or softmax (multiclass)."""
         logits = logits / self.temperature
-        return logits.sigmoid() if self.hparams.task == "binary" else logits.softmax(dim=-1)
+        return logits.softmax(dim=-1) if self.hparams.task == "multiclass" else logits.sigmoid()
 
     def decide(self, probs: Tensor) -> Tensor:
-        """Predicted labels: ``probs >= decision_threshold`` (binary) or the most probable class."""
-        if self.hparams.task == "binary":
-            return (probs >= self.decision_threshold).long()
-        return probs.argmax(dim=-1)
+        """Predicted labels: ``probs >= decision_threshold`` (per label) or the most probable class."""
+        if self.hparams.task == "multiclass":
+            return probs.argmax(dim=-1)
+        return (probs >= self.decision_threshold).long()
 
     def confidence(self, probs: Tensor) -> Tensor:
-        """Confidence of each decision (see ``confidence_score``), around the stored threshold."""
-        return F.confidence_scores(
-            probs, self.hparams.task, float(self.decision_threshold), self.hparams.confidence_score
-        )
+        """Confidence of each decision (see ``confidence_score``), around the stored threshold(s)."""
+        threshold = self.decision_threshold if self.hparams.task == "multilabel" else float(self.decision_threshold)
+        return F.confidence_scores(probs, self.hparams.task, threshold, self.hparams.confidence_score)
 
     def abstains(self, probs: Tensor) -> Tensor:
         """True where the model refers the case instead of deciding (inside the abstention band)."""
@@ -130,32 +142,52 @@ class ClassifierModule(LightningModule):
     @property
     def abstention_band(self) -> tuple[float, float]:
         """Binary tasks: probabilities strictly between ``(low, high)`` are referred (margin score)."""
+        if self.hparams.task != "binary":
+            raise ValueError("abstention_band describes a binary task; use `abstains(probs)` for the others")
         t, m = float(self.decision_threshold), float(self.min_confidence)
         return max(0.0, t - m), min(1.0, t + m)
 
     def fit_min_confidence(self, probs: Tensor, targets: Tensor) -> None:
         """Choose the abstention cut-off on validation outputs for ``target_coverage`` (or ``target_risk``)."""
-        confidence = self.confidence(probs)
-        coverage, risk, cutoffs = F.risk_coverage_curve(confidence, self.decide(probs) == targets)
+        confidence, correct = self.confidence(probs), self.decide(probs) == targets
+        if self.hparams.task == "multilabel":
+            cutoffs = [self._cutoff(confidence[:, j], correct[:, j]) for j in range(confidence.shape[1])]
+            self.min_confidence.copy_(torch.tensor(cutoffs))
+        else:
+            self.min_confidence.fill_(self._cutoff(confidence, correct))
+
+    def _cutoff(self, confidence: Tensor, correct: Tensor) -> float:
+        coverage, risk, cutoffs = F.risk_coverage_curve(confidence, correct)
         if self.hparams.target_risk is not None:
             ok = torch.nonzero(risk <= self.hparams.target_risk + 1e-12)
             index = int(ok[-1]) if len(ok) else 0  # none meets it: keep only the most confident group
         else:
             index = int(torch.nonzero(coverage >= self.hparams.target_coverage - 1e-9)[0])
-        self.min_confidence.fill_(float(cutoffs[index]))
+        return float(cutoffs[index])
+
+    def on_fit_start(self) -> None:
+        """Weigh positives by the training labels' frequencies when ``class_weighting="balanced"``."""
+        if self.hparams.class_weighting == "none" or self.hparams.task == "multiclass":
+            return
+        fraction = getattr(self.trainer.datamodule, "positive_fraction", None)
+        if fraction is None:
+            raise ValueError("class_weighting='balanced' needs a data module with a `positive_fraction` property")
+        fraction = torch.as_tensor(fraction, dtype=torch.float32).clamp(1e-6, 1 - 1e-6)
+        self.pos_weight.copy_(((1 - fraction) / fraction).reshape(self.pos_weight.shape).to(self.pos_weight))
 
     def model_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Shared by every stage: returns loss, logits and targets."""
         x, y = batch
         logits = self(x)
-        if self.hparams.task == "binary":
-            loss = nn.functional.binary_cross_entropy_with_logits(logits, y.float())
-        else:
+        if self.hparams.task == "multiclass":
             loss = nn.functional.cross_entropy(logits, y)
+        else:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=self.pos_weight)
         return loss, logits.detach(), y
 
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str, metrics: MetricCollection) -> Tensor:
         loss, logits, y = self.model_step(batch)
+        y = y.long()  # multi-label targets arrive as floats (for BCE); metrics want integers
         probs = self.predict_proba(logits)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         if stage == "test":
@@ -195,12 +227,12 @@ class ClassifierModule(LightningModule):
             self.temperature.fill_(fit_temperature(logits, targets, self.hparams.task))
             self.log("val/temperature", self.temperature)
         probs = self.predict_proba(logits)
-        if self.hparams.task == "binary":
+        if self.hparams.task != "multiclass":
             threshold = fit_thresholds(probs, targets, self.hparams.threshold_policy, self.hparams.threshold_target)
-            self.decision_threshold.fill_(float(threshold[0]))
-            self.log("val/threshold", self.decision_threshold)
+            self.decision_threshold.copy_(threshold.reshape(self.decision_threshold.shape))
+            self.log("val/threshold", self.decision_threshold.mean())
         self.fit_min_confidence(probs, targets.long())
-        self.log("val/min_confidence", self.min_confidence)
+        self.log("val/min_confidence", self.min_confidence.mean())
         if self.trainer.sanity_checking:
             return
         self._update_metrics(self.val_metrics, probs, targets.long(), skip="val/auroc")
@@ -211,40 +243,58 @@ class ClassifierModule(LightningModule):
         self._shared_step(batch, "test", self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
-        """Selective-prediction and calibration report with the stored (validation-fitted) values."""
+        """Selective-prediction and calibration report with the stored (validation-fitted) values.
+
+        Multi-label tasks log the mean over labels and each label's AUROC (``test/auroc/<label>``); the full
+        per-label table is kept in ``test_outputs["per_label"]`` for the report callback.
+        """
         logits, targets = self.test_logits.compute(), self.test_targets.compute().long()
         self.test_logits.reset()
         self.test_targets.reset()
         probs = self.predict_proba(logits)
         report = self.selective_report(probs, targets)
         for name, value in report.items():
-            self.log(f"test/{name}", value)
-        self.test_outputs = {"probs": probs.cpu(), "targets": targets.cpu(), "report": report}
+            self.log(f"test/{name}", value.nanmean() if value.ndim else value)
+        per_label = None
+        if self.hparams.task == "multilabel":
+            names = getattr(self.trainer.datamodule, "class_names", None) or range(self.hparams.num_classes)
+            per_label = {"label": [str(n) for n in names]}
+            per_label["auroc"] = multilabel_auroc(probs, targets, self.hparams.num_classes, average=None).tolist()
+            per_label |= {name: value.tolist() for name, value in report.items() if value.ndim}
+            for label, auroc in zip(per_label["label"], per_label["auroc"], strict=True):
+                self.log(f"test/auroc/{label}", auroc)
+        summary = {name: float(value.nanmean()) for name, value in report.items()}
+        self.test_outputs = {"probs": probs.cpu(), "targets": targets.cpu(), "report": summary, "per_label": per_label}
 
-    def selective_report(self, probs: Tensor, targets: Tensor) -> dict[str, float]:
+    def selective_report(self, probs: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """AURC, ECE, selective accuracy at 80/90/95 % coverage, coverage at 95/99 % accuracy, and what the
-        stored abstention band does: share of cases decided and their accuracy."""
-        task = self.hparams.task
+        stored abstention band does: share of cases decided and their accuracy. Per label (``(L,)``) for a
+        multi-label task, scalars otherwise."""
+        task, n = self.hparams.task, self.hparams.num_classes
         confidence, correct = self.confidence(probs), self.decide(probs) == targets
         decided = ~self.abstains(probs)
+        if task == "multilabel":
+            ece = torch.stack([calibration_error(probs[:, j], targets[:, j], task="binary") for j in range(n)])
+        else:
+            ece = calibration_error(probs, targets, task=task, num_classes=n, n_bins=15)
+        accepted_correct = (correct & decided).sum(0).double()
         report = {
             "aurc": F.aurc(confidence, correct),
             "eaurc": F.eaurc(confidence, correct),
             "augrc": F.augrc(confidence, correct),
-            "ece": calibration_error(probs, targets, task=task, num_classes=self.hparams.num_classes, n_bins=15),
-            "coverage": decided.float().mean(),
-            "selective_acc": correct[decided].float().mean() if decided.any() else torch.tensor(float("nan")),
+            "ece": ece,
+            "coverage": decided.double().mean(0),
+            "selective_acc": accepted_correct / decided.sum(0).double(),  # NaN when nothing is decided
             "threshold": self.decision_threshold,
             "min_confidence": self.min_confidence,
             "temperature": self.temperature,
         }
         for coverage in (80, 90, 95):
-            report[f"selective_acc_cov{coverage}"] = 1 - F.selective_risk_at_coverage(
-                confidence, correct, coverage / 100
-            )
+            risk = F.selective_risk_at_coverage(confidence, correct, coverage / 100)
+            report[f"selective_acc_cov{coverage}"] = 1 - risk
         for accuracy in (95, 99):
             report[f"coverage_at_acc{accuracy}"] = F.coverage_at_accuracy(confidence, correct, accuracy / 100)
-        return {name: float(value) for name, value in report.items()}
+        return {name: torch.as_tensor(value, dtype=torch.float64).cpu() for name, value in report.items()}
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """Probabilities, decisions at the stored threshold, and whether the stored band refers the case."""

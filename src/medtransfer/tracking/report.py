@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
+import pandas as pd
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
@@ -20,10 +22,20 @@ __all__ = ["TestReportPlots"]
 _logger = logging.getLogger(__name__)
 
 
+def _write_csv(columns: dict[str, list], path: Path) -> Path:
+    """Write a column dict as CSV via a temporary file and rename (never half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    pd.DataFrame(columns).to_csv(tmp, index=False, float_format="%.6f")
+    os.replace(tmp, path)
+    return path
+
+
 class TestReportPlots(Callback):
     """After ``test``: ROC (binary), risk-coverage, reliability diagram and confusion matrix with an
     ``abstain`` column, as PNG files (in ``dirpath``, default ``<root>/<experiment>/<run>/plots``) and as
-    MLflow artifacts under ``plots/``.
+    MLflow artifacts under ``plots/``. A multi-label task gets ``per_label.csv`` (AUROC, AURC, ECE,
+    selective accuracy, threshold, band per label) there instead.
 
     Args:
         dirpath: where to write the PNG files; ``None`` puts them beside the run's checkpoints.
@@ -48,9 +60,12 @@ class TestReportPlots(Callback):
         if not outputs or trainer.sanity_checking:
             return
         folder = self._folder(trainer)
-        names = getattr(trainer.datamodule, "class_names", None)
-        figures = self.figures(pl_module, outputs["probs"], outputs["targets"], outputs["report"], names)
-        self.paths = [plots.save_figure(fig, folder / f"{name}.png") for name, fig in figures.items()]
+        if outputs.get("per_label"):  # multi-label: one row per label instead of single-task figures
+            self.paths = [_write_csv(outputs["per_label"], folder / "per_label.csv")]
+        else:
+            names = getattr(trainer.datamodule, "class_names", None)
+            figures = self.figures(pl_module, outputs["probs"], outputs["targets"], outputs["report"], names)
+            self.paths = [plots.save_figure(fig, folder / f"{name}.png") for name, fig in figures.items()]
         logger = find_mlflow_logger(trainer)
         if logger is not None:
             for path in self.paths:

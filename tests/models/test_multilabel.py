@@ -1,0 +1,83 @@
+"""Multi-label task: one sigmoid per label, per-label thresholds and bands, weighted BCE, per-label report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule, Trainer, seed_everything
+from torch.utils.data import DataLoader, TensorDataset
+
+from medtransfer.models.classifier import ClassifierModule
+from medtransfer.tracking.report import TestReportPlots
+
+
+class TwoFindings(LightningDataModule):
+    """Noise images with two independent findings: a bright centre, and a bright left edge (rarer)."""
+
+    class_names = ("centre", "edge")
+
+    def __init__(self, n: int = 96, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.targets = torch.stack([torch.rand(n, generator=g) < 0.5, torch.rand(n, generator=g) < 0.25], 1).float()
+        images = torch.randn(n, 3, 32, 32, generator=g)
+        images[:, :, 8:24, 8:24] += 0.8 * self.targets[:, 0].view(-1, 1, 1, 1)
+        images[:, :, :, :6] += 0.8 * self.targets[:, 1].view(-1, 1, 1, 1)
+        self.dataset = TensorDataset(images, self.targets)
+
+    @property
+    def positive_fraction(self) -> torch.Tensor:
+        return self.targets.mean(0)
+
+    def train_dataloader(self):
+        return DataLoader(self.dataset, batch_size=16, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.dataset, batch_size=32)
+
+    def test_dataloader(self):
+        return DataLoader(self.dataset, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def tested(tmp_path_factory):
+    seed_everything(0)
+    model = ClassifierModule(backbone="resnet10t", pretrained="none", task="multilabel", num_classes=2,
+                             class_weighting="balanced")  # fmt: skip
+    data = TwoFindings()
+    report = TestReportPlots(dirpath=str(tmp_path_factory.mktemp("report")))
+    trainer = Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, callbacks=[report])  # fmt: skip
+    trainer.fit(model, datamodule=data)
+    results = trainer.test(model, datamodule=data, verbose=False)[0]
+    return model, data, results, report
+
+
+def test_balanced_weighting_uses_training_label_frequencies(tested):
+    model, data, _, _ = tested
+    fraction = data.positive_fraction
+    torch.testing.assert_close(model.pos_weight, (1 - fraction) / fraction)
+
+
+def test_thresholds_and_band_are_fitted_per_label(tested):
+    model, data, _, _ = tested
+    assert model.decision_threshold.shape == (2,) and model.min_confidence.shape == (2,)
+    probs = model.predict_proba(model(data.dataset.tensors[0]).detach())
+    assert probs.shape == (96, 2) and model.abstains(probs).shape == (96, 2)
+    decided_share = (~model.abstains(probs)).float().mean(0)
+    assert (decided_share >= 0.9).all()  # default target_coverage, on the data it was fitted on
+
+
+def test_test_logs_per_label_auroc_and_writes_the_table(tested):
+    _, _, results, report = tested
+    assert {"test/auroc", "test/auroc/centre", "test/auroc/edge", "test/aurc", "test/ece"} <= set(results)
+    assert results["test/auroc"] == pytest.approx((results["test/auroc/centre"] + results["test/auroc/edge"]) / 2)
+    (table,) = report.paths
+    lines = table.read_text().splitlines()
+    assert lines[0].startswith("label,auroc,aurc") and [line.split(",")[0] for line in lines[1:]] == ["centre", "edge"]
+
+
+def test_abstention_band_is_binary_only(tested):
+    model, *_ = tested
+    with pytest.raises(ValueError, match="binary"):
+        _ = model.abstention_band

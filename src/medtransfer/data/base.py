@@ -1,0 +1,145 @@
+"""What every medtransfer data module shares: input size and normalisation from the backbone, the
+albumentations pipelines, seeded augmentation, and the data loaders. Subclasses only build the datasets."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from medtransfer.data.transforms import build_eval_transform, build_train_transform
+from medtransfer.errors import DataError
+
+__all__ = ["SPLITS", "ClassificationDataModule", "SeededTransformDataset"]
+
+_logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+class SeededTransformDataset(Dataset):
+    """A dataset whose albumentations pipeline (``self.transform``) can be seeded: albumentations keeps its
+    own RNG and ignores the global seeds that Lightning sets."""
+
+    transform: object
+
+    def seed_transform(self, seed: int) -> None:
+        if hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed % 2**32)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Give each loader worker its own augmentation stream, derived from torch's per-worker seed."""
+    info = torch.utils.data.get_worker_info()
+    if info is not None and isinstance(info.dataset, SeededTransformDataset):
+        info.dataset.seed_transform(torch.initial_seed())
+
+
+class ClassificationDataModule(LightningDataModule):
+    """Base of the data modules: subclasses fill ``self.datasets[split]`` in ``build_datasets``.
+
+    Size, mean, std and interpolation follow the backbone's timm data config (the attached
+    LightningModule's ``data_config``) unless set here.
+
+    Args:
+        image_size: side length fed to the network; ``None`` means the backbone's default.
+        channels: 3 replicates gray to RGB; 1 feeds one channel (set the model's ``in_chans: 1``).
+        mean: per-channel mean in [0, 1]; ``None`` means the backbone's.
+        std: per-channel std in [0, 1]; ``None`` means the backbone's.
+        interpolation: resize filter (``bilinear``, ``bicubic``, ``area``, ...); ``None`` means the backbone's.
+        batch_size: images per batch.
+        num_workers: data loader worker processes.
+        rotate_degrees: training augmentation: maximum rotation.
+        translate: training augmentation: maximum shift as a fraction of the side.
+        scale: training augmentation: maximum zoom in/out as a fraction.
+        brightness_contrast: training augmentation: brightness/contrast jitter (0 = off).
+        horizontal_flip: training augmentation: random left-right flips (off for chest X-rays).
+    """
+
+    def __init__(
+        self,
+        image_size: int | None = None,
+        channels: int = 3,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        interpolation: str | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        rotate_degrees: float = 10.0,
+        translate: float = 0.05,
+        scale: float = 0.05,
+        brightness_contrast: float = 0.0,
+        horizontal_flip: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.datasets: dict[str, SeededTransformDataset] = {}
+        #: ``(image_size, mean, std, interpolation)`` in use, resolved in ``setup``.
+        self.normalisation: tuple[int, tuple[float, ...], tuple[float, ...], str] | None = None
+
+    def build_datasets(self, train_transform, eval_transform) -> dict[str, SeededTransformDataset]:
+        """Return the ``train``/``val``/``test`` datasets with these pipelines."""
+        raise NotImplementedError
+
+    def _normalisation(self) -> tuple[int, Sequence[float], Sequence[float], str]:
+        """Image size, mean, std, interpolation: explicit arguments first, then the backbone's timm data config."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        config = getattr(module, "data_config", None) or {}
+        size = self.hparams.image_size or (config["input_size"][-1] if config else None)
+        mean = self.hparams.mean or config.get("mean")
+        std = self.hparams.std or config.get("std")
+        interpolation = self.hparams.interpolation or config.get("interpolation") or "bilinear"
+        if size is None or mean is None or std is None:
+            raise DataError(
+                "image_size, mean and std are unknown: set them on the data module, or attach a model that has "
+                "a timm `data_config` (as ClassifierModule does)."
+            )
+        return int(size), mean, std, interpolation
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        size, mean, std, interpolation = self._normalisation()
+        self.normalisation = (size, tuple(mean), tuple(std), interpolation)
+        hp = self.hparams
+        eval_transform = build_eval_transform(size, hp.channels, mean, std, interpolation)
+        train_transform = build_train_transform(
+            size, hp.channels, mean, std, interpolation, hp.rotate_degrees,
+            hp.translate, hp.scale, hp.brightness_contrast, hp.horizontal_flip,
+        )  # fmt: skip
+        self.datasets = self.build_datasets(train_transform, eval_transform)
+        empty = [split for split in SPLITS if split in self.datasets and len(self.datasets[split]) == 0]
+        if empty:
+            raise DataError(f"The {', '.join(empty)} split(s) of {type(self).__name__} hold no images")
+        self.datasets["train"].seed_transform(torch.initial_seed())  # reproducible under seed_everything
+        _logger.info(
+            "%s: %s images at %dpx (%s), mean %s, std %s", type(self).__name__,
+            {k: len(v) for k, v in self.datasets.items()}, size, interpolation, tuple(mean), tuple(std),
+        )  # fmt: skip
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_seed_worker if workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,161 @@
+"""Decode one medical image file (PNG, JPEG, BMP, TIFF or DICOM) into a 2-D ``uint8`` grayscale array.
+
+Medical images come as 8-bit and 16-bit PNGs, RGB(A) or palette PNGs that hold gray pixels, JPEGs and DICOM
+files whose stored values still need their rescale, window and photometric conventions applied. Everything
+downstream (albumentations, resize, normalise) sees one canonical format instead: ``(H, W) uint8``, where
+high means bright. The format is detected from the file's magic bytes, so a misnamed file still reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from medtransfer.errors import DataError
+
+__all__ = ["SUPPORTED_SUFFIXES", "read_image"]
+
+_logger = logging.getLogger(__name__)
+
+#: Extensions a folder scan should pick up; the format itself is detected from the content.
+SUPPORTED_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+
+_MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def read_image(path: str | Path, *, window: tuple[float, float] | None = None) -> np.ndarray:
+    """Read one image file as a 2-D ``uint8`` grayscale array, high values bright.
+
+    Scaling rules (every source must land in 0-255 without clipping away the anatomy):
+
+    - 8-bit gray is kept as is; RGB/RGBA/LA/palette/CMYK go through Pillow's ITU-R 601 luma (alpha dropped),
+      so gray stored as colour reads back unchanged.
+    - 16-bit (and 32-bit/float) images are stretched by their own min/max: 16-bit exports often hold only
+      10-14 significant bits, which dividing by 257 would leave nearly black. Contrast is thus per image,
+      unlike 8-bit input; pass ``window`` for a fixed range. A constant image reads as zeros.
+    - DICOM: ``RescaleSlope``/``RescaleIntercept`` (modality LUT), then ``window`` if given, else the file's
+      VOI LUT or ``WindowCenter``/``WindowWidth`` (first value), else min/max. ``MONOCHROME1`` is inverted.
+
+    Args:
+        path: The image file; its format is detected from the content, not the extension.
+        window: ``(center, width)`` in raw pixel units (DICOM: after rescale, e.g. Hounsfield units), with
+            DICOM's LINEAR meaning for every format: ``(128, 256)`` keeps 8-bit values, ``(40, 400)`` is a
+            soft-tissue CT window. It replaces a DICOM file's own window.
+
+    Returns:
+        The ``(H, W)`` ``uint8`` image.
+
+    Raises:
+        DataError: The file is missing, empty, a directory, unreadable, truncated, of an unknown format, or a
+            multi-frame or colour DICOM.
+        ValueError: ``window`` has a width below 1.
+    """
+    if window is not None and not window[1] >= 1:
+        raise ValueError(f"Expected argument `window` to be (center, width) with width >= 1, but got {window}")
+    path = Path(path)
+    head = _read_head(path)
+    if head[128:132] == b"DICM" or (path.suffix.lower() == ".dcm" and not _sniff(head)):
+        return _read_dicom(path, window)
+    fmt = _sniff(head)
+    if fmt is None:
+        raise DataError(f"{path}: unknown image format (expected PNG, JPEG, BMP, TIFF or DICOM content)")
+    gray = _read_pillow(path, fmt)
+    if window is not None:
+        return _to_uint8(gray, *_window_bounds(window))
+    return gray if gray.dtype == np.uint8 else _to_uint8(gray)
+
+
+def _sniff(head: bytes) -> str | None:
+    return next((fmt for magic, fmt in _MAGIC.items() if head.startswith(magic)), None)
+
+
+def _read_head(path: Path) -> bytes:
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not an image file")
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(132)
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror or err})") from err
+    if not head:
+        raise DataError(f"{path}: empty file (0 bytes)")
+    return head
+
+
+def _read_pillow(path: Path, fmt: str) -> np.ndarray:
+    """Decode with Pillow; 8-bit modes become ``L``, deeper ones come back as their raw numeric array."""
+    try:
+        with Image.open(path, formats=[fmt]) as img:
+            img.load()
+            if getattr(img, "n_frames", 1) > 1:
+                raise DataError(f"{path}: {img.n_frames}-frame {fmt} is not supported yet")
+            if img.mode.startswith("I") or img.mode == "F":
+                return np.asarray(img)
+            if img.mode != "L":
+                _logger.debug("Converting %s from mode %s to L", path, img.mode)
+                img = img.convert("L")
+            return np.asarray(img).copy()
+    except DataError:
+        raise
+    except _PIL_ERRORS as err:
+        raise DataError(f"{path}: cannot decode as {fmt} ({err})") from err
+
+
+def _read_dicom(path: Path, window: tuple[float, float] | None) -> np.ndarray:
+    """Stored values -> modality LUT -> VOI (``window``, the file's, or min/max) -> uint8; MONOCHROME1 inverted.
+
+    The file's window is applied by pydicom, which maps it onto the stored bit depth; that output range is
+    found by pushing -inf/+inf through the same call. A VOI LUT Sequence has no such range: min/max.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(path, force=True)
+        if "PixelData" not in ds:
+            raise DataError(f"{path}: DICOM file has no pixel data")
+        if int(ds.get("NumberOfFrames") or 1) > 1:
+            raise DataError(f"{path}: multi-frame DICOM ({ds.NumberOfFrames} frames) is not supported yet")
+        photometric = str(ds.get("PhotometricInterpretation", ""))
+        if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            raise DataError(f"{path}: DICOM PhotometricInterpretation {photometric!r} is not supported (gray only)")
+        values = apply_modality_lut(ds.pixel_array, ds)
+        if window is not None:  # the argument replaces the file's own VOI settings
+            for keyword in ("VOILUTSequence", "VOILUTFunction"):
+                ds.pop(keyword, None)
+            ds.WindowCenter, ds.WindowWidth = window
+        if ds.get("VOILUTSequence"):
+            gray = _to_uint8(apply_voi_lut(values, ds, index=0))
+        elif "WindowCenter" in ds and "WindowWidth" in ds:
+            lo, hi = apply_voi_lut(np.array([-np.inf, np.inf]), ds, index=0)
+            gray = _to_uint8(apply_voi_lut(values, ds, index=0), lo, hi)
+        else:
+            gray = _to_uint8(values)
+    except DataError:
+        raise
+    except (InvalidDicomError, AttributeError, KeyError, TypeError, ValueError, RuntimeError, OSError) as err:
+        raise DataError(f"{path}: cannot decode as DICOM ({err})") from err
+    return 255 - gray if photometric == "MONOCHROME1" else gray
+
+
+def _window_bounds(window: tuple[float, float]) -> tuple[float, float]:
+    """The values mapped to 0 and 255 by a DICOM LINEAR window (PS3.3 C.11.2.1.2)."""
+    center, width = window[0] - 0.5, window[1] - 1
+    return center - width / 2, center + width / 2
+
+
+def _to_uint8(values: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """Linearly map ``[lo, hi]`` (default: the data's min/max) onto 0-255, clipping outside values."""
+    values = np.asarray(values, dtype=np.float64)
+    lo = float(values.min()) if lo is None else float(lo)
+    hi = float(values.max()) if hi is None else float(hi)
+    if hi <= lo:  # a width-1 window thresholds; a constant image reads as zeros
+        return np.where(values > hi, 255, 0).astype(np.uint8)
+    return np.rint(np.clip((values - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from medtransfer.callbacks.epoch_summary import EpochSummary
 from medtransfer.callbacks.finetuning import FreezeThenFinetune
-from medtransfer.data.medmnist import MedMNISTDataModule
+from medtransfer.data.base import ClassificationDataModule
 from medtransfer.errors import MedtransferError
 from medtransfer.models.classifier import ClassifierModule
 from medtransfer.tracking.callbacks import LogConfigToMLflow, MLflowRunTracking, find_mlflow_logger, read_run_info
@@ -72,7 +72,8 @@ class MedTransferCLI(LightningCLI):
             logger.continue_run(run_id)
         else:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-            logger.name_run(f"{self.model.hparams.backbone}-{self.datamodule.hparams.flag}-{stamp}")
+            dataset = getattr(self.datamodule, "name", type(self.datamodule).__name__)
+            logger.name_run(f"{self.model.hparams.backbone}-{dataset}-{stamp}")
 
     def before_fit(self) -> None:
         self._prepare_logger()
@@ -124,6 +125,16 @@ def _quiet_third_party_noise() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
 
 
+def _user_error(err: BaseException) -> MedtransferError | None:
+    """The user-facing error behind ``err``: jsonargparse wraps errors raised while instantiating classes."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, MedtransferError):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
 def _report(message: str) -> None:
     print(message, flush=True)
 
@@ -144,7 +155,8 @@ def main(args: list[str] | None = None) -> None:
     try:
         MedTransferCLI(
             ClassifierModule,
-            MedMNISTDataModule,
+            ClassificationDataModule,
+            subclass_mode_data=True,
             save_config_callback=LogConfigToMLflow,
             save_config_kwargs={"save_to_log_dir": False},
             trainer_defaults={
@@ -155,8 +167,11 @@ def main(args: list[str] | None = None) -> None:
             seed_everything_default=0,
             args=args,
         )
-    except MedtransferError as err:
-        print(f"medtransfer: error: {err}", file=sys.stderr)
+    except Exception as err:
+        user_error = _user_error(err)
+        if user_error is None:
+            raise
+        print(f"medtransfer: error: {user_error}", file=sys.stderr)
         sys.exit(2)
 
 

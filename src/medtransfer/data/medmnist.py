@@ -103,6 +103,11 @@ class MedMNISTDataModule(ClassificationDataModule):
         self.file = self._locate_file()
 
     @property
+    def name(self) -> str:
+        """Short dataset name for run names: the MedMNIST flag."""
+        return self.hparams.flag
+
+    @property
     def task(self) -> str:
         """``binary`` or ``multiclass``, from the dataset's official description."""
         return self.info.task

@@ -13,7 +13,6 @@ the line (the header is line 1) and the column at fault.
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import math
@@ -29,6 +28,14 @@ import pandas as pd
 import torch
 from torchmetrics.functional.classification import binary_auroc, binary_calibration_error
 
+from medtransfer.data.tables import (
+    CHESTXRAY14_FINDINGS,  # re-exported (in __all__)
+    parse_binary_column,
+    parse_chestxray14_findings,
+    parse_class_labels,
+    read_csv_table,
+    require_columns,
+)
 from medtransfer.errors import DataError, MedtransferError
 from medtransfer.metrics import functional as _selective  # not imported by name: run_evaluate has `predictions`
 
@@ -45,30 +52,11 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-#: The 14 findings of ChestX-ray14 (Wang et al. 2017), in the order of the CheXNet papers.
-CHESTXRAY14_FINDINGS: tuple[str, ...] = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
-_NO_FINDING = "No Finding"
 _CHESTXRAY14_LABEL_COLUMN = "Finding Labels"
 #: Coverages at which the report gives selective accuracy (columns ``sel_acc_80`` ...).
 COVERAGES: tuple[float, ...] = (0.80, 0.90, 0.95)
 _ECE_BINS = 15
 _THRESHOLD = 0.5  # decision threshold of the accuracy columns; confidence is the margin |p - 0.5|
-_FIRST_DATA_LINE = 2  # the header is line 1
 _SHOW = 5  # how many offending ids/lines an error message lists
 
 LabelFormat = Literal["chestxray14", "columns", "single"]
@@ -76,42 +64,6 @@ Task = Literal["multilabel", "binary", "multiclass"]
 
 
 # --------------------------------------------------------------------------------------------------- reading
-def _read_csv(path: Path, what: str) -> pd.DataFrame:
-    """Every cell as a string, indexed by the 1-based line number of the row in the file; blank lines dropped."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{what} file {path} does not exist")
-    if not path.is_file():
-        raise DataError(f"{what} file {path} is not a file")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{what} file {path} is empty: expected a CSV file with a header row") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as err:
-        raise DataError(f"{what} file {path} cannot be read as CSV: {err}") from None
-    frame.columns = [str(name).strip() for name in frame.columns]
-    frame.index = pd.RangeIndex(_FIRST_DATA_LINE, _FIRST_DATA_LINE + len(frame), name="line")
-    frame = frame[(frame != "").any(axis=1)]
-    if frame.empty:
-        raise DataError(f"{what} file {path} has a header but no data rows")
-    return frame
-
-
-def _require_columns(frame: pd.DataFrame, columns: Sequence[str], path: Path) -> None:
-    missing = [name for name in columns if name not in frame.columns]
-    if missing:
-        hints = [_did_you_mean(name, frame.columns) for name in missing]
-        raise DataError(
-            f"{path} has no column {', '.join(map(repr, missing))}{''.join(hints)}; "
-            f"its columns are {list(frame.columns)}"
-        )
-
-
-def _did_you_mean(value: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(value, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _read_ids(frame: pd.DataFrame, id_column: str, path: Path) -> np.ndarray:
     """The stripped ids; an empty or duplicated id is a DataError naming its lines."""
     ids = frame[id_column].str.strip()
@@ -149,8 +101,8 @@ def read_predictions(
             the line and column).
     """
     path = Path(path)
-    frame = _read_csv(path, "predictions")
-    _require_columns(frame, [id_column], path)
+    frame = read_csv_table(path, "predictions")
+    require_columns(frame, [id_column], path)
     prob_columns = [name for name in frame.columns if name.startswith(prob_prefix) and name != id_column]
     if not prob_columns:
         raise DataError(
@@ -220,91 +172,25 @@ def read_labels(
     """
     path = Path(path)
     class_names = list(class_names)
-    frame = _read_csv(path, "labels")
-    _require_columns(frame, [id_column], path)
+    frame = read_csv_table(path, "labels")
+    require_columns(frame, [id_column], path)
     if label_format == "chestxray14":
         column = label_column or _CHESTXRAY14_LABEL_COLUMN
-        _require_columns(frame, [column], path)
-        targets = _parse_chestxray14(frame[column], class_names, path)
+        require_columns(frame, [column], path)
+        targets = parse_chestxray14_findings(frame[column], class_names, path)
     elif label_format == "columns":
-        _require_columns(frame, class_names, path)
-        targets = np.column_stack([_parse_binary_column(frame[name], path) for name in class_names])
+        require_columns(frame, class_names, path)
+        targets = np.column_stack([parse_binary_column(frame[name], path) for name in class_names])
     elif label_format == "single":
         column = label_column or "label"
-        _require_columns(frame, [column], path)
-        targets = _parse_single(frame[column], class_names, path)
+        require_columns(frame, [column], path)
+        targets = parse_class_labels(frame[column], class_names, path)
     else:
         raise ValueError(
             "Expected argument `label_format` to be one of 'chestxray14', 'columns', 'single', "
             f"but got {label_format!r}"
         )
     return _read_ids(frame, id_column, path), targets
-
-
-def _parse_chestxray14(column: pd.Series, class_names: list[str], path: Path) -> np.ndarray:
-    unknown_classes = [name for name in class_names if name not in CHESTXRAY14_FINDINGS]
-    if unknown_classes:
-        name = unknown_classes[0]
-        raise DataError(
-            f"class {name!r} (from the predictions) is not a ChestX-ray14 finding"
-            f"{_did_you_mean(name, CHESTXRAY14_FINDINGS)}, "
-            f"so {path} cannot label it; the findings are {list(CHESTXRAY14_FINDINGS)} "
-            "(use label_format='columns' for other label sets)"
-        )
-    findings = column.str.split("|").explode().str.strip()
-    known = {*CHESTXRAY14_FINDINGS, _NO_FINDING}
-    unknown = findings[~findings.isin(known)]
-    if len(unknown):
-        line, value = unknown.index[0], unknown.iloc[0]
-        problem = "empty finding (write 'No Finding' for none)" if value == "" else f"unknown finding {value!r}"
-        raise DataError(
-            f"{path} line {line}, column {column.name!r}: {problem}{_did_you_mean(value, sorted(known))} "
-            f"in {column[line]!r}; the findings are {list(CHESTXRAY14_FINDINGS)} or {_NO_FINDING!r}"
-        )
-    is_none = (findings == _NO_FINDING).groupby(level=0, sort=False)
-    contradicting = is_none.any() & (is_none.size() > 1)
-    if contradicting.any():
-        line = contradicting.index[contradicting.to_numpy()][0]
-        raise DataError(f"{path} line {line}, column {column.name!r}: {column[line]!r} lists findings and 'No Finding'")
-    targets = np.zeros((len(column), len(class_names)), dtype=np.int64)
-    wanted = findings[findings.isin(class_names)]
-    rows = column.index.get_indexer(wanted.index)
-    targets[rows, [class_names.index(name) for name in wanted]] = 1
-    return targets
-
-
-def _parse_binary_column(column: pd.Series, path: Path) -> np.ndarray:
-    text = column.str.strip()
-    values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isin(values, (0.0, 1.0))
-    if bad.any():
-        position = int(np.flatnonzero(bad)[0])
-        raise DataError(
-            f"{path} line {column.index[position]}, column {column.name!r}: expected a label 0 or 1, "
-            f"but got {text.iloc[position]!r}"
-        )
-    return values.astype(np.int64)
-
-
-def _parse_single(column: pd.Series, class_names: list[str], path: Path) -> np.ndarray:
-    text = column.str.strip()
-    if len(class_names) == 1:  # binary with one probability column: 1 (or the class's name) is positive
-        mapping = {"0": 0, "1": 1, class_names[0]: 1}
-        expected = f"0, 1 or {class_names[0]!r}"
-    else:
-        mapping = {str(index): index for index in range(len(class_names))}
-        mapping.update({name: index for index, name in enumerate(class_names)})
-        expected = f"a class name {class_names} or an index 0..{len(class_names) - 1}"
-    targets = text.map(mapping)
-    unknown = targets.isna().to_numpy()
-    if unknown.any():
-        position = int(np.flatnonzero(unknown)[0])
-        value = text.iloc[position]
-        raise DataError(
-            f"{path} line {column.index[position]}, column {column.name!r}: unknown label {value!r}"
-            f"{_did_you_mean(value, class_names)}; expected {expected}"
-        )
-    return targets.to_numpy(dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------------------- joining

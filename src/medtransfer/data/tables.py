@@ -1,0 +1,162 @@
+"""Reading label tables: CSV cells with line numbers for errors, ChestX-ray14 findings, class-name and 0/1 labels.
+
+Shared by :mod:`medtransfer.evaluate` (label and prediction files) and :mod:`medtransfer.data.sources`
+(manifests). Every problem with a table is a :class:`~medtransfer.errors.DataError` whose message names the file,
+the line (the header is line 1) and the column at fault.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medtransfer.errors import DataError
+
+__all__ = [
+    "CHESTXRAY14_FINDINGS",
+    "did_you_mean",
+    "parse_binary_column",
+    "parse_chestxray14_findings",
+    "parse_class_labels",
+    "read_csv_table",
+    "require_columns",
+]
+
+#: The 14 findings of ChestX-ray14 (Wang et al. 2017), in the order of the CheXNet papers.
+CHESTXRAY14_FINDINGS: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+_NO_FINDING = "No Finding"
+_FIRST_DATA_LINE = 2  # the header is line 1
+
+
+def read_csv_table(path: Path, what: str) -> pd.DataFrame:
+    """Every cell as a string, indexed by the 1-based line number of the row in the file; blank lines dropped."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{what} file {path} does not exist")
+    if not path.is_file():
+        raise DataError(f"{what} file {path} is not a file")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{what} file {path} is empty: expected a CSV file with a header row") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as err:
+        raise DataError(f"{what} file {path} cannot be read as CSV: {err}") from None
+    frame.columns = [str(name).strip() for name in frame.columns]
+    frame.index = pd.RangeIndex(_FIRST_DATA_LINE, _FIRST_DATA_LINE + len(frame), name="line")
+    frame = frame[(frame != "").any(axis=1)]
+    if frame.empty:
+        raise DataError(f"{what} file {path} has a header but no data rows")
+    return frame
+
+
+def require_columns(frame: pd.DataFrame, columns: Sequence[str], path: Path) -> None:
+    """Raise a DataError naming every column of ``columns`` that ``frame`` (read from ``path``) lacks."""
+    missing = [name for name in columns if name not in frame.columns]
+    if missing:
+        hints = [did_you_mean(name, frame.columns) for name in missing]
+        raise DataError(
+            f"{path} has no column {', '.join(map(repr, missing))}{''.join(hints)}; "
+            f"its columns are {list(frame.columns)}"
+        )
+
+
+def did_you_mean(value: str, choices: Sequence[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``choices`` to ``value``, or ``""`` when none is close."""
+    close = difflib.get_close_matches(value, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_chestxray14_findings(column: pd.Series, class_names: list[str], path: Path) -> np.ndarray:
+    """0/1 int64 targets of shape (N, C) for ``class_names`` from a ``Finding Labels`` column (``|``-joined).
+
+    Every class name must be a ChestX-ray14 finding; an unknown or empty finding, or one listed with
+    ``"No Finding"``, is a DataError naming the line and column.
+    """
+    unknown_classes = [name for name in class_names if name not in CHESTXRAY14_FINDINGS]
+    if unknown_classes:
+        name = unknown_classes[0]
+        raise DataError(
+            f"class {name!r} (from the predictions) is not a ChestX-ray14 finding"
+            f"{did_you_mean(name, CHESTXRAY14_FINDINGS)}, "
+            f"so {path} cannot label it; the findings are {list(CHESTXRAY14_FINDINGS)} "
+            "(use label_format='columns' for other label sets)"
+        )
+    findings = column.str.split("|").explode().str.strip()
+    known = {*CHESTXRAY14_FINDINGS, _NO_FINDING}
+    unknown = findings[~findings.isin(known)]
+    if len(unknown):
+        line, value = unknown.index[0], unknown.iloc[0]
+        problem = "empty finding (write 'No Finding' for none)" if value == "" else f"unknown finding {value!r}"
+        raise DataError(
+            f"{path} line {line}, column {column.name!r}: {problem}{did_you_mean(value, sorted(known))} "
+            f"in {column[line]!r}; the findings are {list(CHESTXRAY14_FINDINGS)} or {_NO_FINDING!r}"
+        )
+    is_none = (findings == _NO_FINDING).groupby(level=0, sort=False)
+    contradicting = is_none.any() & (is_none.size() > 1)
+    if contradicting.any():
+        line = contradicting.index[contradicting.to_numpy()][0]
+        raise DataError(f"{path} line {line}, column {column.name!r}: {column[line]!r} lists findings and 'No Finding'")
+    targets = np.zeros((len(column), len(class_names)), dtype=np.int64)
+    wanted = findings[findings.isin(class_names)]
+    rows = column.index.get_indexer(wanted.index)
+    targets[rows, [class_names.index(name) for name in wanted]] = 1
+    return targets
+
+
+def parse_binary_column(column: pd.Series, path: Path) -> np.ndarray:
+    """A column of 0/1 labels as int64 of shape (N,); any other value is a DataError naming its line."""
+    text = column.str.strip()
+    values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isin(values, (0.0, 1.0))
+    if bad.any():
+        position = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{path} line {column.index[position]}, column {column.name!r}: expected a label 0 or 1, "
+            f"but got {text.iloc[position]!r}"
+        )
+    return values.astype(np.int64)
+
+
+def parse_class_labels(column: pd.Series, class_names: list[str], path: Path) -> np.ndarray:
+    """Class indices (int64, shape (N,)) from a column of class names or 0-based indices.
+
+    With a single class name the column is binary: ``0``, ``1`` or that name (meaning 1). An unknown label is a
+    DataError naming its line and column.
+    """
+    text = column.str.strip()
+    if len(class_names) == 1:  # binary with one probability column: 1 (or the class's name) is positive
+        mapping = {"0": 0, "1": 1, class_names[0]: 1}
+        expected = f"0, 1 or {class_names[0]!r}"
+    else:
+        mapping = {str(index): index for index in range(len(class_names))}
+        mapping.update({name: index for index, name in enumerate(class_names)})
+        expected = f"a class name {class_names} or an index 0..{len(class_names) - 1}"
+    targets = text.map(mapping)
+    unknown = targets.isna().to_numpy()
+    if unknown.any():
+        position = int(np.flatnonzero(unknown)[0])
+        value = text.iloc[position]
+        raise DataError(
+            f"{path} line {column.index[position]}, column {column.name!r}: unknown label {value!r}"
+            f"{did_you_mean(value, class_names)}; expected {expected}"
+        )
+    return targets.to_numpy(dtype=np.int64)

@@ -38,3 +38,11 @@ def chexnet_dir() -> Path:
     for name in ("preds.csv", "aucs.csv", "Data_Entry_2017_v2020.csv.gz"):
         require_file(folder / name)
     return folder
+
+
+@pytest.fixture(scope="session")
+def chestxray14_sample_dir() -> Path:
+    """The real 500-image ChestX-ray14 sample: ``Data_Entry_2017_v2020.csv`` and ``images/*.png``."""
+    folder = shared_data_dir() / "chestxray14_sample"
+    require_file(folder / "Data_Entry_2017_v2020.csv")
+    return folder

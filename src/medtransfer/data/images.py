@@ -1,0 +1,225 @@
+"""Image files on disk as a LightningDataModule: ChestX-ray14, a CSV of paths, a folder per class, MURA.
+
+The source is chosen in YAML by ``class_path`` (one small class per layout, whose typed arguments are the
+options of that layout); it builds a :class:`~medtransfer.data.sources.Manifest`, and every image is read by
+:func:`~medtransfer.data.readers.read_image`, cropped to its box when the manifest has one, then
+transformed like the other data modules.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from medtransfer.data.base import SPLITS, ClassificationDataModule, SeededTransformDataset
+from medtransfer.data.readers import read_image
+from medtransfer.data.sources import (
+    Manifest,
+    chestxray14_manifest,
+    csv_manifest,
+    folder_manifest,
+    mura_manifest,
+)
+from medtransfer.errors import DataError
+
+__all__ = [
+    "ChestXray14Source",
+    "CsvSource",
+    "FolderSource",
+    "ImageDataModule",
+    "ManifestDataset",
+    "ManifestSource",
+    "MuraSource",
+]
+
+_logger = logging.getLogger(__name__)
+
+
+def _arguments(frame_locals: dict[str, Any]) -> dict[str, Any]:
+    """A source's constructor arguments, to pass on unchanged to its manifest builder."""
+    return {name: value for name, value in frame_locals.items() if name not in ("self", "__class__")}
+
+
+class ManifestSource:
+    """A dataset layout on disk; ``build()`` lists its images, targets and splits."""
+
+    def build(self) -> Manifest:
+        raise NotImplementedError
+
+
+class ChestXray14Source(ManifestSource):
+    """NIH ChestX-ray14: ``Data_Entry_2017*.csv`` (14 findings joined by ``|``) and its PNG folder.
+
+    Args:
+        labels_csv: the official label file (2017 or the 2020 revision).
+        image_root: folder holding the PNG files.
+        train_val_list: official ``train_val_list.txt``; with ``test_list`` it fixes the test split.
+        test_list: official ``test_list.txt``.
+        val_fraction: share of train/val patients held out for validation (patient-level split).
+        test_fraction: share of patients for test when no official lists are given.
+        seed: seed of the patient split.
+        missing: a listed image absent on disk is an ``error`` or is ``skip``-ped with a logged count.
+    """
+
+    def __init__(
+        self,
+        labels_csv: str,
+        image_root: str,
+        train_val_list: str | None = None,
+        test_list: str | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        missing: Literal["error", "skip"] = "error",
+    ) -> None:
+        self.kwargs = _arguments(locals())
+
+    def build(self) -> Manifest:
+        return chestxray14_manifest(**self.kwargs)
+
+
+class CsvSource(ManifestSource):
+    """A CSV with a path column and one label column (class names or indices) or one 0/1 column per label.
+
+    Args:
+        csv_path: the table.
+        image_root: folder that relative paths start from (default: the CSV's folder).
+        path_column: column of image paths.
+        label_columns: one column (binary/multi-class) or several 0/1 columns (multi-label).
+        split_column: optional column of ``train``/``val``/``test``; otherwise a split is made here.
+        patient_column: optional patient/study id, so a made split keeps each patient in one split.
+        box_columns: optional ``x_min, y_min, x_max, y_max`` columns: each image is cropped to its box.
+        task: ``binary``/``multiclass``/``multilabel``; ``None`` infers it from the columns.
+        class_names: the classes, in index order; ``None`` takes them from the data.
+        val_fraction: share for validation when the split is made here.
+        test_fraction: share for test when the split is made here.
+        seed: seed of the split.
+        missing: an image absent on disk is an ``error`` or is ``skip``-ped with a logged count.
+    """
+
+    def __init__(
+        self,
+        csv_path: str,
+        image_root: str | None = None,
+        path_column: str = "path",
+        label_columns: Sequence[str] = ("label",),
+        split_column: str | None = None,
+        patient_column: str | None = None,
+        box_columns: Sequence[str] | None = None,
+        task: Literal["binary", "multiclass", "multilabel"] | None = None,
+        class_names: Sequence[str] | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        missing: Literal["error", "skip"] = "error",
+    ) -> None:
+        self.kwargs = _arguments(locals())
+
+    def build(self) -> Manifest:
+        return csv_manifest(**self.kwargs)
+
+
+class FolderSource(ManifestSource):
+    """``root/<class>/**/<image>``, or ``root/{train,val,test}/<class>/...`` with the splits given.
+
+    Args:
+        root: the top folder.
+        val_fraction: share for validation when no split folders exist.
+        test_fraction: share for test when no split folders exist.
+        seed: seed of the split.
+    """
+
+    def __init__(self, root: str, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> None:
+        self.kwargs = _arguments(locals())
+
+    def build(self) -> Manifest:
+        return folder_manifest(**self.kwargs)
+
+
+class MuraSource(ManifestSource):
+    """MURA-style ``.../patientXXXXX/studyN_positive/imageK.png``: the study folder names the label.
+
+    Args:
+        root: the top folder.
+        val_fraction: share of patients for validation.
+        test_fraction: share of patients for test.
+        seed: seed of the patient split.
+    """
+
+    def __init__(self, root: str, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> None:
+        self.kwargs = _arguments(locals())
+
+    def build(self) -> Manifest:
+        return mura_manifest(**self.kwargs)
+
+
+class ManifestDataset(SeededTransformDataset):
+    """Reads, crops and transforms the images of one split of a manifest."""
+
+    def __init__(self, manifest: Manifest, transform: Callable) -> None:
+        self.manifest, self.transform = manifest, transform
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        image = read_image(self.manifest.paths[index])
+        boxes = self.manifest.boxes
+        if boxes is not None and not np.isnan(boxes[index]).any():
+            x0, y0, x1, y1 = (round(float(v)) for v in boxes[index])
+            image = image[max(y0, 0) : y1, max(x0, 0) : x1]
+            if image.size == 0:
+                raise DataError(f"{self.manifest.paths[index]}: box {boxes[index].tolist()} lies outside the image")
+        target = self.manifest.targets[index]
+        target = torch.from_numpy(target.copy()) if target.ndim else int(target)
+        return self.transform(image=image)["image"], target
+
+
+class ImageDataModule(ClassificationDataModule):
+    """Images on disk, from any :class:`ManifestSource`, with the shared pipelines and loaders.
+
+    Args:
+        source: the layout: ``ChestXray14Source``, ``CsvSource``, ``FolderSource`` or ``MuraSource``.
+        **kwargs: size, normalisation, augmentation and loader options of ``ClassificationDataModule``.
+    """
+
+    def __init__(self, source: ManifestSource, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.source = source
+        self.manifest = source.build()  # reads the table now: task and classes are known before the model
+
+    @property
+    def name(self) -> str:
+        """Short dataset name for run names: ``chestxray14``, ``csv``, ``folder`` or ``mura``."""
+        return type(self.source).__name__.removesuffix("Source").lower()
+
+    @property
+    def task(self) -> str:
+        return self.manifest.task
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest.num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest.class_names)
+
+    @property
+    def positive_fraction(self) -> torch.Tensor:
+        """Share of positive training cases (per label), for class-weighted losses."""
+        targets = torch.as_tensor(self.manifest.subset("train").targets, dtype=torch.float32)
+        return targets.mean(0)
+
+    def build_datasets(self, train_transform, eval_transform) -> dict[str, ManifestDataset]:
+        return {
+            split: ManifestDataset(self.manifest.subset(split), train_transform if split == "train" else eval_transform)
+            for split in SPLITS
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.manifest!r}, source={type(self.source).__name__})"

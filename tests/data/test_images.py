@@ -1,0 +1,145 @@
+"""ImageDataModule: files on disk from each source layout, read, cropped and batched; trained through the CLI."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medtransfer.cli import main
+from medtransfer.data.images import ChestXray14Source, CsvSource, FolderSource, ImageDataModule
+from medtransfer.errors import DataError
+
+REPO = Path(__file__).resolve().parents[2]
+HALF = {"image_size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3, "batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def pneumonia_pngs(tmp_path_factory, pneumonia_npz) -> tuple[Path, list[dict]]:
+    """60 real PneumoniaMNIST test images written as PNG, with their rows for a CSV."""
+    root = tmp_path_factory.mktemp("pngs")
+    with np.load(pneumonia_npz) as data:
+        images, labels = data["test_images"][:60], data["test_labels"][:60, 0]
+    rows = []
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        name = f"img{i:03d}.png"
+        Image.fromarray(image).save(root / name)
+        rows.append({"path": name, "label": ["normal", "pneumonia"][label], "patient": f"p{i // 2}"})
+    return root, rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_csv_source_reads_real_pixels_in_the_manifest_order(pneumonia_pngs, pneumonia_npz):
+    root, rows = pneumonia_pngs
+    source = CsvSource(str(_write_csv(root / "labels.csv", rows)), patient_column="patient")
+    dm = ImageDataModule(source, **HALF, rotate_degrees=0, translate=0, scale=0)
+    assert (dm.task, dm.class_names, dm.name) == ("binary", ["normal", "pneumonia"], "csv")
+    dm.setup("fit")
+    image, target = dm.datasets["test"][0]
+    path = dm.datasets["test"].manifest.paths[0]
+    raw = np.asarray(Image.open(path), dtype=np.float32) / 255
+    assert image.shape == (3, 32, 32) and target == dm.datasets["test"].manifest.targets[0]
+    assert image[0].mean().item() == pytest.approx((raw.mean() - 0.5) / 0.5, abs=0.02)
+    batch, targets = next(iter(dm.train_dataloader()))
+    assert batch.shape == (8, 3, 32, 32) and targets.dtype == torch.int64
+
+
+def test_boxes_crop_before_resizing(pneumonia_pngs):
+    root, rows = pneumonia_pngs
+    boxed = [{**row, "x_min": 0, "y_min": 0, "x_max": 14, "y_max": 28} for row in rows]  # left half only
+    source = CsvSource(str(_write_csv(root / "boxed.csv", boxed)), box_columns=("x_min", "y_min", "x_max", "y_max"))
+    dm = ImageDataModule(source, **HALF, rotate_degrees=0, translate=0, scale=0)
+    dm.setup("fit")
+    image, _ = dm.datasets["val"][0]
+    raw = np.asarray(Image.open(dm.datasets["val"].manifest.paths[0]), dtype=np.float32)[:, :14] / 255
+    assert image[0].mean().item() == pytest.approx((raw.mean() - 0.5) / 0.5, abs=0.02)
+
+
+def test_folder_source_gives_classes_from_folder_names(tmp_path, pneumonia_pngs):
+    root, rows = pneumonia_pngs
+    for row in rows:
+        (tmp_path / row["label"]).mkdir(exist_ok=True)
+        (tmp_path / row["label"] / row["path"]).write_bytes((root / row["path"]).read_bytes())
+    dm = ImageDataModule(FolderSource(str(tmp_path)), **HALF)
+    assert dm.class_names == ["normal", "pneumonia"] and len(dm.manifest) == 60
+
+
+def test_chestxray14_sample_is_multilabel_with_real_rgba_files(chestxray14_sample_dir):
+    source = ChestXray14Source(
+        str(chestxray14_sample_dir / "Data_Entry_2017_v2020.csv"), str(chestxray14_sample_dir / "images")
+    )
+    dm = ImageDataModule(source, **HALF)
+    assert dm.task == "multilabel" and dm.num_classes == 14
+    dm.setup("fit")
+    rgba = [(split, i) for split, ds in dm.datasets.items() for i, p in enumerate(ds.manifest.paths)
+            if p.name == "00000100_000.png"]  # fmt: skip
+    (split, index), *_ = rgba  # one of the release's RGBA files
+    image, target = dm.datasets[split][index]
+    assert image.shape == (3, 32, 32) and target.shape == (14,) and target.dtype == torch.float32
+    fraction = dm.positive_fraction
+    assert fraction.shape == (14,) and 0 < float(fraction.min()) and float(fraction.max()) < 0.5
+
+
+def test_missing_image_is_named_when_read(pneumonia_pngs, tmp_path):
+    root, rows = pneumonia_pngs
+    csv_path = _write_csv(tmp_path / "labels.csv", [{**row, "path": str(root / row["path"])} for row in rows])
+    dm = ImageDataModule(CsvSource(str(csv_path)), **HALF)
+    dm.setup("fit")
+    victim = dm.datasets["train"].manifest.paths[0]
+    copy = tmp_path / "keep.png"
+    copy.write_bytes(victim.read_bytes())
+    victim.write_bytes(b"not an image")
+    try:
+        with pytest.raises(DataError, match=victim.name):
+            dm.datasets["train"][0]
+    finally:
+        victim.write_bytes(copy.read_bytes())
+
+
+def test_cli_fits_the_14_finding_task_on_the_chestxray14_sample(tmp_path, monkeypatch, chestxray14_sample_dir):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("sys.argv", ["medtransfer"])
+    main([
+        "fit", f"--config={REPO / 'configs' / 'chestxray14_sample_lite0.yaml'}",
+        f"--data.init_args.source.init_args.labels_csv={chestxray14_sample_dir / 'Data_Entry_2017_v2020.csv'}",
+        f"--data.init_args.source.init_args.image_root={chestxray14_sample_dir / 'images'}",
+        "--trainer.max_epochs=1", "--finetuning.unfreeze_at_epoch=0", "--data.init_args.image_size=32",
+        "--trainer.limit_train_batches=3", "--trainer.enable_progress_bar=false",
+    ])  # fmt: skip
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    run = mlflow.search_runs(experiment_names=["medtransfer"]).iloc[0]
+    assert run["tags.mlflow.runName"].startswith("tf_efficientnet_lite0-chestxray14-")
+    assert "metrics.test/auroc/Pneumonia" in run and "metrics.test/auroc/Hernia" in run
+    assert 0.0 <= run["metrics.test/auroc"] <= 1.0
+
+
+def test_cli_fits_a_binary_csv_dataset(tmp_path, monkeypatch, pneumonia_pngs):
+    root, rows = pneumonia_pngs
+    csv_path = _write_csv(root / "cli.csv", rows)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("sys.argv", ["medtransfer"])
+    main([
+        "fit", f"--config={REPO / 'configs' / 'pneumonia_effnet_lite0.yaml'}",
+        "--data=medtransfer.data.images.ImageDataModule",
+        "--data.source=medtransfer.data.images.CsvSource", f"--data.source.csv_path={csv_path}",
+        "--data.image_size=32", "--trainer.max_epochs=1", "--finetuning.unfreeze_at_epoch=0",
+        "--trainer.enable_progress_bar=false",
+    ])  # fmt: skip
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    run = mlflow.search_runs(experiment_names=["medtransfer"]).iloc[0]
+    assert run["params.data.source.csv_path"] == str(csv_path)
+    assert "metrics.test/auroc" in run

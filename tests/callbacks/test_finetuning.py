@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -166,3 +167,13 @@ def test_module_without_backbone_is_rejected(tmp_path):
 def test_invalid_arguments_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=f"Expected argument `{match}`"):
         FreezeThenFinetune(**kwargs)
+
+
+def test_reduce_on_plateau_scheduler_survives_the_added_backbone_group(tmp_path):
+    seed_everything(0)
+    scheduler = functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, factor=0.1, patience=0)
+    model = ClassifierModule(backbone=BACKBONE, pretrained="none", scheduler=scheduler, scheduler_monitor="val/loss")
+    callback = FreezeThenFinetune(unfreeze_at_epoch=1, finetune_lr=1e-5)
+    model, probe, trainer = _fit(callback, 3, tmp_path, model=model)
+    assert [name for name, *_ in probe.epochs[2]["groups"]] == ["head", "backbone"]
+    assert len(trainer.lr_scheduler_configs[0].scheduler.get_last_lr()) == 2  # stepped over both groups

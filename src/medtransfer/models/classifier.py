@@ -7,7 +7,7 @@ from typing import Any, Literal
 import timm
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import CatMetric, MetricCollection
 from torchmetrics.classification import AUROC, Accuracy, Recall, Specificity
@@ -48,6 +48,9 @@ class ClassifierModule(LightningModule):
         in_chans: input channels the backbone expects (3: grayscale replicated; 1: adapted first conv).
         drop_rate: dropout before the new head.
         optimizer: optimizer factory; its learning rate is the head's (phase 1) learning rate.
+        scheduler: optional learning-rate scheduler factory, e.g. ``ReduceLROnPlateau`` (CheXNet: factor 0.1);
+            it covers the backbone group added at the unfreeze too.
+        scheduler_monitor: the metric a ``ReduceLROnPlateau`` scheduler watches.
         threshold_policy: how the binary decision threshold is chosen on the validation set after every
             validation epoch (``youden``, ``target_sensitivity``, ``target_specificity``, ``f1``, ``fixed``
             = 0.5). It is stored in the checkpoint and applied, never re-fitted, by ``test`` and ``predict``.
@@ -72,6 +75,8 @@ class ClassifierModule(LightningModule):
         in_chans: int = 3,
         drop_rate: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.Adam,
+        scheduler: LRSchedulerCallable | None = None,
+        scheduler_monitor: str = "val/loss",
         threshold_policy: ThresholdPolicy = "youden",
         threshold_target: float = 0.9,
         temperature_scaling: bool = False,
@@ -91,8 +96,8 @@ class ClassifierModule(LightningModule):
             raise ValueError(f"Expected argument `target_coverage` to be in (0, 1], but got {target_coverage}")
         if target_risk is not None and not 0.0 <= target_risk <= 1.0:
             raise ValueError(f"Expected argument `target_risk` to be in [0, 1], but got {target_risk}")
-        self.save_hyperparameters(ignore=["optimizer"], logger=False)  # the CLI logs the whole config
-        self.optimizer_factory = optimizer
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)  # the CLI logs the config
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.backbone = create_backbone(backbone, pretrained=pretrained, in_chans=in_chans)
         out_features = 1 if task == "binary" else num_classes
         self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(self.backbone.num_features, out_features))
@@ -302,7 +307,7 @@ class ClassifierModule(LightningModule):
         probs = self.predict_proba(self(x))
         return {"probs": probs, "decision": self.decide(probs), "abstain": self.abstains(probs)}
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         """One optimizer over the parameters trainable now, in named groups (``head``, ``backbone``).
 
         While the finetuning callback keeps the backbone frozen, only the head group exists; the callback
@@ -313,4 +318,11 @@ class ClassifierModule(LightningModule):
             params = [p for p in module.parameters() if p.requires_grad]
             if params:
                 groups.append({"name": name, "params": params})
-        return self.optimizer_factory(groups)
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": self.hparams.scheduler_monitor, "interval": "epoch"},
+        }

@@ -143,3 +143,55 @@ def test_cli_fits_a_binary_csv_dataset(tmp_path, monkeypatch, pneumonia_pngs):
     run = mlflow.search_runs(experiment_names=["medtransfer"]).iloc[0]
     assert run["params.data.source.csv_path"] == str(csv_path)
     assert "metrics.test/auroc" in run
+
+
+def _write_dicom(path: Path, pixels: np.ndarray) -> None:
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (pixels.astype(np.uint16) * 16).tobytes()
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+
+
+def test_cli_fits_a_multiclass_csv_of_png_jpeg_16bit_and_dicom_files(tmp_path, monkeypatch, pneumonia_npz):
+    """Three classes (normal / pneumonia, bright / pneumonia, dark) over every supported file format."""
+    with np.load(pneumonia_npz) as data:
+        images, labels = data["train_images"][:72], data["train_labels"][:72, 0]
+    rows = []
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        cls = 0 if label == 0 else (1 if image.mean() >= 128 else 2)
+        kind = ("png", "jpg", "png16", "dcm")[i % 4]
+        name = f"case{i:03d}.{'png' if kind == 'png16' else kind}"
+        if kind == "dcm":
+            _write_dicom(tmp_path / name, image)
+        elif kind == "png16":
+            Image.fromarray(image.astype(np.uint16) * 257).save(tmp_path / name)
+        else:
+            Image.fromarray(image).save(tmp_path / name)
+        rows.append({"path": name, "label": cls, "split": ("train", "train", "val", "test")[i % 4]})
+    csv_path = _write_csv(tmp_path / "cases.csv", rows)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("sys.argv", ["medtransfer"])
+    main([
+        "fit", f"--config={REPO / 'configs' / 'pneumonia_effnet_lite0.yaml'}",
+        "--data=medtransfer.data.images.ImageDataModule", "--data.source=medtransfer.data.images.CsvSource",
+        f"--data.source.csv_path={csv_path}", "--data.source.split_column=split",
+        "--data.source.task=multiclass", "--data.image_size=32", "--trainer.max_epochs=1",
+        "--finetuning.unfreeze_at_epoch=0", "--trainer.enable_progress_bar=false",
+    ])  # fmt: skip
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    run = mlflow.search_runs(experiment_names=["medtransfer"]).iloc[0]
+    assert run["metrics.test/acc"] >= 0.0 and "metrics.test/aurc" in run
+    checkpoint = next(tmp_path.glob("mlruns/*/*/checkpoints/*.ckpt"))
+    hparams = torch.load(checkpoint, weights_only=True)["hyper_parameters"]
+    assert (hparams["task"], hparams["num_classes"]) == ("multiclass", 3)

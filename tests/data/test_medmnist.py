@@ -106,9 +106,25 @@ def test_not_an_npz_file_is_reported(tmp_path):
         _datamodule(path).setup("fit")
 
 
-def test_multilabel_dataset_is_refused_for_now():
-    with pytest.raises(DataError, match="multi-label"):
-        MedMNISTDataModule(flag="chestmnist", download=False)
+def test_multilabel_file_gives_a_zero_one_vector_per_image(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split in ("train", "val", "test"):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (6, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 2, (6, 14))
+    np.savez(tmp_path / "chestmnist.npz", **arrays)
+    dm = _datamodule(tmp_path / "chestmnist.npz", flag="chestmnist")
+    dm.setup("fit")
+    _, target = dm.datasets["val"][2]
+    assert dm.task == "multilabel" and target.shape == (14,) and target.dtype == torch.float32
+    assert torch.equal(target, torch.as_tensor(arrays["val_labels"][2], dtype=torch.float32))
+    torch.testing.assert_close(
+        dm.positive_fraction, torch.as_tensor(arrays["train_labels"].mean(0), dtype=torch.float32)
+    )
+    arrays["test_labels"][0, 3] = 2
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError, match=r"test_labels row 0 column 3 is not 0 or 1"):
+        _datamodule(tmp_path / "bad.npz", flag="chestmnist").setup("fit")
 
 
 def test_augmentation_is_reproducible_under_a_global_seed(pneumonia_npz):

@@ -29,7 +29,7 @@ def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or "~/.cache/medtransfer/data").expanduser()
 
 
-def load_npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+def load_npz_split(path: Path, split: str, multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Images ``(N, H, W)`` uint8 and integer labels ``(N,)`` of one split, with errors naming the file."""
     try:
         archive = np.load(path, allow_pickle=False)
@@ -51,8 +51,13 @@ def load_npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
             f"{path}: {keys[0]} must be grayscale uint8 of shape (N, H, W), got {images.dtype} {images.shape}"
         )
     labels = labels.reshape(len(labels), -1)
+    if multilabel:
+        bad = np.argwhere((labels != 0) & (labels != 1))
+        if bad.size:
+            raise DataError(f"{path}: {keys[1]} row {bad[0][0]} column {bad[0][1]} is not 0 or 1")
+        return images, labels.astype(np.float32)
     if labels.shape[1] != 1:
-        raise DataError(f"{path}: {keys[1]} has {labels.shape[1]} columns; multi-label data is not supported yet")
+        raise DataError(f"{path}: {keys[1]} has {labels.shape[1]} columns; expected one class index per image")
     if len(labels) != len(images):
         raise DataError(f"{path}: {len(images)} images but {len(labels)} labels in split {split!r}")
     return images, labels[:, 0].astype(np.int64)
@@ -67,8 +72,10 @@ class ArrayDataset(SeededTransformDataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(image=self.images[index])["image"], int(self.labels[index])
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+        label = self.labels[index]
+        target = torch.from_numpy(label.copy()) if label.ndim else int(label)  # multi-label: a 0/1 vector
+        return self.transform(image=self.images[index])["image"], target
 
 
 class MedMNISTDataModule(ClassificationDataModule):
@@ -98,8 +105,6 @@ class MedMNISTDataModule(ClassificationDataModule):
     ) -> None:
         super().__init__(**kwargs)
         self.info = get_medmnist_info(flag)
-        if self.info.task == "multilabel":
-            raise DataError(f"MedMNIST {flag!r} is multi-label, which medtransfer does not train yet")
         self.file = self._locate_file()
 
     @property
@@ -141,12 +146,19 @@ class MedMNISTDataModule(ClassificationDataModule):
             _logger.info("Downloading %s to %s", self.info.filename(self.hparams.size), self.file.parent)
             fetch_medmnist(self.hparams.flag, self.hparams.size, self.file.parent)
 
+    @property
+    def positive_fraction(self) -> torch.Tensor:
+        """Share of positive training cases (per label), for class-weighted losses; after ``setup``."""
+        return torch.as_tensor(self.datasets["train"].labels, dtype=torch.float32).mean(0)
+
     def build_datasets(self, train_transform, eval_transform) -> dict[str, ArrayDataset]:
         datasets = {}
         for split in SPLITS:
-            images, labels = load_npz_split(self.file, split)
-            bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
-            if bad.size:
+            images, labels = load_npz_split(self.file, split, multilabel=self.task == "multilabel")
+            if labels.ndim == 2 and labels.shape[1] != self.num_classes:
+                raise DataError(f"{self.file}: {split}_labels has {labels.shape[1]} columns, not {self.num_classes}")
+            bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes)) if labels.ndim == 1 else []
+            if len(bad):
                 raise DataError(
                     f"{self.file}: {split}_labels row {bad[0]} has label {labels[bad[0]]}, "
                     f"outside 0..{self.num_classes - 1}"

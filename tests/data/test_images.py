@@ -123,6 +123,7 @@ def test_cli_fits_the_14_finding_task_on_the_chestxray14_sample(tmp_path, monkey
     run = mlflow.search_runs(experiment_names=["medtransfer"]).iloc[0]
     assert run["tags.mlflow.runName"].startswith("tf_efficientnet_lite0-chestxray14-")
     assert "metrics.test/auroc/Pneumonia" in run and "metrics.test/auroc/Hernia" in run
+    assert run["params.data.train_transforms.1"] == "albumentations.CLAHE"  # the YAML pipeline was used
     assert 0.0 <= run["metrics.test/auroc"] <= 1.0
 
 

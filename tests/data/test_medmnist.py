@@ -149,3 +149,17 @@ def test_loader_workers_draw_different_augmentations(pneumonia_npz):
     )
     first, second = (batch[0] for batch in loader)
     assert not torch.equal(first, second)
+
+
+def test_yaml_transforms_replace_the_built_in_augmentation_and_stay_out_of_the_checkpoint(pneumonia_npz, tmp_path):
+    import albumentations as A
+
+    flip = _datamodule(pneumonia_npz, train_transforms=[A.HorizontalFlip(p=1.0)], eval_transforms=[A.CLAHE(p=1.0)])
+    flip.setup("fit")
+    plain = _datamodule(pneumonia_npz, rotate_degrees=0, translate=0, scale=0)
+    plain.setup("fit")
+    torch.testing.assert_close(flip.datasets["train"][0][0], plain.datasets["train"][0][0].flip(-1))
+    assert not torch.equal(flip.datasets["val"][0][0], plain.datasets["val"][0][0])  # CLAHE applied
+    assert "train_transforms" not in flip.hparams
+    torch.save(dict(flip.hparams), tmp_path / "hparams.pt")
+    assert torch.load(tmp_path / "hparams.pt", weights_only=True)["image_size"] == 64

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import albumentations as A
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
@@ -57,6 +58,9 @@ class ClassificationDataModule(LightningDataModule):
         scale: training augmentation: maximum zoom in/out as a fraction.
         brightness_contrast: training augmentation: brightness/contrast jitter (0 = off).
         horizontal_flip: training augmentation: random left-right flips (off for chest X-rays).
+        train_transforms: albumentations transforms (``class_path``/``init_args`` in YAML) run on the resized
+            uint8 image in training; when given they replace the built-in augmentation options above.
+        eval_transforms: deterministic transforms for validation/test/predict (e.g. ``CLAHE`` with ``p: 1``).
     """
 
     def __init__(
@@ -73,9 +77,13 @@ class ClassificationDataModule(LightningDataModule):
         scale: float = 0.05,
         brightness_contrast: float = 0.0,
         horizontal_flip: bool = False,
+        train_transforms: list[A.BasicTransform] | None = None,
+        eval_transforms: list[A.BasicTransform] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(logger=False)
+        # transform objects stay out of the checkpoint, so it loads with weights_only=True; the CLI logs them
+        self.save_hyperparameters(ignore=["train_transforms", "eval_transforms"], logger=False)
+        self.train_transforms, self.eval_transforms = train_transforms, list(eval_transforms or [])
         self.datasets: dict[str, SeededTransformDataset] = {}
         #: ``(image_size, mean, std, interpolation)`` in use, resolved in ``setup``.
         self.normalisation: tuple[int, tuple[float, ...], tuple[float, ...], str] | None = None
@@ -105,10 +113,10 @@ class ClassificationDataModule(LightningDataModule):
         size, mean, std, interpolation = self._normalisation()
         self.normalisation = (size, tuple(mean), tuple(std), interpolation)
         hp = self.hparams
-        eval_transform = build_eval_transform(size, hp.channels, mean, std, interpolation)
+        eval_transform = build_eval_transform(size, hp.channels, mean, std, interpolation, self.eval_transforms)
         train_transform = build_train_transform(
             size, hp.channels, mean, std, interpolation, hp.rotate_degrees,
-            hp.translate, hp.scale, hp.brightness_contrast, hp.horizontal_flip,
+            hp.translate, hp.scale, hp.brightness_contrast, hp.horizontal_flip, self.train_transforms,
         )  # fmt: skip
         self.datasets = self.build_datasets(train_transform, eval_transform)
         empty = [split for split in SPLITS if split in self.datasets and len(self.datasets[split]) == 0]

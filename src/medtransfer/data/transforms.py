@@ -42,10 +42,16 @@ def _finish(
 
 
 def build_eval_transform(
-    size: int, channels: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bilinear"
+    size: int,
+    channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str = "bilinear",
+    steps: Sequence[A.BasicTransform] = (),
 ) -> A.Compose:
-    """Deterministic pipeline for validation, test and prediction."""
-    return A.Compose(_finish(size, channels, mean, std, interpolation))
+    """Deterministic pipeline for validation, test and prediction; ``steps`` run on the resized uint8 image."""
+    finish = _finish(size, channels, mean, std, interpolation)
+    return A.Compose([finish[0], *steps, *finish[1:]])
 
 
 def build_train_transform(
@@ -59,13 +65,15 @@ def build_train_transform(
     scale: float = 0.05,
     brightness_contrast: float = 0.0,
     horizontal_flip: bool = False,
+    steps: Sequence[A.BasicTransform] | None = None,
 ) -> A.Compose:
     """Training pipeline: a small random affine (and optional brightness/contrast, flip), then as eval.
 
-    Horizontal flips are off by default: on chest X-rays laterality carries meaning.
+    Horizontal flips are off by default: on chest X-rays laterality carries meaning. ``steps`` (any
+    albumentations transforms, e.g. from YAML) replace these built-in augmentations when given.
     """
-    augment: list[A.BasicTransform] = []
-    if rotate_degrees or translate or scale:
+    augment: list[A.BasicTransform] = list(steps) if steps is not None else []
+    if steps is None and (rotate_degrees or translate or scale):
         augment.append(
             A.Affine(
                 rotate=(-rotate_degrees, rotate_degrees),
@@ -75,9 +83,9 @@ def build_train_transform(
                 p=1.0,
             )
         )
-    if brightness_contrast:
+    if steps is None and brightness_contrast:
         augment.append(A.RandomBrightnessContrast(brightness_contrast, brightness_contrast, p=0.5))
-    if horizontal_flip:
+    if steps is None and horizontal_flip:
         augment.append(A.HorizontalFlip(p=0.5))
     finish = _finish(size, channels, mean, std, interpolation)
     return A.Compose([finish[0], *augment, *finish[1:]])

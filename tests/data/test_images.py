@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from medtransfer.cli import main
-from medtransfer.data.images import ChestXray14Source, CsvSource, FolderSource, ImageDataModule
+from medtransfer.data.images import ChestXray14Source, CsvSource, FolderSource, ImageDataModule, MuraSource
 from medtransfer.errors import DataError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -196,3 +196,15 @@ def test_cli_fits_a_multiclass_csv_of_png_jpeg_16bit_and_dicom_files(tmp_path, m
     checkpoint = next(tmp_path.glob("mlruns/*/*/checkpoints/*.ckpt"))
     hparams = torch.load(checkpoint, weights_only=True)["hyper_parameters"]
     assert (hparams["task"], hparams["num_classes"]) == ("multiclass", 3)
+
+
+def test_mura_source_labels_by_study_folder(tmp_path, pneumonia_pngs):
+    root, rows = pneumonia_pngs
+    for i, row in enumerate(rows[:24]):
+        study = tmp_path / f"patient{i // 3:05d}" / f"study1_{'positive' if i % 2 else 'negative'}"
+        study.mkdir(parents=True, exist_ok=True)
+        (study / f"image{i}.png").write_bytes((root / row["path"]).read_bytes())
+    dm = ImageDataModule(MuraSource(str(tmp_path), val_fraction=0.25, test_fraction=0.25), **HALF)
+    assert (dm.task, dm.name, len(dm.manifest)) == ("binary", "mura", 24)
+    for path, target in zip(dm.manifest.paths, dm.manifest.targets, strict=True):
+        assert path.parent.name.endswith("positive") == (target == 1)

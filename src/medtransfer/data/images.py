@@ -140,18 +140,9 @@ class FolderSource(ManifestSource):
         return folder_manifest(**self.kwargs)
 
 
-class MuraSource(ManifestSource):
-    """MURA-style ``.../patientXXXXX/studyN_positive/imageK.png``: the study folder names the label.
-
-    Args:
-        root: the top folder.
-        val_fraction: share of patients for validation.
-        test_fraction: share of patients for test.
-        seed: seed of the patient split.
-    """
-
-    def __init__(self, root: str, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> None:
-        self.kwargs = _arguments(locals())
+class MuraSource(FolderSource):
+    """MURA-style ``.../patientXXXXX/studyN_positive/imageK.png``: the study folder names the label, the
+    patient folder groups the split. Same arguments as :class:`FolderSource`."""
 
     def build(self) -> Manifest:
         return mura_manifest(**self.kwargs)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -191,3 +192,24 @@ def test_offline_lite0_weights_on_another_backbone_is_one_clear_line(workdir, pn
     args = ["fit", f"--config={DEFAULT_CONFIG}", f"--data.path={pneumonia_npz}", "--model.backbone=resnet18"]
     line = _error_line(capsys, args)
     assert line.startswith("medtransfer: error: pretrained: lite0-package holds weights for 'tf_efficientnet_lite0'")
+
+
+def test_a_corrupt_image_read_in_a_loader_worker_is_still_one_line(workdir, pneumonia_npz, capsys):
+    from PIL import Image
+
+    with np.load(pneumonia_npz) as data:
+        images, labels = data["test_images"][:30], data["test_labels"][:30, 0]
+    lines = ["path,label"]
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        Image.fromarray(image).save(workdir / f"img{i}.png")
+        lines.append(f"img{i}.png,{label}")
+    (workdir / "cases.csv").write_text("\n".join(lines) + "\n")
+    for i in range(30):  # every image is truncated, so whichever the loader reads first fails
+        (workdir / f"img{i}.png").write_bytes((workdir / f"img{i}.png").read_bytes()[:60])
+    args = [
+        "fit", f"--config={DEFAULT_CONFIG}", "--data=medtransfer.data.images.ImageDataModule",
+        "--data.source=medtransfer.data.images.CsvSource", f"--data.source.csv_path={workdir / 'cases.csv'}",
+        "--data.num_workers=1", "--data.image_size=32", "--trainer.max_epochs=1", "--test_after_fit=false",
+    ]  # fmt: skip
+    line = _error_line(capsys, args)
+    assert line.startswith("medtransfer: error: ") and "img" in line and "Traceback" not in line

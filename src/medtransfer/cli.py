@@ -126,10 +126,16 @@ def _quiet_third_party_noise() -> None:
 
 
 def _user_error(err: BaseException) -> MedtransferError | None:
-    """The user-facing error behind ``err``: jsonargparse wraps errors raised while instantiating classes."""
+    """The user-facing error behind ``err``: jsonargparse wraps errors raised while instantiating classes, and
+    PyTorch re-raises a loader worker's error with the worker's traceback as its message (keep the last line).
+    """
     seen = 0
     while err is not None and seen < 10:
         if isinstance(err, MedtransferError):
+            message = str(err)
+            if "Original Traceback" in message:
+                last = message.strip().splitlines()[-1]
+                err = type(err)(last.split(f"{type(err).__name__}: ", 1)[-1])
             return err
         err, seen = err.__cause__ or err.__context__, seen + 1
     return None

@@ -163,3 +163,26 @@ def test_yaml_transforms_replace_the_built_in_augmentation_and_stay_out_of_the_c
     assert "train_transforms" not in flip.hparams
     torch.save(dict(flip.hparams), tmp_path / "hparams.pt")
     assert torch.load(tmp_path / "hparams.pt", weights_only=True)["image_size"] == 64
+
+
+def test_balanced_sampler_draws_both_classes_equally_often(pneumonia_npz):
+    torch.manual_seed(0)
+    dm = _datamodule(pneumonia_npz, sampler="balanced")
+    dm.setup("fit")
+    indices = list(dm.train_dataloader().sampler)
+    drawn = dm.datasets["train"].targets[indices]
+    assert len(indices) == 4690
+    assert drawn.mean() == pytest.approx(0.5, abs=0.03)  # the split itself is 74 % pneumonia
+    assert dm.datasets["train"].targets.mean() == pytest.approx(3477 / 4690)
+
+
+def test_balanced_sampler_refuses_multilabel_data(tmp_path):
+    arrays = {}
+    for split in ("train", "val", "test"):
+        arrays[f"{split}_images"] = np.zeros((4, 28, 28), np.uint8)
+        arrays[f"{split}_labels"] = np.eye(4, 14, dtype=int)
+    np.savez(tmp_path / "chest.npz", **arrays)
+    dm = _datamodule(tmp_path / "chest.npz", flag="chestmnist", sampler="balanced")
+    dm.setup("fit")
+    with pytest.raises(DataError, match="class_weighting"):
+        dm.train_dataloader()

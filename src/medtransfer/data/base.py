@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Literal
 
 import albumentations as A
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from medtransfer.data.transforms import build_eval_transform, build_train_transform
 from medtransfer.errors import DataError
@@ -26,6 +28,11 @@ class SeededTransformDataset(Dataset):
     own RNG and ignores the global seeds that Lightning sets."""
 
     transform: object
+
+    @property
+    def targets(self) -> np.ndarray:
+        """Class indices ``(N,)`` or 0/1 labels ``(N, L)``, for samplers and label statistics."""
+        raise NotImplementedError
 
     def seed_transform(self, seed: int) -> None:
         if hasattr(self.transform, "set_random_seed"):
@@ -61,6 +68,9 @@ class ClassificationDataModule(LightningDataModule):
         train_transforms: albumentations transforms (``class_path``/``init_args`` in YAML) run on the resized
             uint8 image in training; when given they replace the built-in augmentation options above.
         eval_transforms: deterministic transforms for validation/test/predict (e.g. ``CLAHE`` with ``p: 1``).
+        sampler: ``shuffle``, or ``balanced``: draw training images with replacement, each class equally
+            often (inverse class frequency; binary and multi-class). For multi-label data weigh the loss
+            instead (the model's ``class_weighting``).
     """
 
     def __init__(
@@ -79,6 +89,7 @@ class ClassificationDataModule(LightningDataModule):
         horizontal_flip: bool = False,
         train_transforms: list[A.BasicTransform] | None = None,
         eval_transforms: list[A.BasicTransform] | None = None,
+        sampler: Literal["shuffle", "balanced"] = "shuffle",
     ) -> None:
         super().__init__()
         # transform objects stay out of the checkpoint, so it loads with weights_only=True; the CLI logs them
@@ -128,12 +139,23 @@ class ClassificationDataModule(LightningDataModule):
             {k: len(v) for k, v in self.datasets.items()}, size, interpolation, tuple(mean), tuple(std),
         )  # fmt: skip
 
+    def _balanced_sampler(self) -> WeightedRandomSampler:
+        targets = np.asarray(self.datasets["train"].targets)
+        if targets.ndim != 1:
+            raise DataError("sampler: balanced needs one class per image; for multi-label data use class_weighting")
+        counts = np.bincount(targets)
+        weights = torch.as_tensor(1.0 / counts[targets], dtype=torch.double)
+        generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
+        return WeightedRandomSampler(weights, num_samples=len(targets), replacement=True, generator=generator)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         workers = self.hparams.num_workers
+        sampler = self._balanced_sampler() if shuffle and self.hparams.sampler == "balanced" else None
         return DataLoader(
             self.datasets[split],
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),

@@ -157,6 +157,10 @@ class ManifestDataset(SeededTransformDataset):
     def __len__(self) -> int:
         return len(self.manifest)
 
+    @property
+    def targets(self) -> np.ndarray:
+        return self.manifest.targets
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         image = read_image(self.manifest.paths[index])
         boxes = self.manifest.boxes

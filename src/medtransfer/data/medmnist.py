@@ -72,6 +72,10 @@ class ArrayDataset(SeededTransformDataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def targets(self) -> np.ndarray:
+        return self.labels
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         label = self.labels[index]
         target = torch.from_numpy(label.copy()) if label.ndim else int(label)  # multi-label: a 0/1 vector

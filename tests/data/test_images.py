@@ -208,3 +208,41 @@ def test_mura_source_labels_by_study_folder(tmp_path, pneumonia_pngs):
     assert (dm.task, dm.name, len(dm.manifest)) == ("binary", "mura", 24)
     for path, target in zip(dm.manifest.paths, dm.manifest.targets, strict=True):
         assert path.parent.name.endswith("positive") == (target == 1)
+
+
+def test_cache_decodes_once_and_matches_reading_from_disk(tmp_path, pneumonia_pngs):
+    root, rows = pneumonia_pngs
+    for row in rows:
+        (tmp_path / row["path"]).write_bytes((root / row["path"]).read_bytes())
+    source = CsvSource(str(_write_csv(tmp_path / "labels.csv", rows)))
+    plain, cached = ImageDataModule(source, **HALF), ImageDataModule(source, cache=True, **HALF)
+    plain.setup("fit")
+    cached.setup("fit")
+    expected = plain.datasets["val"][3][0]
+    for row in rows:  # the cache no longer needs the files
+        (tmp_path / row["path"]).unlink()
+    torch.testing.assert_close(cached.datasets["val"][3][0], expected, atol=0.02, rtol=0)
+    assert len(cached.datasets["train"].cache) == len(cached.datasets["train"])
+
+
+def test_unreadable_images_are_skipped_with_a_count_when_configured(tmp_path, pneumonia_pngs, caplog):
+    root, rows = pneumonia_pngs
+    for row in rows:
+        (tmp_path / row["path"]).write_bytes((root / row["path"]).read_bytes())
+    for row in rows[:3]:
+        (tmp_path / row["path"]).write_bytes(b"\x89PNG broken")
+    source = CsvSource(str(_write_csv(tmp_path / "labels.csv", rows)))
+    dm = ImageDataModule(source, bad_images="skip", **HALF)
+    dm.setup("fit")
+    assert sum(len(d) for d in dm.datasets.values()) == 57
+    assert "Skipping 3 unreadable image(s) of 60" in caplog.text and rows[0]["path"] in caplog.text
+    strict = ImageDataModule(source, **HALF)
+    strict.setup("fit")
+    split, broken = next(
+        (name, i)
+        for name, d in strict.datasets.items()
+        for i, p in enumerate(d.manifest.paths)
+        if p.name == rows[0]["path"]
+    )
+    with pytest.raises(DataError, match=rows[0]["path"]):
+        strict.datasets[split][broken]

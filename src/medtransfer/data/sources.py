@@ -141,7 +141,11 @@ class Manifest:
         """The images of one split, in their order here."""
         if split not in SPLITS:
             raise ValueError(f"Expected argument `split` to be one of {SPLITS}, but got {split!r}")
-        rows = np.flatnonzero(self.splits == split)
+        return self.take(np.flatnonzero(self.splits == split))
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> Manifest:
+        """The images at ``rows``, in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
         return replace(
             self,
             paths=tuple(self.paths[row] for row in rows),

@@ -44,7 +44,7 @@ def test_eval_is_deterministic_and_train_is_augmented(pneumonia_npz):
     dm.setup("fit")
     assert torch.equal(dm.datasets["val"][0][0], dm.datasets["val"][0][0])
     assert not torch.equal(dm.datasets["train"][0][0], dm.datasets["train"][0][0])
-    no_aug = _datamodule(pneumonia_npz, rotate_degrees=0, translate=0, scale=0)
+    no_aug = _datamodule(pneumonia_npz, rotate_degrees=0, translate=0, scale=0, brightness_contrast=0, clahe=0)
     no_aug.setup("fit")
     assert torch.equal(no_aug.datasets["train"][0][0], no_aug.datasets["train"][0][0])
 
@@ -156,7 +156,7 @@ def test_yaml_transforms_replace_the_built_in_augmentation_and_stay_out_of_the_c
 
     flip = _datamodule(pneumonia_npz, train_transforms=[A.HorizontalFlip(p=1.0)], eval_transforms=[A.CLAHE(p=1.0)])
     flip.setup("fit")
-    plain = _datamodule(pneumonia_npz, rotate_degrees=0, translate=0, scale=0)
+    plain = _datamodule(pneumonia_npz, rotate_degrees=0, translate=0, scale=0, brightness_contrast=0, clahe=0)
     plain.setup("fit")
     torch.testing.assert_close(flip.datasets["train"][0][0], plain.datasets["train"][0][0].flip(-1))
     assert not torch.equal(flip.datasets["val"][0][0], plain.datasets["val"][0][0])  # CLAHE applied
@@ -186,3 +186,20 @@ def test_balanced_sampler_refuses_multilabel_data(tmp_path):
     dm.setup("fit")
     with pytest.raises(DataError, match="class_weighting"):
         dm.train_dataloader()
+
+
+def test_medical_default_augmentation_and_flips_by_modality(pneumonia_npz, tmp_path):
+    chest = _datamodule(pneumonia_npz)
+    chest.setup("fit")
+    steps = [type(t).__name__ for t in chest.datasets["train"].transform.transforms]
+    assert {"Affine", "CLAHE", "RandomBrightnessContrast"} <= set(steps) and "HorizontalFlip" not in steps
+    assert _datamodule(pneumonia_npz, horizontal_flip=True).flips
+    arrays = {}
+    for split in ("train", "val", "test"):
+        arrays[f"{split}_images"] = np.zeros((7, 28, 28), np.uint8)
+        arrays[f"{split}_labels"] = np.arange(7).reshape(7, 1)
+    np.savez(tmp_path / "dermamnist.npz", **arrays)
+    skin = _datamodule(tmp_path / "dermamnist.npz", flag="dermamnist")
+    assert skin.flips and not chest.flips
+    skin.setup("fit")
+    assert "HorizontalFlip" in [type(t).__name__ for t in skin.datasets["train"].transform.transforms]

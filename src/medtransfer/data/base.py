@@ -64,7 +64,9 @@ class ClassificationDataModule(LightningDataModule):
         translate: training augmentation: maximum shift as a fraction of the side.
         scale: training augmentation: maximum zoom in/out as a fraction.
         brightness_contrast: training augmentation: brightness/contrast jitter (0 = off).
-        horizontal_flip: training augmentation: random left-right flips (off for chest X-rays).
+        horizontal_flip: training augmentation: random left-right flips; ``None`` decides by modality (off for
+            radiographs and CT, where laterality carries meaning; on for dermoscopy, histology, blood smears).
+        clahe: training augmentation: probability of CLAHE contrast equalisation (0 = off).
         train_transforms: albumentations transforms (``class_path``/``init_args`` in YAML) run on the resized
             uint8 image in training; when given they replace the built-in augmentation options above.
         eval_transforms: deterministic transforms for validation/test/predict (e.g. ``CLAHE`` with ``p: 1``).
@@ -85,8 +87,9 @@ class ClassificationDataModule(LightningDataModule):
         rotate_degrees: float = 10.0,
         translate: float = 0.05,
         scale: float = 0.05,
-        brightness_contrast: float = 0.0,
-        horizontal_flip: bool = False,
+        brightness_contrast: float = 0.1,
+        horizontal_flip: bool | None = None,
+        clahe: float = 0.25,
         train_transforms: list[A.BasicTransform] | None = None,
         eval_transforms: list[A.BasicTransform] | None = None,
         sampler: Literal["shuffle", "balanced"] = "shuffle",
@@ -98,6 +101,17 @@ class ClassificationDataModule(LightningDataModule):
         self.datasets: dict[str, SeededTransformDataset] = {}
         #: ``(image_size, mean, std, interpolation)`` in use, resolved in ``setup``.
         self.normalisation: tuple[int, tuple[float, ...], tuple[float, ...], str] | None = None
+
+    @property
+    def flips(self) -> bool:
+        """Whether training flips left-right: ``horizontal_flip`` if set, else the modality's default."""
+        flag = self.hparams.horizontal_flip
+        return self.symmetric_modality if flag is None else flag
+
+    @property
+    def symmetric_modality(self) -> bool:
+        """Mirror images are as plausible as the originals (not so for radiographs); subclasses know better."""
+        return False
 
     def build_datasets(self, train_transform, eval_transform) -> dict[str, SeededTransformDataset]:
         """Return the ``train``/``val``/``test`` datasets with these pipelines."""
@@ -126,8 +140,9 @@ class ClassificationDataModule(LightningDataModule):
         hp = self.hparams
         eval_transform = build_eval_transform(size, hp.channels, mean, std, interpolation, self.eval_transforms)
         train_transform = build_train_transform(
-            size, hp.channels, mean, std, interpolation, hp.rotate_degrees,
-            hp.translate, hp.scale, hp.brightness_contrast, hp.horizontal_flip, self.train_transforms,
+            size, hp.channels, mean, std, interpolation, rotate_degrees=hp.rotate_degrees, translate=hp.translate,
+            scale=hp.scale, brightness_contrast=hp.brightness_contrast, horizontal_flip=self.flips, clahe=hp.clahe,
+            steps=self.train_transforms,
         )  # fmt: skip
         self.datasets = self.build_datasets(train_transform, eval_transform)
         empty = [split for split in SPLITS if split in self.datasets and len(self.datasets[split]) == 0]

@@ -20,6 +20,11 @@ __all__ = ["DATA_DIR_ENV", "SPLITS", "ArrayDataset", "MedMNISTDataModule", "defa
 
 _logger = logging.getLogger(__name__)
 
+#: MedMNIST datasets whose images have no left/right meaning.
+_SYMMETRIC_FLAGS = frozenset(
+    {"pathmnist", "dermamnist", "bloodmnist", "tissuemnist", "retinamnist", "octmnist", "breastmnist"}
+)
+
 #: Environment variable naming the directory where data files are looked up (and downloaded to).
 DATA_DIR_ENV = "MEDTRANSFER_DATA_DIR"
 
@@ -115,6 +120,12 @@ class MedMNISTDataModule(ClassificationDataModule):
     def name(self) -> str:
         """Short dataset name for run names: the MedMNIST flag."""
         return self.hparams.flag
+
+    @property
+    def symmetric_modality(self) -> bool:
+        """Pathology, dermoscopy, blood cells, tissue, retina, OCT and breast ultrasound: flips are safe;
+        chest X-rays and the organ CT views: they are not (laterality)."""
+        return self.hparams.flag in _SYMMETRIC_FLAGS
 
     @property
     def task(self) -> str:

@@ -65,6 +65,7 @@ def build_train_transform(
     scale: float = 0.05,
     brightness_contrast: float = 0.0,
     horizontal_flip: bool = False,
+    clahe: float = 0.0,
     steps: Sequence[A.BasicTransform] | None = None,
 ) -> A.Compose:
     """Training pipeline: a small random affine (and optional brightness/contrast, flip), then as eval.
@@ -83,6 +84,8 @@ def build_train_transform(
                 p=1.0,
             )
         )
+    if steps is None and clahe:
+        augment.append(A.CLAHE(clip_limit=2.0, p=clahe))
     if steps is None and brightness_contrast:
         augment.append(A.RandomBrightnessContrast(brightness_contrast, brightness_contrast, p=0.5))
     if steps is None and horizontal_flip:

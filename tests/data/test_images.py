@@ -117,7 +117,7 @@ def test_cli_fits_the_14_finding_task_on_the_chestxray14_sample(tmp_path, monkey
         f"--data.init_args.source.init_args.labels_csv={chestxray14_sample_dir / 'Data_Entry_2017_v2020.csv'}",
         f"--data.init_args.source.init_args.image_root={chestxray14_sample_dir / 'images'}",
         "--trainer.max_epochs=1", "--finetuning.unfreeze_at_epoch=0", "--data.init_args.image_size=32",
-        "--trainer.limit_train_batches=3", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_progress_bar=false",
     ])  # fmt: skip
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     run = mlflow.search_runs(experiment_names=["medtransfer"]).iloc[0]

@@ -148,14 +148,20 @@ def _report(message: str) -> None:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``medtransfer`` console script.
 
-    ``medtransfer evaluate ...`` audits a predictions file (``medtransfer.evaluate``); every other subcommand
-    (``fit``, ``validate``, ``test``, ``predict``) is Lightning's.
+    ``medtransfer evaluate ...`` audits a predictions file (``medtransfer.evaluate``) and ``medtransfer predict
+    ...`` runs batch inference to a CSV (``medtransfer.predict``); ``fit``, ``validate`` and ``test`` are
+    Lightning's.
     """
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["evaluate"]:
         from medtransfer.evaluate import main as evaluate_main
 
         evaluate_main(argv[1:])
+        return
+    if argv[:1] == ["predict"]:
+        from medtransfer.predict import main as predict_main
+
+        predict_main(argv[1:])
         return
     _quiet_third_party_noise()
     try:

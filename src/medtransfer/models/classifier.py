@@ -307,6 +307,18 @@ class ClassifierModule(LightningModule):
         probs = self.predict_proba(self(x))
         return {"probs": probs, "decision": self.decide(probs), "abstain": self.abstains(probs)}
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the data's class names and input settings with the weights, for batch prediction."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(datamodule, "class_names", None)
+        if names is not None:
+            checkpoint["class_names"] = [str(name) for name in names]
+        if getattr(datamodule, "normalisation", None) is not None:
+            size, mean, std, interpolation = datamodule.normalisation
+            channels = datamodule.hparams.channels
+            checkpoint["input"] = {"size": size, "mean": list(mean), "std": list(std),
+                                   "interpolation": interpolation, "channels": channels}  # fmt: skip
+
     def configure_optimizers(self) -> Any:
         """One optimizer over the parameters trainable now, in named groups (``head``, ``backbone``).
 

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from medtransfer.callbacks.epoch_summary import EpochSummary
 from medtransfer.callbacks.finetuning import FreezeThenFinetune
 from medtransfer.data.base import ClassificationDataModule
-from medtransfer.errors import MedtransferError
+from medtransfer.errors import exit_on_user_error
 from medtransfer.models.classifier import ClassifierModule
 from medtransfer.tracking.callbacks import LogConfigToMLflow, MLflowRunTracking, find_mlflow_logger, read_run_info
 from medtransfer.tracking.mlflow import MLflowLogger
@@ -125,22 +125,6 @@ def _quiet_third_party_noise() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
 
 
-def _user_error(err: BaseException) -> MedtransferError | None:
-    """The user-facing error behind ``err``: jsonargparse wraps errors raised while instantiating classes, and
-    PyTorch re-raises a loader worker's error with the worker's traceback as its message (keep the last line).
-    """
-    seen = 0
-    while err is not None and seen < 10:
-        if isinstance(err, MedtransferError):
-            message = str(err)
-            if "Original Traceback" in message:
-                last = message.strip().splitlines()[-1]
-                err = type(err)(last.split(f"{type(err).__name__}: ", 1)[-1])
-            return err
-        err, seen = err.__cause__ or err.__context__, seen + 1
-    return None
-
-
 def _report(message: str) -> None:
     print(message, flush=True)
 
@@ -164,7 +148,7 @@ def main(args: list[str] | None = None) -> None:
         predict_main(argv[1:])
         return
     _quiet_third_party_noise()
-    try:
+    with exit_on_user_error():
         MedTransferCLI(
             ClassifierModule,
             ClassificationDataModule,
@@ -179,12 +163,6 @@ def main(args: list[str] | None = None) -> None:
             seed_everything_default=0,
             args=args,
         )
-    except Exception as err:
-        user_error = _user_error(err)
-        if user_error is None:
-            raise
-        print(f"medtransfer: error: {user_error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -36,7 +33,8 @@ from medtransfer.data.tables import (
     read_csv_table,
     require_columns,
 )
-from medtransfer.errors import DataError, MedtransferError
+from medtransfer.errors import DataError, exit_on_user_error
+from medtransfer.files import write_text_atomic
 from medtransfer.metrics import functional as _selective  # not imported by name: run_evaluate has `predictions`
 
 __all__ = [
@@ -431,8 +429,8 @@ def _write_report(report: pd.DataFrame, out_dir: Path, predictions: Path, labels
         "task": task,
         "classes": records,
     }
-    _write_atomic(out_dir / "evaluation.csv", report.to_csv())
-    _write_atomic(out_dir / "evaluation.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(out_dir / "evaluation.csv", report.to_csv())
+    write_text_atomic(out_dir / "evaluation.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     _logger.info("Wrote %s and %s", out_dir / "evaluation.csv", out_dir / "evaluation.json")
 
 
@@ -442,30 +440,12 @@ def _json_value(value: object) -> object:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename it over ``path``: readers never see half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; the report is an ordinary file
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``medtransfer evaluate``: the CLI is generated from :func:`run_evaluate`'s signature."""
     from jsonargparse import auto_cli
 
-    try:
+    with exit_on_user_error():
         auto_cli(run_evaluate, args=args, prog="medtransfer evaluate")
-    except MedtransferError as err:
-        print(f"medtransfer: error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ Pure drawing: each function takes numbers already computed elsewhere and returns
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+
+from medtransfer.files import atomic_open
 
 __all__ = ["plot_confusion", "plot_reliability", "plot_risk_coverage", "plot_roc", "save_figure"]
 
@@ -93,15 +93,9 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], abstained: Se
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` as PNG via a temporary file and rename, so a crash never leaves half an image."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with atomic_open(path, "wb") as handle:
             fig.savefig(handle, format="png", dpi=120)
-        os.replace(tmp, path)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)

@@ -14,9 +14,6 @@ import csv
 import glob
 import json
 import logging
-import os
-import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -30,7 +27,8 @@ from tqdm import tqdm
 from medtransfer.data.readers import SUPPORTED_SUFFIXES, read_image
 from medtransfer.data.tables import read_csv_table, require_columns
 from medtransfer.data.transforms import build_eval_transform
-from medtransfer.errors import DataError, MedtransferError
+from medtransfer.errors import DataError, exit_on_user_error
+from medtransfer.files import atomic_open
 from medtransfer.models.classifier import ClassifierModule
 
 __all__ = ["collect_images", "load_predictor", "main", "run_predict"]
@@ -145,34 +143,27 @@ def run_predict(
     )
     loader = DataLoader(_Images(paths, transform), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     counts: Counter[str] = Counter()
     failures: list[dict[str, str]] = []
     columns = ["path", *(f"prob_{n}" for n in (names[1:] if model.hparams.task == "binary" else names))]
     columns += ["prediction", "decision", "error", "checkpoint"]
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     start = time.perf_counter()
-    try:
-        with os.fdopen(fd, "w", newline="") as handle, torch.inference_mode():
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            progress = tqdm(total=len(paths), unit="img", desc="predict", disable=None)
-            for indices, batch, failed in loader:
-                if batch is not None:
-                    probs = model.predict_proba(model(batch.to(device))).cpu()
-                    for index, row in zip(indices, _rows(model, probs, names), strict=True):
-                        counts[row["decision"]] += 1
-                        writer.writerow({"path": str(paths[index]), **row, "error": "", "checkpoint": checkpoint})
-                for index, error in failed:
-                    failures.append({"path": str(paths[index]), "error": error})
-                    writer.writerow({"path": str(paths[index]), "decision": "error", "error": error,
-                                     "checkpoint": checkpoint})  # fmt: skip
-                progress.update(len(indices) + len(failed))
-            progress.close()
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(output, "w", newline="") as handle, torch.inference_mode():
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        progress = tqdm(total=len(paths), unit="img", desc="predict", disable=None)
+        for indices, batch, failed in loader:
+            if batch is not None:
+                probs = model.predict_proba(model(batch.to(device))).cpu()
+                for index, row in zip(indices, _rows(model, probs, names), strict=True):
+                    counts[row["decision"]] += 1
+                    writer.writerow({"path": str(paths[index]), **row, "error": "", "checkpoint": checkpoint})
+            for index, error in failed:
+                failures.append({"path": str(paths[index]), "error": error})
+                writer.writerow({"path": str(paths[index]), "decision": "error", "error": error,
+                                 "checkpoint": checkpoint})  # fmt: skip
+            progress.update(len(indices) + len(failed))
+        progress.close()
     seconds = time.perf_counter() - start
     decided = sum(v for k, v in counts.items() if not k.startswith("abstain"))
     result = {
@@ -190,11 +181,8 @@ def main(args: list[str] | None = None) -> None:
     """``medtransfer predict``: the typed ``run_predict`` as a command line (jsonargparse)."""
     from jsonargparse import auto_cli
 
-    try:
+    with exit_on_user_error():
         auto_cli(run_predict, args=args, prog="medtransfer predict")
-    except MedtransferError as err:
-        print(f"medtransfer: error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

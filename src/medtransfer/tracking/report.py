@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +13,7 @@ from torchmetrics.functional.classification import binary_auroc, binary_roc
 from typing_extensions import override
 
 from medtransfer import plots
+from medtransfer.files import write_text_atomic
 from medtransfer.metrics import functional as F
 from medtransfer.tracking.callbacks import find_mlflow_logger
 
@@ -24,11 +24,7 @@ _logger = logging.getLogger(__name__)
 
 def _write_csv(columns: dict[str, list], path: Path) -> Path:
     """Write a column dict as CSV via a temporary file and rename (never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    pd.DataFrame(columns).to_csv(tmp, index=False, float_format="%.6f")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, pd.DataFrame(columns).to_csv(index=False, float_format="%.6f"))
 
 
 class TestReportPlots(Callback):

@@ -46,3 +46,20 @@ def chestxray14_sample_dir() -> Path:
     folder = shared_data_dir() / "chestxray14_sample"
     require_file(folder / "Data_Entry_2017_v2020.csv")
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_tracking_uri():
+    """``mlflow.set_tracking_uri`` also sets ``$MLFLOW_TRACKING_URI``; undo it after each test, so no test's store
+    leaks into the next one."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+    mlflow.set_tracking_uri(before)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)

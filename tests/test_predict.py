@@ -5,21 +5,30 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from medtransfer.cli import main
+from medtransfer.cli import build_cli, main
 from medtransfer.errors import DataError
 from medtransfer.predict import collect_images, load_predictor, run_predict
+from medtransfer.tracking.callbacks import find_mlflow_logger
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+CONFIG = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
+N_IMAGES = 40
+
+
 @pytest.fixture(scope="module")
-def fitted_checkpoint(tmp_path_factory, pneumonia_npz) -> Path:
-    """A checkpoint from a short real fit of the default config (32 px, a few batches)."""
+def fitted(tmp_path_factory, pneumonia_npz) -> dict:
+    """A short real fit of the default config (32 px, a few batches), its model logged and registered in MLflow.
+
+    Returns the work folder, the MLflow store, the run id and the best checkpoint (the one MLflow holds).
+    """
     workdir = tmp_path_factory.mktemp("fit")
     cwd = Path.cwd()
     mp = pytest.MonkeyPatch()
@@ -27,22 +36,34 @@ def fitted_checkpoint(tmp_path_factory, pneumonia_npz) -> Path:
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
     mp.setattr("sys.argv", ["medtransfer"])
     try:
-        main([
-            "fit", f"--config={REPO / 'configs' / 'pneumonia_effnet_lite0.yaml'}", f"--data.path={pneumonia_npz}",
-            "--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--data.image_size=32",
-            "--trainer.enable_progress_bar=false", "--test_after_fit=false",
+        cli = build_cli([
+            "fit", f"--config={CONFIG}", f"--data.path={pneumonia_npz}", "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=4", "--data.image_size=32", "--trainer.enable_progress_bar=false",
+            "--mlflow_model.registered_model_name=pneumonia-tiny",
         ])  # fmt: skip
     finally:
         mp.undo()
         assert Path.cwd() == cwd
-    return next(workdir.glob("mlruns/*/*/checkpoints/last.ckpt"))
+    store = f"sqlite:///{workdir}/mlruns/mlflow.db"
+    run_id = find_mlflow_logger(cli.trainer).run_id
+    return {
+        "workdir": workdir,
+        "store": store,
+        "run_id": run_id,
+        "best": workdir / cli.trainer.checkpoint_callback.best_model_path,  # relative to the fit folder
+    }
+
+
+@pytest.fixture(scope="module")
+def fitted_checkpoint(fitted) -> Path:
+    return fitted["best"]
 
 
 @pytest.fixture(scope="module")
 def png_folder(tmp_path_factory, pneumonia_npz) -> tuple[Path, np.ndarray]:
     folder = tmp_path_factory.mktemp("images")
     with np.load(pneumonia_npz) as data:
-        images = data["test_images"][:40]
+        images = data["test_images"][:N_IMAGES]
     for i, image in enumerate(images):
         sub = folder / ("a" if i % 2 else "b")
         sub.mkdir(exist_ok=True)
@@ -55,27 +76,84 @@ def _read(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_folder_to_csv_matches_the_models_own_probabilities(fitted_checkpoint, png_folder, tmp_path):
-    folder, images = png_folder
-    result = run_predict(str(folder), str(fitted_checkpoint), output=tmp_path / "out.csv", summary=tmp_path / "s.json")
-    rows = _read(tmp_path / "out.csv")
-    assert len(rows) == 40 and result["unreadable"] == 0
-    model, settings, names = load_predictor(fitted_checkpoint)
-    assert names == ["normal", "pneumonia"] and settings["size"] == 32
-    # the same images through the data module's own eval pipeline and the model's test-time path
-    from medtransfer.data.transforms import build_eval_transform
+def _probabilities(rows: list[dict[str, str]]) -> dict[str, str]:
+    return {Path(r["path"]).name: r["prob_pneumonia"] for r in rows}
 
-    transform = build_eval_transform(32, 3, settings["mean"], settings["std"], settings["interpolation"])
+
+def test_folder_to_csv_matches_the_test_steps_probabilities(fitted, png_folder, tmp_path, pneumonia_npz):
+    folder, _ = png_folder
+    result = run_predict(str(folder), str(fitted["best"]), output=tmp_path / "out.csv", summary=tmp_path / "s.json")
+    rows = _read(tmp_path / "out.csv")
+    assert len(rows) == N_IMAGES and result["unreadable"] == 0
+    predictor = load_predictor(fitted["best"])
+    assert predictor.class_names == ["normal", "pneumonia"] and predictor.settings["size"] == 32
+    # `medtransfer test` on the same checkpoint: its first test batch holds the same images, in order
+    cli = build_cli([
+        "test", f"--config={CONFIG}", f"--data.path={pneumonia_npz}", "--data.image_size=32",
+        f"--ckpt_path={fitted['best']}", "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false",
+        "--trainer.logger=false", "--trainer.callbacks=[]",
+    ])  # fmt: skip
+    expected = cli.model.test_outputs["probs"][:N_IMAGES]
     by_name = {Path(r["path"]).name: r for r in rows}
-    batch = torch.stack([transform(image=images[i])["image"] for i in range(40)])
-    with torch.no_grad():
-        expected = model.predict_proba(model(batch))
-    for i in range(40):
+    for i in range(N_IMAGES):
         row = by_name[f"case{i:02d}.png"]
         assert float(row["prob_pneumonia"]) == pytest.approx(float(expected[i]), abs=1e-5)
-        decided = not bool(model.abstains(expected[i : i + 1])[0])
-        assert row["decision"] in (("positive", "negative") if decided else ("abstain",))
-    assert sum(result["decisions"].values()) == 40 and (tmp_path / "s.json").is_file()
+        referred = bool(predictor.rule.abstains(expected[i : i + 1])[0])
+        assert row["decision"] in (("abstain",) if referred else ("positive", "negative"))
+        assert row["model"] == str(fitted["best"])
+    assert sum(result["decisions"].values()) == N_IMAGES and (tmp_path / "s.json").is_file()
+
+
+def test_the_mlflow_model_predicts_exactly_as_the_checkpoint(fitted, png_folder, tmp_path):
+    folder, _ = png_folder
+    run_predict(str(folder), str(fitted["best"]), output=tmp_path / "ckpt.csv")
+    from_checkpoint = _read(tmp_path / "ckpt.csv")
+    mlflow.MlflowClient(fitted["store"]).set_registered_model_alias("pneumonia-tiny", "champion", "1")
+    for uri, label in [
+        (f"runs:/{fitted['run_id']}/model", f"runs:/{fitted['run_id']}/model"),
+        ("models:/pneumonia-tiny/1", "models:/pneumonia-tiny/1"),
+        ("models:/pneumonia-tiny@champion", "models:/pneumonia-tiny/1"),
+    ]:
+        out = tmp_path / "uri.csv"
+        result = run_predict(str(folder), uri, output=out, tracking_uri=fitted["store"])
+        rows = _read(out)
+        assert _probabilities(rows) == _probabilities(from_checkpoint), uri
+        assert [r["decision"] for r in rows] == [r["decision"] for r in from_checkpoint], uri
+        assert {r["model"] for r in rows} == {label} and result["model"] == label
+
+
+def test_the_logged_model_carries_its_decision_rule_and_is_registered(fitted):
+    client = mlflow.MlflowClient(fitted["store"])
+    run = client.get_run(fitted["run_id"])
+    assert run.data.tags["model_uri"] == f"runs:/{fitted['run_id']}/model"
+    assert run.data.tags["registered_model"] == "models:/pneumonia-tiny/1"
+    mlflow.set_tracking_uri(fitted["store"])  # undone after the test (conftest)
+    info = mlflow.models.get_model_info("models:/pneumonia-tiny/1")
+    checkpoint = torch.load(fitted["best"], weights_only=True)
+    assert info.metadata["class_names"] == ["normal", "pneumonia"]
+    assert info.metadata["decision"]["threshold"] == pytest.approx(
+        float(checkpoint["state_dict"]["decision_threshold"])
+    )
+    assert info.metadata["input"]["size"] == 32
+    assert info.signature is not None and tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (
+        -1,
+        3,
+        32,
+        32,
+    )
+
+
+def test_an_unknown_or_foreign_mlflow_model_is_one_clear_error(fitted, png_folder, tmp_path):
+    folder, _ = png_folder
+    with pytest.raises(DataError, match="Cannot load MLflow model models:/no-such-model/1"):
+        run_predict(str(folder), "models:/no-such-model/1", output=tmp_path / "x.csv", tracking_uri=fitted["store"])
+    mlflow.set_tracking_uri(fitted["store"])  # undone after the test (conftest)
+    with mlflow.start_run() as run:
+        mlflow.pytorch.log_model(torch.nn.Linear(2, 1), name="model", input_example=np.zeros((2, 2), np.float32))
+    with pytest.raises(DataError, match="not logged by medtransfer"):
+        run_predict(str(folder), f"runs:/{run.info.run_id}/model", output=tmp_path / "x.csv",
+                    tracking_uri=fitted["store"])  # fmt: skip
+    assert not (tmp_path / "x.csv").exists()
 
 
 def test_bad_files_are_reported_and_skipped(fitted_checkpoint, png_folder, tmp_path):
@@ -130,3 +208,32 @@ def test_command_line(fitted_checkpoint, png_folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", str(folder), str(tmp_path / "missing.ckpt")])
     assert exit_info.value.code == 2 and "Checkpoint not found" in capsys.readouterr().err
+
+
+def test_heatmaps_are_written_for_the_chosen_images(fitted, png_folder, tmp_path):
+    folder, _ = png_folder
+    everything = run_predict(str(folder), str(fitted["best"]), output=tmp_path / "all.csv", heatmaps=tmp_path / "all")
+    rows = _read(tmp_path / "all.csv")
+    assert all(Path(r["heatmap"]).is_file() and Path(r["heatmap"]).parent == tmp_path / "all" for r in rows)
+    assert len(everything["heatmaps"]) == N_IMAGES
+    overlay = np.asarray(Image.open(rows[0]["heatmap"]))
+    assert overlay.shape == (28, 28, 3)  # drawn over the original image, at its size
+
+    run_predict(str(folder), str(fitted["best"]), output=tmp_path / "ab.csv", heatmaps=tmp_path / "ab",
+                heatmaps_for="abstain")  # fmt: skip
+    for row in _read(tmp_path / "ab.csv"):
+        assert bool(row["heatmap"]) == (row["decision"] == "abstain")
+
+    top = run_predict(str(folder), str(fitted["best"]), output=tmp_path / "top.csv", heatmaps=tmp_path / "top",
+                      heatmaps_for="top_k", top_k=3)  # fmt: skip
+    most_positive = sorted(rows, key=lambda r: float(r["prob_pneumonia"]), reverse=True)[:3]
+    expected = {Path(r["path"]).stem for r in most_positive}
+    assert {Path(p).stem.split("_", 1)[1] for p in top["heatmaps"]} == expected
+    assert len(list((tmp_path / "top").iterdir())) == 3
+
+
+def test_heatmaps_from_an_exported_mlflow_model_are_refused_clearly(fitted, png_folder, tmp_path):
+    folder, _ = png_folder
+    with pytest.raises(DataError, match="--heatmaps needs the model's layers"):
+        run_predict(str(folder), f"runs:/{fitted['run_id']}/model", output=tmp_path / "x.csv",
+                    tracking_uri=fitted["store"], heatmaps=tmp_path / "maps")  # fmt: skip

@@ -24,9 +24,10 @@ from medtransfer.errors import exit_on_user_error
 from medtransfer.models.classifier import ClassifierModule
 from medtransfer.tracking.callbacks import LogConfigToMLflow, MLflowRunTracking, find_mlflow_logger, read_run_info
 from medtransfer.tracking.mlflow import MLflowLogger
+from medtransfer.tracking.model_logging import LogModelToMLflow
 from medtransfer.tracking.report import TestReportPlots
 
-__all__ = ["MedTransferCLI", "main"]
+__all__ = ["COMMANDS", "MedTransferCLI", "build_cli", "main"]
 
 _logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class MedTransferCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(FreezeThenFinetune, "finetuning")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LogModelToMLflow, "mlflow_model")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/auroc",
@@ -70,6 +72,8 @@ class MedTransferCLI(LightningCLI):
         run_id = self._checkpoint_run()
         if run_id is not None:
             logger.continue_run(run_id)
+            if self.subcommand == "fit":  # a resumed fit replays what followed its checkpoint: log it once
+                logger.skip_logged_steps()
         else:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             dataset = getattr(self.datamodule, "name", type(self.datamodule).__name__)
@@ -119,50 +123,65 @@ class _DropAdvertisements(logging.Filter):
         return "litlogger" not in record.getMessage()
 
 
+_DROP_ADVERTISEMENTS = _DropAdvertisements()
+
+
 def _quiet_third_party_noise() -> None:
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisements())
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DROP_ADVERTISEMENTS)  # once: same object
     # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates; users can do nothing about it.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
 
 
+@rank_zero_only  # under DDP every rank runs the CLI's hooks; one copy of each message is enough
 def _report(message: str) -> None:
     print(message, flush=True)
+
+
+#: Commands that are not Lightning's: name -> module whose ``main(args)`` runs them.
+COMMANDS = {
+    "evaluate": "medtransfer.evaluate",
+    "predict": "medtransfer.predict",
+    "compare": "medtransfer.compare",
+    "baseline": "medtransfer.baseline",
+    "learning-curve": "medtransfer.learning_curve",
+    "search": "medtransfer.search",
+}
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``medtransfer`` console script.
 
-    ``medtransfer evaluate ...`` audits a predictions file (``medtransfer.evaluate``) and ``medtransfer predict
-    ...`` runs batch inference to a CSV (``medtransfer.predict``); ``fit``, ``validate`` and ``test`` are
-    Lightning's.
+    ``fit``, ``validate`` and ``test`` are Lightning's; the commands in ``COMMANDS`` (``predict``, ``evaluate``,
+    ``compare``, ``baseline``, ``learning-curve``, ``search``) each live in their own module.
     """
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["evaluate"]:
-        from medtransfer.evaluate import main as evaluate_main
+    if argv[:1] and argv[0] in COMMANDS:
+        import importlib
 
-        evaluate_main(argv[1:])
+        importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
         return
-    if argv[:1] == ["predict"]:
-        from medtransfer.predict import main as predict_main
-
-        predict_main(argv[1:])
-        return
-    _quiet_third_party_noise()
     with exit_on_user_error():
-        MedTransferCLI(
-            ClassifierModule,
-            ClassificationDataModule,
-            subclass_mode_data=True,
-            save_config_callback=LogConfigToMLflow,
-            save_config_kwargs={"save_to_log_dir": False},
-            trainer_defaults={
-                "logger": {"class_path": "medtransfer.tracking.mlflow.MLflowLogger"},
-                "callbacks": [MLflowRunTracking(), EpochSummary(), TestReportPlots()],
-                "default_root_dir": "mlruns",
-            },
-            seed_everything_default=0,
-            args=args,
-        )
+        build_cli(args)
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> MedTransferCLI:
+    """The project's LightningCLI over ``args`` (``["fit", "--config", ...]``); runs the subcommand if ``run``."""
+    _quiet_third_party_noise()
+    return MedTransferCLI(
+        ClassifierModule,
+        ClassificationDataModule,
+        subclass_mode_data=True,
+        save_config_callback=LogConfigToMLflow,
+        save_config_kwargs={"save_to_log_dir": False},
+        trainer_defaults={
+            "logger": {"class_path": "medtransfer.tracking.mlflow.MLflowLogger"},
+            "callbacks": [MLflowRunTracking(), EpochSummary(), TestReportPlots()],
+            "default_root_dir": "mlruns",
+        },
+        seed_everything_default=0,
+        args=args,
+        run=run,
+    )
 
 
 if __name__ == "__main__":

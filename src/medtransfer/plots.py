@@ -47,7 +47,7 @@ def plot_risk_coverage(coverage: Sequence[float], risk: Sequence[float], aurc: f
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.step(coverage, risk, where="post", lw=2, label=f"AURC {aurc:.4f}")
     for name, (cov, rsk) in (marks or {}).items():
-        ax.scatter(cov, rsk, zorder=3, label=f"{name}: coverage {cov:.0%}, risk {rsk:.3f}")
+        ax.scatter(cov, rsk, c="crimson", zorder=3, label=f"{name}: coverage {cov:.0%}, risk {rsk:.3f}")
     ax.set(xlabel="coverage (share of cases decided)", ylabel="selective risk (error rate)", xlim=(0, 1.01),
            title="Risk-coverage")  # fmt: skip
     ax.set_ylim(bottom=0)

@@ -1,6 +1,6 @@
 """Batch inference: a trained checkpoint over a folder, glob or CSV of images, to a CSV of decisions.
 
-``medtransfer predict IMAGES CHECKPOINT --output predictions.csv`` (also ``python -m
+``medtransfer predict IMAGES MODEL --output predictions.csv`` (also ``python -m
 medtransfer.predict``). Each row holds the path, one probability per class, the predicted label, the decision
 with the stored (validation-fitted) threshold and abstention band — ``positive``/``negative``/``abstain`` for
 a binary task — and an ``error`` for files that could not be read, which are skipped, never fatal. Rows are
@@ -10,13 +10,16 @@ interrupted run never leaves half a CSV.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
+import heapq
 import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,10 +31,15 @@ from medtransfer.data.readers import SUPPORTED_SUFFIXES, read_image
 from medtransfer.data.tables import read_csv_table, require_columns
 from medtransfer.data.transforms import build_eval_transform
 from medtransfer.errors import DataError, exit_on_user_error
-from medtransfer.files import atomic_open
+from medtransfer.explain import grad_cam, save_overlay
+from medtransfer.files import atomic_open, write_text_atomic
 from medtransfer.models.classifier import ClassifierModule
+from medtransfer.models.decision import DecisionRule
+from medtransfer.models.inference import ProbabilityModel, input_settings
+from medtransfer.tracking.mlflow import resolve_tracking_uri
+from medtransfer.tracking.model_logging import tracking_at
 
-__all__ = ["collect_images", "load_predictor", "main", "run_predict"]
+__all__ = ["Predictor", "collect_images", "load_predictor", "main", "run_predict"]
 
 _logger = logging.getLogger(__name__)
 
@@ -53,22 +61,91 @@ def collect_images(source: str, path_column: str = "path") -> list[Path]:
     return matches
 
 
-def load_predictor(checkpoint: str | Path, device: str = "cpu") -> tuple[ClassifierModule, dict[str, Any], list[str]]:
-    """The model of a Lightning checkpoint (loaded with ``weights_only=True``), its input settings, class names."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise DataError(f"Checkpoint not found: {checkpoint}")
-    raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model = ClassifierModule.load_from_checkpoint(checkpoint, pretrained="none", map_location=device, weights_only=True)
-    config = model.data_config
-    settings = raw.get("input") or {
-        "size": config["input_size"][-1], "mean": config["mean"], "std": config["std"],
-        "interpolation": config.get("interpolation", "bilinear"), "channels": model.hparams.in_chans,
-    }  # fmt: skip
-    names = raw.get("class_names") or [str(i) for i in range(model.hparams.num_classes)]
-    if model.hparams.task == "binary" and len(names) == 1:
-        names = ["negative", names[0]]
-    return model.eval().to(device), settings, names
+@dataclass
+class Predictor:
+    """A trained model ready for batch prediction, from a checkpoint or an MLflow model.
+
+    ``network`` maps normalised images to probabilities (``ProbabilityModel`` or its MLflow export), ``rule``
+    turns them into decisions and referrals, ``settings`` describe the input it was trained on, and ``label``
+    names the model in every output row (checkpoint path, or MLflow URI with the registered version).
+    """
+
+    network: torch.nn.Module
+    rule: DecisionRule
+    task: str
+    class_names: list[str]
+    settings: dict[str, Any]
+    label: str
+
+
+def _binary_names(task: str, names: list[str]) -> list[str]:
+    return ["negative", names[0]] if task == "binary" and len(names) == 1 else names
+
+
+def load_predictor(model: str | Path, device: str = "cpu", tracking_uri: str | None = None) -> Predictor:
+    """A checkpoint file (loaded with ``weights_only=True``) or an MLflow model URI (``runs:/<id>/model``,
+    ``models:/<name>/<version or alias>``; loaded from its ``torch.export`` archive, no pickle)."""
+    if _is_model_uri(str(model)):
+        return _load_mlflow_model(str(model), device, tracking_uri)
+    checkpoint_path = Path(model)
+    if not checkpoint_path.is_file():
+        raise DataError(f"Checkpoint not found: {checkpoint_path} (or give an MLflow URI: runs:/<run id>/model)")
+    raw = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    classifier = ClassifierModule.load_from_checkpoint(checkpoint_path, pretrained="none", map_location="cpu")
+    task = classifier.hparams.task
+    names = raw.get("class_names") or [str(i) for i in range(classifier.hparams.num_classes)]
+    return Predictor(
+        network=ProbabilityModel(classifier).eval().to(device),
+        rule=classifier.decision_rule,
+        task=task,
+        class_names=_binary_names(task, [str(n) for n in names]),
+        settings=input_settings(classifier, raw),
+        label=str(model),
+    )
+
+
+def _registered_version(reference: str) -> str:
+    """``name/version`` for ``name/<version>``, ``name@<alias>`` or ``name/<stage or 'latest'>``."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if "@" in reference:
+        name, alias = reference.split("@", 1)
+        return f"{name}/{client.get_model_version_by_alias(name, alias).version}"
+    name, _, ref = reference.partition("/")
+    if ref.isdigit():
+        return reference
+    stages = None if ref.lower() == "latest" else [ref]
+    latest = client.get_latest_versions(name, stages=stages)
+    return f"{name}/{max(int(v.version) for v in latest)}" if latest else reference
+
+
+def _is_model_uri(model: str) -> bool:
+    return model.split(":", 1)[0] in ("runs", "models", "file", "mlflow-artifacts", "s3", "gs", "http", "https")
+
+
+def _load_mlflow_model(uri: str, device: str, tracking_uri: str | None) -> Predictor:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    with tracking_at(resolve_tracking_uri(tracking_uri)):
+        try:
+            metadata = mlflow.models.get_model_info(uri).metadata or {}
+            network = mlflow.pytorch.load_model(uri, device=device)
+            label = f"models:/{_registered_version(uri[len('models:/') :])}" if uri.startswith("models:/") else uri
+        except (MlflowException, OSError) as err:
+            raise DataError(f"Cannot load MLflow model {uri}: {str(err).splitlines()[0]}") from err
+    if "decision" not in metadata:
+        raise DataError(f"MLflow model {uri} was not logged by medtransfer (no decision rule in its metadata)")
+    task = metadata["task"]
+    return Predictor(
+        network=network,
+        rule=DecisionRule.from_dict(metadata["decision"]),
+        task=task,
+        class_names=_binary_names(task, metadata["class_names"]),
+        settings=metadata["input"],
+        label=label,
+    )
 
 
 class _Images(Dataset):
@@ -94,10 +171,10 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[in
     return [i for i, _ in good], images, failed
 
 
-def _rows(model: ClassifierModule, probs: torch.Tensor, names: list[str]) -> Iterator[dict[str, Any]]:
-    decisions, abstains = model.decide(probs), model.abstains(probs)
+def _rows(predictor: Predictor, probs: torch.Tensor) -> Iterator[dict[str, Any]]:
+    rule, names, task = predictor.rule, predictor.class_names, predictor.task
+    decisions, abstains = rule.decide(probs), rule.abstains(probs)
     for p, decision, abstain in zip(probs.tolist(), decisions.tolist(), abstains.tolist(), strict=True):
-        task = model.hparams.task
         if task == "binary":
             row = {f"prob_{names[1]}": round(p, 6), "prediction": names[decision]}
             row["decision"] = "abstain" if abstain else ("positive" if decision else "negative")
@@ -113,66 +190,181 @@ def _rows(model: ClassifierModule, probs: torch.Tensor, names: list[str]) -> Ite
         yield row
 
 
+class _HeatmapWriter:
+    """Grad-CAM overlays for the selected images of each batch, or for the ``top_k`` most positive at the end
+    (a bounded heap of probabilities, so memory stays flat)."""
+
+    def __init__(self, predictor: Predictor, folder: Path, which: str, top_k: int) -> None:
+        if not hasattr(getattr(predictor.network, "backbone", None), "forward_features"):
+            raise DataError(
+                f"--heatmaps needs the model's layers; {predictor.label} is an exported graph. "
+                "Give the checkpoint instead (MLflow keeps it under the run's checkpoints/ artifacts)."
+            )
+        if which == "top_k" and top_k < 1:
+            raise DataError(f"top_k must be at least 1, got {top_k}")
+        self.predictor, self.folder, self.which, self.top_k = predictor, Path(folder), which, top_k
+        self.heap: list[tuple[float, int]] = []
+        self.written: list[str] = []
+
+    def _score(self, probs: torch.Tensor) -> torch.Tensor:
+        return probs if probs.ndim == 1 else probs.max(dim=-1).values
+
+    def _write(self, images: torch.Tensor, paths: list[Path], indices: list[int]) -> list[str]:
+        with torch.autocast(images.device.type, enabled=False):
+            maps = grad_cam(self.predictor.network, images.float()).cpu()
+        names = []
+        for heatmap, path, index in zip(maps, paths, indices, strict=True):
+            target = self.folder / f"{index:06d}_{path.stem}.png"
+            names.append(str(save_overlay(target, read_image(path), heatmap)))
+        self.written.extend(names)
+        return names
+
+    def add(self, batch: torch.Tensor, probs: torch.Tensor, rows: list[dict], paths: list[Path], indices: list[int]):
+        if self.which == "top_k":
+            for score, index in zip(self._score(probs).tolist(), indices, strict=True):
+                (heapq.heappush if len(self.heap) < self.top_k else heapq.heappushpop)(self.heap, (score, index))
+            return
+        chosen = [j for j, row in enumerate(rows) if self._selected(row["decision"])]
+        if chosen:
+            names = self._write(batch[chosen], [paths[j] for j in chosen], [indices[j] for j in chosen])
+            for j, name in zip(chosen, names, strict=True):
+                rows[j]["heatmap"] = name
+
+    def _selected(self, decision: str) -> bool:
+        if self.which == "all":
+            return True
+        if self.which == "abstain":
+            return decision.startswith("abstain")
+        return decision not in ("negative",) and not decision.startswith("abstain")
+
+    def write_top_k(self, paths: list[Path], transform: Any, device: str) -> None:
+        chosen = [index for _, index in sorted(self.heap, reverse=True)]
+        if chosen:
+            images = torch.stack([transform(image=read_image(paths[i]))["image"] for i in chosen]).to(device)
+            self._write(images, [paths[i] for i in chosen], chosen)
+
+
+Precision = Literal["32", "bf16", "16"]
+
+
+def _autocast(device: str, precision: Precision) -> contextlib.AbstractContextManager:
+    if precision == "32":
+        return contextlib.nullcontext()
+    if precision == "16" and device == "cpu":
+        raise DataError("--precision 16 needs a GPU; on the CPU use --precision bf16 or 32")
+    return torch.autocast(device_type=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def prepare_network(
+    network: torch.nn.Module, channels_last: bool = False, compile: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The network with the requested memory format and, optionally, compiled by ``torch.compile``."""
+    if channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    return torch.compile(network) if compile else network
+
+
 def run_predict(
     images: str,
-    checkpoint: str,
+    model: str,
     output: Path = Path("predictions.csv"),
     summary: Path | None = None,
+    heatmaps: Path | None = None,
+    heatmaps_for: Literal["all", "positive", "abstain", "top_k"] = "all",
+    top_k: int = 20,
     path_column: str = "path",
     batch_size: int = 64,
     num_workers: int = 0,
     device: Literal["auto", "cpu", "cuda"] = "auto",
+    precision: Precision = "32",
+    channels_last: bool = False,
+    compile: bool = False,
+    tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Predict every image and write one CSV row each.
 
     Args:
         images: a folder (searched recursively), a glob pattern, or a CSV with a path column.
-        checkpoint: a Lightning checkpoint written by ``medtransfer fit``.
+        model: a Lightning checkpoint written by ``medtransfer fit``, or an MLflow model URI it logged
+            (``runs:/<run id>/model``, ``models:/<name>/<version or alias>``).
         output: the CSV to write (atomically, when all images are done).
         summary: optional JSON with counts per decision, coverage and the unreadable files.
+        heatmaps: optional folder for Grad-CAM overlays (``<row>_<name>.png``) over the original images,
+            explaining the positive class (binary), the predicted class or the top label; each is listed in a
+            ``heatmap`` column. Needs a checkpoint (an MLflow model is a traced graph without its layers).
+        heatmaps_for: which images get one: ``all``, those decided ``positive`` (or, for multi-class and
+            multi-label, decided at all), the ``abstain``-ed ones (referred to a radiologist), or the ``top_k``
+            most positive (highest probability of the explained class; chosen after all rows are written).
+        top_k: how many images ``heatmaps_for: top_k`` explains.
         path_column: the column of image paths when ``images`` is a CSV.
         batch_size: images per forward pass.
         num_workers: loader worker processes decoding images.
         device: ``auto`` uses a GPU when there is one.
+        precision: ``32``, or autocast to ``bf16`` (GPU or CPU) / ``16`` (GPU) for speed.
+        channels_last: NHWC memory format (faster convolutions on recent GPUs and some CPUs).
+        compile: ``torch.compile`` the network first (pays off on large folders).
+        tracking_uri: MLflow store for ``runs:/`` and ``models:/`` URIs (default: ``$MLFLOW_TRACKING_URI``,
+            else ``mlruns/mlflow.db``).
     """
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     paths = collect_images(images, path_column)
-    model, settings, names = load_predictor(checkpoint, device)
+    predictor = load_predictor(model, device, tracking_uri)
+    settings = predictor.settings
+    network = prepare_network(predictor.network, channels_last, compile)
     transform = build_eval_transform(
         settings["size"], settings["channels"], settings["mean"], settings["std"], settings["interpolation"]
     )
-    loader = DataLoader(_Images(paths, transform), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    loader = DataLoader(
+        _Images(paths, transform),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=device == "cuda",
+    )
     output = Path(output)
     counts: Counter[str] = Counter()
     failures: list[dict[str, str]] = []
-    columns = ["path", *(f"prob_{n}" for n in (names[1:] if model.hparams.task == "binary" else names))]
-    columns += ["prediction", "decision", "error", "checkpoint"]
+    names = predictor.class_names
+    columns = ["path", *(f"prob_{n}" for n in (names[1:] if predictor.task == "binary" else names))]
+    columns += ["prediction", "decision", "error", "model"]
+    explainer = _HeatmapWriter(predictor, heatmaps, heatmaps_for, top_k) if heatmaps is not None else None
+    if explainer is not None and heatmaps_for != "top_k":
+        columns.append("heatmap")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     start = time.perf_counter()
-    with atomic_open(output, "w", newline="") as handle, torch.inference_mode():
+    with atomic_open(output, "w", newline="") as handle, torch.inference_mode(), _autocast(device, precision):
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         progress = tqdm(total=len(paths), unit="img", desc="predict", disable=None)
         for indices, batch, failed in loader:
             if batch is not None:
-                probs = model.predict_proba(model(batch.to(device))).cpu()
-                for index, row in zip(indices, _rows(model, probs, names), strict=True):
+                batch = batch.to(device, non_blocking=True, memory_format=memory_format)
+                probs = network(batch).float().cpu()
+                rows = list(_rows(predictor, probs))
+                if explainer is not None:
+                    explainer.add(batch, probs, rows, [paths[i] for i in indices], indices)
+                for index, row in zip(indices, rows, strict=True):
                     counts[row["decision"]] += 1
-                    writer.writerow({"path": str(paths[index]), **row, "error": "", "checkpoint": checkpoint})
+                    writer.writerow({"path": str(paths[index]), **row, "error": "", "model": predictor.label})
             for index, error in failed:
                 failures.append({"path": str(paths[index]), "error": error})
                 writer.writerow({"path": str(paths[index]), "decision": "error", "error": error,
-                                 "checkpoint": checkpoint})  # fmt: skip
+                                 "model": predictor.label})  # fmt: skip
             progress.update(len(indices) + len(failed))
         progress.close()
+    if explainer is not None and heatmaps_for == "top_k":
+        explainer.write_top_k(paths, transform, device)
     seconds = time.perf_counter() - start
     decided = sum(v for k, v in counts.items() if not k.startswith("abstain"))
     result = {
         "images": len(paths), "predicted": sum(counts.values()), "unreadable": len(failures),
         "decisions": dict(counts), "coverage": decided / max(1, sum(counts.values())),
-        "images_per_second": len(paths) / seconds if seconds else None, "output": str(output), "failures": failures,
+        "images_per_second": len(paths) / seconds if seconds else None, "output": str(output),
+        "model": predictor.label, "failures": failures,
+        "heatmaps": explainer.written if explainer is not None else [],
     }  # fmt: skip
     if summary is not None:
-        Path(summary).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(Path(summary), json.dumps(result, indent=2) + "\n")
     print(f"{result['predicted']} predicted, {len(failures)} unreadable, coverage {result['coverage']:.1%} -> {output}")
     return result
 

@@ -17,6 +17,7 @@ from medtransfer.metrics import functional as F
 from medtransfer.metrics.calibration import fit_temperature
 from medtransfer.metrics.thresholds import ThresholdPolicy, fit_thresholds
 from medtransfer.models.backbones import create_backbone
+from medtransfer.models.decision import DecisionRule
 
 __all__ = ["ClassifierModule"]
 
@@ -129,20 +130,24 @@ class ClassifierModule(LightningModule):
         logits = logits / self.temperature
         return logits.softmax(dim=-1) if self.hparams.task == "multiclass" else logits.sigmoid()
 
+    @property
+    def decision_rule(self) -> DecisionRule:
+        """The stored threshold(s) and abstention band as a rule that works on probabilities alone."""
+        return DecisionRule(
+            self.hparams.task, self.decision_threshold, self.min_confidence, self.hparams.confidence_score
+        )
+
     def decide(self, probs: Tensor) -> Tensor:
         """Predicted labels: ``probs >= decision_threshold`` (per label) or the most probable class."""
-        if self.hparams.task == "multiclass":
-            return probs.argmax(dim=-1)
-        return (probs >= self.decision_threshold).long()
+        return self.decision_rule.decide(probs)
 
     def confidence(self, probs: Tensor) -> Tensor:
         """Confidence of each decision (see ``confidence_score``), around the stored threshold(s)."""
-        threshold = self.decision_threshold if self.hparams.task == "multilabel" else float(self.decision_threshold)
-        return F.confidence_scores(probs, self.hparams.task, threshold, self.hparams.confidence_score)
+        return self.decision_rule.confidence(probs)
 
     def abstains(self, probs: Tensor) -> Tensor:
         """True where the model refers the case instead of deciding (inside the abstention band)."""
-        return self.confidence(probs) < self.min_confidence
+        return self.decision_rule.abstains(probs)
 
     @property
     def abstention_band(self) -> tuple[float, float]:
@@ -194,7 +199,8 @@ class ClassifierModule(LightningModule):
         loss, logits, y = self.model_step(batch)
         y = y.long()  # multi-label targets arrive as floats (for BCE); metrics want integers
         probs = self.predict_proba(logits)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        # sync_dist: under DDP the epoch loss is the mean over every rank's batches, not rank 0's alone
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         if stage == "test":
             self.test_logits.update(logits)
             self.test_targets.update(y)

@@ -1,20 +1,43 @@
-"""Lightning's ``MLFlowLogger`` with medtransfer's defaults: an embedded store under ``mlruns/``."""
+"""Lightning's ``MLFlowLogger`` with medtransfer's defaults: an embedded store under ``mlruns/``, or a remote
+tracking server that is checked before training starts."""
 
 from __future__ import annotations
 
 import logging
 import os
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
 
-__all__ = ["DEFAULT_TRACKING_URI", "MLflowLogger", "local_sqlite_path"]
+from medtransfer.errors import MedtransferError
+
+__all__ = [
+    "DEFAULT_TRACKING_URI",
+    "PROBE_TIMEOUT_S",
+    "MLflowLogger",
+    "check_reachable",
+    "local_sqlite_path",
+    "resolve_tracking_uri",
+]
 
 _logger = logging.getLogger(__name__)
 
 #: The embedded store: a SQLite database in ``mlruns/`` (artifacts go to ``mlruns/artifacts``).
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded store; a SQLite path made absolute."""
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    database = local_sqlite_path(tracking_uri)
+    return f"sqlite:///{database.resolve()}" if database is not None else tracking_uri
 
 
 def local_sqlite_path(tracking_uri: str) -> Path | None:
@@ -23,12 +46,47 @@ def local_sqlite_path(tracking_uri: str) -> Path | None:
     return Path(tracking_uri[len(prefix) :]) if tracking_uri.startswith(prefix) else None
 
 
+#: Seconds to wait for a tracking server's answer before calling it unreachable.
+PROBE_TIMEOUT_S = 5.0
+
+
+def check_reachable(
+    tracking_uri: str, timeout: float = PROBE_TIMEOUT_S, hint: str = "unset MLFLOW_TRACKING_URI"
+) -> None:
+    """Raise ``MedtransferError`` unless the ``http(s)://`` tracking server at ``tracking_uri`` answers.
+
+    MLflow's client retries a refused connection with backoff for minutes, and only once the first metric is
+    logged; one ``GET <uri>/health`` up front turns that into an immediate one-line error. Any HTTP answer
+    counts as reachable (a proxy may guard ``/health``); only a failed connection or a timeout does not. Other
+    stores (``sqlite:``, ``file:``, ``databricks``) are not probed.
+
+    Args:
+        tracking_uri: the MLflow tracking URI.
+        timeout: seconds to wait for the answer.
+        hint: how to fall back to the embedded store, for the message.
+    """
+    if urlsplit(tracking_uri).scheme not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        return  # the server answered, if not with 200
+    except (OSError, ValueError) as err:  # URLError (refused, unknown host), TimeoutError, a malformed URI
+        reason = getattr(err, "reason", None) or err
+        raise MedtransferError(
+            f"MLflow tracking server {tracking_uri} is unreachable: {reason} "
+            f"(start it, or {hint} to use the embedded store mlruns/)"
+        ) from None
+
+
 class MLflowLogger(MLFlowLogger):
     """``MLFlowLogger`` that defaults to the embedded store and can continue an existing run.
 
     The tracking URI is ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlruns/mlflow.db``
     (relative to the working directory, as ``make ui`` expects, and made absolute here). For a local SQLite
-    store the folder is created and new experiments keep their artifacts in ``<folder>/artifacts``.
+    store the folder is created and new experiments keep their artifacts in ``<folder>/artifacts``. A
+    tracking server (``http(s)://``) must answer here, before any data is loaded (``check_reachable``).
 
     Args:
         experiment_name: MLflow experiment that runs are grouped under.
@@ -50,7 +108,9 @@ class MLflowLogger(MLFlowLogger):
         artifact_location: str | None = None,
         run_id: str | None = None,
     ) -> None:
+        hint = "remove the logger's tracking_uri" if tracking_uri else "unset MLFLOW_TRACKING_URI"
         tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+        check_reachable(tracking_uri, hint=hint)
         database = local_sqlite_path(tracking_uri)
         if database is not None:  # absolute, so the store does not depend on later changes of directory
             database = database.resolve()
@@ -87,3 +147,46 @@ class MLflowLogger(MLFlowLogger):
         """Name the run to be created, unless the user named it."""
         if self._run_name is None and not self._initialized:
             self._run_name = run_name
+
+    def skip_logged_steps(self) -> None:
+        """Drop metric values at steps the run already has: for a resumed fit, which replays logging.
+
+        Lightning resumes a fit from the last checkpoint and redoes what followed it, so whatever was logged
+        after that checkpoint was written (the validation metrics of an epoch killed before its save) is logged
+        again at the same steps. The run's history is read on the first ``log_metrics`` after this call; the
+        first value logged at a step is the one kept (MLflow cannot replace a logged value).
+        """
+        self._history_pending = self.skips_logged_steps = True
+
+    #: Whether ``skip_logged_steps`` was called: metric values at steps the run has are dropped.
+    skips_logged_steps = False
+
+    @property
+    def last_logged_steps(self) -> dict[str, int]:
+        """The highest step logged so far for each metric key (this session, plus the run's history after
+        ``skip_logged_steps``)."""
+        if "_last_steps" not in self.__dict__:
+            self._last_steps: dict[str, int] = {}
+        if self.__dict__.pop("_history_pending", False) and self.run_id is not None:
+            client = self.experiment
+            for key in client.get_run(self.run_id).data.metrics:
+                steps = [m.step for m in client.get_metric_history(self.run_id, key)]
+                self._last_steps[key] = max([self._last_steps.get(key, -1), *steps])
+        return self._last_steps
+
+    @override
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log ``metrics`` at ``step``, keeping one value per metric and step: a value at a step not after the
+        last one logged for its key is dropped. Lightning logs ``epoch`` twice per epoch (with the validation
+        and with the training metrics) and replays an epoch's end on resume; neither adds a second point."""
+        if step is not None:
+            last = self.last_logged_steps
+            skipped = sorted(k for k in metrics if last.get(k, -1) >= step)
+            if skipped:
+                _logger.debug("Not logging %s at step %d: already logged up to that step", skipped, step)
+            metrics = {k: v for k, v in metrics.items() if k not in skipped}
+            last.update(dict.fromkeys(metrics, step))
+            if not metrics:
+                return
+        super().log_metrics(metrics, step)

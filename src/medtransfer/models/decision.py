@@ -1,0 +1,72 @@
+"""How a model's probabilities become decisions: threshold(s), and the abstention band that refers a case.
+
+The rule is fitted on validation data by ``ClassifierModule`` and stored with its weights; it is kept apart from
+the network so an exported model (a torch.export graph in MLflow, which computes only probabilities) decides
+exactly as the checkpoint does: ``predict`` rebuilds it from the MLflow model's metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from medtransfer.metrics import functional as F
+
+__all__ = ["DecisionRule"]
+
+Task = Literal["binary", "multiclass", "multilabel"]
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """Decisions and referrals from probabilities.
+
+    Args:
+        task: ``binary`` (probabilities ``(N,)``), ``multiclass`` (``(N, C)``, softmax) or ``multilabel``
+            (``(N, L)``, one sigmoid per label).
+        threshold: the decision threshold (binary), one per label (multi-label); unused for multi-class.
+        min_confidence: a case (or label) whose confidence is below this is referred (abstained on).
+        confidence_score: ``margin`` (distance to the threshold; top-1 minus top-2) or ``max_prob``.
+    """
+
+    task: Task
+    threshold: Tensor
+    min_confidence: Tensor
+    confidence_score: F.Score = "margin"
+
+    def decide(self, probs: Tensor) -> Tensor:
+        """Predicted labels: ``probs >= threshold`` (per label), or the most probable class."""
+        if self.task == "multiclass":
+            return probs.argmax(dim=-1)
+        return (probs >= self.threshold.to(probs.device)).long()
+
+    def confidence(self, probs: Tensor) -> Tensor:
+        """How sure each decision is (see ``confidence_score``), around the threshold(s)."""
+        threshold = self.threshold.to(probs.device) if self.task == "multilabel" else float(self.threshold)
+        return F.confidence_scores(probs, self.task, threshold, self.confidence_score)
+
+    def abstains(self, probs: Tensor) -> Tensor:
+        """True where the case (or label) falls in the abstention band and is referred to a human."""
+        return self.confidence(probs) < self.min_confidence.to(probs.device)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values, for MLflow model metadata."""
+        return {
+            "task": self.task,
+            "threshold": self.threshold.tolist(),
+            "min_confidence": self.min_confidence.tolist(),
+            "confidence_score": self.confidence_score,
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DecisionRule:
+        """The rule ``to_dict`` wrote."""
+        return cls(
+            task=values["task"],
+            threshold=torch.tensor(values["threshold"], dtype=torch.float32),
+            min_confidence=torch.tensor(values["min_confidence"], dtype=torch.float32),
+            confidence_score=values.get("confidence_score", "margin"),
+        )

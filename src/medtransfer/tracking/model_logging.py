@@ -1,0 +1,109 @@
+"""Log the best model of a fit as an MLflow model, and register it, so ``models:/<name>/<version>`` works.
+
+The model is ``ProbabilityModel`` exported by ``mlflow.pytorch`` in its ``pt2`` format (``torch.export``: no
+pickle, so loading runs no stored code), with a tensor signature and an input example; the decision rule
+(thresholds, abstention band), class names and input settings go in the MLflow model's metadata, which
+``medtransfer predict`` reads to decide exactly as the checkpoint would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
+import medtransfer
+from medtransfer.models.classifier import ClassifierModule
+from medtransfer.models.inference import ProbabilityModel, example_input, input_settings
+from medtransfer.tracking.callbacks import find_mlflow_logger
+
+__all__ = ["LogModelToMLflow", "model_metadata", "tracking_at"]
+
+_logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def tracking_at(tracking_uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (which ``mlflow.pytorch`` uses) at ``tracking_uri`` for a while, then restore it;
+    ``mlflow.set_tracking_uri`` also sets ``$MLFLOW_TRACKING_URI``, which later fits in the process would inherit."""
+    previous_uri, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+
+
+def model_metadata(classifier: ClassifierModule, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """What ``predict`` needs beside the network: task, class names, input settings and the decision rule."""
+    names = checkpoint.get("class_names") or [str(i) for i in range(classifier.hparams.num_classes)]
+    return {
+        "medtransfer_version": getattr(medtransfer, "__version__", "unknown"),
+        "backbone": classifier.hparams.backbone,
+        "task": classifier.hparams.task,
+        "class_names": [str(n) for n in names],
+        "input": input_settings(classifier, checkpoint),
+        "decision": classifier.decision_rule.to_dict(),
+    }
+
+
+class LogModelToMLflow(Callback):
+    """At the end of ``fit``, log the best checkpoint's model to the run as ``model`` and register it.
+
+    Args:
+        enabled: log the model at all (exporting takes a few seconds).
+        registered_model_name: name in the MLflow model registry; ``None`` registers it as
+            ``<backbone>-<dataset>`` (e.g. ``tf_efficientnet_lite0-pneumoniamnist``); ``""`` does not register.
+    """
+
+    def __init__(self, enabled: bool = True, registered_model_name: str | None = None) -> None:
+        self.enabled = enabled
+        self.registered_model_name = registered_model_name
+
+    def _registry_name(self, trainer: Trainer, pl_module: LightningModule) -> str | None:
+        if self.registered_model_name is not None:
+            return self.registered_model_name or None
+        dataset = getattr(trainer.datamodule, "name", None) or "data"
+        return f"{pl_module.hparams.backbone}-{dataset}"
+
+    @override
+    @rank_zero_only
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        logger = find_mlflow_logger(trainer)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not self.enabled or logger is None or trainer.interrupted or not best or not Path(best).is_file():
+            return
+        checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+        classifier = ClassifierModule.load_from_checkpoint(best, pretrained="none", map_location="cpu")
+        network = ProbabilityModel(classifier).eval()
+        metadata = model_metadata(classifier, checkpoint)
+        name = self._registry_name(trainer, pl_module)
+        example = example_input(metadata["input"]).numpy()
+        # mlflow.pytorch logs into the fluent API's active run: make it the logger's run for this call.
+        with torch.no_grad(), tracking_at(logger._tracking_uri), mlflow.start_run(run_id=logger.run_id, nested=True):
+            info = mlflow.pytorch.log_model(
+                network,
+                name="model",
+                input_example=example,
+                metadata=metadata,
+                registered_model_name=name,
+                serialization_format="pt2",
+            )
+        version = getattr(info, "registered_model_version", None)
+        logger.experiment.set_tag(logger.run_id, "model_uri", f"runs:/{logger.run_id}/model")
+        if name and version is not None:
+            logger.experiment.set_tag(logger.run_id, "registered_model", f"models:/{name}/{version}")
+        _logger.info("Logged the best model of run %s to MLflow%s", logger.run_id, f" as {name}" if name else "")

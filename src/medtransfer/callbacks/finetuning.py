@@ -7,9 +7,11 @@ from typing import Literal
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -128,9 +130,26 @@ class FreezeThenFinetune(BaseFinetuning):
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainable = self._trainable_names(pl_module)
         super().on_train_epoch_start(trainer, pl_module)
+        if self._trainable_names(pl_module) != trainable:
+            self.rewrap_ddp(trainer, pl_module)
         self._set_batchnorm_modes(pl_module, trainer.current_epoch)
         self._log_schedule(trainer, pl_module)
+
+    @staticmethod
+    def _trainable_names(pl_module: LightningModule) -> set[str]:
+        return {name for name, p in pl_module.named_parameters() if p.requires_grad}
+
+    @staticmethod
+    def rewrap_ddp(trainer: Trainer, pl_module: LightningModule) -> None:
+        """Wrap the module in DDP again after an unfreeze: DDP all-reduces only the parameters that required grad
+        when it wrapped the module, so the unfrozen backbone would train on each rank's gradients alone
+        (Lightning issue #20340)."""
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+            strategy.model = pl_module
+            strategy.configure_ddp()
 
     def _log_schedule(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics = {

@@ -4,6 +4,7 @@ albumentations pipelines, seeded augmentation, and the data loaders. Subclasses 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -11,12 +12,12 @@ import albumentations as A
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
 from medtransfer.data.transforms import build_eval_transform, build_train_transform
 from medtransfer.errors import DataError
 
-__all__ = ["SPLITS", "ClassificationDataModule", "SeededTransformDataset"]
+__all__ = ["SPLITS", "ClassificationDataModule", "SeededTransformDataset", "TrainSubset", "stratified_subset"]
 
 _logger = logging.getLogger(__name__)
 
@@ -37,6 +38,64 @@ class SeededTransformDataset(Dataset):
     def seed_transform(self, seed: int) -> None:
         if hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(seed % 2**32)
+
+    def subset(self, indices: np.ndarray) -> SeededTransformDataset:
+        """The rows ``indices`` as a dataset of their own; subclasses may return their own type."""
+        return TrainSubset(self, indices)
+
+
+class TrainSubset(SeededTransformDataset):
+    """The rows ``indices`` of a dataset, with its targets and its (seedable) augmentation pipeline."""
+
+    def __init__(self, dataset: SeededTransformDataset, indices: np.ndarray) -> None:
+        self.dataset, self.indices = dataset, np.asarray(indices, dtype=np.int64)
+
+    @property
+    def transform(self) -> object:
+        return self.dataset.transform
+
+    @property
+    def targets(self) -> np.ndarray:
+        return np.asarray(self.dataset.targets)[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[int(self.indices[index])]
+
+
+def _strata(targets: np.ndarray) -> np.ndarray:
+    """One stratum per image: its class, or for multi-label 0/1 rows its first positive label (-1: none)."""
+    targets = np.asarray(targets)
+    if targets.ndim == 1:
+        return targets
+    positive = targets.reshape(len(targets), -1) > 0
+    return np.where(positive.any(axis=1), positive.argmax(axis=1), -1)
+
+
+def stratified_subset(targets: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """Sorted row indices of a seeded, stratified ``fraction`` of ``targets``.
+
+    Each stratum (class; for multi-label rows the first positive label, or none) keeps the first
+    ``ceil(fraction * n)`` rows of its own seeded permutation, so every stratum keeps at least one row, the
+    same seed gives the same rows, and for one seed a smaller fraction's rows lie inside a larger one's
+    (nested subsets: a learning curve adds data rather than drawing new data).
+    Stratifying multi-label data on the label-set string instead would make every rare combination its own
+    stratum of at least one row, inflating small fractions.
+
+    >>> stratified_subset(np.array([0, 0, 0, 0, 1, 1, 1, 1]), 0.25, seed=0).size
+    2
+    """
+    if not 0 < fraction <= 1:
+        raise DataError(f"Expected argument `train_fraction` to be in (0, 1], but got {fraction}")
+    strata = _strata(targets)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for stratum in np.unique(strata):  # sorted, so the draw does not depend on the order of the rows
+        rows = np.flatnonzero(strata == stratum)
+        keep.append(rng.permutation(rows)[: math.ceil(fraction * len(rows))])
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -73,6 +132,12 @@ class ClassificationDataModule(LightningDataModule):
         sampler: ``shuffle``, or ``balanced``: draw training images with replacement, each class equally
             often (inverse class frequency; binary and multi-class). For multi-label data weigh the loss
             instead (the model's ``class_weighting``).
+        train_fraction: train on a stratified, seeded subset of this share of the training split (learning
+            curves); validation and test stay whole. See :func:`stratified_subset`.
+        subset_seed: seed of that subset; one seed gives nested subsets across fractions.
+        min_epoch_samples: an epoch draws at least this many training images, cycling through a smaller
+            training set in fresh permutations, so that epoch-based schedules (unfreeze epoch, checkpointing,
+            one validation per epoch) still take enough steps on a small ``train_fraction``. 0: one pass.
     """
 
     def __init__(
@@ -93,8 +158,15 @@ class ClassificationDataModule(LightningDataModule):
         train_transforms: list[A.BasicTransform] | None = None,
         eval_transforms: list[A.BasicTransform] | None = None,
         sampler: Literal["shuffle", "balanced"] = "shuffle",
+        train_fraction: float = 1.0,
+        subset_seed: int = 0,
+        min_epoch_samples: int = 0,
     ) -> None:
         super().__init__()
+        if not 0 < train_fraction <= 1:
+            raise DataError(f"Expected argument `train_fraction` to be in (0, 1], but got {train_fraction}")
+        if min_epoch_samples < 0:
+            raise DataError(f"Expected argument `min_epoch_samples` to be >= 0, but got {min_epoch_samples}")
         # transform objects stay out of the checkpoint, so it loads with weights_only=True; the CLI logs them
         self.save_hyperparameters(ignore=["train_transforms", "eval_transforms"], logger=False)
         self.train_transforms, self.eval_transforms = train_transforms, list(eval_transforms or [])
@@ -145,6 +217,13 @@ class ClassificationDataModule(LightningDataModule):
             steps=self.train_transforms,
         )  # fmt: skip
         self.datasets = self.build_datasets(train_transform, eval_transform)
+        if hp.train_fraction < 1 and "train" in self.datasets:
+            full = self.datasets["train"]
+            self.datasets["train"] = full.subset(stratified_subset(full.targets, hp.train_fraction, hp.subset_seed))
+            _logger.info(
+                "Training on %d of %d images (train_fraction %g, subset_seed %d)",
+                len(self.datasets["train"]), len(full), hp.train_fraction, hp.subset_seed,
+            )  # fmt: skip
         empty = [split for split in SPLITS if split in self.datasets and len(self.datasets[split]) == 0]
         if empty:
             raise DataError(f"The {', '.join(empty)} split(s) of {type(self).__name__} hold no images")
@@ -161,11 +240,22 @@ class ClassificationDataModule(LightningDataModule):
         counts = np.bincount(targets)
         weights = torch.as_tensor(1.0 / counts[targets], dtype=torch.double)
         generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
-        return WeightedRandomSampler(weights, num_samples=len(targets), replacement=True, generator=generator)
+        return WeightedRandomSampler(weights, num_samples=self._epoch_samples(), replacement=True, generator=generator)
+
+    def _epoch_samples(self) -> int:
+        """Training images per epoch: the training set once, or ``min_epoch_samples`` if that is more."""
+        return max(len(self.datasets["train"]), self.hparams.min_epoch_samples)
+
+    def _train_sampler(self) -> torch.utils.data.Sampler | None:
+        if self.hparams.sampler == "balanced":
+            return self._balanced_sampler()
+        if self._epoch_samples() > len(self.datasets["train"]):  # fresh permutations, drawn from torch's RNG
+            return RandomSampler(self.datasets["train"], num_samples=self._epoch_samples())
+        return None
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         workers = self.hparams.num_workers
-        sampler = self._balanced_sampler() if shuffle and self.hparams.sampler == "balanced" else None
+        sampler = self._train_sampler() if shuffle else None
         return DataLoader(
             self.datasets[split],
             batch_size=self.hparams.batch_size,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from medtransfer.data.base import SPLITS, ClassificationDataModule, SeededTransformDataset
-from medtransfer.data.readers import read_image
+from medtransfer.data.readers import check_image, read_image
 from medtransfer.data.sources import (
     Manifest,
     chestxray14_manifest,
@@ -186,6 +186,12 @@ class ManifestDataset(SeededTransformDataset):
     def targets(self) -> np.ndarray:
         return self.manifest.targets
 
+    def subset(self, indices: np.ndarray) -> ManifestDataset:
+        subset = ManifestDataset(self.manifest.take(indices), self.transform)
+        if self.cache is not None:
+            subset.cache = [self.cache[i] for i in indices]
+        return subset
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         target = self.manifest.targets[index]
         target = torch.from_numpy(target.copy()) if target.ndim else int(target)
@@ -210,6 +216,21 @@ def _without_unreadable(manifest: Manifest) -> Manifest:
     return manifest.take([row for row in range(len(manifest)) if row not in bad])
 
 
+def _reject_unreadable(manifest: Manifest, show: int = 5) -> None:
+    """Raise one ``DataError`` naming the first ``show`` images whose header fails ``check_image``, if any."""
+    failures = []
+    for path in manifest.paths:
+        try:
+            check_image(path)
+        except DataError as err:
+            failures.append(str(err))
+    if failures:
+        raise DataError(
+            f"{len(failures)} of {len(manifest)} images cannot be read (bad_images: error; set bad_images: skip "
+            f"to train without them): " + "; ".join(failures[:show]) + ("; ..." if len(failures) > show else "")
+        )
+
+
 class ImageDataModule(ClassificationDataModule):
     """Images on disk, from any :class:`ManifestSource`, with the shared pipelines and loaders.
 
@@ -217,8 +238,10 @@ class ImageDataModule(ClassificationDataModule):
         source: the layout: ``ChestXray14Source``, ``CsvSource``, ``FolderSource`` or ``MuraSource``.
         cache: decode and resize every image once at setup and keep them in memory (fast epochs on data
             that fits in RAM: 100k images at 224 px take about 5 GB).
-        bad_images: ``error`` (default): a file that cannot be read stops the run, naming it, when it is
-            reached; ``skip``: read every image at setup and leave out those that fail, with a logged count.
+        bad_images: ``error`` (default): at setup every file's header is checked (cheap: no pixel is decoded)
+            and the run stops naming the first bad files; a body truncated after a good header still stops
+            the run, naming it, when it is reached; ``skip``: read every image at setup and leave out those that
+            fail, with a logged count.
         **kwargs: size, normalisation, augmentation and loader options of ``ClassificationDataModule``.
     """
 
@@ -252,22 +275,28 @@ class ImageDataModule(ClassificationDataModule):
 
     @property
     def positive_fraction(self) -> torch.Tensor:
-        """Share of positive training cases (per label), for class-weighted losses."""
-        targets = torch.as_tensor(self.manifest.subset("train").targets, dtype=torch.float32)
+        """Share of positive training cases (per label; of the ``train_fraction`` subset after ``setup``)."""
+        train = self.datasets["train"] if self.datasets else self.manifest.subset("train")
+        targets = torch.as_tensor(train.targets, dtype=torch.float32)
         return targets.mean(0)
 
     def build_datasets(self, train_transform, eval_transform) -> dict[str, ManifestDataset]:
         if self.hparams.bad_images == "skip":
             self.manifest = _without_unreadable(self.manifest)
-        datasets = {
+        else:
+            _reject_unreadable(self.manifest)
+        return {
             split: ManifestDataset(self.manifest.subset(split), train_transform if split == "train" else eval_transform)
             for split in SPLITS
         }
-        if self.hparams.cache:
+
+    def setup(self, stage: str | None = None) -> None:
+        fresh = not self.datasets
+        super().setup(stage)
+        if fresh and self.hparams.cache:  # after the train_fraction subset, so only the images in use are decoded
             size, _, _, interpolation = self.normalisation
-            for dataset in datasets.values():
+            for dataset in self.datasets.values():
                 dataset.fill_cache(size, interpolation)
-        return datasets
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.manifest!r}, source={type(self.source).__name__})"

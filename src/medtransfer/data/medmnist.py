@@ -81,6 +81,9 @@ class ArrayDataset(SeededTransformDataset):
     def targets(self) -> np.ndarray:
         return self.labels
 
+    def subset(self, indices: np.ndarray) -> ArrayDataset:
+        return ArrayDataset(self.images[indices], self.labels[indices], self.transform)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         label = self.labels[index]
         target = torch.from_numpy(label.copy()) if label.ndim else int(label)  # multi-label: a 0/1 vector
@@ -164,7 +167,7 @@ class MedMNISTDataModule(ClassificationDataModule):
     @property
     def positive_fraction(self) -> torch.Tensor:
         """Share of positive training cases (per label), for class-weighted losses; after ``setup``."""
-        return torch.as_tensor(self.datasets["train"].labels, dtype=torch.float32).mean(0)
+        return torch.as_tensor(self.datasets["train"].targets, dtype=torch.float32).mean(0)
 
     def build_datasets(self, train_transform, eval_transform) -> dict[str, ArrayDataset]:
         datasets = {}

@@ -1,0 +1,401 @@
+"""``medtransfer baseline``: logistic regression on downsampled pixels or on frozen backbone features.
+
+The yardstick a fine-tuned network has to beat. ``pixels`` resizes each image to ``pixel_size`` (gray) and
+flattens it; ``backbone`` feeds it through a frozen, pretrained timm backbone ("feature extraction", the
+cheapest form of transfer learning). Either way a scikit-learn ``StandardScaler`` + ``LogisticRegression``
+learns on the training split, its ``C`` is chosen by validation AUROC, and the decision threshold and
+abstention band are fitted on validation exactly as a network's are: the logistic regression stands in for
+the network's head inside a :class:`~medtransfer.models.classifier.ClassifierModule`, whose own code fits the
+threshold and writes the test report. The run therefore carries the same ``val/*`` and ``test/*`` metric
+names as a network run and sits beside it in ``medtransfer compare``. The test split is scored once, at the
+end; nothing is chosen on it.
+
+``medtransfer baseline --config configs/pneumonia_effnet_lite0.yaml`` reads the same YAML as ``fit``: its
+``data`` section is used as is; from ``model`` the settings this command shares carry over (``backbone``,
+``pretrained``, ``threshold_policy``, ``threshold_target``, ``target_coverage``, ``target_risk``,
+``confidence_score``); the sections only training uses (``trainer``, ``finetuning``, ``checkpoint``, ...) are
+skipped. Any other unknown key is an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchmetrics import MetricCollection
+from torchmetrics.functional.classification import multilabel_auroc
+
+from medtransfer.data.base import ClassificationDataModule
+from medtransfer.errors import DataError, exit_on_user_error
+from medtransfer.metrics import functional as F
+from medtransfer.metrics.thresholds import ThresholdPolicy, fit_thresholds
+from medtransfer.models.classifier import ClassifierModule
+
+__all__ = ["DEFAULT_CS", "BaselineResult", "baseline", "main"]
+
+_logger = logging.getLogger(__name__)
+
+Features = Literal["pixels", "backbone"]
+
+#: Inverse regularisation strengths tried, each scored by validation AUROC.
+DEFAULT_CS = (0.01, 0.1, 1.0, 10.0)
+
+#: Sections of a ``medtransfer fit`` config that only training uses; ``--config`` skips them.
+_TRAINING_SECTIONS = ("trainer", "finetuning", "checkpoint", "seed_everything", "test_after_fit", "ckpt_path",
+                      "optimizer", "lr_scheduler", "log_model")  # fmt: skip
+#: Keys of a fit config's ``model`` section that mean the same here.
+_SHARED_MODEL_KEYS = ("backbone", "pretrained", "threshold_policy", "threshold_target", "target_coverage",
+                      "target_risk", "confidence_score")  # fmt: skip
+#: The pixel baseline runs no network; ClassifierModule still wants a backbone, so it gets timm's tiniest.
+_PIXELS_STANDIN = "test_efficientnet"
+
+
+@dataclass
+class BaselineResult:
+    """What one baseline run produced: its MLflow run and model name, the chosen ``C``, every logged metric."""
+
+    run_id: str
+    name: str
+    experiment_id: str
+    tracking_uri: str
+    C: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class _FitConfigFile(ActionConfigFile):
+    """``--config``: a ``medtransfer fit`` YAML (or a baseline one), minus what only training uses."""
+
+    def __call__(self, parser, cfg, values, option_string=None):
+        path = Path(values)
+        source = path.read_text() if path.is_file() else values
+        try:
+            config = yaml.safe_load(source)
+        except yaml.YAMLError as err:
+            raise DataError(f"--config {values}: not valid YAML: {err}") from err
+        if not isinstance(config, dict):
+            raise DataError(f"--config {values}: expected a YAML mapping of options, got {type(config).__name__}")
+        model = config.pop("model", None) or {}
+        model = model.get("init_args", model) if isinstance(model, dict) else {}
+        for key in _TRAINING_SECTIONS:
+            config.pop(key, None)
+        for key in _SHARED_MODEL_KEYS:
+            if key in model:
+                config.setdefault(key, model[key])
+        self.apply_config(parser, cfg, self.dest, yaml.safe_dump(config))
+
+
+def _pipeline(max_iter: int, multilabel: bool) -> tuple[Any, Any]:
+    """StandardScaler + LogisticRegression (multinomial for several classes; one per label if multi-label),
+    and the logistic regression itself, whose ``C`` the search sets. It warm-starts from the previous fit:
+    the ``C`` grid is walked upwards, and each solution is a good start for the next (weaker) penalty."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    classifier = LogisticRegression(max_iter=max_iter, warm_start=True)
+    return make_pipeline(StandardScaler(), OneVsRestClassifier(classifier) if multilabel else classifier), classifier
+
+
+def _search_C(
+    Cs: Sequence[float], max_iter: int, module: ClassifierModule, x: dict[str, np.ndarray], y: dict[str, Tensor]
+) -> tuple[float, Any, Tensor, dict[float, float]]:
+    """Fit on the training split for each ``C``; keep the best by validation AUROC (ties: the smaller ``C``).
+
+    Returns the chosen ``C``, its fitted pipeline, its validation probabilities and every ``C``'s AUROC. The
+    test split is not an argument: nothing here can look at it.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+
+    task = module.hparams.task
+    pipeline, classifier = _pipeline(max_iter, task == "multilabel")
+    searched: dict[float, float] = {}
+    best: tuple[float, Any, Tensor] | None = None
+    for C in sorted(Cs):
+        classifier.set_params(C=C)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            pipeline.fit(x["train"], y["train"].numpy())
+        if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+            _logger.warning("C=%g: lbfgs did not converge in %d iterations. HINT: raise --max_iter.", C, max_iter)
+        probs = _probabilities(pipeline, x["val"], task)
+        searched[C] = float(module.val_metrics["val/auroc"].clone()(probs, y["val"]))
+        _logger.info("C=%g: validation AUROC %.4f", C, searched[C])
+        if best is None or searched[C] > searched[best[0]]:
+            best = (C, copy.deepcopy(pipeline), probs)
+    if len(searched) > 1 and best[0] in (min(searched), max(searched)):
+        _logger.warning("C=%g is at the edge of the grid %s. HINT: extend --Cs beyond it.", best[0], sorted(searched))
+    return (*best, searched)
+
+
+def _probabilities(model: Any, x: np.ndarray, task: str) -> Tensor:
+    """Probabilities shaped as the network's: ``(N,)`` positive class (binary), ``(N, C)`` otherwise."""
+    probs = torch.as_tensor(model.predict_proba(x), dtype=torch.float32)
+    return probs[:, 1] if task == "binary" else probs
+
+
+def _prepare_data(data: ClassificationDataModule, features: Features, pixel_size: int, config: dict) -> None:
+    """Set ``data`` up for feature extraction: no augmentation, and the input settings a model would give.
+
+    A data module takes image size, mean and std from the model it is attached to; nothing is attached here,
+    so unset values are filled in ``hparams`` from the backbone's timm data config (pixels: ``pixel_size``
+    and a neutral 0.5/0.5, which the standardisation undoes anyway). Training images go through the
+    evaluation pipeline: a baseline learns from the images as they are.
+    """
+    hp = data.hparams
+    if features == "backbone":
+        defaults = {"image_size": config["input_size"][-1], "mean": config["mean"], "std": config["std"],
+                    "interpolation": config.get("interpolation")}  # fmt: skip
+    else:
+        defaults = {"image_size": pixel_size, "mean": (0.5,) * hp.channels, "std": (0.5,) * hp.channels}
+    for key, value in defaults.items():
+        if hp.get(key) is None:
+            hp[key] = value
+    data.train_transforms = list(data.eval_transforms)
+    data.datasets = {}
+    data.prepare_data()
+    data.setup("fit")
+
+
+@torch.inference_mode()
+def _extract(
+    data: ClassificationDataModule, split: str, features: Features, pixel_size: int, module: ClassifierModule
+) -> tuple[np.ndarray, Tensor]:
+    """Feature matrix ``(N, D)`` and targets of one split, batch by batch."""
+    loader = DataLoader(data.datasets[split], batch_size=data.hparams.batch_size, num_workers=data.hparams.num_workers)
+    device = next(module.backbone.parameters()).device
+    rows, targets = [], []
+    for x, y in loader:
+        if features == "backbone":
+            rows.append(module.backbone(x.to(device)).float().cpu())
+        else:  # gray: the data modules replicate one channel to three
+            x = x[:, :1]
+            if x.shape[-1] != pixel_size or x.shape[-2] != pixel_size:
+                x = torch.nn.functional.interpolate(x, size=(pixel_size, pixel_size), mode="area")
+            rows.append(x.flatten(1))
+        targets.append(torch.as_tensor(y).long())
+    return torch.cat(rows).numpy(), torch.cat(targets)
+
+
+def _scores(module: ClassifierModule, metrics: MetricCollection, probs: Tensor, targets: Tensor) -> dict[str, float]:
+    """The network's stage metrics: AUROC on probabilities, the others on decisions at the stored threshold."""
+    metrics = metrics.clone()
+    decisions = module.decide(probs)
+    for name, metric in metrics.items(keep_base=False):
+        metric.update(probs if name.endswith("/auroc") else decisions, targets)
+    return {name: float(value) for name, value in metrics.compute().items()}
+
+
+def _features(
+    data: ClassificationDataModule, features: Features, pixel_size: int, module: ClassifierModule
+) -> tuple[dict[str, np.ndarray], dict[str, Tensor]]:
+    """Feature matrices and targets of the three splits; every class must occur in training."""
+    start = time.perf_counter()
+    x, y = {}, {}
+    for split in ("train", "val", "test"):
+        x[split], y[split] = _extract(data, split, features, pixel_size, module)
+    _logger.info("Features %s in %.1f s", {k: v.shape for k, v in x.items()}, time.perf_counter() - start)
+    num_classes = module.hparams.num_classes
+    present = num_classes if module.hparams.task == "multilabel" else len(torch.unique(y["train"]))
+    if present < num_classes:
+        raise DataError(
+            f"The training split of {getattr(data, 'name', type(data).__name__)} holds {present} of the "
+            f"{num_classes} classes; logistic regression needs training images of every class"
+        )
+    return x, y
+
+
+def _fit_decisions(module: ClassifierModule, probs: Tensor, targets: Tensor) -> dict[str, float]:
+    """Fit the threshold(s) and abstention band on validation, as the network does after each validation
+    epoch, and return the validation metrics at them."""
+    if module.hparams.task != "multiclass":
+        threshold = fit_thresholds(probs, targets, module.hparams.threshold_policy, module.hparams.threshold_target)
+        module.decision_threshold.copy_(threshold.reshape(module.decision_threshold.shape))
+    module.fit_min_confidence(probs, targets)
+    metrics = _scores(module, module.val_metrics, probs, targets)
+    return metrics | {"val/threshold": float(module.decision_threshold.mean()),
+                      "val/min_confidence": float(module.min_confidence.mean())}  # fmt: skip
+
+
+def _test_report(
+    module: ClassifierModule, probs: Tensor, targets: Tensor, names: list[str]
+) -> tuple[dict[str, float], dict[str, float] | None]:
+    """The network's test metrics (``on_test_epoch_end``), and the report the figures need (not multi-label)."""
+    metrics = _scores(module, module.test_metrics, probs, targets)
+    report = module.selective_report(probs, targets)
+    metrics |= {f"test/{name}": float(value.nanmean()) for name, value in report.items()}
+    if module.hparams.task != "multilabel":
+        return metrics, {name: float(value.nanmean()) for name, value in report.items()}
+    per_label = multilabel_auroc(probs, targets, module.hparams.num_classes, average=None)
+    return metrics | {f"test/auroc/{n}": float(v) for n, v in zip(names, per_label, strict=True)}, None
+
+
+def _log_plots(logger: Any, module: ClassifierModule, probs: Tensor, targets: Tensor, report: dict, names) -> None:
+    """The network's test figures (ROC, risk-coverage, reliability, confusion) as ``plots/`` artifacts."""
+    from medtransfer import plots
+    from medtransfer.tracking.report import TestReportPlots
+
+    figures = TestReportPlots.figures(module, probs, targets, report, names)
+    with tempfile.TemporaryDirectory() as folder:
+        for name, figure in figures.items():
+            path = plots.save_figure(figure, Path(folder) / f"{name}.png")
+            logger.experiment.log_artifact(logger.run_id, str(path), "plots")
+
+
+def _log_model(logger: Any, model: Any, module: ClassifierModule, x_example: np.ndarray, names) -> None:
+    """The fitted pipeline as an MLflow sklearn model under ``model/`` (pyfunc predicts probabilities)."""
+    import mlflow.sklearn
+    import sklearn
+
+    metadata = {"task": module.hparams.task, "class_names": [str(n) for n in names],
+                "decision": module.decision_rule.to_dict()}  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        mlflow.sklearn.save_model(
+            model, Path(folder) / "model", pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
+            input_example=x_example[:2], pyfunc_predict_fn="predict_proba", metadata=metadata,
+        )  # fmt: skip
+        logger.experiment.log_artifacts(logger.run_id, str(Path(folder) / "model"), "model")
+
+
+def baseline(
+    data: ClassificationDataModule,
+    features: Features = "pixels",
+    pixel_size: int = 28,
+    backbone: str = "tf_efficientnet_lite0",
+    pretrained: str = "lite0-package",
+    Cs: Sequence[float] = DEFAULT_CS,
+    max_iter: int = 1000,
+    threshold_policy: ThresholdPolicy = "youden",
+    threshold_target: float = 0.9,
+    confidence_score: F.Score = "margin",
+    target_coverage: float = 0.9,
+    target_risk: float | None = None,
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    log_model: bool = True,
+    experiment_name: str = "medtransfer",
+    tracking_uri: str | None = None,
+    run_name: str | None = None,
+) -> BaselineResult:
+    """Fit a logistic-regression baseline on ``data`` and log it to MLflow like a network run.
+
+    Args:
+        data: the data module (``class_path``/``init_args``, as in ``fit``); its train/val/test splits are used,
+            all through the evaluation transforms.
+        features: ``pixels`` (the image resized to ``pixel_size``, flattened) or ``backbone`` (the pooled
+            features of a frozen pretrained backbone, at the data's ``image_size``).
+        pixel_size: side length of the pixel features.
+        backbone: timm model name for ``features: backbone``.
+        pretrained: its weights: ``hub``, ``lite0-package`` or a checkpoint path (see ``create_backbone``).
+        Cs: inverse L2 strengths tried; the one with the best validation AUROC is kept (ties: the smaller).
+        max_iter: lbfgs iterations per fit.
+        threshold_policy: how the decision threshold is chosen on validation, as for a network.
+        threshold_target: the sensitivity or specificity the ``target_*`` policies must reach.
+        confidence_score: ``margin`` or ``max_prob``, as for a network.
+        target_coverage: share of validation cases decided; the rest fall in the abstention band.
+        target_risk: if set, the largest validation coverage whose error rate is at most this, instead.
+        device: where the backbone runs; ``auto`` uses a GPU when there is one.
+        log_model: log the fitted scikit-learn pipeline as an MLflow model (``model/``).
+        experiment_name: MLflow experiment.
+        tracking_uri: MLflow store; ``None``: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlruns/mlflow.db``.
+        run_name: MLflow run name; ``None``: ``logreg-<features>-<dataset>-<time>``.
+    """
+    from medtransfer.tracking.mlflow import MLflowLogger
+
+    if not Cs or any(c <= 0 for c in Cs):
+        raise ValueError(f"Expected argument `Cs` to be positive numbers, but got {list(Cs)}")
+    if pixel_size < 1:
+        raise ValueError(f"Expected argument `pixel_size` to be a positive integer, but got {pixel_size}")
+    task, num_classes = data.task, data.num_classes
+    module = ClassifierModule(
+        backbone=backbone if features == "backbone" else _PIXELS_STANDIN,
+        pretrained=pretrained if features == "backbone" else "none",
+        task=task, num_classes=num_classes, threshold_policy=threshold_policy, threshold_target=threshold_target,
+        confidence_score=confidence_score, target_coverage=target_coverage, target_risk=target_risk,
+    ).eval()  # fmt: skip
+    module.backbone.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    _prepare_data(data, features, pixel_size, module.data_config)
+    x, y = _features(data, features, pixel_size, module)
+
+    fitting = ("train", "val")  # the test split is kept out of the search
+    C, model, val_probs, searched = _search_C(
+        Cs, max_iter, module, {k: x[k] for k in fitting}, {k: y[k] for k in fitting}
+    )
+    metrics = _fit_decisions(module, val_probs, y["val"])
+    test_probs = _probabilities(model, x["test"], task)
+    names = [str(n) for n in (getattr(data, "class_names", None) or range(num_classes))]
+    test_metrics, report = _test_report(module, test_probs, y["test"], names)
+    metrics |= test_metrics | {f"baseline/val_auroc/C_{c:g}": v for c, v in searched.items()}
+
+    label = "logreg-pixels" if features == "pixels" else f"logreg-{backbone}-features"
+    params = {
+        "model.backbone": label, "model.pretrained": pretrained if features == "backbone" else "none",
+        "model.task": task, "model.num_classes": num_classes, "model.threshold_policy": threshold_policy,
+        "model.threshold_target": threshold_target, "model.confidence_score": confidence_score,
+        "model.target_coverage": target_coverage, "model.target_risk": target_risk,
+        "data": f"{type(data).__module__}.{type(data).__qualname__}",
+        **{f"data.{k}": v for k, v in data.hparams.items()},
+        "baseline.features": features, "baseline.C": C, "baseline.Cs": ",".join(f"{c:g}" for c in sorted(Cs)),
+        "baseline.max_iter": max_iter, "baseline.feature_dim": x["train"].shape[1],
+        "baseline.train_images": len(x["train"]),
+        **({"baseline.pixel_size": pixel_size} if features == "pixels" else {}),
+    }  # fmt: skip
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_name = run_name or f"{label}-{getattr(data, 'name', type(data).__name__)}-{stamp}"
+    logger = MLflowLogger(experiment_name, run_name, tracking_uri)
+    try:
+        logger.experiment.set_tag(logger.run_id, "medtransfer.command", "baseline")
+        logger.log_hyperparams(params)
+        logger.log_metrics(metrics)
+        if report is not None:
+            _log_plots(logger, module, test_probs, y["test"], report, names)
+        if log_model:
+            _log_model(logger, model, module, x["val"], names)
+    except BaseException:
+        logger.finalize("failed")
+        raise
+    logger.finalize("success")
+    return BaselineResult(logger.run_id, label, logger.experiment_id, logger.tracking_uri, C, metrics)
+
+
+def build_parser() -> ArgumentParser:
+    """The ``medtransfer baseline`` parser: ``baseline``'s arguments, and ``--config`` that reads fit YAMLs."""
+    parser = ArgumentParser(prog="medtransfer baseline", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action=_FitConfigFile, help="A medtransfer fit (or baseline) YAML file.")
+    parser.add_function_arguments(baseline)
+    return parser
+
+
+def main(args: list[str] | None = None) -> BaselineResult:
+    """``medtransfer baseline``: the typed ``baseline`` as a command line (jsonargparse)."""
+    parser = build_parser()
+    with exit_on_user_error():
+        config = parser.parse_args(args)
+        init = parser.instantiate_classes(config)
+        init.pop("config", None)
+        result = baseline(**init)
+    m = result.metrics
+    print(
+        f"{result.name}: C={result.C:g} (validation AUROC {m['val/auroc']:.4f}), test AUROC {m['test/auroc']:.4f}, "
+        f"accuracy {m['test/acc']:.4f}\n"
+        f"MLflow run {result.run_id} (experiment {result.experiment_id}) in {result.tracking_uri}",
+        flush=True,
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()

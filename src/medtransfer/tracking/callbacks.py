@@ -15,6 +15,9 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from medtransfer.tracking.mlflow import MLflowLogger
+from medtransfer.tracking.tags import resolved_data_params, run_tags
+
 __all__ = ["LogConfigToMLflow", "MLflowRunTracking", "find_mlflow_logger", "flatten_config", "read_run_info"]
 
 _logger = logging.getLogger(__name__)
@@ -80,7 +83,23 @@ class LogConfigToMLflow(SaveConfigCallback):
 
 
 class MLflowRunTracking(Callback):
-    """Store the MLflow run in every checkpoint (so ``test``/resume continue it) and log the best checkpoint."""
+    """Store the MLflow run in every checkpoint (so ``test``/resume continue it), tag the run at fit start
+    (``tracking.tags.run_tags``: git commit, dataset SHA-256, versions, host, devices; plus the resolved input
+    params) and log the best checkpoint. A resumed run keeps the tags and params it already has."""
+
+    @override
+    @rank_zero_only
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        logger = find_mlflow_logger(trainer)
+        if logger is None or logger.run_id is None:
+            return
+        from mlflow.entities import Param, RunTag
+
+        existing = logger.experiment.get_run(logger.run_id).data
+        tags = [RunTag(k, v) for k, v in run_tags(trainer, trainer.datamodule).items() if k not in existing.tags]
+        resolved = resolved_data_params(trainer.datamodule).items()
+        params = [Param(k, v[:6000]) for k, v in resolved if k not in existing.params]  # MLflow's longest value
+        logger.experiment.log_batch(logger.run_id, params=params, tags=tags)
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -91,6 +110,43 @@ class MLflowRunTracking(Callback):
                 "experiment_id": logger.experiment_id,
                 "tracking_uri": logger._tracking_uri,
             }
+            if self._epoch_ending:
+                checkpoint["mlflow"]["epoch_end_metrics"] = self._epoch_end_metrics(trainer)
+
+    _epoch_ending = False
+    _unlogged: dict[str, Any] | None = None
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_ending = False
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_ending = True  # ModelCheckpoint saves after this hook, before Lightning logs train metrics
+
+    @staticmethod
+    def _epoch_end_metrics(trainer: Trainer) -> dict[str, Any]:
+        """The epoch's metrics and the step Lightning logs them at (its ``_batches_that_stepped - 1``)."""
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+        return {"step": trainer.fit_loop.epoch_loop._batches_that_stepped - 1, "values": values}
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._unlogged = (checkpoint.get("mlflow") or {}).get("epoch_end_metrics")
+
+    @override
+    @rank_zero_only
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """On resume, log the checkpointed epoch's metrics that its killed fit had not logged yet.
+
+        A checkpoint saved at a train epoch's end is written before Lightning logs that epoch's training metrics,
+        and Lightning does not log them after resuming from it; a fit killed between the two would lose them.
+        The logger keeps the ones the run already has (``MLflowLogger.skip_logged_steps``).
+        """
+        logger = find_mlflow_logger(trainer)
+        pending, self._unlogged = self._unlogged, None
+        if pending and isinstance(logger, MLflowLogger) and logger.skips_logged_steps:
+            logger.log_metrics(pending["values"], step=pending["step"])
 
     @override
     @rank_zero_only

@@ -1,0 +1,287 @@
+"""``medtransfer compare``: the runs of an MLflow experiment side by side, ranked by one metric.
+
+``medtransfer compare --metric test/auroc --csv runs.csv --markdown runs.md --plot runs.png`` prints a table
+of every run (fits, their ``learning-curve``/``search`` child runs with a ``parent`` column, and ``baseline``
+runs) with its backbone, weights, input size, epochs, learning rates, the chosen metric and the standard
+ones, best first; optionally as CSV, markdown and a bar chart. Metric names may be written as MLflow shows them
+(``test/auroc``) or shell-friendly (``test_auroc``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from medtransfer.errors import MedtransferError, exit_on_user_error
+from medtransfer.files import write_text_atomic
+from medtransfer.tracking.mlflow import check_reachable, local_sqlite_path
+from medtransfer.tracking.mlflow import resolve_tracking_uri as _resolve_uri
+
+__all__ = [
+    "STANDARD_METRICS",
+    "compare",
+    "lower_is_better",
+    "main",
+    "normalise_metric",
+    "plot_metric",
+    "resolve_tracking_uri",
+    "runs_table",
+    "to_markdown",
+]
+
+_logger = logging.getLogger(__name__)
+
+#: Metrics every table shows beside the chosen one (``val/auroc`` as its best epoch).
+STANDARD_METRICS = ("val/auroc", "test/auroc", "test/acc", "test/selective_acc_cov90", "test/aurc")
+
+#: Name fragments of metrics where smaller is better (losses, risks, calibration errors).
+_LOWER_IS_BETTER = ("loss", "aurc", "augrc", "ece", "risk", "error", "brier")
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """The store to read, resolved as ``MLflowLogger`` does (``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else
+    ``sqlite:///mlruns/mlflow.db``); a local SQLite store must exist (so a typo never creates an empty one) and a
+    tracking server must answer."""
+    tracking_uri = _resolve_uri(tracking_uri)
+    database = local_sqlite_path(tracking_uri)
+    if database is not None and not database.is_file():
+        raise MedtransferError(
+            f"No MLflow store at {database}: run `medtransfer fit` in this folder first, or point --tracking_uri "
+            "(or $MLFLOW_TRACKING_URI) at your store."
+        )
+    check_reachable(tracking_uri, hint="omit --tracking_uri and unset MLFLOW_TRACKING_URI")
+    return tracking_uri
+
+
+def normalise_metric(metric: str, available: Sequence[str]) -> str:
+    """The logged name of ``metric``: ``test_auroc`` finds ``test/auroc``. Raises with the metrics present."""
+    if metric in available:
+        return metric
+    matches = sorted({name for name in available if name.replace("/", "_") == metric.replace("/", "_")})
+    if len(matches) == 1:
+        return matches[0]
+    present = ", ".join(sorted(available)) or "none"
+    raise MedtransferError(f"No run logged the metric {metric!r}; metrics present: {present}")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether smaller values of ``metric`` are better (losses, AURC, ECE, risks)."""
+    return any(part in metric.lower() for part in _LOWER_IS_BETTER)
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text not in (None, "None") else None
+    except ValueError:
+        return None
+
+
+def _learning_rates(params: dict[str, str]) -> str:
+    """``head lr -> fine-tune lr @ unfreeze epoch`` (``0.001 -> 1e-05 @3``); the head's own phase-2 rate in
+    parentheses when it differs; empty for runs without an optimizer (baselines)."""
+    head = params.get("model.optimizer.lr")
+    if head is None:
+        return ""
+    finetune, unfreeze = params.get("finetuning.finetune_lr"), params.get("finetuning.unfreeze_at_epoch")
+    if finetune is None or unfreeze is None:
+        return head
+    head_later = params.get("finetuning.head_finetune_lr")
+    text = f"{finetune} all" if unfreeze == "0" else f"{head} -> {finetune} @{unfreeze}"
+    if head_later not in (None, "None", finetune):
+        text += f" (head {head_later})"
+    return text
+
+
+def _best(client: Any, run: Any, metric: str) -> float | None:
+    """The best value of ``metric`` over the run's epochs: the checkpoint's ``best_<metric>`` tag when the
+    checkpoint monitored it, else its history's best."""
+    tagged = _number(run.data.tags.get(f"best_{metric}"))
+    if tagged is not None or metric not in run.data.metrics:
+        return tagged
+    values = [m.value for m in client.get_metric_history(run.info.run_id, metric)]
+    return (min if lower_is_better(metric) else max)(values) if values else None
+
+
+def _search(client: Any, experiment_id: str, filter_string: str, max_runs: int) -> list[Any]:
+    runs, token = [], None
+    while len(runs) < max_runs:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=filter_string,
+            max_results=min(1000, max_runs - len(runs)),
+            order_by=["attributes.start_time DESC"],
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    return runs
+
+
+def _experiment_id(client: Any, experiment: str) -> str:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise MedtransferError(
+            f"No MLflow experiment {experiment!r} in {client.tracking_uri}; experiments: {', '.join(names) or 'none'}"
+        )
+    return found.experiment_id
+
+
+def runs_table(
+    client: Any,
+    experiment: str,
+    metric: str = "test/auroc",
+    filter_string: str = "",
+    max_runs: int = 1000,
+    order: Literal["auto", "descending", "ascending"] = "auto",
+) -> tuple[pd.DataFrame, str]:
+    """One row per run of ``experiment``, sorted by ``metric`` (best first; runs without it last).
+
+    Returns the table and the metric's logged name. ``val/auroc`` in the standard columns is the best epoch's.
+    """
+    runs = _search(client, _experiment_id(client, experiment), filter_string, max_runs)
+    if not runs:
+        where = f" matching {filter_string!r}" if filter_string else ""
+        raise MedtransferError(f"MLflow experiment {experiment!r} has no runs{where}")
+    metric = normalise_metric(metric, sorted({name for run in runs for name in run.data.metrics}))
+    names = {run.info.run_id: run.info.run_name for run in runs}
+    rows = []
+    for run in runs:
+        params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+        parent = tags.get("mlflow.parentRunId", "")
+        row = {
+            "run": run.info.run_name,
+            "run_id": run.info.run_id,
+            "parent": names.get(parent, parent),
+            "status": run.info.status,
+            "start": datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M"),
+            "backbone": params.get("model.backbone", ""),
+            "pretrained": params.get("model.pretrained", ""),
+            "image_size": params.get("data.resolved.image_size") or params.get("data.image_size", ""),
+            "epochs": params.get("trainer.max_epochs", ""),
+            "lrs": _learning_rates(params),
+            metric: metrics.get(metric),
+        }
+        for name in STANDARD_METRICS:
+            column = "best val/auroc" if name == "val/auroc" else name
+            if column != metric:
+                row[column] = _best(client, run, name) if name == "val/auroc" else metrics.get(name)
+        rows.append(row)
+    ascending = lower_is_better(metric) if order == "auto" else order == "ascending"
+    table = pd.DataFrame(rows).sort_values(metric, ascending=ascending, na_position="last", kind="stable")
+    return table.reset_index(drop=True), metric
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """The table as GitHub markdown, metrics to 4 decimals and missing values blank."""
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    for row in table.itertuples(index=False):
+        lines.append("| " + " | ".join(_cell(v).replace("|", "\\|") for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_metric(table: pd.DataFrame, metric: str) -> Figure:
+    """Horizontal bars of ``metric`` per run, in the table's order (best on top); runs without it left out."""
+    import matplotlib.pyplot as plt
+
+    shown = table.dropna(subset=[metric])
+    pairs = zip(shown["run"], shown["parent"], strict=True)
+    labels = [f"{run} (in {parent})" if parent else run for run, parent in pairs]
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.35 * max(1, len(shown))))
+    bars = ax.barh(range(len(shown)), shown[metric], color="tab:blue")
+    ax.bar_label(bars, fmt="%.4f", padding=3, fontsize="small")
+    ax.set_yticks(range(len(shown)), labels, fontsize="small")
+    ax.invert_yaxis()  # the first (best) run on top
+    top = float(shown[metric].max()) if len(shown) else 1.0
+    ax.set(xlabel=metric, title=f"{metric} per run", xlim=(0, max(1.0, top) * 1.15))
+    fig.tight_layout()
+    return fig
+
+
+def _print_table(table: pd.DataFrame, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    shown = table.drop(columns=["run_id"])
+    rich_table = Table(title=title, title_justify="left")
+    for column in shown.columns:
+        rich_table.add_column(column, overflow="fold", justify="right" if shown[column].dtype.kind == "f" else "left")
+    for row in shown.itertuples(index=False):
+        rich_table.add_row(*(_cell(v) for v in row))
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: no width to fit, so keep rows on one line each
+        console = Console(width=240)
+    console.print(rich_table)
+
+
+def compare(
+    experiment: str = "medtransfer",
+    metric: str = "test/auroc",
+    tracking_uri: str | None = None,
+    csv: Path | None = None,
+    markdown: Path | None = None,
+    plot: Path | None = None,
+    filter_string: str = "",
+    max_runs: int = 1000,
+    order: Literal["auto", "descending", "ascending"] = "auto",
+) -> pd.DataFrame:
+    """Compare the runs of an MLflow experiment: a table on the terminal, optionally CSV, markdown and a plot.
+
+    Args:
+        experiment: MLflow experiment name (``medtransfer`` unless the runs set ``trainer.logger.experiment_name``).
+        metric: the metric to rank by, as logged (``test/auroc``) or with ``_`` (``test_auroc``).
+        tracking_uri: MLflow store; default ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlruns/mlflow.db``.
+        csv: write the table here as CSV (full precision).
+        markdown: write the table here as a markdown table.
+        plot: write a bar chart (PNG) of the metric per run here.
+        filter_string: an MLflow search filter, e.g. ``"params.model.backbone = 'resnet50'"``.
+        max_runs: most runs to read (newest first).
+        order: ``auto`` ranks losses, AURC, ECE and risks ascending and everything else descending.
+
+    Returns:
+        The table, best run first.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    table, metric = runs_table(client, experiment, metric, filter_string, max_runs, order)
+    _print_table(table, f"{len(table)} run{'s' * (len(table) != 1)} of {experiment!r} by {metric}")
+    if csv is not None:
+        write_text_atomic(csv, table.to_csv(index=False))
+        print(f"Table: {csv}")
+    if markdown is not None:
+        write_text_atomic(markdown, to_markdown(table))
+        print(f"Markdown: {markdown}")
+    if plot is not None:
+        from medtransfer.plots import save_figure
+
+        save_figure(plot_metric(table, metric), plot)
+        print(f"Plot: {plot}")
+    return table
+
+
+def main(args: list[str] | None = None) -> None:
+    """``medtransfer compare``: the typed ``compare`` as a command line (jsonargparse)."""
+    from jsonargparse import auto_cli
+
+    with exit_on_user_error():
+        auto_cli(compare, args=args, prog="medtransfer compare")
+
+
+if __name__ == "__main__":
+    main()

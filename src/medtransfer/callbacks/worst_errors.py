@@ -1,0 +1,340 @@
+"""Worst-errors gallery: the validation/test images the model got wrong with the most confidence.
+
+A sanity check a radiologist can read: are the confident mistakes label noise, artefacts, laterality markers
+or real hard cases, and does the Grad-CAM heatmap look at the lungs? Saved as one PNG grid plus a CSV
+(``index``, ``label``, ``decision``, ``prob``, ``prob_label``) and logged to MLflow under ``diagnostics/``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from medtransfer.errors import MedtransferError
+from medtransfer.files import write_text_atomic
+from medtransfer.plots import save_figure
+from medtransfer.tracking.callbacks import find_mlflow_logger
+
+__all__ = ["WorstErrorsGallery", "denormalise", "plot_gallery"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(order=True)
+class _Case:
+    """One candidate, ordered by ``score`` (how wrong), then by arrival."""
+
+    score: float
+    order: int
+    index: int
+    label: int
+    image: Tensor
+    logit: Tensor
+
+
+def denormalise(image: Tensor, mean: list[float], std: list[float]) -> np.ndarray:
+    """A normalised ``(C, H, W)`` model input back to a displayable ``(H, W)`` (1 channel) or ``(H, W, 3)``
+    ``uint8`` image. A mean/std whose length differs from ``C`` is averaged (gray input, RGB statistics)."""
+    image = image.detach().float().cpu()
+    channels = image.shape[0]
+    mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+    if len(mean_t) != channels:
+        mean_t, std_t = mean_t.mean().expand(channels), std_t.mean().expand(channels)
+    pixels = (image * std_t[:, None, None] + mean_t[:, None, None]).clamp(0, 1)
+    array = (pixels * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return array[..., 0] if channels == 1 else array[..., :3]
+
+
+def plot_gallery(pictures: list[np.ndarray], titles: list[str], ncols: int = 4, title: str = "") -> Figure:
+    """A grid of images (``uint8``, gray or RGB), each with a short caption."""
+    ncols = max(1, min(ncols, len(pictures)))
+    nrows = max(1, -(-len(pictures) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.9 * nrows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, picture, caption in zip(axes.flat, pictures, titles, strict=False):
+        ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=255)
+        ax.set_title(caption, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+class WorstErrorsGallery(Callback):
+    """Save the ``k`` most confidently wrong validation (and test) images with label, probability and heatmap.
+
+    While the model evaluates, a forward hook on the module reads each batch's input and logits (no second
+    pass), and a bounded heap per class keeps only the ``k`` best candidates, so memory stays at ``2k``
+    images whatever the split size. At the end the stored temperature and threshold (fitted on that same
+    validation epoch) decide which candidates are wrong; they are ranked by ``|p - label|`` (binary) or
+    ``1 - p(label)`` (multiclass). Multi-label tasks are skipped with a warning: one image holds up to 14
+    findings, so "the most wrong image" has no single meaning.
+
+    Written after ``test`` (``worst_errors_test``), after ``validate``, and at the end of ``fit`` for the last
+    validation epoch (``worst_errors_val``; with ``every_n_epochs`` also during fit, overwriting it). Files go
+    to ``dirpath`` (default ``<root>/<experiment>/<run>/diagnostics``) and to the MLflow run's
+    ``diagnostics/``. Under DDP each rank sees its own shard; rank 0's is drawn. ``index`` is the position in
+    the (unshuffled) evaluation loader.
+
+    Args:
+        k: number of images in the gallery.
+        every_n_epochs: also draw the validation gallery every this many epochs during fit (0: only at the end).
+        heatmap: overlay a Grad-CAM heatmap (:func:`medtransfer.explain.grad_cam`): evidence for the positive
+            class (binary), for the decided class (multiclass). At fit's end it uses the final weights, the
+            ones the last validation epoch scored.
+        ncols: images per row.
+        dirpath: folder for the PNG/CSV files; ``None`` puts them beside the run's checkpoints.
+    """
+
+    def __init__(
+        self, k: int = 16, every_n_epochs: int = 0, heatmap: bool = True, ncols: int = 4, dirpath: str | None = None
+    ) -> None:
+        if k < 1:
+            raise ValueError(f"Expected argument `k` to be at least 1, but got {k}")
+        if every_n_epochs < 0:
+            raise ValueError(f"Expected argument `every_n_epochs` to be >= 0, but got {every_n_epochs}")
+        self.k, self.every_n_epochs, self.heatmap, self.ncols, self.dirpath = k, every_n_epochs, heatmap, ncols, dirpath
+        self.paths: list[Path] = []
+        self._heaps: dict[int, list[_Case]] = {}
+        self._seen: dict[int, int] = {}
+        self._order = itertools.count()
+        self._captured: tuple[Tensor, Tensor] | None = None
+        self._handle: RemovableHandle | None = None
+        self._pending_val = False  # the last validation epoch of fit is collected but not drawn yet
+
+    # -- collecting --------------------------------------------------------------------------------------------
+
+    def _start(self, pl_module: LightningModule) -> None:
+        self._heaps, self._seen, self._captured = {}, {}, None
+        if pl_module.hparams.get("task") == "multilabel":
+            rank_zero_warn("WorstErrorsGallery skips multi-label tasks: an image has no single 'most wrong' label.")
+            return
+        self._remove_hook()
+        self._handle = pl_module.register_forward_hook(self._capture)
+
+    def _capture(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
+            self._captured = (args[0], output)
+
+    def _remove_hook(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _collect(self, pl_module: LightningModule, batch: Any, dataloader_idx: int) -> None:
+        """Offer this batch's cases to the heaps: per true class for binary tasks (the threshold is not final
+        yet; the most wrong positives have the lowest logits, the most wrong negatives the highest), one heap
+        of misclassified images for multiclass tasks (argmax does not depend on the threshold)."""
+        captured, self._captured = self._captured, None
+        if captured is None or not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            return
+        (x, logits), y = captured, batch[1].detach().long()
+        offset = self._seen.get(dataloader_idx, 0)
+        self._seen[dataloader_idx] = offset + len(y)
+        logits = logits.detach().float()
+        if pl_module.hparams.task == "binary":
+            buckets, scores = y, torch.where(y == 1, -logits, logits)
+        else:
+            probs = pl_module.predict_proba(logits)
+            scores = 1 - probs.gather(1, y[:, None]).squeeze(1)
+            scores = scores.masked_fill(probs.argmax(dim=1) == y, float("-inf"))
+            buckets = torch.zeros_like(y)
+        for bucket in buckets.unique().tolist():
+            rows = torch.nonzero((buckets == bucket) & torch.isfinite(scores)).squeeze(1)
+            best = rows[scores[rows].topk(min(self.k, len(rows))).indices]
+            heap = self._heaps.setdefault(bucket, [])
+            for row in best.tolist():
+                case = _Case(float(scores[row]), next(self._order), offset + row, int(y[row]),
+                             x[row].detach().to("cpu", copy=True), logits[row].to("cpu", copy=True))  # fmt: skip
+                if len(heap) < self.k:
+                    heapq.heappush(heap, case)
+                else:
+                    heapq.heappushpop(heap, case)
+
+    def worst(self, pl_module: LightningModule) -> list[dict[str, Any]]:
+        """The collected cases that the module's current threshold gets wrong, most confident first, at most
+        ``k``: ``index``, ``label``, ``decision``, ``prob`` (binary: of the positive class; multiclass: of the
+        decision), ``prob_label`` (of the true label) and ``image``."""
+        cases = [case for heap in self._heaps.values() for case in heap]
+        if not cases:
+            return []
+        with torch.no_grad():
+            probs = pl_module.predict_proba(torch.stack([c.logit for c in cases]).to(pl_module.device)).cpu()
+            decisions = pl_module.decide(probs.to(pl_module.device)).cpu()
+        labels = torch.tensor([c.label for c in cases])
+        if pl_module.hparams.task == "binary":
+            prob, prob_label = probs, torch.where(labels == 1, probs, 1 - probs)
+        else:
+            prob = probs.gather(1, decisions[:, None]).squeeze(1)
+            prob_label = probs.gather(1, labels[:, None]).squeeze(1)
+        rows = [
+            {
+                "index": c.index,
+                "label": c.label,
+                "decision": int(decisions[i]),
+                "prob": float(prob[i]),
+                "prob_label": float(prob_label[i]),
+                "image": c.image,
+            }
+            for i, c in enumerate(cases)
+            if decisions[i] != labels[i]
+        ]
+        return sorted(rows, key=lambda row: (row["prob_label"], row["index"]))[: self.k]
+
+    # -- drawing -----------------------------------------------------------------------------------------------
+
+    def _folder(self, trainer: Trainer) -> Path:
+        if self.dirpath is not None:
+            return Path(self.dirpath)
+        logger = find_mlflow_logger(trainer)
+        if logger is not None and logger.run_id is not None:
+            return Path(trainer.default_root_dir) / str(logger.experiment_id) / str(logger.run_id) / "diagnostics"
+        return Path(trainer.default_root_dir) / "diagnostics"
+
+    def _heatmaps(self, pl_module: LightningModule, images: Tensor) -> Tensor | None:
+        if not self.heatmap:
+            return None
+        from medtransfer.explain import grad_cam  # imported when needed: drawing is rare
+
+        try:
+            return grad_cam(pl_module, images).cpu()
+        except MedtransferError as err:
+            rank_zero_warn(f"WorstErrorsGallery draws no heatmaps: {err}\nHINT: set `heatmap: false`.")
+            return None
+
+    @staticmethod
+    def _statistics(trainer: Trainer, pl_module: LightningModule) -> tuple[list[float], list[float]]:
+        """Mean and std the inputs were normalised with: the data module's, else the backbone's."""
+        normalisation = getattr(trainer.datamodule, "normalisation", None) if trainer.datamodule else None
+        if normalisation is not None:
+            return list(normalisation[1]), list(normalisation[2])
+        config = getattr(pl_module, "data_config", None) or {}
+        return list(config.get("mean", (0.0,))), list(config.get("std", (1.0,)))
+
+    def _draw(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not self._heaps:
+            return
+        rows = self.worst(pl_module)
+        names = getattr(trainer.datamodule, "class_names", None) if trainer.datamodule else None
+        names = [str(n) for n in names] if names else [str(i) for i in range(pl_module.hparams.num_classes)]
+        folder = self._folder(trainer)
+        table = pd.DataFrame(
+            [{k: v for k, v in row.items() if k != "image"} for row in rows],
+            columns=["index", "label", "decision", "prob", "prob_label"],
+        )
+        table[["label", "decision"]] = table[["label", "decision"]].map(lambda i: names[i])
+        table.insert(0, "rank", range(1, len(table) + 1))
+        self.paths = [write_text_atomic(folder / f"worst_errors_{stage}.csv", table.to_csv(index=False))]
+        if rows:
+            self.paths.append(self._figure(trainer, pl_module, rows, names, folder / f"worst_errors_{stage}.png"))
+        logger = find_mlflow_logger(trainer)
+        if logger is not None and logger.run_id is not None:
+            for path in self.paths:
+                logger.experiment.log_artifact(logger.run_id, str(path), "diagnostics")
+        _logger.info("Worst %s errors (%d) in %s", stage, len(rows), folder)
+
+    def _figure(
+        self, trainer: Trainer, pl_module: LightningModule, rows: list[dict], names: list[str], path: Path
+    ) -> Path:
+        images = torch.stack([row["image"] for row in rows])
+        heatmaps = self._heatmaps(pl_module, images)
+        mean, std = self._statistics(trainer, pl_module)
+        pictures, captions = [], []
+        for i, row in enumerate(rows):
+            picture = denormalise(row["image"], mean, std)
+            if heatmaps is not None:
+                from medtransfer.explain import overlay
+
+                picture = overlay(picture, heatmaps[i])
+            pictures.append(picture)
+            captions.append(
+                f"#{row['index']} truth: {names[row['label']]}\n"
+                f"said {names[row['decision']]}, p({names[row['label']]})={row['prob_label']:.3f}"
+            )
+        epoch = f", epoch {trainer.current_epoch}" if trainer.state.fn == TrainerFn.FITTING else ""
+        title = f"{len(rows)} most confidently wrong ({path.stem.rsplit('_', 1)[-1]}{epoch})"
+        return save_figure(plot_gallery(pictures, captions, self.ncols, title), path)
+
+    # -- Lightning hooks ---------------------------------------------------------------------------------------
+
+    @override
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start(pl_module)
+
+    @override
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start(pl_module)
+
+    @override
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        if self._handle is not None:
+            self._collect(pl_module, batch, dataloader_idx)
+
+    @override
+    def on_test_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        if self._handle is not None:
+            self._collect(pl_module, batch, dataloader_idx)
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove_hook()
+
+    @override
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove_hook()
+
+    @override
+    @rank_zero_only
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Runs after the module fitted this epoch's threshold; draws now or keeps the cases for fit's end."""
+        if trainer.sanity_checking:
+            self._heaps, self._pending_val = {}, False
+            return
+        due = trainer.state.fn != TrainerFn.FITTING or (
+            self.every_n_epochs > 0 and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        )
+        self._pending_val = not due
+        if due:
+            self._draw(trainer, pl_module, "val")
+
+    @override
+    @rank_zero_only
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._pending_val:
+            self._draw(trainer, pl_module, "val")
+            self._pending_val = False
+
+    @override
+    @rank_zero_only
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._draw(trainer, pl_module, "test")
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._remove_hook()

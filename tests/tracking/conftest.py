@@ -1,0 +1,78 @@
+"""Fixtures for tracking tests: a tiny CLI fit, and a real MLflow tracking server on PostgreSQL.
+
+PostgreSQL and the server start once per session (the server alone takes ~20 s to import and migrate its
+schema) and are stopped, with every process they spawned, when the session ends.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from servers import PostgresServer, mlflow_process, postgres_server
+
+from medtransfer.cli import MedTransferCLI, build_cli
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
+#: The default config shrunk to seconds: 32 px, two epochs (head only, then fine-tuning) of two batches.
+TINY = (
+    "--trainer.max_epochs=2",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=2",
+    "--trainer.limit_test_batches=2",
+    "--trainer.enable_progress_bar=false",
+    "--finetuning.unfreeze_at_epoch=1",
+    "--data.image_size=32",
+)
+
+
+@dataclass(frozen=True)
+class TrackingServer:
+    """A running ``mlflow server``: its URL, its PostgreSQL backend and the folder it stores artifacts in."""
+
+    url: str
+    postgres: PostgresServer
+    artifacts: Path
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run in an empty folder with no ``MLFLOW_TRACKING_URI``, so ``mlruns/`` is the test's own."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(sys, "argv", ["medtransfer"])  # pytest's own arguments are not the CLI's
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_fit_args(pneumonia_npz: Path) -> list[str]:
+    """``medtransfer`` arguments for a tiny fit of the default config on the real PneumoniaMNIST file."""
+    return ["fit", f"--config={DEFAULT_CONFIG}", f"--data.path={pneumonia_npz}", *TINY]
+
+
+@pytest.fixture
+def tiny_fit(workdir: Path, tiny_fit_args: list[str]) -> Callable[..., MedTransferCLI]:
+    """``tiny_fit(*overrides)`` runs a tiny fit in ``workdir`` and returns the LightningCLI."""
+    return lambda *overrides: build_cli([*tiny_fit_args, *overrides])
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A throw-away PostgreSQL cluster on 127.0.0.1 (Debian's postgresql package)."""
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tracking_server(postgres: PostgresServer) -> Iterator[TrackingServer]:
+    """``mlflow server`` on 127.0.0.1 with PostgreSQL as its backend store, serving artifacts from a folder."""
+    with tempfile.TemporaryDirectory(prefix="medtransfer-mlflow-server-") as folder:
+        artifacts = Path(folder) / "artifacts"
+        args = ("--backend-store-uri", postgres.uri, "--artifacts-destination", str(artifacts), "--workers", "1")
+        with mlflow_process("server", *args, cwd=Path(folder)) as url:
+            yield TrackingServer(url=url, postgres=postgres, artifacts=artifacts)

@@ -1,0 +1,79 @@
+"""The MLflow UI over the embedded store, in a real headless browser: two fits appear as two runs with their
+metric. With ``MEDTRANSFER_DOCS_SCREENSHOT=1`` the page is saved as the README's ``docs/images/mlflow_ui.png``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
+from servers import headless_chromium, mlflow_process
+
+REPO = Path(__file__).resolve().parents[2]
+DOCS_SCREENSHOT = REPO / "docs" / "images" / "mlflow_ui.png"
+RUNS = {"lite0-lr1e-3": "1e-3", "lite0-lr3e-4": "3e-4"}
+#: Generous: the page loads in seconds, but CI's two cores may be busy with the rest of the suite.
+PAGE_TIMEOUT_S = 120
+
+
+def _header(driver, name: str):
+    headers = driver.find_elements(By.CSS_SELECTOR, ".ag-header-cell")
+    return next((h for h in headers if h.text.strip() == name), None)
+
+
+def _column(driver, name: str) -> list[str]:
+    """The texts of a runs-table column, by its header."""
+    column_id = _header(driver, name).get_attribute("col-id")
+    return [c.text for c in driver.find_elements(By.CSS_SELECTOR, ".ag-cell") if c.get_attribute("col-id") == column_id]
+
+
+def _show_columns(driver, *names: str) -> None:
+    """Tick metrics or params in the table's "Columns" menu, as a user would, and close it."""
+    driver.find_element(By.XPATH, "//button[normalize-space()='Columns']").click()
+    wait = WebDriverWait(driver, PAGE_TIMEOUT_S)
+    for name in names:
+        entry = f"//*[@role='dialog']//*[normalize-space(text())='{name}']"
+        [item] = wait.until(lambda d, entry=entry: d.find_elements(By.XPATH, entry))
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", item)  # the list scrolls
+        item.click()
+    driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    for name in names:
+        wait.until(lambda d, name=name: _header(d, name) is not None)
+
+
+@pytest.mark.slow
+def test_the_ui_lists_both_runs_with_their_metric(tiny_fit, workdir):
+    for run_name, lr in RUNS.items():
+        tiny_fit(f"--trainer.logger.init_args.run_name={run_name}", f"--model.optimizer.init_args.lr={lr}",
+                 "--test_after_fit=false")  # fmt: skip
+    store = f"sqlite:///{workdir}/mlruns/mlflow.db"
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("medtransfer")
+    runs = client.search_runs([experiment.experiment_id])
+    auroc = {run.info.run_name: run.data.metrics["val/auroc"] for run in runs}
+    assert auroc.keys() == RUNS.keys()
+
+    with (
+        mlflow_process("ui", "--backend-store-uri", store, "--workers", "1", cwd=workdir) as url,
+        headless_chromium(workdir / "chromium", width=1920, height=720) as driver,  # all columns in view
+    ):
+        driver.get(f"{url}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning")
+        wait = WebDriverWait(driver, PAGE_TIMEOUT_S)
+        wait.until(lambda d: all(d.find_elements(By.LINK_TEXT, name) for name in RUNS))
+        for close in driver.find_elements(By.CSS_SELECTOR, "[aria-label=Close]"):
+            close.click()  # a fresh profile opens the MLflow Assistant panel beside the table
+        _show_columns(driver, "val/auroc", "model.optimizer.lr")
+        shown = sorted(round(float(text), 4) for text in _column(driver, "val/auroc"))
+        assert shown == sorted(round(value, 4) for value in auroc.values())
+        assert sorted(_column(driver, "model.optimizer.lr")) == ["0.0003", "0.001"]
+        driver.save_screenshot(str(workdir / "mlflow_ui.png"))
+
+    if os.environ.get("MEDTRANSFER_DOCS_SCREENSHOT") == "1":
+        DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(workdir / "mlflow_ui.png", DOCS_SCREENSHOT.with_suffix(".png.tmp"))
+        DOCS_SCREENSHOT.with_suffix(".png.tmp").replace(DOCS_SCREENSHOT)

@@ -12,6 +12,7 @@ import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -19,10 +20,18 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from medtransfer.callbacks.epoch_summary import EpochSummary
 from medtransfer.callbacks.finetuning import FreezeThenFinetune
+from medtransfer.callbacks.finite_check import FiniteCheck
+from medtransfer.checkpoints import load_checkpoint
 from medtransfer.data.base import ClassificationDataModule
 from medtransfer.errors import exit_on_user_error
 from medtransfer.models.classifier import ClassifierModule
-from medtransfer.tracking.callbacks import LogConfigToMLflow, MLflowRunTracking, find_mlflow_logger, read_run_info
+from medtransfer.tracking.callbacks import (
+    LogConfigToMLflow,
+    MLflowRunTracking,
+    find_mlflow_logger,
+    read_run_info,
+    redacted,
+)
 from medtransfer.tracking.mlflow import MLflowLogger
 from medtransfer.tracking.model_logging import LogModelToMLflow
 from medtransfer.tracking.report import TestReportPlots
@@ -56,6 +65,15 @@ class MedTransferCLI(LightningCLI):
             default=False,
             help="After fit, run test on the best checkpoint and log to the same MLflow run (fit only).",
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then load ``--ckpt_path`` with ``weights_only=True`` once: a checkpoint carrying pickled code is
+        one clear error naming it (Lightning's own pre-load refuses it too, but with a raw traceback)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            load_checkpoint(ckpt_path)
 
     def _checkpoint_run(self) -> str | None:
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
@@ -109,7 +127,9 @@ class MedTransferCLI(LightningCLI):
         logger = find_mlflow_logger(self.trainer)
         if logger is None or logger.run_id is None:
             return
-        lines = [f"MLflow run {logger.run_id} (experiment {logger.experiment_id}) in {logger._tracking_uri}"]
+        lines = [
+            f"MLflow run {logger.run_id} (experiment {logger.experiment_id}) in {redacted('uri', logger._tracking_uri)}"
+        ]
         if self.trainer.checkpoint_callback and self.trainer.checkpoint_callback.best_model_path:
             lines.append(f"Best checkpoint: {self.trainer.checkpoint_callback.best_model_path}")
         lines.append("See it in the MLflow UI: make ui  ->  http://127.0.0.1:5000")
@@ -175,7 +195,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> MedTransferCLI
         save_config_kwargs={"save_to_log_dir": False},
         trainer_defaults={
             "logger": {"class_path": "medtransfer.tracking.mlflow.MLflowLogger"},
-            "callbacks": [MLflowRunTracking(), EpochSummary(), TestReportPlots()],
+            "callbacks": [MLflowRunTracking(), EpochSummary(), TestReportPlots(), FiniteCheck()],
             "default_root_dir": "mlruns",
         },
         seed_everything_default=0,

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from medtransfer.checkpoints import load_checkpoint
 from medtransfer.data.readers import SUPPORTED_SUFFIXES, read_image
 from medtransfer.data.tables import read_csv_table, require_columns
 from medtransfer.data.transforms import build_eval_transform
@@ -48,7 +49,9 @@ def collect_images(source: str, path_column: str = "path") -> list[Path]:
     """Image paths from a folder (recursive), a glob pattern, or a CSV with a ``path_column``."""
     path = Path(source)
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.suffix.lower() in SUPPORTED_SUFFIXES and p.is_file())
+        return sorted(
+            p for p in path.rglob("*") if p.suffix.lower() in SUPPORTED_SUFFIXES and (p.is_file() or p.is_symlink())
+        )
     if path.suffix.lower() == ".csv" and path.is_file():
         table = read_csv_table(path, "image list")
         require_columns(table, [path_column], path)
@@ -90,8 +93,10 @@ def load_predictor(model: str | Path, device: str = "cpu", tracking_uri: str | N
     checkpoint_path = Path(model)
     if not checkpoint_path.is_file():
         raise DataError(f"Checkpoint not found: {checkpoint_path} (or give an MLflow URI: runs:/<run id>/model)")
-    raw = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    classifier = ClassifierModule.load_from_checkpoint(checkpoint_path, pretrained="none", map_location="cpu")
+    raw = load_checkpoint(checkpoint_path)
+    classifier = ClassifierModule.load_from_checkpoint(
+        checkpoint_path, pretrained="none", map_location="cpu", weights_only=True
+    )
     task = classifier.hparams.task
     names = raw.get("class_names") or [str(i) for i in range(classifier.hparams.num_classes)]
     return Predictor(
@@ -331,8 +336,13 @@ def run_predict(
     if explainer is not None and heatmaps_for != "top_k":
         columns.append("heatmap")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    stale = sorted(output.parent.glob(f".{output.name}.*.tmp"))
+    if stale:  # a killed run cannot clean up; another run may still own one, so they are named, not deleted
+        _logger.warning("%d temporary file(s) of an interrupted run beside %s (e.g. %s): not outputs, safe to delete",
+                        len(stale), output, stale[0].name)  # fmt: skip
     start = time.perf_counter()
-    with atomic_open(output, "w", newline="") as handle, torch.inference_mode(), _autocast(device, precision):
+    csv_file = atomic_open(output, "w", newline="", encoding="utf-8", errors="backslashreplace")
+    with csv_file as handle, torch.inference_mode(), _autocast(device, precision):
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         progress = tqdm(total=len(paths), unit="img", desc="predict", disable=None)

@@ -4,11 +4,19 @@ Medical images come as 8-bit and 16-bit PNGs, RGB(A) or palette PNGs that hold g
 files whose stored values still need their rescale, window and photometric conventions applied. Everything
 downstream (albumentations, resize, normalise) sees one canonical format instead: ``(H, W) uint8``, where
 high means bright. The format is detected from the file's magic bytes, so a misnamed file still reads.
+
+An image larger than Pillow's ``PIL.Image.MAX_IMAGE_PIXELS`` (89,478,485 pixels, about 9,459 x 9,459) is refused
+from its header, before any pixel is decoded: past that size a file is more likely a decompression bomb than an
+X-ray, and one such image per loader worker would exhaust memory. Raise the limit to read larger images.
+:func:`check_image` runs the header-level checks alone, so a whole dataset can be vetted up front cheaply.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +24,7 @@ from PIL import Image
 
 from medtransfer.errors import DataError
 
-__all__ = ["SUPPORTED_SUFFIXES", "read_image"]
+__all__ = ["SUPPORTED_SUFFIXES", "check_image", "read_image"]
 
 _logger = logging.getLogger(__name__)
 
@@ -69,13 +77,42 @@ def read_image(path: str | Path, *, window: tuple[float, float] | None = None) -
     return gray if gray.dtype == np.uint8 else _to_uint8(gray)
 
 
+def check_image(path: str | Path) -> None:
+    """Raise the ``DataError`` that :func:`read_image` would for a file that fails before decoding its pixels.
+
+    Reads only the header: missing, empty, unreadable, a directory or a broken link, an unknown format, a
+    header Pillow cannot parse, or more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``. A body truncated or
+    corrupted after the header passes here and fails in :func:`read_image` (finding it means decoding it).
+    DICOM files must parse and hold pixel data (not read: large values are deferred).
+    """
+    path = Path(path)
+    head = _read_head(path)
+    if head[128:132] == b"DICM" or (path.suffix.lower() == ".dcm" and not _sniff(head)):
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+
+        try:
+            found = "PixelData" in pydicom.dcmread(path, force=True, defer_size=1024)
+        except (InvalidDicomError, AttributeError, KeyError, TypeError, ValueError, RuntimeError, OSError) as err:
+            raise DataError(f"{path}: cannot decode as DICOM ({err})") from err
+        if not found:
+            raise DataError(f"{path}: DICOM file has no pixel data")
+        return
+    fmt = _sniff(head)
+    if fmt is None:
+        raise DataError(f"{path}: unknown image format (expected PNG, JPEG, BMP, TIFF or DICOM content)")
+    with _pillow_image(path, fmt):
+        pass
+
+
 def _sniff(head: bytes) -> str | None:
     return next((fmt for magic, fmt in _MAGIC.items() if head.startswith(magic)), None)
 
 
 def _read_head(path: Path) -> bytes:
     if not path.exists():
-        raise DataError(f"{path}: file not found")
+        broken = f" (a broken symbolic link to {path.readlink()})" if path.is_symlink() else ""
+        raise DataError(f"{path}: file not found{broken}")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, not an image file")
     try:
@@ -88,23 +125,36 @@ def _read_head(path: Path) -> bytes:
     return head
 
 
-def _read_pillow(path: Path, fmt: str) -> np.ndarray:
-    """Decode with Pillow; 8-bit modes become ``L``, deeper ones come back as their raw numeric array."""
+@contextmanager
+def _pillow_image(path: Path, fmt: str) -> Iterator[Image.Image]:
+    """The opened (not yet decoded) image; Pillow's errors, inside the block too, become one ``DataError``."""
     try:
-        with Image.open(path, formats=[fmt]) as img:
-            img.load()
-            if getattr(img, "n_frames", 1) > 1:
-                raise DataError(f"{path}: {img.n_frames}-frame {fmt} is not supported yet")
-            if img.mode.startswith("I") or img.mode == "F":
-                return np.asarray(img)
-            if img.mode != "L":
-                _logger.debug("Converting %s from mode %s to L", path, img.mode)
-                img = img.convert("L")
-            return np.asarray(img).copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, don't decode and warn
+            with Image.open(path, formats=[fmt]) as img:
+                yield img
     except DataError:
         raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise DataError(
+            f"{path}: refused before decoding: {err} Raise PIL.Image.MAX_IMAGE_PIXELS to read larger images."
+        ) from err
     except _PIL_ERRORS as err:
         raise DataError(f"{path}: cannot decode as {fmt} ({err})") from err
+
+
+def _read_pillow(path: Path, fmt: str) -> np.ndarray:
+    """Decode with Pillow; 8-bit modes become ``L``, deeper ones come back as their raw numeric array."""
+    with _pillow_image(path, fmt) as img:
+        img.load()
+        if getattr(img, "n_frames", 1) > 1:
+            raise DataError(f"{path}: {img.n_frames}-frame {fmt} is not supported yet")
+        if img.mode.startswith("I") or img.mode == "F":
+            return np.asarray(img)
+        if img.mode != "L":
+            _logger.debug("Converting %s from mode %s to L", path, img.mode)
+            img = img.convert("L")
+        return np.asarray(img).copy()
 
 
 def _read_dicom(path: Path, window: tuple[float, float] | None) -> np.ndarray:

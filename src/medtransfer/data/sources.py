@@ -388,15 +388,15 @@ def _existing_dir(path: Path | str) -> Path:
 
 # --------------------------------------------------------------------------------------------------- tables
 def _read_table(path: Path, what: str) -> pd.DataFrame:
-    """Every cell as a string, indexed by line number (header = 1); a file read as one column is an error."""
+    """Every cell as a string, indexed by line number (header = 1); a file read as one column is an error.
+
+    ``read_csv_table`` already names a ';', tab or '|' delimiter; a manifest needs two columns even without one.
+    """
     frame = read_csv_table(path, what)
     if len(frame.columns) == 1:
-        header = frame.columns[0]
-        guess = next((name for sep, name in ((";", "';'"), ("\t", "tabs"), ("|", "'|'")) if sep in header), None)
         raise DataError(
-            f"{path} was read as a single column {header!r}: "
-            + (f"it looks separated by {guess}" if guess else "it has no ',' in its header")
-            + "; medtransfer reads comma-separated files (save it with ',' as the delimiter)"
+            f"{path} was read as a single column {frame.columns[0]!r} (line 1): it has no ',' in its header; "
+            "medtransfer reads comma-separated files (save it with ',' as the delimiter)"
         )
     return frame
 
@@ -644,7 +644,7 @@ def _list_images(folder: Path, suffixes: Sequence[str]) -> list[Path]:
         for path in folder.rglob("*")
         if path.name.lower().endswith(endings)
         and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-        and path.is_file()
+        and (path.is_file() or path.is_symlink())  # a broken link is reported, not dropped
     )
 
 

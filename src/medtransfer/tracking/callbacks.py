@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-import torch
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
@@ -15,10 +16,19 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from medtransfer.checkpoints import load_checkpoint
 from medtransfer.tracking.mlflow import MLflowLogger
 from medtransfer.tracking.tags import resolved_data_params, run_tags
 
-__all__ = ["LogConfigToMLflow", "MLflowRunTracking", "find_mlflow_logger", "flatten_config", "read_run_info"]
+__all__ = [
+    "LogConfigToMLflow",
+    "MLflowRunTracking",
+    "find_mlflow_logger",
+    "flatten_config",
+    "read_run_info",
+    "redact_urls",
+    "redacted",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -29,6 +39,27 @@ _NOT_PARAMS = ("config", "ckpt_path", "test_after_fit")
 def find_mlflow_logger(trainer: Trainer) -> MLFlowLogger | None:
     """The trainer's first MLflow logger, if any."""
     return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
+
+
+_SECRET_KEY = re.compile(r"pass(word|wd)?|secret|token|api_?key|access_?key|credential", re.IGNORECASE)
+
+
+def redacted(key: str, value: str) -> str:
+    """``***`` for a secret-named key; a URL's ``user:password@`` becomes ``***@``, so MLflow never stores them."""
+    if _SECRET_KEY.search(str(key)):
+        return "***"
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return value
+    if parts.scheme and "@" in parts.netloc:
+        return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+    return value
+
+
+def redact_urls(text: str) -> str:
+    """Credentials of every ``scheme://user:password@host`` in ``text`` replaced by ``***``."""
+    return re.sub(r"(\w+://)[^/\s@]+@", r"\1***@", text)
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -47,13 +78,13 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str
                 item = item if isinstance(item, Mapping) else {"value": item}
                 flat.update(flatten_config(item, f"{name}{index}."))
         else:
-            flat[name.rstrip(".")] = str(value)
+            flat[name.rstrip(".")] = redacted(key, str(value))
     return flat
 
 
 def read_run_info(checkpoint_path: str | Path) -> dict[str, str] | None:
     """The MLflow run a checkpoint was written in (``run_id``, ``experiment_id``, ``tracking_uri``), if any."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(checkpoint_path)
     return checkpoint.get("mlflow")
 
 
@@ -71,6 +102,7 @@ class LogConfigToMLflow(SaveConfigCallback):
             return
         stage = getattr(stage, "value", stage)  # Lightning passes its TrainerFn enum
         text = self.parser.dump(self.config, skip_none=False)
+        text = redact_urls(text)
         logger.experiment.log_text(logger.run_id, text, f"config/{stage}.yaml")
         if stage != "fit":
             return
@@ -108,7 +140,7 @@ class MLflowRunTracking(Callback):
             checkpoint["mlflow"] = {
                 "run_id": logger.run_id,
                 "experiment_id": logger.experiment_id,
-                "tracking_uri": logger._tracking_uri,
+                "tracking_uri": redacted("tracking_uri_value", logger._tracking_uri),
             }
             if self._epoch_ending:
                 checkpoint["mlflow"]["epoch_end_metrics"] = self._epoch_end_metrics(trainer)

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 import medtransfer
+from medtransfer.checkpoints import load_checkpoint
 from medtransfer.models.classifier import ClassifierModule
 from medtransfer.models.inference import ProbabilityModel, example_input, input_settings
 from medtransfer.tracking.callbacks import find_mlflow_logger
@@ -86,8 +87,10 @@ class LogModelToMLflow(Callback):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not self.enabled or logger is None or trainer.interrupted or not best or not Path(best).is_file():
             return
-        checkpoint = torch.load(best, map_location="cpu", weights_only=True)
-        classifier = ClassifierModule.load_from_checkpoint(best, pretrained="none", map_location="cpu")
+        checkpoint = load_checkpoint(best)
+        classifier = ClassifierModule.load_from_checkpoint(
+            best, pretrained="none", map_location="cpu", weights_only=True
+        )
         network = ProbabilityModel(classifier).eval()
         metadata = model_metadata(classifier, checkpoint)
         name = self._registry_name(trainer, pl_module)

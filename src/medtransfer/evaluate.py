@@ -267,6 +267,13 @@ def _one_vs_rest(
             f"but got {probs.shape}"
         )
     n, num_classes = probs.shape
+    bad = ~((probs >= 0.0) & (probs <= 1.0))  # NaN too: a NaN would turn every metric of its class into NaN
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise ValueError(
+            f"Expected argument `probs` to hold probabilities in [0, 1], but got {probs[row, col]} "
+            f"at row {row}, class {class_names[col]!r} ({int(bad.sum())} bad value(s) in all)"
+        )
     if len(targets) != n:
         raise ValueError(f"Expected argument `targets` to have {n} rows like `probs`, but got {len(targets)}")
     if targets.ndim == 2 and targets.shape[1] == 1:

@@ -8,6 +8,7 @@ the line (the header is line 1) and the column at fault.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,13 +60,62 @@ def read_csv_table(path: Path, what: str) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise DataError(f"{what} file {path} is empty: expected a CSV file with a header row") from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as err:
-        raise DataError(f"{what} file {path} cannot be read as CSV: {err}") from None
+        raise DataError(f"{what} file {path} cannot be read as CSV: {_line_numbered(str(err).strip())}") from None
     frame.columns = [str(name).strip() for name in frame.columns]
+    _check_header(frame, path, what)
     frame.index = pd.RangeIndex(_FIRST_DATA_LINE, _FIRST_DATA_LINE + len(frame), name="line")
     frame = frame[(frame != "").any(axis=1)]
+    _check_rows(frame, path)
     if frame.empty:
         raise DataError(f"{what} file {path} has a header but no data rows")
     return frame
+
+
+_DELIMITERS = ((";", "';'"), ("\t", "tabs"), ("|", "'|'"))
+_MANGLED = re.compile(r"(.+)\.\d+$")  # pandas renames a repeated column 'label' to 'label.1'
+
+
+def _line_numbered(message: str) -> str:
+    """pandas' parser counts an unterminated quote's "row" from 0 (the header); say the file's line instead."""
+    return re.sub(r"starting at row (\d+)", lambda match: f"starting at line {int(match[1]) + 1}", message)
+
+
+def _check_header(frame: pd.DataFrame, path: Path, what: str) -> None:
+    """A DataError for a file of another delimiter (read as one column) or a header naming a column twice."""
+    if len(frame.columns) == 1:
+        header = frame.columns[0]
+        guess = next((name for sep, name in _DELIMITERS if sep in header), None)
+        if guess is not None:
+            raise DataError(
+                f"{what} file {path} was read as a single column {header!r} (line 1): it looks separated by "
+                f"{guess}; medtransfer reads comma-separated files (save it with ',' as the delimiter)"
+            )
+    if any(_MANGLED.fullmatch(name) for name in frame.columns):  # only then read the raw header again
+        raw = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0]
+        names = raw.str.strip()
+        repeated = names[names.duplicated()]
+        if len(repeated):
+            name = repeated.iloc[0]
+            raise DataError(
+                f"{what} file {path} line 1: column {name!r} appears {int((names == name).sum())} times in the "
+                "header; every column needs its own name"
+            )
+
+
+def _check_rows(frame: pd.DataFrame, path: Path) -> None:
+    """A DataError for a row written with another delimiter: one filled first cell holding it, the rest empty."""
+    if len(frame.columns) < 2 or frame.empty:
+        return
+    first = frame.iloc[:, 0]
+    lone = (frame.iloc[:, 1:] == "").all(axis=1)
+    for sep, name in _DELIMITERS[:2]:  # not '|': ChestX-ray14 joins findings with it inside a cell
+        odd = lone & first.str.contains(sep, regex=False, na=False)
+        if odd.any():
+            line = odd.index[odd.argmax()]
+            raise DataError(
+                f"{path} line {line}: {first[line]!r} looks separated by {name}, but the header uses ','; "
+                "medtransfer reads comma-separated files (save it with ',' as the delimiter)"
+            )
 
 
 def require_columns(frame: pd.DataFrame, columns: Sequence[str], path: Path) -> None:
@@ -74,7 +124,7 @@ def require_columns(frame: pd.DataFrame, columns: Sequence[str], path: Path) -> 
     if missing:
         hints = [did_you_mean(name, frame.columns) for name in missing]
         raise DataError(
-            f"{path} has no column {', '.join(map(repr, missing))}{''.join(hints)}; "
+            f"{path} line 1 (the header) has no column {', '.join(map(repr, missing))}{''.join(hints)}; "
             f"its columns are {list(frame.columns)}"
         )
 

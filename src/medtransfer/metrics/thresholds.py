@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
+from torchmetrics.utilities import rank_zero_warn
 
 __all__ = ["ThresholdPolicy", "fit_threshold", "fit_thresholds"]
 
@@ -61,7 +62,18 @@ def fit_threshold(
         index = int(torch.nonzero(tpr >= target_value - 1e-12)[0])
     else:  # target_specificity
         index = int(torch.nonzero(1 - fpr >= target_value - 1e-12)[-1])
-    return float(thresholds[index])
+    threshold = float(thresholds[index])
+    if policy != "youden":
+        called = probs >= threshold
+        rate = "sensitivity" if policy == "target_sensitivity" else "specificity"
+        reached = float((called[target == 1] if rate == "sensitivity" else ~called[target == 0]).double().mean())
+        if reached < target_value - 1e-12:
+            rank_zero_warn(
+                f"No threshold reaches {rate} {target_value} on these {len(probs)} cases: the best, {threshold}, "
+                f"gives {reached:.4f} ({int((probs >= 1).sum())} case(s) have probability 1.0).\n"
+                "HINT: lower threshold_target, or calibrate the model (temperature_scaling) so fewer cases saturate."
+            )
+    return threshold
 
 
 def fit_thresholds(

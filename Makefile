@@ -16,7 +16,7 @@ export MEDTRANSFER_DATA_DIR := $(SHARED_DATA)
 endif
 endif
 
-.PHONY: setup fit test ui lint format clean
+.PHONY: setup fit test test-faults ui lint format clean
 
 setup: $(STAMP) ## create .venv and install medtransfer with its dev extras (skipped when up to date)
 
@@ -30,6 +30,9 @@ fit: setup ## train the default config, then test its best checkpoint; all track
 
 test: setup ## run the test suite
 	$(BIN)/pytest
+
+test-faults: setup ## the whole fault suite (tests/faults), including the long `faults`-marked kill/resume cases
+	$(BIN)/pytest tests/faults -m ""
 
 ui: setup ## the MLflow UI over mlruns/ on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host $(HOST) --port $(PORT)

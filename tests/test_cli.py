@@ -130,8 +130,9 @@ def test_resumed_fit_continues_the_same_run_in_phase_two(workdir, fitted, pneumo
     phases = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "finetune/phase"))
     epochs = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "epoch"))
     assert epochs[-1][1] == 2 and phases[-1] == (epochs[-1][0], 2.0)  # the new epoch ran, in phase 2
-    # Known gap (issue 8): Lightning replays the end of the checkpointed epoch on resume, so that epoch's
-    # epoch-end metrics are logged twice at the same step.
+    for key in ("val/auroc", "train/loss", "finetune/phase"):
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert len(steps) == len(set(steps)), key  # a resumed fit logs each epoch once
 
 
 def test_evaluate_subcommand_audits_a_predictions_file(workdir, chexnet_dir, capsys):

@@ -197,6 +197,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> MedTransferCLI
             "logger": {"class_path": "medtransfer.tracking.mlflow.MLflowLogger"},
             "callbacks": [MLflowRunTracking(), EpochSummary(), TestReportPlots(), FiniteCheck()],
             "default_root_dir": "mlruns",
+            "plugins": {"class_path": "medtransfer.callbacks.atomic_checkpoint.AtomicCheckpointIO"},
         },
         seed_everything_default=0,
         args=args,

@@ -1,0 +1,65 @@
+"""Checkpoints that appear whole or not at all, so a fit killed while saving resumes from the previous one."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from typing_extensions import override
+
+from medtransfer.files import atomic_open
+
+__all__ = ["AtomicCheckpointIO"]
+
+_logger = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` that writes a local checkpoint beside its target and renames it into place.
+
+    Lightning's own save (``_atomic_save``) serialises into memory and writes through an fsspec transaction,
+    whose local temporary file is made by ``tempfile.mkstemp()`` in the system temp folder: where that is
+    another filesystem than the checkpoint folder (a tmpfs ``/tmp``, a mounted volume), the final move is a
+    copy into ``last.ckpt`` itself, so a kill during it leaves a truncated ``last.ckpt``; and a killed save
+    leaves its temporary file in ``/tmp``. Here the file is written as ``.<name>.<random>.tmp`` in the
+    checkpoint folder, fsynced and ``os.replace``d over ``<name>`` (``medtransfer.files.atomic_open``), which
+    is atomic on one filesystem. Partial files left by killed saves are removed by the next save into the
+    same folder (saves run one at a time, on rank zero). Remote paths (``s3://`` ...) keep Lightning's
+    behaviour: object stores publish whole objects.
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_path(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        self.remove_partial_files(path)
+        with atomic_open(path, "wb") as stream:
+            torch.save(checkpoint, stream)
+
+    @staticmethod
+    def remove_partial_files(path: Path) -> list[Path]:
+        """Delete ``.<name>.<random>.tmp`` checkpoint files beside ``path`` (same suffix): saves killed before
+        their rename, such as a top-k checkpoint whose name is never saved again."""
+        removed = []
+        for partial in path.parent.glob(f".*{path.suffix}.*.tmp") if path.parent.is_dir() else ():
+            try:
+                partial.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(partial)
+        if removed:
+            _logger.info("Removed %d partial checkpoint file(s) of interrupted saves in %s", len(removed), path.parent)
+        return removed
+
+
+def _is_local_path(path: Any) -> bool:
+    """A plain local path (``file://`` URLs and remote stores go through Lightning's own save)."""
+    return "://" not in os.fspath(path) and isinstance(get_filesystem(path), LocalFileSystem)

@@ -1,9 +1,30 @@
-"""Small builders shared by tests: a tiny two-class image task that a real timm backbone can fit."""
+"""Small builders shared by tests: a tiny two-class image task that a real timm backbone can fit, and the
+default config shrunk to a seconds-long CLI fit."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+REPO = Path(__file__).resolve().parents[1]
+#: The shipped default: ImageNet EfficientNet-Lite0 (offline weights) on PneumoniaMNIST.
+DEFAULT_CONFIG = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
+
+
+def tiny_fit_args(train_batches: int = 4, val_batches: int = 4, test_batches: int = 3) -> list[str]:
+    """Options that shrink the default config to a seconds-long fit: 32 px, two epochs (head only, then
+    fine-tuning) of a few batches, no progress bar."""
+    return [
+        "--trainer.max_epochs=2",
+        f"--trainer.limit_train_batches={train_batches}",
+        f"--trainer.limit_val_batches={val_batches}",
+        f"--trainer.limit_test_batches={test_batches}",
+        "--trainer.enable_progress_bar=false",
+        "--finetuning.unfreeze_at_epoch=1",
+        "--data.image_size=32",
+    ]
 
 
 def tiny_loaders(

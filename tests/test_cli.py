@@ -10,21 +10,12 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from helpers import DEFAULT_CONFIG, tiny_fit_args
 from mlflow.tracking import MlflowClient
 
 from medtransfer.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
-SMALL = [
-    "--trainer.max_epochs=2",
-    "--trainer.limit_train_batches=4",
-    "--trainer.limit_val_batches=4",
-    "--trainer.limit_test_batches=3",
-    "--trainer.enable_progress_bar=false",
-    "--finetuning.unfreeze_at_epoch=1",
-    "--data.image_size=32",
-]
+SMALL = tiny_fit_args()
 
 
 @pytest.fixture

@@ -4,10 +4,10 @@ side by side, written as CSV, markdown and a bar chart; one-line errors naming w
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import DEFAULT_CONFIG, tiny_fit_args
 from mlflow import MlflowClient
 
 from medtransfer.baseline import baseline
@@ -17,16 +17,7 @@ from medtransfer.data.medmnist import MedMNISTDataModule
 from medtransfer.errors import MedtransferError
 from medtransfer.tracking.callbacks import find_mlflow_logger
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pneumonia_effnet_lite0.yaml"
-TINY = [
-    "--trainer.max_epochs=2",
-    "--trainer.limit_train_batches=3",
-    "--trainer.limit_val_batches=2",
-    "--trainer.limit_test_batches=2",
-    "--trainer.enable_progress_bar=false",
-    "--finetuning.unfreeze_at_epoch=1",
-    "--data.image_size=32",
-]
+TINY = tiny_fit_args(train_batches=3, val_batches=2, test_batches=2)
 
 
 @pytest.fixture(scope="module")

@@ -237,3 +237,28 @@ def test_heatmaps_from_an_exported_mlflow_model_are_refused_clearly(fitted, png_
     with pytest.raises(DataError, match="--heatmaps needs the model's layers"):
         run_predict(str(folder), f"runs:/{fitted['run_id']}/model", output=tmp_path / "x.csv",
                     tracking_uri=fitted["store"], heatmaps=tmp_path / "maps")  # fmt: skip
+
+
+def test_speed_options_keep_the_probabilities(fitted, png_folder, tmp_path):
+    folder, _ = png_folder
+    run_predict(str(folder), str(fitted["best"]), output=tmp_path / "fp32.csv")
+    reference = {k: float(v) for k, v in _probabilities(_read(tmp_path / "fp32.csv")).items()}
+    for name, options, tolerance in [
+        ("channels_last", {"channels_last": True}, 1e-5),
+        ("bf16", {"precision": "bf16"}, 2e-2),  # bfloat16 keeps 8 bits of mantissa
+    ]:
+        run_predict(str(folder), str(fitted["best"]), output=tmp_path / f"{name}.csv", device="cpu", **options)
+        probabilities = _probabilities(_read(tmp_path / f"{name}.csv"))
+        assert probabilities.keys() == reference.keys(), name
+        assert all(abs(float(probabilities[k]) - p) <= tolerance for k, p in reference.items()), name
+    with pytest.raises(DataError, match="--precision 16 needs a GPU"):
+        run_predict(str(folder), str(fitted["best"]), output=tmp_path / "x.csv", device="cpu", precision="16")
+
+
+@pytest.mark.slow
+def test_compiled_network_gives_the_same_probabilities(fitted, png_folder, tmp_path):
+    folder, _ = png_folder
+    run_predict(str(folder), str(fitted["best"]), output=tmp_path / "eager.csv")
+    run_predict(str(folder), str(fitted["best"]), output=tmp_path / "compiled.csv", compile=True)
+    eager, compiled = (_probabilities(_read(tmp_path / f"{n}.csv")) for n in ("eager", "compiled"))
+    assert all(abs(float(compiled[k]) - float(v)) <= 1e-5 for k, v in eager.items())

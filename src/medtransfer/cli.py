@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from medtransfer.callbacks.epoch_summary import EpochSummary
 from medtransfer.callbacks.finetuning import FreezeThenFinetune
 from medtransfer.callbacks.finite_check import FiniteCheck
+from medtransfer.callbacks.last_checkpoint import LastCheckpoint
 from medtransfer.checkpoints import load_checkpoint
 from medtransfer.data.base import ClassificationDataModule
 from medtransfer.errors import exit_on_user_error
@@ -52,7 +53,7 @@ class MedTransferCLI(LightningCLI):
             {
                 "checkpoint.monitor": "val/auroc",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": False,  # LastCheckpoint keeps last.ckpt current every epoch
                 "checkpoint.filename": "epoch={epoch:02d}-val_auroc={val/auroc:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
             }
@@ -195,7 +196,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> MedTransferCLI
         save_config_kwargs={"save_to_log_dir": False},
         trainer_defaults={
             "logger": {"class_path": "medtransfer.tracking.mlflow.MLflowLogger"},
-            "callbacks": [MLflowRunTracking(), EpochSummary(), TestReportPlots(), FiniteCheck()],
+            "callbacks": [MLflowRunTracking(), EpochSummary(), TestReportPlots(), FiniteCheck(), LastCheckpoint()],
             "default_root_dir": "mlruns",
             "plugins": {"class_path": "medtransfer.callbacks.atomic_checkpoint.AtomicCheckpointIO"},
         },

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_loaders
+from helpers import DEFAULT_CONFIG, tiny_fit_args, tiny_loaders
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.tracking import MlflowClient
@@ -29,17 +29,8 @@ from medtransfer.tracking import report
 from medtransfer.tracking.callbacks import MLflowRunTracking, find_mlflow_logger
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
 DIAGNOSTICS_CONFIG = REPO / "configs" / "callbacks" / "diagnostics.yaml"
-SMALL = [
-    "--trainer.max_epochs=2",
-    "--trainer.limit_train_batches=4",
-    "--trainer.limit_val_batches=4",
-    "--trainer.limit_test_batches=3",
-    "--trainer.enable_progress_bar=false",
-    "--finetuning.unfreeze_at_epoch=1",
-    "--data.image_size=32",
-]
+SMALL = tiny_fit_args()
 LITE0_BLOCKS = [
     "backbone.conv_stem-bn1",
     "backbone.blocks.0.0",

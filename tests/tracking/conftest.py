@@ -13,22 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import DEFAULT_CONFIG, tiny_fit_args
 from servers import PostgresServer, mlflow_process, postgres_server
 
 from medtransfer.cli import MedTransferCLI, build_cli
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
-#: The default config shrunk to seconds: 32 px, two epochs (head only, then fine-tuning) of two batches.
-TINY = (
-    "--trainer.max_epochs=2",
-    "--trainer.limit_train_batches=2",
-    "--trainer.limit_val_batches=2",
-    "--trainer.limit_test_batches=2",
-    "--trainer.enable_progress_bar=false",
-    "--finetuning.unfreeze_at_epoch=1",
-    "--data.image_size=32",
-)
+TINY = tuple(tiny_fit_args(train_batches=2, val_batches=2, test_batches=2))
 
 
 @dataclass(frozen=True)

@@ -10,22 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DEFAULT_CONFIG, tiny_fit_args
 from mlflow import MlflowClient
 
 from medtransfer.cli import build_cli
 from medtransfer.tracking.callbacks import find_mlflow_logger, flatten_config
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
-TINY = [
-    "--trainer.max_epochs=2",
-    "--trainer.limit_train_batches=3",
-    "--trainer.limit_val_batches=2",
-    "--trainer.limit_test_batches=2",
-    "--trainer.enable_progress_bar=false",
-    "--finetuning.unfreeze_at_epoch=1",
-    "--data.image_size=32",
-]
+TINY = tiny_fit_args(train_batches=3, val_batches=2, test_batches=2)
 
 
 def _git(folder: Path, *args: str) -> str:
@@ -94,7 +85,7 @@ def test_resumed_fit_keeps_the_runs_original_tags(fitted, pneumonia_npz):
     client, run_id = fitted["client"], fitted["run_id"]
     client.set_tag(run_id, "host", "the-original-host")
     original = client.get_run(run_id).data.tags
-    last = Path(fitted["cli"].trainer.checkpoint_callback.last_model_path)
+    last = next(Path(fitted["folder"]).glob("mlruns/*/*/checkpoints/last.ckpt"))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(fitted["folder"])
         mp.setattr("sys.argv", ["medtransfer"])

@@ -109,6 +109,7 @@ def markdown_table(summary: dict) -> str:
 def transfer_benchmark(
     quick: bool = False,
     render_only: bool = False,
+    fractions: list[float] | None = None,
     workdir: str = "/tmp/medtransfer-transfer-bench",
     out_json: str = str(REPO / "bench" / "results" / "transfer.json"),
     out_png: str = str(REPO / "bench" / "results" / "transfer.png"),
@@ -118,6 +119,7 @@ def transfer_benchmark(
     Args:
         quick: a smoke run (2 fractions, 2 epochs at 32 px, a few batches); it writes ``*_quick`` outputs.
         render_only: fit nothing; print the table of an existing ``out_json`` (and its README markdown).
+        fractions: training fractions to fit (default: 1, 2, 5, 10, 25 and 100 %).
         workdir: folder for the MLflow store (``mlruns/``) and the learning-curve CSV/PNG; kept for inspection.
         out_json: where the results go.
         out_png: where the plot goes.
@@ -138,7 +140,7 @@ def transfer_benchmark(
     try:
         points = learning_curve(
             configs=[str(p) for p in RECIPES.values()],
-            fractions=QUICK_FRACTIONS if quick else FRACTIONS,
+            fractions=QUICK_FRACTIONS if quick else (fractions or FRACTIONS),
             seeds=[0],
             metric="auroc",
             output_dir=str(work / "curve"),

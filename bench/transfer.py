@@ -12,7 +12,7 @@ two-phase schedule (3 head epochs, then 10 fine-tuning epochs) keeps its meaning
 25 % up an epoch is one pass over the subset (19 and 74 batches).
 
 Writes ``bench/results/transfer.json`` (every fit, the comparison, the fractions where pretrained beats
-scratch) and ``bench/results/transfer.png`` (train and validation AUROC vs training images).
+scratch) and ``docs/images/transfer.png`` (train and validation AUROC vs training images).
 
 Usage: python bench/transfer.py [--quick true] [--workdir DIR] [--render_only true]
 (MEDTRANSFER_DATA_DIR: where the .npz is)
@@ -112,7 +112,7 @@ def transfer_benchmark(
     fractions: list[float] | None = None,
     workdir: str = "/tmp/medtransfer-transfer-bench",
     out_json: str = str(REPO / "bench" / "results" / "transfer.json"),
-    out_png: str = str(REPO / "bench" / "results" / "transfer.png"),
+    out_png: str = str(REPO / "docs" / "images" / "transfer.png"),
 ) -> dict:
     """Run the three learning curves and store the table and the plot.
 

@@ -293,13 +293,7 @@ class WorstErrorsGallery(Callback):
         if self._handle is not None:
             self._collect(pl_module, batch, dataloader_idx)
 
-    @override
-    def on_test_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:  # fmt: skip
-        if self._handle is not None:
-            self._collect(pl_module, batch, dataloader_idx)
+    on_test_batch_end = on_validation_batch_end  # the same collection for the test loop
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

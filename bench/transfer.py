@@ -1,20 +1,25 @@
 """Benchmark: when does transfer learning pay? ImageNet EfficientNet-Lite0 vs the same net from scratch vs
 head-only (feature extraction), on PneumoniaMNIST at 64 px, at training fractions from 1 % to 100 %.
 
-Runs ``medtransfer learning-curve`` over the three recipes in ``configs/learning_curve/`` (each stacked on
+Runs ``medtransfer learning-curve`` over the four recipes in ``configs/learning_curve/`` (each stacked on
 ``configs/pneumonia_effnet_lite0.yaml``: 13 epochs, batch 64, best-validation-AUROC checkpoint, tested once
-on the official test split), in a work folder with its own MLflow store. Stratified training subsets are
-nested across fractions (seed 0). Validation and test splits are always whole (524 and 624 images).
+on the official test split), in a work folder with its own MLflow store, once per seed (a parent run each).
+Stratified training subsets are nested across fractions for one seed; the seed also sets the training
+randomness. Validation and test splits are always whole (524 and 624 images).
+
+Recipes: ``pretrained`` (two phases, phase 2 at 1e-3, chosen on validation data), ``pretrained_lr1e-5``
+(two phases as ``make fit`` ships them, phase 2 at 1e-5), ``scratch`` (random init, all at 1e-3) and
+``head_only`` (frozen ImageNet backbone, head at 1e-3).
 
 Steps: an epoch draws at least ``min_epoch_samples`` (1024, i.e. 16 batches) training images, cycling through
 a small subset in fresh permutations, so each fit takes at least 13 x 16 = 208 optimizer steps and the
 two-phase schedule (3 head epochs, then 10 fine-tuning epochs) keeps its meaning at 1 % of the data. From
 25 % up an epoch is one pass over the subset (19 and 74 batches).
 
-Writes ``bench/results/transfer.json`` (every fit, the comparison, the fractions where pretrained beats
-scratch) and ``docs/images/transfer.png`` (train and validation AUROC vs training images).
+Writes ``bench/results/transfer.json`` (every fit, the per-fraction means over seeds, where pretrained beats
+scratch) after every seed, and ``docs/images/transfer.png`` (train and validation AUROC vs training images).
 
-Usage: python bench/transfer.py [--quick true] [--workdir DIR] [--render_only true]
+Usage: python bench/transfer.py [--seeds '[0, 1]'] [--fractions '[...]'] [--quick true] [--render_only true]
 (MEDTRANSFER_DATA_DIR: where the .npz is)
 """
 
@@ -24,17 +29,18 @@ import json
 import math
 import os
 import platform
-import shutil
+import statistics
 import time
 from pathlib import Path
 
 from medtransfer.files import write_text_atomic
-from medtransfer.learning_curve import CurvePoint, learning_curve
+from medtransfer.learning_curve import CurvePoint, learning_curve, plot_learning_curve
+from medtransfer.plots import save_figure
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
-RECIPES = {name: REPO / "configs" / "learning_curve" / f"{name}.yaml" for name in
-           ("lite0_pretrained", "lite0_scratch", "lite0_head_only")}  # fmt: skip
+RECIPES = {name: REPO / "configs" / "learning_curve" / f"lite0_{name}.yaml" for name in
+           ("pretrained", "pretrained_lr1e-5", "scratch", "head_only")}  # fmt: skip
 FRACTIONS = [0.01, 0.02, 0.05, 0.1, 0.25, 1.0]
 FULL_ARGS = ["--trainer.enable_progress_bar=false", "--data.init_args.min_epoch_samples=1024"]
 #: ``--quick``: a smoke run of the same code path in a few minutes (numbers meaningless).
@@ -50,59 +56,80 @@ QUICK_ARGS = [
 ]
 
 
+STAGES = ("train", "val", "test")
+
+
 def _wins(table: list[dict], stage: str) -> list[float]:
     return [row["fraction"] for row in table if row[f"pretrained_{stage}"] > row[f"scratch_{stage}"]]
 
 
 def summarise(points: list[CurvePoint]) -> dict:
-    """One row per fraction with each recipe's val/test AUROC, and where pretrained beats scratch."""
-    by = {(p.config.removeprefix("lite0_"), p.fraction): p for p in points}
+    """One row per fraction: each recipe's train/val/test AUROC averaged over seeds (and the seed spread), how
+    many seeds pretrained beat scratch in, and the fractions where the mean favours pretrained."""
+    recipes = list(dict.fromkeys(p.config.removeprefix("lite0_") for p in points))
+    seeds = sorted({p.seed for p in points})
     table = []
     for fraction in sorted({p.fraction for p in points}):
-        row = {"fraction": fraction, "train_images": by[("pretrained", fraction)].train_images}
-        for recipe in ("pretrained", "scratch", "head_only"):
-            point = by.get((recipe, fraction))
-            for stage in ("train", "val", "test"):
-                value = getattr(point, f"{stage}_metric") if point else math.nan
-                row[f"{recipe}_{stage}"] = round(value, 4)
+        mine = [p for p in points if p.fraction == fraction]
+        row = {"fraction": fraction, "train_images": mine[0].train_images, "seeds": seeds}
+        for recipe in recipes:
+            fits = [p for p in mine if p.config.removeprefix("lite0_") == recipe]
+            for stage in STAGES:
+                values = [getattr(p, f"{stage}_metric") for p in fits]
+                row[f"{recipe}_{stage}"] = round(statistics.fmean(values), 4) if values else math.nan
+                row[f"{recipe}_{stage}_spread"] = round(max(values) - min(values), 4) if values else math.nan
+        by_seed = {(p.config.removeprefix("lite0_"), p.seed): p for p in mine}
+        for stage in ("val", "test"):
+            row[f"pretrained_beats_scratch_{stage}_seeds"] = sum(
+                getattr(by_seed[("pretrained", seed)], f"{stage}_metric")
+                > getattr(by_seed[("scratch", seed)], f"{stage}_metric")
+                for seed in seeds
+                if ("pretrained", seed) in by_seed and ("scratch", seed) in by_seed
+            )
         table.append(row)
     wins_val, wins_test = _wins(table, "val"), _wins(table, "test")
     return {
+        "recipes_in_table": recipes,
         "table": table,
         "pretrained_beats_scratch_val": wins_val,
         "pretrained_beats_scratch_test": wins_test,
-        "smallest_fraction_pretrained_beats_scratch_val": min(wins_val, default=None),
-        "smallest_fraction_pretrained_beats_scratch_test": min(wins_test, default=None),
         "largest_fraction_pretrained_beats_scratch_val": max(wins_val, default=None),
         "largest_fraction_pretrained_beats_scratch_test": max(wins_test, default=None),
     }
 
 
 def print_table(summary: dict) -> None:
-    print(f"{'fraction':>8} {'images':>6} | {'val AUROC':^26} | {'test AUROC':^26}")
-    print(f"{'':>8} {'':>6} | {'pretrain':>8} {'scratch':>8} {'head':>8} | {'pretrain':>8} {'scratch':>8} {'head':>8}")
+    recipes = summary["recipes_in_table"]
+    width = 12 * len(recipes) - 1
+    print(f"mean AUROC over seeds {summary['table'][0]['seeds']}")
+    print(f"{'fraction':>8} {'images':>6} | {'val':^{width}} | {'test':^{width}}")
+    header = " ".join(f"{r.replace('pretrained', 'pre'):>11}" for r in recipes)
+    print(f"{'':>8} {'':>6} | {header} | {header}")
     for row in summary["table"]:
-        cells = [row[f"{r}_{s}"] for s in ("val", "test") for r in ("pretrained", "scratch", "head_only")]
-        print(f"{row['fraction']:>8g} {row['train_images']:>6} | " + " ".join(f"{c:>8.4f}" for c in cells[:3])
-              + " | " + " ".join(f"{c:>8.4f}" for c in cells[3:]))  # fmt: skip
+        cells = " | ".join(" ".join(f"{row[f'{r}_{s}']:>11.4f}" for r in recipes) for s in ("val", "test"))
+        print(f"{row['fraction']:>8g} {row['train_images']:>6} | {cells}")
     for stage in ("val", "test"):
-        print(f"pretrained beats scratch on {stage} at fractions: {summary[f'pretrained_beats_scratch_{stage}']}")
+        print(f"pretrained beats scratch (mean {stage}) at fractions: {summary[f'pretrained_beats_scratch_{stage}']}")
 
 
 def markdown_table(summary: dict) -> str:
-    """The README table: one row per fraction, val and test AUROC of the three recipes."""
+    """The README table: one row per fraction, mean val and test AUROC of each recipe (best in bold), and in
+    how many seeds pretrained beat scratch."""
+    recipes = summary["recipes_in_table"]
+    seeds = len(summary["table"][0]["seeds"])
+    names = [r.replace("_", " ") for r in recipes]
     lines = [
-        "| fraction | train images | val: pretrained | val: scratch | val: head-only "
-        "| test: pretrained | test: scratch | test: head-only |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+        "| fraction | train images | " + " | ".join(f"{s}: {n}" for s in ("val", "test") for n in names)
+        + f" | pretrained > scratch (val, of {seeds} seeds) |",
+        "|---|---|" + "---|" * (2 * len(recipes) + 1),
+    ]  # fmt: skip
     for row in summary["table"]:
         cells = []
         for stage in ("val", "test"):
-            values = {r: row[f"{r}_{stage}"] for r in ("pretrained", "scratch", "head_only")}
-            best = max(values.values())
-            cells += [f"**{v:.3f}**" if v == best else f"{v:.3f}" for v in values.values()]
-        lines.append(f"| {row['fraction']:g} | {row['train_images']} | " + " | ".join(cells) + " |")
+            values = [row[f"{r}_{stage}"] for r in recipes]
+            cells += [f"**{v:.3f}**" if v == max(values) else f"{v:.3f}" for v in values]
+        wins = row["pretrained_beats_scratch_val_seeds"]
+        lines.append(f"| {row['fraction']:g} | {row['train_images']} | " + " | ".join(cells) + f" | {wins} |")
     return "\n".join(lines)
 
 
@@ -110,22 +137,25 @@ def transfer_benchmark(
     quick: bool = False,
     render_only: bool = False,
     fractions: list[float] | None = None,
+    seeds: list[int] = [0, 1],  # noqa: B006 (jsonargparse shows the default)
     workdir: str = "/tmp/medtransfer-transfer-bench",
     out_json: str = str(REPO / "bench" / "results" / "transfer.json"),
     out_png: str = str(REPO / "docs" / "images" / "transfer.png"),
 ) -> dict:
-    """Run the three learning curves and store the table and the plot.
+    """Run the learning curves, seed after seed, and store the table and the plot.
 
     Args:
-        quick: a smoke run (2 fractions, 2 epochs at 32 px, a few batches); it writes ``*_quick`` outputs.
+        quick: a smoke run (2 fractions, one seed, 2 epochs at 32 px, a few batches); writes ``*_quick`` outputs.
         render_only: fit nothing; print the table of an existing ``out_json`` (and its README markdown).
         fractions: training fractions to fit (default: 1, 2, 5, 10, 25 and 100 %).
+        seeds: one learning curve (a parent MLflow run) per seed; results are written after each.
         workdir: folder for the MLflow store (``mlruns/``) and the learning-curve CSV/PNG; kept for inspection.
         out_json: where the results go.
         out_png: where the plot goes.
     """
     if quick:
         out_json, out_png = (str(Path(p).with_stem(Path(p).stem + "_quick")) for p in (out_json, out_png))
+        seeds = seeds[:1]
     if render_only:
         result = json.loads(Path(out_json).read_text())
         print_table(result)
@@ -136,39 +166,46 @@ def transfer_benchmark(
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     fit_args = QUICK_ARGS if quick else FULL_ARGS
     start, cwd = time.perf_counter(), os.getcwd()
+    points: list[CurvePoint] = []
     os.chdir(work)  # mlruns/ of this benchmark only
     try:
-        points = learning_curve(
-            configs=[str(p) for p in RECIPES.values()],
-            fractions=QUICK_FRACTIONS if quick else (fractions or FRACTIONS),
-            seeds=[0],
-            metric="auroc",
-            output_dir=str(work / "curve"),
-            base_config=str(BASE),
-            fit_args=fit_args,
-        )
+        for seed in seeds:
+            points += learning_curve(
+                configs=[str(p) for p in RECIPES.values()],
+                fractions=QUICK_FRACTIONS if quick else (fractions or FRACTIONS),
+                seeds=[seed],
+                metric="auroc",
+                output_dir=str(work / f"curve-seed{seed}"),
+                base_config=str(BASE),
+                fit_args=fit_args,
+            )
+            result = _store(points, quick, fit_args, time.perf_counter() - start, out_json, out_png)
     finally:
         os.chdir(cwd)
-    summary = summarise(points)
+    print_table(result)
+    print(markdown_table(result))
+    print(f"wrote {out_json} and {out_png} ({result['seconds']:.0f} s)")
+    return result
+
+
+def _store(points: list[CurvePoint], quick: bool, fit_args: list[str], seconds: float, out_json: str,
+           out_png: str) -> dict:  # fmt: skip
     result = {
         "quick": quick,
         "dataset": "pneumoniamnist (train 4690 / val 524 / test 624), 64 px" + (" (32 px in quick)" if quick else ""),
         "recipes": {name: str(path.relative_to(REPO)) for name, path in RECIPES.items()},
         "base_config": str(BASE.relative_to(REPO)),
         "fit_args": fit_args,
-        "metric": "AUROC; val = best epoch (the kept checkpoint), test = that checkpoint on the test split",
-        **summary,
+        "metric": "AUROC; val = best epoch (the kept checkpoint), test = that checkpoint on the test split; "
+        "table values are means over seeds, *_spread max - min",
+        **summarise(points),
         "fits": [p.__dict__ for p in points],
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(seconds, 1),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
     }
     write_text_atomic(out_json, json.dumps(result, indent=2) + "\n")
-    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(work / "curve" / "learning_curve.png", out_png)
-    print_table(summary)
-    print(markdown_table(summary))
-    print(f"wrote {out_json} and {out_png} ({result['seconds']:.0f} s)")
+    save_figure(plot_learning_curve(points, "auroc"), out_png)
     return result
 
 

@@ -87,3 +87,21 @@ def test_a_missing_config_is_named(workdir, capsys):
         main(["learning-curve", "--configs=[nowhere.yaml]"])
     assert exit_info.value.code == 2
     assert "nowhere.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_curve_that_fails_midway_keeps_the_finished_fits_in_its_csv(workdir, pneumonia_npz):
+    broken = workdir / "broken.yaml"
+    broken.write_text("model:\n  backbone: no_such_backbone\n")
+    with pytest.raises(Exception, match="no_such_backbone"):
+        learning_curve(
+            configs=[str(RECIPES[1]), str(broken)], base_config=str(DEFAULT_CONFIG), fractions=[0.02],
+            output_dir="curve", fit_args=[*TINY, f"--data.init_args.path={pneumonia_npz}"],
+        )  # fmt: skip
+    points = read_curve_csv(workdir / "curve" / "learning_curve.csv")
+    assert [(p.config, p.fraction) for p in points] == [("lite0_scratch", 0.02)]
+    client = MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("medtransfer").experiment_id], "tags.`medtransfer.command` = 'learning-curve'"
+    )
+    assert parent.info.status == "FAILED"

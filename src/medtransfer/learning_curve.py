@@ -192,7 +192,8 @@ def learning_curve(
 ) -> list[CurvePoint]:
     """Fit every config at every training fraction and seed, as MLflow child runs of one parent run.
 
-    Writes ``<output_dir>/learning_curve.csv`` and ``learning_curve.png`` (atomically) and logs both, plus
+    Writes ``<output_dir>/learning_curve.csv`` (atomically, rewritten after every fit, so an interrupted curve
+    keeps its finished points) and, at the end, ``learning_curve.png``; logs both to the parent run, plus
     ``<config>/train_<metric>`` and ``<config>/val_<metric>`` with the number of training images as the step, to
     the parent run.
 
@@ -236,6 +237,7 @@ def learning_curve(
         client.log_param(parent, key, json.dumps(value)[:6000])
     print(f"Learning curve: parent MLflow run {parent} (experiment {experiment_id}) in {logger._tracking_uri}")
     points: list[CurvePoint] = []
+    csv_path = Path(output_dir) / "learning_curve.csv"
     status = "FAILED"
     try:
         for label, stack in stacks.items():
@@ -255,6 +257,7 @@ def learning_curve(
                     ]  # fmt: skip
                     point, _ = _fit_point(args, label, fraction, seed, metric, client)
                     points.append(point)
+                    write_text_atomic(csv_path, _csv_text(points))  # an interrupted curve keeps its finished fits
                     for stage in ("train", "val", "test"):
                         value = getattr(point, f"{stage}_metric")
                         if not math.isnan(value):
@@ -265,11 +268,9 @@ def learning_curve(
                         f"val {point.val_metric:.4f}, test {point.test_metric:.4f} ({point.seconds:.0f} s)",
                         flush=True,
                     )
-        out = Path(output_dir)
-        csv_path = write_text_atomic(out / "learning_curve.csv", _csv_text(points))
         from medtransfer.plots import save_figure
 
-        png_path = save_figure(plot_learning_curve(points, metric), out / "learning_curve.png")
+        png_path = save_figure(plot_learning_curve(points, metric), Path(output_dir) / "learning_curve.png")
         client.log_artifact(parent, str(csv_path), "learning_curve")
         client.log_artifact(parent, str(png_path), "learning_curve")
         print(f"Wrote {csv_path} and {png_path}")

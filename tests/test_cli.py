@@ -126,6 +126,30 @@ def test_resumed_fit_continues_the_same_run_in_phase_two(workdir, fitted, pneumo
         assert len(steps) == len(set(steps)), key  # a resumed fit logs each epoch once
 
 
+def test_ckpt_path_last_resumes_the_experiments_most_recently_checkpointed_run(workdir, fitted, pneumonia_npz):
+    older = fitted[0].iloc[0].run_id
+    older_epochs = len(_client(workdir).get_metric_history(older, "epoch"))
+    args = [a for a in SMALL if not a.startswith("--trainer.max_epochs")]
+    main(["fit", f"--config={DEFAULT_CONFIG}", f"--data.path={pneumonia_npz}", *args, "--trainer.max_epochs=1",
+          "--test_after_fit=false"])  # fmt: skip
+    (newer,) = set(_runs(workdir).run_id) - {older}
+    main(["fit", f"--config={DEFAULT_CONFIG}", f"--data.path={pneumonia_npz}", "--ckpt_path=last", *args,
+          "--trainer.max_epochs=2", "--test_after_fit=false"])  # fmt: skip
+    assert set(_runs(workdir).run_id) == {older, newer}  # no third run
+    epochs = [m.value for m in _client(workdir).get_metric_history(newer, "epoch")]
+    assert max(epochs) == 1  # the newer run went on from its epoch 0 to epoch 1
+    assert len(_client(workdir).get_metric_history(older, "epoch")) == older_epochs  # the older run is untouched
+
+
+def test_ckpt_path_last_without_any_checkpoint_is_one_clear_line(workdir, pneumonia_npz, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", f"--config={DEFAULT_CONFIG}", f"--data.path={pneumonia_npz}", "--ckpt_path=last", *SMALL])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--ckpt_path last: no run of experiment 'medtransfer' has a last.ckpt" in err
+    assert "Traceback" not in err
+
+
 def test_evaluate_subcommand_audits_a_predictions_file(workdir, chexnet_dir, capsys):
     main(["evaluate", str(chexnet_dir / "preds.csv"), str(chexnet_dir / "Data_Entry_2017_v2020.csv.gz"),
           "--out_dir", str(workdir / "audit")])  # fmt: skip

@@ -24,7 +24,7 @@ from medtransfer.callbacks.finite_check import FiniteCheck
 from medtransfer.callbacks.last_checkpoint import LastCheckpoint
 from medtransfer.checkpoints import load_checkpoint
 from medtransfer.data.base import ClassificationDataModule
-from medtransfer.errors import exit_on_user_error
+from medtransfer.errors import MedtransferError, exit_on_user_error
 from medtransfer.models.classifier import ClassifierModule
 from medtransfer.tracking.callbacks import (
     LogConfigToMLflow,
@@ -76,6 +76,32 @@ class MedTransferCLI(LightningCLI):
         if ckpt_path and Path(ckpt_path).is_file():
             load_checkpoint(ckpt_path)
 
+    def _resolve_last_checkpoint(self) -> None:
+        """``--ckpt_path last``: the newest ``last.ckpt`` among this experiment's runs.
+
+        Lightning looks for ``last`` in the checkpoint folder of the run about to start, which for a new MLflow
+        run is empty, so it would silently start from scratch. Here ``last`` means the most recently written
+        ``<default_root_dir>/<experiment id>/<run>/checkpoints/last.ckpt``, whose run then continues.
+        """
+        config = self.config[self.subcommand]
+        logger = find_mlflow_logger(self.trainer)
+        if config.get("ckpt_path") != "last" or logger is None:
+            return
+        from mlflow.tracking import MlflowClient
+
+        experiment = MlflowClient(logger.tracking_uri).get_experiment_by_name(logger._experiment_name)
+        folder = Path(self.trainer.default_root_dir, experiment.experiment_id if experiment else "?")
+        found = sorted(folder.glob("*/checkpoints/last.ckpt"), key=lambda path: path.stat().st_mtime)
+        if not found:
+            raise MedtransferError(
+                f"--ckpt_path last: no run of experiment {logger._experiment_name!r} has a last.ckpt in "
+                f"{folder}/<run>/checkpoints/; pass a checkpoint file, or leave --ckpt_path out to start afresh"
+            )
+        path = str(found[-1])
+        load_checkpoint(path)
+        config["ckpt_path"] = self.config_init[self.subcommand]["ckpt_path"] = path
+        _report(f"--ckpt_path last: {path}")
+
     def _checkpoint_run(self) -> str | None:
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
@@ -85,6 +111,7 @@ class MedTransferCLI(LightningCLI):
 
     def _prepare_logger(self) -> None:
         """Continue the checkpoint's MLflow run, else name the new run ``<backbone>-<dataset>-<time>``."""
+        self._resolve_last_checkpoint()
         logger = find_mlflow_logger(self.trainer)
         if not isinstance(logger, MLflowLogger):
             return

@@ -7,9 +7,10 @@ on the official test split), in a work folder with its own MLflow store, once pe
 Stratified training subsets are nested across fractions for one seed; the seed also sets the training
 randomness. Validation and test splits are always whole (524 and 624 images).
 
-Recipes: ``pretrained`` (two phases, phase 2 at 1e-3, chosen on validation data), ``pretrained_lr1e-5``
-(two phases as ``make fit`` ships them, phase 2 at 1e-5), ``scratch`` (random init, all at 1e-3) and
-``head_only`` (frozen ImageNet backbone, head at 1e-3).
+Recipes: ``finetune_all`` (ImageNet init, every layer at 1e-3 from epoch 0, BatchNorm training: the
+recipe of ``scratch`` but for the initialisation; chosen on validation data, see its config), ``pretrained``
+(two phases as ``make fit`` ships them: head at 1e-3, then all at 1e-5 with BatchNorm frozen), ``scratch``
+(random init, all at 1e-3) and ``head_only`` (frozen ImageNet backbone, head at 1e-3).
 
 Steps: an epoch draws at least ``min_epoch_samples`` (1024, i.e. 16 batches) training images, cycling through
 a small subset in fresh permutations, so each fit takes at least 13 x 16 = 208 optimizer steps and the
@@ -40,7 +41,7 @@ from medtransfer.plots import save_figure
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
 RECIPES = {name: REPO / "configs" / "learning_curve" / f"lite0_{name}.yaml" for name in
-           ("pretrained", "pretrained_lr1e-5", "scratch", "head_only")}  # fmt: skip
+           ("finetune_all", "pretrained", "scratch", "head_only")}  # fmt: skip
 FRACTIONS = [0.01, 0.02, 0.05, 0.1, 0.25, 1.0]
 FULL_ARGS = ["--trainer.enable_progress_bar=false", "--data.init_args.min_epoch_samples=1024"]
 #: ``--quick``: a smoke run of the same code path in a few minutes (numbers meaningless).
@@ -59,13 +60,17 @@ QUICK_ARGS = [
 STAGES = ("train", "val", "test")
 
 
-def _wins(table: list[dict], stage: str) -> list[float]:
-    return [row["fraction"] for row in table if row[f"pretrained_{stage}"] > row[f"scratch_{stage}"]]
+#: The recipes that start from ImageNet weights, each compared with ``scratch``.
+IMAGENET = ("finetune_all", "pretrained", "head_only")
+
+
+def _wins(table: list[dict], recipe: str, stage: str) -> list[float]:
+    return [row["fraction"] for row in table if row[f"{recipe}_{stage}"] > row[f"scratch_{stage}"]]
 
 
 def summarise(points: list[CurvePoint]) -> dict:
-    """One row per fraction: each recipe's train/val/test AUROC averaged over seeds (and the seed spread), how
-    many seeds pretrained beat scratch in, and the fractions where the mean favours pretrained."""
+    """One row per fraction: each recipe's train/val/test AUROC averaged over seeds (and the seed spread), and
+    in how many seeds each ImageNet recipe beat scratch; plus the fractions where the mean favours it."""
     recipes = list(dict.fromkeys(p.config.removeprefix("lite0_") for p in points))
     seeds = sorted({p.seed for p in points})
     table = []
@@ -79,48 +84,47 @@ def summarise(points: list[CurvePoint]) -> dict:
                 row[f"{recipe}_{stage}"] = round(statistics.fmean(values), 4) if values else math.nan
                 row[f"{recipe}_{stage}_spread"] = round(max(values) - min(values), 4) if values else math.nan
         by_seed = {(p.config.removeprefix("lite0_"), p.seed): p for p in mine}
-        for stage in ("val", "test"):
-            row[f"pretrained_beats_scratch_{stage}_seeds"] = sum(
-                getattr(by_seed[("pretrained", seed)], f"{stage}_metric")
-                > getattr(by_seed[("scratch", seed)], f"{stage}_metric")
-                for seed in seeds
-                if ("pretrained", seed) in by_seed and ("scratch", seed) in by_seed
-            )
+        for recipe in (r for r in IMAGENET if r in recipes and "scratch" in recipes):
+            for stage in ("val", "test"):
+                row[f"{recipe}_beats_scratch_{stage}_seeds"] = sum(
+                    getattr(by_seed[(recipe, seed)], f"{stage}_metric")
+                    > getattr(by_seed[("scratch", seed)], f"{stage}_metric")
+                    for seed in seeds
+                    if (recipe, seed) in by_seed and ("scratch", seed) in by_seed
+                )
         table.append(row)
-    wins_val, wins_test = _wins(table, "val"), _wins(table, "test")
-    return {
-        "recipes_in_table": recipes,
-        "table": table,
-        "pretrained_beats_scratch_val": wins_val,
-        "pretrained_beats_scratch_test": wins_test,
-        "largest_fraction_pretrained_beats_scratch_val": max(wins_val, default=None),
-        "largest_fraction_pretrained_beats_scratch_test": max(wins_test, default=None),
+    beats = {
+        f"{recipe}_beats_scratch_{stage}": _wins(table, recipe, stage)
+        for recipe in IMAGENET
+        if recipe in recipes and "scratch" in recipes
+        for stage in ("val", "test")
     }
+    return {"recipes_in_table": recipes, "table": table, **beats}
 
 
 def print_table(summary: dict) -> None:
     recipes = summary["recipes_in_table"]
-    width = 12 * len(recipes) - 1
+    width = 13 * len(recipes) - 1
     print(f"mean AUROC over seeds {summary['table'][0]['seeds']}")
     print(f"{'fraction':>8} {'images':>6} | {'val':^{width}} | {'test':^{width}}")
-    header = " ".join(f"{r.replace('pretrained', 'pre'):>11}" for r in recipes)
+    header = " ".join(f"{r:>12}" for r in recipes)
     print(f"{'':>8} {'':>6} | {header} | {header}")
     for row in summary["table"]:
-        cells = " | ".join(" ".join(f"{row[f'{r}_{s}']:>11.4f}" for r in recipes) for s in ("val", "test"))
+        cells = " | ".join(" ".join(f"{row[f'{r}_{s}']:>12.4f}" for r in recipes) for s in ("val", "test"))
         print(f"{row['fraction']:>8g} {row['train_images']:>6} | {cells}")
-    for stage in ("val", "test"):
-        print(f"pretrained beats scratch (mean {stage}) at fractions: {summary[f'pretrained_beats_scratch_{stage}']}")
+    for key in (k for k in summary if k.endswith(("_beats_scratch_val", "_beats_scratch_test"))):
+        print(f"{key} (mean over seeds) at fractions: {summary[key]}")
 
 
 def markdown_table(summary: dict) -> str:
     """The README table: one row per fraction, mean val and test AUROC of each recipe (best in bold), and in
-    how many seeds pretrained beat scratch."""
+    how many seeds ``finetune_all`` beat scratch on validation."""
     recipes = summary["recipes_in_table"]
     seeds = len(summary["table"][0]["seeds"])
     names = [r.replace("_", " ") for r in recipes]
     lines = [
         "| fraction | train images | " + " | ".join(f"{s}: {n}" for s in ("val", "test") for n in names)
-        + f" | pretrained > scratch (val, of {seeds} seeds) |",
+        + f" | finetune all > scratch (val, seeds of {seeds}) |",
         "|---|---|" + "---|" * (2 * len(recipes) + 1),
     ]  # fmt: skip
     for row in summary["table"]:
@@ -128,7 +132,7 @@ def markdown_table(summary: dict) -> str:
         for stage in ("val", "test"):
             values = [row[f"{r}_{stage}"] for r in recipes]
             cells += [f"**{v:.3f}**" if v == max(values) else f"{v:.3f}" for v in values]
-        wins = row["pretrained_beats_scratch_val_seeds"]
+        wins = row.get("finetune_all_beats_scratch_val_seeds", "")
         lines.append(f"| {row['fraction']:g} | {row['train_images']} | " + " | ".join(cells) + f" | {wins} |")
     return "\n".join(lines)
 

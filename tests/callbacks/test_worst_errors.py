@@ -136,10 +136,33 @@ def test_fit_draws_the_last_validation_epoch_or_every_n(tmp_path, every_n_epochs
     assert target.is_file()
 
 
-def test_multilabel_tasks_are_skipped_with_a_warning(tmp_path):
-    model = ClassifierModule(backbone=BACKBONE, pretrained="none", task="multilabel", num_classes=2)
-    data = TensorDataset(torch.randn(8, 3, 32, 32), torch.tensor([[0, 1], [1, 0], [1, 1], [0, 0]] * 2).float())
-    gallery = WorstErrorsGallery(dirpath=str(tmp_path / "out"))
-    with pytest.warns(UserWarning, match="WorstErrorsGallery skips multi-label tasks"):
-        _trainer(tmp_path, [gallery]).validate(model, DataLoader(data, batch_size=4))
-    assert not (tmp_path / "out").exists()
+def test_multilabel_gallery_ranks_image_finding_pairs_each_at_its_own_threshold(tmp_path):
+    seed_everything(0)
+    model = ClassifierModule(backbone=BACKBONE, pretrained="none", task="multilabel", num_classes=3)
+    with torch.no_grad():  # confident, finding-specific outputs: errors far from 0.5, thresholds apart
+        model.head[1].weight.mul_(30)
+        model.head[1].bias.copy_(torch.tensor([1.5, -1.5, 0.0]))
+    labels = torch.from_numpy(np.random.default_rng(0).integers(0, 2, size=(40, 3))).float()
+    images = torch.randn(40, 3, 32, 32) + 3 * labels[:, :, None, None]  # finding f brightens channel f
+    val = DataLoader(TensorDataset(images, labels), batch_size=8)
+    gallery = WorstErrorsGallery(k=6, dirpath=str(tmp_path / "out"))
+    _trainer(tmp_path, [gallery]).validate(model, val)
+    assert model.decision_threshold.unique().numel() == 3  # thresholds fitted per finding on this epoch
+
+    model.eval()
+    with torch.no_grad():
+        probs = model.predict_proba(torch.cat([model(x) for x, _ in val]))
+    decisions = model.decide(probs).long()
+    pairs = [
+        (float(probs[i, f] if labels[i, f] == 1 else 1 - probs[i, f]), i, f)
+        for i in range(40) for f in range(3) if decisions[i, f] != labels[i, f]
+    ]  # fmt: skip
+    expected = sorted(pairs)[:6]
+    table = pd.read_csv(tmp_path / "out" / "worst_errors_val.csv")
+    assert list(table.columns) == ["rank", "index", "finding", "label", "decision", "prob", "prob_label"]
+    assert list(zip(table["index"], table["finding"].astype(str), strict=True)) == [(i, str(f)) for _, i, f in expected]
+    assert table["prob_label"].to_numpy() == pytest.approx([p for p, _, _ in expected], abs=1e-6)
+    assert (table["label"] != table["decision"]).all() and set(table["label"]) == {0, 1}
+    assert table["finding"].nunique() > 1  # the ranking mixes findings with different thresholds
+    assert sum(len(heap) for heap in gallery._heaps.values()) <= 2 * 3 * gallery.k
+    assert Image.open(tmp_path / "out" / "worst_errors_val.png").size[0] > 0  # with per-finding heatmaps

@@ -2,7 +2,8 @@
 
 A sanity check a radiologist can read: are the confident mistakes label noise, artefacts, laterality markers
 or real hard cases, and does the Grad-CAM heatmap look at the lungs? Saved as one PNG grid plus a CSV
-(``index``, ``label``, ``decision``, ``prob``, ``prob_label``) and logged to MLflow under ``diagnostics/``.
+(``index``, [``finding``,] ``label``, ``decision``, ``prob``, ``prob_label``) and logged to MLflow under
+``diagnostics/``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class _Case:
     order: int
     index: int
     label: int
+    finding: int  # multi-label: which output the case is about; -1 otherwise
     image: Tensor
     logit: Tensor
 
@@ -84,11 +86,13 @@ class WorstErrorsGallery(Callback):
     """Save the ``k`` most confidently wrong validation (and test) images with label, probability and heatmap.
 
     While the model evaluates, a forward hook on the module reads each batch's input and logits (no second
-    pass), and a bounded heap per class keeps only the ``k`` best candidates, so memory stays at ``2k``
+    pass), and a bounded heap per true class keeps only the ``k`` best candidates, so memory stays at ``2k``
     images whatever the split size. At the end the stored temperature and threshold (fitted on that same
     validation epoch) decide which candidates are wrong; they are ranked by ``|p - label|`` (binary) or
-    ``1 - p(label)`` (multiclass). Multi-label tasks are skipped with a warning: one image holds up to 14
-    findings, so "the most wrong image" has no single meaning.
+    ``1 - p(label)`` (multiclass). Multi-label tasks rank (image, finding) pairs as binary ones, each finding
+    at its own threshold (a heap per finding and label: at most ``2k`` images per finding, an image shared by
+    its findings' cases); a panel is one finding of one image (``finding`` in the CSV), its heatmap the
+    evidence for that finding.
 
     Written after ``test`` (``worst_errors_test``), after ``validate``, and at the end of ``fit`` for the last
     validation epoch (``worst_errors_val``; with ``every_n_epochs`` also during fit, overwriting it). Files go
@@ -126,9 +130,6 @@ class WorstErrorsGallery(Callback):
 
     def _start(self, pl_module: LightningModule) -> None:
         self._heaps, self._seen, self._captured = {}, {}, None
-        if pl_module.hparams.get("task") == "multilabel":
-            rank_zero_warn("WorstErrorsGallery skips multi-label tasks: an image has no single 'most wrong' label.")
-            return
         self._remove_hook()
         self._handle = pl_module.register_forward_hook(self._capture)
 
@@ -143,8 +144,9 @@ class WorstErrorsGallery(Callback):
 
     def _collect(self, pl_module: LightningModule, batch: Any, dataloader_idx: int) -> None:
         """Offer this batch's cases to the heaps: per true class for binary tasks (the threshold is not final
-        yet; the most wrong positives have the lowest logits, the most wrong negatives the highest), one heap
-        of misclassified images for multiclass tasks (argmax does not depend on the threshold)."""
+        yet; the most wrong positives have the lowest logits, the most wrong negatives the highest), the same
+        over every (image, finding) pair for multi-label tasks, one heap of misclassified images for multiclass
+        tasks (argmax does not depend on the threshold)."""
         captured, self._captured = self._captured, None
         if captured is None or not isinstance(batch, (tuple, list)) or len(batch) < 2:
             return
@@ -152,20 +154,32 @@ class WorstErrorsGallery(Callback):
         offset = self._seen.get(dataloader_idx, 0)
         self._seen[dataloader_idx] = offset + len(y)
         logits = logits.detach().float()
-        if pl_module.hparams.task == "binary":
-            buckets, scores = y, torch.where(y == 1, -logits, logits)
+        images, findings = torch.arange(len(y)), torch.full((len(y),), -1)
+        row_logits = logits
+        if pl_module.hparams.task == "multilabel":  # one candidate per (image, finding)
+            images = images.repeat_interleave(y.shape[1])
+            findings = torch.arange(y.shape[1]).repeat(len(y))
+            y, logits = y.reshape(-1), logits.reshape(-1)
+        if pl_module.hparams.task in ("binary", "multilabel"):
+            # a heap per true label (and finding): each finding has its own threshold, so wrongness is
+            # monotone in the logit only within one finding
+            buckets, scores = y + 2 * findings.clamp(min=0), torch.where(y == 1, -logits, logits)
         else:
             probs = pl_module.predict_proba(logits)
             scores = 1 - probs.gather(1, y[:, None]).squeeze(1)
             scores = scores.masked_fill(probs.argmax(dim=1) == y, float("-inf"))
             buckets = torch.zeros_like(y)
+        copies: dict[int, tuple[Tensor, Tensor]] = {}
         for bucket in buckets.unique().tolist():
             rows = torch.nonzero((buckets == bucket) & torch.isfinite(scores)).squeeze(1)
             best = rows[scores[rows].topk(min(self.k, len(rows))).indices]
             heap = self._heaps.setdefault(bucket, [])
             for row in best.tolist():
-                case = _Case(float(scores[row]), next(self._order), offset + row, int(y[row]),
-                             x[row].detach().to("cpu", copy=True), logits[row].to("cpu", copy=True))  # fmt: skip
+                image = int(images[row])
+                if image not in copies:  # one copy per image, shared by its findings' cases
+                    copies[image] = (x[image].detach().to("cpu", copy=True), row_logits[image].to("cpu", copy=True))
+                case = _Case(float(scores[row]), next(self._order), offset + image, int(y[row]), int(findings[row]),
+                             *copies[image])  # fmt: skip
                 if len(heap) < self.k:
                     heapq.heappush(heap, case)
                 else:
@@ -173,8 +187,9 @@ class WorstErrorsGallery(Callback):
 
     def worst(self, pl_module: LightningModule) -> list[dict[str, Any]]:
         """The collected cases that the module's current threshold gets wrong, most confident first, at most
-        ``k``: ``index``, ``label``, ``decision``, ``prob`` (binary: of the positive class; multiclass: of the
-        decision), ``prob_label`` (of the true label) and ``image``."""
+        ``k``: ``index``, ``finding`` (multi-label; else -1), ``label``, ``decision``, ``prob`` (binary and
+        multi-label: of the positive class or finding; multiclass: of the decision), ``prob_label`` (of the true
+        label) and ``image``."""
         cases = [case for heap in self._heaps.values() for case in heap]
         if not cases:
             return []
@@ -182,7 +197,10 @@ class WorstErrorsGallery(Callback):
             probs = pl_module.predict_proba(torch.stack([c.logit for c in cases]).to(pl_module.device)).cpu()
             decisions = pl_module.decide(probs.to(pl_module.device)).cpu()
         labels = torch.tensor([c.label for c in cases])
-        if pl_module.hparams.task == "binary":
+        if pl_module.hparams.task == "multilabel":  # each case is one finding of its image
+            column = torch.tensor([c.finding for c in cases])[:, None]
+            probs, decisions = probs.gather(1, column).squeeze(1), decisions.long().gather(1, column).squeeze(1)
+        if pl_module.hparams.task in ("binary", "multilabel"):
             prob, prob_label = probs, torch.where(labels == 1, probs, 1 - probs)
         else:
             prob = probs.gather(1, decisions[:, None]).squeeze(1)
@@ -190,6 +208,7 @@ class WorstErrorsGallery(Callback):
         rows = [
             {
                 "index": c.index,
+                "finding": c.finding,
                 "label": c.label,
                 "decision": int(decisions[i]),
                 "prob": float(prob[i]),
@@ -199,7 +218,7 @@ class WorstErrorsGallery(Callback):
             for i, c in enumerate(cases)
             if decisions[i] != labels[i]
         ]
-        return sorted(rows, key=lambda row: (row["prob_label"], row["index"]))[: self.k]
+        return sorted(rows, key=lambda row: (row["prob_label"], row["index"], row["finding"]))[: self.k]
 
     # -- drawing -----------------------------------------------------------------------------------------------
 
@@ -211,13 +230,14 @@ class WorstErrorsGallery(Callback):
             return Path(trainer.default_root_dir) / str(logger.experiment_id) / str(logger.run_id) / "diagnostics"
         return Path(trainer.default_root_dir) / "diagnostics"
 
-    def _heatmaps(self, pl_module: LightningModule, images: Tensor) -> Tensor | None:
+    def _heatmaps(self, pl_module: LightningModule, images: Tensor, findings: list[int]) -> Tensor | None:
         if not self.heatmap:
             return None
         from medtransfer.explain import grad_cam  # imported when needed: drawing is rare
 
+        target = torch.tensor(findings, device=images.device) if pl_module.hparams.task == "multilabel" else None
         try:
-            return grad_cam(pl_module, images).cpu()
+            return grad_cam(pl_module, images, target).cpu()
         except MedtransferError as err:
             rank_zero_warn(f"WorstErrorsGallery draws no heatmaps: {err}\nHINT: set `heatmap: false`.")
             return None
@@ -238,11 +258,13 @@ class WorstErrorsGallery(Callback):
         names = getattr(trainer.datamodule, "class_names", None) if trainer.datamodule else None
         names = [str(n) for n in names] if names else [str(i) for i in range(pl_module.hparams.num_classes)]
         folder = self._folder(trainer)
-        table = pd.DataFrame(
-            [{k: v for k, v in row.items() if k != "image"} for row in rows],
-            columns=["index", "label", "decision", "prob", "prob_label"],
-        )
-        table[["label", "decision"]] = table[["label", "decision"]].map(lambda i: names[i])
+        multilabel = pl_module.hparams.task == "multilabel"
+        columns = ["index", *(["finding"] if multilabel else []), "label", "decision", "prob", "prob_label"]
+        table = pd.DataFrame([{k: v for k, v in row.items() if k != "image"} for row in rows], columns=columns)
+        if multilabel:  # label and decision stay 1/0: whether the finding is present
+            table["finding"] = table["finding"].map(lambda i: names[i])
+        else:
+            table[["label", "decision"]] = table[["label", "decision"]].map(lambda i: names[i])
         table.insert(0, "rank", range(1, len(table) + 1))
         self.paths = [write_text_atomic(folder / f"worst_errors_{stage}.csv", table.to_csv(index=False))]
         if rows:
@@ -257,7 +279,7 @@ class WorstErrorsGallery(Callback):
         self, trainer: Trainer, pl_module: LightningModule, rows: list[dict], names: list[str], path: Path
     ) -> Path:
         images = torch.stack([row["image"] for row in rows])
-        heatmaps = self._heatmaps(pl_module, images)
+        heatmaps = self._heatmaps(pl_module, images, [row["finding"] for row in rows])
         mean, std = self._statistics(trainer, pl_module)
         pictures, captions = [], []
         for i, row in enumerate(rows):
@@ -267,10 +289,17 @@ class WorstErrorsGallery(Callback):
 
                 picture = overlay(picture, heatmaps[i])
             pictures.append(picture)
-            captions.append(
-                f"#{row['index']} truth: {names[row['label']]}\n"
-                f"said {names[row['decision']]}, p({names[row['label']]})={row['prob_label']:.3f}"
-            )
+            if pl_module.hparams.task == "multilabel":
+                yes_no = ("no", "yes")
+                captions.append(
+                    f"#{row['index']} {names[row['finding']]}: truth {yes_no[row['label']]}\n"
+                    f"said {yes_no[row['decision']]}, p={row['prob']:.3f}"
+                )
+            else:
+                captions.append(
+                    f"#{row['index']} truth: {names[row['label']]}\n"
+                    f"said {names[row['decision']]}, p({names[row['label']]})={row['prob_label']:.3f}"
+                )
         epoch = f", epoch {trainer.current_epoch}" if trainer.state.fn == TrainerFn.FITTING else ""
         title = f"{len(rows)} most confidently wrong ({path.stem.rsplit('_', 1)[-1]}{epoch})"
         return save_figure(plot_gallery(pictures, captions, self.ncols, title), path)

@@ -232,11 +232,16 @@ def test_heatmaps_are_written_for_the_chosen_images(fitted, png_folder, tmp_path
     assert len(list((tmp_path / "top").iterdir())) == 3
 
 
-def test_heatmaps_from_an_exported_mlflow_model_are_refused_clearly(fitted, png_folder, tmp_path):
+def test_heatmaps_for_an_mlflow_model_come_from_the_checkpoint_logged_in_its_run(fitted, png_folder, tmp_path):
     folder, _ = png_folder
-    with pytest.raises(DataError, match="--heatmaps needs the model's layers"):
-        run_predict(str(folder), f"runs:/{fitted['run_id']}/model", output=tmp_path / "x.csv",
-                    tracking_uri=fitted["store"], heatmaps=tmp_path / "maps")  # fmt: skip
+    local = run_predict(str(folder), str(fitted["best"]), output=tmp_path / "ckpt.csv", heatmaps=tmp_path / "ckpt",
+                        heatmaps_for="top_k", top_k=2)  # fmt: skip
+    logged = run_predict(str(folder), f"runs:/{fitted['run_id']}/model", output=tmp_path / "mlflow.csv",
+                         tracking_uri=fitted["store"], heatmaps=tmp_path / "mlflow", heatmaps_for="top_k",
+                         top_k=2)  # fmt: skip
+    assert [Path(p).name for p in logged["heatmaps"]] == [Path(p).name for p in local["heatmaps"]]
+    for ours, theirs in zip(logged["heatmaps"], local["heatmaps"], strict=True):
+        assert np.array_equal(np.asarray(Image.open(ours)), np.asarray(Image.open(theirs)))
 
 
 def test_speed_options_keep_the_probabilities(fitted, png_folder, tmp_path):

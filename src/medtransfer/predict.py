@@ -195,19 +195,41 @@ def _rows(predictor: Predictor, probs: torch.Tensor) -> Iterator[dict[str, Any]]
         yield row
 
 
+def _has_layers(network: torch.nn.Module) -> bool:
+    return hasattr(getattr(network, "backbone", None), "forward_features")
+
+
+def logged_checkpoint(uri: str, tracking_uri: str | None = None) -> Path:
+    """The best checkpoint that ``medtransfer fit`` logged (``checkpoints/*.ckpt``) in the run of MLflow model
+    ``uri``, downloaded: the same weights as the exported model, with the layers Grad-CAM needs."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    with tracking_at(resolve_tracking_uri(tracking_uri)):
+        try:
+            run_id = mlflow.models.get_model_info(uri).run_id
+            client = mlflow.MlflowClient()
+            logged = sorted(a.path for a in client.list_artifacts(run_id, "checkpoints") if a.path.endswith(".ckpt"))
+            best = Path(client.get_run(run_id).data.tags.get("best_checkpoint", "")).name
+            chosen = next((path for path in logged if Path(path).name == best), logged[-1] if logged else None)
+            if chosen is None:
+                raise DataError(
+                    f"--heatmaps needs the model's layers; {uri} is an exported graph and its run {run_id} logged "
+                    "no checkpoint. Give a checkpoint file instead."
+                )
+            return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=chosen))
+        except MlflowException as err:
+            raise DataError(f"Cannot fetch the checkpoint of MLflow model {uri}: {str(err).splitlines()[0]}") from err
+
+
 class _HeatmapWriter:
     """Grad-CAM overlays for the selected images of each batch, or for the ``top_k`` most positive at the end
-    (a bounded heap of probabilities, so memory stays flat)."""
+    (a bounded heap of probabilities, so memory stays flat). ``network`` has the layers (a checkpoint's)."""
 
-    def __init__(self, predictor: Predictor, folder: Path, which: str, top_k: int) -> None:
-        if not hasattr(getattr(predictor.network, "backbone", None), "forward_features"):
-            raise DataError(
-                f"--heatmaps needs the model's layers; {predictor.label} is an exported graph. "
-                "Give the checkpoint instead (MLflow keeps it under the run's checkpoints/ artifacts)."
-            )
+    def __init__(self, network: torch.nn.Module, folder: Path, which: str, top_k: int) -> None:
         if which == "top_k" and top_k < 1:
             raise DataError(f"top_k must be at least 1, got {top_k}")
-        self.predictor, self.folder, self.which, self.top_k = predictor, Path(folder), which, top_k
+        self.network, self.folder, self.which, self.top_k = network, Path(folder), which, top_k
         self.heap: list[tuple[float, int]] = []
         self.written: list[str] = []
 
@@ -216,7 +238,7 @@ class _HeatmapWriter:
 
     def _write(self, images: torch.Tensor, paths: list[Path], indices: list[int]) -> list[str]:
         with torch.autocast(images.device.type, enabled=False):
-            maps = grad_cam(self.predictor.network, images.float()).cpu()
+            maps = grad_cam(self.network, images.float()).cpu()
         names = []
         for heatmap, path, index in zip(maps, paths, indices, strict=True):
             target = self.folder / f"{index:06d}_{path.stem}.png"
@@ -296,7 +318,8 @@ def run_predict(
         summary: optional JSON with counts per decision, coverage and the unreadable files.
         heatmaps: optional folder for Grad-CAM overlays (``<row>_<name>.png``) over the original images,
             explaining the positive class (binary), the predicted class or the top label; each is listed in a
-            ``heatmap`` column. Needs a checkpoint (an MLflow model is a traced graph without its layers).
+            ``heatmap`` column. For an MLflow model (an exported graph without layers) Grad-CAM runs on the
+            checkpoint logged in the same run (same weights).
         heatmaps_for: which images get one: ``all``, those decided ``positive`` (or, for multi-class and
             multi-label, decided at all), the ``abstain``-ed ones (referred to a radiologist), or the ``top_k``
             most positive (highest probability of the explained class; chosen after all rows are written).
@@ -332,7 +355,12 @@ def run_predict(
     names = predictor.class_names
     columns = ["path", *(f"prob_{n}" for n in (names[1:] if predictor.task == "binary" else names))]
     columns += ["prediction", "decision", "error", "model"]
-    explainer = _HeatmapWriter(predictor, heatmaps, heatmaps_for, top_k) if heatmaps is not None else None
+    explainer = None
+    if heatmaps is not None:  # an exported graph has no layers: Grad-CAM runs on the checkpoint logged beside it
+        layered = predictor.network
+        if not _has_layers(layered):
+            layered = load_predictor(logged_checkpoint(str(model), tracking_uri), device).network
+        explainer = _HeatmapWriter(layered, heatmaps, heatmaps_for, top_k)
     if explainer is not None and heatmaps_for != "top_k":
         columns.append("heatmap")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

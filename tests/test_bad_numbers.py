@@ -17,6 +17,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from helpers import DEFAULT_CONFIG
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 
@@ -26,8 +27,6 @@ from medtransfer.errors import MedtransferError
 from medtransfer.evaluate import evaluate_predictions
 from medtransfer.evaluate import main as evaluate_main
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
 TINY = [
     "--trainer.max_epochs=1",
     "--trainer.limit_train_batches=3",

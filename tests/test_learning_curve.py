@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from helpers import DEFAULT_CONFIG, REPO
 from mlflow.tracking import MlflowClient
 
 from medtransfer.cli import main
 from medtransfer.errors import MedtransferError
 from medtransfer.learning_curve import learning_curve, read_curve_csv
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
 RECIPES = [REPO / "configs" / "learning_curve" / f"{name}.yaml" for name in ("lite0_pretrained", "lite0_scratch")]
 TINY = [
     "--trainer.max_epochs=2",

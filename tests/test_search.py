@@ -9,14 +9,13 @@ import mlflow
 import optuna
 import pytest
 import yaml
+from helpers import DEFAULT_CONFIG, REPO
 from optuna.trial import TrialState
 
 from medtransfer.cli import main
 from medtransfer.errors import DataError
 from medtransfer.search import load_space, open_storage, run_search
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
 TINY = [
     "--trainer.max_epochs=1",
     "--trainer.limit_train_batches=2",

@@ -48,6 +48,16 @@ def chestxray14_sample_dir() -> Path:
     return folder
 
 
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run in an empty folder with no ``MLFLOW_TRACKING_URI``, so ``mlruns/`` (MLflow and Optuna stores) is the
+    test's own; ``sys.argv`` holds no pytest arguments, which the CLI would otherwise see."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("sys.argv", ["medtransfer"])
+    return tmp_path
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mlflow_tracking_uri():
     """``mlflow.set_tracking_uri`` also sets ``$MLFLOW_TRACKING_URI``; undo it after each test, so no test's store

@@ -106,14 +106,6 @@ def test_a_finite_run_is_untouched_and_leaves_no_hook_behind(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------- the CLI
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr("sys.argv", ["medtransfer"])
-    return tmp_path
-
-
 def test_cli_fit_with_an_absurd_learning_rate_exits_2_naming_the_step(workdir, pneumonia_npz, capsys):
     args = [f"--config={DEFAULT_CONFIG}", f"--data.path={pneumonia_npz}", *TINY]
     args += [

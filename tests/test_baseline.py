@@ -26,14 +26,6 @@ NETWORK_TEST_METRICS = (
 )  # fmt: skip
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    """Run in an empty folder, so ``mlruns/`` is the test's own."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return tmp_path
-
-
 def _runs(workdir: Path):
     mlflow.set_tracking_uri(f"sqlite:///{workdir}/mlruns/mlflow.db")
     return mlflow.search_runs(experiment_names=["medtransfer"])

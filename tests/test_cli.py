@@ -18,15 +18,6 @@ from medtransfer.cli import main
 SMALL = tiny_fit_args()
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    """Run in an empty folder, so ``mlruns/`` is the test's own."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr("sys.argv", ["medtransfer"])  # pytest's own arguments are not the CLI's
-    return tmp_path
-
-
 def _client(workdir: Path) -> MlflowClient:
     return MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
 

@@ -25,13 +25,6 @@ TINY = [
 ]
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return tmp_path
-
-
 @pytest.mark.slow
 def test_two_configs_at_two_fractions_make_a_parent_run_with_four_children(workdir, pneumonia_npz):
     main([

@@ -29,15 +29,6 @@ LR = "model.optimizer.init_args.lr"
 WD = "model.optimizer.init_args.weight_decay"
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    """Run in an empty folder, so ``mlruns/`` (MLflow and Optuna databases) is the test's own."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr("sys.argv", ["medtransfer"])
-    return tmp_path
-
-
 def _space(folder: Path, spec: dict) -> Path:
     path = folder / "space.yaml"
     path.write_text(yaml.safe_dump(spec))

@@ -45,14 +45,6 @@ def lite0() -> ClassifierModule:
     return ClassifierModule(backbone="tf_efficientnet_lite0", pretrained="none")
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    """Run in an empty folder, so ``mlruns/`` is the test's own."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return tmp_path
-
-
 # -- grouping ----------------------------------------------------------------------------------------------------
 
 

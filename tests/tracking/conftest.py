@@ -6,7 +6,6 @@ schema) and are stopped, with every process they spawned, when the session ends.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,15 +27,6 @@ class TrackingServer:
     url: str
     postgres: PostgresServer
     artifacts: Path
-
-
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Run in an empty folder with no ``MLFLOW_TRACKING_URI``, so ``mlruns/`` is the test's own."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(sys, "argv", ["medtransfer"])  # pytest's own arguments are not the CLI's
-    return tmp_path
 
 
 @pytest.fixture(scope="session")

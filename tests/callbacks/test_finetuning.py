@@ -162,6 +162,10 @@ def test_module_without_backbone_is_rejected(tmp_path):
         ({"unfreeze_at_epoch": -1}, "unfreeze_at_epoch"),
         ({"unfreeze_blocks": 0}, "unfreeze_blocks"),
         ({"bn_mode": "eval"}, "bn_mode"),
+        ({"lr_decay": 0.0}, "lr_decay"),
+        ({"lr_decay": 1.5}, "lr_decay"),
+        ({"schedule": "linear"}, "schedule"),
+        ({"warmup_fraction": 1.0}, "warmup_fraction"),
     ],
 )
 def test_invalid_arguments_name_the_argument(kwargs, match):
@@ -177,3 +181,141 @@ def test_reduce_on_plateau_scheduler_survives_the_added_backbone_group(tmp_path)
     model, probe, trainer = _fit(callback, 3, tmp_path, model=model)
     assert [name for name, *_ in probe.epochs[2]["groups"]] == ["head", "backbone"]
     assert len(trainer.lr_scheduler_configs[0].scheduler.get_last_lr()) == 2  # stepped over both groups
+
+
+class LrTrace(Callback):
+    """Records every group's learning rate at every training batch, after the callbacks have set it."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, dict[str, float]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        groups = {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups}
+        self.steps.append((trainer.current_epoch, groups))
+
+
+def test_discriminative_learning_rates_decay_block_by_block_down_the_backbone(tmp_path):
+    callback = FreezeThenFinetune(unfreeze_at_epoch=1, finetune_lr=1e-4, lr_decay=0.5)
+    seed_everything(0)
+    model = ClassifierModule(backbone=BACKBONE, pretrained="none")
+    blocks = backbone_blocks(model.backbone)
+    model, probe, _ = _fit(callback, 2, tmp_path, model=model)
+    groups = probe.epochs[1]["groups"]
+    assert groups[0][:2] == ("head", 1e-4)
+    backbone = groups[1:]
+    assert [name for name, *_ in backbone] == [f"backbone.{i}" for i in range(len(blocks))]
+    expected = [1e-4 * 0.5 ** (len(blocks) - 1 - i) for i in range(len(blocks))]
+    assert [lr for _, lr, _ in backbone] == pytest.approx(expected)
+    assert sum(n for *_, n in backbone) == len(list(model.backbone.parameters()))
+
+
+def test_discriminative_groups_keep_their_learning_rates_after_a_resume(tmp_path):
+    _fit(FreezeThenFinetune(unfreeze_at_epoch=1, finetune_lr=1e-4, lr_decay=0.5), 2, tmp_path)
+    first_run = torch.load(tmp_path / "last.ckpt", weights_only=True)["optimizer_states"][0]["param_groups"]
+    callback = FreezeThenFinetune(unfreeze_at_epoch=1, finetune_lr=1e-4, lr_decay=0.5)
+    _, probe, _ = _fit(callback, 3, tmp_path, ckpt_path=tmp_path / "last.ckpt")
+    assert [(name, lr) for name, lr, _ in probe.epochs[2]["groups"]] == [(g["name"], g["lr"]) for g in first_run]
+    assert len(probe.epochs[2]["groups"]) > 2
+
+
+def test_top_blocks_only_get_decayed_rates_too(tmp_path):
+    callback = FreezeThenFinetune(unfreeze_at_epoch=1, finetune_lr=1e-4, lr_decay=0.1, unfreeze_blocks=2)
+    _, probe, _ = _fit(callback, 2, tmp_path)
+    rates = [lr for name, lr, _ in probe.epochs[1]["groups"] if name.startswith("backbone")]
+    assert rates == pytest.approx([1e-5, 1e-4])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_phase_schedules_warm_up_and_decay_every_group_in_both_phases(tmp_path, schedule):
+    callback = FreezeThenFinetune(
+        unfreeze_at_epoch=2, finetune_lr=1e-4, lr_decay=0.5, schedule=schedule, warmup_fraction=0.25
+    )
+    trace = LrTrace()
+    seed_everything(0)
+    model = ClassifierModule(backbone=BACKBONE, pretrained="none")
+    trainer = Trainer(
+        max_epochs=4,
+        callbacks=[callback, trace],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, *tiny_loaders())
+    for phase_epochs, peaks in (((0, 1), {"head": 1e-3}), ((2, 3), {"head": 1e-4, "backbone.4": 1e-4})):
+        steps = [groups for epoch, groups in trace.steps if epoch in phase_epochs]
+        for name, peak in peaks.items():
+            lrs = [groups[name] for groups in steps]
+            top = max(range(len(lrs)), key=lrs.__getitem__)
+            assert lrs[0] < peak / 2 and lrs[-1] < peak / 2, (name, lrs)  # warm-up start, decayed end
+            assert lrs[top] == pytest.approx(peak, rel=0.3), (name, lrs)
+            assert 0 < top < len(lrs) - 1
+    phase2 = [groups for epoch, groups in trace.steps if epoch >= 2]
+    lowest = next(name for name in phase2[-1] if name.startswith("backbone"))
+    assert phase2[2][lowest] < phase2[2]["backbone.4"]  # discriminative rates scheduled alike
+
+
+def _scheduler_factories():
+    lr_sched = torch.optim.lr_scheduler
+    return {
+        "ReduceLROnPlateau": functools.partial(lr_sched.ReduceLROnPlateau, factor=0.1, patience=0),
+        "StepLR": functools.partial(lr_sched.StepLR, step_size=1, gamma=0.5),
+        "CosineAnnealingLR": functools.partial(lr_sched.CosineAnnealingLR, T_max=3),
+        "LambdaLR": functools.partial(lr_sched.LambdaLR, lr_lambda=lambda epoch: 0.5**epoch),
+        "OneCycleLR": functools.partial(lr_sched.OneCycleLR, max_lr=1e-3, total_steps=3),
+        "ExponentialLR": functools.partial(lr_sched.ExponentialLR, gamma=0.9),
+    }
+
+
+@pytest.mark.parametrize("name", list(_scheduler_factories()))
+def test_every_torch_scheduler_runs_through_the_unfreeze_and_schedules_the_new_groups(tmp_path, name):
+    seed_everything(0)
+    model = ClassifierModule(backbone=BACKBONE, pretrained="none", scheduler=_scheduler_factories()[name])
+    callback = FreezeThenFinetune(unfreeze_at_epoch=1, finetune_lr=1e-5, lr_decay=0.5, unfreeze_blocks=2)
+    trace = LrTrace()
+    trainer = Trainer(
+        max_epochs=3,
+        callbacks=[callback, trace],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, *tiny_loaders())
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    groups = trainer.optimizers[0].param_groups
+    assert len(scheduler.get_last_lr()) == len(groups) == 3
+    phase2 = next(g for epoch, g in trace.steps if epoch == 1)
+    if name != "ReduceLROnPlateau":  # epoch-stepped schedules move the backbone groups from epoch 1 to 2
+        final = next(g for epoch, g in trace.steps if epoch == 2)
+        assert final["backbone.4"] != phase2["backbone.4"]
+    assert all(lr > 0 for lr in phase2.values())
+
+
+def test_phase_schedule_and_a_model_scheduler_are_refused_together(tmp_path):
+    scheduler = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1)
+    model = ClassifierModule(backbone=BACKBONE, pretrained="none", scheduler=scheduler)
+    trainer = Trainer(
+        max_epochs=1,
+        callbacks=[FreezeThenFinetune(schedule="cosine")],
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(MisconfigurationException, match="keep one of them"):
+        trainer.fit(model, *tiny_loaders())
+
+
+def test_phase_lr_factor_shapes():
+    from medtransfer.callbacks.finetuning import phase_lr_factor
+
+    assert phase_lr_factor("constant", 0.7, 0.1) == 1.0
+    assert phase_lr_factor("cosine", 0.0, 0.1) < 0.01
+    assert phase_lr_factor("cosine", 0.1, 0.1) == pytest.approx(1.0)
+    assert phase_lr_factor("cosine", 0.55, 0.1) == pytest.approx(0.5)
+    assert phase_lr_factor("cosine", 1.0, 0.1) == pytest.approx(0.0, abs=1e-9)
+    assert phase_lr_factor("onecycle", 0.0, 0.3) == pytest.approx(1 / 25)
+    assert phase_lr_factor("onecycle", 0.3, 0.3) == pytest.approx(1.0)
+    assert phase_lr_factor("onecycle", 1.0, 0.3) == pytest.approx(1e-4)

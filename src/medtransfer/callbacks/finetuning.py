@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Literal
+import math
+from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BaseFinetuning
@@ -17,7 +18,30 @@ from typing_extensions import override
 
 from medtransfer.models.backbones import backbone_blocks
 
-__all__ = ["FreezeThenFinetune"]
+__all__ = ["FreezeThenFinetune", "phase_lr_factor"]
+
+Schedule = Literal["constant", "cosine", "onecycle"]
+
+
+def phase_lr_factor(schedule: Schedule, progress: float, warmup_fraction: float) -> float:
+    """The share of a group's peak learning rate at ``progress`` (0 to 1) through a phase.
+
+    ``cosine``: linear warm-up from 0 over ``warmup_fraction`` of the phase, then cosine decay to 0.
+    ``onecycle``: the shape of torch's ``OneCycleLR`` (warm-up from 1/25 of the peak over ``warmup_fraction``,
+    cosine anneal to 1e-4 of the peak). Written here rather than taken from ``torch.optim.lr_scheduler`` because
+    those pair one value with each parameter group at construction and know nothing of the phases: the group
+    added at the unfreeze would be left out or break them.
+    """
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "constant":
+        return 1.0
+    start, end = (0.0, 0.0) if schedule == "cosine" else (1 / 25, 1e-4)
+    if warmup_fraction > 0 and progress < warmup_fraction:
+        warm = (progress + 1e-12) / warmup_fraction
+        return start + (1.0 - start) * warm if schedule == "onecycle" else max(warm, 1e-3)
+    rest = (progress - warmup_fraction) / max(1.0 - warmup_fraction, 1e-12)
+    return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * rest))
+
 
 _logger = logging.getLogger(__name__)
 
@@ -30,7 +54,13 @@ class FreezeThenFinetune(BaseFinetuning):
     optimizer's learning rate (1e-3 in the shipped configs). Phase 2: the top ``unfreeze_blocks`` blocks of the
     backbone (all when ``None``) join the optimizer as a ``backbone`` group at ``finetune_lr`` and the head
     drops to ``head_finetune_lr`` (``finetune_lr`` when ``None``). BatchNorm statistics stay frozen unless
-    ``bn_mode="train"``.
+    ``bn_mode="train"``. With ``lr_decay < 1`` phase 2 uses discriminative learning rates (fastai's
+    ``fine_tune``, timm's layer decay): one group per unfrozen block, named ``backbone.<block>``, the top block at
+    ``finetune_lr`` and each block below it ``lr_decay`` times the one above.
+
+    ``schedule`` shapes the learning rate within each phase (``cosine`` or ``onecycle``, with a warm-up over
+    ``warmup_fraction`` of the phase), for every group including those added at the unfreeze; a scheduler of the
+    model's own (``model.scheduler``, e.g. ``ReduceLROnPlateau``) instead has the new groups appended to it.
 
     Unlike Lightning's ``BackboneFinetuning``, BatchNorm layers are never put in train mode by freezing
     (``train_bn=True`` there), and a run resumed in phase 2 makes the restored backbone group trainable
@@ -44,6 +74,10 @@ class FreezeThenFinetune(BaseFinetuning):
             blocks); ``None`` unfreezes all.
         bn_mode: ``frozen`` keeps every BatchNorm of the backbone in eval mode in both phases; ``train`` lets
             the unfrozen blocks update their statistics in phase 2.
+        lr_decay: factor between the learning rates of neighbouring backbone blocks in phase 2; 1 keeps one
+            ``backbone`` group at ``finetune_lr``.
+        schedule: learning-rate shape within each phase: ``constant``, ``cosine`` or ``onecycle``.
+        warmup_fraction: share of each phase spent warming up (``cosine`` and ``onecycle``).
     """
 
     def __init__(
@@ -53,6 +87,9 @@ class FreezeThenFinetune(BaseFinetuning):
         head_finetune_lr: float | None = None,
         unfreeze_blocks: int | None = None,
         bn_mode: Literal["frozen", "train"] = "frozen",
+        lr_decay: float = 1.0,
+        schedule: Schedule = "constant",
+        warmup_fraction: float = 0.1,
     ) -> None:
         super().__init__()
         if unfreeze_at_epoch < 0:
@@ -61,21 +98,44 @@ class FreezeThenFinetune(BaseFinetuning):
             raise ValueError(f"Expected argument `unfreeze_blocks` to be None or >= 1, but got {unfreeze_blocks}")
         if bn_mode not in ("frozen", "train"):
             raise ValueError(f"Expected argument `bn_mode` to be 'frozen' or 'train', but got {bn_mode!r}")
+        if not 0.0 < lr_decay <= 1.0:
+            raise ValueError(f"Expected argument `lr_decay` to be in (0, 1], but got {lr_decay}")
+        if schedule not in ("constant", "cosine", "onecycle"):
+            raise ValueError(f"Expected argument `schedule` to be constant, cosine or onecycle, but got {schedule!r}")
+        if not 0.0 <= warmup_fraction < 1.0:
+            raise ValueError(f"Expected argument `warmup_fraction` to be in [0, 1), but got {warmup_fraction}")
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self.finetune_lr = finetune_lr
         self.head_finetune_lr = head_finetune_lr
         self.unfreeze_blocks = unfreeze_blocks
         self.bn_mode = bn_mode
+        self.lr_decay = lr_decay
+        self.schedule = schedule
+        self.warmup_fraction = warmup_fraction
 
     def phase(self, epoch: int) -> int:
         """1 while only the head trains, 2 once the backbone is (partly) unfrozen."""
         return 1 if epoch < self.unfreeze_at_epoch else 2
 
+    def unfrozen_blocks(self, pl_module: LightningModule) -> list[tuple[int, list[nn.Module]]]:
+        """The backbone blocks that phase 2 trains, as ``(block index, modules)``, input to output."""
+        blocks = list(enumerate(backbone_blocks(pl_module.backbone)))
+        return blocks if self.unfreeze_blocks is None else blocks[-self.unfreeze_blocks :]
+
     def unfrozen_modules(self, pl_module: LightningModule) -> list[nn.Module]:
-        """The backbone blocks that phase 2 trains."""
-        blocks = backbone_blocks(pl_module.backbone)
-        top = blocks if self.unfreeze_blocks is None else blocks[-self.unfreeze_blocks :]
-        return [module for block in top for module in block]
+        """The backbone modules that phase 2 trains."""
+        return [module for _, block in self.unfrozen_blocks(pl_module) for module in block]
+
+    def backbone_groups(self, pl_module: LightningModule) -> list[tuple[str, float, list[nn.Module]]]:
+        """``(group name, learning rate, modules)`` of phase 2: one ``backbone`` group, or one per block when
+        ``lr_decay < 1`` (top block at ``finetune_lr``)."""
+        if self.lr_decay == 1.0:
+            return [("backbone", self.finetune_lr, self.unfrozen_modules(pl_module))]
+        blocks = self.unfrozen_blocks(pl_module)
+        return [
+            (f"backbone.{index}", self.finetune_lr * self.lr_decay ** (len(blocks) - 1 - rank), modules)
+            for rank, (index, modules) in enumerate(blocks)
+        ]
 
     @staticmethod
     def batchnorm_layers(modules: nn.Module | list[nn.Module]) -> list[_BatchNorm]:
@@ -96,6 +156,13 @@ class FreezeThenFinetune(BaseFinetuning):
                 raise MisconfigurationException(
                     f"FreezeThenFinetune needs the LightningModule to have an nn.Module `{attribute}` attribute."
                 )
+        if self.schedule != "constant" and getattr(pl_module, "scheduler_factory", None) is not None:
+            raise MisconfigurationException(
+                f"finetuning.schedule={self.schedule} and model.scheduler both set the learning rate; "
+                "keep one of them (finetuning.schedule: constant, or model.scheduler: null)."
+            )
+        if self.schedule != "constant" and stage == "fit" and (trainer.max_epochs or -1) < 1:
+            raise MisconfigurationException(f"finetuning.schedule={self.schedule} needs trainer.max_epochs >= 1.")
         super().setup(trainer, pl_module, stage)
 
     @override
@@ -106,19 +173,20 @@ class FreezeThenFinetune(BaseFinetuning):
     def finetune_function(self, pl_module: LightningModule, epoch: int, optimizer: Optimizer) -> None:
         if self.phase(epoch) == 1:
             return
-        modules = self.unfrozen_modules(pl_module)
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        BaseFinetuning.make_trainable(modules)  # also what a resumed phase-2 run needs: groups exist, grads off
-        new_params = [p for p in BaseFinetuning.filter_params(modules) if id(p) not in in_optimizer]
-        if new_params:
-            optimizer.add_param_group({"name": "backbone", "params": new_params, "lr": self.finetune_lr})
+        BaseFinetuning.make_trainable(self.unfrozen_modules(pl_module))  # a resumed phase 2 needs this too
+        added = 0
+        for name, lr, modules in self.backbone_groups(pl_module):
+            new_params = [p for p in BaseFinetuning.filter_params(modules) if id(p) not in in_optimizer]
+            if new_params:
+                optimizer.add_param_group({"name": name, "params": new_params, "lr": lr, "peak_lr": lr})
+                added += len(new_params)
+        if added:
             head_lr = self.finetune_lr if self.head_finetune_lr is None else self.head_finetune_lr
             for group in optimizer.param_groups:
                 if group.get("name") == "head":
-                    group["lr"] = head_lr
-            _logger.info(
-                "Epoch %d: phase 2, %d backbone tensors unfrozen at lr %g", epoch, len(new_params), self.finetune_lr
-            )
+                    group["lr"] = group["peak_lr"] = head_lr
+            _logger.info("Epoch %d: phase 2, %d backbone tensors unfrozen at lr %g", epoch, added, self.finetune_lr)
 
     def _set_batchnorm_modes(self, pl_module: LightningModule, epoch: int) -> None:
         """Frozen BatchNorm layers to eval mode; with ``bn_mode='train'`` the unfrozen ones train in phase 2."""
@@ -131,11 +199,58 @@ class FreezeThenFinetune(BaseFinetuning):
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         trainable = self._trainable_names(pl_module)
+        optimizer = trainer.optimizers[0]
+        for group in optimizer.param_groups:  # the phase-1 peak: the optimizer's own learning rate
+            group.setdefault("peak_lr", group["lr"])
+        groups_before = len(optimizer.param_groups)
         super().on_train_epoch_start(trainer, pl_module)
         if self._trainable_names(pl_module) != trainable:
             self.rewrap_ddp(trainer, pl_module)
+        self.extend_schedulers(trainer, optimizer.param_groups[groups_before:])
         self._set_batchnorm_modes(pl_module, trainer.current_epoch)
         self._log_schedule(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.schedule == "constant":
+            return
+        epoch = trainer.current_epoch
+        first, last = (0, self.unfreeze_at_epoch) if self.phase(epoch) == 1 else (self.unfreeze_at_epoch, None)
+        last = trainer.max_epochs if last is None else min(last, trainer.max_epochs)
+        batches = max(int(trainer.num_training_batches), 1)
+        progress = ((epoch - first) * batches + batch_idx) / max((last - first) * batches, 1)
+        factor = phase_lr_factor(self.schedule, progress, self.warmup_fraction)
+        for group in trainer.optimizers[0].param_groups:
+            group["lr"] = group.get("peak_lr", group["lr"]) * factor
+
+    @staticmethod
+    def extend_schedulers(trainer: Trainer, new_groups: list[dict[str, Any]]) -> None:
+        """Give the model's own learning-rate schedulers the groups added at the unfreeze.
+
+        torch's schedulers keep one value per parameter group from their construction (``base_lrs``,
+        ``LambdaLR.lr_lambdas``, ``ReduceLROnPlateau.min_lrs``, ``OneCycleLR``'s per-group keys) and fail or skip
+        a group added later; each new group gets the values of the first group, scaled to its own lr.
+        """
+        if not new_groups:
+            return
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            first = scheduler.optimizer.param_groups[0]
+            for group in new_groups:
+                scale = group["lr"] / first.get("max_lr", first.get("initial_lr", first["lr"]))
+                for key, value in first.items():
+                    if key in ("initial_lr", "max_lr", "min_lr"):  # OneCycleLR's peak becomes the group's lr
+                        group[key] = value * scale
+                    elif key not in group:  # e.g. OneCycleLR's momentum bounds
+                        group[key] = value
+                if "max_lr" in first:
+                    group["lr"] = group["initial_lr"]
+                if hasattr(scheduler, "base_lrs"):
+                    scheduler.base_lrs.append(group["initial_lr"])
+                if hasattr(scheduler, "lr_lambdas"):
+                    scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
+                if hasattr(scheduler, "min_lrs"):
+                    scheduler.min_lrs.append(scheduler.min_lrs[0])
 
     @staticmethod
     def _trainable_names(pl_module: LightningModule) -> set[str]:

@@ -193,6 +193,7 @@ COMMANDS = {
     "baseline": "medtransfer.baseline",
     "learning-curve": "medtransfer.learning_curve",
     "search": "medtransfer.search",
+    "lr-find": "medtransfer.lr_find",
 }
 
 
@@ -212,10 +213,13 @@ def main(args: list[str] | None = None) -> None:
         build_cli(args)
 
 
-def build_cli(args: list[str] | None = None, run: bool = True) -> MedTransferCLI:
-    """The project's LightningCLI over ``args`` (``["fit", "--config", ...]``); runs the subcommand if ``run``."""
+def build_cli(
+    args: list[str] | None = None, run: bool = True, cli_class: type[MedTransferCLI] = MedTransferCLI
+) -> MedTransferCLI:
+    """The project's LightningCLI over ``args`` (``["fit", "--config", ...]``); runs the subcommand if ``run``.
+    ``cli_class`` lets a command add its own options to fit's (``lr-find``)."""
     _quiet_third_party_noise()
-    return MedTransferCLI(
+    return cli_class(
         ClassifierModule,
         ClassificationDataModule,
         subclass_mode_data=True,

@@ -1,0 +1,161 @@
+"""``medtransfer lr-find``: Lightning's learning-rate finder for either phase of freeze-then-finetune.
+
+Takes the same configuration as ``fit`` (``--config``, ``--model.*``, ``--data.*``, ...) plus ``--lr_find.*``.
+The sweep is Lightning's ``Tuner.lr_find``: the loss over an exponentially growing learning rate, with the
+steepest descent as the suggestion. The finder runs with its own callback only, so the phase is set up here:
+``head`` trains the new head on the frozen backbone (phase 1, ``model.optimizer``'s lr); ``finetune`` also
+trains the backbone blocks that ``finetuning`` would unfreeze, every group at the swept lr (phase 2,
+``finetuning.finetune_lr``), preferably from phase-1 weights (``--lr_find.weights``). BatchNorm statistics
+move during the sweep; the model is restored afterwards. The plot and the suggestion go to an MLflow run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.cli import LightningArgumentParser
+
+from medtransfer.callbacks.finetuning import FreezeThenFinetune
+from medtransfer.checkpoints import load_checkpoint
+from medtransfer.cli import MedTransferCLI, build_cli
+from medtransfer.errors import MedtransferError, exit_on_user_error
+from medtransfer.tracking.callbacks import find_mlflow_logger
+
+__all__ = ["LrFindOptions", "LrFindResult", "lr_find", "main"]
+
+Phase = Literal["head", "finetune"]
+
+#: The configuration key that each phase's suggestion belongs in.
+CONFIG_KEYS = {"head": "model.optimizer.init_args.lr", "finetune": "finetuning.finetune_lr"}
+
+
+@dataclasses.dataclass
+class LrFindOptions:
+    """What ``lr-find`` sweeps.
+
+    Args:
+        phase: ``head`` (backbone frozen) or ``finetune`` (the blocks ``finetuning`` unfreezes train too).
+        min_lr: first learning rate of the sweep.
+        max_lr: last learning rate of the sweep.
+        num_training: training steps of the sweep (one learning rate each).
+        weights: checkpoint whose weights the sweep starts from (for ``finetune``: one from the end of phase 1).
+    """
+
+    phase: Phase = "head"
+    min_lr: float = 1e-7
+    max_lr: float = 1.0
+    num_training: int = 100
+    weights: str | None = None
+
+
+@dataclasses.dataclass
+class LrFindResult:
+    """The suggestion, the configuration key it belongs in, the plot and the MLflow run holding both."""
+
+    phase: Phase
+    suggestion: float | None
+    config_key: str
+    trainable_parameters: int
+    lrs: list[float]
+    losses: list[float]
+    plot: Path
+    run_id: str | None
+
+
+class LrFindCLI(MedTransferCLI):
+    """The fit configuration plus an ``lr_find`` group."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_class_arguments(LrFindOptions, "lr_find")
+
+
+def _set_up_phase(model: Any, finetuning: FreezeThenFinetune | None, options: LrFindOptions) -> None:
+    FreezeThenFinetune.freeze_parameters(model.backbone)
+    if options.phase == "finetune":
+        modules = finetuning.unfrozen_modules(model) if finetuning else [model.backbone]
+        BaseFinetuning.make_trainable(modules)
+
+
+def lr_find(args: list[str] | None = None) -> LrFindResult:
+    """Run the sweep configured by ``args`` (fit's options plus ``--lr_find.*``) and log it to MLflow."""
+    from lightning.pytorch.tuner import Tuner
+
+    cli = build_cli(args, run=False, cli_class=LrFindCLI)
+    options: LrFindOptions = cli.config_init["lr_find"]
+    if not 0 < options.min_lr < options.max_lr:
+        raise MedtransferError(f"lr_find: need 0 < min_lr < max_lr, got {options.min_lr} and {options.max_lr}")
+    model, trainer = cli.model, cli.trainer
+    if options.weights:
+        model.load_state_dict(load_checkpoint(options.weights)["state_dict"])
+    finetuning = next((c for c in trainer.callbacks if isinstance(c, FreezeThenFinetune)), None)
+    _set_up_phase(model, finetuning, options)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    finder = Tuner(trainer).lr_find(
+        model,
+        datamodule=cli.datamodule,
+        min_lr=options.min_lr,
+        max_lr=options.max_lr,
+        num_training=options.num_training,
+        update_attr=False,
+    )
+    if finder is None:
+        raise MedtransferError("lr_find: the sweep did not run (fast_dev_run?)")
+    suggestion = finder.suggestion()
+    figure = finder.plot(suggest=suggestion is not None, show=False)
+    plot = Path(tempfile.mkdtemp(prefix="lr-find-")) / f"lr_find_{options.phase}.png"
+    figure.savefig(plot, dpi=120, bbox_inches="tight")
+    run_id = _log_to_mlflow(cli, options, suggestion, trainable, plot)
+    return LrFindResult(
+        phase=options.phase,
+        suggestion=suggestion,
+        config_key=CONFIG_KEYS[options.phase],
+        trainable_parameters=trainable,
+        lrs=[float(x) for x in finder.results["lr"]],
+        losses=[float(x) for x in finder.results["loss"]],
+        plot=plot,
+        run_id=run_id,
+    )
+
+
+def _log_to_mlflow(
+    cli: MedTransferCLI, options: LrFindOptions, suggestion: float | None, trainable: int, plot: Path
+) -> str | None:
+    logger = find_mlflow_logger(cli.trainer)
+    if logger is None:
+        return None
+    dataset = getattr(cli.datamodule, "name", type(cli.datamodule).__name__)
+    logger.name_run(f"lr-find-{options.phase}-{cli.model.hparams.backbone}-{dataset}")
+    params = {f"lr_find.{k}": v for k, v in dataclasses.asdict(options).items()}
+    logger.log_hyperparams(params | {"lr_find.dataset": dataset})
+    metrics = {"lr_find/trainable_params": float(trainable)}
+    if suggestion is not None:
+        metrics["lr_find/suggestion"] = float(suggestion)
+    logger.log_metrics(metrics)
+    logger.experiment.log_artifact(logger.run_id, str(plot), "plots")
+    logger.experiment.set_terminated(logger.run_id, "FINISHED")
+    return logger.run_id
+
+
+def main(args: list[str] | None = None) -> LrFindResult:
+    """``medtransfer lr-find --config ... [--lr_find.phase finetune]``."""
+    with exit_on_user_error():
+        result = lr_find(args)
+    if result.suggestion is None:
+        print(f"lr-find ({result.phase}): no suggestion (too few steps or a flat curve); see {result.plot}")
+    else:
+        print(
+            f"lr-find ({result.phase}, {result.trainable_parameters:,} trainable parameters): suggested learning "
+            f"rate {result.suggestion:.2e}  ->  set {result.config_key}: {result.suggestion:.2e}"
+        )
+    if result.run_id:
+        print(f"MLflow run {result.run_id}: the plot is plots/{result.plot.name}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

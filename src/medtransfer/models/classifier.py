@@ -18,6 +18,7 @@ from medtransfer.metrics.calibration import fit_temperature
 from medtransfer.metrics.thresholds import ThresholdPolicy, fit_thresholds
 from medtransfer.models.backbones import create_backbone
 from medtransfer.models.decision import DecisionRule
+from medtransfer.models.test_time_augmentation import TestTimeAugmentation, augmented_views, average_views
 
 __all__ = ["ClassifierModule"]
 
@@ -65,6 +66,8 @@ class ClassifierModule(LightningModule):
         target_risk: if set, instead the largest validation coverage whose error rate is at most this.
         class_weighting: ``balanced`` weighs positives by ``negatives / positives`` of the training labels
             (CheXNet's weighted BCE; binary and multi-label), read from the data module at fit start.
+        test_time_augmentation: ``shift_scale`` averages the logits of 7 views (shifts of 5 %, zoom of 10 %, no
+            flips) whenever the module is in eval mode: validation, test, predict and the exported model alike.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class ClassifierModule(LightningModule):
         target_coverage: float = 0.9,
         target_risk: float | None = None,
         class_weighting: Literal["none", "balanced"] = "none",
+        test_time_augmentation: TestTimeAugmentation = "none",
     ) -> None:
         super().__init__()
         if task == "binary" and num_classes != 2:
@@ -122,7 +126,10 @@ class ClassifierModule(LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         """Return logits: shape ``(N,)`` for a binary task, ``(N, C)`` otherwise."""
-        logits = self.head(self.backbone(x))
+        tta = "none" if self.training else self.hparams.get("test_time_augmentation", "none")
+        logits = self.head(self.backbone(augmented_views(x, tta)))
+        if tta != "none":
+            logits = average_views(logits, x.shape[0])
         return logits.squeeze(1) if self.hparams.task == "binary" else logits
 
     def predict_proba(self, logits: Tensor) -> Tensor:

@@ -132,8 +132,8 @@ def recipes_benchmark(
     workdir = Path(tempfile.mkdtemp(prefix="recipes-"))  # one MLflow store: every fit comparable in the UI
     out = REPO / out_json if quick is False else workdir / "recipes.json"
     print(f"Runs go to {workdir}/mlruns (make ui there to compare them)")
-    for recipe in recipes:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: an interrupted run still compares every recipe on the same seeds
+        for recipe in recipes:
             fits.append(fit_recipe(recipe, seed, workdir, quick))
             result = {
                 "benchmark": "recipes",

@@ -49,8 +49,8 @@ def collect_images(source: str, path_column: str = "path") -> list[Path]:
     """Image paths from a folder (recursive), a glob pattern, or a CSV with a ``path_column``."""
     path = Path(source)
     if path.is_dir():
-        return sorted(
-            p for p in path.rglob("*") if p.suffix.lower() in SUPPORTED_SUFFIXES and (p.is_file() or p.is_symlink())
+        return sorted(  # every entry but a folder: a broken link or a FIFO gets a row saying so, never dropped
+            p for p in path.rglob("*") if p.suffix.lower() in SUPPORTED_SUFFIXES and (p.is_symlink() or not p.is_dir())
         )
     if path.suffix.lower() == ".csv" and path.is_file():
         table = read_csv_table(path, "image list")

@@ -16,6 +16,7 @@ import glob
 import heapq
 import json
 import logging
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -49,8 +50,8 @@ def collect_images(source: str, path_column: str = "path") -> list[Path]:
     """Image paths from a folder (recursive), a glob pattern, or a CSV with a ``path_column``."""
     path = Path(source)
     if path.is_dir():
-        return sorted(
-            p for p in path.rglob("*") if p.suffix.lower() in SUPPORTED_SUFFIXES and (p.is_file() or p.is_symlink())
+        return sorted(  # every entry but a folder: a broken link or a FIFO gets a row saying so, never dropped
+            p for p in path.rglob("*") if p.suffix.lower() in SUPPORTED_SUFFIXES and (p.is_symlink() or not p.is_dir())
         )
     if path.suffix.lower() == ".csv" and path.is_file():
         table = read_csv_table(path, "image list")
@@ -93,10 +94,14 @@ def load_predictor(model: str | Path, device: str = "cpu", tracking_uri: str | N
     checkpoint_path = Path(model)
     if not checkpoint_path.is_file():
         raise DataError(f"Checkpoint not found: {checkpoint_path} (or give an MLflow URI: runs:/<run id>/model)")
-    raw = load_checkpoint(checkpoint_path)
-    classifier = ClassifierModule.load_from_checkpoint(
-        checkpoint_path, pretrained="none", map_location="cpu", weights_only=True
-    )
+    raw = load_checkpoint(checkpoint_path)  # one DataError naming the file for anything but a safe checkpoint
+    try:
+        classifier = ClassifierModule.load_from_checkpoint(
+            checkpoint_path, pretrained="none", map_location="cpu", weights_only=True
+        )
+    except (KeyError, RuntimeError, TypeError, ValueError) as err:  # weights or hyper-parameters that do not fit
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{checkpoint_path}: not a medtransfer model checkpoint ({first})") from None
     task = classifier.hparams.task
     names = raw.get("class_names") or [str(i) for i in range(classifier.hparams.num_classes)]
     return Predictor(
@@ -271,6 +276,25 @@ class _HeatmapWriter:
             self._write(images, [paths[i] for i in chosen], chosen)
 
 
+def _check_writable(option: str, target: Path, images: str) -> None:
+    """Refuse an output path before any work: an existing folder, a parent that is a file or cannot be written,
+    or the input image list itself (which the output would silently replace). Missing parents are created."""
+    if target.is_dir():
+        raise DataError(f"{option} {target}: is a directory; give a file name, e.g. {target / 'predictions.csv'}")
+    source = Path(images)
+    if source.is_file() and target.resolve() == source.resolve():
+        raise DataError(f"{option} {target}: is the input image list; it would be overwritten, give another name")
+    parent = next((p for p in (target.parent, *target.parent.parents) if p.exists()), Path("/"))
+    if not parent.is_dir():
+        raise DataError(f"{option} {target}: cannot be created, {parent} is a file, not a folder")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target.parent):
+            pass
+    except OSError as err:
+        raise DataError(f"{option} {target}: cannot be written ({err.strerror or err})") from None
+
+
 Precision = Literal["32", "bf16", "16"]
 
 
@@ -334,6 +358,9 @@ def run_predict(
         tracking_uri: MLflow store for ``runs:/`` and ``models:/`` URIs (default: ``$MLFLOW_TRACKING_URI``,
             else ``mlruns/mlflow.db``).
     """
+    for name, target in (("--output", output), ("--summary", summary)):
+        if target is not None:
+            _check_writable(name, Path(target), images)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     paths = collect_images(images, path_column)
     predictor = load_predictor(model, device, tracking_uri)

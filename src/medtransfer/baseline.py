@@ -42,6 +42,7 @@ from torchmetrics.functional.classification import multilabel_auroc
 from medtransfer.data.base import ClassificationDataModule
 from medtransfer.errors import DataError, exit_on_user_error
 from medtransfer.metrics import functional as F
+from medtransfer.metrics.defined import defined_labels
 from medtransfer.metrics.thresholds import ThresholdPolicy, fit_thresholds
 from medtransfer.models.classifier import ClassifierModule
 
@@ -241,7 +242,11 @@ def _test_report(
     if module.hparams.task != "multilabel":
         return metrics, {name: float(value.nanmean()) for name, value in report.items()}
     per_label = multilabel_auroc(probs, targets, module.hparams.num_classes, average=None)
-    return metrics | {f"test/auroc/{n}": float(v) for n, v in zip(names, per_label, strict=True)}, None
+    defined = defined_labels(targets).tolist()  # a finding without test positives has no AUROC: left out
+    metrics["test/auroc_labels_defined"] = float(sum(defined))
+    return metrics | {
+        f"test/auroc/{n}": float(v) for n, v, ok in zip(names, per_label, defined, strict=True) if ok
+    }, None
 
 
 def _log_plots(logger: Any, module: ClassifierModule, probs: Tensor, targets: Tensor, report: dict, names) -> None:

@@ -31,7 +31,8 @@ class TestReportPlots(Callback):
     """After ``test``: ROC (binary), risk-coverage, reliability diagram and confusion matrix with an
     ``abstain`` column, as PNG files (in ``dirpath``, default ``<root>/<experiment>/<run>/plots``) and as
     MLflow artifacts under ``plots/``. A multi-label task gets ``per_label.csv`` (AUROC, AURC, ECE,
-    selective accuracy, threshold, band per label) there instead.
+    selective accuracy, threshold, band per label) there instead. Binary and multi-label tasks also get
+    ``evaluation.csv``: ``medtransfer evaluate``'s table of the test predictions at the model's thresholds.
 
     Args:
         dirpath: where to write the PNG files; ``None`` puts them beside the run's checkpoints.
@@ -56,17 +57,37 @@ class TestReportPlots(Callback):
         if not outputs or trainer.sanity_checking:
             return
         folder = self._folder(trainer)
+        table = self.evaluation_table(pl_module, outputs["probs"], outputs["targets"], trainer)
+        tables = [] if table is None else [write_text_atomic(folder / "evaluation.csv", table.to_csv())]
         if outputs.get("per_label"):  # multi-label: one row per label instead of single-task figures
-            self.paths = [_write_csv(outputs["per_label"], folder / "per_label.csv")]
+            self.paths = [_write_csv(outputs["per_label"], folder / "per_label.csv"), *tables]
         else:
             names = getattr(trainer.datamodule, "class_names", None)
             figures = self.figures(pl_module, outputs["probs"], outputs["targets"], outputs["report"], names)
             self.paths = [plots.save_figure(fig, folder / f"{name}.png") for name, fig in figures.items()]
+            self.paths += tables
         logger = find_mlflow_logger(trainer)
         if logger is not None:
             for path in self.paths:
                 logger.experiment.log_artifact(logger.run_id, str(path), "plots")
         _logger.info("Test report plots in %s", folder)
+
+    @staticmethod
+    def evaluation_table(
+        pl_module: LightningModule, probs: torch.Tensor, targets: torch.Tensor, trainer: Trainer | None = None
+    ) -> pd.DataFrame | None:
+        """``medtransfer evaluate``'s table of the test predictions, at the model's thresholds (binary and
+        multi-label): the same function as ``evaluate``, so both give one table on the same predictions."""
+        from medtransfer.evaluate import evaluate_predictions
+
+        task = pl_module.hparams.task
+        if task == "multiclass":
+            return None
+        names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
+        names = [str(n) for n in names] if names else [str(i) for i in range(pl_module.hparams.num_classes)]
+        names = names[-1:] if task == "binary" else names
+        threshold = pl_module.decision_threshold.detach().cpu().double().reshape(-1).numpy()
+        return evaluate_predictions(probs.double(), targets, names, task, threshold)
 
     @staticmethod
     def figures(

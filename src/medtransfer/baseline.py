@@ -45,6 +45,8 @@ from medtransfer.metrics import functional as F
 from medtransfer.metrics.defined import defined_labels
 from medtransfer.metrics.thresholds import ThresholdPolicy, fit_thresholds
 from medtransfer.models.classifier import ClassifierModule
+from medtransfer.progress import Progress
+from medtransfer.tracking.datasets import log_dataset_inputs
 
 __all__ = ["DEFAULT_CS", "BaselineResult", "baseline", "main"]
 
@@ -180,6 +182,7 @@ def _extract(
     loader = DataLoader(data.datasets[split], batch_size=data.hparams.batch_size, num_workers=data.hparams.num_workers)
     device = next(module.backbone.parameters()).device
     rows, targets = [], []
+    progress = Progress(len(data.datasets[split]), f"baseline {features} {split}")  # images/s while extracting
     for x, y in loader:
         if features == "backbone":
             rows.append(module.backbone(x.to(device)).float().cpu())
@@ -189,6 +192,8 @@ def _extract(
                 x = torch.nn.functional.interpolate(x, size=(pixel_size, pixel_size), mode="area")
             rows.append(x.flatten(1))
         targets.append(torch.as_tensor(y).long())
+        progress.update(len(y))
+    progress.close()
     return torch.cat(rows).numpy(), torch.cat(targets)
 
 
@@ -363,6 +368,7 @@ def baseline(
     logger = MLflowLogger(experiment_name, run_name, tracking_uri)
     try:
         logger.experiment.set_tag(logger.run_id, "medtransfer.command", "baseline")
+        log_dataset_inputs(logger.experiment, logger.run_id, data)  # compare groups runs by these
         logger.log_hyperparams(params)
         logger.log_metrics(metrics)
         if report is not None:

@@ -30,6 +30,7 @@ from medtransfer.checkpoints import load_checkpoint
 from medtransfer.data.readers import SUPPORTED_SUFFIXES, read_image
 from medtransfer.data.tables import read_csv_table, require_columns
 from medtransfer.data.transforms import build_eval_transform
+from medtransfer.data.unlike import unlike_reasons
 from medtransfer.errors import DataError, exit_on_user_error
 from medtransfer.explain import grad_cam, save_overlay
 from medtransfer.files import atomic_open, write_text_atomic
@@ -368,7 +369,9 @@ def run_predict(
     failures: list[dict[str, str]] = []
     names = predictor.class_names
     columns = ["path", *(f"prob_{n}" for n in (names[1:] if predictor.task == "binary" else names))]
-    columns += ["prediction", "decision", "error", "model"]
+    columns += ["prediction", "decision", "unlike_training", "error", "model"]
+    reference = settings.get("reference")  # statistics of the validation images (medtransfer.data.unlike)
+    unlike = 0
     explainer = None
     if heatmaps is not None:  # an exported graph has no layers: Grad-CAM runs on the checkpoint logged beside it
         layered = predictor.network
@@ -393,6 +396,8 @@ def run_predict(
                 batch = batch.to(device, non_blocking=True, memory_format=memory_format)
                 probs = network(batch).float().cpu()
                 rows = list(_rows(predictor, probs))
+                for row, reason in zip(rows, unlike_reasons(batch, reference), strict=True):
+                    row["unlike_training"], unlike = reason, unlike + bool(reason)
                 if explainer is not None:
                     explainer.add(batch, probs, rows, [paths[i] for i in indices], indices)
                 if predictor.task == "multilabel":
@@ -415,7 +420,7 @@ def run_predict(
         "images": len(paths), "predicted": sum(counts.values()), "unreadable": len(failures),
         "decisions": dict(counts), "coverage": decided / max(1, sum(counts.values())),
         "images_per_second": len(paths) / seconds if seconds else None, "output": str(output),
-        "model": predictor.label, "failures": failures,
+        "model": predictor.label, "failures": failures, "unlike_training": unlike if reference else None,
         "heatmaps": explainer.written if explainer is not None else [],
     }  # fmt: skip
     if predictor.task == "multilabel":
@@ -423,6 +428,10 @@ def run_predict(
     if summary is not None:
         write_text_atomic(Path(summary), json.dumps(result, indent=2) + "\n")
     print(f"{result['predicted']} predicted, {len(failures)} unreadable, coverage {result['coverage']:.1%} -> {output}")
+    if unlike:
+        _logger.warning("%d of %d image(s) are unlike the images %s was validated on (column unlike_training): "
+                        "its decisions on them are unreliable.\nHINT: other modality, colour or blank images?",
+                        unlike, result["predicted"], predictor.label)  # fmt: skip
     for name, count in result.get("findings", {}).items():
         print(f"  {name}: " + ", ".join(f"{count.get(k, 0)} {k}" for k in ("positive", "negative", "abstain")))
     return result

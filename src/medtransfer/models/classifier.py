@@ -15,6 +15,7 @@ from torchmetrics import CatMetric, MetricCollection
 from torchmetrics.classification import AUROC, Accuracy, Recall, Specificity
 from torchmetrics.functional.classification import calibration_error, multilabel_auroc
 
+from medtransfer.data.unlike import reference_from_dataset
 from medtransfer.metrics import functional as F
 from medtransfer.metrics.calibration import fit_temperature
 from medtransfer.metrics.defined import DefinedMean, defined_labels, mask_undefined, undefined_names
@@ -205,7 +206,10 @@ class ClassifierModule(LightningModule):
         return float(cutoffs[index])
 
     def on_fit_start(self) -> None:
-        """Weigh positives by the training labels' frequencies when ``class_weighting="balanced"``."""
+        """Weigh positives by the training labels' frequencies when ``class_weighting="balanced"``; note the range
+        of the validation images' statistics, which checkpoints keep for predict's unlike-training check."""
+        datasets = getattr(self.trainer.datamodule, "datasets", None) or {}
+        self._input_reference = reference_from_dataset(datasets["val"]) if datasets.get("val") is not None else None
         if self.hparams.class_weighting == "none" or self.hparams.task == "multiclass":
             return
         fraction = getattr(self.trainer.datamodule, "positive_fraction", None)
@@ -390,6 +394,8 @@ class ClassifierModule(LightningModule):
             channels = datamodule.hparams.channels
             checkpoint["input"] = {"size": size, "mean": list(mean), "std": list(std),
                                    "interpolation": interpolation, "channels": channels}  # fmt: skip
+            if getattr(self, "_input_reference", None):  # see medtransfer.data.unlike
+                checkpoint["input"]["reference"] = self._input_reference
 
     def configure_optimizers(self) -> Any:
         """One optimizer over the parameters trainable now, in named groups (``head``, ``backbone``).

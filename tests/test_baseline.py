@@ -164,7 +164,8 @@ def test_multilabel_data_gets_one_regression_per_label(tmp_path, chestxray14_sam
         tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db",
     )
     per_label = [k for k in result.metrics if k.startswith("test/auroc/")]
-    assert len(per_label) == 14  # CheXNet's findings, each with its own threshold and AUROC
+    # CheXNet's findings, each with its own threshold and AUROC where the test split has positives and negatives
+    assert 10 <= len(per_label) == result.metrics["test/auroc_labels_defined"] <= 14
     assert {"test/auroc", "test/aurc", "test/selective_acc_cov90", "val/threshold"} <= set(result.metrics)
     run = MlflowClient(result.tracking_uri).get_run(result.run_id)
     assert run.data.params["model.task"] == "multilabel"

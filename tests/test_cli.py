@@ -218,3 +218,16 @@ def test_a_corrupt_image_read_in_a_loader_worker_is_still_one_line(workdir, pneu
     ]  # fmt: skip
     line = _error_line(capsys, args)
     assert line.startswith("medtransfer: error: ") and "img" in line and "Traceback" not in line
+
+
+def test_help_lists_every_command_with_one_line(capsys):
+    from medtransfer.cli import _COMMAND_HELP, COMMANDS, MedTransferCLI
+
+    main(["--help"])
+    out = capsys.readouterr().out
+    commands = {"fit", "validate", "test", *COMMANDS}
+    assert set(_COMMAND_HELP) == commands
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
+    assert sorted(listed) == sorted(commands)  # one line each
+    assert "Run inference on your data" not in out  # Lightning's own predict text
+    assert "predict" not in MedTransferCLI.subcommands()  # medtransfer predict is the batch-inference command

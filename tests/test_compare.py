@@ -61,7 +61,7 @@ def test_every_run_is_listed_best_first_by_the_metric_written_with_an_underscore
     assert list(table["run_id"]) == [*expected, store["parent"]]  # the parent logged no test/auroc: last
     assert list(table.columns) == [
         "run", "run_id", "parent", "status", "start", "backbone", "pretrained", "image_size", "epochs", "lrs",
-        "test/auroc", "best val/auroc", "test/acc", "test/selective_acc_cov90", "test/aurc",
+        "dataset", "test/auroc", "best val/auroc", "test/acc", "test/selective_acc_cov90", "test/aurc",
     ]  # fmt: skip
     rows = table.set_index("run_id")
     for run_id in ids:
@@ -165,3 +165,49 @@ def test_losses_risks_and_calibration_errors_rank_ascending():
 def test_the_dataset_hash_of_a_fitted_run_is_the_npz_files(store, pneumonia_npz):
     tags = store["client"].get_run(store["lite0"]).data.tags
     assert tags["dataset.sha256"] == hashlib.sha256(pneumonia_npz.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_each_run_logs_its_splits_as_mlflow_dataset_inputs_and_compare_shows_them(store):
+    client = store["client"]
+    inputs = client.get_run(store["lite0"]).inputs.dataset_inputs
+    contexts = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
+    assert set(contexts) == {"train", "validation", "test"}
+    assert {d.name for d in contexts.values()} == {"pneumoniamnist-train", "pneumoniamnist-val", "pneumoniamnist-test"}
+    assert len({d.digest for d in contexts.values()}) == 3 and all(len(d.digest) == 16 for d in contexts.values())
+    rows = compare(tracking_uri=store["uri"]).set_index("run_id")
+    # the fits and the baseline saw the same validation data: one dataset, ranked together
+    expected = f"pneumoniamnist@{contexts['validation'].digest[:8]}"
+    assert {rows.loc[store[k], "dataset"] for k in ("lite0", "child", "baseline")} == {expected}
+
+
+def _logged_run(client, experiment_id, name, dataset, digest, auroc, params):
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    run_id = client.create_run(experiment_id, run_name=name).info.run_id
+    source = '{"uri": "/data/x.npz"}'
+    client.log_inputs(run_id, [DatasetInput(Dataset(f"{dataset}-val", digest, "local", source),
+                                            [InputTag("mlflow.data.context", "validation")])])  # fmt: skip
+    client.log_metric(run_id, "test/auroc", auroc)
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    client.set_terminated(run_id)
+    return run_id
+
+
+def test_runs_of_different_datasets_are_ranked_apart_unless_asked_and_lrs_say_what_ran(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("mixed")
+    frozen = {"model.optimizer.lr": "0.001", "finetuning.finetune_lr": "1e-05", "finetuning.unfreeze_at_epoch": "3",
+              "trainer.max_epochs": "3"}  # fmt: skip
+    a_good = _logged_run(client, experiment_id, "a-" + "long-run-name-" * 6, "chest", "a" * 16, 0.9, frozen)
+    a_bad = _logged_run(client, experiment_id, "a-bad", "chest", "a" * 16, 0.7, {})
+    b = _logged_run(client, experiment_id, "b", "derma", "b" * 16, 0.8, {})
+    grouped = compare(experiment="mixed", tracking_uri=uri)
+    assert list(grouped["run_id"]) == [a_good, a_bad, b]
+    assert list(grouped["dataset"]) == ["chest@aaaaaaaa", "chest@aaaaaaaa", "derma@bbbbbbbb"]
+    out = capsys.readouterr().out
+    assert "ranked within each of 2 datasets" in out and "long-run-name-" * 6 in out  # a long name on one line
+    assert list(compare(experiment="mixed", tracking_uri=uri, mixed_datasets=True)["run_id"]) == [a_good, b, a_bad]
+    assert grouped.set_index("run_id").loc[a_good, "lrs"] == "0.001 (frozen)"  # never unfroze: no "-> 1e-05 @3"

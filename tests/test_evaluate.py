@@ -293,3 +293,26 @@ def test_evaluate_predictions_rejects_mismatched_shapes():
         evaluate_predictions(np.full((4, 2), 0.5), np.zeros((4, 2)), ["a", "b", "c"])
     with pytest.raises(ValueError, match=r"Expected argument `targets` to have 4 rows"):
         evaluate_predictions(np.full((4, 2), 0.5), np.zeros((3, 2)), ["a", "b"])
+
+
+def test_predict_csv_is_matched_by_file_name_and_error_rows_left_out(small, tmp_path, caplog):
+    """``predict`` writes ``path`` (not ``Image Index``), a ``prediction``/``decision``/``error``/``model`` per row,
+    and an empty probability for an unreadable image: evaluate reads that file as it is."""
+    header, rows = small.preds[0].split(","), [line.split(",") for line in small.preds[1:51]]
+    probs = header[1:]
+    lines = ["path," + ",".join(probs) + ",prediction,decision,error,model"]
+    lines += [f"/data/images/{r[0]}," + ",".join(r[1:]) + ",none,decided,,m.ckpt" for r in rows]
+    lines.append("/data/images/broken.png," + "," * (len(probs) - 1) + ",,error,cannot read,m.ckpt")
+    with caplog.at_level("WARNING", logger="medtransfer.evaluate"):
+        from_predict = run_evaluate(_write(tmp_path / "predictions.csv", lines), small.labels_path)
+    assert "1 row(s) of images predict could not read" in caplog.text
+    by_id = run_evaluate(_write(tmp_path / "by_id.csv", small.preds[:51]), small.labels_path)
+    pd.testing.assert_frame_equal(from_predict, by_id)
+
+
+def test_a_class_without_positives_is_blank_and_left_out_of_the_mean():
+    probs = np.array([[0.9, 0.2], [0.2, 0.3], [0.7, 0.1], [0.4, 0.6]])
+    targets = np.array([[1, 0], [0, 0], [1, 0], [0, 0]])
+    report = evaluate_predictions(probs, targets, ["a", "b"], threshold=[0.5, 0.25])
+    assert report.loc["b", ["auroc", "aurc", *SELECTIVE]].isna().all() and report.loc["b", "accuracy"] == 0.5
+    assert report.loc["mean", "auroc"] == report.loc["a", "auroc"] == 1.0

@@ -267,3 +267,49 @@ def test_compiled_network_gives_the_same_probabilities(fitted, png_folder, tmp_p
     run_predict(str(folder), str(fitted["best"]), output=tmp_path / "compiled.csv", compile=True)
     eager, compiled = (_probabilities(_read(tmp_path / f"{n}.csv")) for n in ("eager", "compiled"))
     assert all(abs(float(compiled[k]) - float(v)) <= 1e-5 for k, v in eager.items())
+
+
+def test_heatmap_column_holds_absolute_paths(fitted_checkpoint, png_folder, tmp_path, monkeypatch):
+    folder, _ = png_folder
+    monkeypatch.chdir(tmp_path)
+    run_predict(str(folder), str(fitted_checkpoint), output=Path("p.csv"), heatmaps=Path("maps"), heatmaps_for="top_k",
+                top_k=1)  # fmt: skip
+    run_predict(str(folder), str(fitted_checkpoint), output=Path("q.csv"), heatmaps=Path("maps2"))
+    paths = [Path(r["heatmap"]) for r in _read(tmp_path / "q.csv")]
+    assert all(p.is_absolute() and p.parent == tmp_path / "maps2" and p.is_file() for p in paths)
+
+
+def test_progress_is_reported_with_images_per_second_in_a_log(fitted_checkpoint, png_folder, tmp_path, capsys,
+                                                              monkeypatch):  # fmt: skip
+    monkeypatch.setattr("medtransfer.progress.Progress.__init__.__defaults__", (0.0,))  # a line per batch
+    run_predict(str(png_folder[0]), str(fitted_checkpoint), output=tmp_path / "p.csv", batch_size=16)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("predict: ")]
+    assert len(lines) >= 2 and lines[-1].startswith(f"predict: {N_IMAGES}/{N_IMAGES} images,")
+    assert all("images/s" in line for line in lines)
+
+
+def test_images_unlike_the_training_data_are_flagged(fitted_checkpoint, png_folder, tmp_path, caplog):
+    """MR and CT slices (pydicom's test files) and colour photos (scikit-image) against a chest X-ray model."""
+    import shutil
+
+    import pydicom.data
+    import skimage.data
+
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("MR_small.dcm", "CT_small.dcm"):
+        shutil.copy(pydicom.data.get_testdata_files(name)[0], other / name)
+    for name in ("astronaut", "coffee", "chelsea"):
+        Image.fromarray(getattr(skimage.data, name)()).save(other / f"{name}.png")
+    reference = torch.load(fitted_checkpoint, weights_only=True)["input"]["reference"]
+    assert reference["statistics"] == ["mean", "std", "colour", "dark", "edges"]
+
+    with caplog.at_level("WARNING", logger="medtransfer.predict"):
+        result = run_predict(str(other), str(fitted_checkpoint), output=tmp_path / "other.csv")
+    rows = _read(tmp_path / "other.csv")
+    flagged = {Path(r["path"]).name: r["unlike_training"] for r in rows}
+    assert all(flagged.values()), flagged  # each names the statistics out of range
+    assert result["unlike_training"] == 5 and "5 of 5 image(s) are unlike" in caplog.text
+
+    xrays = run_predict(str(png_folder[0]), str(fitted_checkpoint), output=tmp_path / "xrays.csv")
+    assert xrays["unlike_training"] <= 1  # held-out X-rays of the same collection pass (1 of 40 tolerated)

@@ -42,8 +42,11 @@ from torchmetrics.functional.classification import multilabel_auroc
 from medtransfer.data.base import ClassificationDataModule
 from medtransfer.errors import DataError, exit_on_user_error
 from medtransfer.metrics import functional as F
+from medtransfer.metrics.defined import defined_labels
 from medtransfer.metrics.thresholds import ThresholdPolicy, fit_thresholds
 from medtransfer.models.classifier import ClassifierModule
+from medtransfer.progress import Progress
+from medtransfer.tracking.datasets import log_dataset_inputs
 
 __all__ = ["DEFAULT_CS", "BaselineResult", "baseline", "main"]
 
@@ -179,6 +182,7 @@ def _extract(
     loader = DataLoader(data.datasets[split], batch_size=data.hparams.batch_size, num_workers=data.hparams.num_workers)
     device = next(module.backbone.parameters()).device
     rows, targets = [], []
+    progress = Progress(len(data.datasets[split]), f"baseline {features} {split}")  # images/s while extracting
     for x, y in loader:
         if features == "backbone":
             rows.append(module.backbone(x.to(device)).float().cpu())
@@ -188,6 +192,8 @@ def _extract(
                 x = torch.nn.functional.interpolate(x, size=(pixel_size, pixel_size), mode="area")
             rows.append(x.flatten(1))
         targets.append(torch.as_tensor(y).long())
+        progress.update(len(y))
+    progress.close()
     return torch.cat(rows).numpy(), torch.cat(targets)
 
 
@@ -241,7 +247,11 @@ def _test_report(
     if module.hparams.task != "multilabel":
         return metrics, {name: float(value.nanmean()) for name, value in report.items()}
     per_label = multilabel_auroc(probs, targets, module.hparams.num_classes, average=None)
-    return metrics | {f"test/auroc/{n}": float(v) for n, v in zip(names, per_label, strict=True)}, None
+    defined = defined_labels(targets).tolist()  # a finding without test positives has no AUROC: left out
+    metrics["test/auroc_labels_defined"] = float(sum(defined))
+    return metrics | {
+        f"test/auroc/{n}": float(v) for n, v, ok in zip(names, per_label, defined, strict=True) if ok
+    }, None
 
 
 def _log_plots(logger: Any, module: ClassifierModule, probs: Tensor, targets: Tensor, report: dict, names) -> None:
@@ -358,6 +368,7 @@ def baseline(
     logger = MLflowLogger(experiment_name, run_name, tracking_uri)
     try:
         logger.experiment.set_tag(logger.run_id, "medtransfer.command", "baseline")
+        log_dataset_inputs(logger.experiment, logger.run_id, data)  # compare groups runs by these
         logger.log_hyperparams(params)
         logger.log_metrics(metrics)
         if report is not None:

@@ -45,6 +45,14 @@ _logger = logging.getLogger(__name__)
 class MedTransferCLI(LightningCLI):
     """LightningCLI with medtransfer's callbacks, links and MLflow run handling."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands without its ``predict``: ``medtransfer predict`` is the batch-inference command
+        (``medtransfer.predict``), so Lightning's generic one would only be a second, different command."""
+        commands = LightningCLI.subcommands()
+        commands.pop("predict", None)
+        return commands
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(FreezeThenFinetune, "finetuning")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -197,6 +205,28 @@ COMMANDS = {
 }
 
 
+#: ``medtransfer --help``: every command with one line (printed without building any parser: fast).
+_COMMAND_HELP = {
+    "fit": "train a model from a YAML config (checkpoints, MLflow run; --test_after_fit tests the best one)",
+    "validate": "one validation epoch of a checkpoint (--ckpt_path), logged to its MLflow run",
+    "test": "test a checkpoint: metrics, report figures and evaluate's table, logged to its MLflow run",
+    "predict": "batch inference: a folder, glob or CSV of images to a CSV of decisions (and heatmaps)",
+    "evaluate": "audit a predictions CSV (predict's, or made elsewhere) against a label file",
+    "compare": "the runs of an MLflow experiment side by side, ranked by one metric",
+    "baseline": "logistic regression on downsampled pixels or frozen backbone features: the yardstick",
+    "learning-curve": "a metric against the training-set size, for several recipes and seeds",
+    "search": "hyperparameter search over fit (Optuna grid or random), tracked in MLflow",
+}
+
+
+def _print_commands() -> None:
+    width = max(map(len, _COMMAND_HELP))
+    lines = ["usage: medtransfer <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in _COMMAND_HELP.items()]
+    lines += ["", "medtransfer <command> --help lists a command's options."]
+    print("\n".join(lines))
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``medtransfer`` console script.
 
@@ -204,6 +234,9 @@ def main(args: list[str] | None = None) -> None:
     ``compare``, ``baseline``, ``learning-curve``, ``search``) each live in their own module.
     """
     argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] in ([], ["-h"], ["--help"]):
+        _print_commands()
+        return
     if argv[:1] and argv[0] in COMMANDS:
         import importlib
 

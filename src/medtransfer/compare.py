@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from medtransfer.errors import MedtransferError, exit_on_user_error
 from medtransfer.files import write_text_atomic
+from medtransfer.tracking.datasets import DATASET_CONTEXT
 from medtransfer.tracking.mlflow import check_reachable, local_sqlite_path
 from medtransfer.tracking.mlflow import resolve_tracking_uri as _resolve_uri
 
@@ -85,13 +86,17 @@ def _number(text: str | None) -> float | None:
 
 def _learning_rates(params: dict[str, str]) -> str:
     """``head lr -> fine-tune lr @ unfreeze epoch`` (``0.001 -> 1e-05 @3``); the head's own phase-2 rate in
-    parentheses when it differs; empty for runs without an optimizer (baselines)."""
+    parentheses when it differs; the head's rate alone when the run ended before the unfreeze epoch (``0.001
+    (frozen)``: the fine-tune rate never ran); empty for runs without an optimizer (baselines)."""
     head = params.get("model.optimizer.lr")
     if head is None:
         return ""
     finetune, unfreeze = params.get("finetuning.finetune_lr"), params.get("finetuning.unfreeze_at_epoch")
     if finetune is None or unfreeze is None:
         return head
+    epochs = _number(params.get("trainer.max_epochs"))
+    if epochs is not None and epochs >= 0 and _number(unfreeze) is not None and float(unfreeze) >= epochs:
+        return f"{head} (frozen)"
     head_later = params.get("finetuning.head_finetune_lr")
     text = f"{finetune} all" if unfreeze == "0" else f"{head} -> {finetune} @{unfreeze}"
     if head_later not in (None, "None", finetune):
@@ -143,10 +148,14 @@ def runs_table(
     filter_string: str = "",
     max_runs: int = 1000,
     order: Literal["auto", "descending", "ascending"] = "auto",
+    mixed_datasets: bool = False,
 ) -> tuple[pd.DataFrame, str]:
     """One row per run of ``experiment``, sorted by ``metric`` (best first; runs without it last).
 
-    Returns the table and the metric's logged name. ``val/auroc`` in the standard columns is the best epoch's.
+    Runs on different data (the ``dataset`` column: name and digest of the validation data input, see
+    :mod:`medtransfer.tracking.datasets`) are ranked within their dataset, group after group, unless
+    ``mixed_datasets``. Returns the table and the metric's logged name. ``val/auroc`` in the standard columns
+    is the best epoch's.
     """
     runs = _search(client, _experiment_id(client, experiment), filter_string, max_runs)
     if not runs:
@@ -169,6 +178,7 @@ def runs_table(
             "image_size": params.get("data.resolved.image_size") or params.get("data.image_size", ""),
             "epochs": params.get("trainer.max_epochs", ""),
             "lrs": _learning_rates(params),
+            "dataset": _dataset(run),
             metric: metrics.get(metric),
         }
         for name in STANDARD_METRICS:
@@ -178,7 +188,23 @@ def runs_table(
         rows.append(row)
     ascending = lower_is_better(metric) if order == "auto" else order == "ascending"
     table = pd.DataFrame(rows).sort_values(metric, ascending=ascending, na_position="last", kind="stable")
+    if not mixed_datasets and table["dataset"].nunique() > 1:  # rank within each dataset, best group first
+        first = table.groupby("dataset", sort=False).cumcount() == 0
+        rank = dict(zip(table.loc[first, "dataset"], range(int(first.sum())), strict=True))
+        table = table.sort_values("dataset", key=lambda d: d.map(rank), kind="stable")
     return table.reset_index(drop=True), metric
+
+
+def _dataset(run: Any) -> str:
+    """``<name>@<digest>`` of the run's validation data input (every fit and baseline has one; else its test or
+    training one), else the ``dataset.name`` tag of runs logged before dataset inputs; empty if neither."""
+    inputs = getattr(getattr(run, "inputs", None), "dataset_inputs", None) or []
+    by_context = {next((t.value for t in i.tags if t.key == DATASET_CONTEXT), ""): i.dataset for i in inputs}
+    for context in ("validation", "test", "train"):
+        if context in by_context:
+            dataset = by_context[context]
+            return f"{dataset.name.rsplit('-', 1)[0]}@{dataset.digest[:8]}"  # name: <dataset>-<split>
+    return run.data.tags.get("dataset.name", "")
 
 
 def _cell(value: Any) -> str:
@@ -220,7 +246,9 @@ def _print_table(table: pd.DataFrame, title: str) -> None:
     shown = table.drop(columns=["run_id"])
     rich_table = Table(title=title, title_justify="left")
     for column in shown.columns:
-        rich_table.add_column(column, overflow="fold", justify="right" if shown[column].dtype.kind == "f" else "left")
+        names = column in ("run", "parent", "dataset")  # never wrapped: a run name broken over lines is unreadable
+        rich_table.add_column(column, overflow="fold", no_wrap=names,
+                              justify="right" if shown[column].dtype.kind == "f" else "left")  # fmt: skip
     for row in shown.itertuples(index=False):
         rich_table.add_row(*(_cell(v) for v in row))
     console = Console()
@@ -239,6 +267,7 @@ def compare(
     filter_string: str = "",
     max_runs: int = 1000,
     order: Literal["auto", "descending", "ascending"] = "auto",
+    mixed_datasets: bool = False,
 ) -> pd.DataFrame:
     """Compare the runs of an MLflow experiment: a table on the terminal, optionally CSV, markdown and a plot.
 
@@ -252,6 +281,8 @@ def compare(
         filter_string: an MLflow search filter, e.g. ``"params.model.backbone = 'resnet50'"``.
         max_runs: most runs to read (newest first).
         order: ``auto`` ranks losses, AURC, ECE and risks ascending and everything else descending.
+        mixed_datasets: rank runs of different datasets (the dataset column: name and digest of the validation data)
+            together; by default each dataset's runs are ranked among themselves, one group after another.
 
     Returns:
         The table, best run first.
@@ -259,8 +290,10 @@ def compare(
     from mlflow import MlflowClient
 
     client = MlflowClient(resolve_tracking_uri(tracking_uri))
-    table, metric = runs_table(client, experiment, metric, filter_string, max_runs, order)
-    _print_table(table, f"{len(table)} run{'s' * (len(table) != 1)} of {experiment!r} by {metric}")
+    table, metric = runs_table(client, experiment, metric, filter_string, max_runs, order, mixed_datasets)
+    groups = table["dataset"].nunique()
+    grouped = f", ranked within each of {groups} datasets" if groups > 1 and not mixed_datasets else ""
+    _print_table(table, f"{len(table)} run{'s' * (len(table) != 1)} of {experiment!r} by {metric}{grouped}")
     if csv is not None:
         write_text_atomic(csv, table.to_csv(index=False))
         print(f"Table: {csv}")

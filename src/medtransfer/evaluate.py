@@ -17,7 +17,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Literal
 
 import numpy as np
@@ -80,14 +80,19 @@ def _read_ids(frame: pd.DataFrame, id_column: str, path: Path) -> np.ndarray:
 
 
 def read_predictions(
-    path: Path | str, id_column: str = "Image Index", prob_prefix: str = "prob_"
+    path: Path | str, id_column: str = "Image Index", prob_prefix: str = "prob_", path_column: str = "path"
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Read a predictions CSV: an id column and one ``<prob_prefix><class>`` probability column per class.
+
+    ``medtransfer predict``'s CSV is read as it is: without an ``id_column`` but with a ``path_column``, the id
+    of a row is the file name of its path (``images/00000001_000.png`` -> ``00000001_000.png``, the image
+    names of the ChestX-ray14 label file), and rows that predict could not read (an ``error``) are skipped.
 
     Args:
         path: The CSV file (may be compressed, e.g. ``.csv.gz``).
         id_column: The column holding the image ids.
         prob_prefix: Prefix of the probability columns; the rest of the column name is the class name.
+        path_column: The column of image paths whose file names are the ids when there is no ``id_column``.
 
     Returns:
         ``(ids, class_names, probs)``: ids as an object array of ``str`` of shape (N,), the class names in column
@@ -100,6 +105,8 @@ def read_predictions(
     """
     path = Path(path)
     frame = read_csv_table(path, "predictions")
+    if id_column not in frame.columns and path_column in frame.columns:
+        frame = _ids_from_paths(frame, id_column, path_column, path)
     require_columns(frame, [id_column], path)
     prob_columns = [name for name in frame.columns if name.startswith(prob_prefix) and name != id_column]
     if not prob_columns:
@@ -113,6 +120,21 @@ def read_predictions(
     ids = _read_ids(frame, id_column, path)
     probs = np.column_stack([_read_probabilities(frame[name], path) for name in prob_columns])
     return ids, class_names, probs
+
+
+def _ids_from_paths(frame: pd.DataFrame, id_column: str, path_column: str, path: Path) -> pd.DataFrame:
+    """``predict``'s rows with an id (the path's file name) in ``id_column``; unreadable images dropped."""
+    errors = frame["error"].str.strip() != "" if "error" in frame.columns else pd.Series(False, index=frame.index)
+    if errors.any():
+        _logger.warning("%s: %d row(s) of images predict could not read are left out (first: line %d)",
+                        path, int(errors.sum()), errors.index[errors][0])  # fmt: skip
+        frame = frame[~errors]
+    if frame.empty:
+        raise DataError(f"{path} has no predicted image: every row has an error")
+    frame = frame.copy()
+    frame[id_column] = [PurePath(p.strip().replace("\\", "/")).name for p in frame[path_column]]
+    _logger.info("%s: no %r column; matching the file names in %r to the label file", path, id_column, path_column)
+    return frame
 
 
 def _read_probabilities(column: pd.Series, path: Path) -> np.ndarray:
@@ -221,14 +243,17 @@ def evaluate_predictions(
     targets: np.ndarray | torch.Tensor,
     class_names: Sequence[str],
     task: Task = "multilabel",
+    threshold: float | Sequence[float] = _THRESHOLD,
 ) -> pd.DataFrame:
     """Per-class metrics of probabilities against targets, one-vs-rest, plus a macro ``mean`` row.
 
     Each class is scored as a binary problem (its probability against its 0/1 target): AUROC (torchmetrics
     ``binary_auroc``; NaN when the class has no positive or no negative), ECE (torchmetrics
     ``binary_calibration_error``, 15 bins, L1), AURC and selective accuracy at :data:`COVERAGES` (confidence =
-    margin from the 0.5 threshold, ``medtransfer.metrics.functional``). The ``mean`` row averages the classes,
-    ignoring NaN.
+    margin from the threshold, ``medtransfer.metrics.functional``). A class without positives or without
+    negatives has no AUROC, AURC or selective accuracy (NaN, never 0). The ``mean`` row averages the classes,
+    ignoring NaN, so those means cover the defined classes only; ``medtransfer test`` writes the same table
+    (``plots/evaluation.csv``, with the model's validation-fitted thresholds).
 
     Args:
         probs: ``multilabel``: (N, C). ``multiclass``: (N, C), rows summing to 1. ``binary``: (N,), (N, 1) or
@@ -236,6 +261,8 @@ def evaluate_predictions(
         targets: ``multilabel``: (N, C) of 0/1, or (N,) class indices (one label per image).
         class_names: One name per probability column.
         task: ``multilabel``, ``binary`` or ``multiclass``.
+        threshold: The decision threshold, one for all classes or one per class (of the scored classes: one
+            for ``binary``).
 
     Returns:
         One row per class and a ``mean`` row, indexed by ``class``, with columns ``n``, ``positives``,
@@ -245,7 +272,8 @@ def evaluate_predictions(
     targets = np.asarray(targets.cpu() if isinstance(targets, torch.Tensor) else targets)
     class_names = list(class_names)
     scores, labels, names = _one_vs_rest(probs, targets, class_names, task)
-    rows = [_binary_report(scores[:, k], labels[:, k]) for k in range(len(names))]
+    thresholds = np.broadcast_to(np.asarray(threshold, dtype=np.float64).reshape(-1), (len(names),))
+    rows = [_binary_report(scores[:, k], labels[:, k], float(thresholds[k])) for k in range(len(names))]
     report = pd.DataFrame(rows, index=pd.Index(names, name="class"))
     mean = report.mean(numeric_only=True, skipna=True)
     mean["n"], mean["positives"] = len(scores), np.nan
@@ -313,13 +341,15 @@ def _one_vs_rest(
     return probs, labels.astype(np.int64), class_names
 
 
-def _binary_report(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def _binary_report(scores: np.ndarray, labels: np.ndarray, threshold: float = _THRESHOLD) -> dict[str, float]:
     """The report's metrics for one binary problem: P(positive) against 0/1 labels."""
     preds, target = torch.from_numpy(scores.copy()), torch.from_numpy(labels.copy())
     positives = int(target.sum())
     both_classes = 0 < positives < len(target)
     auroc = float(binary_auroc(preds, target)) if both_classes else math.nan
-    selective = _selective_report(preds, target)
+    selective = _selective_report(preds, target, threshold)
+    if not both_classes:  # undefined, as in `test` (medtransfer.metrics.defined)
+        selective = {k: (v if k == "accuracy" else math.nan) for k, v in selective.items()}
     return {
         "n": len(target),
         "positives": positives,
@@ -330,10 +360,10 @@ def _binary_report(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
-def _selective_report(probs: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """AURC, accuracy and selective accuracy at :data:`COVERAGES` of the decisions ``probs >= 0.5``."""
-    confidence = _selective.confidence_scores(probs, "binary", threshold=_THRESHOLD, score="margin")
-    decided = _selective.predictions(probs, "binary", threshold=_THRESHOLD)
+def _selective_report(probs: torch.Tensor, target: torch.Tensor, threshold: float = _THRESHOLD) -> dict[str, float]:
+    """AURC, accuracy and selective accuracy at :data:`COVERAGES` of the decisions ``probs >= threshold``."""
+    confidence = _selective.confidence_scores(probs, "binary", threshold=threshold, score="margin")
+    decided = _selective.predictions(probs, "binary", threshold=threshold)
     correct = (decided == target).long()
     row = {"aurc": float(_selective.aurc(confidence, correct)), "accuracy": float(correct.double().mean())}
     for coverage in COVERAGES:
@@ -352,11 +382,15 @@ def run_evaluate(
     label_format: LabelFormat = "chestxray14",
     label_column: str | None = None,
     task: Task = "multilabel",
+    path_column: str = "path",
+    threshold: float | list[float] = _THRESHOLD,
 ) -> pd.DataFrame:
     """Audit predictions made elsewhere: join them to a label file on the image id and report per-class metrics.
 
-    Prints a table with, per class and on average: n, positives, AUROC, AURC, ECE (15 bins), accuracy at the 0.5
-    threshold and selective accuracy at 80/90/95 % coverage (confidence = distance from the 0.5 threshold).
+    Prints a table with, per class and on average: n, positives, AUROC, AURC, ECE (15 bins), accuracy at the
+    threshold (0.5 unless given) and selective accuracy at 80/90/95 % coverage (confidence = distance from the
+    threshold). A class without positives or negatives has no AUROC, AURC or selective accuracy (blank); the
+    mean row averages the classes that have them.
     The help text is generated from this docstring, so it avoids markup.
 
     Args:
@@ -373,6 +407,10 @@ def run_evaluate(
             (default 'label').
         task: multilabel (independent probabilities), binary (the last probability column is the positive
             class) or multiclass (rows sum to 1); every class is scored one-vs-rest.
+        path_column: medtransfer predict's CSV has no id column but this column of image paths: their file
+            names are matched to the ids of the labels file (e.g. ChestX-ray14's 'Image Index').
+        threshold: decision threshold of the accuracy columns, one for all classes or one per class (give a
+            model's validation-fitted thresholds to reproduce its test table).
 
     Returns:
         The report: one row per class and a ``mean`` row (see :func:`evaluate_predictions`).
@@ -381,7 +419,7 @@ def run_evaluate(
         DataError: A file is missing, empty or malformed, or the two files do not match (names the file, line
             and column at fault).
     """
-    pred_ids, class_names, probs = read_predictions(predictions, id_column=id_column, prob_prefix=prob_prefix)
+    pred_ids, class_names, probs = read_predictions(predictions, id_column, prob_prefix, path_column)
     label_ids, targets = read_labels(
         labels, class_names, id_column=id_column, label_format=label_format, label_column=label_column
     )
@@ -394,7 +432,7 @@ def run_evaluate(
                 f"task 'multiclass' needs exactly one class per image, but {int(wrong.sum())} image(s) in {labels} "
                 f"have none or several: {first}{' ...' if wrong.sum() > _SHOW else ''}"
             )
-    report = evaluate_predictions(probs, targets, class_names, task)
+    report = evaluate_predictions(probs, targets, class_names, task, threshold)
     _print_report(report, f"{Path(predictions).name} vs {Path(labels).name}: {task}, {len(pred_ids)} images")
     if out_dir is not None:
         _write_report(report, Path(out_dir), predictions, labels, task)

@@ -18,7 +18,15 @@ from matplotlib.figure import Figure
 
 from medtransfer.files import atomic_open
 
-__all__ = ["plot_confusion", "plot_reliability", "plot_risk_coverage", "plot_roc", "save_figure"]
+__all__ = [
+    "plot_confusion",
+    "plot_label_counts",
+    "plot_reliability",
+    "plot_risk_coverage",
+    "plot_roc",
+    "plot_roc_per_label",
+    "save_figure",
+]
 
 
 def plot_roc(
@@ -37,6 +45,34 @@ def plot_roc(
         ax.scatter(*operating_point, c="crimson", zorder=3, label=label)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01), title="ROC")
     ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_roc_per_label(curves: dict[str, tuple[Sequence[float], Sequence[float], float]], mean: float) -> Figure:
+    """Multi-label ROC: one curve per label (``name: (fpr, tpr, auroc)``), the macro AUROC in the title."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for name, (fpr, tpr, auroc) in curves.items():
+        ax.plot(fpr, tpr, lw=1.2, label=f"{name} {auroc:.3f}")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01),
+           title=f"ROC per label (macro AUROC {mean:.3f}, {len(curves)} labels)")  # fmt: skip
+    ax.legend(loc="lower right", fontsize="x-small", ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_label_counts(counts: np.ndarray, label_names: Sequence[str], columns: Sequence[str]) -> Figure:
+    """Per-label decision counts (rows: labels; columns such as true/false positive/negative and abstain)."""
+    counts = np.asarray(counts)
+    fig, ax = plt.subplots(figsize=(1.3 * len(columns) + 2.5, 0.4 * len(label_names) + 1.5))
+    ax.imshow(counts, cmap="Blues", aspect="auto")
+    for (row, col), value in np.ndenumerate(counts):
+        ax.text(col, row, str(int(value)), ha="center", va="center", fontsize="small",
+                color="white" if value > counts.max() / 2 else "black")  # fmt: skip
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_yticks(range(len(label_names)), label_names)
+    ax.set(title="Decisions per label at its threshold")
     fig.tight_layout()
     return fig
 

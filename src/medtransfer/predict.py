@@ -26,18 +26,19 @@ from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from medtransfer.checkpoints import load_checkpoint
 from medtransfer.data.readers import SUPPORTED_SUFFIXES, read_image
 from medtransfer.data.tables import read_csv_table, require_columns
 from medtransfer.data.transforms import build_eval_transform
+from medtransfer.data.unlike import unlike_reasons
 from medtransfer.errors import DataError, exit_on_user_error
 from medtransfer.explain import grad_cam, save_overlay
 from medtransfer.files import atomic_open, write_text_atomic
 from medtransfer.models.classifier import ClassifierModule
 from medtransfer.models.decision import DecisionRule
 from medtransfer.models.inference import ProbabilityModel, input_settings
+from medtransfer.progress import Progress
 from medtransfer.tracking.mlflow import resolve_tracking_uri
 from medtransfer.tracking.model_logging import tracking_at
 
@@ -200,6 +201,17 @@ def _rows(predictor: Predictor, probs: torch.Tensor) -> Iterator[dict[str, Any]]
         yield row
 
 
+def _count_findings(counts: dict[str, Counter[str]], names: list[str], decisions: torch.Tensor,
+                    abstains: torch.Tensor) -> None:  # fmt: skip
+    """Add a batch's multi-label decisions to ``positive``/``negative``/``abstain`` counts per finding."""
+    for j, name in enumerate(names):
+        counter = counts.setdefault(name, Counter())
+        referred = abstains[:, j]
+        counter["abstain"] += int(referred.sum())
+        counter["positive"] += int((decisions[:, j].bool() & ~referred).sum())
+        counter["negative"] += int((~decisions[:, j].bool() & ~referred).sum())
+
+
 def _has_layers(network: torch.nn.Module) -> bool:
     return hasattr(getattr(network, "backbone", None), "forward_features")
 
@@ -247,7 +259,7 @@ class _HeatmapWriter:
         names = []
         for heatmap, path, index in zip(maps, paths, indices, strict=True):
             target = self.folder / f"{index:06d}_{path.stem}.png"
-            names.append(str(save_overlay(target, read_image(path), heatmap)))
+            names.append(str(save_overlay(target, read_image(path), heatmap).resolve()))  # usable from any folder
         self.written.extend(names)
         return names
 
@@ -339,7 +351,9 @@ def run_predict(
         model: a Lightning checkpoint written by ``medtransfer fit``, or an MLflow model URI it logged
             (``runs:/<run id>/model``, ``models:/<name>/<version or alias>``).
         output: the CSV to write (atomically, when all images are done).
-        summary: optional JSON with counts per decision, coverage and the unreadable files.
+        summary: optional JSON with counts per decision, coverage and the unreadable files; a multi-label model
+            counts images ``decided`` on every finding or with an ``abstain``, and, under ``findings``, the
+            ``positive``/``negative``/``abstain`` decisions per finding (also printed at the end).
         heatmaps: optional folder for Grad-CAM overlays (``<row>_<name>.png``) over the original images,
             explaining the positive class (binary), the predicted class or the top label; each is listed in a
             ``heatmap`` column. For an MLflow model (an exported graph without layers) Grad-CAM runs on the
@@ -378,10 +392,13 @@ def run_predict(
     )
     output = Path(output)
     counts: Counter[str] = Counter()
+    findings: dict[str, Counter[str]] = {}  # multi-label: positive/negative/abstain per finding
     failures: list[dict[str, str]] = []
     names = predictor.class_names
     columns = ["path", *(f"prob_{n}" for n in (names[1:] if predictor.task == "binary" else names))]
-    columns += ["prediction", "decision", "error", "model"]
+    columns += ["prediction", "decision", "unlike_training", "error", "model"]
+    reference = settings.get("reference")  # statistics of the validation images (medtransfer.data.unlike)
+    unlike = 0
     explainer = None
     if heatmaps is not None:  # an exported graph has no layers: Grad-CAM runs on the checkpoint logged beside it
         layered = predictor.network
@@ -400,16 +417,21 @@ def run_predict(
     with csv_file as handle, torch.inference_mode(), _autocast(device, precision):
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
-        progress = tqdm(total=len(paths), unit="img", desc="predict", disable=None)
+        progress = Progress(len(paths), "predict")  # images/s on a terminal, or a line every 30 s in a log
         for indices, batch, failed in loader:
             if batch is not None:
                 batch = batch.to(device, non_blocking=True, memory_format=memory_format)
                 probs = network(batch).float().cpu()
                 rows = list(_rows(predictor, probs))
+                for row, reason in zip(rows, unlike_reasons(batch, reference), strict=True):
+                    row["unlike_training"], unlike = reason, unlike + bool(reason)
                 if explainer is not None:
                     explainer.add(batch, probs, rows, [paths[i] for i in indices], indices)
+                if predictor.task == "multilabel":
+                    _count_findings(findings, names, predictor.rule.decide(probs), predictor.rule.abstains(probs))
                 for index, row in zip(indices, rows, strict=True):
-                    counts[row["decision"]] += 1
+                    counts["abstain" if predictor.task == "multilabel" and row["decision"] != "decided"
+                           else row["decision"]] += 1  # fmt: skip
                     writer.writerow({"path": str(paths[index]), **row, "error": "", "model": predictor.label})
             for index, error in failed:
                 failures.append({"path": str(paths[index]), "error": error})
@@ -425,12 +447,20 @@ def run_predict(
         "images": len(paths), "predicted": sum(counts.values()), "unreadable": len(failures),
         "decisions": dict(counts), "coverage": decided / max(1, sum(counts.values())),
         "images_per_second": len(paths) / seconds if seconds else None, "output": str(output),
-        "model": predictor.label, "failures": failures,
+        "model": predictor.label, "failures": failures, "unlike_training": unlike if reference else None,
         "heatmaps": explainer.written if explainer is not None else [],
     }  # fmt: skip
+    if predictor.task == "multilabel":
+        result["findings"] = {name: dict(findings.get(name, {})) for name in names}
     if summary is not None:
         write_text_atomic(Path(summary), json.dumps(result, indent=2) + "\n")
     print(f"{result['predicted']} predicted, {len(failures)} unreadable, coverage {result['coverage']:.1%} -> {output}")
+    if unlike:
+        _logger.warning("%d of %d image(s) are unlike the images %s was validated on (column unlike_training): "
+                        "its decisions on them are unreliable.\nHINT: other modality, colour or blank images?",
+                        unlike, result["predicted"], predictor.label)  # fmt: skip
+    for name, count in result.get("findings", {}).items():
+        print(f"  {name}: " + ", ".join(f"{count.get(k, 0)} {k}" for k in ("positive", "negative", "abstain")))
     return result
 
 

@@ -237,6 +237,15 @@ def test_csv_multilabel_columns_and_split_column(tmp_path, xray_images):
     assert m.splits.tolist() == ["train"] * 6 + ["val"] * 3 + ["test"] * 3
 
 
+def test_csv_split_column_named_split_is_used_and_said(tmp_path, xray_images, caplog):
+    splits = ["train"] * 6 + ["val"] * 3 + ["test"] * 3
+    csv = _labelled_csv(tmp_path, xray_images, 12, label=[i % 2 for i in range(12)], split=splits)
+    with caplog.at_level("WARNING", logger="medtransfer.data.sources"):
+        m = csv_manifest(csv)
+    assert m.splits.tolist() == splits  # the file's own split, not a random one
+    assert "'split' column" in caplog.text and "split_column" in caplog.text
+
+
 def test_csv_grouped_split_keeps_patients_together(tmp_path, xray_images):
     patients = [f"p{i // 3}" for i in range(30)]  # 10 patients, 3 images each
     csv = _labelled_csv(tmp_path, xray_images, 30, label=[i % 2 for i in range(30)], patient=patients)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+
+import pandas as pd
 import pytest
 import torch
 from lightning.pytorch import LightningDataModule, Trainer, seed_everything
@@ -72,7 +75,11 @@ def test_test_logs_per_label_auroc_and_writes_the_table(tested):
     _, _, results, report = tested
     assert {"test/auroc", "test/auroc/centre", "test/auroc/edge", "test/aurc", "test/ece"} <= set(results)
     assert results["test/auroc"] == pytest.approx((results["test/auroc/centre"] + results["test/auroc/edge"]) / 2)
-    (table,) = report.paths
+    table, evaluation, *figures = report.paths
+    assert evaluation.name == "evaluation.csv"
+    # the four figures the README promises: per label (ROC, decision counts) or pooled (risk-coverage, reliability)
+    assert sorted(p.name for p in figures) == ["confusion.png", "reliability.png", "risk_coverage.png", "roc.png"]
+    assert all(p.stat().st_size > 10_000 for p in figures)
     lines = table.read_text().splitlines()
     assert lines[0].startswith("label,auroc,aurc") and [line.split(",")[0] for line in lines[1:]] == ["centre", "edge"]
 
@@ -81,3 +88,58 @@ def test_abstention_band_is_binary_only(tested):
     model, *_ = tested
     with pytest.raises(ValueError, match="binary"):
         _ = model.abstention_band
+
+
+class WithAbsentFinding(TwoFindings):
+    """TwoFindings plus a third finding that no image has (as Hernia in a small ChestX-ray14 split)."""
+
+    class_names = ("centre", "edge", "absent")
+
+    def __init__(self) -> None:
+        super().__init__()
+        images, targets = self.dataset.tensors
+        self.targets = torch.cat([targets, torch.zeros(len(targets), 1)], 1)
+        self.dataset = TensorDataset(images, self.targets)
+
+
+@pytest.fixture(scope="module")
+def absent(tmp_path_factory):
+    seed_everything(0)
+    model = ClassifierModule(backbone="resnet10t", pretrained="none", task="multilabel", num_classes=3,
+                             class_weighting="balanced")  # fmt: skip
+    report = TestReportPlots(dirpath=str(tmp_path_factory.mktemp("report")))
+    trainer = Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, callbacks=[report])  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, datamodule=WithAbsentFinding())
+        val_metrics = dict(trainer.callback_metrics)
+        results = trainer.test(model, datamodule=WithAbsentFinding(), verbose=False)[0]
+    return model, results, val_metrics, report, [str(w.message) for w in caught]
+
+
+def test_balanced_weighting_gives_a_label_without_positives_weight_one_and_names_it(absent):
+    model, *_, messages = absent
+    assert model.pos_weight[2].item() == 1.0 and model.pos_weight[0].item() == pytest.approx(1.0, abs=0.5)
+    assert any("class_weighting='balanced'" in m and "absent" in m for m in messages)
+
+
+def test_undefined_label_is_left_out_of_means_and_named_once_per_stage(absent):
+    _, results, val_metrics, _, messages = absent
+    assert val_metrics["val/auroc_labels_defined"] == 2 and results["test/auroc_labels_defined"] == 2
+    assert "test/auroc/absent" not in results and {"test/auroc/centre", "test/auroc/edge"} <= set(results)
+    assert results["test/auroc"] == pytest.approx((results["test/auroc/centre"] + results["test/auroc/edge"]) / 2)
+    for stage in ("val", "test"):  # two validation epochs, one warning
+        assert sum(m.startswith(f"{stage}: 1 of 3 label(s)") and "absent" in m for m in messages) == 1
+    assert not any("No positive samples in targets" in m for m in messages)
+
+
+def test_test_writes_evaluates_table_with_the_same_means(absent):
+    _, results, _, report, _ = absent
+    table = pd.read_csv(next(p for p in report.paths if p.name == "evaluation.csv"), index_col="class")
+    assert list(table.index) == ["centre", "edge", "absent", "mean"]
+    assert table.loc["absent", ["auroc", "aurc", "sel_acc_90"]].isna().all() and table.loc["absent", "positives"] == 0
+    assert table.loc["mean", "auroc"] == pytest.approx(results["test/auroc"], abs=1e-6)
+    assert table.loc["mean", "aurc"] == pytest.approx(results["test/aurc"], abs=1e-6)
+    per_label = pd.read_csv(next(p for p in report.paths if p.name == "per_label.csv"))
+    assert per_label["auroc"].isna().tolist() == [False, False, True]  # NaN, never 0

@@ -92,7 +92,8 @@ class CsvSource(ManifestSource):
         image_root: folder that relative paths start from (default: the CSV's folder).
         path_column: column of image paths.
         label_columns: one column (binary/multi-class) or several 0/1 columns (multi-label).
-        split_column: optional column of ``train``/``val``/``test``; otherwise a split is made here.
+        split_column: optional column of ``train``/``val``/``test``; default: a column named ``split`` if any
+            (logged), otherwise a split is made here.
         patient_column: optional patient/study id, so a made split keeps each patient in one split.
         box_columns: optional ``x_min, y_min, x_max, y_max`` columns: each image is cropped to its box.
         task: ``binary``/``multiclass``/``multilabel``; ``None`` infers it from the columns.

@@ -231,8 +231,9 @@ def csv_manifest(
         path_column: The column holding the image paths.
         label_columns: One column holding a class name or a 0-based class index per row (binary/multiclass),
             or several 0/1 columns, one per label (multilabel; the column names are the class names).
-        split_column: A column holding ``train``, ``val`` or ``test`` per row; without it the split is made here
-            (grouped by patient with ``patient_column``, else stratified by class).
+        split_column: A column holding ``train``, ``val`` or ``test`` per row; default: the column named
+            ``split`` when there is one (logged), else the split is made here (grouped by patient with
+            ``patient_column``, else stratified by class).
         patient_column: A column holding the patient id; no patient may be in two splits.
         box_columns: Four columns ``x_min, y_min, x_max, y_max`` (pixels); all four empty = no box.
         task: ``binary``, ``multiclass`` or ``multilabel``; default: multilabel for several label columns,
@@ -254,6 +255,7 @@ def csv_manifest(
     image_root = csv_path.parent if image_root is None else Path(image_root)
     fractions = _check_fractions({"val": val_fraction, "test": test_fraction})
     frame = _read_table(csv_path, "manifest CSV")
+    split_column = _split_column_or_default(frame, split_column, label_columns, csv_path)
     optional = [name for name in (split_column, patient_column) if name is not None]
     require_columns(frame, [path_column, *label_columns, *optional, *(box_columns or ())], csv_path)
     frame, paths = _locate_images(frame, path_column, image_root, csv_path, missing)
@@ -267,6 +269,21 @@ def csv_manifest(
         splits, required = _carve(np.full(len(frame), "train"), fractions, seed, patients, strata), ("train",)
     manifest = Manifest(tuple(paths), targets, splits, class_names, task, patients, boxes)
     return _checked(manifest, csv_path, frame.index, required)
+
+
+def _split_column_or_default(
+    frame: pd.DataFrame, split_column: str | None, label_columns: Sequence[str], source: Path
+) -> str | None:
+    """``split_column``, else a column named ``split`` when the file has one: a file that states its own split is
+    never silently re-split at random. The choice is logged, so the user sees which split was used."""
+    if split_column is not None or "split" not in frame.columns or "split" in label_columns:
+        return split_column
+    _logger.warning(
+        "%s has a 'split' column: using it as the split (train/val/test per row).\n"
+        "HINT: set split_column to name another column; rename the column to have a random split made instead.",
+        source,
+    )
+    return "split"
 
 
 def folder_manifest(

@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import timm
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import CatMetric, MetricCollection
 from torchmetrics.classification import AUROC, Accuracy, Recall, Specificity
 from torchmetrics.functional.classification import calibration_error, multilabel_auroc
 
+from medtransfer.data.unlike import reference_from_dataset
 from medtransfer.metrics import functional as F
 from medtransfer.metrics.calibration import fit_temperature
+from medtransfer.metrics.defined import DefinedMean, defined_labels, mask_undefined, undefined_names
 from medtransfer.metrics.thresholds import ThresholdPolicy, fit_thresholds
 from medtransfer.models.backbones import create_backbone
 from medtransfer.models.decision import DecisionRule
 from medtransfer.models.test_time_augmentation import TestTimeAugmentation, augmented_views, average_views
 
-__all__ = ["ClassifierModule"]
+__all__ = ["ClassifierModule", "balanced_pos_weight"]
 
 Task = Literal["binary", "multiclass", "multilabel"]
 
@@ -34,8 +38,33 @@ def _stage_metrics(task: Task, num_classes: int, stage: str) -> MetricCollection
         kwargs["num_labels"] = num_classes  # macro averages over labels
     metrics = {"auroc": AUROC(**kwargs), "acc": Accuracy(**kwargs)}
     if task != "multiclass":
-        metrics |= {"sensitivity": Recall(**kwargs), "specificity": Specificity(**kwargs)}
-    return MetricCollection(metrics, prefix=f"{stage}/")
+        # a label without positives (or negatives) has no AUROC/sensitivity/specificity: left out of the mean
+        per_label = {"average": None} if task == "multilabel" else {}
+        labels = num_classes if task == "multilabel" else 1
+        for name, metric in (("auroc", AUROC), ("sensitivity", Recall), ("specificity", Specificity)):
+            metrics[name] = DefinedMean(metric(**kwargs, **per_label), labels)
+    # no compute groups: the DefinedMean wrappers hold equal states and would be merged into one
+    return MetricCollection(metrics, prefix=f"{stage}/", compute_groups=False)
+
+
+def balanced_pos_weight(fraction: Tensor | Any, names: list[str] | None = None) -> Tensor:
+    """CheXNet's weight of positives, ``negatives / positives`` per label, from the training positive fractions.
+
+    A label with no positive (or no negative) training case has nothing to balance: it gets weight 1 and one
+    warning naming it, instead of the clamped ``1e6`` that once made a run's validation and test loss explode
+    (its rare positives weighed a million times) while the model had learnt nothing about the label.
+    """
+    fraction = torch.as_tensor(fraction, dtype=torch.float32).reshape(-1)
+    present = (fraction > 0) & (fraction < 1)
+    weight = torch.where(present, (1 - fraction) / fraction.clamp(1e-12, 1), torch.ones_like(fraction))
+    missing = undefined_names(present, names)
+    if missing:
+        rank_zero_warn(
+            f"class_weighting='balanced': {len(missing)} label(s) have no positive or no negative training case: "
+            f"{', '.join(missing)}. Their positive weight is 1 (unweighted), not negatives/positives.\n"
+            "HINT: the model cannot learn these labels from this training split; drop them or enlarge the split."
+        )
+    return weight
 
 
 class ClassifierModule(LightningModule):
@@ -65,7 +94,8 @@ class ClassifierModule(LightningModule):
             abstention band (``refer``). Fitted on validation with the threshold, stored in the checkpoint.
         target_risk: if set, instead the largest validation coverage whose error rate is at most this.
         class_weighting: ``balanced`` weighs positives by ``negatives / positives`` of the training labels
-            (CheXNet's weighted BCE; binary and multi-label), read from the data module at fit start.
+            (CheXNet's weighted BCE; binary and multi-label), read from the data module at fit start. A label
+            without positive (or negative) training cases gets weight 1 and a warning naming it.
         test_time_augmentation: ``shift_scale`` averages the logits of 7 views (shifts of 5 %, zoom of 10 %, no
             flips) whenever the module is in eval mode: validation, test, predict and the exported model alike.
     """
@@ -183,14 +213,16 @@ class ClassifierModule(LightningModule):
         return float(cutoffs[index])
 
     def on_fit_start(self) -> None:
-        """Weigh positives by the training labels' frequencies when ``class_weighting="balanced"``."""
+        """Weigh positives by the training labels' frequencies when ``class_weighting="balanced"``; note the range
+        of the validation images' statistics, which checkpoints keep for predict's unlike-training check."""
+        datasets = getattr(self.trainer.datamodule, "datasets", None) or {}
+        self._input_reference = reference_from_dataset(datasets["val"]) if datasets.get("val") is not None else None
         if self.hparams.class_weighting == "none" or self.hparams.task == "multiclass":
             return
         fraction = getattr(self.trainer.datamodule, "positive_fraction", None)
         if fraction is None:
             raise ValueError("class_weighting='balanced' needs a data module with a `positive_fraction` property")
-        fraction = torch.as_tensor(fraction, dtype=torch.float32).clamp(1e-6, 1 - 1e-6)
-        self.pos_weight.copy_(((1 - fraction) / fraction).reshape(self.pos_weight.shape).to(self.pos_weight))
+        self.pos_weight.copy_(balanced_pos_weight(fraction, self._label_names()).reshape(self.pos_weight.shape))
 
     def model_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Shared by every stage: returns loss, logits and targets."""
@@ -251,11 +283,36 @@ class ClassifierModule(LightningModule):
             self.log("val/threshold", self.decision_threshold.mean())
         self.fit_min_confidence(probs, targets.long())
         self.log("val/min_confidence", self.min_confidence.mean())
+        if self.hparams.task != "multiclass":
+            self.log("val/auroc_labels_defined", float(self._defined(targets, "val").sum()))
         if self.trainer.sanity_checking:
             return
         self._update_metrics(self.val_metrics, probs, targets.long(), skip="val/auroc")
         decision_metrics = {k: m for k, m in self.val_metrics.items(keep_base=False) if k != "val/auroc"}
         self.log_dict(decision_metrics, prog_bar=True)
+
+    def _defined(self, targets: Tensor, stage: str) -> Tensor:
+        """Labels with positives and negatives in ``targets``; one warning per stage names those left out."""
+        defined = defined_labels(targets).reshape(-1)
+        warned: set[str] = self.__dict__.setdefault("_warned_undefined", set())
+        left_out = undefined_names(defined, self._label_names())
+        if left_out and stage not in warned and not (self._trainer is not None and self.trainer.sanity_checking):
+            warned.add(stage)
+            rank_zero_warn(
+                f"{stage}: {len(left_out)} of {len(defined)} label(s) have no positive or no negative case in this "
+                f"split: {', '.join(left_out)}. Their AUROC, AURC, sensitivity, specificity and selective metrics "
+                f"are undefined (NaN, left out of the {stage} means; see {stage}/auroc_labels_defined).\n"
+                "HINT: a larger or patient-stratified split, or fewer findings, gives every label cases."
+            )
+        return defined
+
+    def _label_names(self) -> list[str] | None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(datamodule, "class_names", None)
+        if names is None:
+            return None
+        names = [str(n) for n in names]
+        return names[-1:] if self.hparams.task == "binary" else names
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "test", self.test_metrics)
@@ -274,13 +331,20 @@ class ClassifierModule(LightningModule):
         for name, value in report.items():
             self.log(f"test/{name}", value.nanmean() if value.ndim else value)
         per_label = None
+        if self.hparams.task != "multiclass":
+            defined = self._defined(targets, "test")
+            self.log("test/auroc_labels_defined", float(defined.sum()))
         if self.hparams.task == "multilabel":
-            names = getattr(self.trainer.datamodule, "class_names", None) or range(self.hparams.num_classes)
-            per_label = {"label": [str(n) for n in names]}
-            per_label["auroc"] = multilabel_auroc(probs, targets, self.hparams.num_classes, average=None).tolist()
+            names = self._label_names() or [str(i) for i in range(self.hparams.num_classes)]
+            per_label = {"label": names}
+            with warnings.catch_warnings():  # named once by _defined instead
+                warnings.filterwarnings("ignore", message=r"No (positive|negative) samples in targets")
+                auroc = multilabel_auroc(probs, targets, self.hparams.num_classes, average=None)
+            per_label["auroc"] = mask_undefined(auroc, defined).tolist()
             per_label |= {name: value.tolist() for name, value in report.items() if value.ndim}
-            for label, auroc in zip(per_label["label"], per_label["auroc"], strict=True):
-                self.log(f"test/auroc/{label}", auroc)
+            for label, value, ok in zip(names, per_label["auroc"], defined.tolist(), strict=True):
+                if ok:  # undefined labels are left out, never logged as 0
+                    self.log(f"test/auroc/{label}", value)
         summary = {name: float(value.nanmean()) for name, value in report.items()}
         self.test_outputs = {"probs": probs.cpu(), "targets": targets.cpu(), "report": summary, "per_label": per_label}
 
@@ -296,6 +360,7 @@ class ClassifierModule(LightningModule):
         else:
             ece = calibration_error(probs, targets, task=task, num_classes=n, n_bins=15)
         accepted_correct = (correct & decided).sum(0).double()
+        defined = defined_labels(targets) if task != "multiclass" else torch.tensor(True)
         report = {
             "aurc": F.aurc(confidence, correct),
             "eaurc": F.eaurc(confidence, correct),
@@ -312,7 +377,12 @@ class ClassifierModule(LightningModule):
             report[f"selective_acc_cov{coverage}"] = 1 - risk
         for accuracy in (95, 99):
             report[f"coverage_at_acc{accuracy}"] = F.coverage_at_accuracy(confidence, correct, accuracy / 100)
-        return {name: torch.as_tensor(value, dtype=torch.float64).cpu() for name, value in report.items()}
+        report = {name: torch.as_tensor(value, dtype=torch.float64).cpu() for name, value in report.items()}
+        # a label without positives or negatives has no ranking quality to report (NaN; the means skip it)
+        for name in report:
+            if name.startswith(("aurc", "eaurc", "augrc", "selective_acc", "coverage_at_acc")):
+                report[name] = mask_undefined(report[name], defined)
+        return report
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """Probabilities, decisions at the stored threshold, and whether the stored band refers the case."""
@@ -331,6 +401,8 @@ class ClassifierModule(LightningModule):
             channels = datamodule.hparams.channels
             checkpoint["input"] = {"size": size, "mean": list(mean), "std": list(std),
                                    "interpolation": interpolation, "channels": channels}  # fmt: skip
+            if getattr(self, "_input_reference", None):  # see medtransfer.data.unlike
+                checkpoint["input"]["reference"] = self._input_reference
 
     def configure_optimizers(self) -> Any:
         """One optimizer over the parameters trainable now, in named groups (``head``, ``backbone``).

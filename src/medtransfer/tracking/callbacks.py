@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from medtransfer.checkpoints import load_checkpoint
+from medtransfer.tracking.datasets import log_dataset_inputs
 from medtransfer.tracking.mlflow import MLflowLogger
 from medtransfer.tracking.tags import resolved_data_params, run_tags
 
@@ -132,6 +133,7 @@ class MLflowRunTracking(Callback):
         resolved = resolved_data_params(trainer.datamodule).items()
         params = [Param(k, v[:6000]) for k, v in resolved if k not in existing.params]  # MLflow's longest value
         logger.experiment.log_batch(logger.run_id, params=params, tags=tags)
+        log_dataset_inputs(logger.experiment, logger.run_id, trainer.datamodule)  # the UI's Dataset column
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:

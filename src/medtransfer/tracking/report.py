@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
-from torchmetrics.functional.classification import binary_auroc, binary_roc
+from torchmetrics.functional.classification import binary_auroc, binary_calibration_error, binary_roc
 from typing_extensions import override
 
 from medtransfer import plots
@@ -31,7 +31,10 @@ class TestReportPlots(Callback):
     """After ``test``: ROC (binary), risk-coverage, reliability diagram and confusion matrix with an
     ``abstain`` column, as PNG files (in ``dirpath``, default ``<root>/<experiment>/<run>/plots``) and as
     MLflow artifacts under ``plots/``. A multi-label task gets ``per_label.csv`` (AUROC, AURC, ECE,
-    selective accuracy, threshold, band per label) there instead.
+    selective accuracy, threshold, band per label) and the four figures per label or pooled over all (case,
+    label) decisions: ``roc`` (one curve per label), ``risk_coverage`` and ``reliability`` (micro), and
+    ``confusion`` (true/false positives/negatives and referrals per label). Binary and multi-label tasks also get
+    ``evaluation.csv``: ``medtransfer evaluate``'s table of the test predictions at the model's thresholds.
 
     Args:
         dirpath: where to write the PNG files; ``None`` puts them beside the run's checkpoints.
@@ -56,17 +59,71 @@ class TestReportPlots(Callback):
         if not outputs or trainer.sanity_checking:
             return
         folder = self._folder(trainer)
-        if outputs.get("per_label"):  # multi-label: one row per label instead of single-task figures
-            self.paths = [_write_csv(outputs["per_label"], folder / "per_label.csv")]
+        table = self.evaluation_table(pl_module, outputs["probs"], outputs["targets"], trainer)
+        tables = [] if table is None else [write_text_atomic(folder / "evaluation.csv", table.to_csv())]
+        if outputs.get("per_label"):  # multi-label: the table per label and the figures per label or pooled
+            figures = self.multilabel_figures(pl_module, outputs["probs"], outputs["targets"], outputs["per_label"])
+            self.paths = [_write_csv(outputs["per_label"], folder / "per_label.csv"), *tables]
+            self.paths += [plots.save_figure(fig, folder / f"{name}.png") for name, fig in figures.items()]
         else:
             names = getattr(trainer.datamodule, "class_names", None)
             figures = self.figures(pl_module, outputs["probs"], outputs["targets"], outputs["report"], names)
             self.paths = [plots.save_figure(fig, folder / f"{name}.png") for name, fig in figures.items()]
+            self.paths += tables
         logger = find_mlflow_logger(trainer)
         if logger is not None:
             for path in self.paths:
                 logger.experiment.log_artifact(logger.run_id, str(path), "plots")
         _logger.info("Test report plots in %s", folder)
+
+    @staticmethod
+    def evaluation_table(
+        pl_module: LightningModule, probs: torch.Tensor, targets: torch.Tensor, trainer: Trainer | None = None
+    ) -> pd.DataFrame | None:
+        """``medtransfer evaluate``'s table of the test predictions, at the model's thresholds (binary and
+        multi-label): the same function as ``evaluate``, so both give one table on the same predictions."""
+        from medtransfer.evaluate import evaluate_predictions
+
+        task = pl_module.hparams.task
+        if task == "multiclass":
+            return None
+        names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
+        names = [str(n) for n in names] if names else [str(i) for i in range(pl_module.hparams.num_classes)]
+        names = names[-1:] if task == "binary" else names
+        threshold = pl_module.decision_threshold.detach().cpu().double().reshape(-1).numpy()
+        return evaluate_predictions(probs.double(), targets, names, task, threshold)
+
+    @staticmethod
+    def multilabel_figures(pl_module: LightningModule, probs: torch.Tensor, targets: torch.Tensor,
+                           per_label: dict[str, list]) -> dict:  # fmt: skip
+        """Multi-label report figures: ROC per label (labels with positives and negatives), risk-coverage and
+        reliability of all (case, label) decisions pooled (micro), and decision counts per label."""
+        names = per_label["label"]
+        curves = {}
+        for j, name in enumerate(names):
+            if 0 < int(targets[:, j].sum()) < len(targets):
+                fpr, tpr, _ = binary_roc(probs[:, j], targets[:, j])
+                curves[name] = (fpr, tpr, per_label["auroc"][j])
+        mean = sum(c[2] for c in curves.values()) / len(curves) if curves else float("nan")
+        figures = {"roc": plots.plot_roc_per_label(curves, mean)}
+        decisions, abstain = pl_module.decide(probs), pl_module.abstains(probs)
+        correct = decisions == targets
+        confidence = pl_module.confidence(probs).flatten()
+        coverage, risk, _ = F.risk_coverage_curve(confidence, correct.flatten())
+        decided = ~abstain.flatten()
+        band = (float(decided.float().mean()), float(1 - correct.flatten()[decided].float().mean()))
+        aurc = float(F.aurc(confidence, correct.flatten()))
+        figures["risk_coverage"] = plots.plot_risk_coverage(coverage, risk, aurc, marks={"abstention bands": band})
+        pooled_probs, pooled_targets = probs.flatten(), targets.flatten()
+        ece = float(binary_calibration_error(pooled_probs, pooled_targets, n_bins=15))
+        figures["reliability"] = plots.plot_reliability(*F.reliability_bins(pooled_probs, pooled_targets), ece)
+        kept, positive, truth = ~abstain, decisions.bool(), targets.bool()
+        counts = torch.stack([(kept & positive & truth).sum(0), (kept & ~positive & truth).sum(0),
+                              (kept & positive & ~truth).sum(0), (kept & ~positive & ~truth).sum(0),
+                              abstain.sum(0)], 1)  # fmt: skip
+        columns = ["true pos", "false neg", "false pos", "true neg", "abstain"]
+        figures["confusion"] = plots.plot_label_counts(counts.numpy(), names, columns)
+        return figures
 
     @staticmethod
     def figures(

@@ -193,6 +193,7 @@ COMMANDS = {
     "baseline": "medtransfer.baseline",
     "learning-curve": "medtransfer.learning_curve",
     "search": "medtransfer.search",
+    "explain-eval": "medtransfer.explain_eval",
 }
 
 

@@ -38,7 +38,7 @@ SIGMA = 0.04  # of the side: the blob's width; its box is +-2 sigma
 AMPLITUDE = 0.5  # added brightness at the blob's centre, images in [0, 1]
 
 
-def planted_set(folder: Path, npz: Path, seed: int = 0) -> Path:
+def planted_set(folder: Path, npz: Path, seed: int = 0, train_images: int | None = None) -> Path:
     """PNG images and a CSV (path, label, split, x_min, y_min, x_max, y_max) of the planted-lesion set."""
     data = np.load(npz)
     rng = np.random.default_rng(seed)
@@ -47,6 +47,7 @@ def planted_set(folder: Path, npz: Path, seed: int = 0) -> Path:
     yy, xx = np.mgrid[0:SIDE, 0:SIDE] + 0.5
     for split in ("train", "val", "test"):
         normal = data[f"{split}_images"][data[f"{split}_labels"][:, 0] == 0]
+        normal = normal[:train_images] if split == "train" and train_images else normal
         images = torch.as_tensor(normal, dtype=torch.float32)[:, None] / 255
         images = nnf.interpolate(images, size=(SIDE, SIDE), mode="bilinear", align_corners=False)[:, 0].numpy()
         for i, image in enumerate(images):
@@ -106,14 +107,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--train_images", type=int, default=None, help="use only the first N train normals")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "explain.json")
     args = parser.parse_args()
     from medtransfer.explain_eval import run_explain_eval
 
     results = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "epochs": args.epochs, "sizes": {}}
+    results["train_images"] = args.train_images or "all"
     with tempfile.TemporaryDirectory(prefix="medtransfer-explain-") as scratch:
         scratch = Path(scratch)
-        csv = planted_set(scratch / "lesions", DATA / "pneumoniamnist.npz")
+        csv = planted_set(scratch / "lesions", DATA / "pneumoniamnist.npz", train_images=args.train_images)
         test = scratch / "lesions" / "test.csv"
         lines = csv.read_text().splitlines()
         test.write_text("\n".join([lines[0], *(line for line in lines[1:] if ",test," in line)]) + "\n")

@@ -34,7 +34,7 @@ from medtransfer.data.readers import SUPPORTED_SUFFIXES, read_image
 from medtransfer.data.tables import read_csv_table, require_columns
 from medtransfer.data.transforms import build_eval_transform
 from medtransfer.errors import DataError, exit_on_user_error
-from medtransfer.explain import DEFAULT_METHOD, explain, map_box, map_peak, save_overlay
+from medtransfer.explain import DEFAULT_METHOD, explain, map_box, map_peak, resolve_layer, save_overlay
 from medtransfer.explain.methods import Method
 from medtransfer.files import atomic_open, write_text_atomic
 from medtransfer.models.classifier import ClassifierModule
@@ -247,6 +247,8 @@ class _HeatmapWriter:
             raise DataError(f"top_k must be at least 1, got {top_k}")
         self.network, self.folder, self.which, self.top_k = network, Path(folder), which, top_k
         self.predictor, self.method, self.layer = predictor, method, layer
+        if layer is not None and method != "occlusion":  # a wrong name fails now, before any image is read
+            resolve_layer(network.backbone, layer)
         self.heap: list[tuple[float, int]] = []
         self.top_probs: dict[int, torch.Tensor] = {}
         self.written: list[str] = []

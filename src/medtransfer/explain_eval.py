@@ -11,7 +11,7 @@ detects (its decision is positive for the boxed finding; ``detected_only: false`
 * ``random_rate``: what a random point would score, the mean share of the image the boxes cover.
 
 The table is printed, written to ``output`` (JSON) and logged to MLflow (one run, metrics
-``<method>@<layer>/hit_rate`` ...; the JSON as an artifact).
+``<method>/<layer>/hit_rate`` ...; the JSON as an artifact).
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def _log_to_mlflow(
         with mlflow.start_run(run_name=f"explain-eval-{Path(model).stem}"):
             mlflow.log_params({"model": str(model), "boxes": str(boxes)})
             for r in results:
-                key = f"{r['method']}@{r['layer']}"
+                key = r["method"] if r["layer"] == "-" else f"{r['method']}/{r['layer']}"
                 mlflow.log_metrics({f"{key}/{m}": r[m] for m in ("hit_rate", "mean_iou", "random_rate", "n")
                                     if r["n"] or m == "n"})  # fmt: skip
             mlflow.log_artifact(str(output))

@@ -55,7 +55,7 @@ def test_scores_each_method_against_the_boxes_and_logs_them_to_mlflow(boxed_imag
     (run,) = mlflow.MlflowClient(store).search_runs(
         [mlflow.MlflowClient(store).get_experiment_by_name("medtransfer-explain").experiment_id]
     )
-    assert run.data.metrics["fusion@blocks.2/hit_rate"] == pytest.approx(by_method["fusion"]["hit_rate"])
+    assert run.data.metrics["fusion/blocks.2/hit_rate"] == pytest.approx(by_method["fusion"]["hit_rate"])
 
 
 def test_command_line(boxed_images, tmp_path, capsys):

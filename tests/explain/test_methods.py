@@ -26,7 +26,7 @@ def test_default_method_points_inside_the_lesion_box_at_64px(lesion_model):
     centres = _centres(60, torch.Generator().manual_seed(1))
     images = _input(_plant(backgrounds[:60], centres))
     with torch.no_grad():
-        detected = model(images)[:, 0] > 0
+        detected = model(images) > 0
     assert detected.float().mean() >= 0.8  # the model does detect the lesions
     maps = explain(model, images[detected])  # the default method, on the true positives
     hits = [pointing_hit(heat, box) for heat, box in zip(maps, _boxes(centres[detected]), strict=True)]

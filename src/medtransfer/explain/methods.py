@@ -156,14 +156,15 @@ def explain(
             if method == "occlusion":
                 side = occlusion_window or max(2, min(size) // 8)
                 stride = max(1, side // 2)
-                attributions = Occlusion(forward).attribute(
-                    x,
-                    sliding_window_shapes=(x.shape[1], side, side),
-                    strides=(x.shape[1], stride, stride),
-                    baselines=0.0,  # the mean image: inputs are normalised
-                    target=index,
-                    perturbations_per_eval=16,
-                )
+                with torch.no_grad():  # forward passes only
+                    attributions = Occlusion(forward).attribute(
+                        x,
+                        sliding_window_shapes=(x.shape[1], side, side),
+                        strides=(x.shape[1], stride, stride),
+                        baselines=0.0,  # the mean image: inputs are normalised
+                        target=index,
+                        perturbations_per_eval=16,
+                    )
                 maps = _scaled(attributions.sum(dim=1, keepdim=True), size)
             elif method == "gradcam":
                 (module,) = _stage_modules(model.backbone, layer, method)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from medtransfer.cli import build_cli, main
-from medtransfer.errors import DataError
+from medtransfer.errors import DataError, MedtransferError
 from medtransfer.predict import collect_images, load_predictor, run_predict
 from medtransfer.tracking.callbacks import find_mlflow_logger
 
@@ -229,7 +229,31 @@ def test_heatmaps_are_written_for_the_chosen_images(fitted, png_folder, tmp_path
     most_positive = sorted(rows, key=lambda r: float(r["prob_pneumonia"]), reverse=True)[:3]
     expected = {Path(r["path"]).stem for r in most_positive}
     assert {Path(p).stem.split("_", 1)[1] for p in top["heatmaps"]} == expected
-    assert len(list((tmp_path / "top").iterdir())) == 3
+    assert sorted(p.suffix for p in (tmp_path / "top").iterdir()) == [".npy"] * 3 + [".png"] * 3
+
+
+def test_heatmaps_are_also_written_as_data_with_their_peak_and_box(fitted, png_folder, tmp_path):
+    """The raw map (float, at the image's size) and, in the row, its peak and the box of its hot region."""
+    folder, _ = png_folder
+    run_predict(str(folder), str(fitted["best"]), output=tmp_path / "p.csv", heatmaps=tmp_path / "maps",
+                explain_method="layercam", explain_layer="blocks.2")  # fmt: skip
+    for row in _read(tmp_path / "p.csv"):
+        heat = np.load(row["heatmap_npy"])
+        assert heat.shape == (28, 28) and heat.dtype == np.float32 and 0 <= heat.min() <= heat.max() <= 1
+        x, y = float(row["peak_x"]), float(row["peak_y"])
+        assert heat[round(y), round(x)] == pytest.approx(float(row["peak_value"]), abs=1e-4) == heat.max()
+        box = [float(row[f"box_{k}"]) for k in ("x_min", "y_min", "x_max", "y_max")]
+        assert 0 <= box[0] <= x < box[2] <= 28 and 0 <= box[1] <= y < box[3] <= 28
+        inside, outside = heat[int(box[1]) : int(box[3]), int(box[0]) : int(box[2])], heat.copy()
+        outside[int(box[1]) : int(box[3]), int(box[0]) : int(box[2])] = 0
+        assert inside.max() == heat.max() and inside.mean() > outside.mean()
+
+
+def test_unknown_explain_layer_is_one_clear_error(fitted, png_folder, tmp_path):
+    folder, _ = png_folder
+    with pytest.raises(MedtransferError, match=r"--explain_layer 'layer9'.*blocks\.0, blocks\.1"):
+        run_predict(str(folder), str(fitted["best"]), output=tmp_path / "p.csv", heatmaps=tmp_path / "maps",
+                    explain_layer="layer9")  # fmt: skip
 
 
 def test_heatmaps_for_an_mlflow_model_come_from_the_checkpoint_logged_in_its_run(fitted, png_folder, tmp_path):

@@ -202,6 +202,7 @@ COMMANDS = {
     "learning-curve": "medtransfer.learning_curve",
     "search": "medtransfer.search",
     "lr-find": "medtransfer.lr_find",
+    "explain-eval": "medtransfer.explain_eval",
 }
 
 
@@ -216,6 +217,8 @@ _COMMAND_HELP = {
     "baseline": "logistic regression on downsampled pixels or frozen backbone features: the yardstick",
     "learning-curve": "a metric against the training-set size, for several recipes and seeds",
     "search": "hyperparameter search over fit (Optuna grid or random), tracked in MLflow",
+    "lr-find": "learning-rate finder for the head phase or the unfrozen phase, plot logged to MLflow",
+    "explain-eval": "score heatmaps against boxes: pointing-game hit rate and IoU per method and layer",
 }
 
 

@@ -1,113 +1,21 @@
-"""Grad-CAM: the heatmap of a trained classifier peaks on a lesion the test planted, and follows it.
+"""Grad-CAM on the backbone's last feature map (``grad_cam``, kept for its API) and the overlays drawn for people.
 
-The lesion test trains a real ``ClassifierModule`` (timm's tiny ``test_byobnet``, from scratch, a few dozen Adam
-steps) to tell real PneumoniaMNIST normal X-rays with a bright blob planted at a random place from those without.
-Images are 128 px, so the stride-32 backbone gives a 4x4 feature map of 32 px cells: the peak may lie up to half a
-cell outside the blob's region (radius 16 px). By chance a peak would land that close in about 20 % of cases.
+Where the maps point is specified in test_methods.py: at the default 64 px, Grad-CAM's last stage has 2x2 cells,
+so the lesion tests hold the default method (a multi-stage fusion) to the lesion's box instead.
 """
 
 from __future__ import annotations
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch.nn import functional as nnf
-from torch.optim.swa_utils import update_bn
 
 from medtransfer.errors import MedtransferError
 from medtransfer.explain import grad_cam, overlay, save_overlay
 from medtransfer.models.classifier import ClassifierModule
-
-SIZE = 128  # px; the feature map is SIZE / 32 = 4 cells a side
-SIGMA = 8.0  # px; the planted blob's Gaussian width; its region is the disc of radius 2 * SIGMA
-MARGIN = 16.0  # px; half a feature-map cell: how far off a peak on the coarse map can be
-
-
-def _backgrounds(npz_path, split: str) -> torch.Tensor:
-    """Real normal (label 0) chest X-rays of one split, upsampled to SIZE, in [0, 1]."""
-    data = np.load(npz_path)
-    normal = data[f"{split}_images"][data[f"{split}_labels"][:, 0] == 0]
-    images = torch.as_tensor(normal, dtype=torch.float32)[:, None] / 255
-    return nnf.interpolate(images, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-
-
-def _plant(images: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """Add a bright Gaussian blob (the lesion) at each ``(y, x)`` centre."""
-    yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
-    cy, cx = centres[:, 0, None, None], centres[:, 1, None, None]
-    blob = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * SIGMA**2))
-    return (images + 0.8 * blob[:, None]).clamp(0, 1)
-
-
-def _centres(n: int, generator: torch.Generator) -> torch.Tensor:
-    return 2 * SIGMA + torch.rand(n, 2, generator=generator) * (SIZE - 4 * SIGMA)
-
-
-def _normalise(images: torch.Tensor) -> torch.Tensor:
-    return (images - 0.5) / 0.25
-
-
-def _peaks(heatmaps: torch.Tensor) -> torch.Tensor:
-    """``(y, x)`` of each heatmap's maximum: the middle of its argmax pixels, as the bilinear upsampling of an
-    edge cell is flat out to the border (a plain ``argmax`` would pick that plateau's first pixel)."""
-    yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
-    top = (heatmaps >= heatmaps.amax(dim=(1, 2), keepdim=True) - 1e-6).float()
-    count = top.sum(dim=(1, 2))
-    return torch.stack([(top * yy).sum(dim=(1, 2)) / count, (top * xx).sum(dim=(1, 2)) / count], dim=1)
-
-
-def _train_lesion_model(npz_path, seed: int = 0) -> ClassifierModule:
-    """A binary classifier trained, from scratch, to detect the planted blob on real normal X-rays."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    train = _backgrounds(npz_path, "train")
-    model = ClassifierModule(
-        backbone="test_byobnet", pretrained="none", in_chans=1, optimizer=lambda p: torch.optim.Adam(p, lr=3e-3)
-    )
-    optimizer = model.configure_optimizers()
-
-    def batch(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-        images = train[torch.randint(len(train), (n,), generator=generator)]
-        images[: n // 2] = _plant(images[: n // 2], _centres(n // 2, generator))
-        return _normalise(images), (torch.arange(n) < n // 2).long()
-
-    model.train()
-    for _ in range(40):
-        loss, _, _ = model.model_step(batch())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    update_bn([batch(64)[0] for _ in range(3)], model)  # running statistics for the final weights
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def lesion_model(pneumonia_npz):
-    """The trained lesion detector and held-out (test split) normal X-rays to plant new lesions on."""
-    return _train_lesion_model(pneumonia_npz), _backgrounds(pneumonia_npz, "test")
-
-
-def test_heatmap_peaks_on_the_planted_lesion(lesion_model):
-    model, backgrounds = lesion_model
-    generator = torch.Generator().manual_seed(1)
-    centres = _centres(40, generator)
-    images = _normalise(_plant(backgrounds[:40], centres))
-    with torch.no_grad():
-        assert (model(images) > 0).float().mean() >= 0.8  # the model does detect the lesions
-    distance = (_peaks(grad_cam(model, images)) - centres).norm(dim=1)
-    assert (distance <= 2 * SIGMA + MARGIN).float().mean() >= 0.8, distance
-
-
-def test_heatmap_follows_the_lesion_when_it_moves(lesion_model):
-    model, backgrounds = lesion_model
-    top_left, bottom_right = torch.tensor([[28.0, 28.0]]), torch.tensor([[100.0, 100.0]])
-    background = backgrounds[40:48]
-    images = torch.cat([_plant(background, top_left.expand(8, 2)), _plant(background, bottom_right.expand(8, 2))])
-    peaks = _peaks(grad_cam(model, _normalise(images)))
-    near_top_left = (peaks[:8] - top_left).norm(dim=1) <= 2 * SIGMA + MARGIN
-    near_bottom_right = (peaks[8:] - bottom_right).norm(dim=1) <= 2 * SIGMA + MARGIN
-    assert near_top_left.float().mean() >= 0.75 and near_bottom_right.float().mean() >= 0.75, peaks
 
 
 def _small(task: str = "binary", num_classes: int = 2) -> ClassifierModule:
@@ -184,15 +92,25 @@ def test_token_backbone_is_refused_with_its_shape():
 
 
 @pytest.mark.parametrize("image", [np.full((50, 70), 100, np.uint8), np.full((50, 70, 3), 100, np.uint8)])
-def test_overlay_colours_the_hot_region_of_an_image_of_any_size(image):
+def test_overlay_colours_the_hot_region_and_leaves_the_cold_one_as_it_was(image):
     heatmap = torch.zeros(8, 8)
     heatmap[:4, :4] = 1.0  # hot top-left quarter
-    blended = overlay(image, heatmap, alpha=0.5)
+    blended = overlay(image, heatmap, alpha=0.5, mark_peak=False)
     assert blended.shape == (50, 70, 3) and blended.dtype == np.uint8
-    hot, cold = blended[5, 5], blended[45, 65]
-    assert hot[0] > hot[2] and cold[2] > cold[0]  # jet: red where hot, blue where cold
     rgb = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+    top = np.asarray(matplotlib.colormaps["inferno"](1.0)[:3]) * 255  # perceptually uniform: pale yellow
+    np.testing.assert_allclose(blended[5, 5], 0.5 * rgb[5, 5] + 0.5 * top, atol=1)
+    np.testing.assert_array_equal(blended[45, 65], rgb[45, 65])  # opacity follows the value: 0 where cold
     np.testing.assert_array_equal(overlay(image, heatmap, alpha=0.0), rgb)
+
+
+def test_overlay_marks_the_peak():
+    image, heatmap = np.full((40, 40), 100, np.uint8), torch.zeros(40, 40)
+    heatmap[30, 10] = 1.0
+    marked, plain = overlay(image, heatmap), overlay(image, heatmap, mark_peak=False)
+    assert tuple(marked[30, 10]) == (0, 255, 255) and tuple(marked[30, 12]) == (0, 255, 255)  # a cyan cross
+    different = np.argwhere((marked != plain).any(axis=2))
+    assert different.min(axis=0).tolist() >= [26, 6] and different.max(axis=0).tolist() <= [34, 14]
 
 
 def test_overlay_rejects_images_that_are_not_uint8():

@@ -103,7 +103,7 @@ class WorstErrorsGallery(Callback):
     Args:
         k: number of images in the gallery.
         every_n_epochs: also draw the validation gallery every this many epochs during fit (0: only at the end).
-        heatmap: overlay a Grad-CAM heatmap (:func:`medtransfer.explain.grad_cam`): evidence for the positive
+        heatmap: overlay a heatmap (:func:`medtransfer.explain.explain`, its default method): evidence for the positive
             class (binary), for the decided class (multiclass). At fit's end it uses the final weights, the
             ones the last validation epoch scored.
         ncols: images per row.
@@ -233,11 +233,11 @@ class WorstErrorsGallery(Callback):
     def _heatmaps(self, pl_module: LightningModule, images: Tensor, findings: list[int]) -> Tensor | None:
         if not self.heatmap:
             return None
-        from medtransfer.explain import grad_cam  # imported when needed: drawing is rare
+        from medtransfer.explain import explain  # imported when needed: drawing is rare
 
         target = torch.tensor(findings, device=images.device) if pl_module.hparams.task == "multilabel" else None
         try:
-            return grad_cam(pl_module, images, target).cpu()
+            return explain(pl_module, images, target).cpu()  # the default method, as predict --heatmaps
         except MedtransferError as err:
             rank_zero_warn(f"WorstErrorsGallery draws no heatmaps: {err}\nHINT: set `heatmap: false`.")
             return None

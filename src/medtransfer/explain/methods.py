@@ -1,0 +1,225 @@
+"""Heatmaps at the resolution users train at: CAMs on a chosen backbone stage, a multi-stage fusion, occlusion.
+
+Grad-CAM on the backbone's last feature map (:func:`~medtransfer.explain.gradcam.grad_cam`) has 1/32 of the
+input's resolution: 2x2 cells at 64 px, where its peak says almost nothing about *where* a finding is. The
+methods here take any stage that timm's ``feature_info`` names (``blocks.2``, stride 8, is 8x8 at 64 px):
+
+* ``gradcam``: Grad-CAM (Selvaraju et al. 2017) on one stage, with Captum's ``LayerGradCam``.
+* ``layercam``: LayerCAM (Jiang et al. 2021, IEEE TIP): ``relu(sum_c relu(dS/dA_c) * A_c)``, each location
+  weighed by its own positive gradient, which keeps shallow stages sharp where Grad-CAM's spatial mean blurs.
+* ``fusion``: LayerCAM on a stage and every deeper one, each scaled to a maximum of 1 and upsampled, then
+  multiplied (geometric mean): a location is hot only where the coarse, class-specific maps and the fine ones
+  agree.
+* ``occlusion``: Captum's ``Occlusion``, the score's drop when a square patch (1/8 of the side) is replaced by
+  the mean image: model-agnostic and slow (one forward pass per patch position), the reference for the others.
+
+Every method returns ``(N, H, W)`` maps at the input's size, each scaled to a maximum of 1 (all zero where
+there is no positive evidence); the model is evaluated in eval mode and every module's mode is restored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from captum.attr import LayerAttribution, LayerGradCam, Occlusion
+from torch import Tensor, nn
+
+from medtransfer.errors import MedtransferError
+from medtransfer.explain.gradcam import Target, _target_index
+
+__all__ = [
+    "DEFAULT_LAYERS",
+    "DEFAULT_METHOD",
+    "METHODS",
+    "Method",
+    "box_iou",
+    "explain",
+    "map_box",
+    "map_peak",
+    "pointing_hit",
+    "resolve_layer",
+]
+
+Method = Literal["gradcam", "layercam", "fusion", "occlusion"]
+METHODS: tuple[str, ...] = ("gradcam", "layercam", "fusion", "occlusion")
+#: The method ``predict --heatmaps`` uses: the best measured on bench/explain.py's planted lesions.
+DEFAULT_METHOD: Method = "fusion"
+#: Per method, the ``feature_info`` index of the stage explained when no layer is given (fusion: the
+#: shallowest stage fused). -1 is the last stage; -3 is stride 8 on EfficientNet/ResNet/DenseNet.
+DEFAULT_LAYERS: dict[str, int] = {"gradcam": -1, "layercam": -3, "fusion": -3}
+Layer = int | str | None
+
+
+def resolve_layer(backbone: nn.Module, layer: int | str) -> tuple[str, nn.Module]:
+    """The backbone's submodule named by ``layer``: an index into timm's ``feature_info`` (0 = the first
+    stage, -1 = the last), or a module name (``blocks.2``, ``layer3``; ``feature_info`` lists the stages)."""
+    info = list(getattr(backbone, "feature_info", None) or [])
+    stages = [entry["module"] for entry in info]
+    if isinstance(layer, int) or (isinstance(layer, str) and layer.lstrip("-").isdigit()):
+        index = int(layer)
+        if not stages:
+            raise MedtransferError(f"{type(backbone).__name__} has no feature_info; give --explain_layer by name")
+        if not -len(stages) <= index < len(stages):
+            listed = ", ".join(f"{i}: {e['module']} (stride {e['reduction']})" for i, e in enumerate(info))
+            raise MedtransferError(
+                f"--explain_layer {index} is out of range: {type(backbone).__name__} has {len(stages)} stages "
+                f"({listed})"
+            )
+        layer = stages[index]
+    modules = dict(backbone.named_modules())
+    if layer not in modules or layer == "":
+        hint = f"; its stages: {', '.join(stages)}" if stages else ""
+        raise MedtransferError(f"--explain_layer {layer!r}: {type(backbone).__name__} has no such module{hint}")
+    return layer, modules[layer]
+
+
+def _stage_modules(backbone: nn.Module, layer: Layer, method: str) -> list[nn.Module]:
+    first = DEFAULT_LAYERS[method] if layer is None else layer
+    name, module = resolve_layer(backbone, first)
+    if method != "fusion":
+        return [module]
+    stages = [entry["module"] for entry in getattr(backbone, "feature_info", None) or []]
+    deeper = stages[stages.index(name) + 1 :] if name in stages else []
+    return [module, *(resolve_layer(backbone, stage)[1] for stage in deeper)]
+
+
+def _scaled(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """``(N, 1, h, w)`` non-negative maps -> ``(N, H, W)``, bilinear, each scaled to a maximum of 1."""
+    maps = LayerAttribution.interpolate(maps.float(), size, interpolate_mode="bilinear").clamp_min(0)[:, 0]
+    peak = maps.amax(dim=(1, 2), keepdim=True)
+    return torch.where(peak > 1e-12, maps / peak.clamp_min(1e-12), torch.zeros_like(maps))
+
+
+def _layer_cams(forward: Callable[[Tensor], Tensor], modules: list[nn.Module], x: Tensor, index: Tensor) -> list:
+    """LayerCAM of each module's output, from one forward and one backward pass."""
+    outputs: list[Tensor] = []
+    handles = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for m in modules]
+    try:
+        logits = forward(x.requires_grad_(True))
+    finally:
+        for handle in handles:
+            handle.remove()
+    activations = [out[0] if isinstance(out, tuple) else out for out in outputs[: len(modules)]]
+    score = logits.gather(1, index[:, None]).sum()  # images are independent in eval mode
+    gradients = torch.autograd.grad(score, activations)
+    return [
+        torch.relu((torch.relu(g) * a.detach()).sum(dim=1, keepdim=True))
+        for g, a in zip(gradients, activations, strict=True)
+    ]
+
+
+def explain(
+    model: nn.Module,
+    images: Tensor,
+    target: Target = None,
+    method: Method = DEFAULT_METHOD,
+    layer: Layer = None,
+    occlusion_window: int | None = None,
+) -> Tensor:
+    """Heatmaps of a classifier's score for a batch of (already transformed) images, at the input's size.
+
+    Args:
+        model: a ``ClassifierModule`` or ``ProbabilityModel`` (a timm ``.backbone`` built with
+            ``num_classes=0``, a ``.head``, and a ``task`` or ``hparams.task``); logits are explained.
+        images: ``(N, C, H, W)`` model input, normalised as for prediction.
+        target: as for :func:`~medtransfer.explain.gradcam.grad_cam`: binary: the positive logit; multiclass
+            and multilabel: a class/label index (or one per image), ``None`` for the top-scoring one.
+        method: ``gradcam``, ``layercam``, ``fusion`` (LayerCAM of a stage and all deeper ones) or
+            ``occlusion``; see the module docstring.
+        layer: the stage (``feature_info`` index or module name); ``None``: :data:`DEFAULT_LAYERS`. Ignored by
+            ``occlusion``.
+        occlusion_window: side of the occluding patch in pixels (default: 1/8 of the input's shorter side,
+            moved by half a patch).
+
+    Returns:
+        ``(N, H, W)`` float maps in [0, 1], each with a maximum of 1 or all zero, on the images' device.
+    """
+    if method not in METHODS:
+        raise ValueError(f"Expected argument `method` to be one of {METHODS}, but got {method!r}")
+    task = model.task if isinstance(getattr(model, "task", None), str) else model.hparams.task
+    size = tuple(images.shape[-2:])
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+
+    def forward(x: Tensor) -> Tensor:
+        return model.head(model.backbone(x))
+
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            device = next(model.parameters()).device
+            x = images.detach().clone().to(device).float()
+            with torch.no_grad():
+                index = _target_index(forward(x), task, target)
+            if method == "occlusion":
+                side = occlusion_window or max(2, min(size) // 8)
+                stride = max(1, side // 2)
+                with torch.no_grad():  # forward passes only
+                    attributions = Occlusion(forward).attribute(
+                        x,
+                        sliding_window_shapes=(x.shape[1], side, side),
+                        strides=(x.shape[1], stride, stride),
+                        baselines=0.0,  # the mean image: inputs are normalised
+                        target=index,
+                        perturbations_per_eval=16,
+                    )
+                maps = _scaled(attributions.sum(dim=1, keepdim=True), size)
+            elif method == "gradcam":
+                (module,) = _stage_modules(model.backbone, layer, method)
+                cam = LayerGradCam(forward, module).attribute(x, target=index, relu_attributions=True)
+                maps = _scaled(cam.detach(), size)
+            else:
+                modules = _stage_modules(model.backbone, layer, method)
+                cams = [_scaled(cam, size) for cam in _layer_cams(forward, modules, x, index)]
+                maps = cams[0] if method == "layercam" else torch.stack(cams).prod(dim=0) ** (1 / len(cams))
+                maps = _scaled(maps[:, None], size)
+        return maps.detach().clamp(0, 1).to(images.device)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+# ------------------------------------------------------------------------------------------- maps as data
+def map_peak(heatmap: Tensor | np.ndarray) -> tuple[float, float, float]:
+    """``(x, y, value)`` of a ``(H, W)`` map's maximum, in pixels; ties (a plateau) give their centroid."""
+    heat = torch.as_tensor(np.asarray(heatmap, dtype=np.float32))
+    value = float(heat.max())
+    ys, xs = torch.nonzero(heat >= value - 1e-6, as_tuple=True)
+    return float(xs.float().mean()), float(ys.float().mean()), value
+
+
+def map_box(heatmap: Tensor | np.ndarray, threshold: float = 0.5) -> tuple[float, float, float, float] | None:
+    """``(x_min, y_min, x_max, y_max)`` of the connected region of ``map >= threshold * max`` that holds the
+    peak (pixel edges, as box CSVs count them), or ``None`` for an all-zero map."""
+    from scipy import ndimage
+
+    heat = np.asarray(heatmap, dtype=np.float32)
+    if heat.max() <= 0:
+        return None
+    regions, _ = ndimage.label(heat >= threshold * heat.max())
+    x, y, _ = map_peak(heat)
+    peak_region = regions[round(y), round(x)] or regions[np.unravel_index(heat.argmax(), heat.shape)]
+    ys, xs = np.nonzero(regions == peak_region)
+    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
+
+
+def pointing_hit(heatmap: Tensor | np.ndarray, box: Sequence[float], tolerance: float = 0.0) -> bool:
+    """The pointing game (Zhang et al. 2016): is the map's peak inside ``box`` (``x_min, y_min, x_max, y_max``
+    in the map's pixels), widened by ``tolerance`` pixels? An all-zero map points nowhere: a miss."""
+    x, y, value = map_peak(heatmap)
+    x_min, y_min, x_max, y_max = box
+    inside = x_min - tolerance <= x + 0.5 <= x_max + tolerance and y_min - tolerance <= y + 0.5 <= y_max + tolerance
+    return bool(value > 0 and inside)
+
+
+def box_iou(a: Sequence[float] | None, b: Sequence[float]) -> float:
+    """Intersection over union of two ``x_min, y_min, x_max, y_max`` boxes (0 when ``a`` is ``None``)."""
+    if a is None:
+        return 0.0
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0

@@ -1,0 +1,234 @@
+"""``medtransfer explain-eval``: do a model's heatmaps point at the findings? Scored against boxes, per method.
+
+Given images with boxes (a CSV with a path column and ``x_min, y_min, x_max, y_max``, as the CSV source's ROI
+columns, or ``chestxray14`` for ChestX-ray14's official ``BBox_List_2017.csv``) and a trained checkpoint, each
+explanation method (and stage) of :func:`medtransfer.explain.explain` is scored on the boxed images the model
+detects (its decision is positive for the boxed finding; ``detected_only: false`` scores them all):
+
+* ``hit_rate``: the pointing game (Zhang et al. 2016, https://arxiv.org/abs/1608.00507): the share of maps
+  whose peak lies inside the box;
+* ``mean_iou``: the mean IoU of the box and the box around the peak's region of ``map >= threshold``;
+* ``random_rate``: what a random point would score, the mean share of the image the boxes cover.
+
+The table is printed, written to ``output`` (JSON) and logged to MLflow (one run, metrics
+``<method>/<layer>/hit_rate`` ...; the JSON as an artifact).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from medtransfer.data.boxes import BOX_COLUMNS, CHESTXRAY14_BOX_SIZE, chestxray14_boxes, read_box_table
+from medtransfer.data.readers import read_image
+from medtransfer.data.transforms import build_eval_transform
+from medtransfer.errors import DataError, exit_on_user_error
+from medtransfer.explain.methods import METHODS, box_iou, explain, map_box, pointing_hit, resolve_layer
+from medtransfer.files import write_text_atomic
+from medtransfer.predict import Predictor, load_predictor
+from medtransfer.tracking.mlflow import resolve_tracking_uri
+from medtransfer.tracking.model_logging import tracking_at
+
+__all__ = ["localisation_scores", "main", "run_explain_eval"]
+
+_logger = logging.getLogger(__name__)
+
+
+def localisation_scores(heatmaps: torch.Tensor | np.ndarray, boxes: np.ndarray, threshold: float = 0.5) -> dict:
+    """Pointing-game hit rate, mean IoU of the thresholded map's box, and a random point's expected hit rate,
+    for ``(N, H, W)`` maps and ``(N, 4)`` boxes in the maps' pixels."""
+    maps = np.asarray(heatmaps, dtype=np.float32)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if len(maps) != len(boxes):
+        raise ValueError(f"Expected as many boxes as maps, but got {len(boxes)} boxes for {len(maps)} maps")
+    if not len(maps):
+        return {"n": 0, "hit_rate": float("nan"), "mean_iou": float("nan"), "random_rate": float("nan")}
+    height, width = maps.shape[1:]
+    hits = [pointing_hit(heat, box) for heat, box in zip(maps, boxes, strict=True)]
+    ious = [box_iou(map_box(heat, threshold), box) for heat, box in zip(maps, boxes, strict=True)]
+    clipped = np.clip(boxes, 0, [width, height, width, height])
+    area = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1]) / (width * height)
+    return {
+        "n": len(maps),
+        "hit_rate": float(np.mean(hits)),
+        "mean_iou": float(np.mean(ious)),
+        "random_rate": float(np.mean(area)),
+    }
+
+
+def _targets(predictor: Predictor, findings: Sequence[str]) -> np.ndarray:
+    """Per box, the output explained: 0 (binary), the finding's class index, or -1 when the model lacks it."""
+    if predictor.task == "binary":
+        return np.zeros(len(findings), dtype=np.int64)
+    names = {name.lower(): i for i, name in enumerate(predictor.class_names)}
+    if not any(findings):
+        return np.full(len(findings), -2, dtype=np.int64)  # no finding column: the top-scoring output
+    return np.array([names.get(str(f).lower(), -1) for f in findings], dtype=np.int64)
+
+
+def _load(rows: Any, root: Path, transform: Any, size: int, box_image_size: int | None) -> tuple:
+    images, boxes = [], []
+    for row in rows.itertuples():
+        path = Path(row.path) if Path(row.path).is_absolute() else root / row.path
+        image = read_image(path)
+        height, width = image.shape[:2]
+        sx = width / box_image_size if box_image_size else 1.0
+        sy = height / box_image_size if box_image_size else 1.0
+        box = np.array([row.x_min * sx, row.y_min * sy, row.x_max * sx, row.y_max * sy])
+        boxes.append(box * [size / width, size / height, size / width, size / height])  # to the model's input
+        images.append(transform(image=image)["image"])
+    return torch.stack(images), np.stack(boxes)
+
+
+def run_explain_eval(
+    boxes: str,
+    model: str,
+    image_root: str | None = None,
+    path_column: str = "path",
+    box_columns: Sequence[str] = BOX_COLUMNS,
+    finding_column: str | None = None,
+    box_image_size: int | None = None,
+    methods: Sequence[Literal["gradcam", "layercam", "fusion", "occlusion"]] = METHODS,
+    layers: Sequence[int | str] | None = None,
+    detected_only: bool = True,
+    threshold: float = 0.5,
+    max_images: int | None = None,
+    batch_size: int = 32,
+    device: Literal["cpu", "cuda"] = "cpu",
+    output: Path = Path("explain_eval.json"),
+    tracking_uri: str | None = None,
+    experiment: str = "medtransfer-explain",
+) -> list[dict[str, Any]]:
+    """Score each explanation method's heatmaps against boxes.
+
+    Args:
+        boxes: a CSV with ``path_column`` and ``box_columns`` (rows without a box are skipped), or
+            ``chestxray14`` for the official ChestX-ray14 boxes shipped with torchxrayvision (or that file's
+            path, ``BBox_List_2017.csv``; its findings are matched to the model's class names).
+        model: a checkpoint written by ``medtransfer fit`` (the layers are needed).
+        image_root: folder the relative image paths resolve against; default: the CSV's folder.
+        path_column: the column of image paths.
+        box_columns: the four box columns, ``x_min, y_min, x_max, y_max`` in pixels of the image.
+        finding_column: the column naming each box's finding, for multi-label models (default: the top label).
+        box_image_size: the side of the (square) images the boxes were drawn on, when the files are resized
+            copies (ChestX-ray14: 1024, the default for its boxes); default: the files' own pixels.
+        methods: the explanation methods to score.
+        layers: stages (``feature_info`` index or module name) to score the layer methods at; default: each
+            method's default stage. ``occlusion`` has none.
+        detected_only: score only boxes whose finding the model decides positive (true positives).
+        threshold: share of a map's maximum that outlines its region, for the IoU.
+        max_images: score at most this many boxes (the first ones), for a quick look.
+        batch_size: images per explanation batch.
+        device: where the model runs.
+        output: JSON file for the table (written atomically).
+        tracking_uri: MLflow store (default: ``$MLFLOW_TRACKING_URI``, else ``mlruns/mlflow.db``).
+        experiment: MLflow experiment of the run.
+    """
+    chestxray14 = boxes == "chestxray14" or Path(boxes).name.startswith("BBox_List_2017")
+    if chestxray14:
+        table = chestxray14_boxes(None if boxes == "chestxray14" else boxes)
+        box_image_size = box_image_size or CHESTXRAY14_BOX_SIZE
+        if image_root is None:
+            raise DataError("explain-eval with ChestX-ray14's boxes needs --image_root (the folder of its PNGs)")
+    else:
+        table = read_box_table(boxes, path_column, box_columns, finding_column)
+    root = Path(image_root) if image_root is not None else Path(boxes).parent
+    if chestxray14:  # the box list covers the full release; keep the images that are here
+        table = table[[(root / p).is_file() for p in table["path"]]].reset_index(drop=True)
+    predictor = load_predictor(model, device)
+    if not hasattr(predictor.network, "backbone"):
+        raise DataError(f"explain-eval needs a checkpoint with the model's layers, not {model}")
+    targets = _targets(predictor, table["finding"].tolist())
+    known = targets != -1
+    if not known.any():
+        raise DataError(f"None of the box findings {sorted(set(table['finding']))} is one of the model's classes")
+    table, targets = table[known].reset_index(drop=True), targets[known]
+    if max_images is not None:
+        table, targets = table.iloc[:max_images], targets[:max_images]
+    settings = predictor.settings
+    transform = build_eval_transform(
+        settings["size"], settings["channels"], settings["mean"], settings["std"], settings["interpolation"]
+    )
+    images, input_boxes = _load(table, root, transform, settings["size"], box_image_size)
+    network = predictor.network
+    with torch.inference_mode():
+        probs = torch.cat(
+            [network(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
+        )
+    explained = torch.as_tensor(targets)
+    if predictor.task != "binary":
+        explained = torch.where(explained < 0, probs.argmax(dim=1), explained)
+    decided = predictor.rule.decide(probs)
+    if predictor.task == "binary":
+        detected = decided == 1
+    elif predictor.task == "multiclass":
+        detected = decided == explained
+    else:
+        detected = decided.gather(1, explained[:, None])[:, 0] == 1
+    chosen = torch.nonzero(detected if detected_only else torch.ones_like(detected)).flatten()
+    _logger.info("explain-eval: %d boxes, %d detected", len(table), int(detected.sum()))
+    results = []
+    for method in methods:
+        for layer in [None] if method == "occlusion" else (layers or [None]):
+            maps = []
+            for i in range(0, len(chosen), batch_size):
+                rows = chosen[i : i + batch_size]
+                target = None if predictor.task == "binary" else explained[rows]
+                maps.append(explain(network, images[rows].to(device), target, method, layer).cpu())
+            heat = torch.cat(maps) if maps else torch.zeros(0, settings["size"], settings["size"])
+            name = "-" if method == "occlusion" else _layer_name(network, method, layer)
+            scores = localisation_scores(heat, input_boxes[chosen.numpy()], threshold)
+            results.append({"method": method, "layer": name, **scores, "boxes": len(table)})
+    _report(results, settings["size"])
+    write_text_atomic(Path(output), json.dumps(results, indent=2) + "\n")
+    _log_to_mlflow(results, Path(output), model, boxes, tracking_uri, experiment)
+    return results
+
+
+def _layer_name(network: torch.nn.Module, method: str, layer: int | str | None) -> str:
+    from medtransfer.explain.methods import DEFAULT_LAYERS
+
+    return resolve_layer(network.backbone, DEFAULT_LAYERS[method] if layer is None else layer)[0]
+
+
+def _report(results: list[dict[str, Any]], size: int) -> None:
+    print(f"{'method':<10} {'layer':<12} {'n':>5} {'hit rate':>9} {'mean IoU':>9} {'random':>7}   ({size} px)")
+    for r in results:
+        print(
+            f"{r['method']:<10} {r['layer']:<12} {r['n']:>5} {r['hit_rate']:>9.3f} {r['mean_iou']:>9.3f} "
+            f"{r['random_rate']:>7.3f}"
+        )
+
+
+def _log_to_mlflow(
+    results: list[dict], output: Path, model: str, boxes: str, tracking_uri: str | None, experiment: str
+) -> None:
+    import mlflow
+
+    with tracking_at(resolve_tracking_uri(tracking_uri)):
+        mlflow.set_experiment(experiment)
+        with mlflow.start_run(run_name=f"explain-eval-{Path(model).stem}"):
+            mlflow.log_params({"model": str(model), "boxes": str(boxes)})
+            for r in results:
+                key = r["method"] if r["layer"] == "-" else f"{r['method']}/{r['layer']}"
+                mlflow.log_metrics({f"{key}/{m}": r[m] for m in ("hit_rate", "mean_iou", "random_rate", "n")
+                                    if r["n"] or m == "n"})  # fmt: skip
+            mlflow.log_artifact(str(output))
+
+
+def main(args: list[str] | None = None) -> None:
+    """``medtransfer explain-eval``: the typed ``run_explain_eval`` as a command line (jsonargparse)."""
+    from jsonargparse import auto_cli
+
+    with exit_on_user_error():
+        auto_cli(run_explain_eval, args=args, prog="medtransfer explain-eval")
+
+
+if __name__ == "__main__":
+    main()

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from medtransfer.checkpoints import load_checkpoint
-from medtransfer.data.readers import SUPPORTED_SUFFIXES, read_image
+from medtransfer.data.readers import SUPPORTED_SUFFIXES, as_color, is_color, read_image
 from medtransfer.data.tables import read_csv_table, require_columns
 from medtransfer.data.transforms import build_eval_transform
 from medtransfer.errors import DataError, exit_on_user_error
@@ -153,20 +153,36 @@ def _load_mlflow_model(uri: str, device: str, tracking_uri: str | None) -> Predi
     )
 
 
+def read_as_trained(path: Path, color: str, frame: str, noted: set[str] | None = None) -> Any:
+    """The image as the model's training read it: ``color`` (``gray``/``rgb``) and DICOM ``frame``. A colour file
+    given to a gray model is turned into luma, a gray file given to a colour model replicated to RGB, as
+    training did; the first such file of each kind is logged (``noted`` keeps the kinds already said)."""
+    image = read_image(path, color="auto", frame=frame)
+    found = "rgb" if is_color(image) else "gray"
+    if found != color and noted is not None and found not in noted:
+        noted.add(found)
+        how = "converted to gray (ITU-R 601 luma)" if color == "gray" else "replicated to three channels"
+        _logger.warning("The model was trained on %s images; %s images such as %s are %s, as in training",
+                        color, found, path, how)  # fmt: skip
+    return as_color(image, color)
+
+
 class _Images(Dataset):
     """Decoded, transformed images; an unreadable file yields its error instead of failing the batch."""
 
-    def __init__(self, paths: list[Path], transform: Any) -> None:
-        self.paths, self.transform = paths, transform
+    def __init__(self, paths: list[Path], transform: Any, color: str = "gray", frame: str = "middle") -> None:
+        self.paths, self.transform, self.color, self.frame = paths, transform, color, frame
+        self.noted: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            return index, self.transform(image=read_image(self.paths[index]))["image"], ""
+            image = read_as_trained(self.paths[index], self.color, self.frame, self.noted)
+            return index, self.transform(image=image)["image"], ""
         except (DataError, OSError, ValueError) as err:  # one bad file never stops the run
-            return index, None, str(err).splitlines()[0]
+            return index, None, " ".join(str(err).split())  # the whole reason, on one line
 
 
 def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int], torch.Tensor | None, list]:
@@ -226,10 +242,13 @@ class _HeatmapWriter:
     """Grad-CAM overlays for the selected images of each batch, or for the ``top_k`` most positive at the end
     (a bounded heap of probabilities, so memory stays flat). ``network`` has the layers (a checkpoint's)."""
 
-    def __init__(self, network: torch.nn.Module, folder: Path, which: str, top_k: int) -> None:
+    def __init__(
+        self, network: torch.nn.Module, folder: Path, which: str, top_k: int, read: Callable[[Path], Any] = read_image
+    ) -> None:
         if which == "top_k" and top_k < 1:
             raise DataError(f"top_k must be at least 1, got {top_k}")
         self.network, self.folder, self.which, self.top_k = network, Path(folder), which, top_k
+        self.read = read  # the image as the model saw it: overlays of colour images are in colour
         self.heap: list[tuple[float, int]] = []
         self.written: list[str] = []
 
@@ -242,7 +261,7 @@ class _HeatmapWriter:
         names = []
         for heatmap, path, index in zip(maps, paths, indices, strict=True):
             target = self.folder / f"{index:06d}_{path.stem}.png"
-            names.append(str(save_overlay(target, read_image(path), heatmap)))
+            names.append(str(save_overlay(target, self.read(path), heatmap)))
         self.written.extend(names)
         return names
 
@@ -267,7 +286,7 @@ class _HeatmapWriter:
     def write_top_k(self, paths: list[Path], transform: Any, device: str) -> None:
         chosen = [index for _, index in sorted(self.heap, reverse=True)]
         if chosen:
-            images = torch.stack([transform(image=read_image(paths[i]))["image"] for i in chosen]).to(device)
+            images = torch.stack([transform(image=self.read(paths[i]))["image"] for i in chosen]).to(device)
             self._write(images, [paths[i] for i in chosen], chosen)
 
 
@@ -307,6 +326,7 @@ def run_predict(
     channels_last: bool = False,
     compile: bool = False,
     tracking_uri: str | None = None,
+    frame: Literal["first", "middle", "error"] | None = None,
 ) -> dict[str, Any]:
     """Predict every image and write one CSV row each.
 
@@ -333,17 +353,22 @@ def run_predict(
         compile: ``torch.compile`` the network first (pays off on large folders).
         tracking_uri: MLflow store for ``runs:/`` and ``models:/`` URIs (default: ``$MLFLOW_TRACKING_URI``,
             else ``mlruns/mlflow.db``).
+        frame: which frame of a multi-frame DICOM to predict (``first``, ``middle``), or ``error`` to report such
+            files as unreadable; ``None``: the model's ``dicom_frame``. Images are read in the model's colour
+            (``color`` in its input settings); files of the other kind are converted as in training (logged).
     """
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     paths = collect_images(images, path_column)
     predictor = load_predictor(model, device, tracking_uri)
     settings = predictor.settings
     network = prepare_network(predictor.network, channels_last, compile)
+    color, frame = settings.get("color", "gray"), frame or settings.get("dicom_frame", "middle")
     transform = build_eval_transform(
-        settings["size"], settings["channels"], settings["mean"], settings["std"], settings["interpolation"]
-    )
+        settings["size"], settings["channels"], settings["mean"], settings["std"], settings["interpolation"],
+        color=color,
+    )  # fmt: skip
     loader = DataLoader(
-        _Images(paths, transform),
+        _Images(paths, transform, color, frame),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,
@@ -360,7 +385,9 @@ def run_predict(
         layered = predictor.network
         if not _has_layers(layered):
             layered = load_predictor(logged_checkpoint(str(model), tracking_uri), device).network
-        explainer = _HeatmapWriter(layered, heatmaps, heatmaps_for, top_k)
+        explainer = _HeatmapWriter(
+            layered, heatmaps, heatmaps_for, top_k, read=lambda path: read_as_trained(path, color, frame)
+        )
     if explainer is not None and heatmaps_for != "top_k":
         columns.append("heatmap")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -10,41 +10,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from colour_data import hue_splits, write_npz
 from lightning.pytorch import Trainer, seed_everything
-from skimage import data as skdata
 from torchmetrics.functional.classification import binary_auroc
 
 from medtransfer.data.medmnist import MedMNISTDataModule
 from medtransfer.data.readers import to_gray
 from medtransfer.models.classifier import ClassifierModule
 
-TILE = 16
-#: An RGB direction of (almost exactly) zero luma: 0.299 * 40 - 0.587 * 20 - 0.114 * 2 = -0.008.
-TINT = np.array([40, -20, -2])
 SPLIT_PAIRS = {"train": 96, "val": 32, "test": 64}
-
-
-def hue_pairs(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(2N, T, T, 3)`` images and ``(2N,)`` labels: each tile's luma squeezed into 60-190 (so that no tint
-    clips), then tinted ``-TINT`` (class 0) and ``+TINT`` (class 1)."""
-    gray = 60 + np.rint(to_gray(tiles) * (130 / 255)).astype(int)
-    images = np.stack([gray[..., None] + sign * TINT for sign in (-1, 1)], axis=1).astype(np.uint8)
-    return images.reshape(-1, *images.shape[2:]), np.tile([0, 1], len(tiles))
 
 
 @pytest.fixture(scope="module")
 def hue_npz(tmp_path_factory):
-    slide = skdata.immunohistochemistry()
-    tiles = slide[: 512 // TILE * TILE, :].reshape(512 // TILE, TILE, 512 // TILE, TILE, 3).swapaxes(1, 2)
-    tiles = tiles.reshape(-1, TILE, TILE, 3)[np.random.default_rng(0).permutation((512 // TILE) ** 2)]
-    arrays, start = {}, 0
-    for split, pairs in SPLIT_PAIRS.items():
-        images, labels = hue_pairs(tiles[start : start + pairs])
-        arrays |= {f"{split}_images": images, f"{split}_labels": labels[:, None]}
-        start += pairs
-    path = tmp_path_factory.mktemp("hue") / "hue.npz"
-    np.savez(path, **arrays)
-    return path
+    return write_npz(tmp_path_factory.mktemp("hue") / "hue.npz", hue_splits(SPLIT_PAIRS))
 
 
 def test_the_two_classes_have_the_same_gray_image(hue_npz):

@@ -202,3 +202,40 @@ def test_bad_colour_input_is_one_error_naming_the_file(fitted, tmp_path):
     assert errors["four_channels.tif"].startswith(str(four)) and "cannot decode as TIFF" in errors["four_channels.tif"]
     assert "SC_rgb_rle_2frame.dcm" in errors["SC_rgb_rle_2frame.dcm"]
     assert "2 frames" in errors["SC_rgb_rle_2frame.dcm"] and "frame: first" in errors["SC_rgb_rle_2frame.dcm"]
+
+
+# -------------------------------------------------------------------------------------------- in colour
+def test_heatmap_overlays_of_colour_images_are_drawn_over_the_colour_image(fitted, hue_data, tmp_path):
+    from medtransfer.data.transforms import build_eval_transform
+    from medtransfer.explain import grad_cam, overlay
+    from medtransfer.predict import load_predictor
+
+    images = sorted((hue_data["folder"] / "test").rglob("*.png"))[:2]
+    for path in images:
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / path.name).write_bytes(path.read_bytes())
+    run_predict(str(tmp_path / "in"), str(fitted["best"]), output=tmp_path / "out.csv", heatmaps=tmp_path / "maps")
+    predictor = load_predictor(fitted["best"])
+    s = predictor.settings
+    transform = build_eval_transform(s["size"], 3, s["mean"], s["std"], s["interpolation"], color="rgb")
+    for row in _read(tmp_path / "out.csv"):
+        rgb = np.asarray(Image.open(row["path"]))
+        heat = grad_cam(predictor.network, transform(image=rgb)["image"][None])[0]
+        written = np.asarray(Image.open(row["heatmap"]))
+        np.testing.assert_array_equal(written, overlay(rgb, heat))  # over the colour image, not its luma
+        assert not np.array_equal(written, overlay(to_gray(rgb), heat))
+
+
+def test_the_worst_errors_gallery_shows_colour_inputs_in_colour(hue_data):
+    from medtransfer.callbacks.worst_errors import denormalise
+
+    dm = _datamodule(hue_data, "npz")
+    dm.setup("test")
+    batch, _ = next(iter(dm.test_dataloader()))
+    _, mean, std, _ = dm.normalisation
+    picture = denormalise(batch[0], list(mean), list(std))
+    with np.load(hue_data["npz"]) as data:
+        original = data["test_images"][0]
+    assert picture.shape == (32, 32, 3) and np.abs(picture[..., 0].astype(int) - picture[..., 1]).mean() > 20
+    resized = np.asarray(Image.fromarray(original).resize((32, 32), Image.BILINEAR), dtype=int)
+    assert np.abs(picture.astype(int) - resized).mean() < 8  # the tile, in its colours

@@ -30,7 +30,7 @@ from torch.nn import functional as nnf
 from torch.utils.data import DataLoader, Dataset
 
 from medtransfer.checkpoints import load_checkpoint
-from medtransfer.data.readers import SUPPORTED_SUFFIXES, read_image
+from medtransfer.data.readers import SUPPORTED_SUFFIXES, as_color, is_color, read_image
 from medtransfer.data.tables import read_csv_table, require_columns
 from medtransfer.data.transforms import build_eval_transform
 from medtransfer.data.unlike import unlike_reasons
@@ -162,20 +162,36 @@ def _load_mlflow_model(uri: str, device: str, tracking_uri: str | None) -> Predi
     )
 
 
+def read_as_trained(path: Path, color: str, frame: str, noted: set[str] | None = None) -> Any:
+    """The image as the model's training read it: ``color`` (``gray``/``rgb``) and DICOM ``frame``. A colour file
+    given to a gray model is turned into luma, a gray file given to a colour model replicated to RGB, as
+    training did; the first such file of each kind is logged (``noted`` keeps the kinds already said)."""
+    image = read_image(path, color="auto", frame=frame)
+    found = "rgb" if is_color(image) else "gray"
+    if found != color and noted is not None and found not in noted:
+        noted.add(found)
+        how = "converted to gray (ITU-R 601 luma)" if color == "gray" else "replicated to three channels"
+        _logger.warning("The model was trained on %s images; %s images such as %s are %s, as in training",
+                        color, found, path, how)  # fmt: skip
+    return as_color(image, color)
+
+
 class _Images(Dataset):
     """Decoded, transformed images; an unreadable file yields its error instead of failing the batch."""
 
-    def __init__(self, paths: list[Path], transform: Any) -> None:
-        self.paths, self.transform = paths, transform
+    def __init__(self, paths: list[Path], transform: Any, color: str = "gray", frame: str = "middle") -> None:
+        self.paths, self.transform, self.color, self.frame = paths, transform, color, frame
+        self.noted: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            return index, self.transform(image=read_image(self.paths[index]))["image"], ""
+            image = read_as_trained(self.paths[index], self.color, self.frame, self.noted)
+            return index, self.transform(image=image)["image"], ""
         except (DataError, OSError, ValueError) as err:  # one bad file never stops the run
-            return index, None, str(err).splitlines()[0]
+            return index, None, " ".join(str(err).split())  # the whole reason, on one line
 
 
 def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int], torch.Tensor | None, list]:
@@ -259,11 +275,13 @@ class _HeatmapWriter:
     one per finding in ``heatmap_finding``)."""
 
     def __init__(self, network: torch.nn.Module, folder: Path, which: str, top_k: int, predictor: Predictor,
-                 method: Method = DEFAULT_METHOD, layer: int | str | None = None) -> None:  # fmt: skip
+                 method: Method = DEFAULT_METHOD, layer: int | str | None = None,
+                 read: Callable[[Path], Any] = read_image) -> None:  # fmt: skip
         if which == "top_k" and top_k < 1:
             raise DataError(f"top_k must be at least 1, got {top_k}")
         self.network, self.folder, self.which, self.top_k = network, Path(folder), which, top_k
         self.predictor, self.method, self.layer = predictor, method, layer
+        self.read = read  # the image as the model saw it: overlays of colour images are in colour
         if layer is not None and method != "occlusion":  # a wrong name fails now, before any image is read
             resolve_layer(network.backbone, layer)
         self.heap: list[tuple[float, int]] = []
@@ -289,7 +307,7 @@ class _HeatmapWriter:
             maps = explain(self.network, images[rows].float(), target, self.method, self.layer).cpu()
         columns: list[dict[str, list[str]]] = [{} for _ in paths]
         for (j, label), heat in zip(pairs, maps, strict=True):
-            image = read_image(paths[j])
+            image = self.read(paths[j])
             full = nnf.interpolate(heat[None, None], size=image.shape[:2], mode="bilinear", align_corners=False)
             full = full[0, 0].clamp(0, 1).numpy().astype(np.float32)
             suffix = "" if label is None else f"_{self.predictor.class_names[label]}"
@@ -299,7 +317,8 @@ class _HeatmapWriter:
                 np.save(stream, full)
             x, y, value = map_peak(full)
             box = map_box(full, BOX_THRESHOLD) or ("",) * 4
-            values = [picture, str(stem.with_suffix(".npy").resolve()), f"{x:.1f}", f"{y:.1f}", f"{value:.4f}", *map(str, box)]
+            raw = str(stem.with_suffix(".npy").resolve())
+            values = [picture, raw, f"{x:.1f}", f"{y:.1f}", f"{value:.4f}", *map(str, box)]
             for name, text in zip(HEATMAP_COLUMNS, values, strict=True):
                 columns[j].setdefault(name, []).append(text)
             if label is not None:
@@ -333,7 +352,7 @@ class _HeatmapWriter:
     def write_top_k(self, paths: list[Path], transform: Any, device: str) -> None:
         chosen = [index for _, index in sorted(self.heap, reverse=True)]
         if chosen:
-            images = torch.stack([transform(image=read_image(paths[i]))["image"] for i in chosen]).to(device)
+            images = torch.stack([transform(image=self.read(paths[i]))["image"] for i in chosen]).to(device)
             targets = self._targets(torch.stack([self.top_probs[i] for i in chosen]))
             self._write(images, [paths[i] for i in chosen], chosen, targets)
 
@@ -395,6 +414,7 @@ def run_predict(
     channels_last: bool = False,
     compile: bool = False,
     tracking_uri: str | None = None,
+    frame: Literal["first", "middle", "error"] | None = None,
 ) -> dict[str, Any]:
     """Predict every image and write one CSV row each.
 
@@ -434,6 +454,9 @@ def run_predict(
         compile: ``torch.compile`` the network first (pays off on large folders).
         tracking_uri: MLflow store for ``runs:/`` and ``models:/`` URIs (default: ``$MLFLOW_TRACKING_URI``,
             else ``mlruns/mlflow.db``).
+        frame: which frame of a multi-frame DICOM to predict (``first``, ``middle``), or ``error`` to report such
+            files as unreadable; ``None``: the model's ``dicom_frame``. Images are read in the model's colour
+            (``color`` in its input settings); files of the other kind are converted as in training (logged).
     """
     for name, target in (("--output", output), ("--summary", summary)):
         if target is not None:
@@ -443,11 +466,13 @@ def run_predict(
     predictor = load_predictor(model, device, tracking_uri)
     settings = predictor.settings
     network = prepare_network(predictor.network, channels_last, compile)
+    color, frame = settings.get("color", "gray"), frame or settings.get("dicom_frame", "middle")
     transform = build_eval_transform(
-        settings["size"], settings["channels"], settings["mean"], settings["std"], settings["interpolation"]
-    )
+        settings["size"], settings["channels"], settings["mean"], settings["std"], settings["interpolation"],
+        color=color,
+    )  # fmt: skip
     loader = DataLoader(
-        _Images(paths, transform),
+        _Images(paths, transform, color, frame),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,
@@ -467,7 +492,8 @@ def run_predict(
         layered = predictor.network
         if not _has_layers(layered):
             layered = load_predictor(logged_checkpoint(str(model), tracking_uri), device).network
-        explainer = _HeatmapWriter(layered, heatmaps, heatmaps_for, top_k, predictor, explain_method, explain_layer)
+        explainer = _HeatmapWriter(layered, heatmaps, heatmaps_for, top_k, predictor, explain_method, explain_layer,
+                                   read=lambda path: read_as_trained(path, color, frame))  # fmt: skip
     if explainer is not None and heatmaps_for != "top_k":
         columns += [*HEATMAP_COLUMNS, *(["heatmap_finding"] if predictor.task == "multilabel" else [])]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

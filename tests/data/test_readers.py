@@ -212,7 +212,7 @@ def _bad_files(tmp_path, gray) -> dict[str, object]:
         "notes.png": "unknown image format",
         "folder.png": "directory",
         "cine.dcm": "multi-frame",
-        "colour.dcm": "'RGB' is not supported",
+        "colour.dcm": "expected (rows, columns, 3)",  # RGB with one sample per pixel
         "truncated.dcm": "cannot decode as DICOM",
     }
 

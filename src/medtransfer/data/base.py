@@ -138,6 +138,16 @@ class ClassificationDataModule(LightningDataModule):
         min_epoch_samples: an epoch draws at least this many training images, cycling through a smaller
             training set in fresh permutations, so that epoch-based schedules (unfreeze epoch, checkpointing,
             one validation per epoch) still take enough steps on a small ``train_fraction``. 0: one pass.
+        color: ``auto`` keeps colour where the data has it (RGB files with unequal channels, a MedMNIST RGB
+            dataset, colour DICOM) and reads gray data as gray; ``gray`` turns colour into ITU-R 601 luma;
+            ``rgb`` feeds three colour channels (and refuses one-channel arrays). The resolved choice
+            (:attr:`color_mode`) is stored in the checkpoint and the MLflow model, and ``predict`` applies it.
+        dicom_frame: multi-frame DICOM files: read the ``first`` or the ``middle`` frame, or refuse them
+            (``error``). (Not ``frame``: Lightning's ``save_hyperparameters`` drops an argument of that name.)
+        color_jitter: training augmentation for colour data: hue/saturation jitter strength (0 = off);
+            ``None``: 0.1 for colour data, off for gray.
+        stain_jitter: training augmentation for colour data: probability of an H&E stain jitter
+            (albumentations' ``HEStain``); ``None``: 0.5 for stained histology (:attr:`stained_modality`), else off.
     """
 
     def __init__(
@@ -161,8 +171,14 @@ class ClassificationDataModule(LightningDataModule):
         train_fraction: float = 1.0,
         subset_seed: int = 0,
         min_epoch_samples: int = 0,
+        color: Literal["auto", "gray", "rgb"] = "auto",
+        dicom_frame: Literal["first", "middle", "error"] = "middle",
+        color_jitter: float | None = None,
+        stain_jitter: float | None = None,
     ) -> None:
         super().__init__()
+        if color not in ("auto", "gray", "rgb"):
+            raise DataError(f"Expected argument `color` to be auto, gray or rgb, but got {color!r}")
         if not 0 < train_fraction <= 1:
             raise DataError(f"Expected argument `train_fraction` to be in (0, 1], but got {train_fraction}")
         if min_epoch_samples < 0:
@@ -173,6 +189,44 @@ class ClassificationDataModule(LightningDataModule):
         self.datasets: dict[str, SeededTransformDataset] = {}
         #: ``(image_size, mean, std, interpolation)`` in use, resolved in ``setup``.
         self.normalisation: tuple[int, tuple[float, ...], tuple[float, ...], str] | None = None
+        self._color_mode: str | None = None
+
+    @property
+    def color_mode(self) -> Literal["gray", "rgb"]:
+        """The colour the images are fed in: ``color`` if set, else ``rgb`` when :meth:`source_has_color`."""
+        if self._color_mode is None:
+            color = self.hparams.color
+            self._color_mode = color if color != "auto" else ("rgb" if self.source_has_color() else "gray")
+            _logger.info("%s: %s images (color: %s)", type(self).__name__, self._color_mode, color)
+        return self._color_mode  # type: ignore[return-value]
+
+    def source_has_color(self) -> bool:
+        """Whether the data holds colour (channels that differ); subclasses look at their files."""
+        return False
+
+    @property
+    def stained_modality(self) -> bool:
+        """H&E-stained histology, where a stain jitter helps; subclasses know better."""
+        return False
+
+    def _colour_augmentation(self) -> tuple[float, float]:
+        """``(color_jitter, stain_jitter)``: as set, else on for colour data (stain: for stained histology)."""
+        hp, colour = self.hparams, self.color_mode == "rgb"
+        jitter = hp.color_jitter if hp.color_jitter is not None else (0.1 if colour else 0.0)
+        stain = hp.stain_jitter if hp.stain_jitter is not None else (0.5 if colour and self.stained_modality else 0.0)
+        return jitter, stain
+
+    def _check_channels(self) -> None:
+        """Colour needs three channels, and the model's first convolution must take what the data gives."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        in_chans = getattr(getattr(module, "hparams", None), "in_chans", None)
+        channels = self.hparams.channels
+        if self.color_mode == "rgb" and channels != 3:
+            raise DataError(f"{self!r} holds colour images (color: {self.hparams.color}) but channels is {channels}; "
+                            "set channels: 3 (and the model's in_chans: 3), or color: gray")  # fmt: skip
+        if in_chans is not None and in_chans != channels:
+            raise DataError(f"The data gives {channels}-channel images but the model's in_chans is {in_chans}; "
+                            f"set model.in_chans: {channels}")  # fmt: skip
 
     @property
     def flips(self) -> bool:
@@ -209,12 +263,16 @@ class ClassificationDataModule(LightningDataModule):
             return
         size, mean, std, interpolation = self._normalisation()
         self.normalisation = (size, tuple(mean), tuple(std), interpolation)
-        hp = self.hparams
-        eval_transform = build_eval_transform(size, hp.channels, mean, std, interpolation, self.eval_transforms)
+        hp, color = self.hparams, self.color_mode
+        self._check_channels()
+        color_jitter, stain_jitter = self._colour_augmentation()
+        eval_transform = build_eval_transform(
+            size, hp.channels, mean, std, interpolation, self.eval_transforms, color=color
+        )
         train_transform = build_train_transform(
             size, hp.channels, mean, std, interpolation, rotate_degrees=hp.rotate_degrees, translate=hp.translate,
             scale=hp.scale, brightness_contrast=hp.brightness_contrast, horizontal_flip=self.flips, clahe=hp.clahe,
-            steps=self.train_transforms,
+            steps=self.train_transforms, color=color, color_jitter=color_jitter, stain_jitter=stain_jitter,
         )  # fmt: skip
         self.datasets = self.build_datasets(train_transform, eval_transform)
         if hp.train_fraction < 1 and "train" in self.datasets:
@@ -229,8 +287,8 @@ class ClassificationDataModule(LightningDataModule):
             raise DataError(f"The {', '.join(empty)} split(s) of {type(self).__name__} hold no images")
         self.datasets["train"].seed_transform(torch.initial_seed())  # reproducible under seed_everything
         _logger.info(
-            "%s: %s images at %dpx (%s), mean %s, std %s", type(self).__name__,
-            {k: len(v) for k, v in self.datasets.items()}, size, interpolation, tuple(mean), tuple(std),
+            "%s: %s %s images at %dpx (%s), mean %s, std %s", type(self).__name__,
+            {k: len(v) for k, v in self.datasets.items()}, color, size, interpolation, tuple(mean), tuple(std),
         )  # fmt: skip
 
     def _balanced_sampler(self) -> WeightedRandomSampler:

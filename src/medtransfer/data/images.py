@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from medtransfer.data.base import SPLITS, ClassificationDataModule, SeededTransformDataset
-from medtransfer.data.readers import check_image, read_image
+from medtransfer.data.readers import check_image, is_color, read_image
 from medtransfer.data.sources import (
     Manifest,
     chestxray14_manifest,
@@ -155,18 +155,19 @@ class ManifestDataset(SeededTransformDataset):
     """Reads, crops and transforms the images of one split of a manifest.
 
     ``fill_cache(size)`` decodes every image once, resized to ``size``, and keeps it in memory (loader worker
-    processes started afterwards share it), so later epochs skip decoding.
+    processes started afterwards share it), so later epochs skip decoding. ``color`` (``gray``/``rgb``) and
+    ``frame`` are passed to :func:`~medtransfer.data.readers.read_image`.
     """
 
-    def __init__(self, manifest: Manifest, transform: Callable) -> None:
-        self.manifest, self.transform = manifest, transform
+    def __init__(self, manifest: Manifest, transform: Callable, color: str = "gray", frame: str = "error") -> None:
+        self.manifest, self.transform, self.color, self.frame = manifest, transform, color, frame
         self.cache: list[np.ndarray] | None = None
 
     def load(self, index: int) -> np.ndarray:
-        """The uint8 grayscale image, cropped to its box when the manifest has one."""
+        """The uint8 image (gray ``(H, W)`` or RGB ``(H, W, 3)``), cropped to its box when the manifest has one."""
         if self.cache is not None:
             return self.cache[index]
-        image = read_image(self.manifest.paths[index])
+        image = read_image(self.manifest.paths[index], color=self.color, frame=self.frame)
         boxes = self.manifest.boxes
         if boxes is not None and not np.isnan(boxes[index]).any():
             x0, y0, x1, y1 = (round(float(v)) for v in boxes[index])
@@ -188,7 +189,7 @@ class ManifestDataset(SeededTransformDataset):
         return self.manifest.targets
 
     def subset(self, indices: np.ndarray) -> ManifestDataset:
-        subset = ManifestDataset(self.manifest.take(indices), self.transform)
+        subset = ManifestDataset(self.manifest.take(indices), self.transform, self.color, self.frame)
         if self.cache is not None:
             subset.cache = [self.cache[i] for i in indices]
         return subset
@@ -199,12 +200,12 @@ class ManifestDataset(SeededTransformDataset):
         return self.transform(image=self.load(index))["image"], target
 
 
-def _without_unreadable(manifest: Manifest) -> Manifest:
+def _without_unreadable(manifest: Manifest, frame: str = "error") -> Manifest:
     """The manifest less the images that ``read_image`` refuses; logs how many and the first few."""
     failures = []
     for index, path in enumerate(manifest.paths):
         try:
-            read_image(path)
+            read_image(path, frame=frame)
         except DataError as err:
             failures.append((index, str(err)))
     if not failures:
@@ -281,13 +282,29 @@ class ImageDataModule(ClassificationDataModule):
         targets = torch.as_tensor(train.targets, dtype=torch.float32)
         return targets.mean(0)
 
+    def source_has_color(self, sample: int = 16) -> bool:
+        """Whether any of ``sample`` training images, spread over the split, holds colour (unequal channels)."""
+        paths = self.manifest.subset("train").paths or self.manifest.paths
+        for index in np.unique(np.linspace(0, len(paths) - 1, min(sample, len(paths))).astype(int)):
+            try:
+                if is_color(read_image(paths[index], color="auto", frame=self.hparams.dicom_frame)):
+                    return True
+            except DataError as err:  # reported when the images are checked or read
+                _logger.debug("color: auto skips %s", err)
+        return False
+
     def build_datasets(self, train_transform, eval_transform) -> dict[str, ManifestDataset]:
         if self.hparams.bad_images == "skip":
-            self.manifest = _without_unreadable(self.manifest)
+            self.manifest = _without_unreadable(self.manifest, self.hparams.dicom_frame)
         else:
             _reject_unreadable(self.manifest)
         return {
-            split: ManifestDataset(self.manifest.subset(split), train_transform if split == "train" else eval_transform)
+            split: ManifestDataset(
+                self.manifest.subset(split),
+                train_transform if split == "train" else eval_transform,
+                self.color_mode,
+                self.hparams.dicom_frame,
+            )
             for split in SPLITS
         }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,15 @@ import torch
 from medtransfer.data.base import SPLITS, ClassificationDataModule, SeededTransformDataset
 from medtransfer.data.download import fetch_medmnist
 from medtransfer.data.medmnist_info import get_medmnist_info
+from medtransfer.data.readers import is_color, to_gray
 from medtransfer.errors import DataError
 
 __all__ = ["DATA_DIR_ENV", "SPLITS", "ArrayDataset", "MedMNISTDataModule", "default_data_dir", "load_npz_split"]
 
 _logger = logging.getLogger(__name__)
 
+#: MedMNIST datasets of H&E-stained histology (a stain jitter helps).
+_STAINED_FLAGS = frozenset({"pathmnist"})
 #: MedMNIST datasets whose images have no left/right meaning.
 _SYMMETRIC_FLAGS = frozenset(
     {"pathmnist", "dermamnist", "bloodmnist", "tissuemnist", "retinamnist", "octmnist", "breastmnist"}
@@ -35,7 +39,8 @@ def default_data_dir() -> Path:
 
 
 def load_npz_split(path: Path, split: str, multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Images ``(N, H, W)`` uint8 and integer labels ``(N,)`` of one split, with errors naming the file."""
+    """Images ``(N, H, W)`` (gray) or ``(N, H, W, 3)`` (RGB) uint8 and integer labels ``(N,)`` of one split, with
+    errors naming the file."""
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
@@ -51,9 +56,10 @@ def load_npz_split(path: Path, split: str, multilabel: bool = False) -> tuple[np
         images, labels = archive[keys[0]], archive[keys[1]]
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
-    if images.ndim != 3 or images.dtype != np.uint8:
+    if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)) or images.dtype != np.uint8:
         raise DataError(
-            f"{path}: {keys[0]} must be grayscale uint8 of shape (N, H, W), got {images.dtype} {images.shape}"
+            f"{path}: {keys[0]} must be uint8 of shape (N, H, W) (gray) or (N, H, W, 3) (RGB), "
+            f"got {images.dtype} {images.shape}"
         )
     labels = labels.reshape(len(labels), -1)
     if multilabel:
@@ -66,6 +72,26 @@ def load_npz_split(path: Path, split: str, multilabel: bool = False) -> tuple[np
     if len(labels) != len(images):
         raise DataError(f"{path}: {len(images)} images but {len(labels)} labels in split {split!r}")
     return images, labels[:, 0].astype(np.int64)
+
+
+def npz_has_color(path: Path, split: str = "train", sample: int = 64) -> bool:
+    """Whether ``{split}_images`` of a MedMNIST-layout file is ``(N, H, W, 3)`` with unequal channels in its first
+    ``sample`` images; reads the array's header and those images only, not the whole (possibly large) array.
+    A file that cannot be read so counts as gray here; :func:`load_npz_split` then names the problem."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{split}_images.npy") as stream:
+            version = np.lib.format.read_magic(stream)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = header(stream)
+            if len(shape) != 4 or shape[-1] != 3:
+                return False
+            count = min(sample, shape[0])
+            if fortran or dtype != np.uint8:
+                return True
+            head = np.frombuffer(stream.read(count * int(np.prod(shape[1:]))), np.uint8).reshape(count, *shape[1:])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):  # load_npz_split reports it, naming the file
+        return False
+    return any(is_color(image) for image in head)
 
 
 class ArrayDataset(SeededTransformDataset):
@@ -131,6 +157,20 @@ class MedMNISTDataModule(ClassificationDataModule):
         return self.hparams.flag in _SYMMETRIC_FLAGS
 
     @property
+    def stained_modality(self) -> bool:
+        """PathMNIST (H&E colorectal histology)."""
+        return self.hparams.flag in _STAINED_FLAGS
+
+    def source_has_color(self) -> bool:
+        """The file's training images hold colour; before a download: the dataset's official channel count."""
+        if self.file.is_file():
+            return npz_has_color(self.file)
+        return self.info.n_channels == 3
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.file})"
+
+    @property
     def task(self) -> str:
         """``binary`` or ``multiclass``, from the dataset's official description."""
         return self.info.task
@@ -181,5 +221,17 @@ class MedMNISTDataModule(ClassificationDataModule):
                     f"{self.file}: {split}_labels row {bad[0]} has label {labels[bad[0]]}, "
                     f"outside 0..{self.num_classes - 1}"
                 )
+            images = self._in_color_mode(images, split)
             datasets[split] = ArrayDataset(images, labels, train_transform if split == "train" else eval_transform)
         return datasets
+
+    def _in_color_mode(self, images: np.ndarray, split: str) -> np.ndarray:
+        """``images`` as :attr:`color_mode` wants them: RGB to luma for gray; one channel refused for colour."""
+        if self.color_mode == "gray":
+            return to_gray(images) if images.ndim == 4 else images
+        if images.ndim == 3:
+            raise DataError(
+                f"{self.file}: {split}_images holds one-channel images {images.shape} but the data is read in colour "
+                f"(color: {self.hparams.color}); a colour model needs (N, H, W, 3) RGB images, or set color: gray"
+            )
+        return images

@@ -1,9 +1,12 @@
-"""Decode one medical image file (PNG, JPEG, BMP, TIFF or DICOM) into a 2-D ``uint8`` grayscale array.
+"""Decode one medical image file (PNG, JPEG, BMP, TIFF or DICOM) into a ``uint8`` gray or RGB array.
 
 Medical images come as 8-bit and 16-bit PNGs, RGB(A) or palette PNGs that hold gray pixels, JPEGs and DICOM
 files whose stored values still need their rescale, window and photometric conventions applied. Everything
 downstream (albumentations, resize, normalise) sees one canonical format instead: ``(H, W) uint8``, where
 high means bright. The format is detected from the file's magic bytes, so a misnamed file still reads.
+Colour sources (dermoscopy, histology, fundus photographs, colour DICOM) can keep their colour as
+``(H, W, 3) uint8`` RGB: see ``color`` in :func:`read_image`; the colour rules live in the ``_colour``
+functions at the end of this module.
 
 An image larger than Pillow's ``PIL.Image.MAX_IMAGE_PIXELS`` (89,478,485 pixels, about 9,459 x 9,459) is refused
 from its header, before any pixel is decoded: past that size a file is more likely a decompression bomb than an
@@ -19,13 +22,20 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
 
 from medtransfer.errors import DataError
 
-__all__ = ["SUPPORTED_SUFFIXES", "check_image", "read_image"]
+__all__ = ["SUPPORTED_SUFFIXES", "Color", "Frame", "as_color", "check_image", "is_color", "read_image", "to_gray"]
+
+#: ``gray``: one channel (colour sources through ITU-R 601 luma); ``rgb``: three channels (gray replicated);
+#: ``auto``: RGB where the source holds colour (unequal channels), else gray.
+Color = Literal["gray", "rgb", "auto"]
+#: Which frame of a multi-frame DICOM to read; ``error`` refuses multi-frame files.
+Frame = Literal["first", "middle", "error"]
 
 _logger = logging.getLogger(__name__)
 
@@ -40,8 +50,14 @@ _PIL_ERRORS = (Exception,)
 _DICOM_ERRORS = (Exception,)
 
 
-def read_image(path: str | Path, *, window: tuple[float, float] | None = None) -> np.ndarray:
-    """Read one image file as a 2-D ``uint8`` grayscale array, high values bright.
+def read_image(
+    path: str | Path,
+    *,
+    window: tuple[float, float] | None = None,
+    color: Color = "gray",
+    frame: Frame = "error",
+) -> np.ndarray:
+    """Read one image file as a ``uint8`` array, high values bright: ``(H, W)`` gray or ``(H, W, 3)`` RGB.
 
     Scaling rules (every source must land in 0-255 without clipping away the anatomy):
 
@@ -52,34 +68,51 @@ def read_image(path: str | Path, *, window: tuple[float, float] | None = None) -
       unlike 8-bit input; pass ``window`` for a fixed range. A constant image reads as zeros.
     - DICOM: ``RescaleSlope``/``RescaleIntercept`` (modality LUT), then ``window`` if given, else the file's
       VOI LUT or ``WindowCenter``/``WindowWidth`` (first value), else min/max. ``MONOCHROME1`` is inverted.
+      Colour DICOM: ``RGB`` as stored, ``YBR_FULL``/``YBR_FULL_422`` (and JPEG 2000's ``YBR_RCT``/``YBR_ICT``)
+      converted to RGB by pydicom, ``PALETTE COLOR`` through its colour LUT (``apply_color_lut``); more than
+      8 bits are scaled by the stored bit depth. Compressed transfer syntaxes decode through the installed
+      pylibjpeg plugins (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE).
+    - Colour (``color`` ``rgb``/``auto``): RGB as is, RGBA with its alpha channel dropped (not composited:
+      exports use alpha as a constant 255, and compositing on black would darken them), palette through its
+      palette, CMYK through Pillow's conversion, 16-bit RGB TIFF scaled to 8 bits by Pillow (``>> 8``).
 
     Args:
         path: The image file; its format is detected from the content, not the extension.
         window: ``(center, width)`` in raw pixel units (DICOM: after rescale, e.g. Hounsfield units), with
             DICOM's LINEAR meaning for every format: ``(128, 256)`` keeps 8-bit values, ``(40, 400)`` is a
-            soft-tissue CT window. It replaces a DICOM file's own window.
+            soft-tissue CT window. It replaces a DICOM file's own window. Gray images only.
+        color: ``gray`` (default): always ``(H, W)``, colour through ITU-R 601 luma; ``rgb``: always
+            ``(H, W, 3)``, gray replicated; ``auto``: ``(H, W, 3)`` where the source holds colour, else ``(H, W)``
+            (gray stored as RGB, with equal channels, reads as gray).
+        frame: multi-frame DICOM: read the ``first`` or the ``middle`` frame, or refuse the file (``error``).
 
     Returns:
-        The ``(H, W)`` ``uint8`` image.
+        The ``(H, W)`` or ``(H, W, 3)`` ``uint8`` image.
 
     Raises:
         DataError: The file is missing, empty, a directory, unreadable, truncated, of an unknown format, or a
-            multi-frame or colour DICOM.
+            multi-frame DICOM with ``frame="error"``.
         ValueError: ``window`` has a width below 1.
     """
     if window is not None and not window[1] >= 1:
         raise ValueError(f"Expected argument `window` to be (center, width) with width >= 1, but got {window}")
+    if color not in ("gray", "rgb", "auto"):
+        raise ValueError(f"Expected argument `color` to be gray, rgb or auto, but got {color!r}")
+    if frame not in ("first", "middle", "error"):
+        raise ValueError(f"Expected argument `frame` to be first, middle or error, but got {frame!r}")
     path = Path(path)
     head = _read_head(path)
     if head[128:132] == b"DICM" or (path.suffix.lower() == ".dcm" and not _sniff(head)):
-        return _read_dicom(path, window)
+        return as_color(_read_dicom(path, window, frame), color)
     fmt = _sniff(head)
     if fmt is None:
         raise DataError(f"{path}: unknown image format (expected PNG, JPEG, BMP, TIFF or DICOM content)")
-    gray = _require_finite(path, _read_pillow(path, fmt))
+    gray = _require_finite(path, _read_pillow(path, fmt, keep_color=color != "gray"))
+    if gray.ndim == 3:
+        return as_color(gray, color)
     if window is not None:
-        return _to_uint8(gray, *_window_bounds(window))
-    return gray if gray.dtype == np.uint8 else _to_uint8(gray)
+        return as_color(_to_uint8(gray, *_window_bounds(window)), color)
+    return as_color(gray if gray.dtype == np.uint8 else _to_uint8(gray), color)
 
 
 def check_image(path: str | Path) -> None:
@@ -99,7 +132,7 @@ def check_image(path: str | Path) -> None:
         try:
             found = "PixelData" in pydicom.dcmread(path, force=True, defer_size=1024)
         except (InvalidDicomError, *_DICOM_ERRORS) as err:
-            raise DataError(f"{path}: cannot decode as DICOM ({err})") from err
+            raise DataError(f"{path}: cannot decode as DICOM ({_reason(err)})") from err
         if not found:
             raise DataError(f"{path}: DICOM file has no pixel data")
         return
@@ -146,25 +179,29 @@ def _pillow_image(path: Path, fmt: str) -> Iterator[Image.Image]:
             f"{path}: refused before decoding: {err} Raise PIL.Image.MAX_IMAGE_PIXELS to read larger images."
         ) from err
     except _PIL_ERRORS as err:
-        raise DataError(f"{path}: cannot decode as {fmt} ({err})") from err
+        raise DataError(f"{path}: cannot decode as {fmt} ({_reason(err)})") from err
 
 
-def _read_pillow(path: Path, fmt: str) -> np.ndarray:
-    """Decode with Pillow; 8-bit modes become ``L``, deeper ones come back as their raw numeric array."""
+def _read_pillow(path: Path, fmt: str, keep_color: bool = False) -> np.ndarray:
+    """Decode with Pillow; 8-bit modes become ``L``, deeper ones come back as their raw numeric array.
+    With ``keep_color``, colour modes come back as ``(H, W, 3)`` RGB (see :func:`_pillow_rgb`)."""
     with _pillow_image(path, fmt) as img:
         img.load()
         if getattr(img, "n_frames", 1) > 1:
             raise DataError(f"{path}: {img.n_frames}-frame {fmt} is not supported yet")
         if img.mode.startswith("I") or img.mode == "F":
             return np.asarray(img)
+        if keep_color and img.mode not in ("L", "1", "LA"):
+            return _pillow_rgb(img)
         if img.mode != "L":
             _logger.debug("Converting %s from mode %s to L", path, img.mode)
             img = img.convert("L")
         return np.asarray(img).copy()
 
 
-def _read_dicom(path: Path, window: tuple[float, float] | None) -> np.ndarray:
+def _read_dicom(path: Path, window: tuple[float, float] | None, frame: Frame = "error") -> np.ndarray:
     """Stored values -> modality LUT -> VOI (``window``, the file's, or min/max) -> uint8; MONOCHROME1 inverted.
+    Colour files go to :func:`_dicom_colour` and come back ``(H, W, 3)``.
 
     The file's window is applied by pydicom, which maps it onto the stored bit depth; that output range is
     found by pushing -inf/+inf through the same call. A VOI LUT Sequence has no such range: min/max.
@@ -177,12 +214,11 @@ def _read_dicom(path: Path, window: tuple[float, float] | None) -> np.ndarray:
         ds = pydicom.dcmread(path, force=True)
         if "PixelData" not in ds:
             raise DataError(f"{path}: DICOM file has no pixel data")
-        if int(ds.get("NumberOfFrames") or 1) > 1:
-            raise DataError(f"{path}: multi-frame DICOM ({ds.NumberOfFrames} frames) is not supported yet")
+        pixels = _dicom_frame(ds, path, frame)
         photometric = str(ds.get("PhotometricInterpretation", ""))
         if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-            raise DataError(f"{path}: DICOM PhotometricInterpretation {photometric!r} is not supported (gray only)")
-        values = _require_finite(path, apply_modality_lut(ds.pixel_array, ds))
+            return _dicom_colour(ds, pixels, photometric, path)
+        values = _require_finite(path, apply_modality_lut(pixels, ds))
         if window is not None:  # the argument replaces the file's own VOI settings
             for keyword in ("VOILUTSequence", "VOILUTFunction"):
                 ds.pop(keyword, None)
@@ -197,7 +233,7 @@ def _read_dicom(path: Path, window: tuple[float, float] | None) -> np.ndarray:
     except DataError:
         raise
     except (InvalidDicomError, *_DICOM_ERRORS) as err:
-        raise DataError(f"{path}: cannot decode as DICOM ({err})") from err
+        raise DataError(f"{path}: cannot decode as DICOM ({_reason(err)})") from err
     return 255 - gray if photometric == "MONOCHROME1" else gray
 
 
@@ -240,3 +276,86 @@ def _to_uint8(values: np.ndarray, lo: float | None = None, hi: float | None = No
     if hi <= lo:  # a width-1 window thresholds; a constant image reads as zeros
         return np.where(values > hi, 255, 0).astype(np.uint8)
     return np.rint(np.clip((values - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _reason(err: BaseException) -> str:
+    """An exception's whole message on one line (pydicom lists its plugins' reasons on lines of their own)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+# --------------------------------------------------------------------------------------------------- colour
+def is_color(image: np.ndarray) -> bool:
+    """Whether ``image`` is ``(H, W, 3)`` with channels that differ somewhere (gray stored as RGB is not)."""
+    return image.ndim == 3 and not (
+        np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0], image[..., 2])
+    )
+
+
+def to_gray(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma of ``(..., 3)`` ``uint8`` RGB, rounded exactly as Pillow's ``convert("L")``: gray stored as
+    RGB comes back unchanged, and a colour file read gray equals the same file read RGB, then grayed."""
+    rgb = np.asarray(rgb, dtype=np.uint32)
+    return ((rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16).astype(np.uint8)
+
+
+def as_color(image: np.ndarray, color: Color) -> np.ndarray:
+    """``image`` (gray ``(H, W)`` or RGB ``(H, W, 3)`` ``uint8``) in the ``color`` layout of :func:`read_image`."""
+    if color == "gray":
+        return to_gray(image) if image.ndim == 3 else image
+    if color == "rgb":
+        return image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+    if image.ndim == 3 and not is_color(image):
+        return np.ascontiguousarray(image[..., 0])
+    return image
+
+
+def _pillow_rgb(img: Image.Image) -> np.ndarray:
+    """``(H, W, 3)`` ``uint8`` RGB of a Pillow colour image; an alpha channel is dropped, not composited."""
+    if img.mode == "RGBA":
+        return np.asarray(img)[..., :3].copy()
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        return np.asarray(img)[..., :3].copy()
+    return np.asarray(img.convert("RGB")).copy()
+
+
+def _dicom_frame(ds, path: Path, frame: Frame) -> np.ndarray:
+    """The pixel array of one frame: the only one, or the ``first``/``middle`` of a multi-frame file."""
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames <= 1:
+        return ds.pixel_array
+    if frame == "error":
+        raise DataError(
+            f"{path}: multi-frame DICOM ({frames} frames); set frame: first or frame: middle to read one of them"
+        )
+    index = 0 if frame == "first" else frames // 2
+    ds.pixel_array_options(index=index)
+    return ds.pixel_array
+
+
+def _dicom_colour(ds, pixels: np.ndarray, photometric: str, path: Path) -> np.ndarray:
+    """``(H, W, 3)`` ``uint8`` RGB of a colour DICOM frame.
+
+    pydicom has already turned ``YBR_FULL``/``YBR_FULL_422`` into RGB (its default ``as_rgb``) and the JPEG 2000
+    decoders ``YBR_RCT``/``YBR_ICT``; ``PALETTE COLOR`` goes through the file's colour LUT. Values wider than
+    8 bits are scaled by their bit depth (16-bit LUT entries, 16-bit RGB), so colours keep their balance.
+    """
+    from pydicom.pixels import apply_color_lut
+
+    if photometric == "PALETTE COLOR":
+        pixels, bits = apply_color_lut(pixels, ds), None
+    elif photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT"):
+        bits = int(ds.get("BitsStored") or 8)
+    else:
+        raise DataError(
+            f"{path}: DICOM PhotometricInterpretation {photometric!r} is not supported "
+            "(MONOCHROME1/2, RGB, YBR_FULL, YBR_FULL_422, YBR_RCT, YBR_ICT and PALETTE COLOR are)"
+        )
+    if pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise DataError(f"{path}: {photometric} DICOM pixel data has shape {pixels.shape}, expected (rows, columns, 3)")
+    if pixels.dtype == np.uint8:
+        return np.ascontiguousarray(pixels)
+    if bits is None:  # the LUT descriptor's third value: 8- or 16-bit entries
+        descriptor = ds.get("RedPaletteColorLookupTableDescriptor")
+        bits = int(descriptor[2]) if descriptor is not None and int(descriptor[2]) in (8, 16) else 16
+    return _to_uint8(pixels, 0, 2**bits - 1)

@@ -1,4 +1,8 @@
-"""albumentations pipelines for grayscale medical images, sized and normalised for the backbone."""
+"""albumentations pipelines for gray and colour medical images, sized and normalised for the backbone.
+
+Gray images arrive ``(H, W)`` and are replicated to ``channels``; colour images (``color="rgb"``) arrive
+``(H, W, 3)`` RGB and keep their channels, normalised with the backbone's per-channel (ImageNet) mean and std.
+"""
 
 from __future__ import annotations
 
@@ -27,15 +31,21 @@ def _interpolation_flag(name: str) -> int:
 
 
 def _finish(
-    size: int, channels: int, mean: Sequence[float], std: Sequence[float], interpolation: str
+    size: int, channels: int, mean: Sequence[float], std: Sequence[float], interpolation: str, color: str = "gray"
 ) -> list[A.BasicTransform]:
-    """Resize, replicate gray to ``channels`` and normalise with the backbone's mean/std."""
+    """Resize, replicate gray to ``channels`` and normalise with the backbone's mean/std (per channel)."""
     if channels not in (1, 3):
         raise ValueError(f"Expected argument `channels` to be 1 or 3, but got {channels}")
+    if color not in ("gray", "rgb"):
+        raise ValueError(f"Expected argument `color` to be gray or rgb, but got {color!r}")
+    if color == "rgb" and channels != 3:
+        raise ValueError("Colour images need `channels: 3` (and the model's `in_chans: 3`), but got channels 1")
+    if color == "rgb" and len(mean) != 3:
+        raise ValueError(f"Expected a mean and std per RGB channel for colour images, but got mean {tuple(mean)}")
     if channels == 1:  # one channel for timm's adapted first conv: the average of the RGB statistics
         mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
     steps: list[A.BasicTransform] = [A.Resize(size, size, interpolation=_interpolation_flag(interpolation))]
-    if channels == 3:
+    if channels == 3 and color == "gray":
         steps.append(A.ToRGB(num_output_channels=3))
     steps += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
     return steps
@@ -48,9 +58,11 @@ def build_eval_transform(
     std: Sequence[float],
     interpolation: str = "bilinear",
     steps: Sequence[A.BasicTransform] = (),
+    color: str = "gray",
 ) -> A.Compose:
-    """Deterministic pipeline for validation, test and prediction; ``steps`` run on the resized uint8 image."""
-    finish = _finish(size, channels, mean, std, interpolation)
+    """Deterministic pipeline for validation, test and prediction; ``steps`` run on the resized uint8 image.
+    ``color``: ``gray`` for ``(H, W)`` input, ``rgb`` for ``(H, W, 3)`` input."""
+    finish = _finish(size, channels, mean, std, interpolation, color)
     return A.Compose([finish[0], *steps, *finish[1:]])
 
 
@@ -67,12 +79,22 @@ def build_train_transform(
     horizontal_flip: bool = False,
     clahe: float = 0.0,
     steps: Sequence[A.BasicTransform] | None = None,
+    color: str = "gray",
+    color_jitter: float = 0.0,
+    stain_jitter: float = 0.0,
 ) -> A.Compose:
     """Training pipeline: a small random affine (and optional brightness/contrast, flip), then as eval.
 
     Horizontal flips are off by default: on chest X-rays laterality carries meaning. ``steps`` (any
     albumentations transforms, e.g. from YAML) replace these built-in augmentations when given.
+    Colour images (``color="rgb"``) can also get a hue/saturation jitter (``color_jitter``: saturation
+    ``1 +- s``, hue ``+- s/4`` of the colour circle, half the time), for dermoscopy and fundus photographs whose
+    colour balance varies between cameras, and a stain jitter (``stain_jitter``: probability of albumentations'
+    ``HEStain``, which perturbs the haematoxylin and eosin concentrations), for H&E histology whose staining
+    varies between labs. Both need colour input: on gray images they are an error.
     """
+    if color != "rgb" and (color_jitter or stain_jitter):
+        raise ValueError("color_jitter and stain_jitter need colour images (color: rgb); set them to 0 for gray data")
     augment: list[A.BasicTransform] = list(steps) if steps is not None else []
     if steps is None and (rotate_degrees or translate or scale):
         augment.append(
@@ -90,5 +112,9 @@ def build_train_transform(
         augment.append(A.RandomBrightnessContrast(brightness_contrast, brightness_contrast, p=0.5))
     if steps is None and horizontal_flip:
         augment.append(A.HorizontalFlip(p=0.5))
-    finish = _finish(size, channels, mean, std, interpolation)
+    if steps is None and color_jitter:
+        augment.append(A.ColorJitter(brightness=0, contrast=0, saturation=color_jitter, hue=color_jitter / 4, p=0.5))
+    if steps is None and stain_jitter:
+        augment.append(A.HEStain(p=stain_jitter))
+    finish = _finish(size, channels, mean, std, interpolation, color)
     return A.Compose([finish[0], *augment, *finish[1:]])

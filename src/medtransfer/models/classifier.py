@@ -16,6 +16,7 @@ from torchmetrics.classification import AUROC, Accuracy, Recall, Specificity
 from torchmetrics.functional.classification import calibration_error, multilabel_auroc
 
 from medtransfer.data.unlike import reference_from_dataset
+from medtransfer.errors import DataError
 from medtransfer.metrics import functional as F
 from medtransfer.metrics.calibration import fit_temperature
 from medtransfer.metrics.defined import DefinedMean, defined_labels, mask_undefined, undefined_names
@@ -65,6 +66,12 @@ def balanced_pos_weight(fraction: Tensor | Any, names: list[str] | None = None) 
             "HINT: the model cannot learn these labels from this training split; drop them or enlarge the split."
         )
     return weight
+
+
+def _colour_settings(datamodule: Any) -> dict[str, Any]:
+    """The colour (``gray``/``rgb``) and DICOM frame choice a data module feeds, for the checkpoint's ``input``."""
+    hp = datamodule.hparams
+    return {"color": getattr(datamodule, "color_mode", "gray"), "dicom_frame": hp.get("dicom_frame", "error")}
 
 
 class ClassifierModule(LightningModule):
@@ -148,6 +155,8 @@ class ClassifierModule(LightningModule):
         self.register_buffer("pos_weight", torch.ones(per_label))
         self.val_logits, self.val_targets = CatMetric(), CatMetric()
         self.test_logits, self.test_targets = CatMetric(), CatMetric()
+        #: The input settings of a loaded checkpoint (``color``, ``size``, ...); empty for a new model.
+        self.trained_input: dict[str, Any] = {}
         #: Probabilities, targets and report values of the last test epoch, for report callbacks.
         self.test_outputs: dict[str, Any] = {}
         self.train_metrics = _stage_metrics(task, num_classes, "train")
@@ -401,8 +410,31 @@ class ClassifierModule(LightningModule):
             channels = datamodule.hparams.channels
             checkpoint["input"] = {"size": size, "mean": list(mean), "std": list(std),
                                    "interpolation": interpolation, "channels": channels}  # fmt: skip
+            checkpoint["input"] |= _colour_settings(datamodule)
             if getattr(self, "_input_reference", None):  # see medtransfer.data.unlike
                 checkpoint["input"]["reference"] = self._input_reference
+        elif self.trained_input:  # e.g. saved again by a later run without a data module: keep what it was
+            checkpoint["input"] = dict(self.trained_input)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Remember the input settings the weights were trained with, to check the data of ``test``/``predict``."""
+        self.trained_input = dict(checkpoint.get("input") or {})
+
+    def _check_colour(self) -> None:
+        """A checkpoint trained on colour (gray) images refuses a data module that feeds gray (colour) ones."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        trained, given = self.trained_input.get("color", "gray"), getattr(datamodule, "color_mode", None)
+        if self.trained_input and given is not None and trained != given:
+            raise DataError(
+                f"The checkpoint was trained on {trained} images but {datamodule!r} gives {given} images; "
+                f"set data.color: {trained} (or give data of the kind it was trained on)"
+            )
+
+    def on_test_start(self) -> None:
+        self._check_colour()
+
+    def on_predict_start(self) -> None:
+        self._check_colour()
 
     def configure_optimizers(self) -> Any:
         """One optimizer over the parameters trainable now, in named groups (``head``, ``backbone``).

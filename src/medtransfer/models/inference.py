@@ -35,13 +35,15 @@ class ProbabilityModel(nn.Module):
 
 
 def input_settings(classifier: ClassifierModule, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Image size, channels, mean, std and interpolation the model was trained with.
+    """Image size, channels, mean, std, interpolation, colour (``gray``/``rgb``) and DICOM frame choice the model
+    was trained with.
 
     Read from the checkpoint (the data module's settings, saved by ``ClassifierModule.on_save_checkpoint``), else
-    timm's data config of the backbone.
+    timm's data config of the backbone. Checkpoints from before colour support hold neither setting: they were
+    trained gray (``color: gray``), and multi-frame DICOMs given to them read the middle frame.
     """
     if checkpoint and checkpoint.get("input"):
-        return dict(checkpoint["input"])
+        return {"color": "gray", "dicom_frame": "middle", **checkpoint["input"]}
     config = classifier.data_config
     return {
         "size": int(config["input_size"][-1]),
@@ -49,6 +51,8 @@ def input_settings(classifier: ClassifierModule, checkpoint: dict[str, Any] | No
         "std": [float(v) for v in config["std"]],
         "interpolation": config.get("interpolation", "bilinear"),
         "channels": int(classifier.hparams.in_chans),
+        "color": "gray",
+        "dicom_frame": "middle",
     }
 
 

@@ -110,8 +110,11 @@ def test_all_wrong_calibration_certifies_nothing():
     assert not result.certified and result.cutoff == REFER_ALL
 
 
-@pytest.mark.parametrize(("name", "kwargs"), [("target_risk", {"target_risk": 0.0}), ("target_risk", {"target_risk": 1.0}),
-                                              ("delta", {"delta": 0.0}), ("delta", {"delta": 1.5})])  # fmt: skip
+_OUTSIDE = [("target_risk", {"target_risk": 0.0}), ("target_risk", {"target_risk": 1.0}),
+            ("delta", {"delta": 0.0}), ("delta", {"delta": 1.5})]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "kwargs"), _OUTSIDE)
 def test_arguments_outside_the_open_unit_interval_are_one_line_errors(name, kwargs):
     args = {"target_risk": 0.05, "delta": 0.1} | kwargs
     with pytest.raises(ValueError, match=rf"^Expected argument `{name}` to be in \(0, 1\), but got [-\d.]+$"):

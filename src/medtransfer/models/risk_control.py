@@ -51,14 +51,14 @@ __all__ = [
     "REFER_ALL",
     "ExchangeabilityCheck",
     "RiskControl",
-    "conformal_classifier",
-    "fit_aps_quantile",
     "aps_sets",
     "calibration_summary",
     "check_exchangeability",
+    "conformal_classifier",
     "conformal_quantile",
     "control_selective_risk",
     "default_grid",
+    "fit_aps_quantile",
     "min_testable",
 ]
 
@@ -258,11 +258,13 @@ class ExchangeabilityCheck:
     level: float
 
     def message(self) -> str:
-        rates = ", ".join(f"{a:.3f} vs {b:.3f}" for a, b in zip(self.positive_rate, self.calibration_positive_rate))
+        pairs = zip(self.positive_rate, self.calibration_positive_rate, strict=True)
+        rates = ", ".join(f"{a:.3f} vs {b:.3f}" for a, b in pairs)
         verdict = "DIFFER from" if self.shifted else "are consistent with"
         return (
             f"these cases' scores {verdict} the calibration data's: confidence KS {self.ks_statistic:.3f} "
-            f"(p={self.ks_p_value:.3g}); predicted-positive rate here vs calibration {rates} (p={self.rate_p_value:.3g})"
+            f"(p={self.ks_p_value:.3g}); predicted-positive rate here vs calibration {rates} "
+            f"(p={self.rate_p_value:.3g})"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -308,7 +310,7 @@ def check_exchangeability(
     ks_p = min(1.0, len(tests) * min(float(t.pvalue) for t in tests))
     n, m = int(summary["n"]), len(positives)
     now, then = positives.sum(axis=0), np.asarray(summary["positives"], dtype=np.int64)
-    rate_ps = [stats.fisher_exact([[a, m - a], [b, n - b]]).pvalue for a, b in zip(now, then)]
+    rate_ps = [stats.fisher_exact([[a, m - a], [b, n - b]]).pvalue for a, b in zip(now, then, strict=True)]
     rate_p = min(1.0, len(rate_ps) * min(rate_ps))
     return ExchangeabilityCheck(
         ks_statistic=max(float(t.statistic) for t in tests),

@@ -59,6 +59,7 @@ __all__ = [
     "control_selective_risk",
     "default_grid",
     "fit_aps_quantile",
+    "guarantee_verdict",
     "min_testable",
 ]
 
@@ -321,3 +322,49 @@ def check_exchangeability(
         shifted=bool(ks_p < level or rate_p < level),
         level=level,
     )
+
+
+def guarantee_verdict(rule: Any, calibration: dict[str, Any] | None, probs: list[Any], level: float = 0.01) -> dict:
+    """What a prediction run may rely on: the model's stored guarantee and whether these cases look like its
+    calibration data (``check_exchangeability`` of ``rule.confidence``/``rule.positives``); warns when they do
+    not, and when the model holds no calibration data (trained before it was recorded: no guarantee claimed).
+
+    Args:
+        rule: the model's ``DecisionRule``.
+        calibration: the model's calibration record (checkpoint ``calibration``, MLflow metadata), or ``None``.
+        probs: the probabilities predicted, in batches (tensors).
+    """
+    if not calibration or "scores" not in calibration:
+        message = "the model holds no calibration data (trained before medtransfer recorded it): no guarantee claimed"
+        _logger.warning("%s", message)
+        return {"calibrated": False, "message": message}
+    verdict: dict[str, Any] = {"calibrated": True, "source": calibration.get("source"), "n": calibration.get("n")}
+    control = calibration.get("risk_control")
+    if control is not None:
+        per_label = control["per_label"]
+        verdict["risk_control"] = {
+            "target_risk": control["target_risk"], "delta": control["delta"],
+            "certified": [r["certified"] for r in per_label],
+            "calibration_coverage": [r["coverage"] for r in per_label],
+        }  # fmt: skip
+        if not all(verdict["risk_control"]["certified"]):
+            _logger.warning("No coverage met target_risk %s at delta %s on the calibration data: those cases "
+                            "(labels) are all referred", control["target_risk"], control["delta"])  # fmt: skip
+    if calibration.get("set_quantile") is not None:
+        verdict["set_alpha"] = calibration.get("set_alpha")
+    batches = [p for p in probs if len(p)]
+    if not batches:
+        return verdict
+    import torch
+
+    stacked = torch.cat(batches)
+    check = check_exchangeability(
+        calibration["scores"], rule.confidence(stacked).cpu().numpy(), rule.positives(stacked).cpu().numpy(), level
+    )
+    verdict["exchangeability"] = check.to_dict()
+    verdict["message"] = check.message()
+    if check.shifted:
+        _logger.warning("Exchangeability: %s. The calibration guarantee may not hold for these cases.", check.message())
+    else:
+        _logger.info("Exchangeability: %s", check.message())
+    return verdict

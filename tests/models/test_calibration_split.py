@@ -91,6 +91,15 @@ def test_a_model_trained_before_calibration_was_recorded_loads_and_claims_nothin
     with pytest.warns(UserWarning, match="no calibration data .* no guarantee is claimed"):
         results = Trainer(logger=False, enable_progress_bar=False).test(old, data.val, verbose=False)[0]
     assert "test/shift_ks_p" not in results and "test/coverage" in results
+    import cv2
+
+    from medtransfer.predict import run_predict
+
+    (tmp_path / "images").mkdir()
+    cv2.imwrite(str(tmp_path / "images" / "a.png"), np.full((32, 32), 128, dtype=np.uint8))
+    result = run_predict(str(tmp_path / "images"), str(tmp_path / "old.ckpt"), output=tmp_path / "out.csv")
+    assert result["predicted"] == 1 and result["guarantee"]["calibrated"] is False
+    assert "no guarantee claimed" in result["guarantee"]["message"]
 
 
 def test_exchangeability_warns_on_shifted_test_data(calibrated):
@@ -148,3 +157,48 @@ def test_calibration_rows_keep_each_patient_on_one_side():
 def test_calibration_fraction_outside_zero_one_is_an_error(pneumonia_npz):
     with pytest.raises(ValueError, match=r"`calibration_fraction` to be in \[0, 1\), but got 1.0"):
         MedMNISTDataModule(path=str(pneumonia_npz), calibration_fraction=1.0)
+
+
+def test_risk_coverage_plot_draws_the_guaranteed_bound(calibrated):
+    from medtransfer.tracking.report import TestReportPlots
+
+    model, _, data = calibrated
+    logits, targets = _outputs(model, data.val)
+    probs = model.predict_proba(logits)
+    report = {name: float(value.nanmean()) for name, value in model.selective_report(probs, targets).items()}
+    figure = TestReportPlots.figures(model, probs, targets, report)["risk_coverage"]
+    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert any(label.startswith("guaranteed risk <= 0.3 (prob. 90%)") for label in labels)
+
+
+def test_evaluate_and_predict_check_their_scores_against_the_calibration_data(calibrated, tmp_path):
+    import cv2
+    import pandas as pd
+
+    from medtransfer.evaluate import run_evaluate
+    from medtransfer.predict import run_predict
+
+    model, trainer, data = calibrated
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    logits, targets = _outputs(model, data.val)
+    probs = model.predict_proba(logits).numpy()
+    names = np.array(["negative", "positive"])
+    pd.DataFrame({"id": range(len(probs)), "prob_negative": 1 - probs, "prob_positive": probs}).to_csv(
+        tmp_path / "predictions.csv", index=False
+    )
+    pd.DataFrame({"id": range(len(probs)), "label": names[targets.numpy()]}).to_csv(
+        tmp_path / "labels.csv", index=False
+    )
+    report = run_evaluate(tmp_path / "predictions.csv", tmp_path / "labels.csv", id_column="id",
+                          label_format="single", task="binary", model=str(tmp_path / "model.ckpt"))  # fmt: skip
+    verdict = report.attrs["guarantee"]
+    assert verdict["calibrated"] and verdict["risk_control"]["target_risk"] == 0.3
+    assert 0 <= verdict["exchangeability"]["ks_p_value"] <= 1
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 255, (32, 32), dtype=np.uint8))
+    result = run_predict(str(folder), str(tmp_path / "model.ckpt"), output=tmp_path / "out.csv")
+    assert result["guarantee"]["calibrated"] and "ks_p_value" in result["guarantee"]["exchangeability"]

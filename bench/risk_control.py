@@ -62,8 +62,10 @@ def checkpoint_probs(checkpoint: Path, npz: Path) -> dict[str, np.ndarray]:
     model = ClassifierModule.load_from_checkpoint(checkpoint, pretrained="none", map_location="cpu", weights_only=True)
     model.eval()
     settings = raw["input"]
-    data = MedMNISTDataModule(path=str(npz), image_size=settings["size"], mean=settings["mean"], std=settings["std"],
-                              interpolation=settings["interpolation"], channels=settings["channels"], batch_size=128)  # fmt: skip
+    data = MedMNISTDataModule(
+        path=str(npz), image_size=settings["size"], mean=settings["mean"], std=settings["std"],
+        interpolation=settings["interpolation"], channels=settings["channels"], batch_size=128,
+    )  # fmt: skip
     data.setup("fit")
     out: dict[str, np.ndarray] = {"threshold": np.array(float(model.decision_threshold))}
     with torch.no_grad():
@@ -77,7 +79,7 @@ def checkpoint_probs(checkpoint: Path, npz: Path) -> dict[str, np.ndarray]:
 
 def point_estimate_cutoff(confidence: np.ndarray, correct: np.ndarray, target_risk: float) -> float:
     """The rule before risk control: the largest calibration coverage whose empirical risk <= target_risk."""
-    coverage, risk, cutoffs = F.risk_coverage_curve(torch.as_tensor(confidence), torch.as_tensor(correct))
+    _, risk, cutoffs = F.risk_coverage_curve(torch.as_tensor(confidence), torch.as_tensor(correct))
     ok = torch.nonzero(risk <= target_risk + 1e-12)
     return float(cutoffs[int(ok[-1]) if len(ok) else 0])
 
@@ -127,7 +129,8 @@ def three_class_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Renormalised CheXNet-reproduction probabilities, labels and patients of single-finding test images."""
     folder = DATA / "chexnet_reproduction"
     preds = pd.read_csv(folder / "preds.csv")
-    labels = pd.read_csv(folder / "Data_Entry_2017_v2020.csv.gz", usecols=["Image Index", "Finding Labels", "Patient ID"])
+    columns = ["Image Index", "Finding Labels", "Patient ID"]
+    labels = pd.read_csv(folder / "Data_Entry_2017_v2020.csv.gz", usecols=columns)
     frame = preds.merge(labels, on="Image Index")
     frame = frame[frame["Finding Labels"].isin(FINDINGS)]
     probs = frame[[f"prob_{f}" for f in FINDINGS]].to_numpy(dtype=np.float64)
@@ -221,7 +224,8 @@ def main() -> None:
               f"violations {record['violation_rate']:.3f} coverage {record['mean_coverage']:.3f}")  # fmt: skip
     for record in result["multiclass"]:
         print(f"{record['method']:<15} alpha {record['alpha']:.2f}: coverage {record['mean_coverage']:.4f} "
-              f"(below target in {record['violation_rate']:.2f} of splits) set size {record['mean_set_size']:.2f}")  # fmt: skip
+              f"(below target in {record['violation_rate']:.2f} of splits) "
+              f"set size {record['mean_set_size']:.2f}")  # fmt: skip
     for record in result["default_run"]:
         print(f"default run risk<={record['target_risk']} delta {record['delta']}: certified {record['certified']} "
               f"test coverage {record['test_coverage']:.3f} risk {record['test_risk']:.3f}")  # fmt: skip

@@ -384,6 +384,7 @@ def run_evaluate(
     task: Task = "multilabel",
     path_column: str = "path",
     threshold: float | list[float] = _THRESHOLD,
+    model: str | None = None,
 ) -> pd.DataFrame:
     """Audit predictions made elsewhere: join them to a label file on the image id and report per-class metrics.
 
@@ -411,9 +412,13 @@ def run_evaluate(
             names are matched to the ids of the labels file (e.g. ChestX-ray14's 'Image Index').
         threshold: decision threshold of the accuracy columns, one for all classes or one per class (give a
             model's validation-fitted thresholds to reproduce its test table).
+        model: Optional checkpoint or MLflow model URI that made the predictions: their scores are compared with
+            the calibration scores stored in it (exchangeability check), with a warning and the p-values when
+            they differ, since its abstention guarantee holds only for data like its calibration data.
 
     Returns:
-        The report: one row per class and a ``mean`` row (see :func:`evaluate_predictions`).
+        The report: one row per class and a ``mean`` row (see :func:`evaluate_predictions`); with ``model``,
+        ``report.attrs["guarantee"]`` holds the check's verdict.
 
     Raises:
         DataError: A file is missing, empty or malformed, or the two files do not match (names the file, line
@@ -433,10 +438,24 @@ def run_evaluate(
                 f"have none or several: {first}{' ...' if wrong.sum() > _SHOW else ''}"
             )
     report = evaluate_predictions(probs, targets, class_names, task, threshold)
+    if model is not None:
+        report.attrs["guarantee"] = _guarantee(model, probs, task)
     _print_report(report, f"{Path(predictions).name} vs {Path(labels).name}: {task}, {len(pred_ids)} images")
     if out_dir is not None:
         _write_report(report, Path(out_dir), predictions, labels, task)
     return report
+
+
+def _guarantee(model: str, probs: np.ndarray, task: str) -> dict:
+    """The exchangeability verdict of these probabilities against ``model``'s calibration scores."""
+    from medtransfer.models.risk_control import guarantee_verdict
+    from medtransfer.predict import load_predictor
+
+    predictor = load_predictor(model)
+    scores = torch.as_tensor(probs[:, -1] if task == "binary" else probs, dtype=torch.float32)
+    verdict = guarantee_verdict(predictor.rule, predictor.calibration, [scores])
+    print(f"Guarantee of {model}: {verdict.get('message', 'calibrated')}")
+    return verdict
 
 
 _SHORT_HEADERS = {

@@ -78,10 +78,25 @@ def plot_label_counts(counts: np.ndarray, label_names: Sequence[str], columns: S
 
 
 def plot_risk_coverage(coverage: Sequence[float], risk: Sequence[float], aurc: float,
-                       marks: dict[str, tuple[float, float]] | None = None) -> Figure:  # fmt: skip
-    """Selective risk against coverage; ``marks`` labels points such as the chosen abstention band."""
+                       marks: dict[str, tuple[float, float]] | None = None,
+                       guarantee: tuple[float, float, float] | None = None) -> Figure:  # fmt: skip
+    """Selective risk against coverage; ``marks`` labels points such as the chosen abstention band;
+    ``guarantee`` = ``(target_risk, delta, calibration coverage)`` draws the certified bound: risk at most
+    ``target_risk`` with probability ``1 - delta`` up to the coverage certified on the calibration data."""
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.step(coverage, risk, where="post", lw=2, label=f"AURC {aurc:.4f}")
+    if guarantee is not None:
+        target, delta, certified = guarantee
+        ax.hlines(
+            target,
+            0,
+            max(certified, 1e-3),
+            colors="darkgreen",
+            linestyles="--",
+            lw=1.5,
+            label=f"guaranteed risk <= {target:g} (prob. {1 - delta:.0%}) up to coverage {certified:.0%}",
+        )
+        ax.axvline(certified, c="darkgreen", ls=":", lw=1)  # fmt: skip
     for name, (cov, rsk) in (marks or {}).items():
         ax.scatter(cov, rsk, c="crimson", zorder=3, label=f"{name}: coverage {cov:.0%}, risk {rsk:.3f}")
     ax.set(xlabel="coverage (share of cases decided)", ylabel="selective risk (error rate)", xlim=(0, 1.01),

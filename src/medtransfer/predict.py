@@ -41,6 +41,7 @@ from medtransfer.files import atomic_open, write_text_atomic
 from medtransfer.models.classifier import ClassifierModule
 from medtransfer.models.decision import DecisionRule
 from medtransfer.models.inference import ProbabilityModel, input_settings
+from medtransfer.models.risk_control import guarantee_verdict
 from medtransfer.progress import Progress
 from medtransfer.tracking.mlflow import resolve_tracking_uri
 from medtransfer.tracking.model_logging import tracking_at
@@ -84,6 +85,7 @@ class Predictor:
     class_names: list[str]
     settings: dict[str, Any]
     label: str
+    calibration: dict[str, Any] | None = None
 
 
 def _binary_names(task: str, names: list[str]) -> list[str]:
@@ -115,6 +117,7 @@ def load_predictor(model: str | Path, device: str = "cpu", tracking_uri: str | N
         class_names=_binary_names(task, [str(n) for n in names]),
         settings=input_settings(classifier, raw),
         label=str(model),
+        calibration=raw.get("calibration"),
     )
 
 
@@ -159,6 +162,7 @@ def _load_mlflow_model(uri: str, device: str, tracking_uri: str | None) -> Predi
         class_names=_binary_names(task, metadata["class_names"]),
         settings=metadata["input"],
         label=label,
+        calibration=metadata.get("calibration"),
     )
 
 
@@ -204,7 +208,8 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[in
 def _rows(predictor: Predictor, probs: torch.Tensor) -> Iterator[dict[str, Any]]:
     rule, names, task = predictor.rule, predictor.class_names, predictor.task
     decisions, abstains = rule.decide(probs), rule.abstains(probs)
-    for p, decision, abstain in zip(probs.tolist(), decisions.tolist(), abstains.tolist(), strict=True):
+    sets = rule.prediction_sets(probs).tolist() if task == "multiclass" and rule.set_quantile is not None else None
+    for i, (p, decision, abstain) in enumerate(zip(probs.tolist(), decisions.tolist(), abstains.tolist(), strict=True)):
         if task == "binary":
             row = {f"prob_{names[1]}": round(p, 6), "prediction": names[decision]}
             row["decision"] = "abstain" if abstain else ("positive" if decision else "negative")
@@ -212,6 +217,8 @@ def _rows(predictor: Predictor, probs: torch.Tensor) -> Iterator[dict[str, Any]]
             row = {f"prob_{n}": round(v, 6) for n, v in zip(names, p, strict=True)}
             row["prediction"] = names[decision]
             row["decision"] = "abstain" if abstain else names[decision]
+            if sets is not None:  # the conformal set: more than one class means the case is referred
+                row["prediction_set"] = "|".join(n for n, keep in zip(names, sets[i], strict=True) if keep)
         else:
             row = {f"prob_{n}": round(v, 6) for n, v in zip(names, p, strict=True)}
             row["prediction"] = "|".join(n for n, d in zip(names, decision, strict=True) if d) or "none"
@@ -484,7 +491,8 @@ def run_predict(
     failures: list[dict[str, str]] = []
     names = predictor.class_names
     columns = ["path", *(f"prob_{n}" for n in (names[1:] if predictor.task == "binary" else names))]
-    columns += ["prediction", "decision", "unlike_training", "error", "model"]
+    columns += ["prediction", *(["prediction_set"] if predictor.rule.set_quantile is not None else []), "decision"]
+    columns += ["unlike_training", "error", "model"]
     reference = settings.get("reference")  # statistics of the validation images (medtransfer.data.unlike)
     unlike = 0
     explainer = None
@@ -502,6 +510,7 @@ def run_predict(
         _logger.warning("%d temporary file(s) of an interrupted run beside %s (e.g. %s): not outputs, safe to delete",
                         len(stale), output, stale[0].name)  # fmt: skip
     start = time.perf_counter()
+    seen_probs: list[torch.Tensor] = []
     csv_file = atomic_open(output, "w", newline="", encoding="utf-8", errors="backslashreplace")
     with csv_file as handle, torch.inference_mode(), _autocast(device, precision):
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -511,6 +520,7 @@ def run_predict(
             if batch is not None:
                 batch = batch.to(device, non_blocking=True, memory_format=memory_format)
                 probs = network(batch).float().cpu()
+                seen_probs.append(probs)
                 rows = list(_rows(predictor, probs))
                 for row, reason in zip(rows, unlike_reasons(batch, reference), strict=True):
                     row["unlike_training"], unlike = reason, unlike + bool(reason)
@@ -541,6 +551,7 @@ def run_predict(
     }  # fmt: skip
     if predictor.task == "multilabel":
         result["findings"] = {name: dict(findings.get(name, {})) for name in names}
+    result["guarantee"] = guarantee_verdict(predictor.rule, predictor.calibration, seen_probs)
     if summary is not None:
         write_text_atomic(Path(summary), json.dumps(result, indent=2) + "\n")
     print(f"{result['predicted']} predicted, {len(failures)} unreadable, coverage {result['coverage']:.1%} -> {output}")

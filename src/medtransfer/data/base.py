@@ -17,7 +17,14 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomS
 from medtransfer.data.transforms import build_eval_transform, build_train_transform
 from medtransfer.errors import DataError
 
-__all__ = ["SPLITS", "ClassificationDataModule", "SeededTransformDataset", "TrainSubset", "stratified_subset"]
+__all__ = [
+    "SPLITS",
+    "ClassificationDataModule",
+    "SeededTransformDataset",
+    "TrainSubset",
+    "calibration_rows",
+    "stratified_subset",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -98,6 +105,19 @@ def stratified_subset(targets: np.ndarray, fraction: float, seed: int = 0) -> np
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
 
 
+def calibration_rows(
+    targets: np.ndarray, fraction: float, seed: int = 0, groups: np.ndarray | None = None
+) -> np.ndarray:
+    """Sorted rows of validation held out for calibration: a seeded, stratified ``fraction`` of the rows, or of
+    the patients (``groups``, each stratified by its first image) so that no patient is in both parts."""
+    if groups is None:
+        return stratified_subset(targets, fraction, seed)
+    groups = np.asarray(groups)
+    unique, first = np.unique(groups, return_index=True)
+    chosen = unique[stratified_subset(np.asarray(targets)[first], fraction, seed)]
+    return np.flatnonzero(np.isin(groups, chosen))
+
+
 def _seed_worker(worker_id: int) -> None:
     """Give each loader worker its own augmentation stream, derived from torch's per-worker seed."""
     info = torch.utils.data.get_worker_info()
@@ -148,6 +168,10 @@ class ClassificationDataModule(LightningDataModule):
             ``None``: 0.1 for colour data, off for gray.
         stain_jitter: training augmentation for colour data: probability of an H&E stain jitter
             (albumentations' ``HEStain``); ``None``: 0.5 for stained histology (:attr:`stained_modality`), else off.
+        calibration_fraction: hold this share of the validation split out as a ``calib`` split (stratified,
+            seeded by ``subset_seed``, patient-grouped when the data know patients): the model fits its threshold,
+            temperature, abstention band and risk control on it only, while the rest of validation picks the
+            checkpoint. 0 fits them on validation itself (the data that also picked the checkpoint).
     """
 
     def __init__(
@@ -175,10 +199,13 @@ class ClassificationDataModule(LightningDataModule):
         dicom_frame: Literal["first", "middle", "error"] = "middle",
         color_jitter: float | None = None,
         stain_jitter: float | None = None,
+        calibration_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         if color not in ("auto", "gray", "rgb"):
             raise DataError(f"Expected argument `color` to be auto, gray or rgb, but got {color!r}")
+        if not 0 <= calibration_fraction < 1:
+            raise DataError(f"Expected argument `calibration_fraction` to be in [0, 1), but got {calibration_fraction}")
         if not 0 < train_fraction <= 1:
             raise DataError(f"Expected argument `train_fraction` to be in (0, 1], but got {train_fraction}")
         if min_epoch_samples < 0:
@@ -282,7 +309,9 @@ class ClassificationDataModule(LightningDataModule):
                 "Training on %d of %d images (train_fraction %g, subset_seed %d)",
                 len(self.datasets["train"]), len(full), hp.train_fraction, hp.subset_seed,
             )  # fmt: skip
-        empty = [split for split in SPLITS if split in self.datasets and len(self.datasets[split]) == 0]
+        if hp.calibration_fraction > 0 and "val" in self.datasets:
+            self._hold_out_calibration(hp.calibration_fraction, hp.subset_seed)
+        empty = [split for split, data in self.datasets.items() if len(data) == 0]
         if empty:
             raise DataError(f"The {', '.join(empty)} split(s) of {type(self).__name__} hold no images")
         self.datasets["train"].seed_transform(torch.initial_seed())  # reproducible under seed_everything
@@ -290,6 +319,22 @@ class ClassificationDataModule(LightningDataModule):
             "%s: %s %s images at %dpx (%s), mean %s, std %s", type(self).__name__,
             {k: len(v) for k, v in self.datasets.items()}, color, size, interpolation, tuple(mean), tuple(std),
         )  # fmt: skip
+
+    def _hold_out_calibration(self, fraction: float, seed: int) -> None:
+        """Split ``val`` into ``calib`` (``fraction``) and the rest, which stays ``val``."""
+        val = self.datasets["val"]
+        manifest = getattr(val, "manifest", None)
+        rows = calibration_rows(val.targets, fraction, seed, getattr(manifest, "patients", None))
+        rest = np.setdiff1d(np.arange(len(val)), rows)
+        self.datasets["calib"], self.datasets["val"] = val.subset(rows), val.subset(rest)
+        _logger.info("Calibration: %d of %d validation images held out (calibration_fraction %g); %d pick the "
+                     "checkpoint", len(rows), len(val), fraction, len(rest))  # fmt: skip
+        if len(rows) < 114:
+            _logger.warning(
+                "Only %d calibration images: risk control can certify 2 %% errors at delta 0.1 only on >= 114 "
+                "decided cases (5 %%: 45), so a low target_risk will refer everything. HINT: raise "
+                "calibration_fraction or the target.", len(rows),
+            )  # fmt: skip
 
     def _balanced_sampler(self) -> WeightedRandomSampler:
         targets = np.asarray(self.datasets["train"].targets)
@@ -333,6 +378,10 @@ class ClassificationDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def calibration_dataloader(self) -> DataLoader | None:
+        """The ``calib`` split held out of validation (``calibration_fraction``), or ``None``."""
+        return self._loader("calib", shuffle=False) if "calib" in self.datasets else None
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import asdict
 from typing import Any, Literal
 
 import timm
@@ -23,6 +24,12 @@ from medtransfer.metrics.defined import DefinedMean, defined_labels, mask_undefi
 from medtransfer.metrics.thresholds import ThresholdPolicy, fit_thresholds
 from medtransfer.models.backbones import create_backbone
 from medtransfer.models.decision import DecisionRule
+from medtransfer.models.risk_control import (
+    calibration_summary,
+    check_exchangeability,
+    control_selective_risk,
+    fit_aps_quantile,
+)
 from medtransfer.models.test_time_augmentation import TestTimeAugmentation, augmented_views, average_views
 
 __all__ = ["ClassifierModule", "balanced_pos_weight"]
@@ -100,6 +107,12 @@ class ClassifierModule(LightningModule):
         target_coverage: share of validation cases the model should decide on itself; the rest fall in the
             abstention band (``refer``). Fitted on validation with the threshold, stored in the checkpoint.
         target_risk: if set, instead the largest validation coverage whose error rate is at most this.
+        delta: with ``target_risk``, certify the band: the largest coverage whose selective risk is at most
+            ``target_risk`` with probability at least ``1 - delta`` over the calibration draw (Learn-Then-Test,
+            fixed-sequence, exact binomial; per label for multi-label; see ``models.risk_control``). When no
+            coverage qualifies, every case is referred and the report says so. ``None``: point estimate.
+        set_alpha: multi-class: conformal (APS) prediction sets covering the true class with probability
+            ``1 - set_alpha``; a case whose set holds more than one class is referred. ``None``: no sets.
         class_weighting: ``balanced`` weighs positives by ``negatives / positives`` of the training labels
             (CheXNet's weighted BCE; binary and multi-label), read from the data module at fit start. A label
             without positive (or negative) training cases gets weight 1 and a warning naming it.
@@ -126,6 +139,8 @@ class ClassifierModule(LightningModule):
         target_risk: float | None = None,
         class_weighting: Literal["none", "balanced"] = "none",
         test_time_augmentation: TestTimeAugmentation = "none",
+        delta: float | None = None,
+        set_alpha: float | None = None,
     ) -> None:
         super().__init__()
         if task == "binary" and num_classes != 2:
@@ -138,6 +153,13 @@ class ClassifierModule(LightningModule):
             raise ValueError(f"Expected argument `target_coverage` to be in (0, 1], but got {target_coverage}")
         if target_risk is not None and not 0.0 <= target_risk <= 1.0:
             raise ValueError(f"Expected argument `target_risk` to be in [0, 1], but got {target_risk}")
+        for name, value in (("delta", delta), ("set_alpha", set_alpha)):
+            if value is not None and not 0.0 < value < 1.0:
+                raise ValueError(f"Expected argument `{name}` to be in (0, 1), but got {value}")
+        if delta is not None and (target_risk is None or not 0.0 < target_risk < 1.0):
+            raise ValueError(f"Expected argument `target_risk` to be in (0, 1) with `delta`, but got {target_risk}")
+        if set_alpha is not None and task != "multiclass":
+            raise ValueError(f"Expected argument `set_alpha` only for a multiclass task, but got task={task!r}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)  # the CLI logs the config
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.backbone = create_backbone(backbone, pretrained=pretrained, in_chans=in_chans)
@@ -157,6 +179,10 @@ class ClassifierModule(LightningModule):
         self.test_logits, self.test_targets = CatMetric(), CatMetric()
         #: The input settings of a loaded checkpoint (``color``, ``size``, ...); empty for a new model.
         self.trained_input: dict[str, Any] = {}
+        #: What the decision rule was calibrated on and what it guarantees (``risk_control``, ``set_quantile``,
+        #: the calibration scores for the exchangeability check); saved in the checkpoint, ``None`` for models
+        #: trained before calibration was recorded.
+        self.calibration: dict[str, Any] | None = None
         #: Probabilities, targets and report values of the last test epoch, for report callbacks.
         self.test_outputs: dict[str, Any] = {}
         self.train_metrics = _stage_metrics(task, num_classes, "train")
@@ -179,9 +205,11 @@ class ClassifierModule(LightningModule):
     @property
     def decision_rule(self) -> DecisionRule:
         """The stored threshold(s) and abstention band as a rule that works on probabilities alone."""
+        set_quantile = (self.calibration or {}).get("set_quantile")
         return DecisionRule(
-            self.hparams.task, self.decision_threshold, self.min_confidence, self.hparams.confidence_score
-        )
+            self.hparams.task, self.decision_threshold, self.min_confidence, self.hparams.confidence_score,
+            None if set_quantile is None else float(set_quantile),
+        )  # fmt: skip
 
     def decide(self, probs: Tensor) -> Tensor:
         """Predicted labels: ``probs >= decision_threshold`` (per label) or the most probable class."""
@@ -204,8 +232,20 @@ class ClassifierModule(LightningModule):
         return max(0.0, t - m), min(1.0, t + m)
 
     def fit_min_confidence(self, probs: Tensor, targets: Tensor) -> None:
-        """Choose the abstention cut-off on validation outputs for ``target_coverage`` (or ``target_risk``)."""
+        """Choose the abstention cut-off on validation outputs for ``target_coverage`` (or ``target_risk``);
+        with ``delta``, the certified cut-off (per label) of ``control_selective_risk``."""
         confidence, correct = self.confidence(probs), self.decide(probs) == targets
+        if self.hparams.delta is not None:
+            columns = confidence.reshape(len(confidence), -1).cpu().numpy()
+            hits = correct.reshape(len(correct), -1).cpu().numpy()
+            hp = self.hparams
+            self._risk_control = [
+                control_selective_risk(columns[:, j], hits[:, j], hp.target_risk, hp.delta)
+                for j in range(columns.shape[1])
+            ]
+            cutoffs = torch.tensor([r.cutoff for r in self._risk_control], dtype=self.min_confidence.dtype)
+            self.min_confidence.copy_(cutoffs.reshape(self.min_confidence.shape))
+            return
         if self.hparams.task == "multilabel":
             cutoffs = [self._cutoff(confidence[:, j], correct[:, j]) for j in range(confidence.shape[1])]
             self.min_confidence.copy_(torch.tensor(cutoffs))
@@ -282,16 +322,22 @@ class ClassifierModule(LightningModule):
         logits, targets = self.val_logits.compute(), self.val_targets.compute()
         self.val_logits.reset()
         self.val_targets.reset()
+        held_out = self._calibration_outputs()  # the calib split, when the data module holds one out
+        fit_logits, fit_targets = held_out if held_out is not None else (logits, targets)
         if self.hparams.temperature_scaling:
-            self.temperature.fill_(fit_temperature(logits, targets, self.hparams.task))
+            self.temperature.fill_(fit_temperature(fit_logits, fit_targets, self.hparams.task))
             self.log("val/temperature", self.temperature)
-        probs = self.predict_proba(logits)
+        fit_probs = self.predict_proba(fit_logits)
         if self.hparams.task != "multiclass":
-            threshold = fit_thresholds(probs, targets, self.hparams.threshold_policy, self.hparams.threshold_target)
+            threshold = fit_thresholds(
+                fit_probs, fit_targets, self.hparams.threshold_policy, self.hparams.threshold_target
+            )
             self.decision_threshold.copy_(threshold.reshape(self.decision_threshold.shape))
             self.log("val/threshold", self.decision_threshold.mean())
-        self.fit_min_confidence(probs, targets.long())
+        self.fit_min_confidence(fit_probs, fit_targets.long())
         self.log("val/min_confidence", self.min_confidence.mean())
+        self._record_calibration(fit_probs, fit_targets.long(), "calib" if held_out is not None else "val")
+        probs = self.predict_proba(logits)
         if self.hparams.task != "multiclass":
             self.log("val/auroc_labels_defined", float(self._defined(targets, "val").sum()))
         if self.trainer.sanity_checking:
@@ -322,6 +368,49 @@ class ClassifierModule(LightningModule):
             return None
         names = [str(n) for n in names]
         return names[-1:] if self.hparams.task == "binary" else names
+
+    def _calibration_outputs(self) -> tuple[Tensor, Tensor] | None:
+        """Logits and targets of the data module's ``calibration_dataloader``, or ``None`` without one."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        loader = datamodule.calibration_dataloader() if hasattr(datamodule, "calibration_dataloader") else None
+        if loader is None:
+            return None
+        logits, targets = [], []
+        with torch.no_grad():
+            for x, y in loader:
+                logits.append(self(x.to(self.device)).float())
+                targets.append(y.to(self.device))
+        return torch.cat(logits), torch.cat(targets)
+
+    def _record_calibration(self, probs: Tensor, targets: Tensor, source: str) -> None:
+        """Keep what the rule was calibrated on: scores for the exchangeability check, the certified risk
+        control and the prediction sets' quantile; log the guarantee's numbers."""
+        hp = self.hparams
+        record: dict[str, Any] = {"source": source, "n": len(targets)}
+        if hp.set_alpha is not None:
+            record |= {
+                "set_alpha": hp.set_alpha,
+                "set_quantile": fit_aps_quantile(probs.cpu(), targets.cpu(), hp.set_alpha),
+            }
+        self.calibration = record  # the rule below now holds the sets
+        record["scores"] = calibration_summary(self.confidence(probs).cpu(), self.decision_rule.positives(probs).cpu())
+        if hp.delta is not None:
+            results = [asdict(r) for r in getattr(self, "_risk_control", [])]
+            record["risk_control"] = {"target_risk": hp.target_risk, "delta": hp.delta, "per_label": results}
+            self.log("calib/certified_coverage", sum(r["coverage"] for r in results) / max(len(results), 1))
+            self.log("calib/certified", float(all(r["certified"] for r in results)))
+        if hp.set_alpha is not None:
+            sets = self.decision_rule.prediction_sets(probs)
+            record["set_coverage"] = float(sets[torch.arange(len(targets)), targets].double().mean())
+            record["set_size"] = float(sets.sum(-1).double().mean())
+            self.log("calib/set_size", record["set_size"])
+
+    def exchangeability(self, probs: Tensor) -> Any:
+        """The ``ExchangeabilityCheck`` of ``probs`` against the stored calibration scores, or ``None``."""
+        scores = (self.calibration or {}).get("scores")
+        if scores is None:
+            return None
+        return check_exchangeability(scores, self.confidence(probs).cpu(), self.decision_rule.positives(probs).cpu())
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "test", self.test_metrics)
@@ -386,11 +475,40 @@ class ClassifierModule(LightningModule):
             report[f"selective_acc_cov{coverage}"] = 1 - risk
         for accuracy in (95, 99):
             report[f"coverage_at_acc{accuracy}"] = F.coverage_at_accuracy(confidence, correct, accuracy / 100)
+        report |= self._guarantee_report(probs, targets)
         report = {name: torch.as_tensor(value, dtype=torch.float64).cpu() for name, value in report.items()}
         # a label without positives or negatives has no ranking quality to report (NaN; the means skip it)
         for name in report:
             if name.startswith(("aurc", "eaurc", "augrc", "selective_acc", "coverage_at_acc")):
                 report[name] = mask_undefined(report[name], defined)
+        return report
+
+    def _guarantee_report(self, probs: Tensor, targets: Tensor) -> dict[str, Any]:
+        """What the calibration promised (certified, risk bound, calibration coverage; set coverage and size) and
+        the exchangeability check's p-values on these cases, warning when they differ from the calibration data."""
+        calibration, report = self.calibration or {}, {}
+        control = calibration.get("risk_control")
+        if control is not None:
+            per_label = control["per_label"]
+            shape = (-1,) if self.hparams.task == "multilabel" else ()
+            for name in ("certified", "risk_bound", "coverage"):
+                values = torch.tensor([float(r[name]) for r in per_label], dtype=torch.float64)
+                report[f"calib_{name}"] = values.reshape(shape) if shape else values[0]
+            report["target_risk"], report["delta"] = control["target_risk"], control["delta"]
+        if calibration.get("set_quantile") is not None:
+            sets = self.decision_rule.prediction_sets(probs)
+            report["set_coverage"] = sets[torch.arange(len(targets)), targets].double().mean()
+            report["set_size"] = sets.sum(-1).double().mean()
+        check = self.exchangeability(probs)
+        if check is None:
+            rank_zero_warn(
+                "This model holds no calibration data (trained before medtransfer recorded it): its abstention band "
+                "is a validation point estimate and no guarantee is claimed. HINT: retrain to calibrate."
+            )
+            return report
+        report["shift_ks_p"], report["shift_rate_p"] = check.ks_p_value, check.rate_p_value
+        if check.shifted:
+            rank_zero_warn(f"Exchangeability: {check.message()}. The calibration guarantee may not hold here.")
         return report
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
@@ -400,7 +518,10 @@ class ClassifierModule(LightningModule):
         return {"probs": probs, "decision": self.decide(probs), "abstain": self.abstains(probs)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the data's class names and input settings with the weights, for batch prediction."""
+        """Keep the data's class names and input settings with the weights, for batch prediction, and the
+        calibration record (what the decision rule guarantees and on what data)."""
+        if self.calibration is not None:
+            checkpoint["calibration"] = self.calibration
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         names = getattr(datamodule, "class_names", None)
         if names is not None:
@@ -417,8 +538,10 @@ class ClassifierModule(LightningModule):
             checkpoint["input"] = dict(self.trained_input)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Remember the input settings the weights were trained with, to check the data of ``test``/``predict``."""
+        """Remember the input settings the weights were trained with, to check the data of ``test``/``predict``,
+        and restore the calibration record (absent in checkpoints from before it was kept: no guarantee)."""
         self.trained_input = dict(checkpoint.get("input") or {})
+        self.calibration = checkpoint.get("calibration")
 
     def _check_colour(self) -> None:
         """A checkpoint trained on colour (gray) images refuses a data module that feeds gray (colour) ones."""

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from medtransfer.metrics import functional as F
+from medtransfer.models.risk_control import aps_sets
 
 __all__ = ["DecisionRule"]
 
@@ -30,12 +31,15 @@ class DecisionRule:
         threshold: the decision threshold (binary), one per label (multi-label); unused for multi-class.
         min_confidence: a case (or label) whose confidence is below this is referred (abstained on).
         confidence_score: ``margin`` (distance to the threshold; top-1 minus top-2) or ``max_prob``.
+        set_quantile: multi-class only: the conformal (APS) threshold of the prediction sets; a case whose set
+            holds more than one class is referred. ``None``: no sets (models without calibration data).
     """
 
     task: Task
     threshold: Tensor
     min_confidence: Tensor
     confidence_score: F.Score = "margin"
+    set_quantile: float | None = None
 
     def decide(self, probs: Tensor) -> Tensor:
         """Predicted labels: ``probs >= threshold`` (per label), or the most probable class."""
@@ -49,17 +53,38 @@ class DecisionRule:
         return F.confidence_scores(probs, self.task, threshold, self.confidence_score)
 
     def abstains(self, probs: Tensor) -> Tensor:
-        """True where the case (or label) falls in the abstention band and is referred to a human."""
-        return self.confidence(probs) < self.min_confidence.to(probs.device)
+        """True where the case (or label) falls in the abstention band, or its prediction set holds more than
+        one class, and is referred to a human."""
+        referred = self.confidence(probs) < self.min_confidence.to(probs.device)
+        if self.task == "multiclass" and self.set_quantile is not None:
+            referred |= self.prediction_sets(probs).sum(dim=-1) > 1
+        return referred
+
+    def prediction_sets(self, probs: Tensor) -> Tensor:
+        """Multi-class: ``(N, C)`` booleans, the conformal set of each case (covers the true class with
+        probability ``1 - alpha`` on data exchangeable with the calibration data)."""
+        if self.task != "multiclass" or self.set_quantile is None:
+            raise ValueError("prediction_sets needs a multi-class rule fitted with `set_alpha` (a set_quantile)")
+        sets = aps_sets(probs.detach().double().cpu().numpy(), self.set_quantile)
+        return torch.from_numpy(sets).to(probs.device)
+
+    def positives(self, probs: Tensor) -> Tensor:
+        """0/1 decisions per column, for the exchangeability check: the binary decision, each label's, or the
+        one-hot predicted class."""
+        decisions = self.decide(probs)
+        return torch.nn.functional.one_hot(decisions, probs.shape[-1]) if self.task == "multiclass" else decisions
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values, for MLflow model metadata."""
-        return {
+        values = {
             "task": self.task,
             "threshold": self.threshold.tolist(),
             "min_confidence": self.min_confidence.tolist(),
             "confidence_score": self.confidence_score,
         }
+        if self.set_quantile is not None:
+            values["set_quantile"] = self.set_quantile
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DecisionRule:
@@ -69,4 +94,5 @@ class DecisionRule:
             threshold=torch.tensor(values["threshold"], dtype=torch.float32),
             min_confidence=torch.tensor(values["min_confidence"], dtype=torch.float32),
             confidence_score=values.get("confidence_score", "margin"),
+            set_quantile=values.get("set_quantile"),
         )

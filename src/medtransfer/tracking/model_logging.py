@@ -58,6 +58,7 @@ def model_metadata(classifier: ClassifierModule, checkpoint: dict[str, Any]) -> 
         "class_names": [str(n) for n in names],
         "input": input_settings(classifier, checkpoint),
         "decision": classifier.decision_rule.to_dict(),
+        "calibration": classifier.calibration,  # the guarantee and the scores for the exchangeability check
     }
 
 

@@ -139,12 +139,17 @@ class TestReportPlots(Callback):
         decisions = pl_module.decide(probs)
         correct = decisions == targets
         coverage, risk, _ = F.risk_coverage_curve(confidence, correct)
+        control = (getattr(pl_module, "calibration", None) or {}).get("risk_control")
+        guarantee = None
+        if control is not None:  # one binary problem: draw the certified bound on the test curve
+            guarantee = (control["target_risk"], control["delta"], control["per_label"][0]["coverage"])
         figures = {
             "risk_coverage": plots.plot_risk_coverage(
                 coverage,
                 risk,
                 report["aurc"],
                 marks={"abstention band": (report["coverage"], 1 - report["selective_acc"])},
+                guarantee=guarantee,
             )
         }
         reliability_inputs = (probs, targets) if binary else (probs.max(dim=1).values, correct)

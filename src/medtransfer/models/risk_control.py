@@ -1,0 +1,370 @@
+r"""Abstention with a stated guarantee, conformal prediction sets, and a check that the guarantee applies.
+
+**Risk control (binary; multi-label per label).** Deciding on the cases whose confidence is at least
+:math:`\lambda` has a selective risk :math:`R(\lambda) = P(\text{wrong} \mid \kappa \ge \lambda)`. Given
+``n_λ`` accepted calibration cases of which ``e_λ`` are wrong, the errors are binomial given ``n_λ`` (the
+accepted cases are i.i.d. draws from the cases with :math:`\kappa \ge \lambda`), so the exact binomial tail
+:math:`p_\lambda = P(\mathrm{Bin}(n_\lambda, \alpha) \le e_\lambda)` is a valid p-value for the null
+:math:`R(\lambda) > \alpha`. Learn-Then-Test (Angelopoulos et al. 2021) with fixed-sequence testing walks a
+grid of cut-offs fixed in advance from the most to the least confident and stops at the first
+:math:`p_\lambda > \delta`; the last cut-off passed is chosen. Then, over the calibration draw,
+:math:`P(R(\hat\lambda) > \alpha) \le \delta`: *at most* ``target_risk`` *errors among the decided cases, with
+probability at least* ``1 - delta``. When even the first tested cut-off fails, nothing is certified: the rule
+refers every case (:data:`REFER_ALL`) and says so.
+
+Small data: ``n`` decided cases can certify ``target_risk`` at ``delta`` only when even zero errors would, i.e.
+:math:`(1 - \alpha)^n \le \delta`, ``n >= log(delta) / log(1 - target_risk)`` (:func:`min_testable`): 114
+cases for 2 % at delta 0.1, 45 for 5 %, 22 for 10 %. So 50 calibration cases can certify 5 % at best, and a
+2 % target refers everything. The top cut-offs decide on fewer cases than that and could never pass, so the
+sequence starts at the first cut-off deciding on enough cases (a data-dependent start: a slight departure from
+the textbook procedure, whose effect ``bench/risk_control.py`` measures: the violation rate stays at or below
+``delta``).
+
+This is MAPIE's ``BinaryClassificationController`` (risk ``precision`` on the event "correct", fixed-sequence
+FWER control, exact binomial p-value) written as a few vectorised lines over the confidence scores this project
+already computes; ``tests/models/test_risk_control.py`` checks both give the same cut-off. MAPIE itself would
+need a scikit-learn-style ``predict_function`` per call and cannot skip the cut-offs that accept nothing.
+
+**Prediction sets (multi-class).** APS (Romano et al. 2020) with MAPIE's conformity score: the cumulative
+probability of the classes ranked down to the true one; the threshold is the
+:math:`\lceil (n + 1)(1 - \alpha) \rceil`-th smallest calibration score, so a new case's set holds its class
+with probability at least :math:`1 - \alpha`. Sets are rebuilt from that one number (stored with the model);
+``tests/models/test_risk_control.py`` checks them against MAPIE's ``SplitConformalClassifier(prefit=True)``.
+
+**Exchangeability.** Both guarantees hold for data exchangeable with the calibration data.
+:func:`check_exchangeability` compares the data at hand with the calibration scores stored in the model: a
+two-sample Kolmogorov-Smirnov test on confidence, and Fisher's exact test on the share of each predicted
+class (label), Bonferroni-combined.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+__all__ = [
+    "REFER_ALL",
+    "ExchangeabilityCheck",
+    "RiskControl",
+    "aps_sets",
+    "calibration_summary",
+    "check_exchangeability",
+    "conformal_classifier",
+    "conformal_quantile",
+    "control_selective_risk",
+    "default_grid",
+    "fit_aps_quantile",
+    "guarantee_verdict",
+    "min_testable",
+]
+
+_logger = logging.getLogger(__name__)
+
+#: A cut-off above every confidence score (they lie in [0, 1]): every case is referred.
+REFER_ALL = 2.0
+#: At most this many calibration scores per label are stored with a model (a seeded subsample beyond).
+MAX_STORED_SCORES = 2000
+
+
+def _check_open_unit(name: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"Expected argument `{name}` to be in (0, 1), but got {value}")
+
+
+def default_grid(resolution: int = 1000) -> np.ndarray:
+    """Cut-offs fixed before seeing data: ``resolution + 1`` values from 1 down to 0 (tested in this order)."""
+    return np.linspace(1.0, 0.0, resolution + 1)
+
+
+@dataclass(frozen=True)
+class RiskControl:
+    """The certified cut-off of one binary problem (or label) and what it does on the calibration data.
+
+    Attributes:
+        cutoff: decide when confidence ``>=`` this; :data:`REFER_ALL` when no cut-off is certified.
+        certified: whether any cut-off met ``target_risk`` at ``delta``.
+        coverage: share of calibration cases decided at ``cutoff``.
+        risk: their error rate (0 when nothing is decided).
+        risk_bound: the one-sided ``1 - delta`` Clopper-Pearson upper bound on the selective risk there.
+        n: calibration cases.
+    """
+
+    cutoff: float
+    certified: bool
+    coverage: float
+    risk: float
+    risk_bound: float
+    n: int
+
+
+def _counts(confidence: np.ndarray, correct: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Accepted cases and errors among them at each cut-off of ``grid`` (accept: confidence >= cut-off)."""
+    order = np.argsort(confidence, kind="stable")
+    sorted_conf, wrong = confidence[order], (~correct[order]).astype(np.int64)
+    errors_above = np.concatenate([np.cumsum(wrong[::-1])[::-1], [0]])  # errors among rows i.. of the sorted order
+    first = np.searchsorted(sorted_conf, grid, side="left")
+    return len(confidence) - first, errors_above[first]
+
+
+def control_selective_risk(
+    confidence: Any, correct: Any, target_risk: float, delta: float, grid: np.ndarray | None = None
+) -> RiskControl:
+    """The lowest cut-off (largest coverage) whose selective risk is certified ``<= target_risk`` w.p. ``1 - delta``.
+
+    Args:
+        confidence: ``(N,)`` confidence scores of the calibration cases (higher: surer).
+        correct: ``(N,)`` whether each decision was right.
+        target_risk: the highest error rate allowed among decided cases, in (0, 1).
+        delta: the allowed probability that the chosen cut-off misses ``target_risk``, in (0, 1).
+        grid: cut-offs in testing order, most confident first (default :func:`default_grid`).
+    """
+    _check_open_unit("target_risk", target_risk)
+    _check_open_unit("delta", delta)
+    confidence = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    correct = np.asarray(correct, dtype=bool).reshape(-1)
+    if confidence.shape != correct.shape:
+        raise ValueError(
+            f"Expected `confidence` and `correct` of one shape, but got {confidence.shape}, {correct.shape}"
+        )
+    grid = default_grid() if grid is None else np.asarray(grid, dtype=np.float64)
+    n = len(confidence)
+    if n == 0:
+        return RiskControl(REFER_ALL, False, 0.0, 0.0, 1.0, 0)
+    accepted, errors = _counts(confidence, correct, grid)
+    p_values = stats.binom.cdf(errors, accepted, target_risk)
+    tested = np.flatnonzero(accepted >= min_testable(target_risk, delta))
+    failed = tested[p_values[tested] > delta]
+    stop = failed[0] if len(failed) else len(grid)
+    passed = tested[tested < stop]
+    if len(passed) == 0:
+        return RiskControl(REFER_ALL, False, 0.0, 0.0, 1.0, n)
+    k = int(passed[-1])
+    e, m = int(errors[k]), int(accepted[k])
+    bound = 1.0 if e >= m else float(stats.beta.ppf(1 - delta, e + 1, m - e))
+    return RiskControl(float(grid[k]), True, m / n, e / m, bound, n)
+
+
+def min_testable(target_risk: float, delta: float) -> int:
+    """Fewest decided cases that can certify ``target_risk`` at ``delta`` (with no error among them)."""
+    _check_open_unit("target_risk", target_risk)
+    _check_open_unit("delta", delta)
+    return math.ceil(math.log(delta) / math.log1p(-target_risk) - 1e-9)
+
+
+# ------------------------------------------------------------------------------------------ prediction sets
+def _ranked(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(-probs, axis=1, kind="stable")
+    return order, np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)
+
+
+class _Prefit:
+    """Probabilities in, probabilities out: lets MAPIE conformalize scores that were computed elsewhere."""
+
+    _estimator_type = "classifier"
+
+    def __init__(self, num_classes: int) -> None:
+        self.classes_ = np.arange(num_classes)
+        self.n_features_in_ = num_classes
+
+    def fit(self, X: Any, y: Any) -> _Prefit:
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        return np.asarray(X, dtype=np.float64)
+
+    def predict(self, X: Any) -> np.ndarray:
+        return np.asarray(X).argmax(axis=1)
+
+
+def conformal_classifier(probs: Any, labels: Any, alpha: float, seed: int = 0) -> Any:
+    """MAPIE's ``SplitConformalClassifier`` (APS, ``prefit``) conformalized on calibration probabilities."""
+    from mapie.classification import SplitConformalClassifier
+
+    _check_open_unit("alpha", alpha)
+    probs = np.asarray(probs, dtype=np.float64)
+    classifier = SplitConformalClassifier(
+        _Prefit(probs.shape[1]), confidence_level=1 - alpha, conformity_score="aps", prefit=True, random_state=seed
+    )
+    return classifier.conformalize(probs, np.asarray(labels, dtype=np.int64))
+
+
+def fit_aps_quantile(probs: Any, labels: Any, alpha: float, seed: int = 0) -> float:
+    """The APS threshold for coverage ``1 - alpha``: the finite-sample quantile of MAPIE's (randomised) APS
+    conformity scores on the calibration cases; ``inf`` (sets of every class) when there are too few.
+
+    MAPIE refuses calibration labels of fewer than three distinct classes; the same randomised score is then
+    computed here (total probability of the classes ranked above the true one, plus ``U`` times its own).
+    """
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+    if math.ceil((len(labels) + 1) * (1 - alpha) - 1e-9) > len(labels):
+        _check_open_unit("alpha", alpha)
+        return math.inf
+    if len(np.unique(labels)) >= 3:
+        return conformal_quantile(conformal_classifier(probs, labels, alpha, seed).conformity_scores, alpha)
+    order = np.argsort(-probs, axis=1, kind="stable")
+    cumulative = np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)
+    rank = np.argmax(order == labels[:, None], axis=1)
+    own = probs[np.arange(len(labels)), labels]
+    scores = cumulative[np.arange(len(labels)), rank] - np.random.default_rng(seed).uniform(size=len(labels)) * own
+    return conformal_quantile(scores, alpha)
+
+
+def conformal_quantile(scores: Any, alpha: float) -> float:
+    r"""The :math:`\lceil (n + 1)(1 - \alpha) \rceil`-th smallest score; ``inf`` (every class) when that exceeds n."""
+    _check_open_unit("alpha", alpha)
+    scores = np.sort(np.asarray(scores, dtype=np.float64).reshape(-1))
+    k = math.ceil((len(scores) + 1) * (1 - alpha) - 1e-9)
+    return math.inf if k > len(scores) else float(scores[k - 1])
+
+
+def aps_sets(probs: Any, quantile: float) -> np.ndarray:
+    """``(N, C)`` membership: classes ranked down to (and including) the first whose cumulative probability
+    reaches ``quantile`` (MAPIE's ``include_last_label=True``); the most probable class is always in the set."""
+    probs = np.asarray(probs, dtype=np.float64)
+    order, cumulative = _ranked(probs)
+    before = cumulative - np.take_along_axis(probs, order, axis=1)
+    keep_ranked = before < quantile - 1e-12
+    keep_ranked[:, 0] = True
+    sets = np.zeros_like(keep_ranked)
+    np.put_along_axis(sets, order, keep_ranked, axis=1)
+    return sets
+
+
+# ------------------------------------------------------------------------------------------ exchangeability
+@dataclass(frozen=True)
+class ExchangeabilityCheck:
+    """Whether the data at hand look like the calibration data.
+
+    Attributes:
+        ks_statistic: largest KS distance between confidence distributions (over labels).
+        ks_p_value: its p-value, Bonferroni-adjusted over labels.
+        positive_rate: share of cases decided positive (per class or label) now.
+        calibration_positive_rate: the same on the calibration data.
+        rate_p_value: Fisher's exact test on those shares, Bonferroni-adjusted over classes or labels.
+        shifted: either p-value is below the level the check was run at.
+        level: that level.
+    """
+
+    ks_statistic: float
+    ks_p_value: float
+    positive_rate: list[float]
+    calibration_positive_rate: list[float]
+    rate_p_value: float
+    shifted: bool
+    level: float
+
+    def message(self) -> str:
+        pairs = zip(self.positive_rate, self.calibration_positive_rate, strict=True)
+        rates = ", ".join(f"{a:.3f} vs {b:.3f}" for a, b in pairs)
+        verdict = "DIFFER from" if self.shifted else "are consistent with"
+        return (
+            f"these cases' scores {verdict} the calibration data's: confidence KS {self.ks_statistic:.3f} "
+            f"(p={self.ks_p_value:.3g}); predicted-positive rate here vs calibration {rates} "
+            f"(p={self.rate_p_value:.3g})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def calibration_summary(confidence: Any, positives: Any, seed: int = 0) -> dict[str, Any]:
+    """What :func:`check_exchangeability` needs later, as plain JSON: per column (the decision of a binary task,
+    each label, or each predicted class) the confidence scores (at most :data:`MAX_STORED_SCORES`, a seeded
+    subsample beyond) and the count of positive decisions, and the number of cases.
+
+    Args:
+        confidence: ``(N,)`` or ``(N, L)`` confidence scores of the calibration cases.
+        positives: ``(N,)`` or ``(N, K)`` 0/1 decisions (binary decision, per label, or one-hot class).
+    """
+    confidence = np.asarray(confidence, dtype=np.float64)
+    confidence = confidence[:, None] if confidence.ndim == 1 else confidence
+    positives = np.asarray(positives, dtype=np.int64)
+    positives = positives[:, None] if positives.ndim == 1 else positives
+    rows = np.arange(len(confidence))
+    if len(rows) > MAX_STORED_SCORES:
+        rows = np.sort(np.random.default_rng(seed).choice(len(rows), MAX_STORED_SCORES, replace=False))
+    return {
+        "n": len(confidence),
+        "confidence": [np.round(confidence[rows, j], 6).tolist() for j in range(confidence.shape[1])],
+        "positives": positives.sum(axis=0).tolist(),
+    }
+
+
+def check_exchangeability(
+    summary: dict[str, Any], confidence: Any, positives: Any, level: float = 0.01
+) -> ExchangeabilityCheck:
+    """Compare the data at hand with a :func:`calibration_summary`; ``shifted`` when a p-value is below ``level``."""
+    _check_open_unit("level", level)
+    confidence = np.asarray(confidence, dtype=np.float64)
+    confidence = confidence[:, None] if confidence.ndim == 1 else confidence
+    positives = np.asarray(positives, dtype=np.int64)
+    positives = positives[:, None] if positives.ndim == 1 else positives
+    stored = summary["confidence"]
+    if len(stored) != confidence.shape[1] or len(summary["positives"]) != positives.shape[1]:
+        raise ValueError(f"Expected {len(stored)} confidence column(s) as calibrated, but got {confidence.shape[1]}")
+    tests = [stats.ks_2samp(confidence[:, j], np.asarray(stored[j])) for j in range(len(stored))]
+    ks_p = min(1.0, len(tests) * min(float(t.pvalue) for t in tests))
+    n, m = int(summary["n"]), len(positives)
+    now, then = positives.sum(axis=0), np.asarray(summary["positives"], dtype=np.int64)
+    rate_ps = [stats.fisher_exact([[a, m - a], [b, n - b]]).pvalue for a, b in zip(now, then, strict=True)]
+    rate_p = min(1.0, len(rate_ps) * min(rate_ps))
+    return ExchangeabilityCheck(
+        ks_statistic=max(float(t.statistic) for t in tests),
+        ks_p_value=ks_p,
+        positive_rate=(now / max(m, 1)).round(4).tolist(),
+        calibration_positive_rate=(then / max(n, 1)).round(4).tolist(),
+        rate_p_value=float(rate_p),
+        shifted=bool(ks_p < level or rate_p < level),
+        level=level,
+    )
+
+
+def guarantee_verdict(rule: Any, calibration: dict[str, Any] | None, probs: list[Any], level: float = 0.01) -> dict:
+    """What a prediction run may rely on: the model's stored guarantee and whether these cases look like its
+    calibration data (``check_exchangeability`` of ``rule.confidence``/``rule.positives``); warns when they do
+    not, and when the model holds no calibration data (trained before it was recorded: no guarantee claimed).
+
+    Args:
+        rule: the model's ``DecisionRule``.
+        calibration: the model's calibration record (checkpoint ``calibration``, MLflow metadata), or ``None``.
+        probs: the probabilities predicted, in batches (tensors).
+    """
+    if not calibration or "scores" not in calibration:
+        message = "the model holds no calibration data (trained before medtransfer recorded it): no guarantee claimed"
+        _logger.warning("%s", message)
+        return {"calibrated": False, "message": message}
+    verdict: dict[str, Any] = {"calibrated": True, "source": calibration.get("source"), "n": calibration.get("n")}
+    control = calibration.get("risk_control")
+    if control is not None:
+        per_label = control["per_label"]
+        verdict["risk_control"] = {
+            "target_risk": control["target_risk"], "delta": control["delta"],
+            "certified": [r["certified"] for r in per_label],
+            "calibration_coverage": [r["coverage"] for r in per_label],
+        }  # fmt: skip
+        if not all(verdict["risk_control"]["certified"]):
+            _logger.warning("No coverage met target_risk %s at delta %s on the calibration data: those cases "
+                            "(labels) are all referred", control["target_risk"], control["delta"])  # fmt: skip
+    if calibration.get("set_quantile") is not None:
+        verdict["set_alpha"] = calibration.get("set_alpha")
+    batches = [p for p in probs if len(p)]
+    if not batches:
+        return verdict
+    import torch
+
+    stacked = torch.cat(batches)
+    check = check_exchangeability(
+        calibration["scores"], rule.confidence(stacked).cpu().numpy(), rule.positives(stacked).cpu().numpy(), level
+    )
+    verdict["exchangeability"] = check.to_dict()
+    verdict["message"] = check.message()
+    if check.shifted:
+        _logger.warning("Exchangeability: %s. The calibration guarantee may not hold for these cases.", check.message())
+    else:
+        _logger.info("Exchangeability: %s", check.message())
+    return verdict

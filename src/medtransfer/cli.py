@@ -193,6 +193,7 @@ COMMANDS = {
     "baseline": "medtransfer.baseline",
     "learning-curve": "medtransfer.learning_curve",
     "search": "medtransfer.search",
+    "prepare": "medtransfer.prepare",
 }
 
 

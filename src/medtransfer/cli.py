@@ -36,6 +36,7 @@ from medtransfer.tracking.callbacks import (
 from medtransfer.tracking.mlflow import MLflowLogger
 from medtransfer.tracking.model_logging import LogModelToMLflow
 from medtransfer.tracking.report import TestReportPlots
+from medtransfer.tracking.system_metrics import LogSystemMetrics
 
 __all__ = ["COMMANDS", "MedTransferCLI", "build_cli", "main"]
 
@@ -49,6 +50,7 @@ class MedTransferCLI(LightningCLI):
         parser.add_lightning_class_args(FreezeThenFinetune, "finetuning")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LogModelToMLflow, "mlflow_model")
+        parser.add_lightning_class_args(LogSystemMetrics, "system_metrics")  # rank 0's CPU/memory/GPU into the run
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/auroc",

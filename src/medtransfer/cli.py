@@ -36,6 +36,7 @@ from medtransfer.tracking.callbacks import (
 from medtransfer.tracking.mlflow import MLflowLogger
 from medtransfer.tracking.model_logging import LogModelToMLflow
 from medtransfer.tracking.report import TestReportPlots
+from medtransfer.tracking.system_metrics import LogSystemMetrics
 
 __all__ = ["COMMANDS", "MedTransferCLI", "build_cli", "main"]
 
@@ -57,6 +58,7 @@ class MedTransferCLI(LightningCLI):
         parser.add_lightning_class_args(FreezeThenFinetune, "finetuning")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LogModelToMLflow, "mlflow_model")
+        parser.add_lightning_class_args(LogSystemMetrics, "system_metrics")  # rank 0's CPU/memory/GPU into the run
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/auroc",
@@ -203,6 +205,7 @@ COMMANDS = {
     "search": "medtransfer.search",
     "lr-find": "medtransfer.lr_find",
     "explain-eval": "medtransfer.explain_eval",
+    "prepare": "medtransfer.prepare",
 }
 
 
@@ -219,6 +222,7 @@ _COMMAND_HELP = {
     "search": "hyperparameter search over fit (Optuna grid or random), tracked in MLflow",
     "lr-find": "learning-rate finder for the head phase or the unfrozen phase, plot logged to MLflow",
     "explain-eval": "score heatmaps against boxes: pointing-game hit rate and IoU per method and layer",
+    "prepare": "decode, crop and resize every split once into LitData's streaming format for fast training",
 }
 
 

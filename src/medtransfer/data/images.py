@@ -237,47 +237,68 @@ class ImageDataModule(ClassificationDataModule):
     """Images on disk, from any :class:`ManifestSource`, with the shared pipelines and loaders.
 
     Args:
-        source: the layout: ``ChestXray14Source``, ``CsvSource``, ``FolderSource`` or ``MuraSource``.
+        source: the layout: ``ChestXray14Source``, ``CsvSource``, ``FolderSource`` or ``MuraSource``. May be left
+            out when ``prepared`` is given (labels and splits then come from the prepared folder alone).
         cache: decode and resize every image once at setup and keep them in memory (fast epochs on data
             that fits in RAM: 100k images at 224 px take about 5 GB).
         bad_images: ``error`` (default): at setup every file's header is checked (cheap: no pixel is decoded)
             and the run stops naming the first bad files; a body truncated after a good header still stops
             the run, naming it, when it is reached; ``skip``: read every image at setup and leave out those that
             fail, with a logged count.
+        prepared: folder or object-store URI (``s3://...``) of this data as written by ``medtransfer prepare``
+            (decoded, cropped and resized once, in LitData's streaming format): training streams it instead of
+            decoding the files, sharded over ranks and nodes, and augments after reading. Its labels, input
+            settings and (with a ``source``) manifest hash must match this run's. See ``medtransfer.data.prepared``.
         **kwargs: size, normalisation, augmentation and loader options of ``ClassificationDataModule``.
     """
 
     def __init__(
         self,
-        source: ManifestSource,
+        source: ManifestSource | None = None,
         cache: bool = False,
         bad_images: Literal["error", "skip"] = "error",
+        prepared: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.source = source
-        self.manifest = source.build()  # reads the table now: task and classes are known before the model
+        self.prepared_info = None
+        if source is None and prepared is None:
+            raise DataError("ImageDataModule needs a `source`, or `prepared` data written by `medtransfer prepare`")
+        if prepared is not None:
+            from medtransfer.data.prepared import check_options, read_info
+
+            check_options(self.hparams)
+            self.prepared_info = read_info(prepared)
+            if source is None and self.prepared_info is None:
+                raise DataError(f"data.prepared {prepared}: not prepared yet; run `medtransfer prepare` first")
+        # reads the table now: task and classes are known before the model
+        self.manifest = source.build() if source is not None else None
 
     @property
     def name(self) -> str:
-        """Short dataset name for run names: ``chestxray14``, ``csv``, ``folder`` or ``mura``."""
-        return type(self.source).__name__.removesuffix("Source").lower()
+        """Short dataset name for run names: ``chestxray14``, ``csv``, ``folder`` or ``mura`` (``prepared``)."""
+        return type(self.source).__name__.removesuffix("Source").lower() if self.source else "prepared"
 
     @property
     def task(self) -> str:
-        return self.manifest.task
+        return self.manifest.task if self.manifest is not None else self.prepared_info.task
 
     @property
     def num_classes(self) -> int:
-        return self.manifest.num_classes
+        return len(self.class_names)
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.manifest.class_names)
+        return list(self.manifest.class_names if self.manifest is not None else self.prepared_info.class_names)
 
     @property
     def positive_fraction(self) -> torch.Tensor:
         """Share of positive training cases (per label; of the ``train_fraction`` subset after ``setup``)."""
+        if self.hparams.prepared is not None:
+            from medtransfer.data.prepared import positive_fraction
+
+            return positive_fraction(self.hparams.prepared, self.prepared_info)
         train = self.datasets["train"] if self.datasets else self.manifest.subset("train")
         targets = torch.as_tensor(train.targets, dtype=torch.float32)
         return targets.mean(0)
@@ -294,6 +315,10 @@ class ImageDataModule(ClassificationDataModule):
         return False
 
     def build_datasets(self, train_transform, eval_transform) -> dict[str, ManifestDataset]:
+        if self.hparams.prepared is not None:
+            from medtransfer.data.prepared import prepared_datasets
+
+            return prepared_datasets(self, train_transform, eval_transform)
         if self.hparams.bad_images == "skip":
             self.manifest = _without_unreadable(self.manifest, self.hparams.dicom_frame)
         else:
@@ -315,6 +340,13 @@ class ImageDataModule(ClassificationDataModule):
             size, _, _, interpolation = self.normalisation
             for dataset in self.datasets.values():
                 dataset.fill_cache(size, interpolation)
+
+    def _loader(self, split: str, shuffle: bool) -> torch.utils.data.DataLoader:
+        if self.hparams.prepared is None:
+            return super()._loader(split, shuffle)
+        from medtransfer.data.prepared import streaming_loader
+
+        return streaming_loader(self.datasets[split], self.hparams.batch_size, self.hparams.num_workers)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.manifest!r}, source={type(self.source).__name__})"

@@ -1,0 +1,100 @@
+"""MLflow system metrics (CPU, memory, disk, network; GPU utilisation and memory through ``pynvml`` where it is
+installed) logged into the fit's run, from rank 0 only.
+
+``mlflow.start_run(log_system_metrics=True)`` and ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` turn MLflow's sampler
+on for runs MLflow's fluent API starts; Lightning's ``MLFlowLogger`` creates its run through the client and so
+ignores both (Lightning issue #20563). This callback runs MLflow's own
+:class:`~mlflow.system_metrics.system_metrics_monitor.SystemMetricsMonitor` on the logger's run while a fit,
+validation or test runs, in the process of global rank 0 only (one machine's view, one set of ``system/*`` keys).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
+
+from medtransfer.tracking.callbacks import find_mlflow_logger
+
+__all__ = ["LogSystemMetrics", "system_metrics_switch"]
+
+_logger = logging.getLogger(__name__)
+
+
+def system_metrics_switch() -> bool:
+    """MLflow's own switch: ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` (``mlflow.enable_system_metrics_logging()``)."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+
+    return bool(MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get())
+
+
+class LogSystemMetrics(Callback):
+    """Sample system metrics into the MLflow run while the trainer runs (rank 0 only).
+
+    Args:
+        enabled: ``True``/``False``; ``None`` follows MLflow's own switch (``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING``).
+        interval_s: seconds between samples (MLflow's ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` wins if set).
+        samples_before_logging: samples averaged into one logged point.
+    """
+
+    def __init__(self, enabled: bool | None = None, interval_s: float = 10.0, samples_before_logging: int = 1) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"Expected argument `interval_s` to be > 0, but got {interval_s}")
+        if samples_before_logging < 1:
+            raise ValueError(f"Expected argument `samples_before_logging` to be >= 1, but got {samples_before_logging}")
+        self.enabled, self.interval_s, self.samples_before_logging = enabled, interval_s, samples_before_logging
+        self._monitor: Any = None
+
+    @property
+    def active(self) -> bool:
+        return system_metrics_switch() if self.enabled is None else self.enabled
+
+    def _start(self, trainer: Trainer) -> None:
+        logger = find_mlflow_logger(trainer)
+        if not self.active or not trainer.is_global_zero or logger is None or self._monitor is not None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(
+            logger.run_id,  # creates the run if it does not exist yet (rank 0 only)
+            sampling_interval=self.interval_s,
+            samples_before_logging=self.samples_before_logging,
+            resume_logging=True,  # test after fit continues the fit's steps
+            tracking_uri=logger._tracking_uri,
+        )
+        self._monitor.start()
+
+    def _stop(self) -> None:
+        """Stop sampling and log one last sample, so that even a run shorter than ``interval_s`` has one."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is None:
+            return
+        monitor.finish()
+        try:
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception as err:  # a failed sample must not fail the training that ran
+            _logger.warning("Could not log the last system metrics sample: %s", err)
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start(trainer)
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stop()
+
+    @override
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start(trainer)
+
+    @override
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stop()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._stop()

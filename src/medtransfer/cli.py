@@ -37,7 +37,7 @@ from medtransfer.tracking.mlflow import MLflowLogger
 from medtransfer.tracking.model_logging import LogModelToMLflow
 from medtransfer.tracking.report import TestReportPlots
 
-__all__ = ["COMMANDS", "MedTransferCLI", "build_cli", "main"]
+__all__ = ["COMMANDS", "SIGTERM_EXIT_STATUS", "MedTransferCLI", "build_cli", "main"]
 
 _logger = logging.getLogger(__name__)
 
@@ -185,6 +185,9 @@ def _report(message: str) -> None:
     print(message, flush=True)
 
 
+#: Exit status of a fit, validate or test stopped by SIGTERM: 128 + 15, as a shell reports a process it killed.
+SIGTERM_EXIT_STATUS = 143
+
 #: Commands that are not Lightning's: name -> module whose ``main(args)`` runs them.
 COMMANDS = {
     "evaluate": "medtransfer.evaluate",
@@ -208,8 +211,27 @@ def main(args: list[str] | None = None) -> None:
 
         importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
         return
-    with exit_on_user_error():
-        build_cli(args)
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def stop(signum: int, frame: Any) -> None:  # SIGTERM between Lightning's own handlers (e.g. fit -> test)
+        raise SIGTERMException
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with exit_on_user_error():
+            build_cli(args)
+    except SIGTERMException:  # Lightning raises it as SystemExit(None), which would exit 0: a scheduler's "success"
+        print(
+            f"medtransfer: stopped by SIGTERM (exit status {SIGTERM_EXIT_STATUS}); the MLflow run is marked KILLED. "
+            "Resume it with the same command plus --ckpt_path last",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(SIGTERM_EXIT_STATUS)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> MedTransferCLI:

@@ -94,6 +94,11 @@ class Fit:
         self.process.wait()
         self._reader.join(timeout=10)
 
+    def terminate(self, timeout: float = 600) -> int:
+        """SIGTERM, as a scheduler or ``kill`` sends it; wait for the process to end by itself; its exit status."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
     def wait(self, timeout: float = 600) -> int:
         """Wait for the fit to end by itself; its exit status."""
         returncode = self.process.wait(timeout=timeout)

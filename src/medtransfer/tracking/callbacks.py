@@ -149,6 +149,15 @@ class MLflowRunTracking(Callback):
     _unlogged: dict[str, Any] | None = None
 
     @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """A fit or test stopped by SIGTERM or SIGINT ends its run ``KILLED`` (a stop, not a failure)."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        logger = find_mlflow_logger(trainer)
+        if isinstance(logger, MLflowLogger) and isinstance(exception, SIGTERMException | KeyboardInterrupt):
+            logger.mark_killed()
+
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch_ending = False
 

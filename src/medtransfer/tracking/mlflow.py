@@ -161,6 +161,18 @@ class MLflowLogger(MLFlowLogger):
     #: Whether ``skip_logged_steps`` was called: metric values at steps the run has are dropped.
     skips_logged_steps = False
 
+    #: Whether the process was stopped by a signal (SIGTERM, SIGINT): the run ends ``KILLED``, not ``FAILED``.
+    killed = False
+
+    def mark_killed(self) -> None:
+        """End the run as ``KILLED`` when Lightning finalizes it after an interrupt (it would say ``FAILED``)."""
+        self.killed = True
+
+    @override
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        super().finalize("KILLED" if self.killed and status == "failed" else status)
+
     @property
     def last_logged_steps(self) -> dict[str, int]:
         """The highest step logged so far for each metric key (this session, plus the run's history after

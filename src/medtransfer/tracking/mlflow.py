@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from medtransfer.errors import MedtransferError
+from medtransfer.tracking.redaction import redact
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
@@ -75,7 +76,7 @@ def check_reachable(
     except (OSError, ValueError) as err:  # URLError (refused, unknown host), TimeoutError, a malformed URI
         reason = getattr(err, "reason", None) or err
         raise MedtransferError(
-            f"MLflow tracking server {tracking_uri} is unreachable: {reason} "
+            f"MLflow tracking server {redact(tracking_uri)} is unreachable: {reason} "
             f"(start it, or {hint} to use the embedded store mlruns/)"
         ) from None
 
@@ -122,7 +123,7 @@ class MLflowLogger(MLFlowLogger):
             experiment_name=experiment_name,
             run_name=run_name,
             tracking_uri=tracking_uri,
-            tags=tags,
+            tags=redact(tags) if tags else tags,  # secret-named tags and URI credentials never reach the run
             log_model=log_model,
             artifact_location=artifact_location,
             run_id=run_id,

@@ -83,9 +83,11 @@ def test_a_secret_planted_through_every_fit_entry_point_is_nowhere_on_disk_or_co
         monkeypatch.setenv(name, value)
     tags = f'{{db_password: {SECRETS["DB_PASSWORD"]}, api_token: {SECRETS["MY_API_TOKEN"]}, ' \
            f'"warehouse": "postgresql://carol:{URI_SECRET}@db.example.org/pacs"}}'  # fmt: skip
-    main(["fit", f"--config={CONFIG}", f"--data.path={pneumonia_npz}", "--trainer.max_epochs=1",
-          "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false",
-          "--data.image_size=32", "--mlflow_model.enabled=false", f"--trainer.logger.init_args.tags={tags}"])  # fmt: skip
+    small = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",
+             "--trainer.enable_progress_bar=false", "--data.image_size=32", "--mlflow_model.enabled=false"]  # fmt: skip
+    main(
+        ["fit", f"--config={CONFIG}", f"--data.path={pneumonia_npz}", *small, f"--trainer.logger.init_args.tags={tags}"]
+    )
     printed = capfd.readouterr()
     files = [p for p in (workdir / "mlruns").rglob("*") if p.is_file()]
     assert any(p.suffix == ".ckpt" for p in files) and any(p.name == "fit.yaml" for p in files)

@@ -120,6 +120,8 @@ class MedTransferCLI(LightningCLI):
             logger.continue_run(run_id)
             if self.subcommand == "fit":  # a resumed fit replays what followed its checkpoint: log it once
                 logger.skip_logged_steps()
+            elif self.subcommand in ("validate", "test"):  # evaluated again: after the run's last step, no duplicate
+                logger.append_after_logged_steps()
         else:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             dataset = getattr(self.datamodule, "name", type(self.datamodule).__name__)

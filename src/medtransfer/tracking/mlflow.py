@@ -162,6 +162,18 @@ class MLflowLogger(MLFlowLogger):
     #: Whether ``skip_logged_steps`` was called: metric values at steps the run has are dropped.
     skips_logged_steps = False
 
+    def append_after_logged_steps(self) -> None:
+        """Log a value at a step its key already has one step after that key's last logged step instead: for
+        ``validate`` and ``test`` run again into a finished run, whose loops restart at step 0.
+
+        A repeated evaluation thus never duplicates a step (``test/auroc`` at 48 from test-after-fit, then 49,
+        50 ...), and ``validate`` after training lands after the validation curve, not at its step 0.
+        """
+        self._history_pending = self.appends_after_logged_steps = True
+
+    #: Whether ``append_after_logged_steps`` was called.
+    appends_after_logged_steps = False
+
     #: Whether the process was stopped by a signal (SIGTERM, SIGINT): the run ends ``KILLED``, not ``FAILED``.
     killed = False
 
@@ -193,6 +205,15 @@ class MLflowLogger(MLFlowLogger):
         """Log ``metrics`` at ``step``, keeping one value per metric and step: a value at a step not after the
         last one logged for its key is dropped. Lightning logs ``epoch`` twice per epoch (with the validation
         and with the training metrics) and replays an epoch's end on resume; neither adds a second point."""
+        if step is not None and self.appends_after_logged_steps:
+            last = self.last_logged_steps
+            by_step: dict[int, dict[str, float]] = {}
+            for key, value in metrics.items():
+                by_step.setdefault(step if last.get(key, -1) < step else last[key] + 1, {})[key] = value
+            for at, group in sorted(by_step.items()):
+                last.update(dict.fromkeys(group, at))
+                super().log_metrics(group, at)
+            return
         if step is not None:
             last = self.last_logged_steps
             skipped = sorted(k for k in metrics if last.get(k, -1) >= step)

@@ -38,7 +38,7 @@ from medtransfer.tracking.model_logging import LogModelToMLflow
 from medtransfer.tracking.report import TestReportPlots
 from medtransfer.tracking.system_metrics import LogSystemMetrics
 
-__all__ = ["COMMANDS", "MedTransferCLI", "build_cli", "main"]
+__all__ = ["COMMANDS", "SIGTERM_EXIT_STATUS", "MedTransferCLI", "build_cli", "main"]
 
 _logger = logging.getLogger(__name__)
 
@@ -130,6 +130,8 @@ class MedTransferCLI(LightningCLI):
             logger.continue_run(run_id)
             if self.subcommand == "fit":  # a resumed fit replays what followed its checkpoint: log it once
                 logger.skip_logged_steps()
+            elif self.subcommand in ("validate", "test"):  # evaluated again: after the run's last step, no duplicate
+                logger.append_after_logged_steps()
         else:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             dataset = getattr(self.datamodule, "name", type(self.datamodule).__name__)
@@ -195,6 +197,9 @@ def _report(message: str) -> None:
     print(message, flush=True)
 
 
+#: Exit status of a fit, validate or test stopped by SIGTERM: 128 + 15, as a shell reports a process it killed.
+SIGTERM_EXIT_STATUS = 143
+
 #: Commands that are not Lightning's: name -> module whose ``main(args)`` runs them.
 COMMANDS = {
     "evaluate": "medtransfer.evaluate",
@@ -249,8 +254,27 @@ def main(args: list[str] | None = None) -> None:
 
         importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
         return
-    with exit_on_user_error():
-        build_cli(args)
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def stop(signum: int, frame: Any) -> None:  # SIGTERM between Lightning's own handlers (e.g. fit -> test)
+        raise SIGTERMException
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with exit_on_user_error():
+            build_cli(args)
+    except SIGTERMException:  # Lightning raises it as SystemExit(None), which would exit 0: a scheduler's "success"
+        print(
+            f"medtransfer: stopped by SIGTERM (exit status {SIGTERM_EXIT_STATUS}); the MLflow run is marked KILLED. "
+            "Resume it with the same command plus --ckpt_path last",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(SIGTERM_EXIT_STATUS)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def build_cli(

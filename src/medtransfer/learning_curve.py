@@ -29,6 +29,7 @@ from pathlib import Path
 
 from medtransfer.errors import MedtransferError, exit_on_user_error
 from medtransfer.files import write_text_atomic
+from medtransfer.tracking.redaction import redact
 
 __all__ = ["CurvePoint", "learning_curve", "main", "plot_learning_curve", "read_curve_csv"]
 
@@ -234,8 +235,8 @@ def learning_curve(
     ).info.run_id
     for key, value in {"fractions": fractions, "seeds": seeds, "metric": metric, "configs": list(configs),
                        "base_config": base_config, "fit_args": fit_args}.items():  # fmt: skip
-        client.log_param(parent, key, json.dumps(value)[:6000])
-    print(f"Learning curve: parent MLflow run {parent} (experiment {experiment_id}) in {logger._tracking_uri}")
+        client.log_param(parent, key, json.dumps(redact(value))[:6000])
+    print(f"Learning curve: parent MLflow run {parent} (experiment {experiment_id}) in {redact(logger._tracking_uri)}")
     points: list[CurvePoint] = []
     csv_path = Path(output_dir) / "learning_curve.csv"
     status = "FAILED"

@@ -45,6 +45,7 @@ from optuna.trial import TrialState
 
 from medtransfer.errors import DataError, MedtransferError, exit_on_user_error
 from medtransfer.files import write_text_atomic
+from medtransfer.tracking.redaction import redact
 
 __all__ = ["SearchParam", "load_space", "main", "open_storage", "run_search"]
 
@@ -310,7 +311,7 @@ def _open_study(
             break
         time.sleep(0.5)  # another process is still setting the study up
     else:
-        raise MedtransferError(f"Study {name!r} in {storage.url} exists but was never set up; delete it")
+        raise MedtransferError(f"Study {name!r} in {redact(storage.url)} exists but was never set up; delete it")
     theirs = study.user_attrs["settings"]
     mismatch = sorted(k for k in ("space", "sampler", "metric", "direction") if theirs.get(k) != settings[k])
     if mismatch:
@@ -521,7 +522,7 @@ def run_search(
         tags = {"optuna.study": name, "medtransfer.command": "search"}
         run = client.create_run(experiment_id, run_name=f"search-{name}", tags=tags)
         logged = {"sampler": sampler, "metric": metric, "direction": direction, "n_trials": planned,
-                  "pruning": pruning, "storage": storage, "config": str(config)}  # fmt: skip
+                  "pruning": pruning, "storage": redact(storage), "config": str(config)}  # fmt: skip
         for key, value in logged.items():
             client.log_param(run.info.run_id, f"search.{key}", value)
         client.log_text(run.info.run_id, Path(space).read_text(), f"search/{Path(space).name}")
@@ -556,7 +557,7 @@ def run_search(
         from mlflow.tracking import MlflowClient
 
         MlflowClient(tracking_uri).set_terminated(study.user_attrs["parent_run_id"], "FINISHED")
-    result = {"study": name, "storage": storage, "trials": counts, "ran": ran, "best": best,
+    result = {"study": name, "storage": redact(storage), "trials": counts, "ran": ran, "best": best,
               "parent_run_id": study.user_attrs["parent_run_id"], "output": str(output) if best else None}  # fmt: skip
     _print_summary(result, metric, unfinished)
     return result

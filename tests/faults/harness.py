@@ -45,11 +45,13 @@ BOOKKEEPING = {"epoch"}
 class Fit:
     """One ``medtransfer fit`` process in ``workdir`` (its own ``mlruns/``), its output collected line by line."""
 
-    def __init__(self, workdir: Path, data_path: Path, *args: str) -> None:
+    def __init__(self, workdir: Path, data_path: Path, *args: str, command: str = "fit") -> None:
         self.workdir = workdir
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("MLFLOW_TRACKING_URI", None)
-        command = [str(CONSOLE_SCRIPT), "fit", f"--config={DEFAULT_CONFIG}", f"--data.path={data_path}", *TINY, *args]
+        options = TINY if command == "fit" else [o for o in TINY if not o.startswith(("--test_after_fit", "--fine"))]
+        command = [str(CONSOLE_SCRIPT), command, f"--config={DEFAULT_CONFIG}", f"--data.path={data_path}", *options,
+                   *args]  # fmt: skip
         self.process = subprocess.Popen(
             command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
@@ -93,6 +95,11 @@ class Fit:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
         self._reader.join(timeout=10)
+
+    def terminate(self, timeout: float = 600) -> int:
+        """SIGTERM, as a scheduler or ``kill`` sends it; wait for the process to end by itself; its exit status."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
 
     def wait(self, timeout: float = 600) -> int:
         """Wait for the fit to end by itself; its exit status."""

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -19,6 +17,7 @@ from typing_extensions import override
 from medtransfer.checkpoints import load_checkpoint
 from medtransfer.tracking.datasets import log_dataset_inputs
 from medtransfer.tracking.mlflow import MLflowLogger
+from medtransfer.tracking.redaction import redact
 from medtransfer.tracking.tags import resolved_data_params, run_tags
 
 __all__ = [
@@ -42,25 +41,15 @@ def find_mlflow_logger(trainer: Trainer) -> MLFlowLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
 
 
-_SECRET_KEY = re.compile(r"pass(word|wd)?|secret|token|api_?key|access_?key|credential", re.IGNORECASE)
-
-
 def redacted(key: str, value: str) -> str:
-    """``***`` for a secret-named key; a URL's ``user:password@`` becomes ``***@``, so MLflow never stores them."""
-    if _SECRET_KEY.search(str(key)):
-        return "***"
-    try:
-        parts = urlsplit(value)
-    except ValueError:
-        return value
-    if parts.scheme and "@" in parts.netloc:
-        return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
-    return value
+    """``value`` as MLflow may store it: ``***`` under a secret-named key, URI credentials as ``***@``
+    (``medtransfer.tracking.redaction.redact``, the one redaction everything uses)."""
+    return str(redact(str(value), key))
 
 
 def redact_urls(text: str) -> str:
     """Credentials of every ``scheme://user:password@host`` in ``text`` replaced by ``***``."""
-    return re.sub(r"(\w+://)[^/\s@]+@", r"\1***@", text)
+    return redact(text)
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -103,7 +92,7 @@ class LogConfigToMLflow(SaveConfigCallback):
             return
         stage = getattr(stage, "value", stage)  # Lightning passes its TrainerFn enum
         text = self.parser.dump(self.config, skip_none=False)
-        text = redact_urls(text)
+        text = yaml.safe_dump(redact(yaml.safe_load(text)), sort_keys=False)  # secret keys and URI credentials
         logger.experiment.log_text(logger.run_id, text, f"config/{stage}.yaml")
         if stage != "fit":
             return
@@ -142,13 +131,22 @@ class MLflowRunTracking(Callback):
             checkpoint["mlflow"] = {
                 "run_id": logger.run_id,
                 "experiment_id": logger.experiment_id,
-                "tracking_uri": redacted("tracking_uri_value", logger._tracking_uri),
+                "tracking_uri": redact(logger._tracking_uri),
             }
             if self._epoch_ending:
                 checkpoint["mlflow"]["epoch_end_metrics"] = self._epoch_end_metrics(trainer)
 
     _epoch_ending = False
     _unlogged: dict[str, Any] | None = None
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """A fit or test stopped by SIGTERM or SIGINT ends its run ``KILLED`` (a stop, not a failure)."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        logger = find_mlflow_logger(trainer)
+        if isinstance(logger, MLflowLogger) and isinstance(exception, SIGTERMException | KeyboardInterrupt):
+            logger.mark_killed()
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

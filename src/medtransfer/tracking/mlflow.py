@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from medtransfer.errors import MedtransferError
+from medtransfer.tracking.redaction import redact
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
@@ -75,7 +76,7 @@ def check_reachable(
     except (OSError, ValueError) as err:  # URLError (refused, unknown host), TimeoutError, a malformed URI
         reason = getattr(err, "reason", None) or err
         raise MedtransferError(
-            f"MLflow tracking server {tracking_uri} is unreachable: {reason} "
+            f"MLflow tracking server {redact(tracking_uri)} is unreachable: {reason} "
             f"(start it, or {hint} to use the embedded store mlruns/)"
         ) from None
 
@@ -122,7 +123,7 @@ class MLflowLogger(MLFlowLogger):
             experiment_name=experiment_name,
             run_name=run_name,
             tracking_uri=tracking_uri,
-            tags=tags,
+            tags=redact(tags) if tags else tags,  # secret-named tags and URI credentials never reach the run
             log_model=log_model,
             artifact_location=artifact_location,
             run_id=run_id,
@@ -161,6 +162,30 @@ class MLflowLogger(MLFlowLogger):
     #: Whether ``skip_logged_steps`` was called: metric values at steps the run has are dropped.
     skips_logged_steps = False
 
+    def append_after_logged_steps(self) -> None:
+        """Log a value at a step its key already has one step after that key's last logged step instead: for
+        ``validate`` and ``test`` run again into a finished run, whose loops restart at step 0.
+
+        A repeated evaluation thus never duplicates a step (``test/auroc`` at 48 from test-after-fit, then 49,
+        50 ...), and ``validate`` after training lands after the validation curve, not at its step 0.
+        """
+        self._history_pending = self.appends_after_logged_steps = True
+
+    #: Whether ``append_after_logged_steps`` was called.
+    appends_after_logged_steps = False
+
+    #: Whether the process was stopped by a signal (SIGTERM, SIGINT): the run ends ``KILLED``, not ``FAILED``.
+    killed = False
+
+    def mark_killed(self) -> None:
+        """End the run as ``KILLED`` when Lightning finalizes it after an interrupt (it would say ``FAILED``)."""
+        self.killed = True
+
+    @override
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        super().finalize("KILLED" if self.killed and status == "failed" else status)
+
     @property
     def last_logged_steps(self) -> dict[str, int]:
         """The highest step logged so far for each metric key (this session, plus the run's history after
@@ -180,6 +205,15 @@ class MLflowLogger(MLFlowLogger):
         """Log ``metrics`` at ``step``, keeping one value per metric and step: a value at a step not after the
         last one logged for its key is dropped. Lightning logs ``epoch`` twice per epoch (with the validation
         and with the training metrics) and replays an epoch's end on resume; neither adds a second point."""
+        if step is not None and self.appends_after_logged_steps:
+            last = self.last_logged_steps
+            by_step: dict[int, dict[str, float]] = {}
+            for key, value in metrics.items():
+                by_step.setdefault(step if last.get(key, -1) < step else last[key] + 1, {})[key] = value
+            for at, group in sorted(by_step.items()):
+                last.update(dict.fromkeys(group, at))
+                super().log_metrics(group, at)
+            return
         if step is not None:
             last = self.last_logged_steps
             skipped = sorted(k for k in metrics if last.get(k, -1) >= step)

@@ -65,6 +65,11 @@ def model_metadata(classifier: ClassifierModule, checkpoint: dict[str, Any]) -> 
 class LogModelToMLflow(Callback):
     """At the end of ``fit``, log the best checkpoint's model to the run as ``model`` and register it.
 
+    Once per run and best checkpoint: a resumed fit whose best checkpoint is the one already exported (tag
+    ``model_checkpoint``, set after export and registration succeeded) exports and registers nothing; one whose
+    resumed epochs found a better checkpoint exports and registers that one as a new version. An export killed
+    half way leaves a ``PENDING`` logged model in the run; the next fit end of the run deletes it and exports again.
+
     Args:
         enabled: log the model at all (exporting takes a few seconds).
         registered_model_name: name in the MLflow model registry; ``None`` registers it as
@@ -81,12 +86,33 @@ class LogModelToMLflow(Callback):
         dataset = getattr(trainer.datamodule, "name", None) or "data"
         return f"{pl_module.hparams.backbone}-{dataset}"
 
+    @staticmethod
+    def _remove_unfinished_exports(client: Any, experiment_id: str, run_id: str) -> list[str]:
+        """Delete the run's logged models still ``PENDING`` (their export was killed); their ids."""
+        from mlflow.entities import LoggedModelStatus
+
+        pending = [
+            model.model_id
+            for model in client.search_logged_models([experiment_id])
+            if model.source_run_id == run_id and model.status == LoggedModelStatus.PENDING
+        ]
+        for model_id in pending:
+            client.delete_logged_model(model_id)
+        if pending:
+            _logger.info("Deleted %d unfinished model export(s) of run %s", len(pending), run_id)
+        return pending
+
     @override
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         logger = find_mlflow_logger(trainer)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not self.enabled or logger is None or trainer.interrupted or not best or not Path(best).is_file():
+            return
+        client, source = logger.experiment, Path(best).name
+        self._remove_unfinished_exports(client, logger.experiment_id, logger.run_id)
+        if client.get_run(logger.run_id).data.tags.get("model_checkpoint") == source:
+            _logger.info("Run %s already logged and registered the model of %s: not again", logger.run_id, source)
             return
         checkpoint = load_checkpoint(best)
         classifier = ClassifierModule.load_from_checkpoint(
@@ -110,4 +136,5 @@ class LogModelToMLflow(Callback):
         logger.experiment.set_tag(logger.run_id, "model_uri", f"runs:/{logger.run_id}/model")
         if name and version is not None:
             logger.experiment.set_tag(logger.run_id, "registered_model", f"models:/{name}/{version}")
+        logger.experiment.set_tag(logger.run_id, "model_checkpoint", source)  # last: set once all above is done
         _logger.info("Logged the best model of run %s to MLflow%s", logger.run_id, f" as {name}" if name else "")

@@ -1,0 +1,63 @@
+"""SIGTERM (a scheduler's stop, ``kill``, ``docker stop``) during a fit or its test-after-fit: the process exits
+143, the MLflow run is marked ``KILLED``, the last finished epoch's ``last.ckpt`` is kept, and the documented
+resume completes the run as after SIGINT or SIGKILL (issue 15, item 3). It used to exit 0.
+"""
+
+from __future__ import annotations
+
+import harness
+import pytest
+import torch
+from harness import Fit
+
+from medtransfer.cli import SIGTERM_EXIT_STATUS
+from medtransfer.tracking.mlflow import MLflowLogger
+
+
+def test_a_run_stopped_by_a_signal_ends_killed_not_failed(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    stopped, failed = MLflowLogger(tracking_uri=uri), MLflowLogger(tracking_uri=uri)
+    stopped.log_metrics({"train/loss": 1.0}, step=0)
+    failed.log_metrics({"train/loss": 1.0}, step=0)
+    stopped.mark_killed()
+    stopped.finalize("failed")  # what Lightning calls after any exception, a signal's included
+    failed.finalize("failed")
+    client = harness.client(tmp_path)
+    assert client.get_run(stopped.run_id).info.status == "KILLED"
+    assert client.get_run(failed.run_id).info.status == "FAILED"
+
+
+@pytest.mark.faults
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["training", "test_after_fit"])
+def test_sigterm_exits_143_marks_the_run_killed_and_resumes(tmp_path, pneumonia_npz, when):
+    extra = (
+        ["--test_after_fit=true", "--trainer.limit_test_batches=200", "--data.batch_size=4"]
+        if when != "training"
+        else []
+    )
+    fit = Fit(tmp_path, pneumonia_npz, *extra)
+    if when == "training":
+        fit.wait_for_epoch(1)
+        stamp = harness.checkpoint_stamp(tmp_path)
+        fit.wait_until(lambda: harness.checkpoint_stamp(tmp_path) != stamp, what="epoch 1's save")
+        fit.wait_until(lambda: not harness.partial_checkpoints(tmp_path), what="the save to end")
+    else:
+        fit.wait_until(lambda: "Testing the best checkpoint" in fit.output, what="test after fit to start")
+    status = fit.terminate()
+    assert status == SIGTERM_EXIT_STATUS, fit.output
+    assert "stopped by SIGTERM" in fit.output and "--ckpt_path last" in fit.output
+    (run,) = harness.runs(tmp_path)
+    assert run.info.status == "KILLED"
+    checkpoint = harness.last_checkpoint(tmp_path)
+    kept = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert kept["mlflow"]["run_id"] == run.info.run_id
+    resumed = Fit(tmp_path, pneumonia_npz, *extra, "--ckpt_path=last")
+    assert resumed.wait() == 0, resumed.output
+    (run,) = harness.runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    steps = harness.metric_steps(tmp_path, run.info.run_id)
+    assert harness.duplicated_steps(steps) == {}
+    assert len(steps["val/auroc"]) == 4
+    if when == "test_after_fit":
+        assert "test/auroc" in harness.final_values(tmp_path, run.info.run_id)

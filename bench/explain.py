@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--train_images", type=int, default=None, help="use only the first N train normals")
+    parser.add_argument("--lesions", type=Path, help="reuse a planted set written by an earlier run (its folder)")
+    parser.add_argument("--checkpoint", type=Path, help="score this checkpoint (of --sizes' one size), no fit")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "explain.json")
     args = parser.parse_args()
     from medtransfer.explain_eval import run_explain_eval
@@ -116,12 +118,20 @@ def main() -> None:
     results["train_images"] = args.train_images or "all"
     with tempfile.TemporaryDirectory(prefix="medtransfer-explain-") as scratch:
         scratch = Path(scratch)
-        csv = planted_set(scratch / "lesions", DATA / "pneumoniamnist.npz", train_images=args.train_images)
-        test = scratch / "lesions" / "test.csv"
+        lesions = args.lesions or scratch / "lesions"
+        csv = (
+            lesions / "lesions.csv"
+            if args.lesions
+            else planted_set(lesions, DATA / "pneumoniamnist.npz", 0, args.train_images)
+        )
+        test = lesions / "test.csv"
         lines = csv.read_text().splitlines()
         test.write_text("\n".join([lines[0], *(line for line in lines[1:] if ",test," in line)]) + "\n")
         for size in args.sizes:
-            checkpoint, fitted = fit(csv, size, args.epochs, scratch)
+            if args.checkpoint:  # e.g. the best checkpoint of a fit cut short
+                checkpoint, fitted = args.checkpoint, {"checkpoint": args.checkpoint.name}
+            else:
+                checkpoint, fitted = fit(csv, size, args.epochs, scratch)
             start = time.perf_counter()
             table = run_explain_eval(
                 str(test),

@@ -239,3 +239,17 @@ def test_the_worst_errors_gallery_shows_colour_inputs_in_colour(hue_data):
     assert picture.shape == (32, 32, 3) and np.abs(picture[..., 0].astype(int) - picture[..., 1]).mean() > 20
     resized = np.asarray(Image.fromarray(original).resize((32, 32), Image.BILINEAR), dtype=int)
     assert np.abs(picture.astype(int) - resized).mean() < 8  # the tile, in its colours
+
+
+def test_a_gray_model_reads_colour_files_as_gray_training_did_and_says_so_once(hue_data, caplog):
+    from medtransfer.data.readers import read_image
+    from medtransfer.predict import read_as_trained
+
+    paths = sorted((hue_data["folder"] / "test").rglob("*.png"))[:3]
+    noted: set[str] = set()
+    with caplog.at_level(logging.WARNING, logger="medtransfer.predict"):
+        images = [read_as_trained(path, "gray", "middle", noted) for path in paths]
+    for path, image in zip(paths, images, strict=True):
+        np.testing.assert_array_equal(image, read_image(path))  # what a gray data module reads
+    notes = [r.message for r in caplog.records if "trained on gray images" in r.message]
+    assert len(notes) == 1 and "converted to gray" in notes[0]

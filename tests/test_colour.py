@@ -239,3 +239,33 @@ def test_the_worst_errors_gallery_shows_colour_inputs_in_colour(hue_data):
     assert picture.shape == (32, 32, 3) and np.abs(picture[..., 0].astype(int) - picture[..., 1]).mean() > 20
     resized = np.asarray(Image.fromarray(original).resize((32, 32), Image.BILINEAR), dtype=int)
     assert np.abs(picture.astype(int) - resized).mean() < 8  # the tile, in its colours
+
+
+def test_a_gray_model_reads_colour_files_as_gray_training_did_and_says_so_once(hue_data, caplog):
+    from medtransfer.data.readers import read_image
+    from medtransfer.predict import read_as_trained
+
+    paths = sorted((hue_data["folder"] / "test").rglob("*.png"))[:3]
+    noted: set[str] = set()
+    with caplog.at_level(logging.WARNING, logger="medtransfer.predict"):
+        images = [read_as_trained(path, "gray", "middle", noted) for path in paths]
+    for path, image in zip(paths, images, strict=True):
+        np.testing.assert_array_equal(image, read_image(path))  # what a gray data module reads
+    notes = [r.message for r in caplog.records if "trained on gray images" in r.message]
+    assert len(notes) == 1 and "converted to gray" in notes[0]
+
+
+def test_frame_all_predicts_every_frame_of_a_multiframe_dicom_as_its_own_row(fitted, tmp_path):
+    two = pydicom.data.get_testdata_file("SC_rgb_rle_2frame.dcm", download=False)
+    one = pydicom.data.get_testdata_file("SC_rgb_rle.dcm", download=False)
+    listing = tmp_path / "frames.csv"
+    listing.write_text(f"path\n{two}\n{one}\n")
+    run_predict(str(listing), str(fitted["best"]), output=tmp_path / "all.csv", frame="all")
+    rows = _read(tmp_path / "all.csv")
+    assert [(Path(r["path"]).name, r["frame"]) for r in rows] == [
+        ("SC_rgb_rle_2frame.dcm", "0"), ("SC_rgb_rle_2frame.dcm", "1"), ("SC_rgb_rle.dcm", ""),
+    ]  # fmt: skip
+    assert not any(r["error"] for r in rows)
+    for choice, row in (("first", rows[0]), ("middle", rows[1])):  # the same probabilities as one frame read alone
+        run_predict(str(two), str(fitted["best"]), output=tmp_path / "one.csv", frame=choice)
+        assert _read(tmp_path / "one.csv")[0][f"prob_{CLASSES[1]}"] == row[f"prob_{CLASSES[1]}"]

@@ -30,7 +30,7 @@ from torch.nn import functional as nnf
 from torch.utils.data import DataLoader, Dataset
 
 from medtransfer.checkpoints import load_checkpoint
-from medtransfer.data.readers import SUPPORTED_SUFFIXES, as_color, is_color, read_image
+from medtransfer.data.readers import SUPPORTED_SUFFIXES, as_color, dicom_frame_count, is_color, read_image
 from medtransfer.data.tables import read_csv_table, require_columns
 from medtransfer.data.transforms import build_eval_transform
 from medtransfer.data.unlike import unlike_reasons
@@ -166,7 +166,7 @@ def _load_mlflow_model(uri: str, device: str, tracking_uri: str | None) -> Predi
     )
 
 
-def read_as_trained(path: Path, color: str, frame: str, noted: set[str] | None = None) -> Any:
+def read_as_trained(path: Path, color: str, frame: str | int, noted: set[str] | None = None) -> Any:
     """The image as the model's training read it: ``color`` (``gray``/``rgb``) and DICOM ``frame``. A colour file
     given to a gray model is turned into luma, a gray file given to a colour model replicated to RGB, as
     training did; the first such file of each kind is logged (``noted`` keeps the kinds already said)."""
@@ -180,11 +180,26 @@ def read_as_trained(path: Path, color: str, frame: str, noted: set[str] | None =
     return as_color(image, color)
 
 
-class _Images(Dataset):
-    """Decoded, transformed images; an unreadable file yields its error instead of failing the batch."""
+def _every_frame(paths: list[Path]) -> tuple[list[Path], list[int | None]]:
+    """Each multi-frame DICOM once per frame (``frame: all``), with its frame numbers; other files once (None)."""
+    rows, frames = [], []
+    for path in paths:
+        count = dicom_frame_count(path)
+        rows += [path] * count
+        frames += list(range(count)) if count > 1 else [None]
+    return rows, frames
 
-    def __init__(self, paths: list[Path], transform: Any, color: str = "gray", frame: str = "middle") -> None:
+
+class _Images(Dataset):
+    """Decoded, transformed images; an unreadable file yields its error instead of failing the batch.
+    ``frames``: per row, the DICOM frame to read (``None``: by ``frame``)."""
+
+    def __init__(
+        self, paths: list[Path], transform: Any, color: str = "gray", frame: str = "middle",
+        frames: list[int | None] | None = None,
+    ) -> None:  # fmt: skip
         self.paths, self.transform, self.color, self.frame = paths, transform, color, frame
+        self.frames = frames or [None] * len(paths)
         self.noted: set[str] = set()
 
     def __len__(self) -> int:
@@ -192,7 +207,8 @@ class _Images(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            image = read_as_trained(self.paths[index], self.color, self.frame, self.noted)
+            frame = self.frame if self.frames[index] is None else self.frames[index]
+            image = read_as_trained(self.paths[index], self.color, frame, self.noted)
             return index, self.transform(image=image)["image"], ""
         except (DataError, OSError, ValueError) as err:  # one bad file never stops the run
             return index, None, " ".join(str(err).split())  # the whole reason, on one line
@@ -282,13 +298,13 @@ class _HeatmapWriter:
     one per finding in ``heatmap_finding``)."""
 
     def __init__(self, network: torch.nn.Module, folder: Path, which: str, top_k: int, predictor: Predictor,
-                 method: Method = DEFAULT_METHOD, layer: int | str | None = None,
-                 read: Callable[[Path], Any] = read_image) -> None:  # fmt: skip
+                 method: Method = DEFAULT_METHOD, layer: int | str | None = None, *,
+                 read: Callable[[int], Any]) -> None:  # fmt: skip
         if which == "top_k" and top_k < 1:
             raise DataError(f"top_k must be at least 1, got {top_k}")
         self.network, self.folder, self.which, self.top_k = network, Path(folder), which, top_k
         self.predictor, self.method, self.layer = predictor, method, layer
-        self.read = read  # the image as the model saw it: overlays of colour images are in colour
+        self.read = read  # row -> the image as the model saw it: overlays of colour images are in colour
         if layer is not None and method != "occlusion":  # a wrong name fails now, before any image is read
             resolve_layer(network.backbone, layer)
         self.heap: list[tuple[float, int]] = []
@@ -314,7 +330,7 @@ class _HeatmapWriter:
             maps = explain(self.network, images[rows].float(), target, self.method, self.layer).cpu()
         columns: list[dict[str, list[str]]] = [{} for _ in paths]
         for (j, label), heat in zip(pairs, maps, strict=True):
-            image = self.read(paths[j])
+            image = self.read(indices[j])
             full = nnf.interpolate(heat[None, None], size=image.shape[:2], mode="bilinear", align_corners=False)
             full = full[0, 0].clamp(0, 1).numpy().astype(np.float32)
             suffix = "" if label is None else f"_{self.predictor.class_names[label]}"
@@ -359,7 +375,7 @@ class _HeatmapWriter:
     def write_top_k(self, paths: list[Path], transform: Any, device: str) -> None:
         chosen = [index for _, index in sorted(self.heap, reverse=True)]
         if chosen:
-            images = torch.stack([transform(image=self.read(paths[i]))["image"] for i in chosen]).to(device)
+            images = torch.stack([transform(image=self.read(i))["image"] for i in chosen]).to(device)
             targets = self._targets(torch.stack([self.top_probs[i] for i in chosen]))
             self._write(images, [paths[i] for i in chosen], chosen, targets)
 
@@ -421,7 +437,7 @@ def run_predict(
     channels_last: bool = False,
     compile: bool = False,
     tracking_uri: str | None = None,
-    frame: Literal["first", "middle", "error"] | None = None,
+    frame: Literal["first", "middle", "all", "error"] | None = None,
 ) -> dict[str, Any]:
     """Predict every image and write one CSV row each.
 
@@ -461,8 +477,9 @@ def run_predict(
         compile: ``torch.compile`` the network first (pays off on large folders).
         tracking_uri: MLflow store for ``runs:/`` and ``models:/`` URIs (default: ``$MLFLOW_TRACKING_URI``,
             else ``mlruns/mlflow.db``).
-        frame: which frame of a multi-frame DICOM to predict (``first``, ``middle``), or ``error`` to report such
-            files as unreadable; ``None``: the model's ``dicom_frame``. Images are read in the model's colour
+        frame: which frame of a multi-frame DICOM to predict (``first``, ``middle``), ``all`` (one row per
+            frame, numbered in a ``frame`` column), or ``error`` to report such files as unreadable; ``None``: the
+            model's ``dicom_frame``. Images are read in the model's colour
             (``color`` in its input settings); files of the other kind are converted as in training (logged).
     """
     for name, target in (("--output", output), ("--summary", summary)):
@@ -474,12 +491,16 @@ def run_predict(
     settings = predictor.settings
     network = prepare_network(predictor.network, channels_last, compile)
     color, frame = settings.get("color", "gray"), frame or settings.get("dicom_frame", "middle")
+    frames: list[int | None] = [None] * len(paths)
+    if frame == "all":  # one row per frame; files of one frame read it as their first
+        paths, frames = _every_frame(paths)
+    read_frame = "first" if frame == "all" else frame
     transform = build_eval_transform(
         settings["size"], settings["channels"], settings["mean"], settings["std"], settings["interpolation"],
         color=color,
     )  # fmt: skip
     loader = DataLoader(
-        _Images(paths, transform, color, frame),
+        _Images(paths, transform, color, read_frame, frames),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,
@@ -492,16 +513,23 @@ def run_predict(
     names = predictor.class_names
     columns = ["path", *(f"prob_{n}" for n in (names[1:] if predictor.task == "binary" else names))]
     columns += ["prediction", *(["prediction_set"] if predictor.rule.set_quantile is not None else []), "decision"]
-    columns += ["unlike_training", "error", "model"]
+    columns += ["unlike_training", "error", "model", *(["frame"] if frame == "all" else [])]
     reference = settings.get("reference")  # statistics of the validation images (medtransfer.data.unlike)
     unlike = 0
+
+    def _frame_of(row: int) -> str | int:
+        return read_frame if frames[row] is None else frames[row]
+
+    def _frame_column(row: int) -> dict[str, Any]:
+        return {"frame": "" if frames[row] is None else frames[row]} if frame == "all" else {}
+
     explainer = None
     if heatmaps is not None:  # an exported graph has no layers: the maps come from the checkpoint logged beside it
         layered = predictor.network
         if not _has_layers(layered):
             layered = load_predictor(logged_checkpoint(str(model), tracking_uri), device).network
         explainer = _HeatmapWriter(layered, heatmaps, heatmaps_for, top_k, predictor, explain_method, explain_layer,
-                                   read=lambda path: read_as_trained(path, color, frame))  # fmt: skip
+                                   read=lambda row: read_as_trained(paths[row], color, _frame_of(row)))  # fmt: skip
     if explainer is not None and heatmaps_for != "top_k":
         columns += [*HEATMAP_COLUMNS, *(["heatmap_finding"] if predictor.task == "multilabel" else [])]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -531,11 +559,15 @@ def run_predict(
                 for index, row in zip(indices, rows, strict=True):
                     counts["abstain" if predictor.task == "multilabel" and row["decision"] != "decided"
                            else row["decision"]] += 1  # fmt: skip
-                    writer.writerow({"path": str(paths[index]), **row, "error": "", "model": predictor.label})
+                    writer.writerow({"path": str(paths[index]), **row, "error": "", "model": predictor.label,
+                                     **_frame_column(index)})  # fmt: skip
+                    counts[row["decision"]] += 1
+                    writer.writerow({"path": str(paths[index]), **row, "error": "", "model": predictor.label,
+                                     **_frame_column(index)})  # fmt: skip
             for index, error in failed:
                 failures.append({"path": str(paths[index]), "error": error})
                 writer.writerow({"path": str(paths[index]), "decision": "error", "error": error,
-                                 "model": predictor.label})  # fmt: skip
+                                 "model": predictor.label, **_frame_column(index)})  # fmt: skip
             progress.update(len(indices) + len(failed))
         progress.close()
     if explainer is not None and heatmaps_for == "top_k":

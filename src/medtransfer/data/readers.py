@@ -29,7 +29,17 @@ from PIL import Image
 
 from medtransfer.errors import DataError
 
-__all__ = ["SUPPORTED_SUFFIXES", "Color", "Frame", "as_color", "check_image", "is_color", "read_image", "to_gray"]
+__all__ = [
+    "SUPPORTED_SUFFIXES",
+    "Color",
+    "Frame",
+    "as_color",
+    "check_image",
+    "dicom_frame_count",
+    "is_color",
+    "read_image",
+    "to_gray",
+]
 
 #: ``gray``: one channel (colour sources through ITU-R 601 luma); ``rgb``: three channels (gray replicated);
 #: ``auto``: RGB where the source holds colour (unequal channels), else gray.
@@ -55,7 +65,7 @@ def read_image(
     *,
     window: tuple[float, float] | None = None,
     color: Color = "gray",
-    frame: Frame = "error",
+    frame: Frame | int = "error",
 ) -> np.ndarray:
     """Read one image file as a ``uint8`` array, high values bright: ``(H, W)`` gray or ``(H, W, 3)`` RGB.
 
@@ -84,7 +94,8 @@ def read_image(
         color: ``gray`` (default): always ``(H, W)``, colour through ITU-R 601 luma; ``rgb``: always
             ``(H, W, 3)``, gray replicated; ``auto``: ``(H, W, 3)`` where the source holds colour, else ``(H, W)``
             (gray stored as RGB, with equal channels, reads as gray).
-        frame: multi-frame DICOM: read the ``first`` or the ``middle`` frame, or refuse the file (``error``).
+        frame: multi-frame DICOM: read the ``first`` or the ``middle`` frame, or refuse the file (``error``); an
+            integer reads that frame (0-based).
 
     Returns:
         The ``(H, W)`` or ``(H, W, 3)`` ``uint8`` image.
@@ -98,7 +109,7 @@ def read_image(
         raise ValueError(f"Expected argument `window` to be (center, width) with width >= 1, but got {window}")
     if color not in ("gray", "rgb", "auto"):
         raise ValueError(f"Expected argument `color` to be gray, rgb or auto, but got {color!r}")
-    if frame not in ("first", "middle", "error"):
+    if not isinstance(frame, int) and frame not in ("first", "middle", "error"):
         raise ValueError(f"Expected argument `frame` to be first, middle or error, but got {frame!r}")
     path = Path(path)
     head = _read_head(path)
@@ -199,7 +210,7 @@ def _read_pillow(path: Path, fmt: str, keep_color: bool = False) -> np.ndarray:
         return np.asarray(img).copy()
 
 
-def _read_dicom(path: Path, window: tuple[float, float] | None, frame: Frame = "error") -> np.ndarray:
+def _read_dicom(path: Path, window: tuple[float, float] | None, frame: Frame | int = "error") -> np.ndarray:
     """Stored values -> modality LUT -> VOI (``window``, the file's, or min/max) -> uint8; MONOCHROME1 inverted.
     Colour files go to :func:`_dicom_colour` and come back ``(H, W, 3)``.
 
@@ -319,16 +330,34 @@ def _pillow_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB")).copy()
 
 
-def _dicom_frame(ds, path: Path, frame: Frame) -> np.ndarray:
-    """The pixel array of one frame: the only one, or the ``first``/``middle`` of a multi-frame file."""
+def dicom_frame_count(path: str | Path) -> int:
+    """The number of frames of a DICOM file, from its header; 1 for any other file or one that cannot be read
+    (:func:`read_image` reports why)."""
+    import pydicom
+
+    try:
+        path = Path(path)
+        head = _read_head(path)
+        if not (head[128:132] == b"DICM" or (path.suffix.lower() == ".dcm" and not _sniff(head))):
+            return 1
+        return max(1, int(pydicom.dcmread(path, force=True, stop_before_pixels=True).get("NumberOfFrames") or 1))
+    except Exception:  # any failure is read_image's to report, with its reason
+        return 1
+
+
+def _dicom_frame(ds, path: Path, frame: Frame | int) -> np.ndarray:
+    """The pixel array of one frame: the only one, the ``first``/``middle`` of a multi-frame file, or frame
+    number ``frame``."""
     frames = int(ds.get("NumberOfFrames") or 1)
+    if isinstance(frame, int) and not 0 <= frame < frames:
+        raise DataError(f"{path}: has {frames} frame(s); there is no frame {frame}")
     if frames <= 1:
         return ds.pixel_array
     if frame == "error":
         raise DataError(
             f"{path}: multi-frame DICOM ({frames} frames); set frame: first or frame: middle to read one of them"
         )
-    index = 0 if frame == "first" else frames // 2
+    index = frame if isinstance(frame, int) else 0 if frame == "first" else frames // 2
     ds.pixel_array_options(index=index)
     return ds.pixel_array
 

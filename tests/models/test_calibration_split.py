@@ -202,3 +202,36 @@ def test_evaluate_and_predict_check_their_scores_against_the_calibration_data(ca
         cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 255, (32, 32), dtype=np.uint8))
     result = run_predict(str(folder), str(tmp_path / "model.ckpt"), output=tmp_path / "out.csv")
     assert result["guarantee"]["calibrated"] and "ks_p_value" in result["guarantee"]["exchangeability"]
+
+
+def test_multilabel_risk_control_is_certified_per_label():
+    model = ClassifierModule(backbone="resnet10t", pretrained="none", task="multilabel", num_classes=3,
+                             target_risk=0.1, delta=0.1)  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.rand(400, 3, generator=generator)
+    targets = (torch.rand(400, 3, generator=generator) < probs * torch.tensor([1.0, 0.9, 0.2])).long()
+    model.fit_min_confidence(probs, targets)
+    confidence, correct = model.confidence(probs), model.decide(probs) == targets
+    for j in range(3):
+        expected = control_selective_risk(confidence[:, j], correct[:, j], 0.1, 0.1)
+        assert float(model.min_confidence[j]) == pytest.approx(expected.cutoff)
+    assert float(model.min_confidence[2]) == REFER_ALL  # the label the scores barely predict: all referred
+
+
+def test_multiclass_sets_are_fitted_stored_and_written_by_predict():
+    from medtransfer.predict import Predictor, _rows
+
+    model = ClassifierModule(backbone="resnet10t", pretrained="none", task="multiclass", num_classes=3,
+                             set_alpha=0.1, target_coverage=1.0)  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(300, 3, generator=generator), dim=-1)
+    targets = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    model._record_calibration(probs, targets, "calib")
+    rule = model.decision_rule
+    assert rule.set_quantile == model.calibration["set_quantile"] and model.calibration["set_coverage"] >= 0.9
+    predictor = Predictor(torch.nn.Identity(), rule, "multiclass", ["a", "b", "c"], {}, "m", model.calibration)
+    rows = list(_rows(predictor, probs[:20]))
+    sets = rule.prediction_sets(probs[:20])
+    for row, members in zip(rows, sets, strict=True):
+        assert row["prediction_set"].split("|") == [n for n, keep in zip("abc", members, strict=True) if keep]
+        assert (row["decision"] == "abstain") == (int(members.sum()) > 1)

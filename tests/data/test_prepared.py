@@ -4,6 +4,8 @@ images the raw files give, with its labels, settings and source hash checked, re
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +197,19 @@ def test_prepare_command_takes_the_fit_config(workdir, chestxray14_sample_dir, c
     info = read_info(str(workdir / "out"))
     assert (info.size, info.interpolation) == (24, "bicubic")  # the data module's size, the backbone's filter
     assert not (workdir / "mlruns").exists()  # preparing makes no MLflow run
+
+
+def test_an_image_replaced_under_the_same_name_is_prepared_afresh(tmp_path, chestxray14_sample_dir):
+    csv = sample_csv(tmp_path, chestxray14_sample_dir, n=16)
+    frame = pd.read_csv(csv)
+    (tmp_path / "images").mkdir()
+    frame["path"] = [shutil.copy(path, tmp_path / "images") for path in frame["path"]]
+    frame.to_csv(csv, index=False)
+    out = str(tmp_path / "out")
+    prepare(datamodule(csv), out, SIZE, "area")
+    written = (tmp_path / "out" / "train" / "index.json").stat().st_mtime_ns
+    shutil.copy(chestxray14_sample_dir / "images" / Path(frame["path"][0]).name, frame["path"][0])  # new mtime
+    os.utime(frame["path"][0], ns=(1, 1))
+    datamodule(csv, prepared=out).setup()  # same names, labels and splits: fit accepts the folder
+    prepare(datamodule(csv), out, SIZE, "area")
+    assert (tmp_path / "out" / "train" / "index.json").stat().st_mtime_ns != written

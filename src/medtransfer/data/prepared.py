@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -73,6 +74,7 @@ class PreparedInfo:
         size: side of the stored square images, in pixels.
         interpolation: resize filter used to make them.
         manifest_sha256: hash of the source's images, splits, targets and boxes (:func:`prepared_hash`).
+        files_sha256: hash of the image files' sizes and modification times (:func:`files_hash`).
         splits: per split: ``count`` (images), ``positive_fraction`` (per label; binary/multi-label) and
             ``complete`` (all chunks written).
         source: the data source's class and arguments, for the record.
@@ -84,6 +86,7 @@ class PreparedInfo:
     size: int
     interpolation: str
     manifest_sha256: str
+    files_sha256: str = ""
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -131,17 +134,21 @@ def _write_info(prepared: str, info: PreparedInfo) -> None:
 
 # --------------------------------------------------------------------------------------------------- hashing
 def prepared_hash(manifest: Manifest) -> str:
-    """SHA-256 of what prepare reads: :func:`manifest_sha256` (relative paths, splits, targets) plus the boxes.
-
-    Image bytes are not read (45 GB); a file replaced under the same name is caught by its size and mtime.
-    """
-    import os
-
+    """SHA-256 of the dataset prepare reads: :func:`manifest_sha256` (relative paths, splits, targets) plus the
+    boxes. It does not depend on where the files lie or when they were copied, so training nodes with their own
+    copy of the source agree with it."""
     from medtransfer.tracking.tags import manifest_sha256
 
     digest = hashlib.sha256(manifest_sha256(manifest).encode())
     if manifest.boxes is not None:
         digest.update(np.ascontiguousarray(manifest.boxes).tobytes())
+    return digest.hexdigest()
+
+
+def files_hash(manifest: Manifest) -> str:
+    """SHA-256 of every image file's size and modification time: an image replaced under the same name makes
+    ``prepare`` start afresh (reading 45 GB to hash the bytes would cost as much as preparing)."""
+    digest = hashlib.sha256()
     for path in manifest.paths:
         try:
             stat = os.stat(path)
@@ -151,7 +158,6 @@ def prepared_hash(manifest: Manifest) -> str:
     return digest.hexdigest()
 
 
-# --------------------------------------------------------------------------------------------------- writing
 class _Encoder:
     """``litdata.optimize``'s function: row -> the stored item (decoded, cropped, resized uint8 image)."""
 
@@ -199,10 +205,13 @@ def prepare(
     if interpolation not in INTERPOLATIONS:
         raise DataError(f"interpolation {interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
     manifest = datamodule.manifest
-    digest = prepared_hash(manifest)
+    digest, files = prepared_hash(manifest), files_hash(manifest)
     info = read_info(prepared)
-    settings = (FORMAT_VERSION, digest, int(size), interpolation)
-    if info is not None and (info.format_version, info.manifest_sha256, info.size, info.interpolation) != settings:
+    settings = (FORMAT_VERSION, digest, files, int(size), interpolation)
+    if (
+        info is not None
+        and (info.format_version, info.manifest_sha256, info.files_sha256, info.size, info.interpolation) != settings
+    ):
         _logger.warning(
             "%s was prepared from another source or with other settings (hash %s..., %dpx %s; now %s..., %dpx %s): "
             "preparing it afresh", prepared, info.manifest_sha256[:12], info.size, info.interpolation,
@@ -213,7 +222,7 @@ def prepare(
         source = getattr(datamodule, "source", None)
         info = PreparedInfo(
             task=manifest.task, class_names=list(manifest.class_names), size=int(size), interpolation=interpolation,
-            manifest_sha256=digest,
+            manifest_sha256=digest, files_sha256=files,
             source={"class": type(source).__name__, "arguments": _arguments(source)},
         )  # fmt: skip
         _write_info(prepared, info)

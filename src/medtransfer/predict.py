@@ -561,9 +561,6 @@ def run_predict(
                            else row["decision"]] += 1  # fmt: skip
                     writer.writerow({"path": str(paths[index]), **row, "error": "", "model": predictor.label,
                                      **_frame_column(index)})  # fmt: skip
-                    counts[row["decision"]] += 1
-                    writer.writerow({"path": str(paths[index]), **row, "error": "", "model": predictor.label,
-                                     **_frame_column(index)})  # fmt: skip
             for index, error in failed:
                 failures.append({"path": str(paths[index]), "error": error})
                 writer.writerow({"path": str(paths[index]), "decision": "error", "error": error,

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from medtransfer.cli import main
 
 SMALL = tiny_fit_args()
+CHESTXRAY14_CONFIG = DEFAULT_CONFIG.parent / "chestxray14_sample_lite0.yaml"
 
 
 def _client(workdir: Path) -> MlflowClient:
@@ -231,3 +232,14 @@ def test_help_lists_every_command_with_one_line(capsys):
     assert sorted(listed) == sorted(commands)  # one line each
     assert "Run inference on your data" not in out  # Lightning's own predict text
     assert "predict" not in MedTransferCLI.subcommands()  # medtransfer predict is the batch-inference command
+
+
+def test_a_default_fit_log_has_no_warning_the_user_cannot_act_on(workdir, pneumonia_npz, recwarn):
+    for _ in range(2):  # as a search or learning curve runs fits, in one process
+        main(["fit", f"--config={DEFAULT_CONFIG}", f"--data.path={pneumonia_npz}", *SMALL])
+    messages = [f"{w.category.__name__}: {w.message}" for w in recwarn]
+    assert not [m for m in messages if "JsonargparseWarning" in m or "multiple `ModelCheckpoint`" in m], messages
+    assert sum("logging interval" in m for m in messages) <= 1  # actionable (names the option), said once
+    with pytest.raises(SystemExit):  # albumentations' tuple defaults, dumped by --print_config
+        main(["fit", f"--config={CHESTXRAY14_CONFIG}", "--print_config"])
+    assert not [w for w in recwarn if "does not round-trip" in str(w.message)]

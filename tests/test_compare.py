@@ -61,7 +61,7 @@ def test_every_run_is_listed_best_first_by_the_metric_written_with_an_underscore
     assert list(table["run_id"]) == [*expected, store["parent"]]  # the parent logged no test/auroc: last
     assert list(table.columns) == [
         "run", "run_id", "parent", "status", "start", "backbone", "pretrained", "image_size", "epochs", "lrs",
-        "dataset", "test/auroc", "best val/auroc", "test/acc", "test/selective_acc_cov90", "test/aurc",
+        "test/auroc", "best val/auroc", "test/acc", "test/selective_acc_cov90", "test/aurc", "dataset",
     ]  # fmt: skip
     rows = table.set_index("run_id")
     for run_id in ids:

@@ -90,7 +90,7 @@ def test_grid_search_with_two_worker_processes_runs_each_point_once(workdir, pne
 
 
 @pytest.mark.slow
-def test_random_search_draws_log_uniform_learning_rates_within_bounds(workdir, pneumonia_npz):
+def test_random_search_draws_log_uniform_learning_rates_within_bounds(workdir, pneumonia_npz, capsys):
     space = _space(workdir, {LR: {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}})
     result = run_search(
         DEFAULT_CONFIG, space, sampler="random", n_trials=2, study_name="random", pruning=False,
@@ -104,6 +104,8 @@ def test_random_search_draws_log_uniform_learning_rates_within_bounds(workdir, p
     assert result["best"]["params"][LR] in lrs
     child_lrs = sorted(_runs(workdir)["params.model.optimizer.lr"].dropna().astype(float))
     assert child_lrs == pytest.approx(sorted(lrs))  # each trial fitted with its drawn value
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("search: trial")]
+    assert [line.split(";")[1].split(",")[0] for line in progress] == [" 1/2 trials finished", " 2/2 trials finished"]
 
 
 @pytest.mark.slow

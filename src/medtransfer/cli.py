@@ -186,10 +186,21 @@ class _DropAdvertisements(logging.Filter):
 _DROP_ADVERTISEMENTS = _DropAdvertisements()
 
 
+_FITS_BUILT: list[bool] = []  # non-empty once this process has built a CLI (see _quiet_third_party_noise)
+
+
 def _quiet_third_party_noise() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DROP_ADVERTISEMENTS)  # once: same object
     # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates; users can do nothing about it.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
+    # LastCheckpoint is a second ModelCheckpoint by design; `test` after fit uses the configured (first) one.
+    warnings.filterwarnings("ignore", message=r".*called with Trainer configured with multiple `ModelCheckpoint`")
+    # albumentations' tuple defaults (CLAHE's tile_grid_size=(8, 8)) are saved as YAML lists, which the same
+    # transforms accept: the config round-trips in effect, and the user has nothing to change.
+    warnings.filterwarnings("ignore", message=r"\s*Dump of a value that does not round-trip: a tuple is serialized")
+    # Said at the first fit of a process, not again at every fit of a search or learning curve.
+    if _FITS_BUILT:
+        warnings.filterwarnings("ignore", message=r"The number of training batches .* logging interval")
 
 
 @rank_zero_only  # under DDP every rank runs the CLI's hooks; one copy of each message is enough
@@ -283,6 +294,7 @@ def build_cli(
     """The project's LightningCLI over ``args`` (``["fit", "--config", ...]``); runs the subcommand if ``run``.
     ``cli_class`` lets a command add its own options to fit's (``lr-find``)."""
     _quiet_third_party_noise()
+    _FITS_BUILT.append(True)
     return cli_class(
         ClassifierModule,
         ClassificationDataModule,

@@ -178,13 +178,13 @@ def runs_table(
             "image_size": params.get("data.resolved.image_size") or params.get("data.image_size", ""),
             "epochs": params.get("trainer.max_epochs", ""),
             "lrs": _learning_rates(params),
-            "dataset": _dataset(run),
             metric: metrics.get(metric),
         }
         for name in STANDARD_METRICS:
             column = "best val/auroc" if name == "val/auroc" else name
             if column != metric:
                 row[column] = _best(client, run, name) if name == "val/auroc" else metrics.get(name)
+        row["dataset"] = _dataset(run)  # last: the ranked metric keeps its column
         rows.append(row)
     ascending = lower_is_better(metric) if order == "auto" else order == "ascending"
     table = pd.DataFrame(rows).sort_values(metric, ascending=ascending, na_position="last", kind="stable")

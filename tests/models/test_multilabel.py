@@ -143,3 +143,11 @@ def test_test_writes_evaluates_table_with_the_same_means(absent):
     assert table.loc["mean", "aurc"] == pytest.approx(results["test/aurc"], abs=1e-6)
     per_label = pd.read_csv(next(p for p in report.paths if p.name == "per_label.csv"))
     assert per_label["auroc"].isna().tolist() == [False, False, True]  # NaN, never 0
+
+
+def test_balanced_weight_is_bounded_for_labels_without_positives_or_negatives():
+    from medtransfer.models.classifier import balanced_pos_weight
+
+    with pytest.warns(UserWarning, match=r"2 label\(s\).*: never, always\..*weight is 1"):
+        weight = balanced_pos_weight(torch.tensor([0.25, 0.0, 1.0]), ["rare", "never", "always"])
+    assert weight.tolist() == [3.0, 1.0, 1.0]  # never the 1e6 of a clamped fraction

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import uuid
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -126,7 +127,7 @@ class MedTransferCLI(LightningCLI):
             elif self.subcommand in ("validate", "test"):  # evaluated again: after the run's last step, no duplicate
                 logger.append_after_logged_steps()
         else:
-            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            stamp = f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"  # fits started together differ
             dataset = getattr(self.datamodule, "name", type(self.datamodule).__name__)
             logger.name_run(f"{self.model.hparams.backbone}-{dataset}-{stamp}")
 

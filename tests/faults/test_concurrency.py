@@ -21,23 +21,30 @@ N = 4
 _OPEN_STORE = """
 import sys, time
 from pathlib import Path
+import mlflow.store.tracking.sqlalchemy_store
+from medtransfer.tracking.mlflow import MLflowLogger
 go = Path(sys.argv[1])
+go.with_name(go.name + ".ready." + sys.argv[3]).touch()
 while not go.exists():
     time.sleep(0.001)
-from medtransfer.tracking.mlflow import MLflowLogger
 logger = MLflowLogger(tracking_uri=sys.argv[2])
 logger.log_metrics({"m": 1.0}, step=0)
 logger.finalize("success")
 """
 
 
-def _together(commands: list[list[str]], go: Path, cwd: Path, timeout: float = 900) -> list[tuple[int, str]]:
-    """Start every command, release them at one instant (``go`` appears), wait; ``(status, output)`` each."""
+def _together(
+    commands: list[list[str]], go: Path, cwd: Path, ready: int = 0, timeout: float = 900
+) -> list[tuple[int, str]]:
+    """Start every command, wait for ``ready`` of them to touch ``<go>.ready.<i>``, release them all at one instant
+    (``go`` appears), wait for them to end; ``(status, output)`` each."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     processes = [subprocess.Popen(c, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for c in commands]  # fmt: skip
-    time.sleep(2)  # a head start for the imports, so the children reach the store together
+    deadline = time.monotonic() + timeout
+    while len(list(go.parent.glob(go.name + ".ready.*"))) < ready and time.monotonic() < deadline:
+        time.sleep(0.01)  # children that signal readiness have done their imports: release them together
     go.touch()
     return [(p.wait(timeout=timeout), p.stdout.read()) for p in processes]
 
@@ -45,7 +52,8 @@ def _together(commands: list[list[str]], go: Path, cwd: Path, timeout: float = 9
 def test_processes_opening_a_fresh_store_together_all_get_their_run(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     go = tmp_path / "go"
-    results = _together([[sys.executable, "-c", _OPEN_STORE, str(go), uri] for _ in range(N)], go, tmp_path)
+    commands = [[sys.executable, "-c", _OPEN_STORE, str(go), uri, str(i)] for i in range(N)]
+    results = _together(commands, go, tmp_path, ready=N)
     for status, output in results:
         assert status == 0, output[-3000:]
     runs = harness.runs(tmp_path)

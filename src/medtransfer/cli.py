@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import uuid
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -99,9 +100,12 @@ class MedTransferCLI(LightningCLI):
             return
         from mlflow.tracking import MlflowClient
 
-        experiment = MlflowClient(logger.tracking_uri).get_experiment_by_name(logger._experiment_name)
+        client = MlflowClient(logger.tracking_uri)
+        experiment = client.get_experiment_by_name(logger._experiment_name)
         folder = Path(self.trainer.default_root_dir, experiment.experiment_id if experiment else "?")
         found = sorted(folder.glob("*/checkpoints/last.ckpt"), key=lambda path: path.stat().st_mtime)
+        if experiment is not None:
+            _refuse_if_newest_run_has_no_checkpoint(client, experiment.experiment_id, folder)
         if not found:
             raise MedtransferError(
                 f"--ckpt_path last: no run of experiment {logger._experiment_name!r} has a last.ckpt in "
@@ -133,7 +137,7 @@ class MedTransferCLI(LightningCLI):
             elif self.subcommand in ("validate", "test"):  # evaluated again: after the run's last step, no duplicate
                 logger.append_after_logged_steps()
         else:
-            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            stamp = f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"  # fits started together differ
             dataset = getattr(self.datamodule, "name", type(self.datamodule).__name__)
             logger.name_run(f"{self.model.hparams.backbone}-{dataset}-{stamp}")
 
@@ -174,6 +178,22 @@ class MedTransferCLI(LightningCLI):
             lines.append(f"Best checkpoint: {self.trainer.checkpoint_callback.best_model_path}")
         lines.append("See it in the MLflow UI: make ui  ->  http://127.0.0.1:5000")
         _report("\n".join(lines))
+
+
+def _refuse_if_newest_run_has_no_checkpoint(client: Any, experiment_id: str, folder: Path) -> None:
+    """``--ckpt_path last`` must continue the newest fit, not an older one: if the experiment's newest unfinished
+    fit run (``search``/``learning-curve`` parents aside) has no ``last.ckpt`` (stopped before its first epoch
+    ended), resuming "the newest ``last.ckpt``" would reopen an older run with other settings; refuse instead."""
+    runs = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=20)
+    newest = next((run for run in runs if "medtransfer.command" not in run.data.tags), None)
+    if newest is None or newest.info.status == "FINISHED":
+        return
+    if not (folder / newest.info.run_id / "checkpoints" / "last.ckpt").is_file():
+        raise MedtransferError(
+            f"--ckpt_path last: the newest run {newest.info.run_id} ({newest.info.run_name}, {newest.info.status}) "
+            "has no last.ckpt: it stopped before its first epoch ended, so there is nothing of it to resume. Start "
+            "it afresh (leave out --ckpt_path), or name an older run's checkpoint file to continue that run"
+        )
 
 
 class _DropAdvertisements(logging.Filter):

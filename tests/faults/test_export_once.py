@@ -47,4 +47,4 @@ def test_resuming_a_finished_fit_twice_exports_and_registers_once(tmp_path, pneu
     assert [m.status for m in models] == [LoggedModelStatus.READY]
     assert pending not in {m.model_id for m in models}
     (registered,) = client.search_registered_models()
-    assert [v.version for v in client.search_model_versions(f"name = '{registered.name}'")] == ["1"]
+    assert [int(v.version) for v in client.search_model_versions(f"name = '{registered.name}'")] == [1]

@@ -24,6 +24,7 @@ __all__ = [
     "PROBE_TIMEOUT_S",
     "MLflowLogger",
     "check_reachable",
+    "create_store_once",
     "local_sqlite_path",
     "resolve_tracking_uri",
 ]
@@ -45,6 +46,25 @@ def local_sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI, or ``None`` for any other store."""
     prefix = "sqlite:///"
     return Path(tracking_uri[len(prefix) :]) if tracking_uri.startswith(prefix) else None
+
+
+def create_store_once(tracking_uri: str, database: Path) -> None:
+    """Create (and migrate) the SQLite store at ``database`` under an exclusive lock on ``<database>.lock``.
+
+    MLflow creates its tables and runs its schema migrations on first use; two processes doing so on a fresh
+    ``mlruns/`` at the same instant race (``alembic ... Online migration expected to match one row``), and one
+    fit dies. The first process here creates the store while the others wait; they then find it ready.
+    """
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(tracking_uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 #: Seconds to wait for a tracking server's answer before calling it unreachable.
@@ -117,6 +137,7 @@ class MLflowLogger(MLFlowLogger):
             database = database.resolve()
             database.parent.mkdir(parents=True, exist_ok=True)
             tracking_uri = f"sqlite:///{database}"
+            create_store_once(tracking_uri, database)
             if artifact_location is None:
                 artifact_location = (database.parent / "artifacts").resolve().as_uri()
         super().__init__(

@@ -461,10 +461,11 @@ def run_predict(
             multi-label, decided at all), the ``abstain``-ed ones (referred to a radiologist), or the ``top_k``
             most positive (highest probability of the explained class; chosen after all rows are written).
         top_k: how many images ``heatmaps_for: top_k`` explains.
-        explain_method: how heatmaps are made (:func:`medtransfer.explain.explain`): ``fusion`` (default:
-            LayerCAM fused over the stride-8, -16 and -32 stages, the best measured on planted lesions at 64
-            px), ``layercam``, ``gradcam`` (on the last stage by default: 2x2 cells at 64 px), or ``occlusion``
-            (model-agnostic, about 100x slower).
+        explain_method: how heatmaps are made (:func:`medtransfer.explain.explain`): ``occlusion`` (default:
+            the score's drop under a sliding grey patch; model-agnostic, 225 forward passes per image, the most
+            robust on planted lesions at 64 px), or the fast gradient maps ``fusion`` (LayerCAM fused over the
+            stride-8, -16 and -32 stages), ``layercam``, ``gradcam`` (on the last stage by default: 2x2 cells at
+            64 px).
         explain_layer: the stage explained (fusion: the shallowest fused), as an index into the backbone's
             ``feature_info`` (0 = first, -1 = last) or a module name such as ``blocks.2``; default: the
             method's own.

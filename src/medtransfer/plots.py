@@ -87,16 +87,9 @@ def plot_risk_coverage(coverage: Sequence[float], risk: Sequence[float], aurc: f
     ax.step(coverage, risk, where="post", lw=2, label=f"AURC {aurc:.4f}")
     if guarantee is not None:
         target, delta, certified = guarantee
-        ax.hlines(
-            target,
-            0,
-            max(certified, 1e-3),
-            colors="darkgreen",
-            linestyles="--",
-            lw=1.5,
-            label=f"guaranteed risk <= {target:g} (prob. {1 - delta:.0%}) up to coverage {certified:.0%}",
-        )
-        ax.axvline(certified, c="darkgreen", ls=":", lw=1)  # fmt: skip
+        label = f"guaranteed risk <= {target:g} (prob. {1 - delta:.0%}) up to coverage {certified:.0%}"
+        ax.hlines(target, 0, max(certified, 1e-3), colors="darkgreen", linestyles="--", lw=1.5, label=label)
+        ax.axvline(certified, c="darkgreen", ls=":", lw=1)
     for name, (cov, rsk) in (marks or {}).items():
         ax.scatter(cov, rsk, c="crimson", zorder=3, label=f"{name}: coverage {cov:.0%}, risk {rsk:.3f}")
     ax.set(xlabel="coverage (share of cases decided)", ylabel="selective risk (error rate)", xlim=(0, 1.01),

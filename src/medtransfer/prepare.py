@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 from medtransfer.errors import DataError, exit_on_user_error
 
@@ -38,7 +39,9 @@ def main(args: list[str] | None = None) -> None:
         from medtransfer.data.prepared import prepare
 
         # the weights do not change the input settings; no MLflow run is made for preparing
-        cli = build_cli([*argv, "--model.pretrained=none", "--trainer.logger=false"], run=False)
+        with warnings.catch_warnings():  # the options come from the command line, through `args` on purpose
+            warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended")
+            cli = build_cli([*argv, "--model.pretrained=none", "--trainer.logger=false"], run=False)
         datamodule = cli.datamodule
         if not isinstance(datamodule, ImageDataModule) or datamodule.source is None:
             raise DataError("medtransfer prepare needs an ImageDataModule with a `source` (image files on disk)")

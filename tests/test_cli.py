@@ -222,16 +222,26 @@ def test_a_corrupt_image_read_in_a_loader_worker_is_still_one_line(workdir, pneu
 
 
 def test_help_lists_every_command_with_one_line(capsys):
-    from medtransfer.cli import _COMMAND_HELP, COMMANDS, MedTransferCLI
+    from medtransfer.cli import MedTransferCLI
+    from medtransfer.entry import COMMAND_HELP, COMMANDS
 
     main(["--help"])
     out = capsys.readouterr().out
     commands = {"fit", "validate", "test", *COMMANDS}
-    assert set(_COMMAND_HELP) == commands
+    assert set(COMMAND_HELP) == commands
     listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
     assert sorted(listed) == sorted(commands)  # one line each
     assert "Run inference on your data" not in out  # Lightning's own predict text
     assert "predict" not in MedTransferCLI.subcommands()  # medtransfer predict is the batch-inference command
+
+
+def test_help_imports_neither_lightning_nor_mlflow():
+    """``medtransfer --help`` answers from ``medtransfer.entry`` alone: no seconds of heavy imports."""
+    code = "import sys; from medtransfer.entry import main; main(['--help']); print(sorted(sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    modules = result.stdout.splitlines()[-1]
+    assert "lightning" not in modules and "mlflow" not in modules and "torch" not in modules
+    assert "prepare" in result.stdout
 
 
 def test_a_default_fit_log_has_no_warning_the_user_cannot_act_on(workdir, pneumonia_npz, recwarn):

@@ -25,6 +25,7 @@ from medtransfer.callbacks.finite_check import FiniteCheck
 from medtransfer.callbacks.last_checkpoint import LastCheckpoint
 from medtransfer.checkpoints import load_checkpoint
 from medtransfer.data.base import ClassificationDataModule
+from medtransfer.entry import COMMANDS, print_commands  # the command list: kept where no heavy import is
 from medtransfer.errors import MedtransferError, exit_on_user_error
 from medtransfer.models.classifier import ClassifierModule
 from medtransfer.tracking.callbacks import (
@@ -231,44 +232,6 @@ def _report(message: str) -> None:
 #: Exit status of a fit, validate or test stopped by SIGTERM: 128 + 15, as a shell reports a process it killed.
 SIGTERM_EXIT_STATUS = 143
 
-#: Commands that are not Lightning's: name -> module whose ``main(args)`` runs them.
-COMMANDS = {
-    "evaluate": "medtransfer.evaluate",
-    "predict": "medtransfer.predict",
-    "compare": "medtransfer.compare",
-    "baseline": "medtransfer.baseline",
-    "learning-curve": "medtransfer.learning_curve",
-    "search": "medtransfer.search",
-    "lr-find": "medtransfer.lr_find",
-    "explain-eval": "medtransfer.explain_eval",
-    "prepare": "medtransfer.prepare",
-}
-
-
-#: ``medtransfer --help``: every command with one line (printed without building any parser: fast).
-_COMMAND_HELP = {
-    "fit": "train a model from a YAML config (checkpoints, MLflow run; --test_after_fit tests the best one)",
-    "validate": "one validation epoch of a checkpoint (--ckpt_path), logged to its MLflow run",
-    "test": "test a checkpoint: metrics, report figures and evaluate's table, logged to its MLflow run",
-    "predict": "batch inference: a folder, glob or CSV of images to a CSV of decisions (and heatmaps)",
-    "evaluate": "audit a predictions CSV (predict's, or made elsewhere) against a label file",
-    "compare": "the runs of an MLflow experiment side by side, ranked by one metric",
-    "baseline": "logistic regression on downsampled pixels or frozen backbone features: the yardstick",
-    "learning-curve": "a metric against the training-set size, for several recipes and seeds",
-    "search": "hyperparameter search over fit (Optuna grid or random), tracked in MLflow",
-    "lr-find": "learning-rate finder for the head phase or the unfrozen phase, plot logged to MLflow",
-    "explain-eval": "score heatmaps against boxes: pointing-game hit rate and IoU per method and layer",
-    "prepare": "decode, crop and resize every split once into LitData's streaming format for fast training",
-}
-
-
-def _print_commands() -> None:
-    width = max(map(len, _COMMAND_HELP))
-    lines = ["usage: medtransfer <command> [options]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {text}" for name, text in _COMMAND_HELP.items()]
-    lines += ["", "medtransfer <command> --help lists a command's options."]
-    print("\n".join(lines))
-
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``medtransfer`` console script.
@@ -278,7 +241,7 @@ def main(args: list[str] | None = None) -> None:
     """
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] in ([], ["-h"], ["--help"]):
-        _print_commands()
+        print_commands()
         return
     if argv[:1] and argv[0] in COMMANDS:
         import importlib

@@ -1,0 +1,70 @@
+"""The ``medtransfer`` console script: the command list and dispatch, importing nothing heavy.
+
+``medtransfer --help`` prints every command from here without importing Lightning, timm or MLflow (seconds of
+start-up); a command imports only its own module. ``fit``, ``validate`` and ``test`` go to the LightningCLI in
+``medtransfer.cli``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = ["COMMANDS", "COMMAND_HELP", "main", "print_commands"]
+
+#: Commands that are not Lightning's: name -> module whose ``main(args)`` runs them.
+COMMANDS = {
+    "evaluate": "medtransfer.evaluate",
+    "predict": "medtransfer.predict",
+    "compare": "medtransfer.compare",
+    "baseline": "medtransfer.baseline",
+    "learning-curve": "medtransfer.learning_curve",
+    "search": "medtransfer.search",
+    "lr-find": "medtransfer.lr_find",
+    "explain-eval": "medtransfer.explain_eval",
+    "prepare": "medtransfer.prepare",
+}
+
+#: ``medtransfer --help``: every command with one line.
+COMMAND_HELP = {
+    "fit": "train a model from a YAML config (checkpoints, MLflow run; --test_after_fit tests the best one)",
+    "validate": "one validation epoch of a checkpoint (--ckpt_path), logged to its MLflow run",
+    "test": "test a checkpoint: metrics, report figures and evaluate's table, logged to its MLflow run",
+    "predict": "batch inference: a folder, glob or CSV of images to a CSV of decisions (and heatmaps)",
+    "evaluate": "audit a predictions CSV (predict's, or made elsewhere) against a label file",
+    "compare": "the runs of an MLflow experiment side by side, ranked by one metric",
+    "baseline": "logistic regression on downsampled pixels or frozen backbone features: the yardstick",
+    "learning-curve": "a metric against the training-set size, for several recipes and seeds",
+    "search": "hyperparameter search over fit (Optuna grid or random), tracked in MLflow",
+    "lr-find": "learning-rate finder for the head phase or the unfrozen phase, plot logged to MLflow",
+    "explain-eval": "score heatmaps against boxes: pointing-game hit rate and IoU per method and layer",
+    "prepare": "decode, crop and resize every split once into LitData's streaming format for fast training",
+}
+
+
+def print_commands() -> None:
+    """The command list, one line each."""
+    width = max(map(len, COMMAND_HELP))
+    lines = ["usage: medtransfer <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMAND_HELP.items()]
+    lines += ["", "medtransfer <command> --help lists a command's options."]
+    print("\n".join(lines))
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``medtransfer`` console script."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] in ([], ["-h"], ["--help"]):
+        print_commands()
+        return
+    if argv[0] in COMMANDS:
+        import importlib
+
+        importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+        return
+    from medtransfer.cli import main as lightning_main
+
+    lightning_main(args)
+
+
+if __name__ == "__main__":
+    main()

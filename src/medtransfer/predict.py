@@ -247,7 +247,7 @@ class _HeatmapWriter:
             raise DataError(f"top_k must be at least 1, got {top_k}")
         self.network, self.folder, self.which, self.top_k = network, Path(folder), which, top_k
         self.predictor, self.method, self.layer = predictor, method, layer
-        if layer is not None and method != "occlusion":  # a wrong name fails now, before any image is read
+        if layer is not None:  # a wrong name fails now, before any image is read (occlusion ignores it)
             resolve_layer(network.backbone, layer)
         self.heap: list[tuple[float, int]] = []
         self.top_probs: dict[int, torch.Tensor] = {}

@@ -305,7 +305,7 @@ class _HeatmapWriter:
         self.network, self.folder, self.which, self.top_k = network, Path(folder), which, top_k
         self.predictor, self.method, self.layer = predictor, method, layer
         self.read = read  # row -> the image as the model saw it: overlays of colour images are in colour
-        if layer is not None and method != "occlusion":  # a wrong name fails now, before any image is read
+        if layer is not None:  # a wrong name fails now, before any image is read (occlusion ignores it)
             resolve_layer(network.backbone, layer)
         self.heap: list[tuple[float, int]] = []
         self.top_probs: dict[int, torch.Tensor] = {}

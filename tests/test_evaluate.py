@@ -128,8 +128,11 @@ def test_main_writes_csv_and_json(small, tmp_path, capsys):
     from_json = pd.DataFrame(summary["classes"]).set_index("class")
     assert np.allclose(from_json[["auroc", "aurc", "ece", *SELECTIVE]], table[["auroc", "aurc", "ece", *SELECTIVE]])
     assert (table["n"] == SMALL_ROWS).all()
-    printed = capsys.readouterr().out
-    assert "Pleural_Thickening" in printed and "acc@95" in printed
+    captured = capsys.readouterr()
+    assert "Pleural_Thickening" in captured.out and "acc@95" in captured.out
+    # where a long evaluation stands, with its rate, on stderr (the table stays alone on stdout)
+    assert f"{SMALL_ROWS:,} images read and joined" in captured.err and "images/s" in captured.err
+    assert "scored in" in captured.err
 
 
 def test_main_help_lists_the_options(capsys):

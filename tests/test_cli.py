@@ -57,7 +57,7 @@ def test_fit_then_test_leaves_one_complete_mlflow_run(workdir, fitted):
     artifacts = {a.path for a in _client(workdir).list_artifacts(run.run_id)}
     assert {"checkpoints", "config", "plots"} <= artifacts
     figures = {Path(a.path).name for a in _client(workdir).list_artifacts(run.run_id, "plots")}
-    assert figures == {"roc.png", "risk_coverage.png", "reliability.png", "confusion.png"}
+    assert figures == {"roc.png", "risk_coverage.png", "reliability.png", "confusion.png", "evaluation.csv"}
     checkpoints = _client(workdir).list_artifacts(run.run_id, "checkpoints")
     assert len(checkpoints) == 1 and checkpoints[0].path.endswith(".ckpt")
     assert run.run_id in out and "make ui" in out

@@ -130,7 +130,7 @@ def test_ddp_checkpoints_are_written_once_by_rank_zero_and_carry_the_run(fits):
     for checkpoint in checkpoints:
         assert read_run_info(checkpoint)["run_id"] == run.run_id
     plots = {p.name for p in (experiment_folder / run.run_id / "plots").iterdir()}
-    assert plots == {"roc.png", "risk_coverage.png", "reliability.png", "confusion.png"}
+    assert plots == {"roc.png", "risk_coverage.png", "reliability.png", "confusion.png", "evaluation.csv"}
 
 
 @pytest.mark.slow

@@ -21,11 +21,6 @@ from medtransfer.explain.methods import resolve_layer
 from medtransfer.models.classifier import ClassifierModule
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue #16's 0.85 is not reached on this short fit: measured 0.72 (occlusion, the default), "
-    "0.43 (layercam@blocks.2), 0.28 (fusion), 0.00 (gradcam@blocks.6); remove this mark when it passes",
-)
 def test_default_method_points_inside_the_lesion_box_at_64px(lesion_model):
     model, backgrounds = lesion_model
     centres = _centres(60, torch.Generator().manual_seed(1))

@@ -57,7 +57,7 @@ def test_a_fit_logs_params_metrics_and_artifacts_to_the_server(tracking_server, 
     assert {"checkpoints", "config", "plots"} <= {a.path for a in client.list_artifacts(remote_run.run_id)}
     assert {a.path for a in client.list_artifacts(remote_run.run_id, "config")} >= {"config/fit.yaml"}
     figures = {Path(a.path).name for a in client.list_artifacts(remote_run.run_id, "plots")}
-    assert figures == {"roc.png", "risk_coverage.png", "reliability.png", "confusion.png"}
+    assert figures == {"roc.png", "risk_coverage.png", "reliability.png", "confusion.png", "evaluation.csv"}
     [checkpoint] = client.list_artifacts(remote_run.run_id, "checkpoints")
     assert checkpoint.path.endswith(".ckpt") and checkpoint.file_size > 0
 

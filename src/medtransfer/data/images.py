@@ -304,7 +304,10 @@ class ImageDataModule(ClassificationDataModule):
         return targets.mean(0)
 
     def source_has_color(self, sample: int = 16) -> bool:
-        """Whether any of ``sample`` training images, spread over the split, holds colour (unequal channels)."""
+        """Whether any of ``sample`` training images, spread over the split, holds colour (unequal channels).
+        Prepared data without its source has no files to look at: it is read as gray unless ``color: rgb``."""
+        if self.manifest is None:
+            return False
         paths = self.manifest.subset("train").paths or self.manifest.paths
         for index in np.unique(np.linspace(0, len(paths) - 1, min(sample, len(paths))).astype(int)):
             try:

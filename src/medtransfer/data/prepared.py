@@ -346,6 +346,7 @@ def check_options(hparams: Any) -> None:
         "train_fraction < 1": hparams.get("train_fraction", 1.0) < 1,
         "min_epoch_samples > 0": hparams.get("min_epoch_samples", 0) > 0,
         "cache: true": bool(hparams.get("cache")),
+        "calibration_fraction > 0": hparams.get("calibration_fraction", 0.0) > 0,
     }
     chosen = [name for name, on in refused.items() if on]
     if chosen:

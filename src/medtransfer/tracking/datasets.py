@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from medtransfer.errors import DataError
 from medtransfer.tracking.tags import dataset_tags
 
 __all__ = ["DATASET_CONTEXT", "dataset_inputs", "log_dataset_inputs", "split_digest"]
@@ -43,10 +44,16 @@ def dataset_inputs(datamodule: Any, splits: tuple[str, ...] = ("train", "val", "
     datasets = getattr(datamodule, "datasets", None) or {}
     inputs = []
     for split in splits:
-        targets = getattr(datasets.get(split), "targets", None)
-        if targets is None:
+        if datasets.get(split) is None:
             continue
-        digest = split_digest(identity, split, targets)
+        split_identity = identity
+        try:
+            targets = datasets[split].targets
+        except DataError:  # prepared data streams its targets: the digest covers what prepare recorded instead
+            targets = np.zeros(0)
+            prepared = getattr(datamodule, "prepared_info", None)
+            split_identity = f"{identity}:{getattr(prepared, 'manifest_sha256', '')}"
+        digest = split_digest(split_identity, split, targets)
         dataset = Dataset(f"{name}-{split}", digest, "local", source)
         inputs.append(DatasetInput(dataset, [InputTag(DATASET_CONTEXT, _CONTEXT[split])]))
     return inputs

@@ -194,6 +194,15 @@ class LrTrace(Callback):
         self.steps.append((trainer.current_epoch, groups))
 
 
+def _traced_fit(model, callback: FreezeThenFinetune, epochs: int, tmp_path) -> tuple[Trainer, LrTrace]:
+    """Fit ``model`` on the tiny task, recording every group's learning rate at every batch."""
+    trace = LrTrace()
+    trainer = Trainer(max_epochs=epochs, callbacks=[callback, trace], logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(model, *tiny_loaders())
+    return trainer, trace
+
+
 def test_discriminative_learning_rates_decay_block_by_block_down_the_backbone(tmp_path):
     callback = FreezeThenFinetune(unfreeze_at_epoch=1, finetune_lr=1e-4, lr_decay=0.5)
     seed_everything(0)
@@ -230,19 +239,8 @@ def test_phase_schedules_warm_up_and_decay_every_group_in_both_phases(tmp_path, 
     callback = FreezeThenFinetune(
         unfreeze_at_epoch=2, finetune_lr=1e-4, lr_decay=0.5, schedule=schedule, warmup_fraction=0.25
     )
-    trace = LrTrace()
     seed_everything(0)
-    model = ClassifierModule(backbone=BACKBONE, pretrained="none")
-    trainer = Trainer(
-        max_epochs=4,
-        callbacks=[callback, trace],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(model, *tiny_loaders())
+    _, trace = _traced_fit(ClassifierModule(backbone=BACKBONE, pretrained="none"), callback, 4, tmp_path)
     for phase_epochs, peaks in (((0, 1), {"head": 1e-3}), ((2, 3), {"head": 1e-4, "backbone.4": 1e-4})):
         steps = [groups for epoch, groups in trace.steps if epoch in phase_epochs]
         for name, peak in peaks.items():
@@ -273,17 +271,7 @@ def test_every_torch_scheduler_runs_through_the_unfreeze_and_schedules_the_new_g
     seed_everything(0)
     model = ClassifierModule(backbone=BACKBONE, pretrained="none", scheduler=_scheduler_factories()[name])
     callback = FreezeThenFinetune(unfreeze_at_epoch=1, finetune_lr=1e-5, lr_decay=0.5, unfreeze_blocks=2)
-    trace = LrTrace()
-    trainer = Trainer(
-        max_epochs=3,
-        callbacks=[callback, trace],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(model, *tiny_loaders())
+    trainer, trace = _traced_fit(model, callback, 3, tmp_path)
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     groups = trainer.optimizers[0].param_groups
     assert len(scheduler.get_last_lr()) == len(groups) == 3

@@ -98,17 +98,6 @@ def test_predicts_started_together_write_their_own_complete_outputs(tmp_path, pn
 
 
 def _checkpoint(folder: Path) -> Path:
-    import torch
+    from untrained import write_untrained_checkpoint
 
-    from medtransfer.models.classifier import ClassifierModule
-
-    path = folder / "model.ckpt"
-    model = ClassifierModule(backbone="tf_efficientnet_lite0", pretrained="lite0-package")
-    settings = {"size": 32, "mean": list(model.data_config["mean"]), "std": list(model.data_config["std"])}
-    torch.save(
-        {"state_dict": model.state_dict(), "hyper_parameters": {**dict(model.hparams), "pretrained": "none"},
-         "pytorch-lightning_version": "2.6.0", "class_names": ["normal", "pneumonia"],
-         "input": {**settings, "interpolation": "bilinear", "channels": 3}},
-        path,
-    )  # fmt: skip
-    return path
+    return write_untrained_checkpoint(folder / "model.ckpt")

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from mutate import mutants, seeds
+from untrained import write_untrained_checkpoint
 
 from medtransfer.data.readers import read_image
 from medtransfer.errors import DataError
-from medtransfer.models.classifier import ClassifierModule
 from medtransfer.predict import run_predict
 
 
@@ -30,17 +29,7 @@ def seed_files(pneumonia_npz) -> list[tuple[str, str, bytes]]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "model.ckpt"
-    torch.manual_seed(0)
-    model = ClassifierModule(backbone="tf_efficientnet_lite0", pretrained="lite0-package")
-    settings = {"size": 32, "mean": list(model.data_config["mean"]), "std": list(model.data_config["std"])}
-    torch.save(
-        {"state_dict": model.state_dict(), "hyper_parameters": {**dict(model.hparams), "pretrained": "none"},
-         "pytorch-lightning_version": "2.6.0", "class_names": ["normal", "pneumonia"],
-         "input": {**settings, "interpolation": "bilinear", "channels": 3}},
-        path,
-    )  # fmt: skip
-    return path
+    return write_untrained_checkpoint(tmp_path_factory.mktemp("model") / "model.ckpt")
 
 
 def _write(folder: Path, seed_files, n: int, seed: int) -> dict[Path, str]:

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
+from untrained import write_untrained_checkpoint
 
 from medtransfer.data.readers import check_image, read_image
 from medtransfer.errors import DataError
-from medtransfer.models.classifier import ClassifierModule
 from medtransfer.predict import collect_images, run_predict
 
 
@@ -57,17 +56,7 @@ def gray(pneumonia_npz) -> np.ndarray:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A medtransfer checkpoint of EfficientNet-Lite0 for 32 px input, without a fit."""
-    path = tmp_path_factory.mktemp("model") / "model.ckpt"
-    torch.manual_seed(0)
-    model = ClassifierModule(backbone="tf_efficientnet_lite0", pretrained="lite0-package")
-    settings = {"size": 32, "mean": list(model.data_config["mean"]), "std": list(model.data_config["std"])}
-    torch.save(
-        {"state_dict": model.state_dict(), "hyper_parameters": {**dict(model.hparams), "pretrained": "none"},
-         "pytorch-lightning_version": "2.6.0", "class_names": ["normal", "pneumonia"],
-         "input": {**settings, "interpolation": "bilinear", "channels": 3}},
-        path,
-    )  # fmt: skip
-    return path
+    return write_untrained_checkpoint(tmp_path_factory.mktemp("model") / "model.ckpt")
 
 
 def _rows(output: Path) -> dict[str, dict[str, str]]:

@@ -1,0 +1,24 @@
+"""An untrained medtransfer checkpoint, written without a fit: fault tests need a model to run predict, not a
+good one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from medtransfer.models.classifier import ClassifierModule
+
+
+def write_untrained_checkpoint(path: Path) -> Path:
+    """EfficientNet-Lite0 (offline ImageNet weights) for 32 px input, saved as ``medtransfer fit`` would."""
+    torch.manual_seed(0)
+    model = ClassifierModule(backbone="tf_efficientnet_lite0", pretrained="lite0-package")
+    settings = {"size": 32, "mean": list(model.data_config["mean"]), "std": list(model.data_config["std"])}
+    torch.save(
+        {"state_dict": model.state_dict(), "hyper_parameters": {**dict(model.hparams), "pretrained": "none"},
+         "pytorch-lightning_version": "2.6.0", "class_names": ["normal", "pneumonia"],
+         "input": {**settings, "interpolation": "bilinear", "channels": 3}},
+        path,
+    )  # fmt: skip
+    return path

@@ -116,7 +116,8 @@ def test_read_labels_handles_the_official_file_and_its_header_quirk(chexnet_dir)
 
 
 # ----------------------------------------------------------------------------------------- the CLI (jsonargparse)
-def test_main_writes_csv_and_json(small, tmp_path, capsys):
+def test_main_writes_csv_and_json(small, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("medtransfer.evaluate.PROGRESS_ROWS", 1)  # as for a large file
     out = tmp_path / "report"
     main([str(small.preds_path), str(small.labels_path), "--out_dir", str(out)])
     assert sorted(path.name for path in out.iterdir()) == ["evaluation.csv", "evaluation.json"]  # no temp files

@@ -427,7 +427,6 @@ def run_evaluate(
             and column at fault).
     """
     started = time.perf_counter()
-    _step(f"evaluate: reading {predictions} ...")
     pred_ids, class_names, probs = read_predictions(predictions, id_column, prob_prefix, path_column)
     label_ids, targets = read_labels(
         labels, class_names, id_column=id_column, label_format=label_format, label_column=label_column
@@ -441,17 +440,23 @@ def run_evaluate(
                 f"task 'multiclass' needs exactly one class per image, but {int(wrong.sum())} image(s) in {labels} "
                 f"have none or several: {first}{' ...' if wrong.sum() > _SHOW else ''}"
             )
-    read = time.perf_counter() - started
-    _step(f"evaluate: {len(pred_ids):,} images read and joined to {labels} in {read:.1f} s "
-          f"({len(pred_ids) / max(read, 1e-9):,.0f} images/s); scoring {len(class_names)} classes ...")  # fmt: skip
+    read, large = time.perf_counter() - started, len(pred_ids) >= PROGRESS_ROWS
+    if large:
+        _step(f"evaluate: {len(pred_ids):,} images read and joined to {labels} in {read:.1f} s "
+              f"({len(pred_ids) / max(read, 1e-9):,.0f} images/s); scoring {len(class_names)} classes ...")  # fmt: skip
     report = evaluate_predictions(probs, targets, class_names, task, threshold)
-    _step(f"evaluate: scored in {time.perf_counter() - started - read:.1f} s")
+    if large:
+        _step(f"evaluate: scored in {time.perf_counter() - started - read:.1f} s")
     if model is not None:
         report.attrs["guarantee"] = _guarantee(model, probs, task)
     _print_report(report, f"{Path(predictions).name} vs {Path(labels).name}: {task}, {len(pred_ids)} images")
     if out_dir is not None:
         _write_report(report, Path(out_dir), predictions, labels, task)
     return report
+
+
+#: From this many images on, evaluate says where it stands (reading and scoring take seconds to minutes).
+PROGRESS_ROWS = 10_000
 
 
 def _step(message: str) -> None:

@@ -35,7 +35,7 @@ from medtransfer.tracking.callbacks import (
     read_run_info,
     redacted,
 )
-from medtransfer.tracking.mlflow import MLflowLogger
+from medtransfer.tracking.mlflow import MLflowLogger, logger_settings
 from medtransfer.tracking.model_logging import LogModelToMLflow
 from medtransfer.tracking.report import TestReportPlots
 from medtransfer.tracking.system_metrics import LogSystemMetrics
@@ -102,14 +102,15 @@ class MedTransferCLI(LightningCLI):
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(logger.tracking_uri)
-        experiment = client.get_experiment_by_name(logger._experiment_name)
+        experiment_name = logger_settings(logger)[1]
+        experiment = client.get_experiment_by_name(experiment_name)
         folder = Path(self.trainer.default_root_dir, experiment.experiment_id if experiment else "?")
         found = sorted(folder.glob("*/checkpoints/last.ckpt"), key=lambda path: path.stat().st_mtime)
         if experiment is not None:
             _refuse_if_newest_run_has_no_checkpoint(client, experiment.experiment_id, folder)
         if not found:
             raise MedtransferError(
-                f"--ckpt_path last: no run of experiment {logger._experiment_name!r} has a last.ckpt in "
+                f"--ckpt_path last: no run of experiment {experiment_name!r} has a last.ckpt in "
                 f"{folder}/<run>/checkpoints/; pass a checkpoint file, or leave --ckpt_path out to start afresh"
             )
         path = str(found[-1])
@@ -173,7 +174,8 @@ class MedTransferCLI(LightningCLI):
         if logger is None or logger.run_id is None:
             return
         lines = [
-            f"MLflow run {logger.run_id} (experiment {logger.experiment_id}) in {redacted('uri', logger._tracking_uri)}"
+            f"MLflow run {logger.run_id} (experiment {logger.experiment_id}) in "
+            f"{redacted('uri', logger_settings(logger)[0])}"
         ]
         if self.trainer.checkpoint_callback and self.trainer.checkpoint_callback.best_model_path:
             lines.append(f"Best checkpoint: {self.trainer.checkpoint_callback.best_model_path}")

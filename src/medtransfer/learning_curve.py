@@ -29,6 +29,7 @@ from pathlib import Path
 
 from medtransfer.errors import MedtransferError, exit_on_user_error
 from medtransfer.files import write_text_atomic
+from medtransfer.tracking.mlflow import logger_settings
 from medtransfer.tracking.redaction import redact
 
 __all__ = ["CurvePoint", "learning_curve", "main", "plot_learning_curve", "read_curve_csv"]
@@ -221,12 +222,13 @@ def learning_curve(
     if len(stacks) != len(configs):
         raise MedtransferError(f"Config file stems label the curves and must differ: {configs}")
     logger, dataset = _probe(next(iter(stacks.values())), fit_args)
-    client = MlflowClient(logger._tracking_uri)
-    experiment = client.get_experiment_by_name(logger._experiment_name)
+    tracking_uri, experiment_name, artifact_location = logger_settings(logger)
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
     experiment_id = (
         experiment.experiment_id
         if experiment is not None
-        else client.create_experiment(logger._experiment_name, artifact_location=logger._artifact_location)
+        else client.create_experiment(experiment_name, artifact_location=artifact_location)
     )
     parent = client.create_run(
         experiment_id,
@@ -236,7 +238,7 @@ def learning_curve(
     for key, value in {"fractions": fractions, "seeds": seeds, "metric": metric, "configs": list(configs),
                        "base_config": base_config, "fit_args": fit_args}.items():  # fmt: skip
         client.log_param(parent, key, json.dumps(redact(value))[:6000])
-    print(f"Learning curve: parent MLflow run {parent} (experiment {experiment_id}) in {redact(logger._tracking_uri)}")
+    print(f"Learning curve: parent MLflow run {parent} (experiment {experiment_id}) in {redact(tracking_uri)}")
     points: list[CurvePoint] = []
     csv_path = Path(output_dir) / "learning_curve.csv"
     status = "FAILED"
@@ -251,8 +253,8 @@ def learning_curve(
                         f"--data.init_args.train_fraction={fraction}",
                         f"--data.init_args.subset_seed={seed}",
                         f"--seed_everything={seed}",
-                        f"--trainer.logger.init_args.tracking_uri={logger._tracking_uri}",
-                        f"--trainer.logger.init_args.experiment_name={logger._experiment_name}",
+                        f"--trainer.logger.init_args.tracking_uri={tracking_uri}",
+                        f"--trainer.logger.init_args.experiment_name={experiment_name}",
                         f"--trainer.logger.init_args.run_name={label}-f{fraction:g}-s{seed}",
                         f"--trainer.logger.init_args.tags={json.dumps(tags)}",
                     ]  # fmt: skip

@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from medtransfer.checkpoints import load_checkpoint
 from medtransfer.tracking.datasets import log_dataset_inputs
-from medtransfer.tracking.mlflow import MLflowLogger
+from medtransfer.tracking.mlflow import MLflowLogger, logger_settings
 from medtransfer.tracking.redaction import redact
 from medtransfer.tracking.tags import resolved_data_params, run_tags
 
@@ -131,7 +131,7 @@ class MLflowRunTracking(Callback):
             checkpoint["mlflow"] = {
                 "run_id": logger.run_id,
                 "experiment_id": logger.experiment_id,
-                "tracking_uri": redact(logger._tracking_uri),
+                "tracking_uri": redact(logger_settings(logger)[0]),
             }
             if self._epoch_ending:
                 checkpoint["mlflow"]["epoch_end_metrics"] = self._epoch_end_metrics(trainer)

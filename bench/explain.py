@@ -88,7 +88,7 @@ def fit(csv: Path, size: int, epochs: int, scratch: Path) -> tuple[Path, dict]:
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
-    command = [sys.executable, "-m", "medtransfer.cli", "fit", "--config=config.yaml"]
+    command = [sys.executable, "-m", "medtransfer.commands.fit", "fit", "--config=config.yaml"]
     start = time.perf_counter()
     subprocess.run([*command, "--trainer.enable_progress_bar=false"], cwd=run_dir, env=env, check=True)
     seconds = time.perf_counter() - start
@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="score this checkpoint (of --sizes' one size), no fit")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "explain.json")
     args = parser.parse_args()
-    from medtransfer.explain_eval import run_explain_eval
+    from medtransfer.commands.explain_eval import run_explain_eval
 
     results = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "epochs": args.epochs, "sizes": {}}
     results["train_images"] = args.train_images or "all"

@@ -29,7 +29,7 @@ def run(config: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="medtransfer-bench-") as scratch:
         env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
         start = time.perf_counter()
-        command = [sys.executable, "-m", "medtransfer.cli", "fit", f"--config={config}"]
+        command = [sys.executable, "-m", "medtransfer.commands.fit", "fit", f"--config={config}"]
         subprocess.run([*command, "--trainer.enable_progress_bar=false"], cwd=scratch, env=env, check=True)
         seconds = time.perf_counter() - start
         client = MlflowClient(f"sqlite:///{scratch}/mlruns/mlflow.db")

@@ -5,7 +5,7 @@ Both paths train ``tf_efficientnet_lite0`` (ImageNet weights of the ``lite0-pack
 same data module settings (the default config's: its augmentation, ``num_workers: 0``), with Adam at the
 same learning rates, in the same phase: **the whole backbone trainable, BatchNorm frozen** (phase 2 of the
 default config, where 10 of its 13 epochs go). ``medtransfer fit`` runs in-process through
-``medtransfer.cli.build_cli`` with all it adds: MLflow logging (a store of its own in a scratch folder),
+``medtransfer.commands.fit.build_cli`` with all it adds: MLflow logging (a store of its own in a scratch folder),
 the progress bar, ``EpochSummary``, checkpointing, the finetuning callback and the training metrics.
 
 Throughput is images/s over ``steps`` training steps after ``warmup`` steps, timed from one batch's start to
@@ -62,7 +62,7 @@ def _config() -> dict:
 def time_fit(warmup: int, steps: int, data_path: str | None) -> float:
     """images/s of ``medtransfer fit`` (in-process, in a scratch folder with its own ``mlruns/``)."""
     sys.path.insert(0, str(Path(__file__).parent))  # so the CLI can import this module's StepTimer
-    from medtransfer.cli import build_cli
+    from medtransfer.commands.fit import build_cli
 
     overrides = [
         "--trainer.max_epochs=1",
@@ -140,7 +140,7 @@ def main(
         data_path: the PneumoniaMNIST ``.npz``; default: found as the config says (``$MEDTRANSFER_DATA_DIR``).
         out: where to write the JSON result.
     """
-    from medtransfer.cli import _quiet_third_party_noise
+    from medtransfer.commands.fit import _quiet_third_party_noise
     from medtransfer.files import write_text_atomic
 
     _quiet_third_party_noise()

@@ -28,10 +28,10 @@ import timm
 import torch
 from PIL import Image
 
+from medtransfer.commands.predict import run_predict
 from medtransfer.data.readers import read_image
 from medtransfer.data.transforms import build_eval_transform
 from medtransfer.models.classifier import ClassifierModule
-from medtransfer.predict import run_predict
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDTRANSFER_DATA_DIR") or REPO.parent / "shared" / "data")
@@ -95,7 +95,7 @@ def predict_throughput(folder: Path, checkpoint: Path, out: Path) -> float:
 def peak_rss_mb(folder: Path, checkpoint: Path, out: Path) -> float:
     """Peak resident memory of a fresh ``medtransfer predict`` process over ``folder``."""
     code = (
-        "import resource, sys; from medtransfer.predict import run_predict; "
+        "import resource, sys; from medtransfer.commands.predict import run_predict; "
         f"run_predict({str(folder)!r}, {str(checkpoint)!r}, output={str(out)!r}, batch_size={BATCH}); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from medtransfer.cli import build_cli
+from medtransfer.commands.fit import build_cli
 from medtransfer.files import write_text_atomic
 from medtransfer.tracking.callbacks import find_mlflow_logger
 

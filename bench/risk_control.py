@@ -38,16 +38,16 @@ import torch
 
 from medtransfer.data.base import calibration_rows
 from medtransfer.data.medmnist import MedMNISTDataModule
-from medtransfer.metrics import functional as F
-from medtransfer.metrics.thresholds import fit_threshold
-from medtransfer.models.classifier import ClassifierModule
-from medtransfer.models.risk_control import (
+from medtransfer.decisions.risk_control import (
     aps_sets,
     calibration_summary,
     check_exchangeability,
     control_selective_risk,
     fit_aps_quantile,
 )
+from medtransfer.decisions.thresholds import fit_threshold
+from medtransfer.metrics import functional as F
+from medtransfer.models.classifier import ClassifierModule
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from medtransfer.data.medmnist import MedMNISTDataModule
-from medtransfer.metrics.calibration import fit_temperature
-from medtransfer.metrics.thresholds import fit_threshold
+from medtransfer.decisions.temperature import fit_temperature
+from medtransfer.decisions.thresholds import fit_threshold
 from medtransfer.models.classifier import ClassifierModule
 
 REPO = Path(__file__).resolve().parents[1]

@@ -34,8 +34,8 @@ import statistics
 import time
 from pathlib import Path
 
+from medtransfer.commands.learning_curve import CurvePoint, learning_curve, plot_learning_curve
 from medtransfer.files import write_text_atomic
-from medtransfer.learning_curve import CurvePoint, learning_curve, plot_learning_curve
 from medtransfer.plots import save_figure
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,10 +22,10 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from medtransfer.callbacks.finite_check import FiniteCheck, NonFiniteError
-from medtransfer.cli import main
+from medtransfer.commands.evaluate import evaluate_predictions
+from medtransfer.commands.evaluate import main as evaluate_main
+from medtransfer.commands.fit import main
 from medtransfer.errors import MedtransferError
-from medtransfer.evaluate import evaluate_predictions
-from medtransfer.evaluate import main as evaluate_main
 
 TINY = [
     "--trainer.max_epochs=1",

@@ -22,12 +22,12 @@ from pydicom.data import get_testdata_files
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from medtransfer.checkpoints import load_checkpoint
-from medtransfer.cli import build_cli
+from medtransfer.commands.fit import build_cli
+from medtransfer.commands.predict import run_predict
 from medtransfer.data.images import CsvSource, FolderSource, ImageDataModule
 from medtransfer.data.medmnist import MedMNISTDataModule
 from medtransfer.data.readers import to_gray
 from medtransfer.errors import DataError
-from medtransfer.predict import run_predict
 from medtransfer.tracking.callbacks import find_mlflow_logger
 
 PAIRS = {"train": 32, "val": 16, "test": 16}
@@ -149,7 +149,7 @@ def test_test_and_predict_reproduce_the_probabilities_from_checkpoint_and_mlflow
 def test_a_colour_model_given_gray_files_converts_them_and_says_so_once(fitted, tmp_path, caplog):
     for i in range(3):
         Image.fromarray(np.full((20, 20), 40 * i + 30, np.uint8)).save(tmp_path / f"gray{i}.png")
-    with caplog.at_level(logging.WARNING, logger="medtransfer.predict"):
+    with caplog.at_level(logging.WARNING, logger="medtransfer.commands.predict"):
         result = run_predict(str(tmp_path), str(fitted["best"]), output=tmp_path / "out.csv")
     assert result["predicted"] == 3
     notes = [r.message for r in caplog.records if "trained on rgb images" in r.message]
@@ -237,12 +237,12 @@ def test_the_worst_errors_gallery_shows_colour_inputs_in_colour(hue_data):
 
 
 def test_a_gray_model_reads_colour_files_as_gray_training_did_and_says_so_once(hue_data, caplog):
+    from medtransfer.commands.predict import read_as_trained
     from medtransfer.data.readers import read_image
-    from medtransfer.predict import read_as_trained
 
     paths = sorted((hue_data["folder"] / "test").rglob("*.png"))[:3]
     noted: set[str] = set()
-    with caplog.at_level(logging.WARNING, logger="medtransfer.predict"):
+    with caplog.at_level(logging.WARNING, logger="medtransfer.commands.predict"):
         images = [read_as_trained(path, "gray", "middle", noted) for path in paths]
     for path, image in zip(paths, images, strict=True):
         np.testing.assert_array_equal(image, read_image(path))  # what a gray data module reads

@@ -10,9 +10,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from medtransfer.cli import build_cli, main
+from medtransfer.commands.fit import build_cli, main
+from medtransfer.commands.predict import run_predict
 from medtransfer.data.sources import chestxray14_manifest
-from medtransfer.predict import run_predict
 from medtransfer.tracking.callbacks import find_mlflow_logger
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 ``medtransfer --help`` prints every command from here without importing Lightning, timm or MLflow (seconds of
 start-up); a command imports only its own module. ``fit``, ``validate`` and ``test`` go to the LightningCLI in
-``medtransfer.cli``.
+``medtransfer.commands.fit``.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ __all__ = ["COMMANDS", "COMMAND_HELP", "main", "print_commands"]
 
 #: Commands that are not Lightning's: name -> module whose ``main(args)`` runs them.
 COMMANDS = {
-    "evaluate": "medtransfer.evaluate",
-    "predict": "medtransfer.predict",
-    "compare": "medtransfer.compare",
-    "baseline": "medtransfer.baseline",
-    "learning-curve": "medtransfer.learning_curve",
-    "search": "medtransfer.search",
-    "lr-find": "medtransfer.lr_find",
-    "explain-eval": "medtransfer.explain_eval",
-    "prepare": "medtransfer.prepare",
+    "evaluate": "medtransfer.commands.evaluate",
+    "predict": "medtransfer.commands.predict",
+    "compare": "medtransfer.commands.compare",
+    "baseline": "medtransfer.commands.baseline",
+    "learning-curve": "medtransfer.commands.learning_curve",
+    "search": "medtransfer.commands.search",
+    "lr-find": "medtransfer.commands.lr_find",
+    "explain-eval": "medtransfer.commands.explain_eval",
+    "prepare": "medtransfer.commands.prepare",
 }
 
 #: ``medtransfer --help``: every command with one line.
@@ -61,7 +61,7 @@ def main(args: list[str] | None = None) -> None:
 
         importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
         return
-    from medtransfer.cli import main as lightning_main
+    from medtransfer.commands.fit import main as lightning_main
 
     lightning_main(args)
 

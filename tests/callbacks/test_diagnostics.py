@@ -23,7 +23,7 @@ from medtransfer.callbacks.diagnostics import (
 )
 from medtransfer.callbacks.epoch_summary import EpochSummary
 from medtransfer.callbacks.worst_errors import WorstErrorsGallery
-from medtransfer.cli import build_cli
+from medtransfer.commands.fit import build_cli
 from medtransfer.models.classifier import ClassifierModule
 from medtransfer.tracking import report
 from medtransfer.tracking.callbacks import MLflowRunTracking, find_mlflow_logger

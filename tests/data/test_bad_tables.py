@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medtransfer.commands.evaluate import run_evaluate
 from medtransfer.data.images import ChestXray14Source, CsvSource
 from medtransfer.errors import DataError
-from medtransfer.evaluate import run_evaluate
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medtransfer.cli import main
+from medtransfer.commands.fit import main
 from medtransfer.data.images import ChestXray14Source, CsvSource, FolderSource, ImageDataModule, MuraSource
 from medtransfer.errors import DataError
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from litdata import StreamingDataset
 
-from medtransfer.cli import main
+from medtransfer.commands.fit import main
 from medtransfer.data.images import CsvSource, ImageDataModule
 from medtransfer.data.prepared import INFO_FILE, check_compatible, prepare, prepared_hash, read_info
 from medtransfer.errors import DataError

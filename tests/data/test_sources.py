@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from medtransfer.commands.evaluate import CHESTXRAY14_FINDINGS
 from medtransfer.data.sources import (
     Manifest,
     chestxray14_manifest,
@@ -19,7 +20,6 @@ from medtransfer.data.sources import (
     mura_manifest,
 )
 from medtransfer.errors import DataError
-from medtransfer.evaluate import CHESTXRAY14_FINDINGS
 
 # Finding counts of the sample, from /work/shared/data/README.md.
 SAMPLE_COUNTS = {

@@ -13,11 +13,11 @@ from lesions import MEAN, SIZE, STD, _boxes, _centres, _plant
 from lightning.pytorch import Trainer
 from PIL import Image
 
-from medtransfer.cli import main
+from medtransfer.commands.explain_eval import localisation_scores, run_explain_eval
+from medtransfer.commands.fit import main
 from medtransfer.data.boxes import chestxray14_boxes, read_box_table
 from medtransfer.data.tables import CHESTXRAY14_FINDINGS
 from medtransfer.errors import DataError
-from medtransfer.explain_eval import localisation_scores, run_explain_eval
 
 
 @pytest.fixture(scope="module")

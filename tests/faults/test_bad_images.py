@@ -23,12 +23,12 @@ import yaml
 from corpus import BAD_KINDS, HUGE_SIDE, Case, build_corpus
 from PIL import Image
 
-from medtransfer.cli import build_cli
+from medtransfer.commands.fit import build_cli
+from medtransfer.commands.predict import run_predict
 from medtransfer.data.images import CsvSource, ImageDataModule
 from medtransfer.data.readers import check_image, read_image
 from medtransfer.errors import DataError
 from medtransfer.models.classifier import ClassifierModule
-from medtransfer.predict import run_predict
 
 SIZE = 32
 DECISIONS = {"positive", "negative", "abstain"}
@@ -232,7 +232,7 @@ def test_a_sigkill_during_predict_leaves_no_csv_only_a_hidden_temporary_file(che
         Image.fromarray(images[i % len(images)]).save(folder / f"img{i:05d}.png")
     out = tmp_path / "out"
     out.mkdir()
-    command = [sys.executable, "-m", "medtransfer.predict", str(folder), str(checkpoint), "--output",
+    command = [sys.executable, "-m", "medtransfer.commands.predict", str(folder), str(checkpoint), "--output",
                str(out / "predictions.csv"), "--batch_size", "8"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

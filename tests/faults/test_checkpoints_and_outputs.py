@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from medtransfer.checkpoints import load_checkpoint
-from medtransfer.cli import main
+from medtransfer.commands.fit import main
+from medtransfer.commands.predict import load_predictor
 from medtransfer.errors import DataError
 from medtransfer.models.classifier import ClassifierModule
-from medtransfer.predict import load_predictor
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "pneumonia_effnet_lite0.yaml"

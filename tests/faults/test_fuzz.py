@@ -16,9 +16,9 @@ import pytest
 from mutate import mutants, seeds
 from untrained import write_untrained_checkpoint
 
+from medtransfer.commands.predict import run_predict
 from medtransfer.data.readers import read_image
 from medtransfer.errors import DataError
-from medtransfer.predict import run_predict
 
 
 @pytest.fixture(scope="module")

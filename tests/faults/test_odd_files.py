@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 from untrained import write_untrained_checkpoint
 
+from medtransfer.commands.predict import collect_images, run_predict
 from medtransfer.data.readers import check_image, read_image
 from medtransfer.errors import DataError
-from medtransfer.predict import collect_images, run_predict
 
 
 def tiff_with_a_second_page_of_no_width(gray: np.ndarray) -> bytes:

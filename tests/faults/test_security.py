@@ -21,9 +21,9 @@ import torch
 import yaml
 from PIL import Image
 
-from medtransfer.cli import main
+from medtransfer.commands.fit import main
+from medtransfer.commands.predict import load_predictor
 from medtransfer.errors import MedtransferError
-from medtransfer.predict import load_predictor
 from medtransfer.tracking.callbacks import find_mlflow_logger, flatten_config, read_run_info
 
 REPO = Path(__file__).resolve().parents[2]
@@ -142,7 +142,7 @@ def test_no_server_the_project_or_its_tests_start_listens_beyond_localhost():
 def test_secret_environment_values_never_reach_mlflow_params_or_tags(pneumonia_npz, in_tmp, monkeypatch):
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
-    from medtransfer.cli import build_cli
+    from medtransfer.commands.fit import build_cli
 
     cli = build_cli(["fit", f"--config={CONFIG}", f"--data.path={pneumonia_npz}", *SMALL])
     run = mlflow.MlflowClient(f"sqlite:///{in_tmp}/mlruns/mlflow.db").get_run(find_mlflow_logger(cli.trainer).run_id)

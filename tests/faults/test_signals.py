@@ -10,7 +10,7 @@ import pytest
 import torch
 from harness import Fit
 
-from medtransfer.cli import SIGTERM_EXIT_STATUS
+from medtransfer.commands.fit import SIGTERM_EXIT_STATUS
 from medtransfer.tracking.mlflow import MLflowLogger
 
 

@@ -8,7 +8,6 @@ are drawn on a grid of twentieths, where the implementation's and the reference'
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -22,17 +21,9 @@ from scipy.optimize import minimize_scalar
 from sklearn.metrics import roc_curve
 from torchmetrics.functional.classification import binary_calibration_error
 
+from medtransfer.decisions.temperature import fit_temperature
+from medtransfer.decisions.thresholds import fit_threshold
 from medtransfer.metrics import functional as F
-from medtransfer.metrics.calibration import fit_temperature
-from medtransfer.metrics.selective import (
-    AUGRC,
-    AURC,
-    EAURC,
-    CoverageAtAccuracy,
-    CoverageAtRisk,
-    SelectiveAccuracy,
-)
-from medtransfer.metrics.thresholds import fit_threshold
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 GRID = st.integers(1, 20).map(lambda k: k / 20)  # coverages, accuracies, risks: twentieths
@@ -84,28 +75,6 @@ def test_selective_functions_ignore_the_order_of_the_cases(problem, coverage, bo
     _exact(F.coverage_at_accuracy(cp, kp, bound), F.coverage_at_accuracy(c, k, bound))
     for got, want in zip(F.risk_coverage_curve(cp, kp), F.risk_coverage_curve(c, k), strict=True):
         _exact(got, want)
-
-
-@SETTINGS
-@given(problem=binary_problems(min_n=1, both_classes=False), coverage=GRID, cuts=st.lists(st.integers(0, 40)))
-def test_metric_classes_ignore_order_and_batching(problem, coverage, cuts):
-    """Updating a Metric with the cases shuffled and cut into arbitrary batches gives the one-shot value."""
-    probs, target, perm = problem
-    p, y = _t(probs), _t(target)
-    bounds = [0, *sorted({cut for cut in cuts if 0 < cut < len(perm)}), len(perm)]
-    for cls, kwargs in [
-        (AURC, {}),
-        (EAURC, {}),
-        (AUGRC, {}),
-        (SelectiveAccuracy, {"coverage": coverage}),
-        (CoverageAtAccuracy, {"min_accuracy": coverage}),
-        (CoverageAtRisk, {"max_risk": coverage}),
-    ]:
-        one_shot, batched = cls(task="binary", score="margin", **kwargs), cls(task="binary", score="margin", **kwargs)
-        one_shot.update(p, y)
-        for start, stop in itertools.pairwise(bounds):
-            batched.update(p[perm][start:stop], y[perm][start:stop])
-        _exact(batched.compute(), one_shot.compute())
 
 
 # --------------------------------------------------------------------------------------------- selective: bounds
@@ -278,8 +247,6 @@ def test_nan_or_inf_anywhere_is_rejected_by_name(problem, bad):
         F.predictions(p, "binary")
     with pytest.raises(ValueError, match=finite):
         F.aurc(p, y)
-    with pytest.raises(ValueError, match=finite):
-        AURC(task="binary").update(p, y)
     with pytest.raises(ValueError, match=r"without NaN"):
         fit_threshold(p, y)
     with pytest.raises(ValueError, match=r"finite `logits`"):

@@ -13,10 +13,10 @@ from lightning.pytorch import LightningDataModule, Trainer, seed_everything
 
 from medtransfer.data.base import calibration_rows
 from medtransfer.data.medmnist import MedMNISTDataModule
-from medtransfer.metrics.thresholds import fit_threshold
+from medtransfer.decisions.risk_control import REFER_ALL, control_selective_risk
+from medtransfer.decisions.rule import DecisionRule
+from medtransfer.decisions.thresholds import fit_threshold
 from medtransfer.models.classifier import ClassifierModule
-from medtransfer.models.decision import DecisionRule
-from medtransfer.models.risk_control import REFER_ALL, control_selective_risk
 
 
 class _HeldOut(LightningDataModule):
@@ -93,7 +93,7 @@ def test_a_model_trained_before_calibration_was_recorded_loads_and_claims_nothin
     assert "test/shift_ks_p" not in results and "test/coverage" in results
     import cv2
 
-    from medtransfer.predict import run_predict
+    from medtransfer.commands.predict import run_predict
 
     (tmp_path / "images").mkdir()
     cv2.imwrite(str(tmp_path / "images" / "a.png"), np.full((32, 32), 128, dtype=np.uint8))
@@ -175,8 +175,8 @@ def test_evaluate_and_predict_check_their_scores_against_the_calibration_data(ca
     import cv2
     import pandas as pd
 
-    from medtransfer.evaluate import run_evaluate
-    from medtransfer.predict import run_predict
+    from medtransfer.commands.evaluate import run_evaluate
+    from medtransfer.commands.predict import run_predict
 
     model, trainer, data = calibrated
     trainer.save_checkpoint(tmp_path / "model.ckpt")
@@ -219,7 +219,7 @@ def test_multilabel_risk_control_is_certified_per_label():
 
 
 def test_multiclass_sets_are_fitted_stored_and_written_by_predict():
-    from medtransfer.predict import Predictor, _rows
+    from medtransfer.commands.predict import Predictor, _rows
 
     model = ClassifierModule(backbone="resnet10t", pretrained="none", task="multiclass", num_classes=3,
                              set_alpha=0.1, target_coverage=1.0)  # fmt: skip

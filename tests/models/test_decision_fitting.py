@@ -7,8 +7,8 @@ import torch
 from helpers import tiny_loaders
 from lightning.pytorch import Trainer, seed_everything
 
-from medtransfer.metrics.calibration import fit_temperature
-from medtransfer.metrics.thresholds import fit_threshold
+from medtransfer.decisions.temperature import fit_temperature
+from medtransfer.decisions.thresholds import fit_threshold
 from medtransfer.models.classifier import ClassifierModule
 
 

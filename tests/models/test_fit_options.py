@@ -11,7 +11,7 @@ import torch
 from helpers import DEFAULT_CONFIG, tiny_fit_args
 
 from medtransfer.checkpoints import load_checkpoint
-from medtransfer.cli import build_cli
+from medtransfer.commands.fit import build_cli
 
 
 def _only_run(workdir):

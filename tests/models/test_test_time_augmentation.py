@@ -11,10 +11,10 @@ import torch
 from helpers import DEFAULT_CONFIG
 from PIL import Image
 
-from medtransfer.cli import build_cli
+from medtransfer.commands.fit import build_cli
+from medtransfer.commands.predict import run_predict
 from medtransfer.models.classifier import ClassifierModule
 from medtransfer.models.test_time_augmentation import augmented_views
-from medtransfer.predict import run_predict
 from medtransfer.tracking.callbacks import find_mlflow_logger
 
 

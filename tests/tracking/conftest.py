@@ -15,7 +15,7 @@ import pytest
 from helpers import DEFAULT_CONFIG, tiny_fit_args
 from servers import PostgresServer, mlflow_process, postgres_server
 
-from medtransfer.cli import MedTransferCLI, build_cli
+from medtransfer.commands.fit import MedTransferCLI, build_cli
 
 TINY = tuple(tiny_fit_args(train_batches=2, val_batches=2, test_batches=2))
 

@@ -13,7 +13,7 @@ import torch
 from helpers import DEFAULT_CONFIG, tiny_fit_args
 from mlflow import MlflowClient
 
-from medtransfer.cli import build_cli
+from medtransfer.commands.fit import build_cli
 from medtransfer.tracking.callbacks import find_mlflow_logger, flatten_config
 
 TINY = tiny_fit_args(train_batches=3, val_batches=2, test_batches=2)

@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 from servers import free_port
 
-from medtransfer.cli import build_cli
+from medtransfer.commands.fit import build_cli
 from medtransfer.tracking.callbacks import find_mlflow_logger
 from medtransfer.tracking.mlflow import MLflowLogger
 

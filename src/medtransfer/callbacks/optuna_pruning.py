@@ -54,7 +54,7 @@ class OptunaPruning(Callback):
         self._trial: optuna.Trial | None = None
 
     def _open_trial(self) -> optuna.Trial:
-        from medtransfer.search import open_storage  # the search module owns the storage settings
+        from medtransfer.commands.search import open_storage  # the search module owns the storage settings
 
         storage = open_storage(self.storage)
         study = optuna.load_study(

@@ -1,6 +1,6 @@
 """Reading label tables: CSV cells with line numbers for errors, ChestX-ray14 findings, class-name and 0/1 labels.
 
-Shared by :mod:`medtransfer.evaluate` (label and prediction files) and :mod:`medtransfer.data.sources`
+Shared by :mod:`medtransfer.commands.evaluate` (label and prediction files) and :mod:`medtransfer.data.sources`
 (manifests). Every problem with a table is a :class:`~medtransfer.errors.DataError` whose message names the file,
 the line (the header is line 1) and the column at fault.
 """

@@ -1,11 +1,12 @@
-"""Metrics for medical decisions: selective prediction (risk-coverage) as torchmetrics metrics and pure functions,
-thresholds fitted on validation data by a named policy, and temperature scaling.
+"""Pure metric functions for medical decisions: selective prediction (risk-coverage curves, AURC, coverage at a
+risk), per-label means over defined labels, and reliability bins.
 
-For the expected calibration error use torchmetrics' ``CalibrationError``; :func:`reliability_bins` gives the
-matching per-bin values for a reliability diagram.
+Running metrics are torchmetrics' own (``MetricCollection`` of its classification metrics, in the module); for
+the expected calibration error use torchmetrics' ``CalibrationError``, and :func:`reliability_bins` for the
+matching per-bin values of a reliability diagram. Fitting thresholds, temperature and abstention lives in
+:mod:`medtransfer.decisions`.
 """
 
-from medtransfer.metrics.calibration import fit_temperature
 from medtransfer.metrics.functional import (
     augrc,
     aurc,
@@ -19,37 +20,14 @@ from medtransfer.metrics.functional import (
     selective_metrics_at_coverage,
     selective_risk_at_coverage,
 )
-from medtransfer.metrics.selective import (
-    AUGRC,
-    AURC,
-    EAURC,
-    CoverageAtAccuracy,
-    CoverageAtRisk,
-    RiskCoverageCurve,
-    SelectiveAccuracy,
-    SelectiveMetricsAtCoverage,
-)
-from medtransfer.metrics.thresholds import ThresholdPolicy, fit_threshold, fit_thresholds
 
 __all__ = [
-    "AUGRC",
-    "AURC",
-    "EAURC",
-    "CoverageAtAccuracy",
-    "CoverageAtRisk",
-    "RiskCoverageCurve",
-    "SelectiveAccuracy",
-    "SelectiveMetricsAtCoverage",
-    "ThresholdPolicy",
     "augrc",
     "aurc",
     "confidence_scores",
     "coverage_at_accuracy",
     "coverage_at_risk",
     "eaurc",
-    "fit_temperature",
-    "fit_threshold",
-    "fit_thresholds",
     "predictions",
     "reliability_bins",
     "risk_coverage_curve",

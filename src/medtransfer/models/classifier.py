@@ -17,19 +17,19 @@ from torchmetrics.classification import AUROC, Accuracy, Recall, Specificity
 from torchmetrics.functional.classification import calibration_error, multilabel_auroc
 
 from medtransfer.data.unlike import reference_from_dataset
-from medtransfer.errors import DataError
-from medtransfer.metrics import functional as F
-from medtransfer.metrics.calibration import fit_temperature
-from medtransfer.metrics.defined import DefinedMean, defined_labels, mask_undefined, undefined_names
-from medtransfer.metrics.thresholds import ThresholdPolicy, fit_thresholds
-from medtransfer.models.backbones import create_backbone
-from medtransfer.models.decision import DecisionRule
-from medtransfer.models.risk_control import (
+from medtransfer.decisions.risk_control import (
     calibration_summary,
     check_exchangeability,
     control_selective_risk,
     fit_aps_quantile,
 )
+from medtransfer.decisions.rule import DecisionRule
+from medtransfer.decisions.temperature import fit_temperature
+from medtransfer.decisions.thresholds import ThresholdPolicy, fit_thresholds
+from medtransfer.errors import DataError
+from medtransfer.metrics import functional as F
+from medtransfer.metrics.defined import DefinedMean, defined_labels, mask_undefined, undefined_names
+from medtransfer.models.backbones import create_backbone
 from medtransfer.models.test_time_augmentation import TestTimeAugmentation, augmented_views, average_views
 
 __all__ = ["ClassifierModule", "balanced_pos_weight"]

@@ -82,7 +82,7 @@ class TestReportPlots(Callback):
     ) -> pd.DataFrame | None:
         """``medtransfer evaluate``'s table of the test predictions, at the model's thresholds (binary and
         multi-label): the same function as ``evaluate``, so both give one table on the same predictions."""
-        from medtransfer.evaluate import evaluate_predictions
+        from medtransfer.commands.evaluate import evaluate_predictions
 
         task = pl_module.hparams.task
         if task == "multiclass":

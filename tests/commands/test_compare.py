@@ -10,9 +10,9 @@ import pytest
 from helpers import DEFAULT_CONFIG, tiny_fit_args
 from mlflow import MlflowClient
 
-from medtransfer.baseline import baseline
-from medtransfer.cli import build_cli, main
-from medtransfer.compare import compare, lower_is_better, normalise_metric, to_markdown
+from medtransfer.commands.baseline import baseline
+from medtransfer.commands.compare import compare, lower_is_better, normalise_metric, to_markdown
+from medtransfer.commands.fit import build_cli, main
 from medtransfer.data.medmnist import MedMNISTDataModule
 from medtransfer.errors import MedtransferError
 from medtransfer.tracking.callbacks import find_mlflow_logger

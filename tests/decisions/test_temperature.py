@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medtransfer.metrics.calibration import fit_temperature
+from medtransfer.decisions.temperature import fit_temperature
 
 
 def test_recovers_the_temperature_of_overconfident_binary_logits():

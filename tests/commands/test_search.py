@@ -12,9 +12,9 @@ import yaml
 from helpers import DEFAULT_CONFIG, REPO
 from optuna.trial import TrialState
 
-from medtransfer.cli import main
+from medtransfer.commands.fit import main
+from medtransfer.commands.search import load_space, open_storage, run_search
 from medtransfer.errors import DataError
-from medtransfer.search import load_space, open_storage, run_search
 
 TINY = [
     "--trainer.max_epochs=1",

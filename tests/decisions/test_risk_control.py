@@ -11,7 +11,7 @@ from mapie.risk_control import BinaryClassificationController
 from mapie.risk_control.fwer_control import control_fwer
 from scipy import stats
 
-from medtransfer.models.risk_control import (
+from medtransfer.decisions.risk_control import (
     REFER_ALL,
     aps_sets,
     calibration_summary,

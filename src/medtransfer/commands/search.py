@@ -1,7 +1,7 @@
 """Hyperparameter search over ``medtransfer fit``: Optuna grid or random search, tracked in MLflow.
 
 ``medtransfer search --config configs/pneumonia_effnet_lite0.yaml --space configs/search/pneumonia_lr.yaml
---sampler random --n_trials 8 --workers 2 -- --trainer.max_epochs=4`` (also ``python -m medtransfer.search``).
+--sampler random --n_trials 8 --workers 2 -- --trainer.max_epochs=4`` (also ``python -m medtransfer.commands.search``).
 
 - The search space is a YAML file whose keys are ``fit`` options (``model.optimizer.init_args.lr``), each with a
   ``type`` (``float``, ``int``, ``categorical``), bounds or choices, ``log: true`` for log-uniform draws, and a
@@ -172,7 +172,7 @@ def _resolve_key(config: Mapping[str, Any], key: str) -> bool:
 
 def _fit_config_text(config: Path, fit_args: list[str]) -> str:
     """The resolved ``fit`` config of ``--config config *fit_args``, as ``fit --print_config`` writes it."""
-    from medtransfer.cli import build_cli
+    from medtransfer.commands.fit import build_cli
 
     printed, errors = io.StringIO(), io.StringIO()
     try:
@@ -339,7 +339,7 @@ def _run_trial(
     storage_url: str,
 ) -> float:
     """One in-process ``fit`` of the trial's values; its value is the best metric over validation epochs."""
-    from medtransfer.cli import build_cli
+    from medtransfer.commands.fit import build_cli
 
     settings = study.user_attrs["settings"]
     values = {p.key: p.suggest(trial) for p in params}
@@ -465,7 +465,7 @@ def _resolve_logger(config_text: str) -> tuple[str, str]:
 
 def _spawn_workers(count: int, argv: list[str]) -> list[subprocess.Popen]:
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // (count + 1))))
-    command = [sys.executable, "-m", "medtransfer.search", *argv]
+    command = [sys.executable, "-m", "medtransfer.commands.search", *argv]
     return [subprocess.Popen(command, env=env) for _ in range(count)]
 
 

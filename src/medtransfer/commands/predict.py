@@ -1,7 +1,7 @@
 """Batch inference: a trained checkpoint over a folder, glob or CSV of images, to a CSV of decisions.
 
 ``medtransfer predict IMAGES MODEL --output predictions.csv`` (also ``python -m
-medtransfer.predict``). Each row holds the path, one probability per class, the predicted label, the decision
+medtransfer.commands.predict``). Each row holds the path, one probability per class, the predicted label, the decision
 with the stored (validation-fitted) threshold and abstention band — ``positive``/``negative``/``abstain`` for
 a binary task — and an ``error`` for files that could not be read, which are skipped, never fatal. Rows are
 streamed to a temporary file beside the output, renamed into place only when every image is done, so an
@@ -34,14 +34,14 @@ from medtransfer.data.readers import SUPPORTED_SUFFIXES, as_color, dicom_frame_c
 from medtransfer.data.tables import read_csv_table, require_columns
 from medtransfer.data.transforms import build_eval_transform
 from medtransfer.data.unlike import unlike_reasons
+from medtransfer.decisions.risk_control import guarantee_verdict
+from medtransfer.decisions.rule import DecisionRule
 from medtransfer.errors import DataError, exit_on_user_error
 from medtransfer.explain import DEFAULT_METHOD, explain, map_box, map_peak, resolve_layer, save_overlay
 from medtransfer.explain.methods import Method
 from medtransfer.files import atomic_open, write_text_atomic
 from medtransfer.models.classifier import ClassifierModule
-from medtransfer.models.decision import DecisionRule
 from medtransfer.models.inference import ProbabilityModel, input_settings
-from medtransfer.models.risk_control import guarantee_verdict
 from medtransfer.progress import Progress
 from medtransfer.tracking.mlflow import resolve_tracking_uri
 from medtransfer.tracking.model_logging import tracking_at

@@ -13,7 +13,7 @@ import torch
 from helpers import DEFAULT_CONFIG, tiny_fit_args
 from mlflow.tracking import MlflowClient
 
-from medtransfer.cli import main
+from medtransfer.commands.fit import main
 
 SMALL = tiny_fit_args()
 CHESTXRAY14_CONFIG = DEFAULT_CONFIG.parent / "chestxray14_sample_lite0.yaml"
@@ -184,7 +184,14 @@ def test_npz_without_expected_keys_is_one_clear_line(workdir, capsys):
 
 def test_console_script_prints_no_traceback(workdir):
     result = subprocess.run(
-        [sys.executable, "-m", "medtransfer.cli", "fit", f"--config={DEFAULT_CONFIG}", "--data.path=missing.npz"],
+        [
+            sys.executable,
+            "-m",
+            "medtransfer.commands.fit",
+            "fit",
+            f"--config={DEFAULT_CONFIG}",
+            "--data.path=missing.npz",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -222,7 +229,7 @@ def test_a_corrupt_image_read_in_a_loader_worker_is_still_one_line(workdir, pneu
 
 
 def test_help_lists_every_command_with_one_line(capsys):
-    from medtransfer.cli import MedTransferCLI
+    from medtransfer.commands.fit import MedTransferCLI
     from medtransfer.entry import COMMAND_HELP, COMMANDS
 
     main(["--help"])

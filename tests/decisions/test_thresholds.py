@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from medtransfer.metrics.thresholds import fit_threshold, fit_thresholds
+from medtransfer.decisions.thresholds import fit_threshold, fit_thresholds
 
 
 def _rates(p: np.ndarray, y: np.ndarray, t: float) -> tuple[float, float, float]:

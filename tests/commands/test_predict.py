@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from medtransfer.cli import build_cli, main
+from medtransfer.commands.fit import build_cli, main
+from medtransfer.commands.predict import collect_images, load_predictor, run_predict
 from medtransfer.errors import DataError, MedtransferError
-from medtransfer.predict import collect_images, load_predictor, run_predict
 from medtransfer.tracking.callbacks import find_mlflow_logger
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 CONFIG = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
@@ -328,7 +328,7 @@ def test_images_unlike_the_training_data_are_flagged(fitted_checkpoint, png_fold
     reference = torch.load(fitted_checkpoint, weights_only=True)["input"]["reference"]
     assert reference["statistics"] == ["mean", "std", "colour", "dark", "edges"]
 
-    with caplog.at_level("WARNING", logger="medtransfer.predict"):
+    with caplog.at_level("WARNING", logger="medtransfer.commands.predict"):
         result = run_predict(str(other), str(fitted_checkpoint), output=tmp_path / "other.csv")
     rows = _read(tmp_path / "other.csv")
     flagged = {Path(r["path"]).name: r["unlike_training"] for r in rows}

@@ -9,7 +9,7 @@ import mlflow
 import torch
 from helpers import DEFAULT_CONFIG, REPO, tiny_fit_args
 
-from medtransfer.cli import build_cli
+from medtransfer.commands.fit import build_cli
 from medtransfer.tracking.callbacks import find_mlflow_logger
 
 OVERLAY = REPO / "configs" / "decisions" / "risk_control.yaml"

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from medtransfer.baseline import baseline
-from medtransfer.cli import main
+from medtransfer.commands.baseline import baseline
+from medtransfer.commands.fit import main
 from medtransfer.data.medmnist import MedMNISTDataModule
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FIT_CONFIG = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
 MEDMNIST = "medtransfer.data.medmnist.MedMNISTDataModule"
 

@@ -466,8 +466,8 @@ def _step(message: str) -> None:
 
 def _guarantee(model: str, probs: np.ndarray, task: str) -> dict:
     """The exchangeability verdict of these probabilities against ``model``'s calibration scores."""
-    from medtransfer.models.risk_control import guarantee_verdict
-    from medtransfer.predict import load_predictor
+    from medtransfer.commands.predict import load_predictor
+    from medtransfer.decisions.risk_control import guarantee_verdict
 
     predictor = load_predictor(model)
     scores = torch.as_tensor(probs[:, -1] if task == "binary" else probs, dtype=torch.float32)

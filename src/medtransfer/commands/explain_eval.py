@@ -25,13 +25,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from medtransfer.commands.predict import Predictor, load_predictor
 from medtransfer.data.boxes import BOX_COLUMNS, CHESTXRAY14_BOX_SIZE, chestxray14_boxes, read_box_table
 from medtransfer.data.readers import read_image
 from medtransfer.data.transforms import build_eval_transform
 from medtransfer.errors import DataError, exit_on_user_error
 from medtransfer.explain.methods import METHODS, box_iou, explain, map_box, pointing_hit, resolve_layer
 from medtransfer.files import write_text_atomic
-from medtransfer.predict import Predictor, load_predictor
 from medtransfer.tracking.mlflow import resolve_tracking_uri
 from medtransfer.tracking.model_logging import tracking_at
 

@@ -14,8 +14,7 @@ import pytest
 import torch
 from torchmetrics.functional.classification import multiclass_auroc
 
-from medtransfer.errors import DataError
-from medtransfer.evaluate import (
+from medtransfer.commands.evaluate import (
     CHESTXRAY14_FINDINGS,
     evaluate_predictions,
     main,
@@ -23,6 +22,7 @@ from medtransfer.evaluate import (
     read_predictions,
     run_evaluate,
 )
+from medtransfer.errors import DataError
 
 LABELS_GZ = "Data_Entry_2017_v2020.csv.gz"
 SMALL_ROWS = 2000
@@ -117,7 +117,7 @@ def test_read_labels_handles_the_official_file_and_its_header_quirk(chexnet_dir)
 
 # ----------------------------------------------------------------------------------------- the CLI (jsonargparse)
 def test_main_writes_csv_and_json(small, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("medtransfer.evaluate.PROGRESS_ROWS", 1)  # as for a large file
+    monkeypatch.setattr("medtransfer.commands.evaluate.PROGRESS_ROWS", 1)  # as for a large file
     out = tmp_path / "report"
     main([str(small.preds_path), str(small.labels_path), "--out_dir", str(out)])
     assert sorted(path.name for path in out.iterdir()) == ["evaluation.csv", "evaluation.json"]  # no temp files
@@ -307,7 +307,7 @@ def test_predict_csv_is_matched_by_file_name_and_error_rows_left_out(small, tmp_
     lines = ["path," + ",".join(probs) + ",prediction,decision,error,model"]
     lines += [f"/data/images/{r[0]}," + ",".join(r[1:]) + ",none,decided,,m.ckpt" for r in rows]
     lines.append("/data/images/broken.png," + "," * (len(probs) - 1) + ",,error,cannot read,m.ckpt")
-    with caplog.at_level("WARNING", logger="medtransfer.evaluate"):
+    with caplog.at_level("WARNING", logger="medtransfer.commands.evaluate"):
         from_predict = run_evaluate(_write(tmp_path / "predictions.csv", lines), small.labels_path)
     assert "1 row(s) of images predict could not read" in caplog.text
     by_id = run_evaluate(_write(tmp_path / "by_id.csv", small.preds[:51]), small.labels_path)

@@ -40,10 +40,10 @@ from torchmetrics import MetricCollection
 from torchmetrics.functional.classification import multilabel_auroc
 
 from medtransfer.data.base import ClassificationDataModule
+from medtransfer.decisions.thresholds import ThresholdPolicy, fit_thresholds
 from medtransfer.errors import DataError, exit_on_user_error
 from medtransfer.metrics import functional as F
 from medtransfer.metrics.defined import defined_labels
-from medtransfer.metrics.thresholds import ThresholdPolicy, fit_thresholds
 from medtransfer.models.classifier import ClassifierModule
 from medtransfer.progress import Progress
 from medtransfer.tracking.datasets import log_dataset_inputs

@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from medtransfer.callbacks.finetuning import FreezeThenFinetune
 from medtransfer.checkpoints import load_checkpoint
-from medtransfer.cli import MedTransferCLI, build_cli
+from medtransfer.commands.fit import MedTransferCLI, build_cli
 from medtransfer.errors import MedtransferError, exit_on_user_error
 from medtransfer.tracking.callbacks import find_mlflow_logger
 

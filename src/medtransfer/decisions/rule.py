@@ -13,8 +13,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from medtransfer.decisions.risk_control import aps_sets
 from medtransfer.metrics import functional as F
-from medtransfer.models.risk_control import aps_sets
 
 __all__ = ["DecisionRule"]
 

@@ -95,7 +95,7 @@ def _at_selected_epoch(client, run_id: str, metric: str, trainer) -> tuple[int, 
 def _fit_point(
     args: list[str], label: str, fraction: float, seed: int, metric: str, client
 ) -> tuple[CurvePoint, str | None]:
-    from medtransfer.cli import build_cli
+    from medtransfer.commands.fit import build_cli
     from medtransfer.tracking.callbacks import find_mlflow_logger
 
     start = time.perf_counter()
@@ -125,7 +125,7 @@ def _fit_point(
 def _probe(config_args: list[str], fit_args: list[str]):
     """The first config's MLflow logger and dataset name, without fitting: the parent run goes in the same
     store and experiment as the children."""
-    from medtransfer.cli import build_cli
+    from medtransfer.commands.fit import build_cli
     from medtransfer.tracking.callbacks import find_mlflow_logger
 
     with _own_argv():

@@ -6,7 +6,7 @@ import pytest
 from helpers import DEFAULT_CONFIG
 from mlflow.tracking import MlflowClient
 
-from medtransfer.lr_find import main
+from medtransfer.commands.lr_find import main
 from medtransfer.tracking.mlflow import resolve_tracking_uri
 
 TINY = [

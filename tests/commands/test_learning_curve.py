@@ -8,9 +8,9 @@ import pytest
 from helpers import DEFAULT_CONFIG, REPO
 from mlflow.tracking import MlflowClient
 
-from medtransfer.cli import main
+from medtransfer.commands.fit import main
+from medtransfer.commands.learning_curve import learning_curve, read_curve_csv
 from medtransfer.errors import MedtransferError
-from medtransfer.learning_curve import learning_curve, read_curve_csv
 
 RECIPES = [REPO / "configs" / "learning_curve" / f"{name}.yaml" for name in ("lite0_pretrained", "lite0_scratch")]
 TINY = [

@@ -51,7 +51,7 @@ class MedTransferCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """Lightning's subcommands without its ``predict``: ``medtransfer predict`` is the batch-inference command
-        (``medtransfer.predict``), so Lightning's generic one would only be a second, different command."""
+        (``medtransfer.commands.predict``), so Lightning's generic one would only be a second, different command."""
         commands = LightningCLI.subcommands()
         commands.pop("predict", None)
         return commands

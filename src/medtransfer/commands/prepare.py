@@ -34,7 +34,7 @@ def main(args: list[str] | None = None) -> None:
     """Parse ``args`` as ``fit`` would (without loading weights or logging) and prepare ``data.prepared``."""
     argv = sys.argv[1:] if args is None else list(args)
     with exit_on_user_error():
-        from medtransfer.cli import build_cli
+        from medtransfer.commands.fit import build_cli
         from medtransfer.data.images import ImageDataModule
         from medtransfer.data.prepared import prepare
 

@@ -91,13 +91,3 @@ def test_any_http_answer_counts_as_reachable(not_found_server):
 def test_stores_that_are_not_http_are_not_probed(uri):
     check_reachable(uri)
 
-
-def test_logger_settings_reads_what_lightnings_mlflow_logger_keeps_privately(tmp_path):
-    """Fails loudly when Lightning renames the private attributes ``logger_settings`` is the one reader of."""
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    from medtransfer.tracking.mlflow import logger_settings
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    logger = MLFlowLogger(experiment_name="exp", tracking_uri=uri, artifact_location=str(tmp_path / "art"))
-    assert logger_settings(logger) == (uri, "exp", str(tmp_path / "art"))

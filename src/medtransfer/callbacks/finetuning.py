@@ -8,15 +8,14 @@ from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BaseFinetuning
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from medtransfer.models.backbones import backbone_blocks
+from medtransfer.upstream import rewrap_ddp
 
 __all__ = ["FreezeThenFinetune", "phase_lr_factor"]
 
@@ -205,7 +204,7 @@ class FreezeThenFinetune(BaseFinetuning):
         groups_before = len(optimizer.param_groups)
         super().on_train_epoch_start(trainer, pl_module)
         if self._trainable_names(pl_module) != trainable:
-            self.rewrap_ddp(trainer, pl_module)
+            rewrap_ddp(trainer, pl_module)
         self.extend_schedulers(trainer, optimizer.param_groups[groups_before:])
         self._set_batchnorm_modes(pl_module, trainer.current_epoch)
         self._log_schedule(trainer, pl_module)
@@ -255,16 +254,6 @@ class FreezeThenFinetune(BaseFinetuning):
     @staticmethod
     def _trainable_names(pl_module: LightningModule) -> set[str]:
         return {name for name, p in pl_module.named_parameters() if p.requires_grad}
-
-    @staticmethod
-    def rewrap_ddp(trainer: Trainer, pl_module: LightningModule) -> None:
-        """Wrap the module in DDP again after an unfreeze: DDP all-reduces only the parameters that required grad
-        when it wrapped the module, so the unfrozen backbone would train on each rank's gradients alone
-        (Lightning issue #20340)."""
-        strategy = trainer.strategy
-        if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
-            strategy.model = pl_module
-            strategy.configure_ddp()
 
     def _log_schedule(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics = {

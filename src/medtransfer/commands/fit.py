@@ -35,10 +35,11 @@ from medtransfer.tracking.callbacks import (
     read_run_info,
     redacted,
 )
-from medtransfer.tracking.mlflow import MLflowLogger, logger_settings
+from medtransfer.tracking.mlflow import MLflowLogger
 from medtransfer.tracking.model_logging import LogModelToMLflow
 from medtransfer.tracking.report import TestReportPlots
 from medtransfer.tracking.system_metrics import LogSystemMetrics
+from medtransfer.upstream import mlflow_logger_settings
 
 __all__ = ["COMMANDS", "SIGTERM_EXIT_STATUS", "MedTransferCLI", "build_cli", "main"]
 
@@ -102,7 +103,7 @@ class MedTransferCLI(LightningCLI):
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(logger.tracking_uri)
-        experiment_name = logger_settings(logger)[1]
+        experiment_name = mlflow_logger_settings(logger)[1]
         experiment = client.get_experiment_by_name(experiment_name)
         folder = Path(self.trainer.default_root_dir, experiment.experiment_id if experiment else "?")
         found = sorted(folder.glob("*/checkpoints/last.ckpt"), key=lambda path: path.stat().st_mtime)
@@ -175,7 +176,7 @@ class MedTransferCLI(LightningCLI):
             return
         lines = [
             f"MLflow run {logger.run_id} (experiment {logger.experiment_id}) in "
-            f"{redacted('uri', logger_settings(logger)[0])}"
+            f"{redacted('uri', mlflow_logger_settings(logger)[0])}"
         ]
         if self.trainer.checkpoint_callback and self.trainer.checkpoint_callback.best_model_path:
             lines.append(f"Best checkpoint: {self.trainer.checkpoint_callback.best_model_path}")

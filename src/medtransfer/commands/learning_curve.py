@@ -29,8 +29,8 @@ from pathlib import Path
 
 from medtransfer.errors import MedtransferError, exit_on_user_error
 from medtransfer.files import write_text_atomic
-from medtransfer.tracking.mlflow import logger_settings
 from medtransfer.tracking.redaction import redact
+from medtransfer.upstream import mlflow_logger_settings
 
 __all__ = ["CurvePoint", "learning_curve", "main", "plot_learning_curve", "read_curve_csv"]
 
@@ -222,7 +222,7 @@ def learning_curve(
     if len(stacks) != len(configs):
         raise MedtransferError(f"Config file stems label the curves and must differ: {configs}")
     logger, dataset = _probe(next(iter(stacks.values())), fit_args)
-    tracking_uri, experiment_name, artifact_location = logger_settings(logger)
+    tracking_uri, experiment_name, artifact_location = mlflow_logger_settings(logger)
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     experiment_id = (

@@ -16,9 +16,10 @@ from typing_extensions import override
 
 from medtransfer.checkpoints import load_checkpoint
 from medtransfer.tracking.datasets import log_dataset_inputs
-from medtransfer.tracking.mlflow import MLflowLogger, logger_settings
+from medtransfer.tracking.mlflow import MLflowLogger
 from medtransfer.tracking.redaction import redact
 from medtransfer.tracking.tags import resolved_data_params, run_tags
+from medtransfer.upstream import batches_that_stepped, mlflow_logger_settings
 
 __all__ = [
     "LogConfigToMLflow",
@@ -131,7 +132,7 @@ class MLflowRunTracking(Callback):
             checkpoint["mlflow"] = {
                 "run_id": logger.run_id,
                 "experiment_id": logger.experiment_id,
-                "tracking_uri": redact(logger_settings(logger)[0]),
+                "tracking_uri": redact(mlflow_logger_settings(logger)[0]),
             }
             if self._epoch_ending:
                 checkpoint["mlflow"]["epoch_end_metrics"] = self._epoch_end_metrics(trainer)
@@ -158,9 +159,9 @@ class MLflowRunTracking(Callback):
 
     @staticmethod
     def _epoch_end_metrics(trainer: Trainer) -> dict[str, Any]:
-        """The epoch's metrics and the step Lightning logs them at (its ``_batches_that_stepped - 1``)."""
+        """The epoch's metrics and the step Lightning logs them at (``batches_that_stepped - 1``)."""
         values = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-        return {"step": trainer.fit_loop.epoch_loop._batches_that_stepped - 1, "values": values}
+        return {"step": batches_that_stepped(trainer) - 1, "values": values}
 
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -26,7 +26,6 @@ __all__ = [
     "check_reachable",
     "create_store_once",
     "local_sqlite_path",
-    "logger_settings",
     "resolve_tracking_uri",
 ]
 
@@ -34,16 +33,6 @@ _logger = logging.getLogger(__name__)
 
 #: The embedded store: a SQLite database in ``mlruns/`` (artifacts go to ``mlruns/artifacts``).
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
-
-
-def logger_settings(logger: Any) -> tuple[str, str, str | None]:
-    """``(tracking URI, experiment name, artifact location)`` of a Lightning ``MLFlowLogger``.
-
-    The one place that reads these private attributes: Lightning 2.6's ``MLFlowLogger`` keeps them as
-    ``_tracking_uri``, ``_experiment_name`` and ``_artifact_location`` and offers no public accessor (tracked in
-    this project's issue #13). ``tests/tracking/test_mlflow_logger.py`` fails when upstream renames them.
-    """
-    return logger._tracking_uri, logger._experiment_name, logger._artifact_location
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:

@@ -26,7 +26,7 @@ from medtransfer.checkpoints import load_checkpoint
 from medtransfer.models.classifier import ClassifierModule
 from medtransfer.models.inference import ProbabilityModel, example_input, input_settings
 from medtransfer.tracking.callbacks import find_mlflow_logger
-from medtransfer.tracking.mlflow import logger_settings
+from medtransfer.upstream import mlflow_logger_settings
 
 __all__ = ["LogModelToMLflow", "model_metadata", "tracking_at"]
 
@@ -126,7 +126,7 @@ class LogModelToMLflow(Callback):
         # mlflow.pytorch logs into the fluent API's active run: make it the logger's run for this call.
         with (
             torch.no_grad(),
-            tracking_at(logger_settings(logger)[0]),
+            tracking_at(mlflow_logger_settings(logger)[0]),
             mlflow.start_run(run_id=logger.run_id, nested=True),
         ):
             info = mlflow.pytorch.log_model(

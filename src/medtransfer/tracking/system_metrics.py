@@ -17,7 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
 from medtransfer.tracking.callbacks import find_mlflow_logger
-from medtransfer.tracking.mlflow import logger_settings
+from medtransfer.upstream import mlflow_logger_settings
 
 __all__ = ["LogSystemMetrics", "system_metrics_switch"]
 
@@ -63,7 +63,7 @@ class LogSystemMetrics(Callback):
             sampling_interval=self.interval_s,
             samples_before_logging=self.samples_before_logging,
             resume_logging=True,  # test after fit continues the fit's steps
-            tracking_uri=logger_settings(logger)[0],
+            tracking_uri=mlflow_logger_settings(logger)[0],
         )
         self._monitor.start()
 

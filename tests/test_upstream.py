@@ -1,0 +1,37 @@
+"""The private attributes of Lightning that ``medtransfer.upstream`` reads or writes still exist and mean what
+it assumes: each test fails loudly on the upgrade that renames one, pointing at the one function to fix."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loggers import MLFlowLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from medtransfer.upstream import batches_that_stepped, mlflow_logger_settings
+
+
+def test_mlflow_logger_settings_reads_what_lightnings_mlflow_logger_keeps_privately(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    logger = MLFlowLogger(experiment_name="exp", tracking_uri=uri, artifact_location=str(tmp_path / "art"))
+    assert mlflow_logger_settings(logger) == (uri, "exp", str(tmp_path / "art"))
+
+
+class _Linear(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_batches_that_stepped_counts_the_optimizer_steps_lightning_logs_at(tmp_path):
+    data = DataLoader(TensorDataset(torch.randn(12, 2)), batch_size=4)
+    trainer = Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, accumulate_grad_batches=3)  # fmt: skip
+    trainer.fit(_Linear(), data)
+    assert batches_that_stepped(trainer) == trainer.global_step == 2  # 3 batches an epoch, one step each

@@ -35,3 +35,16 @@ def test_batches_that_stepped_counts_the_optimizer_steps_lightning_logs_at(tmp_p
                       enable_model_summary=False, default_root_dir=tmp_path, accumulate_grad_batches=3)  # fmt: skip
     trainer.fit(_Linear(), data)
     assert batches_that_stepped(trainer) == trainer.global_step == 2  # 3 batches an epoch, one step each
+
+
+def test_mlflow_logger_run_settings_are_set_before_the_run_starts_and_used_when_it_does(tmp_path):
+    from medtransfer.upstream import mlflow_logger_run, mlflow_logger_started, set_mlflow_logger_run
+
+    logger = MLFlowLogger(experiment_name="exp", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert not mlflow_logger_started(logger) and mlflow_logger_run(logger) == (None, None)
+    set_mlflow_logger_run(logger, run_name="named-late")
+    run = logger.experiment.get_run(logger.run_id)  # creates the run
+    assert mlflow_logger_started(logger) and run.info.run_name == "named-late"
+    again = MLFlowLogger(experiment_name="exp", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    set_mlflow_logger_run(again, run_id=logger.run_id)
+    assert again.run_id == logger.run_id and mlflow_logger_run(again)[0] == logger.run_id

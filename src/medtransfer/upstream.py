@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["batches_that_stepped", "mlflow_logger_settings", "rewrap_ddp"]
+__all__ = [
+    "batches_that_stepped",
+    "mlflow_logger_run",
+    "mlflow_logger_settings",
+    "mlflow_logger_started",
+    "rewrap_ddp",
+    "set_mlflow_logger_run",
+]
 
 
 def mlflow_logger_settings(logger: Any) -> tuple[str, str, str | None]:
@@ -19,6 +26,31 @@ def mlflow_logger_settings(logger: Any) -> tuple[str, str, str | None]:
     accessor (Lightning-AI/pytorch-lightning#19983 asks for one).
     """
     return logger._tracking_uri, logger._experiment_name, logger._artifact_location
+
+
+def mlflow_logger_started(logger: Any) -> bool:
+    """Whether a Lightning ``MLFlowLogger`` has created (or resumed) its run yet: its private ``_initialized``.
+
+    The public ``run_id``/``experiment`` properties would create the run as a side effect of asking.
+    """
+    return logger._initialized
+
+
+def mlflow_logger_run(logger: Any) -> tuple[str | None, str | None]:
+    """``(run id, run name)`` a Lightning ``MLFlowLogger`` will use, without creating the run (``run_id`` would)."""
+    return logger._run_id, logger._run_name
+
+
+def set_mlflow_logger_run(logger: Any, run_id: str | None = None, run_name: str | None = None) -> None:
+    """Point a not-yet-started ``MLFlowLogger`` at an existing run, or name the run it will create.
+
+    Both are constructor arguments only; medtransfer learns them after the CLI built the logger (the run id from
+    the checkpoint being resumed, the default run name from the config), before the run starts.
+    """
+    if run_id is not None:
+        logger._run_id = run_id
+    if run_name is not None:
+        logger._run_name = run_name
 
 
 def batches_that_stepped(trainer: Any) -> int:

@@ -18,6 +18,12 @@ from typing_extensions import override
 
 from medtransfer.errors import MedtransferError
 from medtransfer.tracking.redaction import redact
+from medtransfer.upstream import (
+    mlflow_logger_run,
+    mlflow_logger_settings,
+    mlflow_logger_started,
+    set_mlflow_logger_run,
+)
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
@@ -130,13 +136,11 @@ class MLflowLogger(MLFlowLogger):
         run_id: str | None = None,
     ) -> None:
         hint = "remove the logger's tracking_uri" if tracking_uri else "unset MLFLOW_TRACKING_URI"
-        tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+        tracking_uri = resolve_tracking_uri(tracking_uri)  # a SQLite store absolute: later chdirs do not move it
         check_reachable(tracking_uri, hint=hint)
         database = local_sqlite_path(tracking_uri)
-        if database is not None:  # absolute, so the store does not depend on later changes of directory
-            database = database.resolve()
+        if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
-            tracking_uri = f"sqlite:///{database}"
             create_store_once(tracking_uri, database)
             if artifact_location is None:
                 artifact_location = (database.parent / "artifacts").resolve().as_uri()
@@ -152,23 +156,24 @@ class MLflowLogger(MLFlowLogger):
 
     @property
     def tracking_uri(self) -> str:
-        return self._tracking_uri
+        return mlflow_logger_settings(self)[0]
 
     @property
     def started(self) -> bool:
         """Whether the MLflow run exists yet (runs are created lazily, on first use)."""
-        return self._initialized
+        return mlflow_logger_started(self)
 
     def continue_run(self, run_id: str) -> None:
         """Log into ``run_id`` instead of a new run; only possible before the run is first used."""
-        if self._initialized and self._run_id != run_id:
-            raise RuntimeError(f"The logger already writes to run {self._run_id}; cannot switch to {run_id}.")
-        self._run_id = run_id
+        current = mlflow_logger_run(self)[0]
+        if self.started and current != run_id:
+            raise RuntimeError(f"The logger already writes to run {current}; cannot switch to {run_id}.")
+        set_mlflow_logger_run(self, run_id=run_id)
 
     def name_run(self, run_name: str) -> None:
         """Name the run to be created, unless the user named it."""
-        if self._run_name is None and not self._initialized:
-            self._run_name = run_name
+        if mlflow_logger_run(self)[1] is None and not self.started:
+            set_mlflow_logger_run(self, run_name=run_name)
 
     def skip_logged_steps(self) -> None:
         """Drop metric values at steps the run already has: for a resumed fit, which replays logging.

@@ -124,6 +124,8 @@ class MLflowRunTracking(Callback):
         params = [Param(k, v[:6000]) for k, v in resolved if k not in existing.params]  # MLflow's longest value
         logger.experiment.log_batch(logger.run_id, params=params, tags=tags)
         log_dataset_inputs(logger.experiment, logger.run_id, trainer.datamodule)  # the UI's Dataset column
+        if isinstance(logger, MLflowLogger) and trainer.checkpoint_callbacks:
+            logger.hold_until_checkpoint()  # an epoch's metrics reach the run with its checkpoint: see there
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -185,6 +187,8 @@ class MLflowRunTracking(Callback):
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         logger = find_mlflow_logger(trainer)
+        if isinstance(logger, MLflowLogger):
+            logger.release_held()
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if logger is None or not best or not Path(best).is_file():
             return

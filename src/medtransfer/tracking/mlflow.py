@@ -207,9 +207,37 @@ class MLflowLogger(MLFlowLogger):
         """End the run as ``KILLED`` when Lightning finalizes it after an interrupt (it would say ``FAILED``)."""
         self.killed = True
 
+    def hold_until_checkpoint(self) -> None:
+        """Keep logged metrics back until a checkpoint covering them is on disk (``after_save_checkpoint``).
+
+        A fit killed after logging an epoch's metrics but before saving that epoch resumes from the previous
+        checkpoint and computes the epoch again; MLflow cannot replace a value, so without holding back the run
+        would keep the discarded attempt's values. Held metrics are written at each checkpoint save and when
+        the run ends, except after a stop by a signal, whose documented sequel is a resume that logs them anew.
+        """
+        self.__dict__.setdefault("_held", [])
+
+    def release_held(self) -> None:
+        """Write the metrics held back so far, and stop holding."""
+        held = self.__dict__.pop("_held", [])
+        for metrics, step in held:
+            self.log_metrics(metrics, step)
+
+    @override
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        super().after_save_checkpoint(checkpoint_callback)
+        if "_held" in self.__dict__:
+            held, self._held = self._held, []
+            for metrics, step in held:
+                self._write_metrics(metrics, step)
+
     @override
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
+        held = self.__dict__.pop("_held", [])
+        if not self.killed:
+            for metrics, step in held:
+                self._write_metrics(metrics, step)
         super().finalize("KILLED" if self.killed and status == "failed" else status)
 
     @property
@@ -230,7 +258,14 @@ class MLflowLogger(MLFlowLogger):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log ``metrics`` at ``step``, keeping one value per metric and step: a value at a step not after the
         last one logged for its key is dropped. Lightning logs ``epoch`` twice per epoch (with the validation
-        and with the training metrics) and replays an epoch's end on resume; neither adds a second point."""
+        and with the training metrics) and replays an epoch's end on resume; neither adds a second point.
+        While :meth:`hold_until_checkpoint` is on, the values wait for the next checkpoint."""
+        if "_held" in self.__dict__:
+            self._held.append((dict(metrics), step))
+            return
+        self._write_metrics(metrics, step)
+
+    def _write_metrics(self, metrics: Mapping[str, float], step: int | None) -> None:
         if step is not None and self.appends_after_logged_steps:
             last = self.last_logged_steps
             by_step: dict[int, dict[str, float]] = {}

@@ -1,13 +1,25 @@
-"""Writers of small image trees and CSV manifests over real images, for the manifest tests."""
+"""Real images, and writers of small image trees and CSV manifests over them, for the manifest tests.
+
+No conftest.py here: other test modules import ``conftest`` by name, which a second one would shadow.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
 from medtransfer.data.sources import Manifest
+
+
+def load_xray_images(pneumonia_npz: Path) -> tuple[np.ndarray, np.ndarray]:
+    """60 real 28x28 PneumoniaMNIST train images, the first 30 of each class in file order, and their labels."""
+    with np.load(pneumonia_npz) as data:
+        labels = data["train_labels"][:, 0]
+        rows = np.sort(np.concatenate([np.flatnonzero(labels == 0)[:30], np.flatnonzero(labels == 1)[:30]]))
+        return data["train_images"][rows], labels[rows]
 
 
 def write_pngs(xray_images, folder: Path, names: list[str]) -> list[Path]:

@@ -11,10 +11,7 @@ import pytest
 from manifest_files import assert_patients_disjoint
 
 from medtransfer.commands.evaluate import CHESTXRAY14_FINDINGS
-from medtransfer.data.sources import (
-    Manifest,
-    chestxray14_manifest,
-)
+from medtransfer.data.sources import Manifest, chestxray14_manifest
 from medtransfer.errors import DataError
 
 # Finding counts of the sample, from /work/shared/data/README.md.

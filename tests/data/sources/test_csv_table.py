@@ -6,12 +6,16 @@ import shutil
 
 import numpy as np
 import pytest
-from manifest_files import assert_patients_disjoint, labelled_csv, write_csv, write_pngs
+from manifest_files import assert_patients_disjoint, labelled_csv, load_xray_images, write_csv, write_pngs
 
-from medtransfer.data.sources import (
-    csv_manifest,
-)
+from medtransfer.data.sources import csv_manifest
 from medtransfer.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def xray_images(pneumonia_npz):
+    return load_xray_images(pneumonia_npz)
+
 
 BOX = ("x_min", "y_min", "x_max", "y_max")
 

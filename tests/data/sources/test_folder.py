@@ -5,12 +5,15 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from manifest_files import write_pngs
+from manifest_files import load_xray_images, write_pngs
 
-from medtransfer.data.sources import (
-    folder_manifest,
-)
+from medtransfer.data.sources import folder_manifest
 from medtransfer.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def xray_images(pneumonia_npz):
+    return load_xray_images(pneumonia_npz)
 
 
 def test_folder_classes_nested_images_and_stratified_split(tmp_path, xray_images):

@@ -7,9 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from medtransfer.data.sources import (
-    Manifest,
-)
+from medtransfer.data.sources import Manifest
 
 
 def test_manifest_checks_shapes_and_splits(tmp_path):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from manifest_files import assert_patients_disjoint, write_pngs
+from manifest_files import assert_patients_disjoint, load_xray_images, write_pngs
 
-from medtransfer.data.sources import (
-    mura_manifest,
-)
+from medtransfer.data.sources import mura_manifest
 from medtransfer.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def xray_images(pneumonia_npz):
+    return load_xray_images(pneumonia_npz)
 
 
 def test_mura_tree_labels_patients_and_official_folders(tmp_path, xray_images):

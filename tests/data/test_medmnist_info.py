@@ -2,6 +2,8 @@
 
 import dataclasses
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -139,3 +141,11 @@ def test_replace_keeps_mappings_read_only_and_validates_task():
         changed.resources[64] = ("x", "y")
     with pytest.raises(DataError, match="task"):
         dataclasses.replace(info, task="regression")
+
+
+def test_reading_the_registry_imports_neither_torch_nor_the_medmnist_package():
+    """``medmnist/__init__`` imports torch and torchvision; the registry reads ``medmnist/info.py`` alone."""
+    code = "import sys, medtransfer.data.medmnist_info; print(*sys.modules)"
+    modules = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert "medtransfer.data.medmnist_info" in modules
+    assert "torch" not in modules and "medmnist" not in modules

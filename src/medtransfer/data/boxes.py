@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medtransfer.data.sources import _read_boxes
+from medtransfer.data.sources.csv_table import _read_boxes
 from medtransfer.data.tables import read_csv_table, require_columns
 from medtransfer.errors import DataError
 

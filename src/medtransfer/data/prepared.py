@@ -12,7 +12,7 @@ Layout of a prepared folder::
     <prepared>/<split>/index.json, *.bin   LitData chunks of {"image": (S, S) uint8, "target": ..., "row": int}
 
 The JSON records the labels (task, class names), the split sizes and positive shares, the manifest hash of the
-source (:func:`~medtransfer.tracking.tags.manifest_sha256` plus the boxes) and the input settings (size,
+source (:meth:`~medtransfer.data.sources.Manifest.sha256` plus the boxes) and the input settings (size,
 interpolation). ``fit`` refuses a folder whose labels or settings differ from the model's and data module's,
 or whose hash differs from the configured source's. ``prepare`` is resumable by split: a split whose chunks
 are complete for the current source is kept, the others are (re)written; a changed source (another hash) is
@@ -134,12 +134,10 @@ def _write_info(prepared: str, info: PreparedInfo) -> None:
 
 # --------------------------------------------------------------------------------------------------- hashing
 def prepared_hash(manifest: Manifest) -> str:
-    """SHA-256 of the dataset prepare reads: :func:`manifest_sha256` (relative paths, splits, targets) plus the
+    """SHA-256 of the dataset prepare reads: :meth:`Manifest.sha256` (relative paths, splits, targets) plus the
     boxes. It does not depend on where the files lie or when they were copied, so training nodes with their own
     copy of the source agree with it."""
-    from medtransfer.tracking.tags import manifest_sha256
-
-    digest = hashlib.sha256(manifest_sha256(manifest).encode())
+    digest = hashlib.sha256(manifest.sha256().encode())
     if manifest.boxes is not None:
         digest.update(np.ascontiguousarray(manifest.boxes).tobytes())
     return digest.hexdigest()

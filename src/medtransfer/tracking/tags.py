@@ -12,7 +12,6 @@ import functools
 import hashlib
 import inspect
 import logging
-import os
 import platform
 import socket
 import subprocess
@@ -22,7 +21,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from lightning.pytorch import LightningDataModule, Trainer
 
 __all__ = [
@@ -65,15 +63,8 @@ file_sha256.cache_info = _sha256.cache_info  # type: ignore[attr-defined]
 
 
 def manifest_sha256(manifest: Any) -> str:
-    """SHA-256 of a manifest's content: each image path (relative to the images' common folder), its split
-    and its target. It changes when images, labels or the split change, but not when the folder moves."""
-    paths = [str(p) for p in manifest.paths]
-    root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0]) if paths else ""
-    digest = hashlib.sha256()
-    for path, split in zip(paths, manifest.splits.tolist(), strict=True):
-        digest.update(f"{os.path.relpath(path, root)}\t{split}\n".encode())
-    digest.update(np.ascontiguousarray(manifest.targets).tobytes())
-    return digest.hexdigest()
+    """SHA-256 of a manifest's content (:meth:`~medtransfer.data.sources.Manifest.sha256`)."""
+    return manifest.sha256()
 
 
 def git_tags(folder: str | Path | None = None) -> dict[str, str]:

@@ -10,7 +10,9 @@ manifest is checked before it is returned: no patient in two splits and no empty
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -104,6 +106,17 @@ class Manifest:
         if split not in SPLITS:
             raise ValueError(f"Expected argument `split` to be one of {SPLITS}, but got {split!r}")
         return self.take(np.flatnonzero(self.splits == split))
+
+    def sha256(self) -> str:
+        """SHA-256 of the content: each image path (relative to the images' common folder), its split and its
+        target. It changes when images, labels or the split change, but not when the folder moves."""
+        paths = [str(p) for p in self.paths]
+        root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0]) if paths else ""
+        digest = hashlib.sha256()
+        for path, split in zip(paths, self.splits.tolist(), strict=True):
+            digest.update(f"{os.path.relpath(path, root)}\t{split}\n".encode())
+        digest.update(np.ascontiguousarray(self.targets).tobytes())
+        return digest.hexdigest()
 
     def take(self, rows: Sequence[int] | np.ndarray) -> Manifest:
         """The images at ``rows``, in that order."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import signal
 from pathlib import Path
 
 import mlflow
@@ -186,10 +187,18 @@ def test_an_interrupted_run_leaves_no_partial_csv(fitted_checkpoint, png_folder,
         return original(self)
 
     monkeypatch.setattr(torch.Tensor, "cpu", fail_on_second_batch)
-    with pytest.raises(KeyboardInterrupt):
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):  # Lightning's exit(1) on a Ctrl-C is turned back into the interrupt
         run_predict(str(folder), str(fitted_checkpoint), output=out, batch_size=8)
     monkeypatch.undo()
     assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is handler  # a later Ctrl-C still interrupts
+
+
+def test_devices_are_a_trainer_option_and_rows_keep_the_input_order(fitted_checkpoint, png_folder, tmp_path):
+    folder, _ = png_folder
+    run_predict(str(folder), str(fitted_checkpoint), output=tmp_path / "p.csv", device="cpu", devices=1, batch_size=7)
+    assert [Path(r["path"]) for r in _read(tmp_path / "p.csv")] == collect_images(str(folder))
 
 
 def test_csv_and_glob_inputs(png_folder, tmp_path):

@@ -219,7 +219,8 @@ def test_multilabel_risk_control_is_certified_per_label():
 
 
 def test_multiclass_sets_are_fitted_stored_and_written_by_predict():
-    from medtransfer.commands.predict import Predictor, _rows
+    from medtransfer.commands.predict import Predictor
+    from medtransfer.commands.predict_writer import prediction_rows
 
     model = ClassifierModule(backbone="resnet10t", pretrained="none", task="multiclass", num_classes=3,
                              set_alpha=0.1, target_coverage=1.0)  # fmt: skip
@@ -230,7 +231,7 @@ def test_multiclass_sets_are_fitted_stored_and_written_by_predict():
     rule = model.decision_rule
     assert rule.set_quantile == model.calibration["set_quantile"] and model.calibration["set_coverage"] >= 0.9
     predictor = Predictor(torch.nn.Identity(), rule, "multiclass", ["a", "b", "c"], {}, "m", model.calibration)
-    rows = list(_rows(predictor, probs[:20]))
+    rows = list(prediction_rows(predictor, probs[:20]))
     sets = rule.prediction_sets(probs[:20])
     for row, members in zip(rows, sets, strict=True):
         assert row["prediction_set"].split("|") == [n for n, keep in zip("abc", members, strict=True) if keep]

@@ -32,7 +32,7 @@ from medtransfer.metrics.defined import DefinedMean, defined_labels, mask_undefi
 from medtransfer.models.backbones import create_backbone
 from medtransfer.models.test_time_augmentation import TestTimeAugmentation, augmented_views, average_views
 
-__all__ = ["ClassifierModule", "balanced_pos_weight"]
+__all__ = ["ClassifierModule", "balanced_pos_weight", "probabilities"]
 
 Task = Literal["binary", "multiclass", "multilabel"]
 
@@ -79,6 +79,13 @@ def _colour_settings(datamodule: Any) -> dict[str, Any]:
     """The colour (``gray``/``rgb``) and DICOM frame choice a data module feeds, for the checkpoint's ``input``."""
     hp = datamodule.hparams
     return {"color": getattr(datamodule, "color_mode", "gray"), "dicom_frame": hp.get("dicom_frame", "error")}
+
+
+def probabilities(logits: Tensor, temperature: Tensor, task: str) -> Tensor:
+    """The model's probabilities, here only (training, ``predict_proba``, the served ``ProbabilityModel``): the
+    temperature-scaled logits' softmax (multiclass) or sigmoid per output."""
+    logits = logits / temperature
+    return logits.softmax(dim=-1) if task == "multiclass" else logits.sigmoid()
 
 
 class ClassifierModule(LightningModule):
@@ -215,8 +222,7 @@ class ClassifierModule(LightningModule):
 
     def predict_proba(self, logits: Tensor) -> Tensor:
         """Probabilities from logits (after temperature scaling): sigmoid per output, or softmax (multiclass)."""
-        logits = logits / self.temperature
-        return logits.softmax(dim=-1) if self.hparams.task == "multiclass" else logits.sigmoid()
+        return probabilities(logits, self.temperature, self.hparams.task)
 
     @property
     def decision_rule(self) -> DecisionRule:

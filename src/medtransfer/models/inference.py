@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from medtransfer.models.classifier import ClassifierModule
+from medtransfer.models.classifier import ClassifierModule, probabilities
 
 __all__ = ["ProbabilityModel", "example_input", "input_settings"]
 
@@ -28,10 +28,8 @@ class ProbabilityModel(nn.Module):
         self.register_buffer("temperature", classifier.temperature.detach().clone())
 
     def forward(self, images: Tensor) -> Tensor:
-        logits = self.head(self.backbone(images)) / self.temperature
-        if self.task == "binary":
-            return logits.squeeze(1).sigmoid()
-        return logits.softmax(dim=-1) if self.task == "multiclass" else logits.sigmoid()
+        logits = self.head(self.backbone(images))
+        return probabilities(logits.squeeze(1) if self.task == "binary" else logits, self.temperature, self.task)
 
 
 def input_settings(classifier: ClassifierModule, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:

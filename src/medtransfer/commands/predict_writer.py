@@ -1,0 +1,295 @@
+"""The rows of ``medtransfer predict``, written by a ``BasePredictionWriter`` as ``Trainer.predict`` yields each
+batch: one CSV row per image (probabilities, decision, heatmap columns) or per unreadable file (its error),
+streamed to a temporary file beside the output and renamed into place when every image is done. Under DDP each
+rank streams its own rows; rank 0 merges them, in input order, into the one CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.nn import functional as nnf
+
+from medtransfer.commands.predictor import Predictor
+from medtransfer.data.unlike import unlike_reasons
+from medtransfer.errors import DataError
+from medtransfer.explain import DEFAULT_METHOD, explain, map_box, map_peak, resolve_layer, save_overlay
+from medtransfer.explain.methods import Method
+from medtransfer.files import atomic_open
+from medtransfer.progress import Progress
+
+__all__ = ["HEATMAP_COLUMNS", "HeatmapWriter", "PredictionWriter", "prediction_rows"]
+
+
+def prediction_rows(predictor: Predictor, probs: torch.Tensor) -> Iterator[dict[str, Any]]:
+    """Per image, its probability columns, ``prediction``, ``decision`` (and ``prediction_set``) by the model's rule."""
+    rule, names, task = predictor.rule, predictor.class_names, predictor.task
+    decisions, abstains = rule.decide(probs), rule.abstains(probs)
+    sets = rule.prediction_sets(probs).tolist() if task == "multiclass" and rule.set_quantile is not None else None
+    for i, (p, decision, abstain) in enumerate(zip(probs.tolist(), decisions.tolist(), abstains.tolist(), strict=True)):
+        if task == "binary":
+            row = {f"prob_{names[1]}": round(p, 6), "prediction": names[decision]}
+            row["decision"] = "abstain" if abstain else ("positive" if decision else "negative")
+        elif task == "multiclass":
+            row = {f"prob_{n}": round(v, 6) for n, v in zip(names, p, strict=True)}
+            row["prediction"] = names[decision]
+            row["decision"] = "abstain" if abstain else names[decision]
+            if sets is not None:  # the conformal set: more than one class means the case is referred
+                row["prediction_set"] = "|".join(n for n, keep in zip(names, sets[i], strict=True) if keep)
+        else:
+            row = {f"prob_{n}": round(v, 6) for n, v in zip(names, p, strict=True)}
+            row["prediction"] = "|".join(n for n, d in zip(names, decision, strict=True) if d) or "none"
+            referred = [n for n, a in zip(names, abstain, strict=True) if a]
+            row["decision"] = "abstain:" + "|".join(referred) if referred else "decided"
+        yield row
+
+
+def _count_findings(counts: dict[str, Counter[str]], names: list[str], decisions: torch.Tensor,
+                    abstains: torch.Tensor) -> None:  # fmt: skip
+    """Add a batch's multi-label decisions to ``positive``/``negative``/``abstain`` counts per finding."""
+    for j, name in enumerate(names):
+        counter = counts.setdefault(name, Counter())
+        referred = abstains[:, j]
+        counter["abstain"] += int(referred.sum())
+        counter["positive"] += int((decisions[:, j].bool() & ~referred).sum())
+        counter["negative"] += int((~decisions[:, j].bool() & ~referred).sum())
+
+
+#: CSV columns of a written heatmap: the overlay, the raw map, its peak and the box of its hot region.
+HEATMAP_COLUMNS = ("heatmap", "heatmap_npy", "peak_x", "peak_y", "peak_value", "box_x_min", "box_y_min",
+                   "box_x_max", "box_y_max")  # fmt: skip
+#: Share of a map's maximum that outlines the hot region whose box is written.
+BOX_THRESHOLD = 0.5
+
+
+class HeatmapWriter:
+    """Heatmaps for the selected images of each batch, or for the ``top_k`` most positive at the end (a bounded
+    heap of probabilities, so memory stays flat). ``network`` has the layers (a checkpoint's).
+
+    Per explained image (per finding above its threshold, for multi-label) it writes an overlay PNG and the raw
+    map at the image's own size (``.npy``, float32 in [0, 1]); the row gets their paths, the peak's pixel
+    ``x, y`` and value, and the box of the peak's region of ``map >= 0.5 * max`` (multi-label: ``|``-joined,
+    one per finding in ``heatmap_finding``)."""
+
+    def __init__(self, network: torch.nn.Module, folder: Path, which: str, top_k: int, predictor: Predictor,
+                 method: Method = DEFAULT_METHOD, layer: int | str | None = None, *,
+                 read: Callable[[int], Any]) -> None:  # fmt: skip
+        if which == "top_k" and top_k < 1:
+            raise DataError(f"top_k must be at least 1, got {top_k}")
+        self.network, self.folder, self.which, self.top_k = network, Path(folder), which, top_k
+        self.predictor, self.method, self.layer = predictor, method, layer
+        self.read = read  # row -> the image as the model saw it: overlays of colour images are in colour
+        if layer is not None:  # a wrong name fails now, before any image is read (occlusion ignores it)
+            resolve_layer(network.backbone, layer)
+        self.heap: list[tuple[float, int]] = []
+        self.top_probs: dict[int, torch.Tensor] = {}
+        self.written: list[str] = []
+
+    def _score(self, probs: torch.Tensor) -> torch.Tensor:
+        return probs if probs.ndim == 1 else probs.max(dim=-1).values
+
+    def _targets(self, probs: torch.Tensor) -> list[list[int | None]]:
+        """What each image's maps explain: the positive class / top class, or each label decided positive (the
+        top label when none is)."""
+        if self.predictor.task != "multilabel":
+            return [[None] for _ in range(len(probs))]
+        decided = self.predictor.rule.decide(probs)
+        return [d.nonzero().flatten().tolist() or [int(p.argmax())] for d, p in zip(decided, probs, strict=True)]
+
+    def _write(self, images: torch.Tensor, paths: list[Path], indices: list[int], targets: list) -> list[dict]:
+        pairs = [(j, t) for j, labels in enumerate(targets) for t in labels]
+        rows = [j for j, _ in pairs]
+        target = None if pairs[0][1] is None else torch.tensor([t for _, t in pairs], device=images.device)
+        with torch.autocast(images.device.type, enabled=False):
+            maps = explain(self.network, images[rows].float(), target, self.method, self.layer).cpu()
+        columns: list[dict[str, list[str]]] = [{} for _ in paths]
+        for (j, label), heat in zip(pairs, maps, strict=True):
+            image = self.read(indices[j])
+            full = nnf.interpolate(heat[None, None], size=image.shape[:2], mode="bilinear", align_corners=False)
+            full = full[0, 0].clamp(0, 1).numpy().astype(np.float32)
+            suffix = "" if label is None else f"_{self.predictor.class_names[label]}"
+            stem = self.folder / f"{indices[j]:06d}_{paths[j].stem}{suffix}"
+            picture = str(save_overlay(stem.with_suffix(".png"), image, full).resolve())  # usable from any folder
+            with atomic_open(stem.with_suffix(".npy"), "wb") as stream:
+                np.save(stream, full)
+            x, y, value = map_peak(full)
+            box = map_box(full, BOX_THRESHOLD) or ("",) * 4
+            raw = str(stem.with_suffix(".npy").resolve())
+            values = [picture, raw, f"{x:.1f}", f"{y:.1f}", f"{value:.4f}", *map(str, box)]
+            for name, text in zip(HEATMAP_COLUMNS, values, strict=True):
+                columns[j].setdefault(name, []).append(text)
+            if label is not None:
+                columns[j].setdefault("heatmap_finding", []).append(self.predictor.class_names[label])
+            self.written.append(picture)
+        return [{name: "|".join(texts) for name, texts in row.items()} for row in columns]
+
+    def add(self, batch: torch.Tensor, probs: torch.Tensor, rows: list[dict], paths: list[Path], indices: list[int]):
+        if self.which == "top_k":
+            for score, index in zip(self._score(probs).tolist(), indices, strict=True):
+                (heapq.heappush if len(self.heap) < self.top_k else heapq.heappushpop)(self.heap, (score, index))
+            kept = {index for _, index in self.heap}  # the probabilities of the heap's images, for their targets
+            self.top_probs = {
+                i: p for i, p in [*self.top_probs.items(), *zip(indices, probs, strict=True)] if i in kept
+            }
+            return
+        chosen = [j for j, row in enumerate(rows) if self._selected(row["decision"])]
+        if chosen:
+            targets = self._targets(probs[chosen])
+            written = self._write(batch[chosen], [paths[j] for j in chosen], [indices[j] for j in chosen], targets)
+            for j, columns in zip(chosen, written, strict=True):
+                rows[j].update(columns)
+
+    def _selected(self, decision: str) -> bool:
+        if self.which == "all":
+            return True
+        if self.which == "abstain":
+            return decision.startswith("abstain")
+        return decision not in ("negative",) and not decision.startswith("abstain")
+
+    def merge(self, others: list[dict[str, Any]]) -> None:
+        """Take in the ``state()`` of the other ranks' writers (DDP): their written maps and top-k candidates."""
+        for other in others:
+            self.written += other["written"]
+            self.heap, self.top_probs = self.heap + other["heap"], {**self.top_probs, **other["top_probs"]}
+        self.heap = heapq.nsmallest(self.top_k, self.heap, key=lambda item: (-item[0], item[1]))
+        heapq.heapify(self.heap)
+
+    def state(self) -> dict[str, Any]:
+        return {"written": self.written, "heap": self.heap, "top_probs": self.top_probs}
+
+    def write_top_k(self, paths: list[Path], transform: Any) -> None:
+        chosen = [index for _, index in sorted(self.heap, reverse=True)]
+        if chosen:
+            device = next(self.network.parameters()).device
+            images = torch.stack([transform(image=self.read(i))["image"] for i in chosen]).to(device)
+            targets = self._targets(torch.stack([self.top_probs[i] for i in chosen]))
+            self._write(images, [paths[i] for i in chosen], chosen, targets)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Write each predicted batch's rows as it comes, and tally what the summary reports.
+
+    Args:
+        output: the CSV, renamed into place by ``on_predict_end``; removed when the run fails or is interrupted.
+        predictor: the model's rule, class names and label (the ``model`` column).
+        paths: the image of every row, in input order (a multi-frame DICOM once per frame with ``frame: all``).
+        columns: the CSV's columns.
+        frames: per row, its ``frame`` column (``frame: all``), else ``None``.
+        reference: the statistics of the validation images (``unlike_training``), or ``None``.
+        heatmaps: the heatmap writer, or ``None``.
+    """
+
+    def __init__(self, output: Path, predictor: Predictor, paths: list[Path], columns: list[str],
+                 frames: list[int | None] | None = None, reference: dict[str, Any] | None = None,
+                 heatmaps: HeatmapWriter | None = None) -> None:  # fmt: skip
+        super().__init__(write_interval="batch")
+        self.output, self.predictor, self.paths, self.columns = output, predictor, paths, columns
+        self.frames, self.reference, self.heatmaps = frames, reference, heatmaps
+        self.counts: Counter[str] = Counter()
+        self.findings: dict[str, Counter[str]] = {}  # multi-label: positive/negative/abstain per finding
+        self.failures: list[dict[str, str]] = []
+        self.unlike = 0
+        self.probs: list[torch.Tensor] = []
+        self.interrupted: BaseException | None = None
+        self._files = ExitStack()
+
+    def _part(self, trainer: Trainer) -> Path:
+        return (
+            self.output
+            if trainer.world_size == 1
+            else self.output.with_name(f".{self.output.name}.rank{trainer.global_rank}")
+        )
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        target = self.output if trainer.world_size == 1 else self._part(trainer.global_rank)
+        handle = self._files.enter_context(
+            atomic_open(target, "w", newline="", encoding="utf-8", errors="backslashreplace")
+        )
+        index = [] if trainer.world_size == 1 else ["_index"]  # the row's place in the input, for the merge
+        self.csv = csv.DictWriter(handle, fieldnames=[*index, *self.columns])
+        self.csv.writeheader()
+        # images/s on a terminal, or a line every 30 s in a log; rank 0 counts its share
+        self.progress = (
+            Progress(-(-len(self.paths) // trainer.world_size), "predict") if trainer.is_global_zero else None
+        )
+
+    def _write(self, trainer: Trainer, index: int, row: dict[str, Any]) -> None:
+        frame = {} if self.frames is None else {"frame": "" if self.frames[index] is None else self.frames[index]}
+        place = {} if trainer.world_size == 1 else {"_index": index}
+        self.csv.writerow({**place, "path": str(self.paths[index]), **row, "model": self.predictor.label, **frame})
+
+    def write_on_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, prediction: torch.Tensor | None, batch_indices: Any,
+        batch: Any, batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        indices, images, failed = batch
+        if prediction is not None:
+            probs, rule = prediction.cpu(), self.predictor.rule
+            self.probs.append(probs)
+            rows = list(prediction_rows(self.predictor, probs))
+            for row, reason in zip(rows, unlike_reasons(images, self.reference), strict=True):
+                row["unlike_training"], self.unlike = reason, self.unlike + bool(reason)
+            if self.heatmaps is not None:
+                self.heatmaps.add(images, probs, rows, [self.paths[i] for i in indices], indices)
+            if self.predictor.task == "multilabel":
+                _count_findings(self.findings, self.predictor.class_names, rule.decide(probs), rule.abstains(probs))
+            for index, row in zip(indices, rows, strict=True):
+                self.counts["abstain" if self.predictor.task == "multilabel" and row["decision"] != "decided"
+                            else row["decision"]] += 1  # fmt: skip
+                self._write(trainer, index, {**row, "error": ""})
+        for index, error in failed:
+            self.failures.append({"path": str(self.paths[index]), "error": error})
+            self._write(trainer, index, {"decision": "error", "error": error})
+        if self.progress is not None:
+            self.progress.update(len(indices) + len(failed))
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        self._files.close()  # the CSV (under DDP: this rank's part) is complete: renamed into place
+        if trainer.world_size > 1:
+            self._merge(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.interrupted = exception  # Lightning turns a KeyboardInterrupt into exit(1); run_predict re-raises it
+        self._files.__exit__(type(exception), exception, exception.__traceback__)  # removes the temporary file
+
+    def _merge(self, trainer: Trainer) -> None:
+        """Rank 0 takes in every rank's rows (in input order) and tallies; the other ranks' parts are removed."""
+        states = [None] * trainer.world_size
+        torch.distributed.all_gather_object(states, self._state())
+        if not trainer.is_global_zero:
+            return
+        rows: dict[int, dict[str, str]] = {}
+        for rank in range(trainer.world_size):
+            part = self._part(rank)
+            with part.open(newline="", encoding="utf-8") as handle:
+                rows.update((int(row.pop("_index")), row) for row in csv.DictReader(handle))
+            part.unlink()
+        with atomic_open(self.output, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.columns)
+            writer.writeheader()
+            writer.writerows(rows[index] for index in sorted(rows))
+        for state in states[1:]:
+            self.counts.update(state["counts"])
+            for name, counter in state["findings"].items():
+                self.findings.setdefault(name, Counter()).update(counter)
+            self.failures += state["failures"]
+            self.unlike, self.probs = self.unlike + state["unlike"], self.probs + state["probs"]
+        if self.heatmaps is not None:
+            self.heatmaps.merge([state["heatmaps"] for state in states[1:]])
+
+    def _state(self) -> dict[str, Any]:
+        heatmaps = self.heatmaps.state() if self.heatmaps is not None else None
+        return {"counts": self.counts, "findings": self.findings, "failures": self.failures, "unlike": self.unlike,
+                "probs": self.probs, "heatmaps": heatmaps}  # fmt: skip

@@ -342,8 +342,8 @@ def run_fit(
     Args:
         config: config files stacked in order like repeated ``--config``; a mapping among them sets its dotted
             options at that point (``{"mlflow_model.enabled": False}``: off unless ``fit_args`` turn it on).
-        overrides: typed values by dotted ``fit`` option (``{"model.optimizer.init_args.lr": 1e-3}``), set after
-            ``fit_args``; the fit parser checks them like any option.
+        overrides: typed values by dotted ``fit`` option (``{"model.optimizer.lr": 1e-3}``; ``init_args`` may be
+            left out as on the command line), set after ``fit_args``; the fit parser checks them like any option.
         fit_args: ``fit`` command-line options as a user gave them (``["--trainer.max_epochs=2"]``).
         callbacks: callback instances run besides the config's (e.g. Optuna's pruning callback).
         run_name: the MLflow run's name.
@@ -401,7 +401,7 @@ class _TypedFitCLI(MedTransferCLI):
         for layer in [*layers, args.fit_args, args.overrides]:
             if isinstance(layer, Mapping):
                 for key, value in layer.items():
-                    config[prefix + key] = value
+                    config[_nested_key(config, prefix + key)] = value
             else:
                 options = [f"--config={layer}"] if isinstance(layer, (str, Path)) else list(layer)
                 config = parser.parse_args([*subcommand, *options], namespace=config)
@@ -415,6 +415,16 @@ class _TypedFitCLI(MedTransferCLI):
     def instantiate_classes(self) -> None:
         if not self._parse_only:
             super().instantiate_classes()
+
+
+def _nested_key(config: Any, key: str) -> str:
+    """``key`` as ``config`` nests it: ``data.path`` -> ``data.init_args.path``, as the command line accepts."""
+    node, parts = config, []
+    for part in key.split("."):
+        if hasattr(node, "init_args") and part not in node:
+            node, parts = node["init_args"], [*parts, "init_args"]
+        node, parts = node.get(part) if hasattr(node, "get") else None, [*parts, part]
+    return ".".join(parts)
 
 
 if __name__ == "__main__":

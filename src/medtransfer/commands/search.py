@@ -76,14 +76,10 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
         )
     if sqlite:
-        event.listen(storage.engine, "connect", _sqlite_manual_transactions)
+        event.listen(storage.engine, "connect", lambda connection, _: setattr(connection, "isolation_level", None))
         event.listen(storage.engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
         storage.engine.dispose()  # reopen pooled connections with the listener
     return storage
-
-
-def _sqlite_manual_transactions(dbapi_connection: Any, _record: Any) -> None:
-    dbapi_connection.isolation_level = None
 
 
 def _open_study(
@@ -122,33 +118,16 @@ def _open_study(
     return study
 
 
-def _tags(study: optuna.Study, trial: optuna.Trial) -> dict[str, str]:
-    return {
-        "mlflow.parentRunId": study.user_attrs["parent_run_id"],
-        "optuna.study": study.study_name,
-        "optuna.trial": str(trial.number),
-    }
-
-
-def _tags(study: optuna.Study, trial: optuna.Trial) -> dict[str, str]:
-    return {
-        "mlflow.parentRunId": study.user_attrs["parent_run_id"],
-        "optuna.study": study.study_name,
-        "optuna.trial": str(trial.number),
-    }
-
-
 class _Pruning(PyTorchLightningPruningCallback):
-    """Optuna's pruning callback that also names the fit's MLflow run in the trial (``mlflow_run_id``)."""
+    """Optuna's pruning callback that also keeps the fit's MLflow run id, for a pruned fit raises before
+    ``run_fit`` returns it."""
 
     run_id: str | None = None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         logger = find_mlflow_logger(trainer)
-        if logger is not None and trainer.is_global_zero:
-            self.run_id = logger.run_id
-            self._trial.set_user_attr("mlflow_run_id", logger.run_id)
+        self.run_id = logger.run_id if logger is not None and trainer.is_global_zero else None
 
 
 def _objective(study: optuna.Study, params: list[SearchParam], config: Path, fit_args: list[str]) -> Any:
@@ -160,12 +139,14 @@ def _objective(study: optuna.Study, params: list[SearchParam], config: Path, fit
         values = {p.key: p.suggest(trial) for p in params}
         _logger.info("Trial %d of study %s: %s", trial.number, study.study_name, values)
         pruning = _Pruning(trial, monitor=metric)
+        tags = {"mlflow.parentRunId": study.user_attrs["parent_run_id"], "optuna.study": study.study_name,
+                "optuna.trial": str(trial.number)}  # fmt: skip
         try:
             # trials do not export or register a model (--fit_args may turn it back on); `fit --config best.yaml`
             # does; they are chosen on validation data, so the test split stays unseen
             result = run_fit([config, {"mlflow_model.enabled": False}], values, fit_args=fit_args,
                              callbacks=[pruning], run_name=f"{study.study_name}-trial-{trial.number}",
-                             tags=_tags(study, trial), test_after_fit=False)  # fmt: skip
+                             tags=tags, test_after_fit=False)  # fmt: skip
             pruning.check_pruned()  # under DDP the callback stops the fit and leaves raising to this
         except optuna.TrialPruned:
             _mark_run(settings, pruning.run_id, "KILLED")
@@ -173,6 +154,8 @@ def _objective(study: optuna.Study, params: list[SearchParam], config: Path, fit
         except BaseException:
             _mark_run(settings, pruning.run_id, "FAILED")
             raise
+        finally:
+            trial.set_user_attr("mlflow_run_id", pruning.run_id)  # in the trials table
         reported = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number).intermediate_values
         if not reported:
             logged = ", ".join(sorted(result.metrics)) or "none"
@@ -195,8 +178,7 @@ def _mark_run(settings: dict[str, Any], run_id: str | None, status: str) -> None
 def _work(study: optuna.Study, params: list[SearchParam], config: Path, fit_args: list[str]) -> int:
     """Run queued trials until none is left; returns how many this process ran."""
     ran, start = [], time.perf_counter()
-    planned = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING,
-                                                          TrialState.COMPLETE, TrialState.PRUNED)))  # fmt: skip
+    planned = sum(trial.state != TrialState.FAIL for trial in study.get_trials(deepcopy=False))
 
     def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         ran.append(trial.number)

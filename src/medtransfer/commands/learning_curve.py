@@ -19,18 +19,20 @@ import io
 import json
 import logging
 import math
-import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medtransfer.errors import MedtransferError, exit_on_user_error
 from medtransfer.files import write_text_atomic
 from medtransfer.tracking.redaction import redact
 from medtransfer.upstream import mlflow_logger_settings
+
+if TYPE_CHECKING:
+    from medtransfer.commands.fit import FitResult
 
 __all__ = ["CurvePoint", "learning_curve", "main", "plot_learning_curve", "read_curve_csv"]
 
@@ -53,22 +55,12 @@ class CurvePoint:
     seconds: float
 
 
-def _config_args(config: str, base_config: str | None) -> list[str]:
+def _config_stack(config: str, base_config: str | None) -> list[str]:
     stack = [base_config, config] if base_config else [config]
     for path in stack:
         if not Path(path).is_file():
             raise MedtransferError(f"Config file not found: {path}")
-    return [arg for path in stack for arg in ("--config", str(path))]
-
-
-@contextmanager
-def _own_argv() -> Iterator[None]:
-    """LightningCLI warns when given ``args`` while ``sys.argv`` holds other arguments (here: this command's)."""
-    saved, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        yield
-    finally:
-        sys.argv = saved
+    return stack
 
 
 def _at_selected_epoch(client, run_id: str, metric: str, trainer) -> tuple[int, float, float]:
@@ -92,48 +84,46 @@ def _at_selected_epoch(client, run_id: str, metric: str, trainer) -> tuple[int, 
     return index, train_value, val[index].value
 
 
-def _fit_point(
-    args: list[str], label: str, fraction: float, seed: int, metric: str, client
-) -> tuple[CurvePoint, str | None]:
-    from medtransfer.commands.fit import build_cli
-    from medtransfer.tracking.callbacks import find_mlflow_logger
-
-    start = time.perf_counter()
-    with _own_argv():
-        cli = build_cli(args)
-    seconds = time.perf_counter() - start
-    if cli.trainer.interrupted:
+def _point(
+    result: FitResult, label: str, fraction: float, seed: int, metric: str, seconds: float, client
+) -> CurvePoint:
+    """The curve's point of one finished fit: its metrics at the selected epoch."""
+    if result.interrupted:
         raise KeyboardInterrupt
-    run_id = find_mlflow_logger(cli.trainer).run_id
-    epoch, train_value, val_value = _at_selected_epoch(client, run_id, metric, cli.trainer)
-    test = client.get_run(run_id).data.metrics.get(f"test/{metric}", math.nan)
-    point = CurvePoint(
+    epoch, train_value, val_value = _at_selected_epoch(client, result.run_id, metric, result.trainer)
+    return CurvePoint(
         config=label,
         fraction=fraction,
         seed=seed,
-        train_images=len(cli.datamodule.datasets["train"]),
+        train_images=len(result.datamodule.datasets["train"]),
         epoch=epoch,
         train_metric=train_value,
         val_metric=val_value,
-        test_metric=test,
-        run_id=run_id,
+        test_metric=client.get_run(result.run_id).data.metrics.get(f"test/{metric}", math.nan),
+        run_id=result.run_id,
         seconds=round(seconds, 1),
     )
-    return point, getattr(cli.datamodule, "name", None)
 
 
-def _probe(config_args: list[str], fit_args: list[str]):
-    """The first config's MLflow logger and dataset name, without fitting: the parent run goes in the same
-    store and experiment as the children."""
-    from medtransfer.commands.fit import build_cli
-    from medtransfer.tracking.callbacks import find_mlflow_logger
+def _probe(stack: list[str], fit_args: list[str]) -> tuple[tuple[str, str, str | None], str]:
+    """The first config's MLflow settings (tracking URI, experiment, artifact location) and dataset name, without
+    fitting: the parent run goes in the same store and experiment as the children."""
+    import yaml
+    from jsonargparse import ArgumentParser
 
-    with _own_argv():
-        cli = build_cli([*config_args, *fit_args], run=False)  # run=False: no subcommand
-    logger = find_mlflow_logger(cli.trainer)
-    if logger is None:
+    from medtransfer.commands.fit import resolve_fit_config
+    from medtransfer.data.base import ClassificationDataModule
+    from medtransfer.tracking.mlflow import MLflowLogger
+
+    config = yaml.safe_load(resolve_fit_config(stack, fit_args=fit_args))
+    logger = (config.get("trainer") or {}).get("logger")
+    if not isinstance(logger, dict) or "MLflowLogger" not in str(logger.get("class_path", "")):
         raise MedtransferError("learning-curve needs the MLflow logger (trainer.logger) in its configs")
-    return logger, getattr(cli.datamodule, "name", type(cli.datamodule).__name__)
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(ClassificationDataModule, "data")
+    data = parser.instantiate_classes(parser.parse_object({"data": config["data"]})).data
+    settings = mlflow_logger_settings(MLflowLogger(**logger.get("init_args") or {}))
+    return settings, getattr(data, "name", type(data).__name__)
 
 
 def _csv_text(points: Sequence[CurvePoint]) -> str:
@@ -213,16 +203,17 @@ def learning_curve(
     """
     from mlflow.tracking import MlflowClient
 
+    from medtransfer.commands.fit import run_fit
+
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad or not fractions:
         raise MedtransferError(f"Expected argument `fractions` to be in (0, 1], but got {fractions}")
     if not configs or not seeds:
         raise MedtransferError("learning-curve needs at least one config and one seed")
-    stacks = {Path(c).stem: _config_args(c, base_config) for c in configs}
+    stacks = {Path(c).stem: _config_stack(c, base_config) for c in configs}
     if len(stacks) != len(configs):
         raise MedtransferError(f"Config file stems label the curves and must differ: {configs}")
-    logger, dataset = _probe(next(iter(stacks.values())), fit_args)
-    tracking_uri, experiment_name, artifact_location = mlflow_logger_settings(logger)
+    (tracking_uri, experiment_name, artifact_location), dataset = _probe(next(iter(stacks.values())), fit_args)
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     experiment_id = (
@@ -248,17 +239,18 @@ def learning_curve(
                 for seed in seeds:
                     tags = {"mlflow.parentRunId": parent, "curve.config": label, "curve.fraction": str(fraction),
                             "curve.seed": str(seed)}  # fmt: skip
-                    args = [
-                        "fit", *stack, "--mlflow_model.enabled=false", *fit_args,  # no model export per point
-                        f"--data.init_args.train_fraction={fraction}",
-                        f"--data.init_args.subset_seed={seed}",
-                        f"--seed_everything={seed}",
-                        f"--trainer.logger.init_args.tracking_uri={tracking_uri}",
-                        f"--trainer.logger.init_args.experiment_name={experiment_name}",
-                        f"--trainer.logger.init_args.run_name={label}-f{fraction:g}-s{seed}",
-                        f"--trainer.logger.init_args.tags={json.dumps(tags)}",
-                    ]  # fmt: skip
-                    point, _ = _fit_point(args, label, fraction, seed, metric, client)
+                    overrides = {"data.init_args.train_fraction": fraction, "data.init_args.subset_seed": seed,
+                                 "seed_everything": seed, "trainer.logger.init_args.tracking_uri": tracking_uri,
+                                 "trainer.logger.init_args.experiment_name": experiment_name}  # fmt: skip
+                    start = time.perf_counter()
+                    result = run_fit(
+                        [*stack, {"mlflow_model.enabled": False}],
+                        overrides,
+                        fit_args=fit_args,
+                        run_name=f"{label}-f{fraction:g}-s{seed}",
+                        tags=tags,
+                    )  # no model export per point
+                    point = _point(result, label, fraction, seed, metric, time.perf_counter() - start, client)
                     points.append(point)
                     write_text_atomic(csv_path, _csv_text(points))  # an interrupted curve keeps its finished fits
                     for stage in ("train", "val", "test"):

@@ -3,17 +3,16 @@
 ``medtransfer search --config configs/pneumonia_effnet_lite0.yaml --space configs/search/pneumonia_lr.yaml
 --sampler random --n_trials 8 --workers 2 -- --trainer.max_epochs=4`` (also ``python -m medtransfer.commands.search``).
 
-- The search space is a YAML file whose keys are ``fit`` options (``model.optimizer.init_args.lr``), each with a
-  ``type`` (``float``, ``int``, ``categorical``), bounds or choices, ``log: true`` for log-uniform draws, and a
-  ``grid:`` list for ``--sampler grid``.
-- Every trial is one in-process ``fit`` of the base config plus the trial's values, an MLflow child run of one
-  parent run per study; the value of a trial is the best ``--metric`` over its validation epochs. The test
+- The search space is a YAML file of ``fit`` options (``commands.search_space``).
+- Every trial is one in-process ``fit`` (``commands.fit.run_fit``) of the base config plus the trial's values,
+  an MLflow child run of one parent run per study; the value of a trial is the best ``--metric`` over its
+  validation epochs, reported each epoch by optuna-integration's ``PyTorchLightningPruningCallback``. The test
   split is never used to choose: ``test_after_fit`` is off in trials.
 - The study lives in an Optuna RDB storage (SQLite file by default; PostgreSQL/MySQL for several nodes).
   The process that creates the study queues all its trials; every process (``--workers`` starts extra local
-  ones; other nodes run the same command) claims queued trials one at a time until none is left, so no
-  trial runs twice and none is lost. A worker that dies is noticed by its stopped heartbeat and its trial is
-  queued again.
+  ones; other nodes run the same command) runs ``study.optimize``, which takes queued trials one at a time,
+  until ``MaxTrialsCallback`` sees none left, so no trial runs twice and none is lost. A worker that dies is
+  noticed by its stopped heartbeat and its trial is queued again.
 - The best trial's config (base config + ``fit_args`` + winning values, dumped by the ``fit`` parser) is
   written to ``--output``, ready for ``medtransfer fit --config``, and logged to the parent run with the
   trials table and an optimization-history plot.
@@ -21,191 +20,37 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-import itertools
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
-import threading
 import time
 import warnings
-import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import optuna
 import yaml
-from optuna.samplers import RandomSampler
+from lightning.pytorch import LightningModule, Trainer
+from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
+from optuna_integration import PyTorchLightningPruningCallback
 
+from medtransfer.commands.fit import resolve_fit_config, run_fit
+from medtransfer.commands.search_space import SearchParam, TrialSeededSampler, load_space, plan_trials, resolves_key
 from medtransfer.errors import DataError, MedtransferError, exit_on_user_error
 from medtransfer.files import write_text_atomic
+from medtransfer.tracking.callbacks import find_mlflow_logger
 from medtransfer.tracking.redaction import redact
 
 __all__ = ["SearchParam", "load_space", "main", "open_storage", "run_search"]
 
 _logger = logging.getLogger(__name__)
 
-_TYPES = ("float", "int", "categorical")
-_FIELDS = {"type", "low", "high", "log", "step", "choices", "grid"}
 #: Seconds between heartbeats of a running trial; a trial silent for three times this is failed and re-queued.
 HEARTBEAT_SECONDS = 60
-
-
-class SearchParam:
-    """One dimension of the search space: a ``fit`` option, its distribution and its grid values.
-
-    Args:
-        key: the ``fit`` option, dotted as on the command line (``model.optimizer.init_args.lr``).
-        type: ``float``, ``int`` or ``categorical``.
-        low: lower bound (``float``/``int``).
-        high: upper bound (``float``/``int``).
-        log: draw log-uniformly (learning rates, weight decay).
-        step: grid step for ``int``/``float`` (not with ``log``).
-        choices: the values of a ``categorical``.
-        grid: the values ``--sampler grid`` tries.
-    """
-
-    def __init__(
-        self,
-        key: str,
-        type: Literal["float", "int", "categorical"],
-        low: float | None = None,
-        high: float | None = None,
-        log: bool = False,
-        step: float | None = None,
-        choices: list | None = None,
-        grid: list | None = None,
-    ) -> None:
-        self.key, self.type, self.low, self.high, self.log, self.step = key, type, low, high, log, step
-        self.choices, self.grid = choices, grid
-
-    def distribution(self) -> optuna.distributions.BaseDistribution:
-        if self.type == "categorical":
-            return optuna.distributions.CategoricalDistribution(self.choices)
-        if self.type == "int":
-            return optuna.distributions.IntDistribution(
-                int(self.low), int(self.high), log=self.log, step=self.step or 1
-            )
-        return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
-
-    def suggest(self, trial: optuna.Trial) -> Any:
-        """The trial's value: the queued grid value, else a draw from the distribution."""
-        if self.type == "categorical":
-            return trial.suggest_categorical(self.key, self.choices)
-        if self.type == "int":
-            return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
-        return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
-
-    def as_dict(self) -> dict[str, Any]:
-        fields = {"type": self.type, "low": self.low, "high": self.high, "log": self.log, "step": self.step}
-        fields.update(choices=self.choices, grid=self.grid)
-        return {k: v for k, v in fields.items() if v is not None}
-
-
-def _check_param(key: str, spec: Any, path: Path, grid: bool) -> SearchParam:
-    where = f"{path}: search space key {key!r}"
-    if not isinstance(spec, Mapping):
-        raise DataError(f"{where}: expected a mapping like {{type: float, low: 1e-4, high: 1e-2, log: true}}")
-    unknown = sorted(set(spec) - _FIELDS)
-    if unknown:
-        raise DataError(f"{where}: unknown field(s) {', '.join(unknown)}; expected some of {sorted(_FIELDS)}")
-    if spec.get("type") not in _TYPES:
-        raise DataError(f"{where}: expected `type` to be one of {', '.join(_TYPES)}, but got {spec.get('type')!r}")
-    param = SearchParam(key, **spec)
-    if param.type == "categorical":
-        if not isinstance(param.choices, list) or not param.choices:
-            raise DataError(f"{where}: a categorical needs a non-empty `choices` list")
-    else:
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (param.low, param.high)):
-            raise DataError(f"{where}: a {param.type} needs numeric `low` and `high`")
-        if not param.low < param.high:
-            raise DataError(f"{where}: expected `low` < `high`, but got low={param.low}, high={param.high}")
-        if param.log and param.low <= 0:
-            raise DataError(f"{where}: `log: true` needs `low` > 0, but got {param.low}")
-    if grid:
-        if not isinstance(param.grid, list) or not param.grid:
-            raise DataError(f"{where}: --sampler grid needs a non-empty `grid: [values]` list")
-        outside = [v for v in param.grid if not param.distribution()._contains(_internal(param, v))]
-        if outside:
-            raise DataError(f"{where}: grid values {outside} lie outside the parameter's range or choices")
-    return param
-
-
-def _internal(param: SearchParam, value: Any) -> float:
-    try:
-        return param.distribution().to_internal_repr(value)
-    except (ValueError, TypeError):
-        return math.nan
-
-
-def load_space(path: str | Path, sampler: Literal["grid", "random"] = "random") -> list[SearchParam]:
-    """The search space of a YAML file, checked; errors name the file and the key at fault."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Search space file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise DataError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(raw, Mapping) or not raw:
-        raise DataError(f"{path}: expected a mapping of fit options to parameter specs, e.g. model.optimizer.lr")
-    return [_check_param(str(key), spec, path, sampler == "grid") for key, spec in raw.items()]
-
-
-def _resolve_key(config: Mapping[str, Any], key: str) -> bool:
-    """Whether dotted ``key`` names an option of a resolved config (``init_args`` may be left out)."""
-    node: Any = config
-    for part in key.split("."):
-        if isinstance(node, Mapping) and part not in node and isinstance(node.get("init_args"), Mapping):
-            node = node["init_args"]
-        if not isinstance(node, Mapping) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
-def _fit_config_text(config: Path, fit_args: list[str]) -> str:
-    """The resolved ``fit`` config of ``--config config *fit_args``, as ``fit --print_config`` writes it."""
-    from medtransfer.commands.fit import build_cli
-
-    printed, errors = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
-            build_cli(["fit", "--config", str(config), *fit_args, "--print_config"])
-    except SystemExit as stop:
-        if stop.code not in (0, None):
-            message = errors.getvalue().strip().splitlines()
-            raise MedtransferError(f"fit options rejected: {message[-1] if message else stop.code}") from None
-    return printed.getvalue()
-
-
-def _override(key: str, value: Any) -> str:
-    return f"--{key}={value if isinstance(value, str) else json.dumps(value)}"
-
-
-class _TrialSeededSampler(RandomSampler):
-    """``RandomSampler`` whose draws depend only on (seed, trial number, parameter): workers and nodes sharing a
-    study never repeat each other's draws, and trial ``k`` gets the same values whichever process runs it."""
-
-    def __init__(self, seed: int) -> None:
-        super().__init__(seed=seed)
-        self._base_seed = seed
-
-    def sample_independent(
-        self,
-        study: optuna.Study,
-        trial: optuna.trial.FrozenTrial,
-        param_name: str,
-        param_distribution: optuna.distributions.BaseDistribution,
-    ) -> Any:
-        seed = zlib.crc32(f"{self._base_seed}/{trial.number}/{param_name}".encode())
-        return RandomSampler(seed=seed).sample_independent(study, trial, param_name, param_distribution)
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
@@ -231,75 +76,27 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
         )
     if sqlite:
-        event.listen(storage.engine, "connect", _sqlite_manual_transactions)
+        event.listen(storage.engine, "connect", lambda connection, _: setattr(connection, "isolation_level", None))
         event.listen(storage.engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
         storage.engine.dispose()  # reopen pooled connections with the listener
     return storage
 
 
-def _sqlite_manual_transactions(dbapi_connection: Any, _record: Any) -> None:
-    dbapi_connection.isolation_level = None
-
-
-@contextlib.contextmanager
-def _heartbeat(storage: optuna.storages.RDBStorage, trial_id: int) -> Iterator[None]:
-    """Record the trial's heartbeat in a thread while it runs (``Study.optimize`` does this; ask/tell does not)."""
-    stop = threading.Event()
-
-    def beat() -> None:
-        while True:
-            storage.record_heartbeat(trial_id)
-            if stop.wait(HEARTBEAT_SECONDS):
-                return
-
-    thread = threading.Thread(target=beat, name=f"optuna-heartbeat-{trial_id}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
-def _claim(study: optuna.Study, storage: optuna.storages.RDBStorage) -> optuna.Trial | None:
-    """Atomically take the oldest queued trial, or ``None`` when the queue is empty. Unlike ``study.ask()``,
-    this never creates a trial, so several processes together run exactly the queued ones."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, and queued again
-    study_id = storage.get_study_id_from_name(study.study_name)
-    # listed through the study (not the raw storage), so its storage cache knows the trials it will report to
-    for frozen in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
-        try:
-            if storage.set_trial_state_values(trial_id, TrialState.RUNNING):
-                return optuna.Trial(study, trial_id)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-    return None
-
-
-def _plan(params: list[SearchParam], sampler: str, n_trials: int | None) -> list[dict[str, Any]]:
-    """The queued trials: grid points in order (``itertools.product``), or empty ones for random draws."""
-    if sampler == "grid":
-        keys = [p.key for p in params]
-        grid = [dict(zip(keys, values, strict=True)) for values in itertools.product(*(p.grid for p in params))]
-        return grid[: n_trials or len(grid)]
-    if not n_trials:
-        raise MedtransferError("Expected argument `n_trials` to be a positive integer with --sampler random")
-    return [{} for _ in range(n_trials)]
-
-
 def _open_study(
-    name: str, storage: optuna.storages.RDBStorage, settings: dict[str, Any], create_parent: Any
+    name: str,
+    storage: optuna.storages.RDBStorage,
+    settings: dict[str, Any],
+    create_parent: Any,
+    pruner: optuna.pruners.BasePruner,
 ) -> optuna.Study:
     """Create the study (queue its trials, create the MLflow parent run), or join it once its creator is done."""
-    sampler = _TrialSeededSampler(settings["seed"])
+    sampler = TrialSeededSampler(settings["seed"])
     plan = settings.pop("plan")
     try:
-        study = optuna.create_study(storage=storage, study_name=name, direction=settings["direction"], sampler=sampler)
+        study = optuna.create_study(storage=storage, study_name=name, direction=settings["direction"], sampler=sampler,
+                                    pruner=pruner)  # fmt: skip
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     else:
         for params in plan:
             study.enqueue_trial(params)
@@ -321,89 +118,78 @@ def _open_study(
     return study
 
 
-def _tags(study: optuna.Study, trial: optuna.Trial) -> dict[str, str]:
-    return {
-        "mlflow.parentRunId": study.user_attrs["parent_run_id"],
-        "optuna.study": study.study_name,
-        "optuna.trial": str(trial.number),
-    }
+class _Pruning(PyTorchLightningPruningCallback):
+    """Optuna's pruning callback that also keeps the fit's MLflow run id, for a pruned fit raises before
+    ``run_fit`` returns it."""
+
+    run_id: str | None = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        logger = find_mlflow_logger(trainer)
+        self.run_id = logger.run_id if logger is not None and trainer.is_global_zero else None
 
 
-def _run_trial(
-    study: optuna.Study,
-    trial: optuna.Trial,
-    params: list[SearchParam],
-    config: Path,
-    fit_args: list[str],
-    pruner: dict[str, Any] | None,
-    storage_url: str,
-) -> float:
-    """One in-process ``fit`` of the trial's values; its value is the best metric over validation epochs."""
-    from medtransfer.commands.fit import build_cli
-
+def _objective(study: optuna.Study, params: list[SearchParam], config: Path, fit_args: list[str]) -> Any:
+    """One in-process ``fit`` of a trial's values; its value is the best metric over its validation epochs."""
     settings = study.user_attrs["settings"]
-    values = {p.key: p.suggest(trial) for p in params}
-    callback = {
-        "class_path": "medtransfer.callbacks.optuna_pruning.OptunaPruning",
-        "init_args": {"storage": storage_url, "study_name": study.study_name, "trial_number": trial.number,
-                      "monitor": settings["metric"], "pruner": pruner},
-    }  # fmt: skip
-    # trials do not export or register a model (--fit_args may turn it back on); `fit --config best.yaml` does
-    args = ["fit", "--config", str(config), "--mlflow_model.enabled=false", *fit_args]
-    args += [*(_override(k, v) for k, v in values.items())]
-    args += [
-        "--test_after_fit=false",  # trials are chosen on validation data; the test split stays unseen
-        f"--trainer.logger.init_args.run_name={study.study_name}-trial-{trial.number}",
-        f"--trainer.logger.init_args.tags={json.dumps(_tags(study, trial))}",
-        f"--trainer.callbacks+={json.dumps(callback)}",
-    ]
-    _logger.info("Trial %d of study %s: %s", trial.number, study.study_name, values)
-    build_cli(args)
-    reported = trial.storage.get_trial(trial._trial_id).intermediate_values
-    if not reported:
-        raise MedtransferError(f"Trial {trial.number} ran no validation epoch, so {settings['metric']} is unknown")
-    best = max if settings["direction"] == "maximize" else min
-    return best(reported.values())
+    metric = settings["metric"]
+
+    def objective(trial: optuna.Trial) -> float:
+        values = {p.key: p.suggest(trial) for p in params}
+        _logger.info("Trial %d of study %s: %s", trial.number, study.study_name, values)
+        pruning = _Pruning(trial, monitor=metric)
+        tags = {"mlflow.parentRunId": study.user_attrs["parent_run_id"], "optuna.study": study.study_name,
+                "optuna.trial": str(trial.number)}  # fmt: skip
+        try:
+            # trials do not export or register a model (--fit_args may turn it back on); `fit --config best.yaml`
+            # does; they are chosen on validation data, so the test split stays unseen
+            result = run_fit([config, {"mlflow_model.enabled": False}], values, fit_args=fit_args,
+                             callbacks=[pruning], run_name=f"{study.study_name}-trial-{trial.number}",
+                             tags=tags, test_after_fit=False)  # fmt: skip
+            pruning.check_pruned()  # under DDP the callback stops the fit and leaves raising to this
+        except optuna.TrialPruned:
+            _mark_run(settings, pruning.run_id, "KILLED")
+            raise
+        except BaseException:
+            _mark_run(settings, pruning.run_id, "FAILED")
+            raise
+        finally:
+            trial.set_user_attr("mlflow_run_id", pruning.run_id)  # in the trials table
+        reported = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number).intermediate_values
+        if not reported:
+            logged = ", ".join(sorted(result.metrics)) or "none"
+            raise MedtransferError(f"The search metric {metric!r} was not logged; logged metrics: {logged}")
+        return (max if settings["direction"] == "maximize" else min)(reported.values())
+
+    return objective
 
 
-def _mark_run(study: optuna.Study, trial: optuna.Trial, status: str) -> None:
+def _mark_run(settings: dict[str, Any], run_id: str | None, status: str) -> None:
     """Give a trial's MLflow run the trial's fate: a pruned trial's run is ``KILLED`` and tagged ``PRUNED``."""
     from mlflow.tracking import MlflowClient
 
-    attrs = trial.storage.get_trial(trial._trial_id).user_attrs
-    if "mlflow_run_id" in attrs:
-        client = MlflowClient(study.user_attrs["settings"]["tracking_uri"])
-        client.set_tag(attrs["mlflow_run_id"], "optuna.state", "PRUNED" if status == "KILLED" else "FAIL")
-        client.set_terminated(attrs["mlflow_run_id"], status)
+    if run_id is not None:
+        client = MlflowClient(settings["tracking_uri"])
+        client.set_tag(run_id, "optuna.state", "PRUNED" if status == "KILLED" else "FAIL")
+        client.set_terminated(run_id, status)
 
 
-def _work(
-    study: optuna.Study,
-    storage: optuna.storages.RDBStorage,
-    params: list[SearchParam],
-    config: Path,
-    fit_args: list[str],
-    pruner: dict[str, Any] | None,
-    storage_url: str,
-) -> int:
+def _work(study: optuna.Study, params: list[SearchParam], config: Path, fit_args: list[str]) -> int:
     """Run queued trials until none is left; returns how many this process ran."""
-    done, start = 0, time.perf_counter()
-    while (trial := _claim(study, storage)) is not None:
-        with _heartbeat(storage, trial._trial_id):
-            try:
-                value = _run_trial(study, trial, params, config, fit_args, pruner, storage_url)
-            except optuna.TrialPruned:
-                _mark_run(study, trial, "KILLED")
-                study.tell(trial, state=TrialState.PRUNED)
-            except BaseException:
-                _mark_run(study, trial, "FAILED")
-                study.tell(trial, state=TrialState.FAIL)
-                raise
-            else:
-                study.tell(trial, value)
-        done += 1
-        _print_progress(study, trial.number, done, time.perf_counter() - start)
-    return done
+    ran, start = [], time.perf_counter()
+    planned = sum(trial.state != TrialState.FAIL for trial in study.get_trials(deepcopy=False))
+
+    def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        ran.append(trial.number)
+        _print_progress(study, trial.number, len(ran), time.perf_counter() - start)
+
+    # taken, running or ended: the queue is empty once these are all the planned trials (a stale trial's retry
+    # is queued as a new one, its failed first try not counted)
+    done = MaxTrialsCallback(planned, states=(TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED))
+    if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):  # else `optimize` would add a fresh trial
+        study.optimize(_objective(study, params, config, fit_args), callbacks=[done, progress], gc_after_trial=True)
+    return len(ran)
 
 
 def _print_progress(study: optuna.Study, number: int, done: int, seconds: float) -> None:
@@ -422,7 +208,7 @@ def _write_best(study: optuna.Study, config: Path, fit_args: list[str], output: 
     if not complete:
         return None
     best = study.best_trial
-    text = _fit_config_text(config, [*fit_args, *(_override(k, v) for k, v in best.params.items())])
+    text = resolve_fit_config(config, best.params, fit_args=fit_args)
     header = f"# medtransfer search: best trial {best.number} of study {study.study_name}"
     write_text_atomic(output, f"{header}, {study.user_attrs['settings']['metric']} = {best.value:.6f}\n{text}")
     _log_to_parent(study, output)
@@ -451,11 +237,11 @@ def _log_to_parent(study: optuna.Study, output: Path) -> None:
     plt.close(axes.figure)
 
 
-def _resolve_logger(config_text: str) -> tuple[str, str]:
+def _resolve_logger(config: Mapping[str, Any]) -> tuple[str, str]:
     """The MLflow experiment and tracking URI a fit of this config logs to (trials become their runs)."""
     from medtransfer.tracking.mlflow import MLflowLogger
 
-    logger = (yaml.safe_load(config_text).get("trainer") or {}).get("logger")
+    logger = (config.get("trainer") or {}).get("logger")
     if not isinstance(logger, Mapping) or "MLflowLogger" not in str(logger.get("class_path", "")):
         raise MedtransferError("medtransfer search needs the MLflow logger (trainer.logger: MLflowLogger)")
     init = logger.get("init_args") or {}
@@ -510,18 +296,17 @@ def run_search(
     """
     fit_args = list(fit_args or [])
     params = load_space(space, sampler)
-    config_text = _fit_config_text(Path(config), fit_args)
-    resolved = yaml.safe_load(config_text)
-    unknown = [p.key for p in params if not _resolve_key(resolved, p.key)]
+    resolved = yaml.safe_load(resolve_fit_config(config, fit_args=fit_args))
+    unknown = [p.key for p in params if not resolves_key(resolved, p.key)]
     if unknown:
         raise DataError(f"{space}: search space key {unknown[0]!r} is not an option of `medtransfer fit`")
-    experiment, tracking_uri = _resolve_logger(config_text)
+    experiment, tracking_uri = _resolve_logger(resolved)
     name = study_name or f"{Path(config).stem}-{Path(space).stem}-{sampler}"
     db = open_storage(storage)
     settings = {
         "space": {p.key: p.as_dict() for p in params}, "sampler": sampler, "metric": metric,
         "direction": direction, "seed": seed, "tracking_uri": tracking_uri, "experiment": experiment,
-        "plan": [] if worker_only else _plan(params, sampler, n_trials),
+        "plan": [] if worker_only else plan_trials(params, sampler, n_trials),
     }  # fmt: skip
 
     def create_parent(planned: int) -> str:
@@ -539,11 +324,12 @@ def run_search(
         client.log_text(run.info.run_id, Path(space).read_text(), f"search/{Path(space).name}")
         return run.info.run_id
 
-    study = _open_study(name, db, settings, create_parent)
-    pruner = None
-    if pruning:
-        init = {"n_startup_trials": pruning_startup_trials, "n_warmup_steps": pruning_warmup_epochs}
-        pruner = {"class_path": "optuna.pruners.MedianPruner", "init_args": init}
+    pruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=pruning_startup_trials, n_warmup_steps=pruning_warmup_epochs)
+        if pruning
+        else optuna.pruners.NopPruner()
+    )
+    study = _open_study(name, db, settings, create_parent, pruner)
     extra: list[subprocess.Popen] = []
     if workers > 1 and not worker_only:
         argv = ["--config", str(config), "--space", str(space), "--sampler", sampler, "--storage", storage,
@@ -553,7 +339,7 @@ def run_search(
                 "--worker_only", "true"]  # fmt: skip
         extra = _spawn_workers(workers - 1, argv)
     try:
-        ran = _work(study, db, params, Path(config), fit_args, pruner, storage)
+        ran = _work(study, params, Path(config), fit_args)
     finally:
         codes = [process.wait() for process in extra]
     if any(codes):

@@ -46,8 +46,8 @@ from medtransfer.decisions.rule import DecisionRule
 from medtransfer.decisions.thresholds import ThresholdPolicy
 from medtransfer.errors import DataError, exit_on_user_error
 from medtransfer.metrics import functional as F
+from medtransfer.metrics.defined import stage_metrics
 from medtransfer.models.backbones import create_backbone
-from medtransfer.models.classifier import stage_metrics
 from medtransfer.progress import Progress
 from medtransfer.tracking.datasets import log_dataset_inputs
 

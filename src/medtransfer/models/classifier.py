@@ -12,7 +12,6 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import CatMetric, MetricCollection
-from torchmetrics.classification import AUROC, Accuracy, Recall, Specificity
 
 from medtransfer.data.unlike import reference_from_dataset
 from medtransfer.decisions.fitting import DecisionFitting, calibration_metrics
@@ -22,31 +21,13 @@ from medtransfer.decisions.temperature import fit_temperature
 from medtransfer.decisions.thresholds import ThresholdPolicy
 from medtransfer.errors import DataError
 from medtransfer.metrics import functional as F
-from medtransfer.metrics.defined import DefinedMean, defined_labels, undefined_names
+from medtransfer.metrics.defined import defined_labels, stage_metrics, undefined_names
 from medtransfer.models.backbones import create_backbone
 from medtransfer.models.test_time_augmentation import TestTimeAugmentation, augmented_views, average_views
 
-__all__ = ["ClassifierModule", "balanced_pos_weight", "stage_metrics"]
+__all__ = ["ClassifierModule", "balanced_pos_weight"]
 
 Task = Literal["binary", "multiclass", "multilabel"]
-
-
-def stage_metrics(task: Task, num_classes: int, stage: str) -> MetricCollection:
-    """AUROC over probabilities; accuracy (and, for binary, sensitivity/specificity) over decisions."""
-    kwargs: dict[str, Any] = {"task": task}
-    if task == "multiclass":
-        kwargs["num_classes"] = num_classes
-    elif task == "multilabel":
-        kwargs["num_labels"] = num_classes  # macro averages over labels
-    metrics = {"auroc": AUROC(**kwargs), "acc": Accuracy(**kwargs)}
-    if task != "multiclass":
-        # a label without positives (or negatives) has no AUROC/sensitivity/specificity: left out of the mean
-        per_label = {"average": None} if task == "multilabel" else {}
-        labels = num_classes if task == "multilabel" else 1
-        for name, metric in (("auroc", AUROC), ("sensitivity", Recall), ("specificity", Specificity)):
-            metrics[name] = DefinedMean(metric(**kwargs, **per_label), labels)
-    # no compute groups: the DefinedMean wrappers hold equal states and would be merged into one
-    return MetricCollection(metrics, prefix=f"{stage}/", compute_groups=False)
 
 
 def balanced_pos_weight(fraction: Tensor | Any, names: list[str] | None = None) -> Tensor:
@@ -103,7 +84,7 @@ class ClassifierModule(LightningModule):
         target_risk: if set, instead the largest validation coverage whose error rate is at most this.
         delta: with ``target_risk``, certify the band: the largest coverage whose selective risk is at most
             ``target_risk`` with probability at least ``1 - delta`` over the calibration draw (Learn-Then-Test,
-            fixed-sequence, exact binomial; per label for multi-label; see ``models.risk_control``). When no
+            fixed-sequence, exact binomial; per label for multi-label; see ``decisions.risk_control``). When no
             coverage qualifies, every case is referred and the report says so. ``None``: point estimate.
         set_alpha: multi-class: conformal (APS) prediction sets covering the true class with probability
             ``1 - set_alpha``; a case whose set holds more than one class is referred. ``None``: no sets.

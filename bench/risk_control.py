@@ -4,11 +4,11 @@ Binary (PneumoniaMNIST): a trained checkpoint's probabilities on the official te
 at random into calibration and evaluation halves, ``--splits`` times. On each split the abstention cut-off is
 fitted on one half and the selective risk measured on the other, for each (target_risk, delta) pair, by
 
-* ``ltt``: ``models.risk_control.control_selective_risk`` (Learn-Then-Test, fixed sequence, exact binomial);
+* ``ltt``: ``decisions.risk_control.control_selective_risk`` (Learn-Then-Test, fixed sequence, exact binomial);
   the share of splits whose evaluation risk exceeds ``target_risk`` should be at most ``delta`` (up to binomial
   noise over the splits);
 * ``point_estimate``: the previous rule, the largest calibration coverage whose empirical risk is at most
-  ``target_risk`` (``ClassifierModule._cutoff``), for contrast.
+  ``target_risk`` (``DecisionFitting._cutoff``), for contrast.
 
 The decision threshold stays the checkpoint's (fitted on validation); confidence is the margin ``|p - t|``.
 

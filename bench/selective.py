@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from medtransfer.data.medmnist import MedMNISTDataModule
+from medtransfer.decisions.fitting import DecisionFitting
 from medtransfer.decisions.temperature import fit_temperature
 from medtransfer.decisions.thresholds import fit_threshold
 from medtransfer.models.classifier import ClassifierModule
@@ -61,8 +62,8 @@ def run(ckpt: Path) -> list[dict]:
             model.decision_threshold.fill_(fit_threshold(val_p, val_y, policy))
             test_correct = model.decide(test_p) == test_y
             for coverage in COVERAGES:
-                model.hparams.target_coverage = coverage
-                model.fit_min_confidence(val_p, val_y)
+                fitting = DecisionFitting("binary", target_coverage=coverage)
+                model.min_confidence.copy_(fitting.fit_min_confidence(model.decision_rule, val_p, val_y)[0])
                 decided = ~model.abstains(test_p)
                 rows.append(
                     {

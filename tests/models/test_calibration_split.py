@@ -160,13 +160,15 @@ def test_calibration_fraction_outside_zero_one_is_an_error(pneumonia_npz):
 
 
 def test_risk_coverage_plot_draws_the_guaranteed_bound(calibrated):
+    from medtransfer.decisions.report import selective_report
     from medtransfer.tracking.report import TestReportPlots
 
     model, _, data = calibrated
     logits, targets = _outputs(model, data.val)
     probs = model.predict_proba(logits)
-    report = {name: float(value.nanmean()) for name, value in model.selective_report(probs, targets).items()}
-    figure = TestReportPlots.figures(model, probs, targets, report)["risk_coverage"]
+    rule = model.decision_rule
+    report = {name: float(value.nanmean()) for name, value in selective_report(rule, probs, targets).items()}
+    figure = TestReportPlots.figures(rule, probs, targets, report, calibration=model.calibration)["risk_coverage"]
     labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
     assert any(label.startswith("guaranteed risk <= 0.3 (prob. 90%)") for label in labels)
 
@@ -202,37 +204,3 @@ def test_evaluate_and_predict_check_their_scores_against_the_calibration_data(ca
         cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 255, (32, 32), dtype=np.uint8))
     result = run_predict(str(folder), str(tmp_path / "model.ckpt"), output=tmp_path / "out.csv")
     assert result["guarantee"]["calibrated"] and "ks_p_value" in result["guarantee"]["exchangeability"]
-
-
-def test_multilabel_risk_control_is_certified_per_label():
-    model = ClassifierModule(backbone="resnet10t", pretrained="none", task="multilabel", num_classes=3,
-                             target_risk=0.1, delta=0.1)  # fmt: skip
-    generator = torch.Generator().manual_seed(0)
-    probs = torch.rand(400, 3, generator=generator)
-    targets = (torch.rand(400, 3, generator=generator) < probs * torch.tensor([1.0, 0.9, 0.2])).long()
-    model.fit_min_confidence(probs, targets)
-    confidence, correct = model.confidence(probs), model.decide(probs) == targets
-    for j in range(3):
-        expected = control_selective_risk(confidence[:, j], correct[:, j], 0.1, 0.1)
-        assert float(model.min_confidence[j]) == pytest.approx(expected.cutoff)
-    assert float(model.min_confidence[2]) == REFER_ALL  # the label the scores barely predict: all referred
-
-
-def test_multiclass_sets_are_fitted_stored_and_written_by_predict():
-    from medtransfer.commands.predict import Predictor
-    from medtransfer.commands.predict_writer import prediction_rows
-
-    model = ClassifierModule(backbone="resnet10t", pretrained="none", task="multiclass", num_classes=3,
-                             set_alpha=0.1, target_coverage=1.0)  # fmt: skip
-    generator = torch.Generator().manual_seed(0)
-    probs = torch.softmax(3 * torch.randn(300, 3, generator=generator), dim=-1)
-    targets = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    model._record_calibration(probs, targets, "calib")
-    rule = model.decision_rule
-    assert rule.set_quantile == model.calibration["set_quantile"] and model.calibration["set_coverage"] >= 0.9
-    predictor = Predictor(torch.nn.Identity(), rule, "multiclass", ["a", "b", "c"], {}, "m", model.calibration)
-    rows = list(prediction_rows(predictor, probs[:20]))
-    sets = rule.prediction_sets(probs[:20])
-    for row, members in zip(rows, sets, strict=True):
-        assert row["prediction_set"].split("|") == [n for n, keep in zip("abc", members, strict=True) if keep]
-        assert (row["decision"] == "abstain") == (int(members.sum()) > 1)

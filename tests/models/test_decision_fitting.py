@@ -85,18 +85,3 @@ def test_abstention_band_decides_on_the_target_share_of_validation_cases(fitted)
     assert (confidence[decided] >= confidence[~decided].max()).all() if (~decided).any() else True
     low, high = model.abstention_band
     torch.testing.assert_close(decided, (probs <= low) | (probs >= high))
-
-
-def test_target_risk_picks_the_largest_coverage_within_the_risk(fitted):
-    model, _, val = fitted
-    logits, targets = _outputs(model, val)
-    probs = model.predict_proba(logits)
-    model.hparams.target_risk = 0.2
-    try:
-        model.fit_min_confidence(probs, targets)
-        decided = ~model.abstains(probs)
-        errors = (model.decide(probs) != targets)[decided].float().mean()
-        assert errors <= 0.2
-    finally:
-        model.hparams.target_risk = None
-        model.fit_min_confidence(probs, targets)

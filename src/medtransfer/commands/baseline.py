@@ -4,11 +4,11 @@ The yardstick a fine-tuned network has to beat. ``pixels`` resizes each image to
 flattens it; ``backbone`` feeds it through a frozen, pretrained timm backbone ("feature extraction", the
 cheapest form of transfer learning). Either way a scikit-learn ``StandardScaler`` + ``LogisticRegression``
 learns on the training split, its ``C`` is chosen by validation AUROC, and the decision threshold and
-abstention band are fitted on validation exactly as a network's are: the logistic regression stands in for
-the network's head inside a :class:`~medtransfer.models.classifier.ClassifierModule`, whose own code fits the
-threshold and writes the test report. The run therefore carries the same ``val/*`` and ``test/*`` metric
-names as a network run and sits beside it in ``medtransfer compare``. The test split is scored once, at the
-end; nothing is chosen on it.
+abstention band are fitted on validation exactly as a network's are, by the same
+:class:`~medtransfer.decisions.fitting.DecisionFitting`; the test report is the network's too
+(:mod:`medtransfer.decisions.report`, the module's metric collections). The run therefore carries the same
+``val/*`` and ``test/*`` metric names as a network run and sits beside it in ``medtransfer compare``. The test
+split is scored once, at the end; nothing is chosen on it.
 
 ``medtransfer baseline --config configs/pneumonia_effnet_lite0.yaml`` reads the same YAML as ``fit``: its
 ``data`` section is used as is; from ``model`` the settings this command shares carry over (``backbone``,
@@ -31,20 +31,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import timm
 import torch
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from torchmetrics import MetricCollection
-from torchmetrics.functional.classification import multilabel_auroc
+from torchmetrics import Metric, MetricCollection
 
 from medtransfer.data.base import ClassificationDataModule
-from medtransfer.decisions.thresholds import ThresholdPolicy, fit_thresholds
+from medtransfer.decisions.fitting import DecisionFitting
+from medtransfer.decisions.report import guarantee_report, report_metrics, selective_report
+from medtransfer.decisions.rule import DecisionRule
+from medtransfer.decisions.thresholds import ThresholdPolicy
 from medtransfer.errors import DataError, exit_on_user_error
 from medtransfer.metrics import functional as F
-from medtransfer.metrics.defined import defined_labels
-from medtransfer.models.classifier import ClassifierModule
+from medtransfer.metrics.defined import stage_metrics
+from medtransfer.models.backbones import create_backbone
 from medtransfer.progress import Progress
 from medtransfer.tracking.datasets import log_dataset_inputs
 
@@ -63,8 +66,6 @@ _TRAINING_SECTIONS = ("trainer", "finetuning", "checkpoint", "seed_everything", 
 #: Keys of a fit config's ``model`` section that mean the same here.
 _SHARED_MODEL_KEYS = ("backbone", "pretrained", "threshold_policy", "threshold_target", "target_coverage",
                       "target_risk", "confidence_score")  # fmt: skip
-#: The pixel baseline runs no network; ClassifierModule still wants a backbone, so it gets timm's tiniest.
-_PIXELS_STANDIN = "test_efficientnet"
 
 
 @dataclass
@@ -115,7 +116,7 @@ def _pipeline(max_iter: int, multilabel: bool) -> tuple[Any, Any]:
 
 
 def _search_C(
-    Cs: Sequence[float], max_iter: int, module: ClassifierModule, x: dict[str, np.ndarray], y: dict[str, Tensor]
+    Cs: Sequence[float], max_iter: int, task: str, auroc: Metric, x: dict[str, np.ndarray], y: dict[str, Tensor]
 ) -> tuple[float, Any, Tensor, dict[float, float]]:
     """Fit on the training split for each ``C``; keep the best by validation AUROC (ties: the smaller ``C``).
 
@@ -124,7 +125,6 @@ def _search_C(
     """
     from sklearn.exceptions import ConvergenceWarning
 
-    task = module.hparams.task
     pipeline, classifier = _pipeline(max_iter, task == "multilabel")
     searched: dict[float, float] = {}
     best: tuple[float, Any, Tensor] | None = None
@@ -136,7 +136,7 @@ def _search_C(
         if any(issubclass(w.category, ConvergenceWarning) for w in caught):
             _logger.warning("C=%g: lbfgs did not converge in %d iterations. HINT: raise --max_iter.", C, max_iter)
         probs = _probabilities(pipeline, x["val"], task)
-        searched[C] = float(module.val_metrics["val/auroc"].clone()(probs, y["val"]))
+        searched[C] = float(auroc.clone()(probs, y["val"]))
         _logger.info("C=%g: validation AUROC %.4f", C, searched[C])
         if best is None or searched[C] > searched[best[0]]:
             best = (C, copy.deepcopy(pipeline), probs)
@@ -148,10 +148,10 @@ def _search_C(
 def _probabilities(model: Any, x: np.ndarray, task: str) -> Tensor:
     """Probabilities shaped as the network's: ``(N,)`` positive class (binary), ``(N, C)`` otherwise."""
     probs = torch.as_tensor(model.predict_proba(x), dtype=torch.float32)
-    return probs[:, 1] if task == "binary" else probs
+    return probs[:, 1].contiguous() if task == "binary" else probs
 
 
-def _prepare_data(data: ClassificationDataModule, features: Features, pixel_size: int, config: dict) -> None:
+def _prepare_data(data: ClassificationDataModule, features: Features, pixel_size: int, config: dict | None) -> None:
     """Set ``data`` up for feature extraction: no augmentation, and the input settings a model would give.
 
     A data module takes image size, mean and std from the model it is attached to; nothing is attached here,
@@ -176,16 +176,15 @@ def _prepare_data(data: ClassificationDataModule, features: Features, pixel_size
 
 @torch.inference_mode()
 def _extract(
-    data: ClassificationDataModule, split: str, features: Features, pixel_size: int, module: ClassifierModule
+    data: ClassificationDataModule, split: str, features: Features, pixel_size: int, backbone: nn.Module | None
 ) -> tuple[np.ndarray, Tensor]:
     """Feature matrix ``(N, D)`` and targets of one split, batch by batch."""
     loader = DataLoader(data.datasets[split], batch_size=data.hparams.batch_size, num_workers=data.hparams.num_workers)
-    device = next(module.backbone.parameters()).device
     rows, targets = [], []
     progress = Progress(len(data.datasets[split]), f"baseline {features} {split}")  # images/s while extracting
     for x, y in loader:
-        if features == "backbone":
-            rows.append(module.backbone(x.to(device)).float().cpu())
+        if backbone is not None:
+            rows.append(backbone(x.to(next(backbone.parameters()).device)).float().cpu())
         else:  # gray: the data modules replicate one channel to three
             x = x[:, :1]
             if x.shape[-1] != pixel_size or x.shape[-2] != pixel_size:
@@ -197,26 +196,25 @@ def _extract(
     return torch.cat(rows).numpy(), torch.cat(targets)
 
 
-def _scores(module: ClassifierModule, metrics: MetricCollection, probs: Tensor, targets: Tensor) -> dict[str, float]:
-    """The network's stage metrics: AUROC on probabilities, the others on decisions at the stored threshold."""
-    metrics = metrics.clone()
-    decisions = module.decide(probs)
+def _scores(rule: DecisionRule, metrics: MetricCollection, probs: Tensor, targets: Tensor) -> dict[str, float]:
+    """The network's stage metrics: AUROC on probabilities, the others on decisions at the fitted threshold."""
+    decisions = rule.decide(probs)
     for name, metric in metrics.items(keep_base=False):
         metric.update(probs if name.endswith("/auroc") else decisions, targets)
     return {name: float(value) for name, value in metrics.compute().items()}
 
 
 def _features(
-    data: ClassificationDataModule, features: Features, pixel_size: int, module: ClassifierModule
+    data: ClassificationDataModule, features: Features, pixel_size: int, backbone: nn.Module | None
 ) -> tuple[dict[str, np.ndarray], dict[str, Tensor]]:
     """Feature matrices and targets of the three splits; every class must occur in training."""
     start = time.perf_counter()
     x, y = {}, {}
     for split in ("train", "val", "test"):
-        x[split], y[split] = _extract(data, split, features, pixel_size, module)
+        x[split], y[split] = _extract(data, split, features, pixel_size, backbone)
     _logger.info("Features %s in %.1f s", {k: v.shape for k, v in x.items()}, time.perf_counter() - start)
-    num_classes = module.hparams.num_classes
-    present = num_classes if module.hparams.task == "multilabel" else len(torch.unique(y["train"]))
+    num_classes = data.num_classes
+    present = num_classes if data.task == "multilabel" else len(torch.unique(y["train"]))
     if present < num_classes:
         raise DataError(
             f"The training split of {getattr(data, 'name', type(data).__name__)} holds {present} of the "
@@ -225,54 +223,36 @@ def _features(
     return x, y
 
 
-def _fit_decisions(module: ClassifierModule, probs: Tensor, targets: Tensor) -> dict[str, float]:
-    """Fit the threshold(s) and abstention band on validation, as the network does after each validation
-    epoch, and return the validation metrics at them."""
-    if module.hparams.task != "multiclass":
-        threshold = fit_thresholds(probs, targets, module.hparams.threshold_policy, module.hparams.threshold_target)
-        module.decision_threshold.copy_(threshold.reshape(module.decision_threshold.shape))
-    module.fit_min_confidence(probs, targets)
-    metrics = _scores(module, module.val_metrics, probs, targets)
-    return metrics | {"val/threshold": float(module.decision_threshold.mean()),
-                      "val/min_confidence": float(module.min_confidence.mean())}  # fmt: skip
-
-
 def _test_report(
-    module: ClassifierModule, probs: Tensor, targets: Tensor, names: list[str]
+    rule: DecisionRule, calibration: dict, probs: Tensor, targets: Tensor, names: list[str]
 ) -> tuple[dict[str, float], dict[str, float] | None]:
     """The network's test metrics (``on_test_epoch_end``), and the report the figures need (not multi-label)."""
-    metrics = _scores(module, module.test_metrics, probs, targets)
-    report = module.selective_report(probs, targets)
-    metrics |= {f"test/{name}": float(value.nanmean()) for name, value in report.items()}
-    if module.hparams.task != "multilabel":
-        return metrics, {name: float(value.nanmean()) for name, value in report.items()}
-    per_label = multilabel_auroc(probs, targets, module.hparams.num_classes, average=None)
-    defined = defined_labels(targets).tolist()  # a finding without test positives has no AUROC: left out
-    metrics["test/auroc_labels_defined"] = float(sum(defined))
-    return metrics | {
-        f"test/auroc/{n}": float(v) for n, v, ok in zip(names, per_label, defined, strict=True) if ok
-    }, None
+    metrics = _scores(rule, stage_metrics(rule.task, len(names), "test"), probs, targets)
+    report = selective_report(rule, probs, targets) | guarantee_report(rule, calibration, probs, targets)
+    metrics |= report_metrics(report, probs, targets, names, rule.task)[0]
+    summary = {name: float(value.nanmean()) for name, value in report.items()}
+    return metrics, None if rule.task == "multilabel" else summary
 
 
-def _log_plots(logger: Any, module: ClassifierModule, probs: Tensor, targets: Tensor, report: dict, names) -> None:
+def _log_plots(logger: Any, rule: DecisionRule, calibration: dict, probs: Tensor, targets: Tensor, report: dict,
+               names: list[str]) -> None:  # fmt: skip
     """The network's test figures (ROC, risk-coverage, reliability, confusion) as ``plots/`` artifacts."""
     from medtransfer import plots
     from medtransfer.tracking.report import TestReportPlots
 
-    figures = TestReportPlots.figures(module, probs, targets, report, names)
+    figures = TestReportPlots.figures(rule, probs, targets, report, names, calibration)
     with tempfile.TemporaryDirectory() as folder:
         for name, figure in figures.items():
             path = plots.save_figure(figure, Path(folder) / f"{name}.png")
             logger.experiment.log_artifact(logger.run_id, str(path), "plots")
 
 
-def _log_model(logger: Any, model: Any, module: ClassifierModule, x_example: np.ndarray, names) -> None:
+def _log_model(logger: Any, model: Any, rule: DecisionRule, x_example: np.ndarray, names) -> None:
     """The fitted pipeline as an MLflow sklearn model under ``model/`` (pyfunc predicts probabilities)."""
     import mlflow.sklearn
     import sklearn
 
-    metadata = {"task": module.hparams.task, "class_names": [str(n) for n in names],
-                "decision": module.decision_rule.to_dict()}  # fmt: skip
+    metadata = {"task": rule.task, "class_names": [str(n) for n in names], "decision": rule.to_dict()}
     with tempfile.TemporaryDirectory() as folder:
         mlflow.sklearn.save_model(
             model, Path(folder) / "model", pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
@@ -330,24 +310,27 @@ def baseline(
     if pixel_size < 1:
         raise ValueError(f"Expected argument `pixel_size` to be a positive integer, but got {pixel_size}")
     task, num_classes = data.task, data.num_classes
-    module = ClassifierModule(
-        backbone=backbone if features == "backbone" else _PIXELS_STANDIN,
-        pretrained=pretrained if features == "backbone" else "none",
-        task=task, num_classes=num_classes, threshold_policy=threshold_policy, threshold_target=threshold_target,
-        confidence_score=confidence_score, target_coverage=target_coverage, target_risk=target_risk,
-    ).eval()  # fmt: skip
-    module.backbone.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    _prepare_data(data, features, pixel_size, module.data_config)
-    x, y = _features(data, features, pixel_size, module)
+    decisions = DecisionFitting(task, threshold_policy, threshold_target, confidence_score, target_coverage,
+                                target_risk)  # fmt: skip
+    network, config = None, None
+    if features == "backbone":
+        network = create_backbone(backbone, pretrained=pretrained).eval()
+        network.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        config = timm.data.resolve_model_data_config(network)
+    _prepare_data(data, features, pixel_size, config)
+    x, y = _features(data, features, pixel_size, network)
 
+    val_metrics = stage_metrics(task, num_classes, "val")
     fitting = ("train", "val")  # the test split is kept out of the search
     C, model, val_probs, searched = _search_C(
-        Cs, max_iter, module, {k: x[k] for k in fitting}, {k: y[k] for k in fitting}
+        Cs, max_iter, task, val_metrics["val/auroc"], {k: x[k] for k in fitting}, {k: y[k] for k in fitting}
     )
-    metrics = _fit_decisions(module, val_probs, y["val"])
+    rule, calibration = decisions.fit(val_probs, y["val"])  # as the network after each validation epoch
+    metrics = _scores(rule, val_metrics, val_probs, y["val"])
+    metrics |= {"val/threshold": float(rule.threshold.mean()), "val/min_confidence": float(rule.min_confidence.mean())}
     test_probs = _probabilities(model, x["test"], task)
     names = [str(n) for n in (getattr(data, "class_names", None) or range(num_classes))]
-    test_metrics, report = _test_report(module, test_probs, y["test"], names)
+    test_metrics, report = _test_report(rule, calibration, test_probs, y["test"], names)
     metrics |= test_metrics | {f"baseline/val_auroc/C_{c:g}": v for c, v in searched.items()}
 
     label = "logreg-pixels" if features == "pixels" else f"logreg-{backbone}-features"
@@ -372,9 +355,9 @@ def baseline(
         logger.log_hyperparams(params)
         logger.log_metrics(metrics)
         if report is not None:
-            _log_plots(logger, module, test_probs, y["test"], report, names)
+            _log_plots(logger, rule, calibration, test_probs, y["test"], report, names)
         if log_model:
-            _log_model(logger, model, module, x["val"], names)
+            _log_model(logger, model, rule, x["val"], names)
     except BaseException:
         logger.finalize("failed")
         raise

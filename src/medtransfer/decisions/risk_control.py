@@ -22,14 +22,14 @@ the textbook procedure, whose effect ``bench/risk_control.py`` measures: the vio
 
 This is MAPIE's ``BinaryClassificationController`` (risk ``precision`` on the event "correct", fixed-sequence
 FWER control, exact binomial p-value) written as a few vectorised lines over the confidence scores this project
-already computes; ``tests/models/test_risk_control.py`` checks both give the same cut-off. MAPIE itself would
+already computes; ``tests/decisions/test_risk_control.py`` checks both give the same cut-off. MAPIE itself would
 need a scikit-learn-style ``predict_function`` per call and cannot skip the cut-offs that accept nothing.
 
 **Prediction sets (multi-class).** APS (Romano et al. 2020) with MAPIE's conformity score: the cumulative
 probability of the classes ranked down to the true one; the threshold is the
 :math:`\lceil (n + 1)(1 - \alpha) \rceil`-th smallest calibration score, so a new case's set holds its class
 with probability at least :math:`1 - \alpha`. Sets are rebuilt from that one number (stored with the model);
-``tests/models/test_risk_control.py`` checks them against MAPIE's ``SplitConformalClassifier(prefit=True)``.
+``tests/decisions/test_risk_control.py`` checks them against MAPIE's ``SplitConformalClassifier(prefit=True)``.
 
 **Exchangeability.** Both guarantees hold for data exchangeable with the calibration data.
 :func:`check_exchangeability` compares the data at hand with the calibration scores stored in the model: a

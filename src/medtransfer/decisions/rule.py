@@ -1,8 +1,8 @@
 """How a model's probabilities become decisions: threshold(s), and the abstention band that refers a case.
 
-The rule is fitted on validation data by ``ClassifierModule`` and stored with its weights; it is kept apart from
-the network so an exported model (a torch.export graph in MLflow, which computes only probabilities) decides
-exactly as the checkpoint does: ``predict`` rebuilds it from the MLflow model's metadata.
+The rule is fitted on validation data (:mod:`medtransfer.decisions.fitting`) and stored with a model's weights;
+it is kept apart from the network so an exported model (a torch.export graph in MLflow, which computes only
+probabilities) decides exactly as the checkpoint does: ``predict`` rebuilds it from the MLflow model's metadata.
 """
 
 from __future__ import annotations
@@ -59,6 +59,14 @@ class DecisionRule:
         if self.task == "multiclass" and self.set_quantile is not None:
             referred |= self.prediction_sets(probs).sum(dim=-1) > 1
         return referred
+
+    @property
+    def abstention_band(self) -> tuple[float, float]:
+        """Binary tasks: probabilities strictly between ``(low, high)`` are referred (margin score)."""
+        if self.task != "binary":
+            raise ValueError("abstention_band describes a binary task; use `abstains(probs)` for the others")
+        t, m = float(self.threshold), float(self.min_confidence)
+        return max(0.0, t - m), min(1.0, t + m)
 
     def prediction_sets(self, probs: Tensor) -> Tensor:
         """Multi-class: ``(N, C)`` booleans, the conformal set of each case (covers the true class with

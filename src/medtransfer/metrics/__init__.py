@@ -1,7 +1,7 @@
 """Pure metric functions for medical decisions: selective prediction (risk-coverage curves, AURC, coverage at a
 risk), per-label means over defined labels, and reliability bins.
 
-Running metrics are torchmetrics' own (``MetricCollection`` of its classification metrics, in the module); for
+Running metrics are torchmetrics' own (``defined.stage_metrics``: the module's collection per stage); for
 the expected calibration error use torchmetrics' ``CalibrationError``, and :func:`reliability_bins` for the
 matching per-bin values of a reliability diagram. Fitting thresholds, temperature and abstention lives in
 :mod:`medtransfer.decisions`.

@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import AUROC, Accuracy, Recall, Specificity
 
-__all__ = ["DefinedMean", "defined_labels", "mask_undefined", "undefined_names"]
+__all__ = ["DefinedMean", "defined_labels", "mask_undefined", "stage_metrics", "undefined_names"]
 
 #: torchmetrics' warnings for a label without positives/negatives: replaced by one warning that names the labels.
 _TORCHMETRICS_EMPTY_CLASS = r"No (positive|negative) samples in targets"
@@ -94,3 +95,24 @@ class DefinedMean(Metric):
     def reset(self) -> None:
         super().reset()
         self.metric.reset()
+
+
+def stage_metrics(
+    task: Literal["binary", "multiclass", "multilabel"], num_classes: int, stage: str
+) -> MetricCollection:
+    """The metrics of one stage (``train``, ``val``, ``test``) of the module and ``baseline``: AUROC over
+    probabilities; accuracy (and, for binary and multi-label tasks, sensitivity/specificity) over decisions."""
+    kwargs: dict[str, Any] = {"task": task}
+    if task == "multiclass":
+        kwargs["num_classes"] = num_classes
+    elif task == "multilabel":
+        kwargs["num_labels"] = num_classes  # macro averages over labels
+    metrics = {"auroc": AUROC(**kwargs), "acc": Accuracy(**kwargs)}
+    if task != "multiclass":
+        # a label without positives (or negatives) has no AUROC/sensitivity/specificity: left out of the mean
+        per_label = {"average": None} if task == "multilabel" else {}
+        labels = num_classes if task == "multilabel" else 1
+        for name, metric in (("auroc", AUROC), ("sensitivity", Recall), ("specificity", Specificity)):
+            metrics[name] = DefinedMean(metric(**kwargs, **per_label), labels)
+    # no compute groups: the DefinedMean wrappers hold equal states and would be merged into one
+    return MetricCollection(metrics, prefix=f"{stage}/", compute_groups=False)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import asdict
+from dataclasses import fields
 from typing import Any, Literal
 
 import timm
@@ -13,46 +12,22 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import CatMetric, MetricCollection
-from torchmetrics.classification import AUROC, Accuracy, Recall, Specificity
-from torchmetrics.functional.classification import calibration_error, multilabel_auroc
 
 from medtransfer.data.unlike import reference_from_dataset
-from medtransfer.decisions.risk_control import (
-    calibration_summary,
-    check_exchangeability,
-    control_selective_risk,
-    fit_aps_quantile,
-)
+from medtransfer.decisions.fitting import DecisionFitting, calibration_metrics
+from medtransfer.decisions.report import guarantee_report, report_metrics, selective_report
 from medtransfer.decisions.rule import DecisionRule
 from medtransfer.decisions.temperature import fit_temperature
-from medtransfer.decisions.thresholds import ThresholdPolicy, fit_thresholds
+from medtransfer.decisions.thresholds import ThresholdPolicy
 from medtransfer.errors import DataError
 from medtransfer.metrics import functional as F
-from medtransfer.metrics.defined import DefinedMean, defined_labels, mask_undefined, undefined_names
+from medtransfer.metrics.defined import defined_labels, stage_metrics, undefined_names
 from medtransfer.models.backbones import create_backbone
 from medtransfer.models.test_time_augmentation import TestTimeAugmentation, augmented_views, average_views
 
 __all__ = ["ClassifierModule", "balanced_pos_weight", "probabilities"]
 
 Task = Literal["binary", "multiclass", "multilabel"]
-
-
-def _stage_metrics(task: Task, num_classes: int, stage: str) -> MetricCollection:
-    """AUROC over probabilities; accuracy (and, for binary, sensitivity/specificity) over decisions."""
-    kwargs: dict[str, Any] = {"task": task}
-    if task == "multiclass":
-        kwargs["num_classes"] = num_classes
-    elif task == "multilabel":
-        kwargs["num_labels"] = num_classes  # macro averages over labels
-    metrics = {"auroc": AUROC(**kwargs), "acc": Accuracy(**kwargs)}
-    if task != "multiclass":
-        # a label without positives (or negatives) has no AUROC/sensitivity/specificity: left out of the mean
-        per_label = {"average": None} if task == "multilabel" else {}
-        labels = num_classes if task == "multilabel" else 1
-        for name, metric in (("auroc", AUROC), ("sensitivity", Recall), ("specificity", Specificity)):
-            metrics[name] = DefinedMean(metric(**kwargs, **per_label), labels)
-    # no compute groups: the DefinedMean wrappers hold equal states and would be merged into one
-    return MetricCollection(metrics, prefix=f"{stage}/", compute_groups=False)
 
 
 def balanced_pos_weight(fraction: Tensor | Any, names: list[str] | None = None) -> Tensor:
@@ -116,7 +91,7 @@ class ClassifierModule(LightningModule):
         target_risk: if set, instead the largest validation coverage whose error rate is at most this.
         delta: with ``target_risk``, certify the band: the largest coverage whose selective risk is at most
             ``target_risk`` with probability at least ``1 - delta`` over the calibration draw (Learn-Then-Test,
-            fixed-sequence, exact binomial; per label for multi-label; see ``models.risk_control``). When no
+            fixed-sequence, exact binomial; per label for multi-label; see ``decisions.risk_control``). When no
             coverage qualifies, every case is referred and the report says so. ``None``: point estimate.
         set_alpha: multi-class: conformal (APS) prediction sets covering the true class with probability
             ``1 - set_alpha``; a case whose set holds more than one class is referred. ``None``: no sets.
@@ -162,17 +137,9 @@ class ClassifierModule(LightningModule):
             raise ValueError(f"Expected argument `num_classes` to be at least 2, but got {num_classes}")
         if task == "multilabel" and num_classes < 1:
             raise ValueError(f"Expected argument `num_classes` to be at least 1 label, but got {num_classes}")
-        if not 0.0 < target_coverage <= 1.0:
-            raise ValueError(f"Expected argument `target_coverage` to be in (0, 1], but got {target_coverage}")
-        if target_risk is not None and not 0.0 <= target_risk <= 1.0:
-            raise ValueError(f"Expected argument `target_risk` to be in [0, 1], but got {target_risk}")
-        for name, value in (("delta", delta), ("set_alpha", set_alpha)):
-            if value is not None and not 0.0 < value < 1.0:
-                raise ValueError(f"Expected argument `{name}` to be in (0, 1), but got {value}")
-        if delta is not None and (target_risk is None or not 0.0 < target_risk < 1.0):
-            raise ValueError(f"Expected argument `target_risk` to be in (0, 1) with `delta`, but got {target_risk}")
-        if set_alpha is not None and task != "multiclass":
-            raise ValueError(f"Expected argument `set_alpha` only for a multiclass task, but got task={task!r}")
+        DecisionFitting(
+            task, threshold_policy, threshold_target, confidence_score, target_coverage, target_risk, delta, set_alpha
+        )  # checks the decision arguments (the same errors as baseline's)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)  # the CLI logs the config
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.backbone = create_backbone(backbone, pretrained=pretrained, in_chans=in_chans)
@@ -198,9 +165,9 @@ class ClassifierModule(LightningModule):
         self.calibration: dict[str, Any] | None = None
         #: Probabilities, targets and report values of the last test epoch, for report callbacks.
         self.test_outputs: dict[str, Any] = {}
-        self.train_metrics = _stage_metrics(task, num_classes, "train")
-        self.val_metrics = _stage_metrics(task, num_classes, "val")
-        self.test_metrics = _stage_metrics(task, num_classes, "test")
+        self.train_metrics = stage_metrics(task, num_classes, "train")
+        self.val_metrics = stage_metrics(task, num_classes, "val")
+        self.test_metrics = stage_metrics(task, num_classes, "test")
 
     def configure_model(self) -> None:
         """Apply ``channels_last`` and ``compile`` once, when a trainer sets the model up (fit, test, ...)."""
@@ -233,6 +200,12 @@ class ClassifierModule(LightningModule):
             None if set_quantile is None else float(set_quantile),
         )  # fmt: skip
 
+    @property
+    def decision_fitting(self) -> DecisionFitting:
+        """How the rule is fitted on validation outputs: the module's decision arguments."""
+        names = {f.name for f in fields(DecisionFitting)}
+        return DecisionFitting(**{name: value for name, value in self.hparams.items() if name in names})
+
     def decide(self, probs: Tensor) -> Tensor:
         """Predicted labels: ``probs >= decision_threshold`` (per label) or the most probable class."""
         return self.decision_rule.decide(probs)
@@ -248,40 +221,7 @@ class ClassifierModule(LightningModule):
     @property
     def abstention_band(self) -> tuple[float, float]:
         """Binary tasks: probabilities strictly between ``(low, high)`` are referred (margin score)."""
-        if self.hparams.task != "binary":
-            raise ValueError("abstention_band describes a binary task; use `abstains(probs)` for the others")
-        t, m = float(self.decision_threshold), float(self.min_confidence)
-        return max(0.0, t - m), min(1.0, t + m)
-
-    def fit_min_confidence(self, probs: Tensor, targets: Tensor) -> None:
-        """Choose the abstention cut-off on validation outputs for ``target_coverage`` (or ``target_risk``);
-        with ``delta``, the certified cut-off (per label) of ``control_selective_risk``."""
-        confidence, correct = self.confidence(probs), self.decide(probs) == targets
-        if self.hparams.delta is not None:
-            columns = confidence.reshape(len(confidence), -1).cpu().numpy()
-            hits = correct.reshape(len(correct), -1).cpu().numpy()
-            hp = self.hparams
-            self._risk_control = [
-                control_selective_risk(columns[:, j], hits[:, j], hp.target_risk, hp.delta)
-                for j in range(columns.shape[1])
-            ]
-            cutoffs = torch.tensor([r.cutoff for r in self._risk_control], dtype=self.min_confidence.dtype)
-            self.min_confidence.copy_(cutoffs.reshape(self.min_confidence.shape))
-            return
-        if self.hparams.task == "multilabel":
-            cutoffs = [self._cutoff(confidence[:, j], correct[:, j]) for j in range(confidence.shape[1])]
-            self.min_confidence.copy_(torch.tensor(cutoffs))
-        else:
-            self.min_confidence.fill_(self._cutoff(confidence, correct))
-
-    def _cutoff(self, confidence: Tensor, correct: Tensor) -> float:
-        coverage, risk, cutoffs = F.risk_coverage_curve(confidence, correct)
-        if self.hparams.target_risk is not None:
-            ok = torch.nonzero(risk <= self.hparams.target_risk + 1e-12)
-            index = int(ok[-1]) if len(ok) else 0  # none meets it: keep only the most confident group
-        else:
-            index = int(torch.nonzero(coverage >= self.hparams.target_coverage - 1e-9)[0])
-        return float(cutoffs[index])
+        return self.decision_rule.abstention_band
 
     def on_fit_start(self) -> None:
         """Weigh positives by the training labels' frequencies when ``class_weighting="balanced"``; note the range
@@ -349,16 +289,14 @@ class ClassifierModule(LightningModule):
         if self.hparams.temperature_scaling:
             self.temperature.fill_(fit_temperature(fit_logits, fit_targets, self.hparams.task))
             self.log("val/temperature", self.temperature)
-        fit_probs = self.predict_proba(fit_logits)
+        source = "calib" if held_out is not None else "val"
+        rule, self.calibration = self.decision_fitting.fit(self.predict_proba(fit_logits), fit_targets, source)
         if self.hparams.task != "multiclass":
-            threshold = fit_thresholds(
-                fit_probs, fit_targets, self.hparams.threshold_policy, self.hparams.threshold_target
-            )
-            self.decision_threshold.copy_(threshold.reshape(self.decision_threshold.shape))
+            self.decision_threshold.copy_(rule.threshold)
             self.log("val/threshold", self.decision_threshold.mean())
-        self.fit_min_confidence(fit_probs, fit_targets.long())
+        self.min_confidence.copy_(rule.min_confidence)
         self.log("val/min_confidence", self.min_confidence.mean())
-        self._record_calibration(fit_probs, fit_targets.long(), "calib" if held_out is not None else "val")
+        self.log_dict(calibration_metrics(self.calibration))
         probs = self.predict_proba(logits)
         if self.hparams.task != "multiclass":
             self.log("val/auroc_labels_defined", float(self._defined(targets, "val").sum()))
@@ -404,36 +342,6 @@ class ClassifierModule(LightningModule):
                 targets.append(y.to(self.device))
         return torch.cat(logits), torch.cat(targets)
 
-    def _record_calibration(self, probs: Tensor, targets: Tensor, source: str) -> None:
-        """Keep what the rule was calibrated on: scores for the exchangeability check, the certified risk
-        control and the prediction sets' quantile; log the guarantee's numbers."""
-        hp = self.hparams
-        record: dict[str, Any] = {"source": source, "n": len(targets)}
-        if hp.set_alpha is not None:
-            record |= {
-                "set_alpha": hp.set_alpha,
-                "set_quantile": fit_aps_quantile(probs.cpu(), targets.cpu(), hp.set_alpha),
-            }
-        self.calibration = record  # the rule below now holds the sets
-        record["scores"] = calibration_summary(self.confidence(probs).cpu(), self.decision_rule.positives(probs).cpu())
-        if hp.delta is not None:
-            results = [asdict(r) for r in getattr(self, "_risk_control", [])]
-            record["risk_control"] = {"target_risk": hp.target_risk, "delta": hp.delta, "per_label": results}
-            self.log("calib/certified_coverage", sum(r["coverage"] for r in results) / max(len(results), 1))
-            self.log("calib/certified", float(all(r["certified"] for r in results)))
-        if hp.set_alpha is not None:
-            sets = self.decision_rule.prediction_sets(probs)
-            record["set_coverage"] = float(sets[torch.arange(len(targets)), targets].double().mean())
-            record["set_size"] = float(sets.sum(-1).double().mean())
-            self.log("calib/set_size", record["set_size"])
-
-    def exchangeability(self, probs: Tensor) -> Any:
-        """The ``ExchangeabilityCheck`` of ``probs`` against the stored calibration scores, or ``None``."""
-        scores = (self.calibration or {}).get("scores")
-        if scores is None:
-            return None
-        return check_exchangeability(scores, self.confidence(probs).cpu(), self.decision_rule.positives(probs).cpu())
-
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "test", self.test_metrics)
 
@@ -446,92 +354,16 @@ class ClassifierModule(LightningModule):
         logits, targets = self.test_logits.compute(), self.test_targets.compute().long()
         self.test_logits.reset()
         self.test_targets.reset()
-        probs = self.predict_proba(logits)
-        report = self.selective_report(probs, targets)
-        for name, value in report.items():
-            self.log(f"test/{name}", value.nanmean() if value.ndim else value)
-        per_label = None
+        probs, rule = self.predict_proba(logits), self.decision_rule
+        report = selective_report(rule, probs, targets, self.temperature)
+        report |= guarantee_report(rule, self.calibration, probs, targets)
         if self.hparams.task != "multiclass":
-            defined = self._defined(targets, "test")
-            self.log("test/auroc_labels_defined", float(defined.sum()))
-        if self.hparams.task == "multilabel":
-            names = self._label_names() or [str(i) for i in range(self.hparams.num_classes)]
-            per_label = {"label": names}
-            with warnings.catch_warnings():  # named once by _defined instead
-                warnings.filterwarnings("ignore", message=r"No (positive|negative) samples in targets")
-                auroc = multilabel_auroc(probs, targets, self.hparams.num_classes, average=None)
-            per_label["auroc"] = mask_undefined(auroc, defined).tolist()
-            per_label |= {name: value.tolist() for name, value in report.items() if value.ndim}
-            for label, value, ok in zip(names, per_label["auroc"], defined.tolist(), strict=True):
-                if ok:  # undefined labels are left out, never logged as 0
-                    self.log(f"test/auroc/{label}", value)
+            self._defined(targets, "test")  # names the labels left out, once
+        names = self._label_names() or [str(i) for i in range(self.hparams.num_classes)]
+        metrics, per_label = report_metrics(report, probs, targets, names, self.hparams.task)
+        self.log_dict(metrics)
         summary = {name: float(value.nanmean()) for name, value in report.items()}
         self.test_outputs = {"probs": probs.cpu(), "targets": targets.cpu(), "report": summary, "per_label": per_label}
-
-    def selective_report(self, probs: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        """AURC, ECE, selective accuracy at 80/90/95 % coverage, coverage at 95/99 % accuracy, and what the
-        stored abstention band does: share of cases decided and their accuracy. Per label (``(L,)``) for a
-        multi-label task, scalars otherwise."""
-        task, n = self.hparams.task, self.hparams.num_classes
-        confidence, correct = self.confidence(probs), self.decide(probs) == targets
-        decided = ~self.abstains(probs)
-        if task == "multilabel":
-            ece = torch.stack([calibration_error(probs[:, j], targets[:, j], task="binary") for j in range(n)])
-        else:
-            ece = calibration_error(probs, targets, task=task, num_classes=n, n_bins=15)
-        accepted_correct = (correct & decided).sum(0).double()
-        defined = defined_labels(targets) if task != "multiclass" else torch.tensor(True)
-        report = {
-            "aurc": F.aurc(confidence, correct),
-            "eaurc": F.eaurc(confidence, correct),
-            "augrc": F.augrc(confidence, correct),
-            "ece": ece,
-            "coverage": decided.double().mean(0),
-            "selective_acc": accepted_correct / decided.sum(0).double(),  # NaN when nothing is decided
-            "threshold": self.decision_threshold,
-            "min_confidence": self.min_confidence,
-            "temperature": self.temperature,
-        }
-        for coverage in (80, 90, 95):
-            risk = F.selective_risk_at_coverage(confidence, correct, coverage / 100)
-            report[f"selective_acc_cov{coverage}"] = 1 - risk
-        for accuracy in (95, 99):
-            report[f"coverage_at_acc{accuracy}"] = F.coverage_at_accuracy(confidence, correct, accuracy / 100)
-        report |= self._guarantee_report(probs, targets)
-        report = {name: torch.as_tensor(value, dtype=torch.float64).cpu() for name, value in report.items()}
-        # a label without positives or negatives has no ranking quality to report (NaN; the means skip it)
-        for name in report:
-            if name.startswith(("aurc", "eaurc", "augrc", "selective_acc", "coverage_at_acc")):
-                report[name] = mask_undefined(report[name], defined)
-        return report
-
-    def _guarantee_report(self, probs: Tensor, targets: Tensor) -> dict[str, Any]:
-        """What the calibration promised (certified, risk bound, calibration coverage; set coverage and size) and
-        the exchangeability check's p-values on these cases, warning when they differ from the calibration data."""
-        calibration, report = self.calibration or {}, {}
-        control = calibration.get("risk_control")
-        if control is not None:
-            per_label = control["per_label"]
-            shape = (-1,) if self.hparams.task == "multilabel" else ()
-            for name in ("certified", "risk_bound", "coverage"):
-                values = torch.tensor([float(r[name]) for r in per_label], dtype=torch.float64)
-                report[f"calib_{name}"] = values.reshape(shape) if shape else values[0]
-            report["target_risk"], report["delta"] = control["target_risk"], control["delta"]
-        if calibration.get("set_quantile") is not None:
-            sets = self.decision_rule.prediction_sets(probs)
-            report["set_coverage"] = sets[torch.arange(len(targets)), targets].double().mean()
-            report["set_size"] = sets.sum(-1).double().mean()
-        check = self.exchangeability(probs)
-        if check is None:
-            rank_zero_warn(
-                "This model holds no calibration data (trained before medtransfer recorded it): its abstention band "
-                "is a validation point estimate and no guarantee is claimed. HINT: retrain to calibrate."
-            )
-            return report
-        report["shift_ks_p"], report["shift_rate_p"] = check.ks_p_value, check.rate_p_value
-        if check.shifted:
-            rank_zero_warn(f"Exchangeability: {check.message()}. The calibration guarantee may not hold here.")
-        return report
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """Probabilities, decisions at the stored threshold, and whether the stored band refers the case."""

@@ -13,6 +13,8 @@ from torchmetrics.functional.classification import binary_auroc, binary_calibrat
 from typing_extensions import override
 
 from medtransfer import plots
+from medtransfer.decisions.report import evaluation_table
+from medtransfer.decisions.rule import DecisionRule
 from medtransfer.files import write_text_atomic
 from medtransfer.metrics import functional as F
 from medtransfer.tracking.callbacks import find_mlflow_logger
@@ -58,16 +60,23 @@ class TestReportPlots(Callback):
         outputs = getattr(pl_module, "test_outputs", None)
         if not outputs or trainer.sanity_checking:
             return
-        folder = self._folder(trainer)
-        table = self.evaluation_table(pl_module, outputs["probs"], outputs["targets"], trainer)
-        tables = [] if table is None else [write_text_atomic(folder / "evaluation.csv", table.to_csv())]
+        folder, rule = self._folder(trainer), pl_module.decision_rule
+        probs, targets = outputs["probs"], outputs["targets"]
+        names = getattr(trainer.datamodule, "class_names", None)
+        names = [str(n) for n in names] if names else [str(i) for i in range(pl_module.hparams.num_classes)]
+        tables = []
+        if rule.task != "multiclass":  # evaluate's table of the test predictions, at the model's thresholds
+            threshold = rule.threshold.detach().cpu().double().reshape(-1).numpy()
+            table = evaluation_table(probs.double(), targets, names[-1:] if rule.task == "binary" else names,
+                                     rule.task, threshold)  # fmt: skip
+            tables = [write_text_atomic(folder / "evaluation.csv", table.to_csv())]
         if outputs.get("per_label"):  # multi-label: the table per label and the figures per label or pooled
-            figures = self.multilabel_figures(pl_module, outputs["probs"], outputs["targets"], outputs["per_label"])
+            figures = self.multilabel_figures(rule, probs, targets, outputs["per_label"])
             self.paths = [_write_csv(outputs["per_label"], folder / "per_label.csv"), *tables]
             self.paths += [plots.save_figure(fig, folder / f"{name}.png") for name, fig in figures.items()]
         else:
-            names = getattr(trainer.datamodule, "class_names", None)
-            figures = self.figures(pl_module, outputs["probs"], outputs["targets"], outputs["report"], names)
+            calibration = getattr(pl_module, "calibration", None)
+            figures = self.figures(rule, probs, targets, outputs["report"], names, calibration)
             self.paths = [plots.save_figure(fig, folder / f"{name}.png") for name, fig in figures.items()]
             self.paths += tables
         logger = find_mlflow_logger(trainer)
@@ -77,24 +86,7 @@ class TestReportPlots(Callback):
         _logger.info("Test report plots in %s", folder)
 
     @staticmethod
-    def evaluation_table(
-        pl_module: LightningModule, probs: torch.Tensor, targets: torch.Tensor, trainer: Trainer | None = None
-    ) -> pd.DataFrame | None:
-        """``medtransfer evaluate``'s table of the test predictions, at the model's thresholds (binary and
-        multi-label): the same function as ``evaluate``, so both give one table on the same predictions."""
-        from medtransfer.commands.evaluate import evaluate_predictions
-
-        task = pl_module.hparams.task
-        if task == "multiclass":
-            return None
-        names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
-        names = [str(n) for n in names] if names else [str(i) for i in range(pl_module.hparams.num_classes)]
-        names = names[-1:] if task == "binary" else names
-        threshold = pl_module.decision_threshold.detach().cpu().double().reshape(-1).numpy()
-        return evaluate_predictions(probs.double(), targets, names, task, threshold)
-
-    @staticmethod
-    def multilabel_figures(pl_module: LightningModule, probs: torch.Tensor, targets: torch.Tensor,
+    def multilabel_figures(rule: DecisionRule, probs: torch.Tensor, targets: torch.Tensor,
                            per_label: dict[str, list]) -> dict:  # fmt: skip
         """Multi-label report figures: ROC per label (labels with positives and negatives), risk-coverage and
         reliability of all (case, label) decisions pooled (micro), and decision counts per label."""
@@ -106,9 +98,9 @@ class TestReportPlots(Callback):
                 curves[name] = (fpr, tpr, per_label["auroc"][j])
         mean = sum(c[2] for c in curves.values()) / len(curves) if curves else float("nan")
         figures = {"roc": plots.plot_roc_per_label(curves, mean)}
-        decisions, abstain = pl_module.decide(probs), pl_module.abstains(probs)
+        decisions, abstain = rule.decide(probs), rule.abstains(probs)
         correct = decisions == targets
-        confidence = pl_module.confidence(probs).flatten()
+        confidence = rule.confidence(probs).flatten()
         coverage, risk, _ = F.risk_coverage_curve(confidence, correct.flatten())
         decided = ~abstain.flatten()
         band = (float(decided.float().mean()), float(1 - correct.flatten()[decided].float().mean()))
@@ -127,19 +119,22 @@ class TestReportPlots(Callback):
 
     @staticmethod
     def figures(
-        pl_module: LightningModule,
+        rule: DecisionRule,
         probs: torch.Tensor,
         targets: torch.Tensor,
         report: dict,
         class_names: list[str] | None = None,
+        calibration: dict | None = None,
     ) -> dict:
-        """The report's figures by name, from test probabilities and targets."""
-        binary = pl_module.hparams.task == "binary"
-        confidence = pl_module.confidence(probs)
-        decisions = pl_module.decide(probs)
+        """The figures of a (binary or multi-class) test report by name, from test probabilities and targets,
+        ``rule`` and the means of its :func:`~medtransfer.decisions.report.selective_report`; with the model's
+        ``calibration`` record the certified risk bound is drawn."""
+        binary = rule.task == "binary"
+        confidence = rule.confidence(probs)
+        decisions = rule.decide(probs)
         correct = decisions == targets
         coverage, risk, _ = F.risk_coverage_curve(confidence, correct)
-        control = (getattr(pl_module, "calibration", None) or {}).get("risk_control")
+        control = (calibration or {}).get("risk_control")
         guarantee = None
         if control is not None:  # one binary problem: draw the certified bound on the test curve
             guarantee = (control["target_risk"], control["delta"], control["per_label"][0]["coverage"])
@@ -161,9 +156,9 @@ class TestReportPlots(Callback):
             figures["roc"] = plots.plot_roc(
                 fpr, tpr, float(binary_auroc(probs, targets)), (1 - specificity, sensitivity), report["threshold"]
             )
-        names = class_names or [str(i) for i in range(pl_module.hparams.num_classes)]
-        abstain = pl_module.abstains(probs)
-        n = pl_module.hparams.num_classes
+        n = 2 if binary else probs.shape[1]
+        names = class_names or [str(i) for i in range(n)]
+        abstain = rule.abstains(probs)
         matrix = torch.zeros(n, n, dtype=torch.long)
         for truth, decision in zip(targets[~abstain].tolist(), decisions[~abstain].tolist(), strict=True):
             matrix[truth, decision] += 1

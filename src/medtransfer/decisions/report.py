@@ -1,0 +1,251 @@
+"""The one selective report: what a :class:`DecisionRule` does on labelled cases.
+
+:func:`selective_report` (AURC, ECE, selective accuracy at fixed coverages, coverage at fixed accuracies, what the
+abstention band decides) is written by the module's ``test``, by ``baseline``, and, per class, by ``evaluate``'s
+table (:func:`evaluation_table`, also ``plots/evaluation.csv`` of a test run); the test figures draw from it.
+:func:`guarantee_report` adds what the calibration promised and whether these cases look like the calibration data.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torchmetrics.functional.classification import binary_auroc, calibration_error, multilabel_auroc
+
+from medtransfer.decisions.risk_control import check_exchangeability
+from medtransfer.decisions.rule import DecisionRule
+from medtransfer.metrics import functional as F
+from medtransfer.metrics.defined import defined_labels, mask_undefined
+
+__all__ = ["COVERAGES", "evaluation_table", "guarantee_report", "report_metrics", "selective_report"]
+
+_logger = logging.getLogger(__name__)
+
+#: Coverages of the selective accuracies (``selective_acc_cov80`` ..., ``evaluate``'s ``sel_acc_80`` ...).
+COVERAGES: tuple[float, ...] = (0.80, 0.90, 0.95)
+#: Accuracies of the coverages ``coverage_at_acc95`` and ``coverage_at_acc99``.
+ACCURACIES: tuple[float, ...] = (0.95, 0.99)
+_ECE_BINS = 15
+#: Report entries that a label without positives or negatives does not have (NaN; means skip it).
+_RANKING = ("aurc", "eaurc", "augrc", "selective_acc", "coverage_at_acc")
+
+
+def selective_report(rule: DecisionRule, probs: Tensor, targets: Tensor, temperature: Any = 1.0) -> dict[str, Tensor]:
+    """AURC, E-AURC, AUGRC, ECE (15 bins), selective accuracy at :data:`COVERAGES`, coverage at 95/99 % accuracy,
+    and what the rule's abstention band does: the share of cases decided and their accuracy; with the rule's
+    threshold, cut-off and the ``temperature`` the probabilities were scaled by.
+
+    Returns float64 CPU tensors: per label (``(L,)``) for a multi-label rule, scalars otherwise. A label without
+    positives or negatives has no ranking quality: NaN, which the means skip.
+    """
+    task = rule.task
+    confidence, correct = rule.confidence(probs), rule.decide(probs) == targets
+    decided = ~rule.abstains(probs)
+    if task == "multilabel":
+        pairs = zip(probs.T, targets.T, strict=True)
+        ece = torch.stack([calibration_error(p.contiguous(), y, "binary", n_bins=_ECE_BINS) for p, y in pairs])
+    else:
+        ece = calibration_error(probs, targets, task=task, num_classes=probs.shape[-1], n_bins=_ECE_BINS)
+    accepted_correct = (correct & decided).sum(0).double()
+    report = {
+        "aurc": F.aurc(confidence, correct),
+        "eaurc": F.eaurc(confidence, correct),
+        "augrc": F.augrc(confidence, correct),
+        "ece": ece,
+        "coverage": decided.double().mean(0),
+        "selective_acc": accepted_correct / decided.sum(0).double(),  # NaN when nothing is decided
+        "threshold": rule.threshold,
+        "min_confidence": rule.min_confidence,
+        "temperature": temperature,
+    }
+    for coverage in COVERAGES:
+        risk = F.selective_risk_at_coverage(confidence, correct, coverage)
+        report[f"selective_acc_cov{round(coverage * 100)}"] = 1 - risk
+    for accuracy in ACCURACIES:
+        report[f"coverage_at_acc{round(accuracy * 100)}"] = F.coverage_at_accuracy(confidence, correct, accuracy)
+    report = _as_float64(report)
+    defined = defined_labels(targets) if task != "multiclass" else torch.tensor(True)
+    return {k: mask_undefined(v, defined) if k.startswith(_RANKING) else v for k, v in report.items()}
+
+
+def guarantee_report(
+    rule: DecisionRule, calibration: dict[str, Any] | None, probs: Tensor, targets: Tensor
+) -> dict[str, Tensor]:
+    """What the calibration promised (certified, risk bound, calibration coverage; set coverage and size) and the
+    exchangeability check's p-values on these cases, warning when they differ from the calibration data, or when
+    there is no calibration record (a model trained before it was kept)."""
+    calibration, report = calibration or {}, {}
+    control = calibration.get("risk_control")
+    if control is not None:
+        per_label = control["per_label"]
+        for name in ("certified", "risk_bound", "coverage"):
+            values = torch.tensor([float(r[name]) for r in per_label], dtype=torch.float64)
+            report[f"calib_{name}"] = values if rule.task == "multilabel" else values[0]
+        report["target_risk"], report["delta"] = control["target_risk"], control["delta"]
+    if calibration.get("set_quantile") is not None:
+        sets = rule.prediction_sets(probs)
+        report["set_coverage"] = sets[torch.arange(len(targets)), targets].double().mean()
+        report["set_size"] = sets.sum(-1).double().mean()
+    scores = calibration.get("scores")
+    if scores is None:
+        rank_zero_warn(
+            "This model holds no calibration data (trained before medtransfer recorded it): its abstention band "
+            "is a validation point estimate and no guarantee is claimed. HINT: retrain to calibrate."
+        )
+        return _as_float64(report)
+    check = check_exchangeability(scores, rule.confidence(probs).cpu(), rule.positives(probs).cpu())
+    report["shift_ks_p"], report["shift_rate_p"] = check.ks_p_value, check.rate_p_value
+    if check.shifted:
+        rank_zero_warn(f"Exchangeability: {check.message()}. The calibration guarantee may not hold here.")
+    return _as_float64(report)
+
+
+def _as_float64(report: dict[str, Any]) -> dict[str, Tensor]:
+    return {name: torch.as_tensor(value, dtype=torch.float64).cpu() for name, value in report.items()}
+
+
+def report_metrics(
+    report: dict[str, Tensor], probs: Tensor, targets: Tensor, names: Sequence[str], task: str, stage: str = "test"
+) -> tuple[dict[str, float], dict[str, list] | None]:
+    """The report as logged metrics (``<stage>/<name>``: the mean over labels), and for multi-label tasks each
+    defined label's AUROC (``<stage>/auroc/<label>``) and the per-label table (``per_label.csv``)."""
+    metrics = {f"{stage}/{name}": float(value.nanmean()) for name, value in report.items()}
+    if task == "multiclass":
+        return metrics, None
+    defined = defined_labels(targets).reshape(-1)
+    metrics[f"{stage}/auroc_labels_defined"] = float(defined.sum())
+    if task != "multilabel":
+        return metrics, None
+    with warnings.catch_warnings():  # undefined labels are named once by the caller, and left out here
+        warnings.filterwarnings("ignore", message=r"No (positive|negative) samples in targets")
+        auroc = mask_undefined(multilabel_auroc(probs, targets, probs.shape[1], average=None), defined).tolist()
+    per_label = {"label": list(names), "auroc": auroc}
+    per_label |= {name: value.tolist() for name, value in report.items() if value.ndim}
+    for label, value, ok in zip(names, auroc, defined.tolist(), strict=True):
+        if ok:  # undefined labels are left out, never logged as 0
+            metrics[f"{stage}/auroc/{label}"] = value
+    return metrics, per_label
+
+
+# ------------------------------------------------------------------------------------------ evaluate's table
+def evaluation_table(
+    probs: np.ndarray | Tensor,
+    targets: np.ndarray | Tensor,
+    class_names: Sequence[str],
+    task: Literal["multilabel", "binary", "multiclass"] = "multilabel",
+    threshold: float | Sequence[float] = 0.5,
+) -> pd.DataFrame:
+    """Per-class metrics of probabilities against targets, one-vs-rest, plus a macro ``mean`` row.
+
+    Each class is scored as a binary problem (its probability against its 0/1 target) by :func:`selective_report`
+    of a margin rule at ``threshold``: AUROC (torchmetrics ``binary_auroc``; NaN when the class has no positive or
+    no negative), ECE (15 bins, L1), accuracy, AURC and selective accuracy at :data:`COVERAGES`. A class without
+    positives or without negatives has no AUROC, AURC or selective accuracy (NaN, never 0). The ``mean`` row
+    averages the classes, ignoring NaN, so those means cover the defined classes only; ``medtransfer test`` writes
+    the same table (``plots/evaluation.csv``, with the model's validation-fitted thresholds).
+
+    Args:
+        probs: ``multilabel``: (N, C). ``multiclass``: (N, C), rows summing to 1. ``binary``: (N,), (N, 1) or
+            (N, 2); the last column is the positive class.
+        targets: ``multilabel``: (N, C) of 0/1, or (N,) class indices (one label per image).
+        class_names: One name per probability column.
+        task: ``multilabel``, ``binary`` or ``multiclass``.
+        threshold: The decision threshold, one for all classes or one per class (of the scored classes: one
+            for ``binary``).
+
+    Returns:
+        One row per class and a ``mean`` row, indexed by ``class``, with columns ``n``, ``positives``,
+        ``auroc``, ``aurc``, ``ece``, ``accuracy`` and ``sel_acc_80``, ``sel_acc_90``, ``sel_acc_95``.
+    """
+    probs = np.asarray(probs.cpu() if isinstance(probs, Tensor) else probs, dtype=np.float64)
+    targets = np.asarray(targets.cpu() if isinstance(targets, Tensor) else targets)
+    scores, labels, names = _one_vs_rest(probs, targets, list(class_names), task)
+    scores, labels = torch.from_numpy(scores.copy()), torch.from_numpy(labels.copy())
+    thresholds = np.broadcast_to(np.asarray(threshold, dtype=np.float64).reshape(-1), (len(names),))
+    rule = DecisionRule("multilabel", torch.tensor(thresholds.copy()), torch.zeros(len(names)), "margin")
+    report = selective_report(rule, scores, labels)
+    defined = defined_labels(labels)
+    auroc = [float(binary_auroc(scores[:, k], labels[:, k])) if ok else math.nan for k, ok in enumerate(defined)]
+    columns = {
+        "n": np.full(len(names), len(scores)),
+        "positives": labels.sum(0).numpy(),
+        "auroc": np.asarray(auroc),
+        "aurc": report["aurc"].numpy(),
+        "ece": report["ece"].numpy(),
+        "accuracy": (rule.decide(scores) == labels).double().mean(0).numpy(),
+        **{f"sel_acc_{round(c * 100)}": report[f"selective_acc_cov{round(c * 100)}"].numpy() for c in COVERAGES},
+    }
+    table = pd.DataFrame(columns, index=pd.Index(names, name="class"))
+    mean = table.mean(numeric_only=True, skipna=True)
+    mean["n"], mean["positives"] = len(scores), np.nan
+    table.loc["mean"] = mean
+    table["n"] = table["n"].astype("Int64")
+    table["positives"] = table["positives"].round().astype("Int64")
+    return table
+
+
+def _one_vs_rest(
+    probs: np.ndarray, targets: np.ndarray, class_names: list[str], task: str
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Scores (N, K) and 0/1 labels (N, K) of the K binary problems the table scores, and their names."""
+    if probs.ndim == 1:
+        probs = probs[:, None]
+    if probs.ndim != 2 or probs.shape[1] != len(class_names):
+        raise ValueError(
+            f"Expected argument `probs` to have shape (N, {len(class_names)}) for {len(class_names)} class names, "
+            f"but got {probs.shape}"
+        )
+    n, num_classes = probs.shape
+    bad = ~((probs >= 0.0) & (probs <= 1.0))  # NaN too: a NaN would turn every metric of its class into NaN
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise ValueError(
+            f"Expected argument `probs` to hold probabilities in [0, 1], but got {probs[row, col]} "
+            f"at row {row}, class {class_names[col]!r} ({int(bad.sum())} bad value(s) in all)"
+        )
+    if len(targets) != n:
+        raise ValueError(f"Expected argument `targets` to have {n} rows like `probs`, but got {len(targets)}")
+    if targets.ndim == 2 and targets.shape[1] == 1:
+        targets = targets[:, 0]
+    if task == "binary":
+        if num_classes > 2:
+            raise ValueError(
+                f"Expected argument `probs` to have 1 or 2 columns for task 'binary', but got {num_classes}"
+            )
+        positive = targets[:, -1] if targets.ndim == 2 else targets
+        labels = positive[:, None]
+        probs, class_names = probs[:, -1:], class_names[-1:]
+    elif task in ("multilabel", "multiclass"):
+        if targets.ndim == 1:
+            if targets.size and (targets.min() < 0 or targets.max() >= num_classes):
+                raise ValueError(f"Expected argument `targets` to hold class indices 0..{num_classes - 1}")
+            labels = np.eye(num_classes, dtype=np.int64)[targets]
+        elif targets.shape == probs.shape:
+            labels = targets
+            if task == "multiclass" and not (labels.sum(axis=1) == 1).all():
+                raise ValueError("Expected argument `targets` to have exactly one positive per row for 'multiclass'")
+        else:
+            raise ValueError(
+                f"Expected argument `targets` to have shape (N,) or {probs.shape}, but got {targets.shape}"
+            )
+        if task == "multiclass" and not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
+            _logger.warning(
+                "Multiclass probabilities do not sum to 1 in every row.\n"
+                "HINT: were they made with a sigmoid? Then the task is 'multilabel'."
+            )
+    else:
+        raise ValueError(
+            f"Expected argument `task` to be one of 'multilabel', 'binary', 'multiclass', but got {task!r}"
+        )
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("Expected argument `targets` to hold 0/1 labels")
+    return probs, labels.astype(np.int64), class_names

@@ -55,7 +55,8 @@ def test_multilabel_risk_control_is_certified_per_label():
 
 
 def test_multiclass_sets_are_fitted_stored_and_written_by_predict():
-    from medtransfer.commands.predict import Predictor, _rows
+    from medtransfer.commands.predict import Predictor
+    from medtransfer.commands.predict_writer import prediction_rows
 
     generator = torch.Generator().manual_seed(0)
     probs = torch.softmax(3 * torch.randn(300, 3, generator=generator), dim=-1)
@@ -64,7 +65,7 @@ def test_multiclass_sets_are_fitted_stored_and_written_by_predict():
     assert rule.set_quantile == calibration["set_quantile"] and calibration["set_coverage"] >= 0.9
     assert calibration_metrics(calibration)["calib/set_size"] == calibration["set_size"]
     predictor = Predictor(torch.nn.Identity(), rule, "multiclass", ["a", "b", "c"], {}, "m", calibration)
-    rows = list(_rows(predictor, probs[:20]))
+    rows = list(prediction_rows(predictor, probs[:20]))
     sets = rule.prediction_sets(probs[:20])
     for row, members in zip(rows, sets, strict=True):
         assert row["prediction_set"].split("|") == [n for n, keep in zip("abc", members, strict=True) if keep]

@@ -32,7 +32,7 @@ from medtransfer.tracking.redaction import redact
 from medtransfer.upstream import mlflow_logger_settings
 
 if TYPE_CHECKING:
-    from medtransfer.commands.fit import FitResult
+    from medtransfer.commands.run_fit import FitResult
 
 __all__ = ["CurvePoint", "learning_curve", "main", "plot_learning_curve", "read_curve_csv"]
 
@@ -111,7 +111,7 @@ def _probe(stack: list[str], fit_args: list[str]) -> tuple[tuple[str, str, str |
     import yaml
     from jsonargparse import ArgumentParser
 
-    from medtransfer.commands.fit import resolve_fit_config
+    from medtransfer.commands.run_fit import resolve_fit_config
     from medtransfer.data.base import ClassificationDataModule
     from medtransfer.tracking.mlflow import MLflowLogger
 
@@ -203,7 +203,7 @@ def learning_curve(
     """
     from mlflow.tracking import MlflowClient
 
-    from medtransfer.commands.fit import run_fit
+    from medtransfer.commands.run_fit import run_fit
 
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad or not fractions:

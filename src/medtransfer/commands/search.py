@@ -38,7 +38,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from medtransfer.commands.fit import resolve_fit_config, run_fit
+from medtransfer.commands.run_fit import resolve_fit_config, run_fit
 from medtransfer.commands.search_space import SearchParam, TrialSeededSampler, load_space, plan_trials, resolves_key
 from medtransfer.errors import DataError, MedtransferError, exit_on_user_error
 from medtransfer.files import write_text_atomic

@@ -1,0 +1,138 @@
+"""``run_fit``: one ``medtransfer fit`` from Python, config and typed overrides in, metrics and MLflow run out.
+
+What ``search`` and ``learning-curve`` call for each trial or point, instead of building ``fit``'s argv and
+reading its output. It goes through the same LightningCLI (:func:`~medtransfer.commands.fit.build_cli`), so a
+fit run this way behaves exactly as the command.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningDataModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser
+
+from medtransfer.commands.fit import MedTransferCLI, build_cli
+from medtransfer.tracking.callbacks import find_mlflow_logger
+
+__all__ = ["FitResult", "resolve_fit_config", "run_fit"]
+
+
+#: Config files and mappings of dotted options, applied in order (see :func:`run_fit`).
+_ConfigLayers = str | Path | Mapping[str, Any] | Sequence[str | Path | Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What one :func:`run_fit` produced: its MLflow run, the last logged metrics and the best checkpoint."""
+
+    run_id: str | None
+    metrics: dict[str, float]
+    best_model_path: str
+    interrupted: bool
+    trainer: Trainer = field(repr=False)
+    datamodule: LightningDataModule = field(repr=False)
+
+
+def run_fit(
+    config: _ConfigLayers,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    fit_args: Sequence[str] = (),
+    callbacks: Sequence[Callback] = (),
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    test_after_fit: bool | None = None,
+) -> FitResult:
+    """One ``medtransfer fit`` from Python, through the same CLI, so it behaves exactly as the command.
+
+    Args:
+        config: config files stacked in order like repeated ``--config``; a mapping among them sets its dotted
+            options at that point (``{"mlflow_model.enabled": False}``: off unless ``fit_args`` turn it on).
+        overrides: typed values by dotted ``fit`` option (``{"model.optimizer.lr": 1e-3}``; ``init_args`` may be
+            left out as on the command line), set after ``fit_args``; the fit parser checks them like any option.
+        fit_args: ``fit`` command-line options as a user gave them (``["--trainer.max_epochs=2"]``).
+        callbacks: callback instances run besides the config's (e.g. Optuna's pruning callback).
+        run_name: the MLflow run's name.
+        tags: the MLflow run's extra tags.
+        test_after_fit: replaces the config's ``test_after_fit``.
+    """
+    typed = dict(overrides or {})
+    named = {"trainer.logger.init_args.run_name": run_name, "test_after_fit": test_after_fit,
+             "trainer.logger.init_args.tags": dict(tags) if tags else None}  # fmt: skip
+    typed.update({key: value for key, value in named.items() if value is not None})
+    cli = build_cli(_FitRequest(config, typed, fit_args, callbacks), cli_class=_TypedFitCLI)  # type: ignore[arg-type]
+    logger, checkpoint = find_mlflow_logger(cli.trainer), cli.trainer.checkpoint_callback
+    return FitResult(
+        run_id=logger.run_id if logger is not None else None,
+        metrics={key: float(value) for key, value in cli.trainer.callback_metrics.items()},
+        best_model_path=checkpoint.best_model_path if checkpoint else "",
+        interrupted=cli.trainer.interrupted,
+        trainer=cli.trainer,
+        datamodule=cli.datamodule,
+    )
+
+
+def resolve_fit_config(
+    config: _ConfigLayers,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    fit_args: Sequence[str] = (),
+) -> str:
+    """The config :func:`run_fit` would run, as the fit parser dumps it (what ``fit --print_config`` prints),
+    without instantiating anything."""
+    request = _FitRequest(config, dict(overrides or {}), fit_args, (), parse_only=True)
+    cli = build_cli(request, run=False, cli_class=_TypedFitCLI)  # type: ignore[arg-type]
+    return cli.parser.dump(cli.config, skip_none=False)
+
+
+@dataclass(frozen=True)
+class _FitRequest:
+    config: _ConfigLayers
+    overrides: dict[str, Any]
+    fit_args: Sequence[str]
+    callbacks: Sequence[Callback]
+    parse_only: bool = False
+
+
+class _TypedFitCLI(MedTransferCLI):
+    """``MedTransferCLI`` given a :class:`_FitRequest` as ``args``: the config layers (files parsed as
+    ``--config``, mappings set by dotted key), then the user's ``fit_args`` as on the command line, then the typed
+    overrides; the parser checks the whole config at the end."""
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: _FitRequest) -> None:  # type: ignore[override]
+        self._parse_only = args.parse_only
+        subcommand, prefix = ([], "") if args.parse_only else (["fit"], "fit.")
+        layers = [args.config] if isinstance(args.config, (str, Path, Mapping)) else list(args.config)
+        config = None
+        for layer in [*layers, args.fit_args, args.overrides]:
+            if isinstance(layer, Mapping):
+                for key, value in layer.items():
+                    config[_nested_key(config, prefix + key)] = value
+            else:
+                options = [f"--config={layer}"] if isinstance(layer, (str, Path)) else list(layer)
+                config = parser.parse_args([*subcommand, *options], namespace=config)
+        config.pop(f"{prefix}config", None)
+        callbacks = [*self.trainer_defaults.get("callbacks", []), *args.callbacks]
+        self.trainer_defaults = {**self.trainer_defaults, "callbacks": callbacks}
+        with warnings.catch_warnings():  # the calling command's own sys.argv is no mistake here
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, config)
+
+    def instantiate_classes(self) -> None:
+        if not self._parse_only:
+            super().instantiate_classes()
+
+
+def _nested_key(config: Any, key: str) -> str:
+    """``key`` as ``config`` nests it: ``data.path`` -> ``data.init_args.path``, as the command line accepts."""
+    node, parts = config, []
+    for part in key.split("."):
+        if hasattr(node, "init_args") and part not in node:
+            node, parts = node["init_args"], [*parts, "init_args"]
+        node, parts = node.get(part) if hasattr(node, "get") else None, [*parts, part]
+    return ".".join(parts)

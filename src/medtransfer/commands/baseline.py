@@ -45,6 +45,7 @@ from medtransfer.errors import DataError, exit_on_user_error
 from medtransfer.metrics import functional as F
 from medtransfer.metrics.defined import defined_labels
 from medtransfer.models.classifier import ClassifierModule
+from medtransfer.models.input_spec import InputSpec
 from medtransfer.progress import Progress
 from medtransfer.tracking.datasets import log_dataset_inputs
 
@@ -151,7 +152,7 @@ def _probabilities(model: Any, x: np.ndarray, task: str) -> Tensor:
     return probs[:, 1] if task == "binary" else probs
 
 
-def _prepare_data(data: ClassificationDataModule, features: Features, pixel_size: int, config: dict) -> None:
+def _prepare_data(data: ClassificationDataModule, features: Features, pixel_size: int, spec: InputSpec) -> None:
     """Set ``data`` up for feature extraction: no augmentation, and the input settings a model would give.
 
     A data module takes image size, mean and std from the model it is attached to; nothing is attached here,
@@ -161,8 +162,7 @@ def _prepare_data(data: ClassificationDataModule, features: Features, pixel_size
     """
     hp = data.hparams
     if features == "backbone":
-        defaults = {"image_size": config["input_size"][-1], "mean": config["mean"], "std": config["std"],
-                    "interpolation": config.get("interpolation")}  # fmt: skip
+        defaults = {"image_size": spec.size, "mean": spec.mean, "std": spec.std, "interpolation": spec.interpolation}
     else:
         defaults = {"image_size": pixel_size, "mean": (0.5,) * hp.channels, "std": (0.5,) * hp.channels}
     for key, value in defaults.items():
@@ -337,7 +337,7 @@ def baseline(
         confidence_score=confidence_score, target_coverage=target_coverage, target_risk=target_risk,
     ).eval()  # fmt: skip
     module.backbone.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    _prepare_data(data, features, pixel_size, module.data_config)
+    _prepare_data(data, features, pixel_size, module.input_spec)
     x, y = _features(data, features, pixel_size, module)
 
     fitting = ("train", "val")  # the test split is kept out of the search

@@ -42,6 +42,7 @@ from medtransfer.explain.methods import Method
 from medtransfer.files import atomic_open, write_text_atomic
 from medtransfer.models.classifier import ClassifierModule
 from medtransfer.models.inference import ProbabilityModel, input_settings
+from medtransfer.models.input_spec import InputSpec
 from medtransfer.progress import Progress
 from medtransfer.tracking.mlflow import resolve_tracking_uri
 from medtransfer.tracking.model_logging import tracking_at
@@ -83,7 +84,7 @@ class Predictor:
     rule: DecisionRule
     task: str
     class_names: list[str]
-    settings: dict[str, Any]
+    settings: InputSpec
     label: str
     calibration: dict[str, Any] | None = None
 
@@ -160,7 +161,7 @@ def _load_mlflow_model(uri: str, device: str, tracking_uri: str | None) -> Predi
         rule=DecisionRule.from_dict(metadata["decision"]),
         task=task,
         class_names=_binary_names(task, metadata["class_names"]),
-        settings=metadata["input"],
+        settings=InputSpec.from_dict(metadata["input"]),
         label=label,
         calibration=metadata.get("calibration"),
     )
@@ -491,14 +492,13 @@ def run_predict(
     predictor = load_predictor(model, device, tracking_uri)
     settings = predictor.settings
     network = prepare_network(predictor.network, channels_last, compile)
-    color, frame = settings.get("color", "gray"), frame or settings.get("dicom_frame", "middle")
+    color, frame = settings.color, frame or settings.dicom_frame
     frames: list[int | None] = [None] * len(paths)
     if frame == "all":  # one row per frame; files of one frame read it as their first
         paths, frames = _every_frame(paths)
     read_frame = "first" if frame == "all" else frame
     transform = build_eval_transform(
-        settings["size"], settings["channels"], settings["mean"], settings["std"], settings["interpolation"],
-        color=color,
+        settings.size, settings.channels, settings.mean, settings.std, settings.interpolation, color=color,
     )  # fmt: skip
     loader = DataLoader(
         _Images(paths, transform, color, read_frame, frames),
@@ -515,7 +515,7 @@ def run_predict(
     columns = ["path", *(f"prob_{n}" for n in (names[1:] if predictor.task == "binary" else names))]
     columns += ["prediction", *(["prediction_set"] if predictor.rule.set_quantile is not None else []), "decision"]
     columns += ["unlike_training", "error", "model", *(["frame"] if frame == "all" else [])]
-    reference = settings.get("reference")  # statistics of the validation images (medtransfer.data.unlike)
+    reference = settings.reference  # statistics of the validation images (medtransfer.data.unlike)
     unlike = 0
 
     def _frame_of(row: int) -> str | int:

@@ -47,6 +47,11 @@ __all__ = ["COMMANDS", "SIGTERM_EXIT_STATUS", "MedTransferCLI", "build_cli", "ma
 _logger = logging.getLogger(__name__)
 
 
+def _input_spec_link(backbone: str, in_chans: int) -> dict[str, Any]:
+    """The backbone's input spec as plain values, which jsonargparse serialises and turns back into an InputSpec."""
+    return backbone_input_spec(backbone, in_chans).to_dict()
+
+
 class MedTransferCLI(LightningCLI):
     """LightningCLI with medtransfer's callbacks, links and MLflow run handling."""
 
@@ -76,7 +81,7 @@ class MedTransferCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         # the model's input spec, to the data module; at parse time, since on instantiation the links above
         # (data -> model) and this one (model -> data) would make a cycle, which jsonargparse refuses
-        parser.link_arguments(("model.backbone", "model.in_chans"), "data.init_args.input_spec", backbone_input_spec)
+        parser.link_arguments(("model.backbone", "model.in_chans"), "data.init_args.input_spec", _input_spec_link)
         parser.add_argument(
             "--test_after_fit",
             type=bool,

@@ -227,8 +227,7 @@ def test_the_worst_errors_gallery_shows_colour_inputs_in_colour(hue_data):
     dm = _datamodule(hue_data, "npz")
     dm.setup("test")
     batch, _ = next(iter(dm.test_dataloader()))
-    _, mean, std, _ = dm.normalisation
-    picture = denormalise(batch[0], list(mean), list(std))
+    picture = denormalise(batch[0], list(dm.input_spec.mean), list(dm.input_spec.std))
     with np.load(hue_data["npz"]) as data:
         original = data["test_images"][0]
     assert picture.shape == (32, 32, 3) and np.abs(picture[..., 0].astype(int) - picture[..., 1]).mean() > 20

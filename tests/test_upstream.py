@@ -48,3 +48,14 @@ def test_mlflow_logger_run_settings_are_set_before_the_run_starts_and_used_when_
     again = MLFlowLogger(experiment_name="exp", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     set_mlflow_logger_run(again, run_id=logger.run_id)
     assert again.run_id == logger.run_id and mlflow_logger_run(again)[0] == logger.run_id
+
+
+def test_attached_trainer_is_none_until_a_trainer_holds_the_module(tmp_path):
+    from medtransfer.upstream import attached_trainer
+
+    module = _Linear()
+    assert attached_trainer(module) is None
+    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2))
+    assert attached_trainer(module) is trainer

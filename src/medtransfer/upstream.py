@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "attached_trainer",
     "batches_that_stepped",
     "mlflow_logger_run",
     "mlflow_logger_settings",
@@ -26,6 +27,15 @@ def mlflow_logger_settings(logger: Any) -> tuple[str, str, str | None]:
     accessor (Lightning-AI/pytorch-lightning#19983 asks for one).
     """
     return logger._tracking_uri, logger._experiment_name, logger._artifact_location
+
+
+def attached_trainer(module: Any) -> Any:
+    """The Trainer a LightningModule is attached to, or ``None``: its private ``_trainer``.
+
+    The public ``module.trainer`` raises when no Trainer is attached (a module used on its own, in tests or
+    ``predict``); asking first needs the private attribute.
+    """
+    return module._trainer
 
 
 def mlflow_logger_started(logger: Any) -> bool:

@@ -87,7 +87,7 @@ def test_folder_to_csv_matches_the_test_steps_probabilities(fitted, png_folder, 
     rows = _read(tmp_path / "out.csv")
     assert len(rows) == N_IMAGES and result["unreadable"] == 0
     predictor = load_predictor(fitted["best"])
-    assert predictor.class_names == ["normal", "pneumonia"] and predictor.settings["size"] == 32
+    assert predictor.class_names == ["normal", "pneumonia"] and predictor.settings.size == 32
     # `medtransfer test` on the same checkpoint: its first test batch holds the same images, in order
     cli = build_cli([
         "test", f"--config={CONFIG}", f"--data.path={pneumonia_npz}", "--data.image_size=32",

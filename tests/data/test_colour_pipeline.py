@@ -38,10 +38,10 @@ def _fit_and_score(path, color: str) -> tuple[float, torch.Tensor]:
     """Test AUROC of a small random-init CNN after a few epochs, and the first batch the network received (as
     0-255 pixels)."""
     seed_everything(0)
-    dm = MedMNISTDataModule(path=str(path), image_size=32, batch_size=32, color=color, rotate_degrees=0,
-                            translate=0, scale=0, clahe=0, brightness_contrast=0)  # fmt: skip
     model = ClassifierModule(backbone="test_byobnet", pretrained="none",
                              optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))  # fmt: skip
+    dm = MedMNISTDataModule(path=str(path), image_size=32, batch_size=32, color=color, rotate_degrees=0, translate=0,
+                            scale=0, clahe=0, brightness_contrast=0, input_spec=model.input_spec)  # fmt: skip
     received = []
     model.register_forward_pre_hook(
         lambda module, args: received.append(args[0].detach().clone()) if not received else None
@@ -51,7 +51,7 @@ def _fit_and_score(path, color: str) -> tuple[float, torch.Tensor]:
     trainer.fit(model, datamodule=dm)
     trainer.test(model, datamodule=dm, verbose=False)
     outputs = model.test_outputs
-    _, mean, std, _ = dm.normalisation
+    mean, std = dm.input_spec.mean, dm.input_spec.std
     pixels = received[0] * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]  # undo Normalize
     return float(binary_auroc(outputs["probs"], outputs["targets"])), (pixels * 255).round()
 

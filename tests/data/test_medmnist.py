@@ -55,14 +55,14 @@ def test_single_channel_for_an_adapted_stem(pneumonia_npz):
     assert dm.datasets["test"][0][0].shape == (1, 64, 64)
 
 
-def test_size_and_statistics_follow_the_attached_backbone(pneumonia_npz):
+def test_size_and_statistics_follow_the_model_input_spec(pneumonia_npz):
     model = ClassifierModule(backbone="resnet18", pretrained="none")
-    dm = MedMNISTDataModule(path=str(pneumonia_npz), image_size=32, batch_size=64)
+    dm = MedMNISTDataModule(path=str(pneumonia_npz), image_size=32, batch_size=64, input_spec=model.input_spec)
     trainer = Trainer(limit_val_batches=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(model, datamodule=dm)
-    size, mean, std, interpolation = dm.normalisation
-    assert size == 32 and interpolation == "bicubic"  # resnet18 resizes bicubic in timm
-    assert mean == pytest.approx((0.485, 0.456, 0.406)) and std == pytest.approx((0.229, 0.224, 0.225))
+    spec = dm.input_spec
+    assert spec.size == 32 and spec.interpolation == "bicubic"  # resnet18 resizes bicubic in timm
+    assert spec.mean == pytest.approx((0.485, 0.456, 0.406)) and spec.std == pytest.approx((0.229, 0.224, 0.225))
 
 
 def test_default_location_is_the_data_dir_environment_variable(pneumonia_npz, monkeypatch):

@@ -53,8 +53,7 @@ def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "model.ckpt"
     torch.manual_seed(0)
     model = ClassifierModule(backbone="tf_efficientnet_lite0", pretrained="lite0-package")
-    config = model.data_config
-    settings = {"size": SIZE, "mean": list(config["mean"]), "std": list(config["std"])}
+    settings = {"size": SIZE, "mean": list(model.input_spec.mean), "std": list(model.input_spec.std)}
     torch.save(
         {
             "state_dict": model.state_dict(),

@@ -29,7 +29,7 @@ def model_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "model.ckpt"
     torch.manual_seed(0)
     model = ClassifierModule(backbone="tf_efficientnet_lite0", pretrained="lite0-package")
-    settings = {"size": 32, "mean": list(model.data_config["mean"]), "std": list(model.data_config["std"])}
+    settings = {"size": 32, "mean": list(model.input_spec.mean), "std": list(model.input_spec.std)}
     hyper = {**dict(model.hparams), "pretrained": "none", "_instantiator": "lightning.pytorch.cli.instantiate_module"}
     torch.save(
         {"state_dict": model.state_dict(), "hyper_parameters": hyper, "pytorch-lightning_version": "2.6.0",

@@ -14,7 +14,7 @@ def write_untrained_checkpoint(path: Path) -> Path:
     """EfficientNet-Lite0 (offline ImageNet weights) for 32 px input, saved as ``medtransfer fit`` would."""
     torch.manual_seed(0)
     model = ClassifierModule(backbone="tf_efficientnet_lite0", pretrained="lite0-package")
-    settings = {"size": 32, "mean": list(model.data_config["mean"]), "std": list(model.data_config["std"])}
+    settings = {"size": 32, "mean": list(model.input_spec.mean), "std": list(model.input_spec.std)}
     torch.save(
         {"state_dict": model.state_dict(), "hyper_parameters": {**dict(model.hparams), "pretrained": "none"},
          "pytorch-lightning_version": "2.6.0", "class_names": ["normal", "pneumonia"],

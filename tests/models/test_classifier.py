@@ -38,9 +38,9 @@ def test_optimizer_groups_are_named_and_skip_frozen_parameters():
     assert [g["name"] for g in model.configure_optimizers().param_groups] == ["head"]
 
 
-def test_data_config_comes_from_timm():
+def test_input_spec_comes_from_timm():
     model = ClassifierModule(backbone="resnet18", pretrained="none")
-    assert model.data_config["mean"] == pytest.approx((0.485, 0.456, 0.406))
+    assert model.input_spec.mean == pytest.approx((0.485, 0.456, 0.406))
 
 
 @pytest.mark.parametrize(("task", "num_classes"), [("binary", 3), ("multiclass", 1)])

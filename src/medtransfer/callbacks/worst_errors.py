@@ -245,11 +245,9 @@ class WorstErrorsGallery(Callback):
     @staticmethod
     def _statistics(trainer: Trainer, pl_module: LightningModule) -> tuple[list[float], list[float]]:
         """Mean and std the inputs were normalised with: the data module's, else the backbone's."""
-        normalisation = getattr(trainer.datamodule, "normalisation", None) if trainer.datamodule else None
-        if normalisation is not None:
-            return list(normalisation[1]), list(normalisation[2])
-        config = getattr(pl_module, "data_config", None) or {}
-        return list(config.get("mean", (0.0,))), list(config.get("std", (1.0,)))
+        spec = getattr(trainer.datamodule, "input_spec", None) if trainer.datamodule else None
+        spec = spec or getattr(pl_module, "input_spec", None)
+        return (list(spec.mean), list(spec.std)) if spec is not None else ([0.0], [1.0])
 
     def _draw(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not self._heaps:

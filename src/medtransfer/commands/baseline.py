@@ -48,6 +48,7 @@ from medtransfer.errors import DataError, exit_on_user_error
 from medtransfer.metrics import functional as F
 from medtransfer.metrics.defined import stage_metrics
 from medtransfer.models.backbones import create_backbone
+from medtransfer.models.input_spec import InputSpec
 from medtransfer.progress import Progress
 from medtransfer.tracking.datasets import log_dataset_inputs
 
@@ -151,7 +152,7 @@ def _probabilities(model: Any, x: np.ndarray, task: str) -> Tensor:
     return probs[:, 1].contiguous() if task == "binary" else probs
 
 
-def _prepare_data(data: ClassificationDataModule, features: Features, pixel_size: int, config: dict | None) -> None:
+def _prepare_data(data: ClassificationDataModule, features: Features, pixel_size: int, spec: InputSpec | None) -> None:
     """Set ``data`` up for feature extraction: no augmentation, and the input settings a model would give.
 
     A data module takes image size, mean and std from the model it is attached to; nothing is attached here,
@@ -161,8 +162,7 @@ def _prepare_data(data: ClassificationDataModule, features: Features, pixel_size
     """
     hp = data.hparams
     if features == "backbone":
-        defaults = {"image_size": config["input_size"][-1], "mean": config["mean"], "std": config["std"],
-                    "interpolation": config.get("interpolation")}  # fmt: skip
+        defaults = {"image_size": spec.size, "mean": spec.mean, "std": spec.std, "interpolation": spec.interpolation}
     else:
         defaults = {"image_size": pixel_size, "mean": (0.5,) * hp.channels, "std": (0.5,) * hp.channels}
     for key, value in defaults.items():
@@ -312,12 +312,12 @@ def baseline(
     task, num_classes = data.task, data.num_classes
     decisions = DecisionFitting(task, threshold_policy, threshold_target, confidence_score, target_coverage,
                                 target_risk)  # fmt: skip
-    network, config = None, None
+    network, spec = None, None
     if features == "backbone":
         network = create_backbone(backbone, pretrained=pretrained).eval()
         network.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        config = timm.data.resolve_model_data_config(network)
-    _prepare_data(data, features, pixel_size, config)
+        spec = InputSpec.from_timm(timm.data.resolve_model_data_config(network), data.hparams.channels)
+    _prepare_data(data, features, pixel_size, spec)
     x, y = _features(data, features, pixel_size, network)
 
     val_metrics = stage_metrics(task, num_classes, "val")

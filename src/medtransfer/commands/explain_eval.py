@@ -153,9 +153,9 @@ def run_explain_eval(
         table, targets = table.iloc[:max_images], targets[:max_images]
     settings = predictor.settings
     transform = build_eval_transform(
-        settings["size"], settings["channels"], settings["mean"], settings["std"], settings["interpolation"]
+        settings.size, settings.channels, settings.mean, settings.std, settings.interpolation
     )
-    images, input_boxes = _load(table, root, transform, settings["size"], box_image_size)
+    images, input_boxes = _load(table, root, transform, settings.size, box_image_size)
     network = predictor.network
     with torch.inference_mode():
         probs = torch.cat(
@@ -181,11 +181,11 @@ def run_explain_eval(
                 rows = chosen[i : i + batch_size]
                 target = None if predictor.task == "binary" else explained[rows]
                 maps.append(explain(network, images[rows].to(device), target, method, layer).cpu())
-            heat = torch.cat(maps) if maps else torch.zeros(0, settings["size"], settings["size"])
+            heat = torch.cat(maps) if maps else torch.zeros(0, settings.size, settings.size)
             name = "-" if method == "occlusion" else _layer_name(network, method, layer)
             scores = localisation_scores(heat, input_boxes[chosen.numpy()], threshold)
             results.append({"method": method, "layer": name, **scores, "boxes": len(table)})
-    _report(results, settings["size"])
+    _report(results, settings.size)
     write_text_atomic(Path(output), json.dumps(results, indent=2) + "\n")
     _log_to_mlflow(results, Path(output), model, boxes, tracking_uri, experiment)
     return results

@@ -28,6 +28,7 @@ from medtransfer.data.base import ClassificationDataModule
 from medtransfer.entry import COMMANDS, print_commands  # the command list: kept where no heavy import is
 from medtransfer.errors import MedtransferError, exit_on_user_error
 from medtransfer.models.classifier import ClassifierModule
+from medtransfer.models.input_spec import backbone_input_spec
 from medtransfer.tracking.callbacks import (
     LogConfigToMLflow,
     MLflowRunTracking,
@@ -50,6 +51,11 @@ __all__ = [
 ]
 
 _logger = logging.getLogger(__name__)
+
+
+def _input_spec_link(backbone: str, in_chans: int) -> dict[str, Any]:
+    """The backbone's input spec as plain values, which jsonargparse serialises and turns back into an InputSpec."""
+    return backbone_input_spec(backbone, in_chans).to_dict()
 
 
 class MedTransferCLI(LightningCLI):
@@ -79,6 +85,9 @@ class MedTransferCLI(LightningCLI):
         )
         parser.link_arguments("data.task", "model.task", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        # the model's input spec, to the data module; at parse time, since on instantiation the links above
+        # (data -> model) and this one (model -> data) would make a cycle, which jsonargparse refuses
+        parser.link_arguments(("model.backbone", "model.in_chans"), "data.init_args.input_spec", _input_spec_link)
         parser.add_argument(
             "--test_after_fit",
             type=bool,

@@ -166,14 +166,13 @@ def run_predict(
     paths = collect_images(images, path_column)
     predictor = load_predictor(model, device, tracking_uri)
     settings = predictor.settings
-    color, frame = settings.get("color", "gray"), frame or settings.get("dicom_frame", "middle")
+    color, frame = settings.color, frame or settings.dicom_frame
     frames: list[int | None] = [None] * len(paths)
     if frame == "all":  # one row per frame; files of one frame read it as their first
         paths, frames = every_frame(paths)
     read_frame = "first" if frame == "all" else frame
     transform = build_eval_transform(
-        settings["size"], settings["channels"], settings["mean"], settings["std"], settings["interpolation"],
-        color=color,
+        settings.size, settings.channels, settings.mean, settings.std, settings.interpolation, color=color,
     )  # fmt: skip
     loader = DataLoader(
         ImageRows(paths, transform, color, read_frame, frames), batch_size=batch_size, num_workers=num_workers,
@@ -197,7 +196,7 @@ def run_predict(
     if stale:  # a killed run cannot clean up; another run may still own one, so they are named, not deleted
         _logger.warning("%d temporary file(s) of an interrupted run beside %s (e.g. %s): not outputs, safe to delete",
                         len(stale), output, stale[0].name)  # fmt: skip
-    reference = settings.get("reference")  # statistics of the validation images (medtransfer.data.unlike)
+    reference = settings.reference  # statistics of the validation images (medtransfer.data.unlike)
     writer = PredictionWriter(output, predictor, paths, columns, frames if frame == "all" else None, reference,
                               explainer)  # fmt: skip
     start = time.perf_counter()

@@ -18,6 +18,7 @@ from medtransfer.decisions.rule import DecisionRule
 from medtransfer.errors import DataError
 from medtransfer.models.classifier import ClassifierModule
 from medtransfer.models.inference import ProbabilityModel, input_settings
+from medtransfer.models.input_spec import InputSpec
 from medtransfer.tracking.mlflow import resolve_tracking_uri
 from medtransfer.tracking.model_logging import tracking_at
 
@@ -42,7 +43,7 @@ class Predictor:
     rule: DecisionRule
     task: str
     class_names: list[str]
-    settings: dict[str, Any]
+    settings: InputSpec
     label: str
     calibration: dict[str, Any] | None = None
 
@@ -119,7 +120,7 @@ def _load_mlflow_model(uri: str, device: str, tracking_uri: str | None) -> Predi
         rule=DecisionRule.from_dict(metadata["decision"]),
         task=task,
         class_names=_binary_names(task, metadata["class_names"]),
-        settings=metadata["input"],
+        settings=InputSpec.from_dict(metadata["input"]),
         label=label,
         calibration=metadata.get("calibration"),
     )

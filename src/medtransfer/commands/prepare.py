@@ -18,16 +18,9 @@ import warnings
 
 from medtransfer.errors import DataError, exit_on_user_error
 
-__all__ = ["input_settings", "main"]
+__all__ = ["main"]
 
 _logger = logging.getLogger(__name__)
-
-
-def input_settings(datamodule, data_config: dict) -> tuple[int, str]:
-    """Side and interpolation a fit resolves: the data module's, else the backbone's timm data config."""
-    size = datamodule.hparams.image_size or data_config["input_size"][-1]
-    interpolation = datamodule.hparams.interpolation or data_config.get("interpolation") or "bilinear"
-    return int(size), str(interpolation)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -47,7 +40,8 @@ def main(args: list[str] | None = None) -> None:
             raise DataError("medtransfer prepare needs an ImageDataModule with a `source` (image files on disk)")
         if datamodule.hparams.prepared is None:
             raise DataError("medtransfer prepare: set --data.prepared to the output folder or URI")
-        size, interpolation = input_settings(datamodule, cli.model.data_config)
+        spec = datamodule.resolve_input_spec()  # as a fit resolves it: the data's options, else the model's
+        size, interpolation = spec.size, spec.interpolation
         info = prepare(
             datamodule, datamodule.hparams.prepared, size, interpolation, num_workers=datamodule.hparams.num_workers
         )

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomS
 
 from medtransfer.data.transforms import build_eval_transform, build_train_transform
 from medtransfer.errors import DataError
+from medtransfer.models.input_spec import InputSpec
 
 __all__ = [
     "SPLITS",
@@ -128,8 +129,8 @@ def _seed_worker(worker_id: int) -> None:
 class ClassificationDataModule(LightningDataModule):
     """Base of the data modules: subclasses fill ``self.datasets[split]`` in ``build_datasets``.
 
-    Size, mean, std and interpolation follow the backbone's timm data config (the attached
-    LightningModule's ``data_config``) unless set here.
+    Size, mean, std and interpolation follow the model's :class:`InputSpec` (``input_spec``, from the backbone's
+    timm data config; the CLI links it) unless set here.
 
     Args:
         image_size: side length fed to the network; ``None`` means the backbone's default.
@@ -172,6 +173,8 @@ class ClassificationDataModule(LightningDataModule):
             seeded by ``subset_seed``, patient-grouped when the data know patients): the model fits its threshold,
             temperature, abstention band and risk control on it only, while the rest of validation picks the
             checkpoint. 0 fits them on validation itself (the data that also picked the checkpoint).
+        input_spec: the model's input spec (``ClassifierModule.input_spec``); linked by the CLI from
+            ``model.backbone`` and ``model.in_chans``. Standalone, give it or ``image_size``, ``mean`` and ``std``.
     """
 
     def __init__(
@@ -200,6 +203,7 @@ class ClassificationDataModule(LightningDataModule):
         color_jitter: float | None = None,
         stain_jitter: float | None = None,
         calibration_fraction: float = 0.0,
+        input_spec: InputSpec | None = None,
     ) -> None:
         super().__init__()
         if color not in ("auto", "gray", "rgb"):
@@ -211,11 +215,14 @@ class ClassificationDataModule(LightningDataModule):
         if min_epoch_samples < 0:
             raise DataError(f"Expected argument `min_epoch_samples` to be >= 0, but got {min_epoch_samples}")
         # transform objects stay out of the checkpoint, so it loads with weights_only=True; the CLI logs them
-        self.save_hyperparameters(ignore=["train_transforms", "eval_transforms"], logger=False)
+        # transform objects and the model's spec stay out of the checkpoint (it loads with weights_only=True;
+        # the resolved spec goes in as plain values): the CLI logs them
+        self.save_hyperparameters(ignore=["train_transforms", "eval_transforms", "input_spec"], logger=False)
         self.train_transforms, self.eval_transforms = train_transforms, list(eval_transforms or [])
         self.datasets: dict[str, SeededTransformDataset] = {}
-        #: ``(image_size, mean, std, interpolation)`` in use, resolved in ``setup``.
-        self.normalisation: tuple[int, tuple[float, ...], tuple[float, ...], str] | None = None
+        self._model_spec = input_spec
+        #: The input in use (the model's spec, explicit options over it), resolved in ``setup``.
+        self.input_spec: InputSpec | None = None
         self._color_mode: str | None = None
 
     @property
@@ -245,8 +252,7 @@ class ClassificationDataModule(LightningDataModule):
 
     def _check_channels(self) -> None:
         """Colour needs three channels, and the model's first convolution must take what the data gives."""
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        in_chans = getattr(getattr(module, "hparams", None), "in_chans", None)
+        in_chans = self._model_spec.channels if self._model_spec else None
         channels = self.hparams.channels
         if self.color_mode == "rgb" and channels != 3:
             raise DataError(f"{self!r} holds colour images (color: {self.hparams.color}) but channels is {channels}; "
@@ -270,27 +276,26 @@ class ClassificationDataModule(LightningDataModule):
         """Return the ``train``/``val``/``test`` datasets with these pipelines."""
         raise NotImplementedError
 
-    def _normalisation(self) -> tuple[int, Sequence[float], Sequence[float], str]:
-        """Image size, mean, std, interpolation: explicit arguments first, then the backbone's timm data config."""
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        config = getattr(module, "data_config", None) or {}
-        size = self.hparams.image_size or (config["input_size"][-1] if config else None)
-        mean = self.hparams.mean or config.get("mean")
-        std = self.hparams.std or config.get("std")
-        interpolation = self.hparams.interpolation or config.get("interpolation") or "bilinear"
+    def resolve_input_spec(self) -> InputSpec:
+        """The model's ``input_spec`` with this module's explicit options over it, and its channels, colour and
+        DICOM frame."""
+        hp, given = self.hparams, self._model_spec
+        size = hp.image_size or (given.size if given else None)
+        mean, std = hp.mean or (given.mean if given else None), hp.std or (given.std if given else None)
         if size is None or mean is None or std is None:
             raise DataError(
-                "image_size, mean and std are unknown: set them on the data module, or attach a model that has "
-                "a timm `data_config` (as ClassifierModule does)."
+                "image_size, mean and std are unknown: set them on the data module, or give it the model's "
+                "`input_spec` (input_spec=model.input_spec; the medtransfer CLI links it)."
             )
-        return int(size), mean, std, interpolation
+        interpolation = hp.interpolation or (given.interpolation if given else None) or "bilinear"
+        return InputSpec(size, mean, std, interpolation, hp.channels, self.color_mode, hp.dicom_frame)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        size, mean, std, interpolation = self._normalisation()
-        self.normalisation = (size, tuple(mean), tuple(std), interpolation)
-        hp, color = self.hparams, self.color_mode
+        spec = self.input_spec = self.resolve_input_spec()
+        size, mean, std, interpolation = spec.size, spec.mean, spec.std, spec.interpolation
+        hp, color = self.hparams, spec.color
         self._check_channels()
         color_jitter, stain_jitter = self._colour_augmentation()
         eval_transform = build_eval_transform(
@@ -317,7 +322,7 @@ class ClassificationDataModule(LightningDataModule):
         self.datasets["train"].seed_transform(torch.initial_seed())  # reproducible under seed_everything
         _logger.info(
             "%s: %s %s images at %dpx (%s), mean %s, std %s", type(self).__name__,
-            {k: len(v) for k, v in self.datasets.items()}, color, size, interpolation, tuple(mean), tuple(std),
+            {k: len(v) for k, v in self.datasets.items()}, color, size, interpolation, mean, std,
         )  # fmt: skip
 
     def _hold_out_calibration(self, fraction: float, seed: int) -> None:

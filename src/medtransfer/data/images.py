@@ -340,9 +340,8 @@ class ImageDataModule(ClassificationDataModule):
         fresh = not self.datasets
         super().setup(stage)
         if fresh and self.hparams.cache:  # after the train_fraction subset, so only the images in use are decoded
-            size, _, _, interpolation = self.normalisation
             for dataset in self.datasets.values():
-                dataset.fill_cache(size, interpolation)
+                dataset.fill_cache(self.input_spec.size, self.input_spec.interpolation)
 
     def _loader(self, split: str, shuffle: bool) -> torch.utils.data.DataLoader:
         if self.hparams.prepared is None:

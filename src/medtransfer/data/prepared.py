@@ -367,7 +367,7 @@ def prepared_datasets(datamodule: ImageDataModule, train_transform: Callable, ev
     if info is None:
         raise DataError(f"data.prepared {prepared}: not prepared yet; run `medtransfer prepare` first")
     datamodule.prepared_info = info
-    size, _, _, interpolation = datamodule.normalisation
+    size, interpolation = datamodule.input_spec.size, datamodule.input_spec.interpolation
     module = getattr(datamodule.trainer, "lightning_module", None) if datamodule.trainer is not None else None
     hparams = getattr(module, "hparams", {})
     check_compatible(

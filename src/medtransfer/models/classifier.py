@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any, Literal
 
 import timm
@@ -23,7 +23,9 @@ from medtransfer.errors import DataError
 from medtransfer.metrics import functional as F
 from medtransfer.metrics.defined import defined_labels, stage_metrics, undefined_names
 from medtransfer.models.backbones import create_backbone
+from medtransfer.models.input_spec import InputSpec
 from medtransfer.models.test_time_augmentation import TestTimeAugmentation, augmented_views, average_views
+from medtransfer.upstream import attached_trainer
 
 __all__ = ["ClassifierModule", "balanced_pos_weight", "probabilities"]
 
@@ -48,12 +50,6 @@ def balanced_pos_weight(fraction: Tensor | Any, names: list[str] | None = None) 
             "HINT: the model cannot learn these labels from this training split; drop them or enlarge the split."
         )
     return weight
-
-
-def _colour_settings(datamodule: Any) -> dict[str, Any]:
-    """The colour (``gray``/``rgb``) and DICOM frame choice a data module feeds, for the checkpoint's ``input``."""
-    hp = datamodule.hparams
-    return {"color": getattr(datamodule, "color_mode", "gray"), "dicom_frame": hp.get("dicom_frame", "error")}
 
 
 def probabilities(logits: Tensor, temperature: Tensor, task: str) -> Tensor:
@@ -145,8 +141,8 @@ class ClassifierModule(LightningModule):
         self.backbone = create_backbone(backbone, pretrained=pretrained, in_chans=in_chans)
         out_features = 1 if task == "binary" else num_classes
         self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(self.backbone.num_features, out_features))
-        #: timm's data config of the backbone (mean, std, input size), used by the data module.
-        self.data_config: dict[str, Any] = timm.data.resolve_model_data_config(self.backbone)
+        #: What the backbone takes (size, mean, std, interpolation from timm's data config), for the data module.
+        self.input_spec = InputSpec.from_timm(timm.data.resolve_model_data_config(self.backbone), in_chans)
         #: Chosen on validation data; buffers, so every checkpoint carries the values fitted for its weights.
         per_label = (num_classes,) if task == "multilabel" else ()
         self.register_buffer("decision_threshold", torch.full(per_label, 0.5))
@@ -157,8 +153,8 @@ class ClassifierModule(LightningModule):
         self.register_buffer("pos_weight", torch.ones(per_label))
         self.val_logits, self.val_targets = CatMetric(), CatMetric()
         self.test_logits, self.test_targets = CatMetric(), CatMetric()
-        #: The input settings of a loaded checkpoint (``color``, ``size``, ...); empty for a new model.
-        self.trained_input: dict[str, Any] = {}
+        #: The input a loaded checkpoint was trained on (``color``, ``size``, ...); ``None`` for a new model.
+        self.trained_input: InputSpec | None = None
         #: What the decision rule was calibrated on and what it guarantees (``risk_control``, ``set_quantile``,
         #: the calibration scores for the exchangeability check); saved in the checkpoint, ``None`` for models
         #: trained before calibration was recorded.
@@ -311,7 +307,11 @@ class ClassifierModule(LightningModule):
         defined = defined_labels(targets).reshape(-1)
         warned: set[str] = self.__dict__.setdefault("_warned_undefined", set())
         left_out = undefined_names(defined, self._label_names())
-        if left_out and stage not in warned and not (self._trainer is not None and self.trainer.sanity_checking):
+        if (
+            left_out
+            and stage not in warned
+            and not (attached_trainer(self) is not None and self.trainer.sanity_checking)
+        ):
             warned.add(stage)
             rank_zero_warn(
                 f"{stage}: {len(left_out)} of {len(defined)} label(s) have no positive or no negative case in this "
@@ -322,7 +322,7 @@ class ClassifierModule(LightningModule):
         return defined
 
     def _label_names(self) -> list[str] | None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(attached_trainer(self), "datamodule", None)
         names = getattr(datamodule, "class_names", None)
         if names is None:
             return None
@@ -331,7 +331,7 @@ class ClassifierModule(LightningModule):
 
     def _calibration_outputs(self) -> tuple[Tensor, Tensor] | None:
         """Logits and targets of the data module's ``calibration_dataloader``, or ``None`` without one."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(attached_trainer(self), "datamodule", None)
         loader = datamodule.calibration_dataloader() if hasattr(datamodule, "calibration_dataloader") else None
         if loader is None:
             return None
@@ -376,32 +376,28 @@ class ClassifierModule(LightningModule):
         calibration record (what the decision rule guarantees and on what data)."""
         if self.calibration is not None:
             checkpoint["calibration"] = self.calibration
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(attached_trainer(self), "datamodule", None)
         names = getattr(datamodule, "class_names", None)
         if names is not None:
             checkpoint["class_names"] = [str(name) for name in names]
-        if getattr(datamodule, "normalisation", None) is not None:
-            size, mean, std, interpolation = datamodule.normalisation
-            channels = datamodule.hparams.channels
-            checkpoint["input"] = {"size": size, "mean": list(mean), "std": list(std),
-                                   "interpolation": interpolation, "channels": channels}  # fmt: skip
-            checkpoint["input"] |= _colour_settings(datamodule)
-            if getattr(self, "_input_reference", None):  # see medtransfer.data.unlike
-                checkpoint["input"]["reference"] = self._input_reference
+        spec = getattr(datamodule, "input_spec", None)
+        if isinstance(spec, InputSpec):  # with the validation images' statistics: see medtransfer.data.unlike
+            checkpoint["input"] = replace(spec, reference=getattr(self, "_input_reference", None) or None).to_dict()
         elif self.trained_input:  # e.g. saved again by a later run without a data module: keep what it was
-            checkpoint["input"] = dict(self.trained_input)
+            checkpoint["input"] = self.trained_input.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Remember the input settings the weights were trained with, to check the data of ``test``/``predict``,
         and restore the calibration record (absent in checkpoints from before it was kept: no guarantee)."""
-        self.trained_input = dict(checkpoint.get("input") or {})
+        self.trained_input = InputSpec.from_dict(checkpoint["input"]) if checkpoint.get("input") else None
         self.calibration = checkpoint.get("calibration")
 
     def _check_colour(self) -> None:
         """A checkpoint trained on colour (gray) images refuses a data module that feeds gray (colour) ones."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        trained, given = self.trained_input.get("color", "gray"), getattr(datamodule, "color_mode", None)
-        if self.trained_input and given is not None and trained != given:
+        trained = self.trained_input.color if self.trained_input else None
+        given = getattr(datamodule, "color_mode", None)
+        if trained is not None and given is not None and trained != given:
             raise DataError(
                 f"The checkpoint was trained on {trained} images but {datamodule!r} gives {given} images; "
                 f"set data.color: {trained} (or give data of the kind it was trained on)"

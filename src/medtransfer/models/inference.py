@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from medtransfer.models.classifier import ClassifierModule, probabilities
+from medtransfer.models.input_spec import InputSpec
 
 __all__ = ["ProbabilityModel", "example_input", "input_settings"]
 
@@ -32,29 +33,17 @@ class ProbabilityModel(nn.Module):
         return probabilities(logits.squeeze(1) if self.task == "binary" else logits, self.temperature, self.task)
 
 
-def input_settings(classifier: ClassifierModule, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Image size, channels, mean, std, interpolation, colour (``gray``/``rgb``) and DICOM frame choice the model
-    was trained with.
-
-    Read from the checkpoint (the data module's settings, saved by ``ClassifierModule.on_save_checkpoint``), else
-    timm's data config of the backbone. Checkpoints from before colour support hold neither setting: they were
-    trained gray (``color: gray``), and multi-frame DICOMs given to them read the middle frame.
-    """
+def input_settings(classifier: ClassifierModule, checkpoint: dict[str, Any] | None = None) -> InputSpec:
+    """The input the model was trained with: the checkpoint's (the data module's resolved spec, saved by
+    ``ClassifierModule.on_save_checkpoint``), else the backbone's own (``classifier.input_spec``).
+    Checkpoints from before colour support hold neither colour nor frame: they were trained gray (``color: gray``),
+    and multi-frame DICOMs given to them read the middle frame (the spec's defaults)."""
     if checkpoint and checkpoint.get("input"):
-        return {"color": "gray", "dicom_frame": "middle", **checkpoint["input"]}
-    config = classifier.data_config
-    return {
-        "size": int(config["input_size"][-1]),
-        "mean": [float(v) for v in config["mean"]],
-        "std": [float(v) for v in config["std"]],
-        "interpolation": config.get("interpolation", "bilinear"),
-        "channels": int(classifier.hparams.in_chans),
-        "color": "gray",
-        "dicom_frame": "middle",
-    }
+        return InputSpec.from_dict(checkpoint["input"])
+    return classifier.input_spec
 
 
 @torch.no_grad()
-def example_input(settings: dict[str, Any], batch: int = 2) -> Tensor:
+def example_input(spec: InputSpec, batch: int = 2) -> Tensor:
     """A normalised-looking batch of the model's input shape, for export and the MLflow signature."""
-    return torch.zeros(batch, settings["channels"], settings["size"], settings["size"])
+    return torch.zeros(batch, spec.channels, spec.size, spec.size)

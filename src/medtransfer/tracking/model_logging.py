@@ -57,7 +57,7 @@ def model_metadata(classifier: ClassifierModule, checkpoint: dict[str, Any]) -> 
         "backbone": classifier.hparams.backbone,
         "task": classifier.hparams.task,
         "class_names": [str(n) for n in names],
-        "input": input_settings(classifier, checkpoint),
+        "input": input_settings(classifier, checkpoint).to_dict(),
         "decision": classifier.decision_rule.to_dict(),
         "calibration": classifier.calibration,  # the guarantee and the scores for the exchangeability check
     }
@@ -122,7 +122,7 @@ class LogModelToMLflow(Callback):
         network = ProbabilityModel(classifier).eval()
         metadata = model_metadata(classifier, checkpoint)
         name = self._registry_name(trainer, pl_module)
-        example = example_input(metadata["input"]).numpy()
+        example = example_input(input_settings(classifier, checkpoint)).numpy()
         # mlflow.pytorch logs into the fluent API's active run: make it the logger's run for this call.
         with (
             torch.no_grad(),

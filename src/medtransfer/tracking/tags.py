@@ -195,15 +195,14 @@ def resolved_data_params(datamodule: LightningDataModule | None) -> dict[str, st
     ``.std``, ``.interpolation``, and the ``train_pipeline``/``eval_pipeline`` actually applied (the built-in
     medical augmentation, or the user's ``train_transforms``)."""
     params: dict[str, str] = {}
-    normalisation = getattr(datamodule, "normalisation", None)
-    if normalisation is not None:
-        size, mean, std, interpolation = normalisation
+    spec = getattr(datamodule, "input_spec", None)
+    if spec is not None:
         params.update(
             {
-                "data.resolved.image_size": str(size),
-                "data.resolved.mean": _compact(tuple(mean)),
-                "data.resolved.std": _compact(tuple(std)),
-                "data.resolved.interpolation": str(interpolation),
+                "data.resolved.image_size": str(spec.size),
+                "data.resolved.mean": _compact(spec.mean),
+                "data.resolved.std": _compact(spec.std),
+                "data.resolved.interpolation": str(spec.interpolation),
             }
         )
     datasets = getattr(datamodule, "datasets", None) or {}

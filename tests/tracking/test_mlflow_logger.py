@@ -90,4 +90,3 @@ def test_any_http_answer_counts_as_reachable(not_found_server):
 @pytest.mark.parametrize("uri", ["sqlite:///no/such/folder/mlflow.db", "file:///no/such/folder", "databricks"])
 def test_stores_that_are_not_http_are_not_probed(uri):
     check_reachable(uri)
-

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import yaml
@@ -93,5 +94,54 @@ def test_a_secret_planted_through_every_fit_entry_point_is_nowhere_on_disk_or_co
     assert any(p.suffix == ".ckpt" for p in files) and any(p.name == "fit.yaml" for p in files)
     for secret in [*SECRETS.values(), URI_SECRET, "w0rd"]:
         assert secret not in printed.out + printed.err, secret
+        for path in files:
+            assert secret.encode() not in path.read_bytes(), (secret, path)
+
+
+@pytest.mark.slow
+def test_a_secret_planted_through_search_and_learning_curve_is_nowhere_on_disk_in_storage_or_console(
+    pneumonia_npz, workdir, monkeypatch, capfd
+):
+    """``search`` with a password in its Optuna storage URI (a real PostgreSQL) and a secret tag in its fit
+    arguments, and ``learning-curve`` with a URI holding a password in its fit arguments' tags: grep ``mlruns/``,
+    the outputs, the study's database and everything printed."""
+    from servers import postgres_server
+
+    from medtransfer.commands.learning_curve import learning_curve
+    from medtransfer.commands.search import run_search
+
+    monkeypatch.setenv("DB_PASSWORD", SECRETS["DB_PASSWORD"])
+    tiny = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",
+            "--trainer.limit_test_batches=2", "--trainer.enable_progress_bar=false", "--data.init_args.image_size=32",
+            f"--data.init_args.path={pneumonia_npz}", "--mlflow_model.enabled=false"]  # fmt: skip
+    space = workdir / "space.yaml"
+    space.write_text("model.optimizer.init_args.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    tag = f"--trainer.logger.init_args.tags={{api_token: {SECRETS['MY_API_TOKEN']}}}"
+    with postgres_server() as postgres:
+        storage = f"postgresql+psycopg2://postgres:{quote(URI_SECRET, safe='')}@127.0.0.1:{postgres.port}/mlflow"
+        run_search(
+            CONFIG, space, sampler="random", n_trials=1, study_name="secret", pruning=False, storage=storage,
+            fit_args=[*tiny, tag], output=workdir / "best.yaml",
+        )  # fmt: skip
+        connection = postgres.connect()
+        try:
+            cursor = connection.cursor()
+            tables = ("study_user_attributes", "trial_user_attributes", "study_system_attributes")
+            cursor.execute(" UNION ALL ".join(f"SELECT value_json FROM {table}" for table in tables))
+            stored = " ".join(value for (value,) in cursor.fetchall())
+        finally:
+            connection.close()
+    warehouse = f'--trainer.logger.init_args.tags={{"warehouse": "postgresql://carol:{URI_SECRET}@db.example.org/x"}}'
+    learning_curve(
+        configs=[str(REPO / "configs" / "learning_curve" / "lite0_pretrained.yaml")], base_config=str(CONFIG),
+        fractions=[0.02], seeds=[0], output_dir="curve", fit_args=[*tiny, warehouse],
+    )  # fmt: skip
+    printed = capfd.readouterr()
+    files = [p for p in workdir.rglob("*") if p.is_file()]
+    assert (workdir / "best.yaml").is_file() and (workdir / "curve" / "learning_curve.csv").is_file()
+    assert "lr" in stored  # the study's attributes were read
+    for secret in [*SECRETS.values(), URI_SECRET, quote(URI_SECRET, safe=""), "w0rd"]:
+        assert secret not in printed.out + printed.err, secret
+        assert secret not in stored, secret
         for path in files:
             assert secret.encode() not in path.read_bytes(), (secret, path)

@@ -3,17 +3,17 @@ unreachable server stops the CLI before training with one line."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from mlflow import MlflowClient
 from servers import free_port
 
-from medtransfer.commands.fit import build_cli
-from medtransfer.tracking.callbacks import find_mlflow_logger
 from medtransfer.tracking.mlflow import MLflowLogger
 
 pytestmark = pytest.mark.slow  # a real fit against a server that takes ~20 s to start
@@ -24,25 +24,32 @@ class RemoteRun:
     run_id: str
     experiment_id: str
     workdir: Path
+    output: str
+
+
+#: The password in the server URI (percent-encoded there: ``/``, ``#`` and ``?`` would end the URI's userinfo);
+#: the server does not check it, but ``requests`` sends it as basic auth, as it would to a real proxy.
+PASSWORD = "pa/ss#w0rd?Q"
 
 
 @pytest.fixture(scope="module")
 def remote_run(tracking_server, tiny_fit_args: list[str], tmp_path_factory) -> RemoteRun:
-    """One tiny fit (+ test of its best checkpoint) through the CLI, tracked on the server."""
+    """One tiny fit (+ test of its best checkpoint) through the console script, as a user runs it, tracked on the
+    server through a URI that holds a user and password; its output is kept to grep for the password."""
     workdir = tmp_path_factory.mktemp("remote-fit")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(workdir)
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        patch.setattr(sys, "argv", ["medtransfer"])
-        cli = build_cli(
-            [
-                *tiny_fit_args,
-                f"--trainer.logger.init_args.tracking_uri={tracking_server.url}",
-                "--trainer.logger.init_args.run_name=remote-tiny",
-            ]
-        )
-    logger = find_mlflow_logger(cli.trainer)
-    return RemoteRun(run_id=logger.run_id, experiment_id=logger.experiment_id, workdir=workdir)
+    host = tracking_server.url.removeprefix("http://")
+    uri = f"http://carol:{quote(PASSWORD, safe='')}@{host}"
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("medtransfer")), *tiny_fit_args,
+         f"--trainer.logger.init_args.tracking_uri={uri}", "--trainer.logger.init_args.run_name=remote-tiny"],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(tracking_server.url)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    [run] = client.search_runs(experiments, filter_string="attributes.run_name = 'remote-tiny'")
+    return RemoteRun(run.info.run_id, run.info.experiment_id, workdir, done.stdout + done.stderr)
 
 
 def test_a_fit_logs_params_metrics_and_artifacts_to_the_server(tracking_server, remote_run):
@@ -85,6 +92,32 @@ def test_the_run_is_in_the_servers_postgresql_database(tracking_server, remote_r
         assert len(rows) == 2 and all(0.0 <= value <= 1.0 for _, value in rows)
     finally:
         connection.close()
+
+
+def test_the_uris_password_is_nowhere_in_the_run_its_files_the_database_or_the_output(tracking_server, remote_run):
+    """Issue 15: a password in the tracking URI reaches neither params, tags, config artifact, checkpoint, the
+    server's database and artifact store, the working folder, nor anything printed."""
+    encoded = quote(PASSWORD, safe="")
+    files = [p for root in (remote_run.workdir, tracking_server.artifacts) for p in root.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".ckpt" for p in files) and any(p.name == "fit.yaml" for p in files)
+    logged = MlflowClient(tracking_server.url).get_run(remote_run.run_id).data
+    [config] = [p for p in files if p.name == "fit.yaml"]
+    host = tracking_server.url.removeprefix("http://")
+    assert f"tracking_uri: http://***@{host}" in config.read_text()  # recorded, without the credentials
+    assert f"at: {tracking_server.url}/#/experiments/{remote_run.experiment_id}/runs/" in remote_run.output
+    connection = tracking_server.postgres.connect()
+    try:
+        cursor = connection.cursor()
+        for table in ("params", "tags", "experiment_tags"):
+            cursor.execute(f"SELECT key, value FROM {table} WHERE value LIKE %s", ("%w0rd%",))
+            assert cursor.fetchall() == [], table
+    finally:
+        connection.close()
+    for secret in (PASSWORD, encoded, "w0rd"):
+        assert secret not in remote_run.output
+        assert all(secret not in value for value in [*logged.params.values(), *logged.tags.values()])
+        for path in files:
+            assert secret.encode() not in path.read_bytes(), (secret, path)
 
 
 def test_mlflow_tracking_uri_points_the_logger_at_the_server(tracking_server, tmp_path, monkeypatch):

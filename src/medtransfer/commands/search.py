@@ -43,7 +43,7 @@ from medtransfer.commands.search_space import SearchParam, TrialSeededSampler, l
 from medtransfer.errors import DataError, MedtransferError, exit_on_user_error
 from medtransfer.files import write_text_atomic
 from medtransfer.tracking.callbacks import find_mlflow_logger
-from medtransfer.tracking.redaction import redact
+from medtransfer.tracking.redaction import redact, redact_yaml
 
 __all__ = ["SearchParam", "load_space", "main", "open_storage", "run_search"]
 
@@ -208,7 +208,7 @@ def _write_best(study: optuna.Study, config: Path, fit_args: list[str], output: 
     if not complete:
         return None
     best = study.best_trial
-    text = resolve_fit_config(config, best.params, fit_args=fit_args)
+    text = redact_yaml(resolve_fit_config(config, best.params, fit_args=fit_args))  # no secret of fit_args kept
     header = f"# medtransfer search: best trial {best.number} of study {study.study_name}"
     write_text_atomic(output, f"{header}, {study.user_attrs['settings']['metric']} = {best.value:.6f}\n{text}")
     _log_to_parent(study, output)

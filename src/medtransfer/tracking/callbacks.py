@@ -17,7 +17,7 @@ from typing_extensions import override
 from medtransfer.checkpoints import load_checkpoint
 from medtransfer.tracking.datasets import log_dataset_inputs
 from medtransfer.tracking.mlflow import MLflowLogger
-from medtransfer.tracking.redaction import redact
+from medtransfer.tracking.redaction import redact, redact_yaml
 from medtransfer.tracking.tags import resolved_data_params, run_tags
 from medtransfer.upstream import batches_that_stepped, mlflow_logger_settings
 
@@ -93,7 +93,7 @@ class LogConfigToMLflow(SaveConfigCallback):
             return
         stage = getattr(stage, "value", stage)  # Lightning passes its TrainerFn enum
         text = self.parser.dump(self.config, skip_none=False)
-        text = yaml.safe_dump(redact(yaml.safe_load(text)), sort_keys=False)  # secret keys and URI credentials
+        text = redact_yaml(text)  # secret keys and URI credentials
         logger.experiment.log_text(logger.run_id, text, f"config/{stage}.yaml")
         if stage != "fit":
             return

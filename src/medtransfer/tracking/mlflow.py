@@ -3,6 +3,7 @@ tracking server that is checked before training starts."""
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import urllib.error
@@ -10,7 +11,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -92,10 +93,17 @@ def check_reachable(
         timeout: seconds to wait for the answer.
         hint: how to fall back to the embedded store, for the message.
     """
-    if urlsplit(tracking_uri).scheme not in ("http", "https"):
+    parts = urlsplit(tracking_uri)
+    if parts.scheme not in ("http", "https"):
         return
+    # urllib reads ``user:password@`` as part of the host name; MLflow's client (requests) sends it as basic auth
+    host = parts.netloc.rpartition("@")[2]
+    request = urllib.request.Request(parts._replace(netloc=host).geturl().rstrip("/") + "/health")
+    if parts.username is not None:
+        credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        request.add_header("Authorization", "Basic " + base64.b64encode(credentials).decode())
     try:
-        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout):
+        with urllib.request.urlopen(request, timeout=timeout):
             pass
     except urllib.error.HTTPError:
         return  # the server answered, if not with 200
@@ -138,6 +146,10 @@ class MLflowLogger(MLFlowLogger):
         hint = "remove the logger's tracking_uri" if tracking_uri else "unset MLFLOW_TRACKING_URI"
         tracking_uri = resolve_tracking_uri(tracking_uri)  # a SQLite store absolute: later chdirs do not move it
         check_reachable(tracking_uri, hint=hint)
+        if urlsplit(tracking_uri).password is not None:
+            # MLflow prints "View run ... at: <tracking URI>" when a run ends, password and all; its public switch
+            # turns that off and finalize prints the link without the credentials instead
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         database = local_sqlite_path(tracking_uri)
         if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
@@ -239,6 +251,10 @@ class MLflowLogger(MLFlowLogger):
             for metrics, step in held:
                 self._write_metrics(metrics, step)
         super().finalize("KILLED" if self.killed and status == "failed" else status)
+        parts = urlsplit(self.tracking_uri)
+        if parts.password is not None and self.run_id is not None:
+            server = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/")
+            print(f"View run {self.run_id} at: {server}/#/experiments/{self.experiment_id}/runs/{self.run_id}")
 
     @property
     def last_logged_steps(self) -> dict[str, int]:

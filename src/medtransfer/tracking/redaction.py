@@ -11,7 +11,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["REDACTED", "redact"]
+import yaml
+
+__all__ = ["REDACTED", "redact", "redact_yaml"]
 
 REDACTED = "***"
 
@@ -50,3 +52,9 @@ def redact(value: Any, key: Any = None) -> Any:
             else _URI_IN_TEXT.sub(replacement, value)
         )
     return value
+
+
+def redact_yaml(text: str) -> str:
+    """A YAML document (a config) with :func:`redact` applied to its values; its leading comment lines kept."""
+    comments = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+    return comments + yaml.safe_dump(redact(yaml.safe_load(text)), sort_keys=False)

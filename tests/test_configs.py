@@ -35,3 +35,19 @@ def test_config_resolves_through_the_cli(config, capsys, monkeypatch):
     assert resolved["model"]["optimizer"]["init_args"]["lr"] == pytest.approx(1e-3)
     assert resolved["checkpoint"]["monitor"] == "val/auroc" and resolved["checkpoint"]["mode"] == "max"
     assert resolved["test_after_fit"] is True
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda c: c.stem)
+def test_every_recipe_stacks_on_the_default_config(recipe, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["medtransfer"])
+    default = recipe.parents[1] / "pneumonia_effnet_lite0.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", f"--config={default}", f"--config={recipe}", "--print_config"])
+    assert exit_info.value.code == 0
+    resolved, wanted = yaml.safe_load(capsys.readouterr().out), yaml.safe_load(recipe.read_text())
+    assert {k: resolved["finetuning"][k] for k in wanted["finetuning"]} == wanted["finetuning"]
+    callbacks = [c["class_path"] for c in (resolved["trainer"]["callbacks"] or [])]
+    assert callbacks == [c["class_path"] for c in wanted.get("trainer", {}).get("callbacks", [])]

@@ -60,6 +60,11 @@ class MedMNISTInfo:
         for name in ("labels", "n_samples", "resources"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
+    def __deepcopy__(self, memo: dict) -> MedMNISTInfo:
+        """Itself: the entry is immutable, and ``MappingProxyType`` cannot be copied (a model that refers to it,
+        deep-copied by ``EMAWeightAveraging``, failed)."""
+        return self
+
     @property
     def num_classes(self) -> int:
         """Number of classes (multiclass/binary) or labels (multilabel)."""

@@ -22,6 +22,9 @@ from mlflow.tracking import MlflowClient
 REPO = Path(__file__).resolve().parents[2]
 CONSOLE_SCRIPT = Path(sys.executable).with_name("medtransfer")
 DEFAULT_CONFIG = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
+#: The design card's recipe on top: one ``backbone`` group at a constant rate, so every scenario's rates are
+#: exact (the default's per-block cosine rates through a resume are tested in tests/callbacks/test_finetuning.py).
+DESIGN_CARD = REPO / "configs" / "recipes" / "design_card.yaml"
 #: A two-phase fit of a few hundred images (6 batches of 16 an epoch), 4 epochs, phase 2 from the third.
 TINY = [
     "--seed_everything=0",
@@ -50,8 +53,8 @@ class Fit:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("MLFLOW_TRACKING_URI", None)
         options = TINY if command == "fit" else [o for o in TINY if not o.startswith(("--test_after_fit", "--fine"))]
-        command = [str(CONSOLE_SCRIPT), command, f"--config={DEFAULT_CONFIG}", f"--data.path={data_path}", *options,
-                   *args]  # fmt: skip
+        command = [str(CONSOLE_SCRIPT), command, f"--config={DEFAULT_CONFIG}", f"--config={DESIGN_CARD}",
+                   f"--data.path={data_path}", *options, *args]  # fmt: skip
         self.process = subprocess.Popen(
             command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )

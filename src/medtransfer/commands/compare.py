@@ -86,8 +86,9 @@ def _number(text: str | None) -> float | None:
 
 def _learning_rates(params: dict[str, str]) -> str:
     """``head lr -> fine-tune lr @ unfreeze epoch`` (``0.001 -> 1e-05 @3``); the head's own phase-2 rate in
-    parentheses when it differs; the head's rate alone when the run ended before the unfreeze epoch (``0.001
-    (frozen)``: the fine-tune rate never ran); empty for runs without an optimizer (baselines)."""
+    parentheses when it differs, then the per-block decay and the schedule when set (``x0.7/block cosine``); the
+    head's rate alone when the run ended before the unfreeze epoch (``0.001 (frozen)``: the fine-tune rate never
+    ran); empty for runs without an optimizer (baselines)."""
     head = params.get("model.optimizer.lr")
     if head is None:
         return ""
@@ -101,6 +102,11 @@ def _learning_rates(params: dict[str, str]) -> str:
     text = f"{finetune} all" if unfreeze == "0" else f"{head} -> {finetune} @{unfreeze}"
     if head_later not in (None, "None", finetune):
         text += f" (head {head_later})"
+    decay, schedule = params.get("finetuning.lr_decay"), params.get("finetuning.schedule")
+    if _number(decay) not in (None, 1.0):
+        text += f" x{decay}/block"
+    if schedule not in (None, "None", "constant"):
+        text += f" {schedule}"
     return text
 
 

@@ -14,7 +14,7 @@ run keeps what it finished, and prints a table.
 
 Usage: python bench/recipes.py [--recipes '[design_card, discriminative_cosine]'] [--seeds '[0, 1, 2]']
        [--tta_for '[discriminative_cosine]']
-       [--quick true]   (a smoke run of the same code path in a few minutes; numbers meaningless)
+       [--append true] [--quick true]   (a smoke run of the same code path in a few minutes; numbers meaningless)
 """
 
 from __future__ import annotations
@@ -156,10 +156,13 @@ def recipes_benchmark(
     tta_for: list[str] = ["discriminative_cosine"],  # noqa: B006
     quick: bool = False,
     out_json: str = "bench/results/recipes.json",
+    append: bool = False,
 ) -> dict:
     """Fit every recipe at every seed, writing the JSON after each fit; the recipes in ``tta_for`` are also
-    tested with test-time augmentation (a ``<recipe>_tta`` row from the same fit)."""
-    fits: list[dict] = []
+    tested with test-time augmentation (a ``<recipe>_tta`` row from the same fit). ``append``: add to the fits
+    already in ``out_json`` (another recipe measured later) instead of starting afresh."""
+    out_path = REPO / out_json
+    fits: list[dict] = json.loads(out_path.read_text())["fits"] if append and out_path.exists() else []
     workdir = Path(tempfile.mkdtemp(prefix="recipes-"))  # one MLflow store: every fit comparable in the UI
     out = REPO / out_json if quick is False else workdir / "recipes.json"
     print(f"Runs go to {workdir}/mlruns (make ui there to compare them)")

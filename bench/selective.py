@@ -44,9 +44,11 @@ def run(ckpt: Path) -> list[dict]:
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
     model = ClassifierModule.load_from_checkpoint(ckpt, pretrained="none", map_location="cpu", weights_only=True).eval()
     skip = ("path", "root", "_instantiator")  # the data is found through $MEDTRANSFER_DATA_DIR here
-    data_hparams = {k: v for k, v in checkpoint["datamodule_hyper_parameters"].items() if k not in skip}
-    config = model.data_config
-    backbone_config = {k: config[k] for k in ("mean", "std", "interpolation")}  # as the trainer would resolve
+    data_hparams = {
+        k: v for k, v in checkpoint["datamodule_hyper_parameters"].items() if k not in skip and not k.startswith("_")
+    }
+    spec = model.input_spec  # as the CLI links it to the data module
+    backbone_config = {"mean": spec.mean, "std": spec.std, "interpolation": spec.interpolation}
     datamodule = MedMNISTDataModule(**{**data_hparams, **backbone_config})
     stored = float(checkpoint["state_dict"]["decision_threshold"])
     datamodule.setup("test")

@@ -138,6 +138,8 @@ class MLflowRunTracking(Callback):
             }
             if self._epoch_ending:
                 checkpoint["mlflow"]["epoch_end_metrics"] = self._epoch_end_metrics(trainer)
+            if isinstance(logger, MLflowLogger):
+                logger.checkpoint_covers(batches_that_stepped(trainer) - 1)  # the epoch-end step Lightning logs at
 
     _epoch_ending = False
     _unlogged: dict[str, Any] | None = None

@@ -214,6 +214,7 @@ class MLflowLogger(MLFlowLogger):
 
     #: Whether the process was stopped by a signal (SIGTERM, SIGINT): the run ends ``KILLED``, not ``FAILED``.
     killed = False
+    _covered = -1  # the highest step a written checkpoint covers (see checkpoint_covers)
 
     def mark_killed(self) -> None:
         """End the run as ``KILLED`` when Lightning finalizes it after an interrupt (it would say ``FAILED``)."""
@@ -235,9 +236,18 @@ class MLflowLogger(MLFlowLogger):
         for metrics, step in held:
             self.log_metrics(metrics, step)
 
+    def checkpoint_covers(self, step: int) -> None:
+        """The checkpoint being saved covers the metrics logged at ``step`` and before: once it is written, values
+        logged later at those steps (an epoch's training metrics, which Lightning logs after the epoch's save) are
+        written at once, since a resume from it never recomputes them; held, they were lost to a kill after the
+        last epoch's save."""
+        self.__dict__["_covering"] = step
+
     @override
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
         super().after_save_checkpoint(checkpoint_callback)
+        if "_covering" in self.__dict__:
+            self._covered = self.__dict__.pop("_covering")
         if "_held" in self.__dict__:
             held, self._held = self._held, []
             for metrics, step in held:
@@ -276,7 +286,7 @@ class MLflowLogger(MLFlowLogger):
         last one logged for its key is dropped. Lightning logs ``epoch`` twice per epoch (with the validation
         and with the training metrics) and replays an epoch's end on resume; neither adds a second point.
         While :meth:`hold_until_checkpoint` is on, the values wait for the next checkpoint."""
-        if "_held" in self.__dict__:
+        if "_held" in self.__dict__ and (step is None or step > self._covered):
             self._held.append((dict(metrics), step))
             return
         self._write_metrics(metrics, step)

@@ -34,6 +34,7 @@ __all__ = [
     "create_store_once",
     "local_sqlite_path",
     "resolve_tracking_uri",
+    "without_credentials",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -78,6 +79,12 @@ def create_store_once(tracking_uri: str, database: Path) -> None:
 PROBE_TIMEOUT_S = 5.0
 
 
+def without_credentials(uri: str) -> str:
+    """``uri`` without its ``user:password@`` and trailing ``/``: the server's address to probe or to show."""
+    parts = urlsplit(uri)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/")
+
+
 def check_reachable(
     tracking_uri: str, timeout: float = PROBE_TIMEOUT_S, hint: str = "unset MLFLOW_TRACKING_URI"
 ) -> None:
@@ -97,8 +104,7 @@ def check_reachable(
     if parts.scheme not in ("http", "https"):
         return
     # urllib reads ``user:password@`` as part of the host name; MLflow's client (requests) sends it as basic auth
-    host = parts.netloc.rpartition("@")[2]
-    request = urllib.request.Request(parts._replace(netloc=host).geturl().rstrip("/") + "/health")
+    request = urllib.request.Request(without_credentials(tracking_uri) + "/health")
     if parts.username is not None:
         credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
         request.add_header("Authorization", "Basic " + base64.b64encode(credentials).decode())
@@ -261,9 +267,8 @@ class MLflowLogger(MLFlowLogger):
             for metrics, step in held:
                 self._write_metrics(metrics, step)
         super().finalize("KILLED" if self.killed and status == "failed" else status)
-        parts = urlsplit(self.tracking_uri)
-        if parts.password is not None and self.run_id is not None:
-            server = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/")
+        if urlsplit(self.tracking_uri).password is not None and self.run_id is not None:
+            server = without_credentials(self.tracking_uri)
             print(f"View run {self.run_id} at: {server}/#/experiments/{self.experiment_id}/runs/{self.run_id}")
 
     @property

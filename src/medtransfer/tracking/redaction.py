@@ -55,6 +55,7 @@ def redact(value: Any, key: Any = None) -> Any:
 
 
 def redact_yaml(text: str) -> str:
-    """A YAML document (a config) with :func:`redact` applied to its values; its leading comment lines kept."""
+    """A YAML document (a config) with :func:`redact` applied to its values; its whole-line comments kept, at the
+    top (inline comments are dropped by the round trip)."""
     comments = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
     return comments + yaml.safe_dump(redact(yaml.safe_load(text)), sort_keys=False)

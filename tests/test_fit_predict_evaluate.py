@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from medtransfer.commands.fit import build_cli, main
 from medtransfer.commands.predict import run_predict
@@ -51,3 +53,21 @@ def test_fit_predict_evaluate_reproduces_the_test_table(workdir, chestxray14_sam
     audited = pd.read_csv(workdir / "audit" / "evaluation.csv", index_col="class")
     assert list(audited.index) == list(tested.index) and audited["n"].tolist() == tested["n"].tolist()
     pd.testing.assert_frame_equal(audited, tested, atol=1e-4, rtol=0)  # predict's CSV rounds to 6 decimals
+
+    # multi-label heatmaps: one map per finding decided positive (the top finding when none is), each as a PNG,
+    # a raw .npy of the image's size and its own peak and box, the columns joined by "|" in finding order
+    few = workdir / "few_images.csv"
+    pd.DataFrame({"path": [str(p) for p in test_paths[:4]]}).to_csv(few, index=False)
+    run_predict(str(few), str(best), output=workdir / "maps.csv", heatmaps=workdir / "maps")
+    rows = pd.read_csv(workdir / "maps.csv", keep_default_na=False)
+    for row in rows.itertuples():
+        expected = row.prediction.split("|") if row.prediction != "none" else None
+        findings = row.heatmap_finding.split("|")
+        if expected:
+            assert findings == expected
+        else:  # nothing decided positive: the most probable finding is explained
+            assert findings == [max(tested.index[:-1], key=lambda name: getattr(row, f"prob_{name}"))]
+        for column in ("heatmap", "heatmap_npy", "peak_x", "box_x_min"):
+            assert len(str(getattr(row, column)).split("|")) == len(findings)
+        for name, raw in zip(findings, row.heatmap_npy.split("|"), strict=True):
+            assert raw.endswith(f"_{name}.npy") and np.load(raw).shape == Image.open(row.path).size[::-1]

@@ -27,7 +27,6 @@ Usage: python bench/risk_control.py --checkpoint PATH [--splits 500] [--out benc
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -69,8 +68,7 @@ def checkpoint_probs(checkpoint: Path, npz: Path) -> dict[str, np.ndarray]:
     data.setup("fit")
     out: dict[str, np.ndarray] = {"threshold": np.array(float(model.decision_threshold))}
     with torch.no_grad():
-        for split in ("val", "test"):
-            loader = data._loader(split, shuffle=False)
+        for split, loader in (("val", data.val_dataloader()), ("test", data.test_dataloader())):
             probs = torch.cat([model.predict_proba(model(x)) for x, _ in loader])
             out[f"{split}_probs"] = probs.numpy()
             out[f"{split}_labels"] = np.concatenate([y.numpy() for _, y in loader])
@@ -200,25 +198,34 @@ def default_run(probs: dict[str, np.ndarray]) -> list[dict]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--npz", type=Path, default=DATA / "pneumoniamnist.npz")
-    parser.add_argument("--splits", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model-note", default="", help="how the checkpoint was trained, for the record")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "risk_control.json")
-    args = parser.parse_args()
-    probs = checkpoint_probs(args.checkpoint, args.npz)
+def risk_control_benchmark(
+    checkpoint: Path,
+    npz: Path = DATA / "pneumoniamnist.npz",
+    splits: int = 500,
+    seed: int = 0,
+    model_note: str = "",
+    out: Path = REPO / "bench" / "results" / "risk_control.json",
+) -> dict:
+    """Run the binary, multi-class and default-run checks and store them.
+
+    Args:
+        checkpoint: a binary PneumoniaMNIST checkpoint (e.g. ``make fit``'s best).
+        npz: the PneumoniaMNIST file.
+        splits: random calibration/test splits per (target, delta).
+        seed: seed of the splits.
+        model_note: how the checkpoint was trained, for the record.
+        out: where the results go.
+    """
+    probs = checkpoint_probs(checkpoint, npz)
     result = {
-        "model": args.model_note or str(args.checkpoint),
+        "model": model_note or str(checkpoint),
         "binary": binary_benchmark(probs["test_probs"], probs["test_labels"], float(probs["threshold"]),
-                                   args.splits, args.seed),
-        "multiclass": multiclass_benchmark(args.splits, args.seed),
+                                   splits, seed),
+        "multiclass": multiclass_benchmark(splits, seed),
         "default_run": default_run(probs),
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     for record in result["binary"]:
         print(f"{record['method']:<15} risk<={record['target_risk']:.2f} delta {record['delta']:.2f}: "
               f"violations {record['violation_rate']:.3f} coverage {record['mean_coverage']:.3f}")  # fmt: skip
@@ -230,7 +237,10 @@ def main() -> None:
         print(f"default run risk<={record['target_risk']} delta {record['delta']}: certified {record['certified']} "
               f"test coverage {record['test_coverage']:.3f} risk {record['test_risk']:.3f}")  # fmt: skip
     print(result["default_run"][0]["exchangeability_message"])
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    from jsonargparse import auto_cli
+
+    auto_cli(risk_control_benchmark, as_positional=False)

@@ -41,17 +41,20 @@ def test_config_resolves_through_the_cli(config, capsys, monkeypatch):
     assert resolved["test_after_fit"] is True
 
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs" / "recipes").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = sorted([*(ROOT / "recipes").glob("*.yaml"), *(ROOT / "learning_curve").glob("*.yaml")])
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda c: c.stem)
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda c: f"{c.parent.name}/{c.stem}")
 def test_every_recipe_stacks_on_the_default_config(recipe, capsys, monkeypatch):
+    """Fine-tuning recipes and learning-curve recipes alike: what the file sets is what the fit gets."""
     monkeypatch.setattr("sys.argv", ["medtransfer"])
-    default = recipe.parents[1] / "pneumonia_effnet_lite0.yaml"
+    default = ROOT / "pneumonia_effnet_lite0.yaml"
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", f"--config={default}", f"--config={recipe}", "--print_config"])
     assert exit_info.value.code == 0
     resolved, wanted = yaml.safe_load(capsys.readouterr().out), yaml.safe_load(recipe.read_text())
-    assert {k: resolved["finetuning"][k] for k in wanted["finetuning"]} == wanted["finetuning"]
+    assert {k: resolved["finetuning"][k] for k in wanted.get("finetuning", {})} == wanted.get("finetuning", {})
+    assert {k: resolved["model"][k] for k in wanted.get("model", {})} == wanted.get("model", {})
     callbacks = [c["class_path"] for c in (resolved["trainer"]["callbacks"] or [])]
     assert callbacks == [c["class_path"] for c in wanted.get("trainer", {}).get("callbacks", [])]

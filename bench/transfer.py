@@ -1,27 +1,31 @@
 """Benchmark: when does transfer learning pay? ImageNet EfficientNet-Lite0 vs the same net from scratch vs
 head-only (feature extraction), on PneumoniaMNIST at 64 px, at training fractions from 1 % to 100 %.
 
-Runs ``medtransfer learning-curve`` over the four recipes in ``configs/learning_curve/`` (each stacked on
+Runs ``medtransfer learning-curve`` over the recipes in ``configs/learning_curve/`` (each stacked on
 ``configs/pneumonia_effnet_lite0.yaml``: 13 epochs, batch 64, best-validation-AUROC checkpoint, tested once
 on the official test split), in a work folder with its own MLflow store, once per seed (a parent run each).
 Stratified training subsets are nested across fractions for one seed; the seed also sets the training
 randomness. Validation and test splits are always whole (524 and 624 images).
 
-Recipes: ``finetune_all`` (ImageNet init, every layer at 1e-3 from epoch 0, BatchNorm training: the
-recipe of ``scratch`` but for the initialisation; chosen on validation data, see its config), ``pretrained``
-(two phases as ``make fit`` ships them: head at 1e-3, then all at 1e-5 with BatchNorm frozen), ``scratch``
-(random init, all at 1e-3) and ``head_only`` (frozen ImageNet backbone, head at 1e-3).
+Recipes: ``pretrained`` (ImageNet init, fine-tuned exactly as ``make fit``'s default: head 3 epochs, then every
+block with discriminative rates, warm-up + cosine, BatchNorm frozen), ``design_card`` (the design card's two
+phases: head at 1e-3, then all at 1e-5, constant, BatchNorm frozen), ``finetune_all`` (ImageNet init, every
+layer at 1e-3 from epoch 0, BatchNorm training: the recipe of ``scratch`` but for the initialisation),
+``scratch`` (random init, all at 1e-3) and ``head_only`` (frozen ImageNet backbone, head at 1e-3).
 
 Steps: an epoch draws at least ``min_epoch_samples`` (1024, i.e. 16 batches) training images, cycling through
 a small subset in fresh permutations, so each fit takes at least 13 x 16 = 208 optimizer steps and the
 two-phase schedule (3 head epochs, then 10 fine-tuning epochs) keeps its meaning at 1 % of the data. From
 25 % up an epoch is one pass over the subset (19 and 74 batches).
 
-Writes ``bench/results/transfer.json`` (every fit, the per-fraction means over seeds, where pretrained beats
-scratch) after every seed, and ``docs/images/transfer.png`` (train and validation AUROC vs training images).
+``--recipes`` fits only some recipes; ``--reuse`` takes the other recipes' fits from an earlier results file
+(same fractions and seeds), so a changed default is re-measured without refitting what did not change.
 
-Usage: python bench/transfer.py [--seeds '[0, 1]'] [--fractions '[...]'] [--quick true] [--render_only true]
-(MEDTRANSFER_DATA_DIR: where the .npz is)
+Writes ``bench/results/transfer.json`` (every fit, the per-fraction means over seeds, where each ImageNet recipe
+beats scratch) after every seed, and ``docs/images/transfer.png`` (train and validation AUROC vs training images).
+
+Usage: python bench/transfer.py [--seeds '[0, 1]'] [--fractions '[...]'] [--recipes '[pretrained, scratch]']
+[--reuse bench/results/transfer.json] [--quick true] [--render_only true]   (MEDTRANSFER_DATA_DIR: the .npz)
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from medtransfer.plots import save_figure
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
 RECIPES = {name: REPO / "configs" / "learning_curve" / f"lite0_{name}.yaml" for name in
-           ("finetune_all", "pretrained", "scratch", "head_only")}  # fmt: skip
+           ("pretrained", "design_card", "finetune_all", "scratch", "head_only")}  # fmt: skip
 FRACTIONS = [0.01, 0.02, 0.05, 0.1, 0.25, 1.0]
 FULL_ARGS = ["--trainer.enable_progress_bar=false", "--data.init_args.min_epoch_samples=1024"]
 #: ``--quick``: a smoke run of the same code path in a few minutes (numbers meaningless).
@@ -61,7 +65,7 @@ STAGES = ("train", "val", "test")
 
 
 #: The recipes that start from ImageNet weights, each compared with ``scratch``.
-IMAGENET = ("finetune_all", "pretrained", "head_only")
+IMAGENET = ("pretrained", "design_card", "finetune_all", "head_only")
 
 
 def _wins(table: list[dict], recipe: str, stage: str) -> list[float]:
@@ -71,7 +75,8 @@ def _wins(table: list[dict], recipe: str, stage: str) -> list[float]:
 def summarise(points: list[CurvePoint]) -> dict:
     """One row per fraction: each recipe's train/val/test AUROC averaged over seeds (and the seed spread), and
     in how many seeds each ImageNet recipe beat scratch; plus the fractions where the mean favours it."""
-    recipes = list(dict.fromkeys(p.config.removeprefix("lite0_") for p in points))
+    present = {p.config.removeprefix("lite0_") for p in points}
+    recipes = [r for r in RECIPES if r in present] + sorted(present - set(RECIPES))
     seeds = sorted({p.seed for p in points})
     table = []
     for fraction in sorted({p.fraction for p in points}):
@@ -118,13 +123,13 @@ def print_table(summary: dict) -> None:
 
 def markdown_table(summary: dict) -> str:
     """The README table: one row per fraction, mean val and test AUROC of each recipe (best in bold), and in
-    how many seeds ``finetune_all`` beat scratch on validation."""
+    how many seeds ``pretrained`` (the default recipe) beat scratch on validation and on test."""
     recipes = summary["recipes_in_table"]
     seeds = len(summary["table"][0]["seeds"])
     names = [r.replace("_", " ") for r in recipes]
     lines = [
         "| fraction | train images | " + " | ".join(f"{s}: {n}" for s in ("val", "test") for n in names)
-        + f" | finetune all > scratch (val, seeds of {seeds}) |",
+        + f" | pretrained > scratch, seeds of {seeds}: val / test |",
         "|---|---|" + "---|" * (2 * len(recipes) + 1),
     ]  # fmt: skip
     for row in summary["table"]:
@@ -132,7 +137,7 @@ def markdown_table(summary: dict) -> str:
         for stage in ("val", "test"):
             values = [row[f"{r}_{stage}"] for r in recipes]
             cells += [f"**{v:.3f}**" if v == max(values) else f"{v:.3f}" for v in values]
-        wins = row.get("finetune_all_beats_scratch_val_seeds", "")
+        wins = " / ".join(str(row.get(f"pretrained_beats_scratch_{stage}_seeds", "")) for stage in ("val", "test"))
         lines.append(f"| {row['fraction']:g} | {row['train_images']} | " + " | ".join(cells) + f" | {wins} |")
     return "\n".join(lines)
 
@@ -142,6 +147,8 @@ def transfer_benchmark(
     render_only: bool = False,
     fractions: list[float] | None = None,
     seeds: list[int] = [0, 1],  # noqa: B006 (jsonargparse shows the default)
+    recipes: list[str] | None = None,
+    reuse: str | None = None,
     workdir: str = "/tmp/medtransfer-transfer-bench",
     out_json: str = str(REPO / "bench" / "results" / "transfer.json"),
     out_png: str = str(REPO / "docs" / "images" / "transfer.png"),
@@ -153,6 +160,8 @@ def transfer_benchmark(
         render_only: fit nothing; print the table of an existing ``out_json`` (and its README markdown).
         fractions: training fractions to fit (default: 1, 2, 5, 10, 25 and 100 %).
         seeds: one learning curve (a parent MLflow run) per seed; results are written after each.
+        recipes: the recipes to fit (default: all of ``RECIPES``).
+        reuse: an earlier results file whose fits of the recipes *not* fitted now are kept in the table.
         workdir: folder for the MLflow store (``mlruns/``) and the learning-curve CSV/PNG; kept for inspection.
         out_json: where the results go.
         out_png: where the plot goes.
@@ -169,13 +178,15 @@ def transfer_benchmark(
     work.mkdir(parents=True, exist_ok=True)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     fit_args = QUICK_ARGS if quick else FULL_ARGS
+    chosen = {name: RECIPES[name] for name in (recipes or RECIPES)}
+    kept = reused_fits(reuse, exclude=chosen, seeds=seeds) if reuse else []
     start, cwd = time.perf_counter(), os.getcwd()
     points: list[CurvePoint] = []
     os.chdir(work)  # mlruns/ of this benchmark only
     try:
         for seed in seeds:
             points += learning_curve(
-                configs=[str(p) for p in RECIPES.values()],
+                configs=[str(p) for p in chosen.values()],
                 fractions=QUICK_FRACTIONS if quick else (fractions or FRACTIONS),
                 seeds=[seed],
                 metric="auroc",
@@ -183,7 +194,7 @@ def transfer_benchmark(
                 base_config=str(BASE),
                 fit_args=fit_args,
             )
-            result = _store(points, quick, fit_args, time.perf_counter() - start, out_json, out_png)
+            result = _store(points, kept, quick, fit_args, time.perf_counter() - start, out_json, out_png)
     finally:
         os.chdir(cwd)
     print_table(result)
@@ -192,12 +203,26 @@ def transfer_benchmark(
     return result
 
 
-def _store(points: list[CurvePoint], quick: bool, fit_args: list[str], seconds: float, out_json: str,
-           out_png: str) -> dict:  # fmt: skip
+def reused_fits(path: str, exclude: dict[str, Path], seeds: list[int]) -> list[CurvePoint]:
+    """The fits in an earlier results file of recipes other than ``exclude``, for the given seeds."""
+    fits = json.loads(Path(path).read_text())["fits"]
+    return [
+        CurvePoint(**fit)
+        for fit in fits
+        if fit["config"].removeprefix("lite0_") not in exclude and fit["seed"] in seeds
+    ]
+
+
+def _store(points: list[CurvePoint], kept: list[CurvePoint], quick: bool, fit_args: list[str], seconds: float,
+           out_json: str, out_png: str) -> dict:  # fmt: skip
+    fitted = sorted({p.config.removeprefix("lite0_") for p in points})
+    points = points + kept
     result = {
         "quick": quick,
         "dataset": "pneumoniamnist (train 4690 / val 524 / test 624), 64 px" + (" (32 px in quick)" if quick else ""),
         "recipes": {name: str(path.relative_to(REPO)) for name, path in RECIPES.items()},
+        "fitted_in_this_run": fitted,
+        "reused_from_an_earlier_run": sorted({p.config.removeprefix("lite0_") for p in kept}),
         "base_config": str(BASE.relative_to(REPO)),
         "fit_args": fit_args,
         "metric": "AUROC; val = best epoch (the kept checkpoint), test = that checkpoint on the test split; "

@@ -37,7 +37,7 @@ def store(tmp_path_factory, pneumonia_npz):
         child = build_cli(
             ["fit", f"--config={DEFAULT_CONFIG}", f"--data.path={pneumonia_npz}", *TINY,
              "--model.backbone=resnet18", "--model.pretrained=none", "--finetuning.finetune_lr=1e-4",
-             "--finetuning.lr_decay=1", "--finetuning.schedule=constant",
+             "--finetuning.head_finetune_lr=1e-4", "--finetuning.lr_decay=1", "--finetuning.schedule=constant",
              "--trainer.logger.init_args.run_name=search-demo-trial-0",
              f'--trainer.logger.init_args.tags={{"mlflow.parentRunId": "{parent}"}}']
         )  # fmt: skip
@@ -79,7 +79,7 @@ def test_rows_describe_backbone_weights_input_schedule_and_parent(store):
     lite0, child, pixels = rows.loc[store["lite0"]], rows.loc[store["child"]], rows.loc[store["baseline"]]
     assert lite0["run"].startswith("tf_efficientnet_lite0-pneumoniamnist-") and lite0["status"] == "FINISHED"
     assert (lite0["backbone"], lite0["pretrained"], lite0["image_size"], lite0["epochs"], lite0["lrs"]) == (
-        "tf_efficientnet_lite0", "lite0-package", "32", "2", "0.001 -> 0.0001 @1 x0.7/block cosine",
+        "tf_efficientnet_lite0", "lite0-package", "32", "2", "0.001 -> 0.00053 @1 (head 0.00044) x0.91/block cosine",
     )  # fmt: skip
     history = store["client"].get_metric_history(store["lite0"], "val/auroc")
     assert lite0["best val/auroc"] == pytest.approx(max(m.value for m in history), abs=1e-6)

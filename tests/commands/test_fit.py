@@ -43,7 +43,8 @@ def test_fit_then_test_leaves_one_complete_mlflow_run(workdir, fitted):
     assert run["tags.mlflow.runName"].startswith("tf_efficientnet_lite0-pneumoniamnist-")
     assert run["params.model.backbone"] == "tf_efficientnet_lite0"
     assert run["params.model.pretrained"] == "lite0-package"
-    assert run["params.finetuning.finetune_lr"] == "0.0001" and run["params.finetuning.lr_decay"] == "0.7"
+    assert run["params.finetuning.finetune_lr"] == "0.00053" and run["params.finetuning.lr_decay"] == "0.91"
+    assert run["params.model.drop_rate"] == "0.41"
     assert run["params.model.optimizer.lr"] == "0.001"
     assert run["params.data.image_size"] == "32"
     for metric in ("val/auroc", "val/acc", "val/loss", "train/loss", "test/auroc", "test/acc", "finetune/phase",

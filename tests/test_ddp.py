@@ -168,4 +168,6 @@ def test_ddp_keeps_ranks_in_step_after_the_unfreeze_and_matches_a_single_process
     for metric in COMPARED:  # last epoch (phase 2) and the test of the best checkpoint
         assert ddp_run[f"metrics.{metric}"] == pytest.approx(single_run[f"metrics.{metric}"], abs=TOLERANCE), metric
     for one, two in zip(json.loads((single / "rank0.json").read_text()), rank0, strict=True):
-        assert two["backbone_sum"] == pytest.approx(one["backbone_sum"], abs=TOLERANCE)
+        # a sum of ~3.4 M float32 weights: rounding is relative to its size (~1e-7 per step), so compare relatively;
+        # an unsynced gradient moves it by orders of magnitude more
+        assert two["backbone_sum"] == pytest.approx(one["backbone_sum"], rel=1e-6)

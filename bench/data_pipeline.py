@@ -7,7 +7,6 @@ Usage: python bench/data_pipeline.py [--workers 2] [--out bench/results/data_pip
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -55,26 +54,35 @@ def model_throughput(size: int, batch_size: int, steps: int = 5) -> float:
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "data_pipeline.json")
-    args = parser.parse_args()
+def data_pipeline_benchmark(
+    workers: int = 2,
+    out: Path = REPO / "bench" / "results" / "data_pipeline.json",
+) -> dict:
+    """Time the train loader against the model's train step at 64 and 224 px and store the table.
+
+    Args:
+        workers: loader worker processes.
+        out: where the results go.
+    """
     rows = []
     for size, batch_size in ((64, 64), (224, 16)):
-        loader = loader_throughput(size, args.workers, batch_size)
+        loader = loader_throughput(size, workers, batch_size)
         model = model_throughput(size, batch_size)
-        rows.append({"size": size, "batch_size": batch_size, "workers": args.workers,
+        rows.append({"size": size, "batch_size": batch_size, "workers": workers,
                      "loader_img_s": round(loader, 1), "model_train_img_s": round(model, 1),
                      "ratio": round(loader / model, 2), "meets_3x": loader >= 3 * model})  # fmt: skip
     print(f"{'size':>5} {'batch':>6} {'workers':>8} {'loader img/s':>13} {'model img/s':>12} {'ratio':>6}  >= 3x")
     for r in rows:
         print(f"{r['size']:>5} {r['batch_size']:>6} {r['workers']:>8} {r['loader_img_s']:>13} "
               f"{r['model_train_img_s']:>12} {r['ratio']:>6}  {'yes' if r['meets_3x'] else 'NO'}")  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cpu_count": os.cpu_count(), "rows": rows}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    result = {"cpu_count": os.cpu_count(), "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    from jsonargparse import auto_cli
+
+    auto_cli(data_pipeline_benchmark, as_positional=False)

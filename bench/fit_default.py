@@ -9,7 +9,6 @@ Usage: python bench/fit_default.py [--config PATH] [--out bench/results/fit_defa
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -49,22 +48,32 @@ def run(config: Path) -> dict:
         }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=REPO / "configs" / "pneumonia_effnet_lite0.yaml")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "fit_default.json")
-    args = parser.parse_args()
-    result = run(args.config.resolve())
+def fit_default_benchmark(
+    config: Path = REPO / "configs" / "pneumonia_effnet_lite0.yaml",
+    out: Path = REPO / "bench" / "results" / "fit_default.json",
+) -> dict:
+    """Run ``medtransfer fit`` on ``config`` in a scratch folder, time it and store its AUROC.
+
+    Args:
+        config: the fit config to benchmark (a file under the repository).
+        out: where the results go.
+    """
+    result = run(Path(config).resolve())
     print(f"{'config':<40} {'seconds':>8} {'val AUROC':>10} {'test AUROC':>11} {'test acc':>9}  target")
     print(
         f"{result['config']:<40} {result['seconds']:>8} {result['best_val_auroc']:>10} {result['test_auroc']:>11} "
         f"{result['test_acc']:>9}  {'met' if result['meets_target'] else 'MISSED'} "
         f"(<= {TARGET_SECONDS:.0f} s, >= {TARGET_AUROC})"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    from jsonargparse import auto_parser
+
+    # auto_parser, not auto_cli: auto_cli drops a parameter named ``config`` (its config-file option's name)
+    # before the call, so ``--config`` would be parsed and then silently ignored
+    fit_default_benchmark(**auto_parser(fit_default_benchmark, as_positional=False).parse_args().as_dict())

@@ -8,12 +8,12 @@
    not minutes: the memory question is about the number of images, not their size.
 
 Images are PneumoniaMNIST test images written as PNG (real X-rays; repeated to reach the count).
-Usage: python bench/predict.py [--images 192] [--repeats 3] [--out bench/results/predict.json]
+Usage: python bench/predict.py [--images 192] [--repeats 3] [--rss_counts '[1000, 20000]']
+       [--out bench/results/predict.json]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -103,24 +103,33 @@ def peak_rss_mb(folder: Path, checkpoint: Path, out: Path) -> float:
     return int(done.stdout.strip().splitlines()[-1]) / 1024
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=192, help="images per throughput measurement")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rss_counts", type=int, nargs=2, default=[1000, 20000])
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "predict.json")
-    args = parser.parse_args()
+def predict_benchmark(
+    images: int = 192,
+    repeats: int = 3,
+    rss_counts: list[int] = [1000, 20000],  # noqa: B006 (jsonargparse shows the default)
+    out: Path = REPO / "bench" / "results" / "predict.json",
+) -> dict:
+    """Compare ``medtransfer predict`` with a bare timm loop, measure its peak RSS at two image counts, store both.
+
+    Args:
+        images: images per throughput measurement.
+        repeats: interleaved A/B throughput runs (the medians are reported).
+        rss_counts: the two image counts (small, large) whose peak RSS is compared.
+        out: where the results go.
+    """
+    if len(rss_counts) != 2:
+        raise ValueError(f"rss_counts takes two image counts (small, large), got {rss_counts}")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        paths = write_pngs(tmp / "speed", args.images)
+        paths = write_pngs(tmp / "speed", images)
         write_checkpoint(tmp / "model224.ckpt", 224)
         write_checkpoint(tmp / "model64.ckpt", 64)
         bare, ours = [], []
-        for _ in range(args.repeats):  # interleaved, so background load hits both alike
+        for _ in range(repeats):  # interleaved, so background load hits both alike
             bare.append(bare_loop(paths, 224))
             ours.append(predict_throughput(tmp / "speed", tmp / "model224.ckpt", tmp / "out.csv"))
-        small, large = args.rss_counts
+        small, large = rss_counts
         write_pngs(tmp / "large", large)
         write_pngs(tmp / "small", small)
         rss = {n: peak_rss_mb(tmp / name, tmp / "model64.ckpt", tmp / f"rss{n}.csv")
@@ -128,7 +137,7 @@ def main() -> None:
     bare_ips, ours_ips = statistics.median(bare), statistics.median(ours)
     result = {
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "image_size": 224, "batch_size": BATCH,
-        "images": args.images, "bare_timm_images_per_s": bare_ips, "predict_images_per_s": ours_ips,
+        "images": images, "bare_timm_images_per_s": bare_ips, "predict_images_per_s": ours_ips,
         "ratio": ours_ips / bare_ips, "peak_rss_mb": {str(k): v for k, v in rss.items()},
         "rss_difference": abs(rss[large] - rss[small]) / rss[small],
     }  # fmt: skip
@@ -139,9 +148,12 @@ def main() -> None:
     for n, mb in rss.items():
         print(f"{f'peak RSS, {n} images, 64 px (MB)':<40}{mb:>12.0f}")
     print(f"{'RSS difference (target < 10 %)':<40}{result['rss_difference']:>12.1%}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    from jsonargparse import auto_cli
+
+    auto_cli(predict_benchmark, as_positional=False)

@@ -4,12 +4,12 @@ same data prepared by ``medtransfer prepare``, for several seeds; augmentation i
 reading). The two loaders draw their shuffles differently, so the runs differ like two seeds do: the question
 is whether the raw-vs-prepared difference stays within the seed-to-seed spread.
 
-Usage: python bench/prepared_vs_raw_fit.py [--seeds 0 1 2] [--out bench/results/prepared_vs_raw_fit.json]
+Usage: python bench/prepared_vs_raw_fit.py [--seeds '[0, 1, 2]'] [--epochs 3]
+       [--out bench/results/prepared_vs_raw_fit.json]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -45,19 +45,25 @@ def fit(prepared: str | None, seed: int, epochs: int) -> dict[str, float]:
     return {"val_auroc": round(metrics["val/auroc"], 4), "val_loss": round(metrics["val/loss"], 4)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "prepared_vs_raw_fit.json")
-    args = parser.parse_args()
+def prepared_vs_raw_fit_benchmark(
+    seeds: list[int] = [0, 1, 2],  # noqa: B006 (jsonargparse shows the default)
+    epochs: int = 3,
+    out: Path = REPO / "bench" / "results" / "prepared_vs_raw_fit.json",
+) -> dict:
+    """Fit on the raw sample and on its prepared copy for each seed and store the validation metrics.
+
+    Args:
+        seeds: seeds to fit; each is fitted once on raw and once on prepared data.
+        epochs: epochs of each fit.
+        out: where the results go.
+    """
     prepared = str(Path(tempfile.mkdtemp()) / "sample64")
     prepare(datamodule(None), prepared, SIZE, "bicubic", num_workers=1)
     rows = []
-    for seed in args.seeds:
+    for seed in seeds:
         for kind, where in (("raw", None), ("prepared", prepared)):
             started = time.perf_counter()
-            result = fit(where, seed, args.epochs)
+            result = fit(where, seed, epochs)
             rows.append({"data": kind, "seed": seed, **result, "seconds": round(time.perf_counter() - started)})
             print(rows[-1], flush=True)
     by_kind = {kind: [r["val_auroc"] for r in rows if r["data"] == kind] for kind in ("raw", "prepared")}
@@ -67,10 +73,14 @@ def main() -> None:
         "seed_spread_val_auroc": {kind: round(float(np.ptp(v)), 4) for kind, v in by_kind.items()},
         "mean_abs_gap_same_seed": round(float(np.mean(gaps)), 4),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"size": SIZE, "epochs": args.epochs, "rows": rows, **summary}, indent=2) + "\n")
+    result = {"size": SIZE, "epochs": epochs, "rows": rows, **summary}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(summary)
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    from jsonargparse import auto_cli
+
+    auto_cli(prepared_vs_raw_fit_benchmark, as_positional=False)

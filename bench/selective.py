@@ -10,7 +10,6 @@ Usage: python bench/selective.py [--ckpt PATH] [--out bench/results/selective.js
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -83,12 +82,17 @@ def run(ckpt: Path) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "selective.json")
-    args = parser.parse_args()
-    ckpt = args.ckpt or newest_best_checkpoint()
+def selective_benchmark(
+    ckpt: Path | None = None,
+    out: Path = REPO / "bench" / "results" / "selective.json",
+) -> dict:
+    """Fit threshold and abstention band on validation, report test coverage and selective accuracy, store them.
+
+    Args:
+        ckpt: checkpoint of the default config (default: the newest best checkpoint under ``mlruns/``).
+        out: where the results go.
+    """
+    ckpt = ckpt or newest_best_checkpoint()
     rows = run(ckpt)
     header = ("probs", "T", "policy", "threshold", "target cov", "val cov", "test cov", "test sel. acc", "test acc")
     print(f"checkpoint: {ckpt}")
@@ -97,10 +101,14 @@ def main() -> None:
         print(" | ".join(str(v) for v in (r["probabilities"], r["temperature"], r["threshold_policy"], r["threshold"],
                                           r["target_coverage"], r["val_coverage"], r["test_coverage"],
                                           r["test_selective_acc"], r["test_acc_full"])))  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"checkpoint": str(ckpt), "rows": rows}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    result = {"checkpoint": str(ckpt), "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    from jsonargparse import auto_cli
+
+    auto_cli(selective_benchmark, as_positional=False)

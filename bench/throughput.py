@@ -10,12 +10,12 @@ raw-decode images/s at the same number of workers (2, the cores of the target ma
 GPU rows (fp32/bf16, with and without channels_last/compile, GPU utilisation) are written as ``null`` with a
 note when no GPU is present; run this script on a GPU machine to fill them.
 
-Usage: python bench/throughput.py [--images 96] [--out bench/results/throughput.json]
+Usage: python bench/throughput.py [--images 96] [--batch_size 16] [--min_seconds 4] [--model_steps 3]
+       [--out bench/results/throughput.json]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = Path(os.environ.get("MEDTRANSFER_DATA_DIR") or REPO.parent / "shared" / "data") / "chestxray14_sample"
 SIZE, FULL = 224, 1024
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CACHE = Path(tempfile.gettempdir()) / "medtransfer-throughput"
 
 
 def full_resolution_csv(folder: Path, count: int) -> Path:
@@ -175,34 +176,41 @@ def gpu_rows(batch_size: int, steps: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=96, help="full-resolution images to decode / stream")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--min-seconds", type=float, default=4.0, help="time each loader at least this long")
-    parser.add_argument("--model-steps", type=int, default=3)
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "medtransfer-throughput")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "throughput.json")
-    args = parser.parse_args()
+def throughput_benchmark(
+    images: int = 96,
+    batch_size: int = 16,
+    min_seconds: float = 4.0,
+    model_steps: int = 3,
+    cache: Path = CACHE,
+    out: Path = REPO / "bench" / "results" / "throughput.json",
+) -> dict:
+    """Time raw decoding against the prepared stream, the data module loaders and the train step; store them.
 
+    Args:
+        images: full-resolution images to decode / stream.
+        batch_size: batch size of the loaders and of the train step.
+        min_seconds: time each loader at least this long.
+        model_steps: timed train steps per backbone on the CPU.
+        cache: folder for the upsampled PNGs and the prepared chunks (kept between runs).
+        out: where the results go.
+    """
     cores = os.cpu_count() or 1
     worker_counts = sorted({1, 2, cores})
-    csv = full_resolution_csv(args.cache / f"png{FULL}", args.images)
-    prepared = str(args.cache / f"prepared{SIZE}")
+    csv = full_resolution_csv(cache / f"png{FULL}", images)
+    prepared = str(cache / f"prepared{SIZE}")
     started = time.perf_counter()
-    prepare(datamodule(csv, cores, args.batch_size), prepared, SIZE, "bilinear", num_workers=cores)
+    prepare(datamodule(csv, cores, batch_size), prepared, SIZE, "bilinear", num_workers=cores)
     prepare_s = time.perf_counter() - started
 
     loaders, pipelines = [], []
     for workers in worker_counts:
-        row = stream_throughput(csv, prepared, workers, args.batch_size, args.min_seconds)
+        row = stream_throughput(csv, prepared, workers, batch_size, min_seconds)
         loaders.append(row)
         raw, streamed = row["raw_png_decode_resize_img_s"], row["prepared_stream_img_s"]
         print(f"workers {workers}: decode+resize {raw:8.1f} img/s   prepared stream {streamed:8.1f} img/s   "
               f"x{row['prepared_vs_raw']:.1f} (medians)", flush=True)  # fmt: skip
         (raw, _), (streamed, _) = (
-            loader_throughput(datamodule(csv, workers, args.batch_size, where), args.min_seconds)
-            for where in (None, prepared)
+            loader_throughput(datamodule(csv, workers, batch_size, where), min_seconds) for where in (None, prepared)
         )
         pipelines.append({"workers": workers, "raw_img_s": round(raw, 1), "prepared_img_s": round(streamed, 1),
                           "prepared_vs_raw": round(streamed / raw, 2)})  # fmt: skip
@@ -211,7 +219,7 @@ def main() -> None:
     torch.set_num_threads(cores)
     models = []
     for backbone in ("densenet121", "tf_efficientnet_lite0"):
-        speed = model_throughput(backbone, args.batch_size, args.model_steps)
+        speed = model_throughput(backbone, batch_size, model_steps)
         models.append({"backbone": backbone, "device": "cpu", "precision": "32", "train_img_s": round(speed, 2)})
         print(f"{backbone:24s} train step on CPU (fp32, {cores} threads): {speed:8.2f} img/s")
 
@@ -227,10 +235,10 @@ def main() -> None:
         "prepared_vs_raw_ratio_workers": 2,
         "target_ratio": 10,
         "meets_target": at_two["prepared_vs_raw"] >= 10,
-        "images": args.images,
+        "images": images,
         "input_px": FULL,
         "train_px": SIZE,
-        "batch_size": args.batch_size,
+        "batch_size": batch_size,
         "prepare_seconds": round(prepare_s, 1),
         "cpu_count": cores,
         "machine": platform.processor() or platform.machine(),
@@ -247,16 +255,19 @@ def main() -> None:
         "model_rows": models,
         "loader_vs_model": ratios,
         "gpu_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "gpu_rows": gpu_rows(args.batch_size, 20),
+        "gpu_rows": gpu_rows(batch_size, 20),
         "gpu_note": "awaiting a GPU: no GPU was available when these results were measured; run "
         "bench/throughput.py on a GPU machine to fill train_img_s and gpu_utilisation_percent"
         if not torch.cuda.is_available()
         else None,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"prepared_vs_raw_ratio (2 workers): {result['prepared_vs_raw_ratio']}  ->  {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"prepared_vs_raw_ratio (2 workers): {result['prepared_vs_raw_ratio']}  ->  {out}")
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    from jsonargparse import auto_cli
+
+    auto_cli(throughput_benchmark, as_positional=False)

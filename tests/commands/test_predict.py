@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
+import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -199,6 +204,34 @@ def test_devices_are_a_trainer_option_and_rows_keep_the_input_order(fitted_check
     folder, _ = png_folder
     run_predict(str(folder), str(fitted_checkpoint), output=tmp_path / "p.csv", device="cpu", devices=1, batch_size=7)
     assert [Path(r["path"]) for r in _read(tmp_path / "p.csv")] == collect_images(str(folder))
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_csv_as_a_single_process_does(fitted_checkpoint, png_folder, tmp_path):
+    """``--devices 2`` on CPU (``ddp``, gloo): each rank streams its share, rank 0 merges one CSV in input order,
+    and only rank 0 prints and writes the summary, with the whole run's counts."""
+    if not torch.distributed.is_gloo_available():
+        pytest.skip("CPU ddp needs torch's gloo backend")
+    folder, _ = png_folder
+    mixed = tmp_path / "images"
+    shutil.copytree(folder, mixed)
+    (mixed / "a" / "broken.png").write_bytes(b"not an image")
+    single = run_predict(str(mixed), str(fitted_checkpoint), output=tmp_path / "single.csv", device="cpu", batch_size=7)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    command = [str(Path(sys.executable).with_name("medtransfer")), "predict", str(mixed), str(fitted_checkpoint),
+               "--output", "ddp.csv", "--summary", "ddp.json", "--device", "cpu", "--devices", "2",
+               "--batch_size", "7"]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("predicted,") == 1 and f"{N_IMAGES} predicted, 1 unreadable" in done.stdout
+    rows, expected = _read(tmp_path / "ddp.csv"), _read(tmp_path / "single.csv")
+    assert [r["path"] for r in rows] == [r["path"] for r in expected] and len(rows) == N_IMAGES + 1
+    for row, same in zip(rows, expected, strict=True):
+        assert row["decision"] == same["decision"] and row["error"] == same["error"]
+        assert float(row["prob_pneumonia"] or 0) == pytest.approx(float(same["prob_pneumonia"] or 0), abs=1e-5)
+    summary = json.loads((tmp_path / "ddp.json").read_text())
+    assert summary["decisions"] == single["decisions"] and summary["unreadable"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.csv", "ddp.json", "images", "single.csv"]
 
 
 def test_csv_and_glob_inputs(png_folder, tmp_path):

@@ -156,6 +156,9 @@ def run_predict(
             frame, numbered in a ``frame`` column), or ``error`` to report such files as unreadable; ``None``: the
             model's ``dicom_frame``. Images are read in the model's colour
             (``color`` in its input settings); files of the other kind are converted as in training (logged).
+
+    Returns:
+        The summary (what ``summary`` holds); an empty dict in the processes of DDP ranks other than 0.
     """
     for name, target in (("--output", output), ("--summary", summary)):
         if target is not None:
@@ -202,6 +205,8 @@ def run_predict(
     start = time.perf_counter()
     _predict(PredictModule(predictor.network, channels_last, compile), loader, writer, device, devices, precision,
              heatmaps is None)  # fmt: skip
+    if not writer.is_global_zero:  # another DDP rank: its rows are in rank 0's CSV, which reports the whole run
+        return {}
     if explainer is not None and heatmaps_for == "top_k":
         explainer.write_top_k(paths, transform)
     seconds = time.perf_counter() - start

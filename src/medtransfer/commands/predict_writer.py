@@ -201,16 +201,15 @@ class PredictionWriter(BasePredictionWriter):
         self.unlike = 0
         self.probs: list[torch.Tensor] = []
         self.interrupted: BaseException | None = None
+        self.is_global_zero = True  # under DDP only rank 0 holds the merged CSV and tallies, and reports them
         self._files = ExitStack()
 
-    def _part(self, trainer: Trainer) -> Path:
-        return (
-            self.output
-            if trainer.world_size == 1
-            else self.output.with_name(f".{self.output.name}.rank{trainer.global_rank}")
-        )
+    def _part(self, rank: int) -> Path:
+        """Where rank ``rank`` streams its rows under DDP; rank 0 merges the parts into ``output``."""
+        return self.output.with_name(f".{self.output.name}.rank{rank}")
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.is_global_zero = trainer.is_global_zero
         target = self.output if trainer.world_size == 1 else self._part(trainer.global_rank)
         handle = self._files.enter_context(
             atomic_open(target, "w", newline="", encoding="utf-8", errors="backslashreplace")
@@ -233,6 +232,7 @@ class PredictionWriter(BasePredictionWriter):
         batch: Any, batch_idx: int, dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
         indices, images, failed = batch
+        written: list[tuple[int, dict[str, Any]]] = []  # the batch's rows, good and unreadable, in input order
         if prediction is not None:
             probs, rule = prediction.cpu(), self.predictor.rule
             self.probs.append(probs)
@@ -246,10 +246,12 @@ class PredictionWriter(BasePredictionWriter):
             for index, row in zip(indices, rows, strict=True):
                 self.counts["abstain" if self.predictor.task == "multilabel" and row["decision"] != "decided"
                             else row["decision"]] += 1  # fmt: skip
-                self._write(trainer, index, {**row, "error": ""})
+                written.append((index, {**row, "error": ""}))
         for index, error in failed:
             self.failures.append({"path": str(self.paths[index]), "error": error})
-            self._write(trainer, index, {"decision": "error", "error": error})
+            written.append((index, {"decision": "error", "error": error}))
+        for index, row in sorted(written, key=lambda item: item[0]):
+            self._write(trainer, index, row)
         if self.progress is not None:
             self.progress.update(len(indices) + len(failed))
 

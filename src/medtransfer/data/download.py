@@ -7,12 +7,9 @@ partial or corrupt file.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import logging
-import os
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from tqdm.auto import tqdm
 
 from medtransfer.data.medmnist_info import get_medmnist_info
 from medtransfer.errors import DataError
+from medtransfer.files import atomic_open
 
 __all__ = ["download_url", "fetch_medmnist", "md5sum"]
 
@@ -27,7 +25,6 @@ _logger = logging.getLogger(__name__)
 
 _CHUNK_SIZE = 1 << 20
 _USER_AGENT = "medtransfer-downloader"
-_FILE_MODE = 0o644
 
 
 def md5sum(path: str | Path, chunk_size: int = _CHUNK_SIZE) -> str:
@@ -82,56 +79,33 @@ def download_url(
             return path
         _logger.warning("%s exists but its md5 is %s, not %s; downloading it again", path, actual, expected)
 
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    except OSError as exc:
-        raise DataError(f"Cannot download {url} to {path}: {exc}") from exc
-    tmp = Path(tmp_name)
-    try:
-        _logger.info("Downloading %s to %s", url, path)
-        digest = hashlib.md5(usedforsecurity=False)
-        received = 0
-        try:
-            request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
-            with (
-                os.fdopen(fd, "wb") as out,
-                urllib.request.urlopen(request, timeout=timeout) as response,
-            ):
-                length_header = response.headers.get("Content-Length")
-                total = int(length_header) if length_header and length_header.isdigit() else None
-                with tqdm(
-                    total=total,
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    desc=path.name,
-                    disable=not progress,
-                ) as bar:
-                    while chunk := response.read(_CHUNK_SIZE):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        received += len(chunk)
-                        bar.update(len(chunk))
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            reason = str(exc) or type(exc).__name__
-            raise DataError(f"Cannot download {url} to {path}: {reason}") from exc
-
-        if total is not None and received != total:
-            reason = f"incomplete transfer, got {received} of {total} bytes"
-            raise DataError(f"Cannot download {url} to {path}: {reason}")
-        actual = digest.hexdigest()
-        if expected is not None and actual != expected:
-            mismatch = f"expected md5 {expected}, got {actual}"
-            raise DataError(f"Checksum mismatch downloading {url} to {path}: {mismatch}")
-        try:
-            os.chmod(tmp, _FILE_MODE)  # mkstemp creates the file as 0o600
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise DataError(f"Cannot download {url} to {path}: {exc}") from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    _logger.info("Downloading %s to %s", url, path)
+    digest = hashlib.md5(usedforsecurity=False)
+    received = 0
+    try:  # the target appears only when every byte is in and checked (files.atomic_open)
+        request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+        with atomic_open(path, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
+            length_header = response.headers.get("Content-Length")
+            total = int(length_header) if length_header and length_header.isdigit() else None
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=path.name,
+                      disable=not progress) as bar:  # fmt: skip
+                while chunk := response.read(_CHUNK_SIZE):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+            if total is not None and received != total:
+                reason = f"incomplete transfer, got {received} of {total} bytes"
+                raise DataError(f"Cannot download {url} to {path}: {reason}")
+            actual = digest.hexdigest()
+            if expected is not None and actual != expected:
+                mismatch = f"expected md5 {expected}, got {actual}"
+                raise DataError(f"Checksum mismatch downloading {url} to {path}: {mismatch}")
+    except DataError:
+        raise
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise DataError(f"Cannot download {url} to {path}: {reason}") from exc
     _logger.info("Saved %s (%d bytes, md5 %s)", path, received, actual)
     return path
 

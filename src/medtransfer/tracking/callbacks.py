@@ -27,7 +27,6 @@ __all__ = [
     "find_mlflow_logger",
     "flatten_config",
     "read_run_info",
-    "redact_urls",
     "redacted",
 ]
 
@@ -46,11 +45,6 @@ def redacted(key: str, value: str) -> str:
     """``value`` as MLflow may store it: ``***`` under a secret-named key, URI credentials as ``***@``
     (``medtransfer.tracking.redaction.redact``, the one redaction everything uses)."""
     return str(redact(str(value), key))
-
-
-def redact_urls(text: str) -> str:
-    """Credentials of every ``scheme://user:password@host`` in ``text`` replaced by ``***``."""
-    return redact(text)
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -42,8 +42,6 @@ VERSIONED_PACKAGES = ("medtransfer", "torch", "lightning", "timm", "torchmetrics
 #: Constructor arguments of a data source that name the files defining the dataset (the first is the main one).
 _SOURCE_FILES = ("csv_path", "labels_csv", "train_val_list", "test_list")
 
-_CHUNK = 1 << 20
-
 
 @functools.lru_cache(maxsize=64)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:

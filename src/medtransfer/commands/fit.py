@@ -159,29 +159,14 @@ class MedTransferCLI(LightningCLI):
             dataset = getattr(self.datamodule, "name", type(self.datamodule).__name__)
             logger.name_run(f"{self.model.hparams.backbone}-{dataset}-{stamp}")
 
-    def before_fit(self) -> None:
-        self._prepare_logger()
-
-    def before_validate(self) -> None:
-        self._prepare_logger()
-
-    def before_test(self) -> None:
-        self._prepare_logger()
-
-    def before_predict(self) -> None:
-        self._prepare_logger()
+    # LightningCLI calls ``before_<subcommand>``; its ``predict`` is removed (``subcommands``), so no hook for it
+    before_fit = before_validate = before_test = _prepare_logger
 
     def after_fit(self) -> None:
         if self.config.fit.get("test_after_fit") and not self.trainer.interrupted:
             best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
             _report(f"Testing the best checkpoint (by {self.trainer.checkpoint_callback.monitor}): {best}")
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
-        self._print_run()
-
-    def after_test(self) -> None:
-        self._print_run()
-
-    def after_validate(self) -> None:
         self._print_run()
 
     @rank_zero_only
@@ -197,6 +182,8 @@ class MedTransferCLI(LightningCLI):
             lines.append(f"Best checkpoint: {self.trainer.checkpoint_callback.best_model_path}")
         lines.append("See it in the MLflow UI: make ui  ->  http://127.0.0.1:5000")
         _report("\n".join(lines))
+
+    after_validate = after_test = _print_run
 
 
 def _refuse_if_newest_run_has_no_checkpoint(client: Any, experiment_id: str, folder: Path) -> None:

@@ -3,6 +3,7 @@ default config shrunk to a seconds-long CLI fit."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -11,6 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 REPO = Path(__file__).resolve().parents[1]
 #: The shipped default: ImageNet EfficientNet-Lite0 (offline weights) on PneumoniaMNIST.
 DEFAULT_CONFIG = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
+#: The installed ``medtransfer`` console script, for tests that need a process of their own (DDP, kills).
+CONSOLE_SCRIPT = Path(sys.executable).with_name("medtransfer")
 
 
 def tiny_fit_args(train_batches: int = 4, val_batches: int = 4, test_batches: int = 3) -> list[str]:

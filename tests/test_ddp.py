@@ -15,19 +15,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
+from helpers import CONSOLE_SCRIPT
 from lightning.pytorch import Callback, LightningModule, Trainer
 from mlflow.tracking import MlflowClient
 
 from medtransfer.tracking.callbacks import read_run_info
 
 REPO = Path(__file__).resolve().parents[1]
-CONSOLE_SCRIPT = Path(sys.executable).with_name("medtransfer")
 TOLERANCE = 1e-4
 BATCH = 8  # per rank; the single process takes 2 * BATCH
 COMMON = [

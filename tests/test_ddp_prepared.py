@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
 import torch
+from helpers import CONSOLE_SCRIPT
 from lightning.pytorch import Callback, LightningModule, Trainer
 from mlflow.tracking import MlflowClient
 
@@ -26,7 +26,6 @@ from medtransfer.data.images import CsvSource, ImageDataModule
 from medtransfer.data.prepared import prepare
 from medtransfer.tracking.system_metrics import LogSystemMetrics
 
-CONSOLE_SCRIPT = Path(sys.executable).with_name("medtransfer")
 TOLERANCE = 1e-4
 BATCH = 8  # per rank; the single process takes 2 * BATCH
 SIZE = 32

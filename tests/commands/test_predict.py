@@ -8,13 +8,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import torch
+from helpers import CONSOLE_SCRIPT
 from PIL import Image
 
 from medtransfer.commands.fit import build_cli, main
@@ -218,7 +218,7 @@ def test_two_processes_write_one_csv_as_a_single_process_does(fitted_checkpoint,
     (mixed / "a" / "broken.png").write_bytes(b"not an image")
     single = run_predict(str(mixed), str(fitted_checkpoint), output=tmp_path / "single.csv", device="cpu", batch_size=7)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    command = [str(Path(sys.executable).with_name("medtransfer")), "predict", str(mixed), str(fitted_checkpoint),
+    command = [str(CONSOLE_SCRIPT), "predict", str(mixed), str(fitted_checkpoint),
                "--output", "ddp.csv", "--summary", "ddp.json", "--device", "cpu", "--devices", "2",
                "--batch_size", "7"]  # fmt: skip
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

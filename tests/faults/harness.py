@@ -11,17 +11,15 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from helpers import CONSOLE_SCRIPT, DEFAULT_CONFIG
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[2]
-CONSOLE_SCRIPT = Path(sys.executable).with_name("medtransfer")
-DEFAULT_CONFIG = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
 #: The design card's recipe on top: one ``backbone`` group at a constant rate, so every scenario's rates are
 #: exact (the default's per-block cosine rates through a resume are tested in tests/callbacks/test_finetuning.py).
 DESIGN_CARD = REPO / "configs" / "recipes" / "design_card.yaml"

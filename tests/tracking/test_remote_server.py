@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from helpers import CONSOLE_SCRIPT
 from mlflow import MlflowClient
 from servers import free_port
 
@@ -41,7 +41,7 @@ def remote_run(tracking_server, tiny_fit_args: list[str], tmp_path_factory) -> R
     uri = f"http://carol:{quote(PASSWORD, safe='')}@{host}"
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
     done = subprocess.run(
-        [str(Path(sys.executable).with_name("medtransfer")), *tiny_fit_args,
+        [str(CONSOLE_SCRIPT), *tiny_fit_args,
          f"--trainer.logger.init_args.tracking_uri={uri}", "--trainer.logger.init_args.run_name=remote-tiny"],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -134,7 +134,7 @@ def test_mlflow_tracking_uri_points_the_logger_at_the_server(tracking_server, tm
 
 def test_an_unreachable_server_stops_the_cli_before_training(workdir, tiny_fit_args):
     closed = f"http://127.0.0.1:{free_port()}"
-    command = [str(Path(sys.executable).with_name("medtransfer")), *tiny_fit_args]
+    command = [str(CONSOLE_SCRIPT), *tiny_fit_args]
     # MLflow's own client would retry for minutes; the timeout only keeps a regression from hanging the suite.
     done = subprocess.run(
         [*command, f"--trainer.logger.init_args.tracking_uri={closed}"],

@@ -106,7 +106,7 @@ def peak_rss_mb(folder: Path, checkpoint: Path, out: Path) -> float:
 def predict_benchmark(
     images: int = 192,
     repeats: int = 3,
-    rss_counts: list[int] = [1000, 20000],  # noqa: B006 (jsonargparse shows the default)
+    rss_counts: tuple[int, int] = (1000, 20000),
     out: Path = REPO / "bench" / "results" / "predict.json",
 ) -> dict:
     """Compare ``medtransfer predict`` with a bare timm loop, measure its peak RSS at two image counts, store both.
@@ -117,8 +117,6 @@ def predict_benchmark(
         rss_counts: the two image counts (small, large) whose peak RSS is compared.
         out: where the results go.
     """
-    if len(rss_counts) != 2:
-        raise ValueError(f"rss_counts takes two image counts (small, large), got {rss_counts}")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -2,7 +2,8 @@
 
 ``medtransfer --help`` prints every command from here without importing Lightning, timm or MLflow (seconds of
 start-up); a command imports only its own module. ``fit``, ``validate`` and ``test`` go to the LightningCLI in
-``medtransfer.commands.fit``.
+``medtransfer.commands.fit``; every other command is a typed ``run_<command>`` function that
+:mod:`medtransfer.commands.command_line` turns into its command line.
 """
 
 from __future__ import annotations
@@ -11,18 +12,12 @@ import sys
 
 __all__ = ["COMMANDS", "COMMAND_HELP", "main", "print_commands"]
 
-#: Commands that are not Lightning's: name -> module whose ``main(args)`` runs them.
+#: Commands that are not Lightning's: name -> ``"module:function"``, the typed function that runs it.
 COMMANDS = {
-    "evaluate": "medtransfer.commands.evaluate",
-    "predict": "medtransfer.commands.predict",
-    "compare": "medtransfer.commands.compare",
-    "baseline": "medtransfer.commands.baseline",
-    "learning-curve": "medtransfer.commands.learning_curve",
-    "search": "medtransfer.commands.search",
-    "lr-find": "medtransfer.commands.lr_find",
-    "explain-eval": "medtransfer.commands.explain_eval",
-    "prepare": "medtransfer.commands.prepare",
-}
+    name: f"medtransfer.commands.{name.replace('-', '_')}:run_{name.replace('-', '_')}"
+    for name in ("evaluate", "predict", "compare", "baseline", "learning-curve", "search", "lr-find",
+                 "explain-eval", "prepare")
+}  # fmt: skip
 
 #: ``medtransfer --help``: every command with one line.
 COMMAND_HELP = {
@@ -57,13 +52,13 @@ def main(args: list[str] | None = None) -> None:
         print_commands()
         return
     if argv[0] in COMMANDS:
-        import importlib
+        from medtransfer.commands.command_line import run_command
 
-        importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+        run_command(COMMANDS[argv[0]], argv[1:], prog=f"medtransfer {argv[0]}")
         return
     from medtransfer.commands.fit import main as lightning_main
 
-    lightning_main(args)
+    lightning_main(argv)
 
 
 if __name__ == "__main__":

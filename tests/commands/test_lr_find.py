@@ -6,7 +6,8 @@ import pytest
 from helpers import DEFAULT_CONFIG
 from mlflow.tracking import MlflowClient
 
-from medtransfer.commands.lr_find import main
+from medtransfer.commands.command_line import run_command
+from medtransfer.entry import COMMANDS
 from medtransfer.tracking.mlflow import resolve_tracking_uri
 
 TINY = [
@@ -20,7 +21,7 @@ TINY = [
 
 
 def _run(pneumonia_npz, *extra):
-    return main([*TINY, f"--data.path={pneumonia_npz}", *extra])
+    return run_command(COMMANDS["lr-find"], [*TINY, f"--data.path={pneumonia_npz}", *extra])
 
 
 def test_head_phase_sweeps_only_the_head_and_logs_plot_and_suggestion(workdir, pneumonia_npz, capsys):

@@ -25,7 +25,6 @@ from medtransfer.callbacks.finite_check import FiniteCheck
 from medtransfer.callbacks.last_checkpoint import LastCheckpoint
 from medtransfer.checkpoints import load_checkpoint
 from medtransfer.data.base import ClassificationDataModule
-from medtransfer.entry import COMMANDS, print_commands  # the command list: kept where no heavy import is
 from medtransfer.errors import MedtransferError, exit_on_user_error
 from medtransfer.models.classifier import ClassifierModule
 from medtransfer.models.input_spec import backbone_input_spec
@@ -43,7 +42,6 @@ from medtransfer.tracking.system_metrics import LogSystemMetrics
 from medtransfer.upstream import mlflow_logger_settings
 
 __all__ = [
-    "COMMANDS",
     "SIGTERM_EXIT_STATUS",
     "MedTransferCLI",
     "build_cli",
@@ -239,20 +237,7 @@ SIGTERM_EXIT_STATUS = 143
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``medtransfer`` console script.
-
-    ``fit``, ``validate`` and ``test`` are Lightning's; the commands in ``COMMANDS`` (``predict``, ``evaluate``,
-    ``compare``, ``baseline``, ``learning-curve``, ``search``) each live in their own module.
-    """
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] in ([], ["-h"], ["--help"]):
-        print_commands()
-        return
-    if argv[:1] and argv[0] in COMMANDS:
-        import importlib
-
-        importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
-        return
+    """``medtransfer fit|validate|test``: Lightning's CLI, with SIGTERM as exit status 143 and one-line errors."""
     import signal
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException

@@ -1,6 +1,7 @@
 """``medtransfer lr-find``: Lightning's learning-rate finder for either phase of freeze-then-finetune.
 
-Takes the same configuration as ``fit`` (``--config``, ``--model.*``, ``--data.*``, ...) plus ``--lr_find.*``.
+Takes the same configuration as ``fit`` (``--config``, ``--model.*``, ``--data.*``, ...) plus ``--lr_find.*``
+(:func:`run_lr_find`).
 The sweep is Lightning's ``Tuner.lr_find``: the loss over an exponentially growing learning rate, with the
 steepest descent as the suggestion. The finder runs with its own callback only, so the phase is set up here:
 ``head`` trains the new head on the frozen backbone (phase 1, ``model.optimizer``'s lr); ``finetune`` also
@@ -13,19 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch.callbacks import BaseFinetuning
-from lightning.pytorch.cli import LightningArgumentParser
 
 from medtransfer.callbacks.finetuning import FreezeThenFinetune
 from medtransfer.checkpoints import load_checkpoint
 from medtransfer.commands.fit import MedTransferCLI, build_cli
-from medtransfer.errors import MedtransferError, exit_on_user_error
+from medtransfer.errors import MedtransferError
 from medtransfer.tracking.callbacks import find_mlflow_logger
 
-__all__ = ["LrFindOptions", "LrFindResult", "lr_find", "main"]
+__all__ = ["LrFindOptions", "LrFindResult", "run_lr_find"]
 
 Phase = Literal["head", "finetune"]
 
@@ -66,14 +67,6 @@ class LrFindResult:
     run_id: str | None
 
 
-class LrFindCLI(MedTransferCLI):
-    """The fit configuration plus an ``lr_find`` group."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        super().add_arguments_to_parser(parser)
-        parser.add_class_arguments(LrFindOptions, "lr_find")
-
-
 def _set_up_phase(model: Any, finetuning: FreezeThenFinetune | None, options: LrFindOptions) -> None:
     FreezeThenFinetune.freeze_parameters(model.backbone)
     if options.phase == "finetune":
@@ -81,12 +74,17 @@ def _set_up_phase(model: Any, finetuning: FreezeThenFinetune | None, options: Lr
         BaseFinetuning.make_trainable(modules)
 
 
-def lr_find(args: list[str] | None = None) -> LrFindResult:
-    """Run the sweep configured by ``args`` (fit's options plus ``--lr_find.*``) and log it to MLflow."""
+def run_lr_find(lr_find: LrFindOptions = LrFindOptions(), fit_args: Sequence[str] = ()) -> LrFindResult:  # noqa: B008
+    """Lightning's learning-rate finder for one phase of freeze-then-finetune, on a fit config; plot to MLflow.
+
+    Args:
+        lr_find: what to sweep.
+        fit_args: ``fit``'s options as on its command line (``--config``, ``--model.*``, ``--data.*``, ...).
+    """
     from lightning.pytorch.tuner import Tuner
 
-    cli = build_cli(args, run=False, cli_class=LrFindCLI)
-    options: LrFindOptions = cli.config_init["lr_find"]
+    options = lr_find
+    cli = build_cli(list(fit_args), run=False)
     if not 0 < options.min_lr < options.max_lr:
         raise MedtransferError(f"lr_find: need 0 < min_lr < max_lr, got {options.min_lr} and {options.max_lr}")
     model, trainer = cli.model, cli.trainer
@@ -110,7 +108,7 @@ def lr_find(args: list[str] | None = None) -> LrFindResult:
     plot = Path(tempfile.mkdtemp(prefix="lr-find-")) / f"lr_find_{options.phase}.png"
     figure.savefig(plot, dpi=120, bbox_inches="tight")
     run_id = _log_to_mlflow(cli, options, suggestion, trainable, plot)
-    return LrFindResult(
+    result = LrFindResult(
         phase=options.phase,
         suggestion=suggestion,
         config_key=CONFIG_KEYS[options.phase],
@@ -120,6 +118,8 @@ def lr_find(args: list[str] | None = None) -> LrFindResult:
         plot=plot,
         run_id=run_id,
     )
+    _print_result(result)
+    return result
 
 
 def _log_to_mlflow(
@@ -141,10 +141,7 @@ def _log_to_mlflow(
     return logger.run_id
 
 
-def main(args: list[str] | None = None) -> LrFindResult:
-    """``medtransfer lr-find --config ... [--lr_find.phase finetune]``."""
-    with exit_on_user_error():
-        result = lr_find(args)
+def _print_result(result: LrFindResult) -> None:
     if result.suggestion is None:
         print(f"lr-find ({result.phase}): no suggestion (too few steps or a flat curve); see {result.plot}")
     else:
@@ -154,8 +151,3 @@ def main(args: list[str] | None = None) -> LrFindResult:
         )
     if result.run_id:
         print(f"MLflow run {result.run_id}: the plot is plots/{result.plot.name}", flush=True)
-    return result
-
-
-if __name__ == "__main__":
-    main()

@@ -33,6 +33,7 @@ __all__ = [
     "check_reachable",
     "create_store_once",
     "local_sqlite_path",
+    "open_run",
     "resolve_tracking_uri",
     "without_credentials",
 ]
@@ -43,11 +44,24 @@ _logger = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 
 
-def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
-    """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded store; a SQLite path made absolute."""
+def resolve_tracking_uri(tracking_uri: str | None = None, *, existing: bool = False) -> str:
+    """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded store; a SQLite path made absolute.
+
+    With ``existing`` (for commands that only read runs, like ``compare``), a local SQLite store must exist, so
+    a typo never creates an empty one, and a tracking server must answer.
+    """
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     database = local_sqlite_path(tracking_uri)
-    return f"sqlite:///{database.resolve()}" if database is not None else tracking_uri
+    if database is not None:
+        tracking_uri = f"sqlite:///{database.resolve()}"
+    if existing and database is not None and not database.is_file():
+        raise MedtransferError(
+            f"No MLflow store at {database}: run `medtransfer fit` in this folder first, or point --tracking_uri "
+            "(or $MLFLOW_TRACKING_URI) at your store."
+        )
+    if existing:
+        check_reachable(tracking_uri, hint="omit --tracking_uri and unset MLFLOW_TRACKING_URI")
+    return tracking_uri
 
 
 def local_sqlite_path(tracking_uri: str) -> Path | None:
@@ -316,3 +330,25 @@ class MLflowLogger(MLFlowLogger):
             if not metrics:
                 return
         super().log_metrics(metrics, step)
+
+
+def open_run(
+    experiment_name: str = "medtransfer",
+    run_name: str | None = None,
+    tracking_uri: str | None = None,
+    tags: dict[str, Any] | None = None,
+    run_id: str | None = None,
+    artifact_location: str | None = None,
+) -> MLflowLogger:
+    """Open a new MLflow run, or continue ``run_id``: how every command that is not a Lightning fit starts its run.
+
+    Returns the :class:`MLflowLogger` writing to it, with the run already created: ``logger.run_id``,
+    ``logger.experiment_id``, ``logger.tracking_uri`` (resolved as :func:`resolve_tracking_uri`), and
+    ``logger.experiment``, the ``MlflowClient`` for anything beyond ``log_hyperparams``/``log_metrics``
+    (artifacts, tags, figures). End the run with ``logger.finalize("success" | "failed" | "KILLED")``.
+    The arguments are :class:`MLflowLogger`'s.
+    """
+    logger = MLflowLogger(experiment_name, run_name, tracking_uri, tags, artifact_location=artifact_location,
+                          run_id=run_id)  # fmt: skip
+    _ = logger.experiment  # Lightning creates the run on first use
+    return logger

@@ -19,13 +19,12 @@ skipped. Any other unknown key is an error.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -332,8 +331,7 @@ def run_baseline(
     label = "logreg-pixels" if features == "pixels" else f"logreg-{backbone}-features"
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_name = run_name or f"{label}-{getattr(data, 'name', type(data).__name__)}-{stamp}"
-    logger = open_run(experiment_name, run_name, tracking_uri, tags={"medtransfer.command": "baseline"})
-    with _finalized(logger):
+    with open_run(experiment_name, run_name, tracking_uri, tags={"medtransfer.command": "baseline"}) as logger:
         log_dataset_inputs(logger.experiment, logger.run_id, data)  # compare groups runs by these
         logger.log_hyperparams(_params(data, decisions, label, features, pretrained, pixel_size, C, Cs, max_iter, x))
         logger.log_metrics(metrics)
@@ -365,17 +363,6 @@ def _params(data: ClassificationDataModule, decisions: DecisionFitting, label: s
         "baseline.train_images": len(x["train"]),
         **({"baseline.pixel_size": pixel_size} if features == "pixels" else {}),
     }  # fmt: skip
-
-
-@contextlib.contextmanager
-def _finalized(logger: Any) -> Iterator[None]:
-    """End the run ``FINISHED``, or ``FAILED`` when the block raises."""
-    try:
-        yield
-    except BaseException:
-        logger.finalize("failed")
-        raise
-    logger.finalize("success")
 
 
 def build_parser() -> ArgumentParser:

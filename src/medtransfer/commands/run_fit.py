@@ -1,8 +1,8 @@
-"""``run_fit``: one ``medtransfer fit`` from Python, config and typed overrides in, metrics and MLflow run out.
+"""``run_fit``: one ``medtransfer fit`` from Python, config and typed overrides in, metrics and MLflow run out;
+and :class:`Sweep`, child fits under one parent MLflow run: the engine of ``search`` and ``learning-curve``.
 
-What ``search`` and ``learning-curve`` call for each trial or point, instead of building ``fit``'s argv and
-reading its output. It goes through the same LightningCLI (:func:`~medtransfer.commands.fit.build_cli`), so a
-fit run this way behaves exactly as the command.
+Fits go through the same LightningCLI (:func:`~medtransfer.commands.fit.build_cli`) as the command, so a fit
+run this way behaves exactly as ``medtransfer fit``, without building its argv or reading its output.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
 from medtransfer.commands.fit import MedTransferCLI, build_cli
+from medtransfer.errors import MedtransferError
 from medtransfer.tracking.callbacks import find_mlflow_logger
+from medtransfer.tracking.mlflow import MLflowLogger, open_run, resolve_tracking_uri
 
-__all__ = ["FitResult", "resolve_fit_config", "run_fit"]
+__all__ = ["FitResult", "Sweep", "resolve_fit_config", "run_fit", "sweep_tracking"]
 
 
 #: Config files and mappings of dotted options, applied in order (see :func:`run_fit`).
@@ -136,3 +138,47 @@ def _nested_key(config: Any, key: str) -> str:
             node, parts = node["init_args"], [*parts, "init_args"]
         node, parts = node.get(part) if hasattr(node, "get") else None, [*parts, part]
     return ".".join(parts)
+
+
+def sweep_tracking(config: Mapping[str, Any], command: str) -> dict[str, Any]:
+    """``experiment_name``, ``tracking_uri`` (resolved) and ``artifact_location`` of the MLflow logger of a
+    resolved fit config: where a sweep's parent run goes, beside its child fits."""
+    logger = (config.get("trainer") or {}).get("logger")
+    if not isinstance(logger, Mapping) or "MLflowLogger" not in str(logger.get("class_path", "")):
+        raise MedtransferError(f"medtransfer {command} needs the MLflow logger (trainer.logger: MLflowLogger)")
+    init = logger.get("init_args") or {}
+    return {"experiment_name": init.get("experiment_name") or "medtransfer",
+            "tracking_uri": resolve_tracking_uri(init.get("tracking_uri")),
+            "artifact_location": init.get("artifact_location")}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Fits as MLflow child runs (tag ``mlflow.parentRunId``) of one parent run, in the parent's store and
+    experiment: what ``search`` runs its trials and ``learning-curve`` its points through.
+
+    Args:
+        parent: the parent run (:func:`~medtransfer.tracking.mlflow.open_run`).
+        experiment_name: the parent's experiment, which the child fits log to.
+    """
+
+    parent: MLflowLogger
+    experiment_name: str
+
+    @classmethod
+    def start(cls, tracking: Mapping[str, Any], run_name: str, tags: Mapping[str, str]) -> Sweep:
+        """Open the parent run where :func:`sweep_tracking` says."""
+        return cls(open_run(run_name=run_name, tags=dict(tags), **tracking), tracking["experiment_name"])
+
+    @classmethod
+    def join(cls, experiment_name: str, tracking_uri: str, parent_run_id: str) -> Sweep:
+        """Continue the parent run of a sweep another process started."""
+        return cls(open_run(experiment_name, tracking_uri=tracking_uri, run_id=parent_run_id), experiment_name)
+
+    def fit(self, config: _ConfigLayers, overrides: Mapping[str, Any], *, run_name: str, tags: Mapping[str, str],
+            **kwargs: Any) -> FitResult:  # fmt: skip
+        """:func:`run_fit` as a child run; ``kwargs`` are ``run_fit``'s."""
+        where = {"trainer.logger.init_args.tracking_uri": self.parent.tracking_uri,
+                 "trainer.logger.init_args.experiment_name": self.experiment_name}  # fmt: skip
+        tags = {"mlflow.parentRunId": self.parent.run_id, **tags}
+        return run_fit(config, {**overrides, **where}, run_name=run_name, tags=tags, **kwargs)

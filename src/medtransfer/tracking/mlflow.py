@@ -190,6 +190,13 @@ class MLflowLogger(MLFlowLogger):
     def tracking_uri(self) -> str:
         return mlflow_logger_settings(self)[0]
 
+    def __enter__(self) -> MLflowLogger:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
+        """Leaving a ``with`` block ends the run: ``FINISHED``, ``KILLED`` on an interrupt, else ``FAILED``."""
+        self.finalize("success" if kind is None else "KILLED" if issubclass(kind, KeyboardInterrupt) else "failed")
+
     @property
     def started(self) -> bool:
         """Whether the MLflow run exists yet (runs are created lazily, on first use)."""
@@ -345,8 +352,9 @@ def open_run(
     Returns the :class:`MLflowLogger` writing to it, with the run already created: ``logger.run_id``,
     ``logger.experiment_id``, ``logger.tracking_uri`` (resolved as :func:`resolve_tracking_uri`), and
     ``logger.experiment``, the ``MlflowClient`` for anything beyond ``log_hyperparams``/``log_metrics``
-    (artifacts, tags, figures). End the run with ``logger.finalize("success" | "failed" | "KILLED")``.
-    The arguments are :class:`MLflowLogger`'s.
+    (artifacts, tags, figures). End the run with ``logger.finalize("success" | "failed" | "KILLED")``, or open
+    it as ``with open_run(...) as logger:``, which ends it by how the block ends. The arguments are
+    :class:`MLflowLogger`'s.
     """
     logger = MLflowLogger(experiment_name, run_name, tracking_uri, tags, artifact_location=artifact_location,
                           run_id=run_id)  # fmt: skip

@@ -208,7 +208,10 @@ def _scores(rule: DecisionRule, metrics: MetricCollection, probs: Tensor, target
 def _features(
     data: ClassificationDataModule, features: Features, pixel_size: int, backbone: nn.Module | None
 ) -> tuple[dict[str, np.ndarray], dict[str, Tensor]]:
-    """Feature matrices and targets of the three splits; every class must occur in training."""
+    """Set ``data`` up for extraction, then the feature matrices and targets of the three splits; every class
+    must occur in training."""
+    spec = None if backbone is None else InputSpec.from_timm(resolve_model_data_config(backbone), data.hparams.channels)
+    _prepare_data(data, features, pixel_size, spec)
     start = time.perf_counter()
     x, y = {}, {}
     for split in ("train", "val", "test"):
@@ -311,8 +314,6 @@ def run_baseline(
     decisions = DecisionFitting(data.task, threshold_policy, threshold_target, confidence_score, target_coverage,
                                 target_risk)  # fmt: skip
     network = _frozen_backbone(backbone, pretrained, device) if features == "backbone" else None
-    spec = None if network is None else InputSpec.from_timm(resolve_model_data_config(network), data.hparams.channels)
-    _prepare_data(data, features, pixel_size, spec)
     x, y = _features(data, features, pixel_size, network)
 
     val_metrics = stage_metrics(data.task, data.num_classes, "val")

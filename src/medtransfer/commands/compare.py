@@ -139,29 +139,7 @@ def runs_table(
         raise MedtransferError(f"MLflow experiment {experiment!r} has no runs{where}")
     metric = normalise_metric(metric, sorted({name for run in runs for name in run.data.metrics}))
     names = {run.info.run_id: run.info.run_name for run in runs}
-    rows = []
-    for run in runs:
-        params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
-        parent = tags.get("mlflow.parentRunId", "")
-        row = {
-            "run": run.info.run_name,
-            "run_id": run.info.run_id,
-            "parent": names.get(parent, parent),
-            "status": run.info.status,
-            "start": datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M"),
-            "backbone": params.get("model.backbone", ""),
-            "pretrained": params.get("model.pretrained", ""),
-            "image_size": params.get("data.resolved.image_size") or params.get("data.image_size", ""),
-            "epochs": params.get("trainer.max_epochs", ""),
-            "lrs": _learning_rates(params),
-            metric: metrics.get(metric),
-        }
-        for name in STANDARD_METRICS:
-            column = "best val/auroc" if name == "val/auroc" else name
-            if column != metric:
-                row[column] = _best(client, run, name) if name == "val/auroc" else metrics.get(name)
-        row["dataset"] = _dataset(run)  # last: the ranked metric keeps its column
-        rows.append(row)
+    rows = [_row(client, run, metric, names) for run in runs]
     ascending = lower_is_better(metric) if order == "auto" else order == "ascending"
     table = pd.DataFrame(rows).sort_values(metric, ascending=ascending, na_position="last", kind="stable")
     if not mixed_datasets and table["dataset"].nunique() > 1:  # rank within each dataset, best group first
@@ -169,6 +147,31 @@ def runs_table(
         rank = dict(zip(table.loc[first, "dataset"], range(int(first.sum())), strict=True))
         table = table.sort_values("dataset", key=lambda d: d.map(rank), kind="stable")
     return table.reset_index(drop=True), metric
+
+
+def _row(client: Any, run: Any, metric: str, names: dict[str, str]) -> dict[str, Any]:
+    """A run's row: what it fitted (backbone, weights, input, epochs, learning rates) and its metrics."""
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    parent = tags.get("mlflow.parentRunId", "")
+    row = {
+        "run": run.info.run_name,
+        "run_id": run.info.run_id,
+        "parent": names.get(parent, parent),
+        "status": run.info.status,
+        "start": datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M"),
+        "backbone": params.get("model.backbone", ""),
+        "pretrained": params.get("model.pretrained", ""),
+        "image_size": params.get("data.resolved.image_size") or params.get("data.image_size", ""),
+        "epochs": params.get("trainer.max_epochs", ""),
+        "lrs": _learning_rates(params),
+        metric: metrics.get(metric),
+    }
+    for name in STANDARD_METRICS:
+        column = "best val/auroc" if name == "val/auroc" else name
+        if column != metric:
+            row[column] = _best(client, run, name) if name == "val/auroc" else metrics.get(name)
+    row["dataset"] = _dataset(run)  # last: the ranked metric keeps its column
+    return row
 
 
 def _dataset(run: Any) -> str:

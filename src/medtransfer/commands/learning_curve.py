@@ -14,22 +14,21 @@ that best checkpoint is added.
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 
-from medtransfer.commands.run_fit import FitResult, Sweep, resolve_fit_config, sweep_tracking
+from medtransfer.commands.run_fit import Sweep, resolve_fit_config, sweep_tracking
 from medtransfer.errors import MedtransferError, exit_on_user_error
 from medtransfer.files import write_text_atomic
 from medtransfer.tracking.mlflow import MLflowLogger
@@ -56,14 +55,6 @@ class CurvePoint:
     seconds: float
 
 
-def _config_stack(config: str, base_config: str | None) -> list[str]:
-    stack = [base_config, config] if base_config else [config]
-    for path in stack:
-        if not Path(path).is_file():
-            raise MedtransferError(f"Config file not found: {path}")
-    return stack
-
-
 def _at_selected_epoch(client, run_id: str, metric: str, trainer) -> tuple[int, float, float]:
     """``(epoch, train, val)`` of ``metric`` at the epoch the checkpoint callback selected (else the last)."""
     histories = {}
@@ -85,27 +76,6 @@ def _at_selected_epoch(client, run_id: str, metric: str, trainer) -> tuple[int, 
     return index, train_value, val[index].value
 
 
-def _point(
-    result: FitResult, label: str, fraction: float, seed: int, metric: str, seconds: float, client
-) -> CurvePoint:
-    """The curve's point of one finished fit: its metrics at the selected epoch."""
-    if result.interrupted:
-        raise KeyboardInterrupt
-    epoch, train_value, val_value = _at_selected_epoch(client, result.run_id, metric, result.trainer)
-    return CurvePoint(
-        config=label,
-        fraction=fraction,
-        seed=seed,
-        train_images=len(result.datamodule.datasets["train"]),
-        epoch=epoch,
-        train_metric=train_value,
-        val_metric=val_value,
-        test_metric=client.get_run(result.run_id).data.metrics.get(f"test/{metric}", math.nan),
-        run_id=result.run_id,
-        seconds=round(seconds, 1),
-    )
-
-
 def _probe(stack: list[str], fit_args: list[str]) -> tuple[dict[str, Any], str]:
     """The first config's MLflow settings (:func:`sweep_tracking`) and dataset name, without fitting: the parent
     run goes in the same store and experiment as the children."""
@@ -119,14 +89,6 @@ def _probe(stack: list[str], fit_args: list[str]) -> tuple[dict[str, Any], str]:
     parser.add_subclass_arguments(ClassificationDataModule, "data")
     data = parser.instantiate_classes(parser.parse_object({"data": config["data"]})).data
     return tracking, getattr(data, "name", type(data).__name__)
-
-
-def _csv_text(points: Sequence[CurvePoint]) -> str:
-    stream = io.StringIO()
-    writer = csv.DictWriter(stream, [f.name for f in fields(CurvePoint)], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(asdict(p) for p in points)
-    return stream.getvalue()
 
 
 def plot_learning_curve(points: Sequence[CurvePoint], metric: str = "auroc"):
@@ -211,7 +173,8 @@ def run_learning_curve(
     with parent:  # FINISHED, KILLED on an interrupt, FAILED on an error
         for (label, stack), fraction, seed in grid:
             points.append(_fit_point(sweep, label, stack, fraction, seed, metric, fit_args))
-            write_text_atomic(csv_path, _csv_text(points))  # an interrupted curve keeps its finished fits
+            # rewritten after every fit: an interrupted curve keeps its finished points
+            write_text_atomic(csv_path, pd.DataFrame(points).to_csv(index=False, na_rep="nan"))
             _report_point(parent, points[-1], f"{len(points)}/{len(grid)}", metric)
         png_path = _plot(parent, points, metric, csv_path)
     return LearningCurveResult(points, parent.run_id, csv_path, png_path)
@@ -225,7 +188,10 @@ def _config_stacks(configs: list[str], fractions: list[float], seeds: list[int],
         raise MedtransferError(f"Expected argument `fractions` to be in (0, 1], but got {fractions}")
     if not configs or not seeds:
         raise MedtransferError("learning-curve needs at least one config and one seed")
-    stacks = {Path(c).stem: _config_stack(c, base_config) for c in configs}
+    stacks = {Path(c).stem: [base_config, c] if base_config else [c] for c in configs}
+    missing = [path for stack in stacks.values() for path in stack if not Path(path).is_file()]
+    if missing:
+        raise MedtransferError(f"Config file not found: {missing[0]}")
     if len(stacks) != len(configs):
         raise MedtransferError(f"Config file stems label the curves and must differ: {configs}")
     return stacks
@@ -233,14 +199,29 @@ def _config_stacks(configs: list[str], fractions: list[float], seeds: list[int],
 
 def _fit_point(sweep: Sweep, label: str, stack: list[str], fraction: float, seed: int, metric: str,
                fit_args: list[str]) -> CurvePoint:  # fmt: skip
-    """One fit of the curve (a child run, no model export) and its point."""
+    """One fit of the curve (a child run, no model export) and its point: the metrics at the selected epoch."""
     tags = {"curve.config": label, "curve.fraction": str(fraction), "curve.seed": str(seed)}
     overrides = {"data.init_args.train_fraction": fraction, "data.init_args.subset_seed": seed,
                  "seed_everything": seed}  # fmt: skip
     start = time.perf_counter()
     result = sweep.fit([*stack, {"mlflow_model.enabled": False}], overrides, fit_args=fit_args,
                        run_name=f"{label}-f{fraction:g}-s{seed}", tags=tags)  # fmt: skip
-    return _point(result, label, fraction, seed, metric, time.perf_counter() - start, sweep.parent.experiment)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    client = sweep.parent.experiment
+    epoch, train_value, val_value = _at_selected_epoch(client, result.run_id, metric, result.trainer)
+    return CurvePoint(
+        config=label,
+        fraction=fraction,
+        seed=seed,
+        train_images=len(result.datamodule.datasets["train"]),
+        epoch=epoch,
+        train_metric=train_value,
+        val_metric=val_value,
+        test_metric=client.get_run(result.run_id).data.metrics.get(f"test/{metric}", math.nan),
+        run_id=result.run_id,
+        seconds=round(time.perf_counter() - start, 1),
+    )
 
 
 def _report_point(parent: MLflowLogger, point: CurvePoint, progress: str, metric: str) -> None:

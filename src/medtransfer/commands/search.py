@@ -40,7 +40,14 @@ from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from medtransfer.commands.run_fit import Sweep, resolve_fit_config, sweep_tracking
-from medtransfer.commands.search_space import SearchParam, TrialSeededSampler, load_space, plan_trials, resolves_key
+from medtransfer.commands.search_space import (
+    SearchParam,
+    TrialSeededSampler,
+    load_space,
+    open_storage,
+    plan_trials,
+    resolves_key,
+)
 from medtransfer.errors import DataError, MedtransferError, exit_on_user_error
 from medtransfer.files import write_text_atomic
 from medtransfer.tracking.callbacks import find_mlflow_logger
@@ -49,38 +56,6 @@ from medtransfer.tracking.redaction import redact, redact_yaml
 __all__ = ["SearchParam", "SearchResult", "load_space", "main", "open_storage", "run_search"]
 
 _logger = logging.getLogger(__name__)
-
-#: Seconds between heartbeats of a running trial; a trial silent for three times this is failed and re-queued.
-HEARTBEAT_SECONDS = 60
-
-
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """Optuna RDB storage for several processes: heartbeats (a dead worker's trial is failed and queued again)
-    and, for SQLite, a 30 s lock timeout and ``BEGIN IMMEDIATE`` transactions.
-
-    Why the latter: Python's ``sqlite3`` only opens a transaction at the first write, so the read-then-update
-    by which Optuna claims a queued trial is not atomic on SQLite, and two processes can claim the same trial.
-    Starting every transaction with ``BEGIN IMMEDIATE`` (SQLAlchemy's documented recipe) serialises them.
-    """
-    from sqlalchemy import event
-
-    sqlite = url.startswith("sqlite:///")
-    if sqlite and url != "sqlite:///:memory:":
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(
-            url,
-            engine_kwargs={"connect_args": {"timeout": 30}} if sqlite else None,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=3 * HEARTBEAT_SECONDS,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-        )
-    if sqlite:
-        event.listen(storage.engine, "connect", lambda connection, _: setattr(connection, "isolation_level", None))
-        event.listen(storage.engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
-        storage.engine.dispose()  # reopen pooled connections with the listener
-    return storage
 
 
 def _open_study(
@@ -286,6 +261,15 @@ def _work_with_workers(study: optuna.Study, params: list[SearchParam], config: P
     return ran
 
 
+def _check_space(config: Path, space: Path, params: list[SearchParam], fit_args: list[str]) -> dict[str, Any]:
+    """The MLflow settings of the config's fits (:func:`sweep_tracking`), once each key of the space is a fit option."""
+    resolved = yaml.safe_load(resolve_fit_config(config, fit_args=fit_args))
+    unknown = [p.key for p in params if not resolves_key(resolved, p.key)]
+    if unknown:
+        raise DataError(f"{space}: search space key {unknown[0]!r} is not an option of `medtransfer fit`")
+    return sweep_tracking(resolved, "search")
+
+
 @dataclass(frozen=True)
 class SearchResult:
     """What :func:`run_search` did: the study, trials per state, the best trial and the MLflow parent run."""
@@ -354,11 +338,7 @@ def run_search(
     """
     config, space, fit_args = Path(config), Path(space), list(fit_args or [])
     params = load_space(space, sampler)
-    resolved = yaml.safe_load(resolve_fit_config(config, fit_args=fit_args))
-    unknown = [p.key for p in params if not resolves_key(resolved, p.key)]
-    if unknown:
-        raise DataError(f"{space}: search space key {unknown[0]!r} is not an option of `medtransfer fit`")
-    tracking = sweep_tracking(resolved, "search")
+    tracking = _check_space(config, space, params, fit_args)
     name = study_name or f"{config.stem}-{space.stem}-{sampler}"
     plan = [] if worker_only else plan_trials(params, sampler, n_trials)
     settings = {
@@ -371,8 +351,7 @@ def run_search(
     create_parent = functools.partial(_create_parent, tracking, name, logged, space)
     pruner = _pruner(pruning, pruning_startup_trials, pruning_warmup_epochs)
     study = _open_study(name, open_storage(storage), settings, create_parent, pruner)
-    extra = 0 if worker_only else workers - 1
-    ran = _work_with_workers(study, params, config, fit_args, storage, seed, extra)
+    ran = _work_with_workers(study, params, config, fit_args, storage, seed, 0 if worker_only else workers - 1)
     if worker_only:
         return SearchResult(name, ran)
     result = _finish(study, storage, ran, config, fit_args, Path(output))

@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 from medtransfer.commands.fit import MedTransferCLI, build_cli
 from medtransfer.errors import MedtransferError
 from medtransfer.tracking.callbacks import find_mlflow_logger
-from medtransfer.tracking.mlflow import MLflowLogger, open_run, resolve_tracking_uri
+from medtransfer.tracking.mlflow import MLflowLogger, open_run
 
 __all__ = ["FitResult", "Sweep", "resolve_fit_config", "run_fit", "sweep_tracking"]
 
@@ -142,13 +142,14 @@ def _nested_key(config: Any, key: str) -> str:
 
 def sweep_tracking(config: Mapping[str, Any], command: str) -> dict[str, Any]:
     """``experiment_name``, ``tracking_uri`` (resolved) and ``artifact_location`` of the MLflow logger of a
-    resolved fit config: where a sweep's parent run goes, beside its child fits."""
+    resolved fit config: where a sweep's parent run goes, beside its child fits. An unreachable tracking server
+    is an error here, before a study or a parent run is created."""
     logger = (config.get("trainer") or {}).get("logger")
     if not isinstance(logger, Mapping) or "MLflowLogger" not in str(logger.get("class_path", "")):
         raise MedtransferError(f"medtransfer {command} needs the MLflow logger (trainer.logger: MLflowLogger)")
     init = logger.get("init_args") or {}
-    return {"experiment_name": init.get("experiment_name") or "medtransfer",
-            "tracking_uri": resolve_tracking_uri(init.get("tracking_uri")),
+    tracking_uri = MLflowLogger(tracking_uri=init.get("tracking_uri")).tracking_uri  # a server must answer, now
+    return {"experiment_name": init.get("experiment_name") or "medtransfer", "tracking_uri": tracking_uri,
             "artifact_location": init.get("artifact_location")}  # fmt: skip
 
 

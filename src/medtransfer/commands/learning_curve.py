@@ -28,10 +28,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from medtransfer.commands.run_fit import Sweep, resolve_fit_config, sweep_tracking
+from medtransfer.commands.run_fit import resolve_fit_config, run_child_fit, sweep_tracking
 from medtransfer.errors import MedtransferError, exit_on_user_error
 from medtransfer.files import write_text_atomic
-from medtransfer.tracking.mlflow import MLflowLogger
+from medtransfer.tracking.mlflow import MLflowLogger, open_run
 from medtransfer.tracking.redaction import redact
 
 __all__ = ["CurvePoint", "LearningCurveResult", "main", "plot_learning_curve", "run_learning_curve"]
@@ -160,8 +160,7 @@ def run_learning_curve(
     stacks = _config_stacks(configs, fractions, seeds, base_config)
     tracking, dataset = _probe(next(iter(stacks.values())), fit_args)
     tags = {"medtransfer.command": "learning-curve", "curve.configs": json.dumps(list(configs))}
-    sweep = Sweep.start(tracking, f"learning-curve-{dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}", tags)
-    parent = sweep.parent
+    parent = open_run(run_name=f"learning-curve-{dataset}-{datetime.now():%Y%m%d-%H%M%S}", tags=tags, **tracking)
     for key, value in {"fractions": fractions, "seeds": seeds, "metric": metric, "configs": list(configs),
                        "base_config": base_config, "fit_args": fit_args}.items():  # fmt: skip
         parent.experiment.log_param(parent.run_id, key, json.dumps(redact(value))[:6000])
@@ -172,7 +171,7 @@ def run_learning_curve(
     csv_path = Path(output_dir) / "learning_curve.csv"
     with parent:  # FINISHED, KILLED on an interrupt, FAILED on an error
         for (label, stack), fraction, seed in grid:
-            points.append(_fit_point(sweep, label, stack, fraction, seed, metric, fit_args))
+            points.append(_fit_point(parent, label, stack, fraction, seed, metric, fit_args))
             # rewritten after every fit: an interrupted curve keeps its finished points
             write_text_atomic(csv_path, pd.DataFrame(points).to_csv(index=False, na_rep="nan"))
             _report_point(parent, points[-1], f"{len(points)}/{len(grid)}", metric)
@@ -197,18 +196,18 @@ def _config_stacks(configs: list[str], fractions: list[float], seeds: list[int],
     return stacks
 
 
-def _fit_point(sweep: Sweep, label: str, stack: list[str], fraction: float, seed: int, metric: str,
+def _fit_point(parent: MLflowLogger, label: str, stack: list[str], fraction: float, seed: int, metric: str,
                fit_args: list[str]) -> CurvePoint:  # fmt: skip
     """One fit of the curve (a child run, no model export) and its point: the metrics at the selected epoch."""
     tags = {"curve.config": label, "curve.fraction": str(fraction), "curve.seed": str(seed)}
     overrides = {"data.init_args.train_fraction": fraction, "data.init_args.subset_seed": seed,
                  "seed_everything": seed}  # fmt: skip
     start = time.perf_counter()
-    result = sweep.fit([*stack, {"mlflow_model.enabled": False}], overrides, fit_args=fit_args,
-                       run_name=f"{label}-f{fraction:g}-s{seed}", tags=tags)  # fmt: skip
+    result = run_child_fit(parent, [*stack, {"mlflow_model.enabled": False}], overrides, fit_args=fit_args,
+                           run_name=f"{label}-f{fraction:g}-s{seed}", tags=tags)  # fmt: skip
     if result.interrupted:
         raise KeyboardInterrupt
-    client = sweep.parent.experiment
+    client = parent.experiment
     epoch, train_value, val_value = _at_selected_epoch(client, result.run_id, metric, result.trainer)
     return CurvePoint(
         config=label,

@@ -1,5 +1,5 @@
 """``run_fit``: one ``medtransfer fit`` from Python, config and typed overrides in, metrics and MLflow run out;
-and :class:`Sweep`, child fits under one parent MLflow run: the engine of ``search`` and ``learning-curve``.
+and ``run_child_fit``, a fit under a parent MLflow run: the engine of ``search`` and ``learning-curve``.
 
 Fits go through the same LightningCLI (:func:`~medtransfer.commands.fit.build_cli`) as the command, so a fit
 run this way behaves exactly as ``medtransfer fit``, without building its argv or reading its output.
@@ -19,9 +19,9 @@ from lightning.pytorch.cli import LightningArgumentParser
 from medtransfer.commands.fit import MedTransferCLI, build_cli
 from medtransfer.errors import MedtransferError
 from medtransfer.tracking.callbacks import find_mlflow_logger
-from medtransfer.tracking.mlflow import MLflowLogger, open_run
+from medtransfer.tracking.mlflow import MLflowLogger
 
-__all__ = ["FitResult", "Sweep", "resolve_fit_config", "run_fit", "sweep_tracking"]
+__all__ = ["FitResult", "resolve_fit_config", "run_child_fit", "run_fit", "sweep_tracking"]
 
 
 #: Config files and mappings of dotted options, applied in order (see :func:`run_fit`).
@@ -142,8 +142,8 @@ def _nested_key(config: Any, key: str) -> str:
 
 def sweep_tracking(config: Mapping[str, Any], command: str) -> dict[str, Any]:
     """``experiment_name``, ``tracking_uri`` (resolved) and ``artifact_location`` of the MLflow logger of a
-    resolved fit config: where a sweep's parent run goes, beside its child fits. An unreachable tracking server
-    is an error here, before a study or a parent run is created."""
+    resolved fit config: where a sweep's parent run goes (``open_run(**sweep_tracking(...))``), beside its child
+    fits. An unreachable tracking server is an error here, before a study or a parent run is created."""
     logger = (config.get("trainer") or {}).get("logger")
     if not isinstance(logger, Mapping) or "MLflowLogger" not in str(logger.get("class_path", "")):
         raise MedtransferError(f"medtransfer {command} needs the MLflow logger (trainer.logger: MLflowLogger)")
@@ -153,33 +153,12 @@ def sweep_tracking(config: Mapping[str, Any], command: str) -> dict[str, Any]:
             "artifact_location": init.get("artifact_location")}  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Sweep:
-    """Fits as MLflow child runs (tag ``mlflow.parentRunId``) of one parent run, in the parent's store and
-    experiment: what ``search`` runs its trials and ``learning-curve`` its points through.
-
-    Args:
-        parent: the parent run (:func:`~medtransfer.tracking.mlflow.open_run`).
-        experiment_name: the parent's experiment, which the child fits log to.
-    """
-
-    parent: MLflowLogger
-    experiment_name: str
-
-    @classmethod
-    def start(cls, tracking: Mapping[str, Any], run_name: str, tags: Mapping[str, str]) -> Sweep:
-        """Open the parent run where :func:`sweep_tracking` says."""
-        return cls(open_run(run_name=run_name, tags=dict(tags), **tracking), tracking["experiment_name"])
-
-    @classmethod
-    def join(cls, experiment_name: str, tracking_uri: str, parent_run_id: str) -> Sweep:
-        """Continue the parent run of a sweep another process started."""
-        return cls(open_run(experiment_name, tracking_uri=tracking_uri, run_id=parent_run_id), experiment_name)
-
-    def fit(self, config: _ConfigLayers, overrides: Mapping[str, Any], *, run_name: str, tags: Mapping[str, str],
-            **kwargs: Any) -> FitResult:  # fmt: skip
-        """:func:`run_fit` as a child run; ``kwargs`` are ``run_fit``'s."""
-        where = {"trainer.logger.init_args.tracking_uri": self.parent.tracking_uri,
-                 "trainer.logger.init_args.experiment_name": self.experiment_name}  # fmt: skip
-        tags = {"mlflow.parentRunId": self.parent.run_id, **tags}
-        return run_fit(config, {**overrides, **where}, run_name=run_name, tags=tags, **kwargs)
+def run_child_fit(parent: MLflowLogger, config: _ConfigLayers, overrides: Mapping[str, Any], *, run_name: str,
+                  tags: Mapping[str, str], **kwargs: Any) -> FitResult:  # fmt: skip
+    """:func:`run_fit` as an MLflow child run of ``parent`` (tag ``mlflow.parentRunId``), in its store and
+    experiment: how ``search`` runs its trials and ``learning-curve`` its points. ``kwargs`` are ``run_fit``'s."""
+    experiment = parent.experiment.get_experiment(parent.experiment_id).name
+    where = {"trainer.logger.init_args.tracking_uri": parent.tracking_uri,
+             "trainer.logger.init_args.experiment_name": experiment}  # fmt: skip
+    tags = {"mlflow.parentRunId": parent.run_id, **tags}
+    return run_fit(config, {**overrides, **where}, run_name=run_name, tags=tags, **kwargs)

@@ -5,7 +5,7 @@
 
 - The search space is a YAML file of ``fit`` options (``commands.search_space``).
 - Every trial is one in-process ``fit`` of the base config plus the trial's values, an MLflow child run of one
-  parent run per study (``commands.run_fit.Sweep``, as ``learning-curve``'s points); its value is the best
+  parent run per study (``commands.run_fit.run_child_fit``, as ``learning-curve``'s points); its value is the best
   ``--metric`` over its validation epochs, reported each epoch by optuna-integration's
   ``PyTorchLightningPruningCallback``. The test split is never used to choose: ``test_after_fit`` is off.
 - The study lives in an Optuna RDB storage (SQLite file by default; PostgreSQL/MySQL for several nodes).
@@ -39,7 +39,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from medtransfer.commands.run_fit import Sweep, resolve_fit_config, sweep_tracking
+from medtransfer.commands.run_fit import resolve_fit_config, run_child_fit, sweep_tracking
 from medtransfer.commands.search_space import (
     SearchParam,
     TrialSeededSampler,
@@ -51,6 +51,7 @@ from medtransfer.commands.search_space import (
 from medtransfer.errors import DataError, MedtransferError, exit_on_user_error
 from medtransfer.files import write_text_atomic
 from medtransfer.tracking.callbacks import find_mlflow_logger
+from medtransfer.tracking.mlflow import MLflowLogger, open_run
 from medtransfer.tracking.redaction import redact, redact_yaml
 
 __all__ = ["SearchParam", "SearchResult", "load_space", "main", "open_storage", "run_search"]
@@ -94,10 +95,10 @@ def _open_study(
     return study
 
 
-def _sweep(study: optuna.Study) -> Sweep:
+def _parent(study: optuna.Study) -> MLflowLogger:
     """The study's MLflow parent run, whose child runs its trials are."""
-    settings = study.user_attrs["settings"]
-    return Sweep.join(settings["experiment"], settings["tracking_uri"], study.user_attrs["parent_run_id"])
+    settings, run_id = study.user_attrs["settings"], study.user_attrs["parent_run_id"]
+    return open_run(settings["experiment"], tracking_uri=settings["tracking_uri"], run_id=run_id)
 
 
 class _Pruning(PyTorchLightningPruningCallback):
@@ -114,7 +115,7 @@ class _Pruning(PyTorchLightningPruningCallback):
 
 def _objective(study: optuna.Study, params: list[SearchParam], config: Path, fit_args: list[str]) -> Any:
     """One in-process ``fit`` of a trial's values; its value is the best metric over its validation epochs."""
-    settings, sweep = study.user_attrs["settings"], _sweep(study)
+    settings, parent = study.user_attrs["settings"], _parent(study)
     metric = settings["metric"]
 
     def objective(trial: optuna.Trial) -> float:
@@ -125,15 +126,15 @@ def _objective(study: optuna.Study, params: list[SearchParam], config: Path, fit
         try:
             # trials do not export or register a model (--fit_args may turn it back on); `fit --config best.yaml`
             # does; they are chosen on validation data, so the test split stays unseen
-            result = sweep.fit([config, {"mlflow_model.enabled": False}], values, fit_args=fit_args,
-                               callbacks=[pruning], run_name=f"{study.study_name}-trial-{trial.number}", tags=tags,
-                               test_after_fit=False)  # fmt: skip
+            result = run_child_fit(parent, [config, {"mlflow_model.enabled": False}], values, fit_args=fit_args,
+                                   callbacks=[pruning], run_name=f"{study.study_name}-trial-{trial.number}",
+                                   tags=tags, test_after_fit=False)  # fmt: skip
             pruning.check_pruned()  # under DDP the callback stops the fit and leaves raising to this
         except optuna.TrialPruned:
-            _mark_run(sweep, pruning.run_id, "KILLED")
+            _mark_run(parent, pruning.run_id, "KILLED")
             raise
         except BaseException:
-            _mark_run(sweep, pruning.run_id, "FAILED")
+            _mark_run(parent, pruning.run_id, "FAILED")
             raise
         finally:
             trial.set_user_attr("mlflow_run_id", pruning.run_id)  # in the trials table
@@ -146,11 +147,11 @@ def _objective(study: optuna.Study, params: list[SearchParam], config: Path, fit
     return objective
 
 
-def _mark_run(sweep: Sweep, run_id: str | None, status: str) -> None:
+def _mark_run(parent: MLflowLogger, run_id: str | None, status: str) -> None:
     """Give a trial's MLflow run the trial's fate: a pruned trial's run is ``KILLED`` and tagged ``PRUNED``."""
     if run_id is not None:
-        sweep.parent.experiment.set_tag(run_id, "optuna.state", "PRUNED" if status == "KILLED" else "FAIL")
-        sweep.parent.experiment.set_terminated(run_id, status)
+        parent.experiment.set_tag(run_id, "optuna.state", "PRUNED" if status == "KILLED" else "FAIL")
+        parent.experiment.set_terminated(run_id, status)
 
 
 def _work(study: optuna.Study, params: list[SearchParam], config: Path, fit_args: list[str]) -> int:
@@ -198,7 +199,7 @@ def _log_to_parent(study: optuna.Study, output: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric, best, parent = study.user_attrs["settings"]["metric"], study.best_trial, _sweep(study).parent
+    metric, best, parent = study.user_attrs["settings"]["metric"], study.best_trial, _parent(study)
     parent.log_metrics({f"best_{metric}": best.value})
     client, run_id = parent.experiment, parent.run_id
     client.set_tag(run_id, "best_trial", str(best.number))
@@ -215,7 +216,8 @@ def _log_to_parent(study: optuna.Study, output: Path) -> None:
 
 def _create_parent(tracking: dict[str, Any], name: str, logged: dict[str, Any], space: Path) -> str:
     """Open the study's MLflow parent run, with the search's settings as params and its space file."""
-    parent = Sweep.start(tracking, f"search-{name}", {"optuna.study": name, "medtransfer.command": "search"}).parent
+    tags = {"optuna.study": name, "medtransfer.command": "search"}
+    parent = open_run(run_name=f"search-{name}", tags=tags, **tracking)
     parent.log_hyperparams({f"search.{key}": value for key, value in logged.items()})
     parent.experiment.log_text(parent.run_id, space.read_text(), f"search/{space.name}")
     return parent.run_id
@@ -292,7 +294,7 @@ def _finish(study: optuna.Study, storage: str, ran: int, config: Path, fit_args:
     best = _write_best(study, config, fit_args, output)
     unfinished = counts.get("RUNNING", 0) + counts.get("WAITING", 0)
     if not unfinished:
-        _sweep(study).parent.finalize("success")
+        _parent(study).finalize("success")
     return SearchResult(study.study_name, ran, redact(storage), counts, best, study.user_attrs["parent_run_id"],
                         str(output) if best else None, unfinished)  # fmt: skip
 

@@ -70,7 +70,7 @@ def search_recipe_benchmark(
         )  # fmt: skip
     finally:
         os.chdir(cwd)
-    study = optuna.load_study(study_name=found["study"], storage=storage)
+    study = optuna.load_study(study_name=found.study, storage=storage)
     trials = [
         {
             "trial": t.number,
@@ -87,9 +87,9 @@ def search_recipe_benchmark(
         "config": str(CONFIG.relative_to(REPO)),
         "space": str(SPACE.relative_to(REPO)),
         "metric": "lowest val/loss over a trial's epochs (minimize); median pruner",
-        "study": found["study"],
-        "parent_run_id": found["parent_run_id"],
-        "best": found["best"],
+        "study": found.study,
+        "parent_run_id": found.parent_run_id,
+        "best": found.best,
         "default_seed0": default_reference(),
         "trials": trials,
         "wall_minutes": round((time.perf_counter() - start) / 60, 1),

@@ -38,7 +38,7 @@ import statistics
 import time
 from pathlib import Path
 
-from medtransfer.commands.learning_curve import CurvePoint, learning_curve, plot_learning_curve
+from medtransfer.commands.learning_curve import CurvePoint, plot_learning_curve, run_learning_curve
 from medtransfer.files import write_text_atomic
 from medtransfer.plots import save_figure
 
@@ -185,7 +185,7 @@ def transfer_benchmark(
     os.chdir(work)  # mlruns/ of this benchmark only
     try:
         for seed in seeds:
-            points += learning_curve(
+            points += run_learning_curve(
                 configs=[str(p) for p in chosen.values()],
                 fractions=QUICK_FRACTIONS if quick else (fractions or FRACTIONS),
                 seeds=[seed],
@@ -193,7 +193,7 @@ def transfer_benchmark(
                 output_dir=str(work / f"curve-seed{seed}"),
                 base_config=str(BASE),
                 fit_args=fit_args,
-            )
+            ).points
             result = _store(points, kept, quick, fit_args, time.perf_counter() - start, out_json, out_png)
     finally:
         os.chdir(cwd)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from medtransfer.commands.baseline import baseline
+from medtransfer.commands.baseline import run_baseline
 from medtransfer.commands.fit import main
 from medtransfer.data.medmnist import MedMNISTDataModule
 
@@ -78,7 +78,7 @@ def _with_shuffled_test_labels(source: Path, target: Path) -> Path:
 def test_C_and_threshold_are_chosen_on_validation_never_on_test(tmp_path, pneumonia_npz):
     shuffled = _with_shuffled_test_labels(pneumonia_npz, tmp_path / "shuffled.npz")
     results = [
-        baseline(
+        run_baseline(
             MedMNISTDataModule(path=str(path), image_size=28, train_fraction=0.3),
             pixel_size=14,
             Cs=[0.001, 0.1, 10.0],
@@ -138,13 +138,13 @@ def test_a_class_missing_from_training_is_a_clear_error(tmp_path, pneumonia_npz)
     np.savez(tmp_path / "one_class.npz", **arrays)
     data = MedMNISTDataModule(path=str(tmp_path / "one_class.npz"), image_size=28)
     with pytest.raises(ValueError, match="training split of pneumoniamnist holds 1 of the 2 classes"):
-        baseline(data, pixel_size=7, Cs=[1.0], tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+        run_baseline(data, pixel_size=7, Cs=[1.0], tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
 
 
 @pytest.mark.parametrize("Cs", [[], [0.1, -1.0]])
 def test_Cs_must_be_positive(pneumonia_npz, Cs):
     with pytest.raises(ValueError, match="`Cs` to be positive"):
-        baseline(MedMNISTDataModule(path=str(pneumonia_npz)), Cs=Cs)
+        run_baseline(MedMNISTDataModule(path=str(pneumonia_npz)), Cs=Cs)
 
 
 def test_multilabel_data_gets_one_regression_per_label(tmp_path, chestxray14_sample_dir):
@@ -156,7 +156,7 @@ def test_multilabel_data_gets_one_regression_per_label(tmp_path, chestxray14_sam
         val_fraction=0.2,
         test_fraction=0.2,
     )
-    result = baseline(
+    result = run_baseline(
         ImageDataModule(source=source, image_size=28),
         pixel_size=14,
         Cs=[0.1],

@@ -10,8 +10,8 @@ import pytest
 from helpers import DEFAULT_CONFIG, tiny_fit_args
 from mlflow import MlflowClient
 
-from medtransfer.commands.baseline import baseline
-from medtransfer.commands.compare import compare, lower_is_better, normalise_metric, to_markdown
+from medtransfer.commands.baseline import run_baseline
+from medtransfer.commands.compare import lower_is_better, normalise_metric, run_compare, to_markdown
 from medtransfer.commands.fit import build_cli, main
 from medtransfer.data.medmnist import MedMNISTDataModule
 from medtransfer.errors import MedtransferError
@@ -41,7 +41,7 @@ def store(tmp_path_factory, pneumonia_npz):
              "--trainer.logger.init_args.run_name=search-demo-trial-0",
              f'--trainer.logger.init_args.tags={{"mlflow.parentRunId": "{parent}"}}']
         )  # fmt: skip
-        pixels = baseline(MedMNISTDataModule(path=str(pneumonia_npz)), pixel_size=7, Cs=[1.0], log_model=False)
+        pixels = run_baseline(MedMNISTDataModule(path=str(pneumonia_npz)), pixel_size=7, Cs=[1.0], log_model=False)
     yield {
         "folder": folder,
         "uri": uri,
@@ -55,7 +55,7 @@ def store(tmp_path_factory, pneumonia_npz):
 
 @pytest.mark.slow
 def test_every_run_is_listed_best_first_by_the_metric_written_with_an_underscore(store, capsys):
-    table = compare(metric="test_auroc", tracking_uri=store["uri"])
+    table = run_compare(metric="test_auroc", tracking_uri=store["uri"]).table
     client = store["client"]
     ids = [store["lite0"], store["child"], store["baseline"]]
     expected = sorted(ids, key=lambda i: -client.get_run(i).data.metrics["test/auroc"])
@@ -75,7 +75,7 @@ def test_every_run_is_listed_best_first_by_the_metric_written_with_an_underscore
 
 @pytest.mark.slow
 def test_rows_describe_backbone_weights_input_schedule_and_parent(store):
-    rows = compare(tracking_uri=store["uri"]).set_index("run_id")
+    rows = run_compare(tracking_uri=store["uri"]).table.set_index("run_id")
     lite0, child, pixels = rows.loc[store["lite0"]], rows.loc[store["child"]], rows.loc[store["baseline"]]
     assert lite0["run"].startswith("tf_efficientnet_lite0-pneumoniamnist-") and lite0["status"] == "FINISHED"
     assert (lite0["backbone"], lite0["pretrained"], lite0["image_size"], lite0["epochs"], lite0["lrs"]) == (
@@ -93,18 +93,18 @@ def test_rows_describe_backbone_weights_input_schedule_and_parent(store):
 
 @pytest.mark.slow
 def test_lower_is_better_metrics_rank_ascending_and_a_filter_narrows_the_runs(store):
-    table = compare(metric="test/aurc", tracking_uri=store["uri"])
+    table = run_compare(metric="test/aurc", tracking_uri=store["uri"]).table
     ranked = table["test/aurc"].dropna()
     assert list(ranked) == sorted(ranked) and len(ranked) == 3
-    only = compare(tracking_uri=store["uri"], filter_string="params.model.backbone = 'resnet18'")
+    only = run_compare(tracking_uri=store["uri"], filter_string="params.model.backbone = 'resnet18'").table
     assert list(only["run_id"]) == [store["child"]]
 
 
 @pytest.mark.slow
 def test_csv_markdown_and_plot_files_hold_the_table(store, tmp_path):
-    table = compare(
+    table = run_compare(
         tracking_uri=store["uri"], csv=tmp_path / "runs.csv", markdown=tmp_path / "runs.md", plot=tmp_path / "runs.png"
-    )
+    ).table
     written = pd.read_csv(tmp_path / "runs.csv", dtype={"image_size": str, "epochs": str})
     assert list(written["run_id"]) == list(table["run_id"])
     assert written["test/auroc"].iloc[0] == pytest.approx(table["test/auroc"].iloc[0])
@@ -144,7 +144,7 @@ def test_a_missing_store_is_an_error_and_is_not_created(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(MedtransferError, match=r"No MLflow store at .*mlruns/mlflow.db"):
-        compare()
+        run_compare()
     assert not (tmp_path / "mlruns").exists()
 
 
@@ -176,7 +176,7 @@ def test_each_run_logs_its_splits_as_mlflow_dataset_inputs_and_compare_shows_the
     assert set(contexts) == {"train", "validation", "test"}
     assert {d.name for d in contexts.values()} == {"pneumoniamnist-train", "pneumoniamnist-val", "pneumoniamnist-test"}
     assert len({d.digest for d in contexts.values()}) == 3 and all(len(d.digest) == 16 for d in contexts.values())
-    rows = compare(tracking_uri=store["uri"]).set_index("run_id")
+    rows = run_compare(tracking_uri=store["uri"]).table.set_index("run_id")
     # the fits and the baseline saw the same validation data: one dataset, ranked together
     expected = f"pneumoniamnist@{contexts['validation'].digest[:8]}"
     assert {rows.loc[store[k], "dataset"] for k in ("lite0", "child", "baseline")} == {expected}
@@ -205,10 +205,14 @@ def test_runs_of_different_datasets_are_ranked_apart_unless_asked_and_lrs_say_wh
     a_good = _logged_run(client, experiment_id, "a-" + "long-run-name-" * 6, "chest", "a" * 16, 0.9, frozen)
     a_bad = _logged_run(client, experiment_id, "a-bad", "chest", "a" * 16, 0.7, {})
     b = _logged_run(client, experiment_id, "b", "derma", "b" * 16, 0.8, {})
-    grouped = compare(experiment="mixed", tracking_uri=uri)
+    grouped = run_compare(experiment="mixed", tracking_uri=uri).table
     assert list(grouped["run_id"]) == [a_good, a_bad, b]
     assert list(grouped["dataset"]) == ["chest@aaaaaaaa", "chest@aaaaaaaa", "derma@bbbbbbbb"]
     out = capsys.readouterr().out
     assert "ranked within each of 2 datasets" in out and "long-run-name-" * 6 in out  # a long name on one line
-    assert list(compare(experiment="mixed", tracking_uri=uri, mixed_datasets=True)["run_id"]) == [a_good, b, a_bad]
+    assert list(run_compare(experiment="mixed", tracking_uri=uri, mixed_datasets=True).table["run_id"]) == [
+        a_good,
+        b,
+        a_bad,
+    ]
     assert grouped.set_index("run_id").loc[a_good, "lrs"] == "0.001 (frozen)"  # never unfroze: no "-> 1e-05 @3"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 from helpers import DEFAULT_CONFIG, REPO
 from mlflow.tracking import MlflowClient
 
 from medtransfer.commands.fit import main
-from medtransfer.commands.learning_curve import learning_curve, read_curve_csv
+from medtransfer.commands.learning_curve import run_learning_curve
 from medtransfer.errors import MedtransferError
 
 RECIPES = [REPO / "configs" / "learning_curve" / f"{name}.yaml" for name in ("lite0_pretrained", "lite0_scratch")]
@@ -23,6 +24,13 @@ TINY = [
     "--data.init_args.image_size=32",
     "--data.init_args.batch_size=16",
 ]
+
+
+def _read_csv(path):
+    """The CSV's rows as the command wrote them (``round_trip``: floats read back exactly)."""
+    return list(
+        pd.read_csv(path, dtype={"config": str, "run_id": str}, float_precision="round_trip").itertuples(index=False)
+    )
 
 
 @pytest.mark.slow
@@ -47,7 +55,7 @@ def test_two_configs_at_two_fractions_make_a_parent_run_with_four_children(workd
     assert {r.data.params["data.train_fraction"] for r in children} == {"0.02", "0.05"}
     assert {r.data.params["model.pretrained"] for r in children} == {"lite0-package", "none"}
 
-    points = read_curve_csv(workdir / "curve" / "learning_curve.csv")
+    points = _read_csv(workdir / "curve" / "learning_curve.csv")
     assert [(p.config, p.fraction) for p in points] == [
         ("lite0_pretrained", 0.02), ("lite0_pretrained", 0.05), ("lite0_scratch", 0.02), ("lite0_scratch", 0.05)
     ]  # fmt: skip
@@ -69,7 +77,7 @@ def test_two_configs_at_two_fractions_make_a_parent_run_with_four_children(workd
 
 def test_a_fraction_outside_zero_to_one_is_refused_before_any_fit(workdir):
     with pytest.raises(MedtransferError, match="fractions"):
-        learning_curve(configs=[str(RECIPES[0])], fractions=[0.5, 1.5])
+        run_learning_curve(configs=[str(RECIPES[0])], fractions=[0.5, 1.5])
     assert not (workdir / "mlruns").exists()
 
 
@@ -85,11 +93,11 @@ def test_a_curve_that_fails_midway_keeps_the_finished_fits_in_its_csv(workdir, p
     broken = workdir / "broken.yaml"
     broken.write_text("model:\n  backbone: no_such_backbone\n")
     with pytest.raises(Exception, match="no_such_backbone"):
-        learning_curve(
+        run_learning_curve(
             configs=[str(RECIPES[1]), str(broken)], base_config=str(DEFAULT_CONFIG), fractions=[0.02],
             output_dir="curve", fit_args=[*TINY, f"--data.init_args.path={pneumonia_npz}"],
         )  # fmt: skip
-    points = read_curve_csv(workdir / "curve" / "learning_curve.csv")
+    points = _read_csv(workdir / "curve" / "learning_curve.csv")
     assert [(p.config, p.fraction) for p in points] == [("lite0_scratch", 0.02)]
     client = MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
     (parent,) = client.search_runs(

@@ -101,7 +101,7 @@ def test_random_search_draws_log_uniform_learning_rates_within_bounds(workdir, p
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and lrs[0] != lrs[1]
     assert trials[0].distributions[LR].log
-    assert result["best"]["params"][LR] in lrs
+    assert result.best["params"][LR] in lrs
     child_lrs = sorted(_runs(workdir)["params.model.optimizer.lr"].dropna().astype(float))
     assert child_lrs == pytest.approx(sorted(lrs))  # each trial fitted with its drawn value
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("search: trial")]
@@ -121,7 +121,7 @@ def test_pruned_trial_is_marked_pruned_in_optuna_and_killed_in_mlflow(workdir, p
     trials = _trials(workdir, "pruned")
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED]
     assert list(trials[1].intermediate_values) == [0]  # stopped after its first epoch
-    assert result["best"]["trial"] == 0
+    assert result.best["trial"] == 0
     runs = _runs(workdir).set_index("tags.optuna.trial")
     assert runs.loc["1", "status"] == "KILLED" and runs.loc["1", "tags.optuna.state"] == "PRUNED"
     assert runs.loc["0", "status"] == "FINISHED"

@@ -107,7 +107,7 @@ def test_a_secret_planted_through_search_and_learning_curve_is_nowhere_on_disk_i
     the outputs, the study's database and everything printed."""
     from servers import postgres_server
 
-    from medtransfer.commands.learning_curve import learning_curve
+    from medtransfer.commands.learning_curve import run_learning_curve
     from medtransfer.commands.search import run_search
 
     monkeypatch.setenv("DB_PASSWORD", SECRETS["DB_PASSWORD"])
@@ -132,7 +132,7 @@ def test_a_secret_planted_through_search_and_learning_curve_is_nowhere_on_disk_i
         finally:
             connection.close()
     warehouse = f'--trainer.logger.init_args.tags={{"warehouse": "postgresql://carol:{URI_SECRET}@db.example.org/x"}}'
-    learning_curve(
+    run_learning_curve(
         configs=[str(REPO / "configs" / "learning_curve" / "lite0_pretrained.yaml")], base_config=str(CONFIG),
         fractions=[0.02], seeds=[0], output_dir="curve", fit_args=[*tiny, warehouse],
     )  # fmt: skip

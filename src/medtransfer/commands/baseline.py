@@ -25,16 +25,16 @@ import tempfile
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import timm
 import torch
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
+from timm.data import resolve_model_data_config
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics import Metric, MetricCollection
@@ -51,8 +51,9 @@ from medtransfer.models.backbones import create_backbone
 from medtransfer.models.input_spec import InputSpec
 from medtransfer.progress import Progress
 from medtransfer.tracking.datasets import log_dataset_inputs
+from medtransfer.tracking.mlflow import open_run
 
-__all__ = ["DEFAULT_CS", "BaselineResult", "baseline", "main"]
+__all__ = ["DEFAULT_CS", "BaselineResult", "main", "run_baseline"]
 
 _logger = logging.getLogger(__name__)
 
@@ -207,7 +208,10 @@ def _scores(rule: DecisionRule, metrics: MetricCollection, probs: Tensor, target
 def _features(
     data: ClassificationDataModule, features: Features, pixel_size: int, backbone: nn.Module | None
 ) -> tuple[dict[str, np.ndarray], dict[str, Tensor]]:
-    """Feature matrices and targets of the three splits; every class must occur in training."""
+    """Set ``data`` up for extraction, then the feature matrices and targets of the three splits; every class
+    must occur in training."""
+    spec = None if backbone is None else InputSpec.from_timm(resolve_model_data_config(backbone), data.hparams.channels)
+    _prepare_data(data, features, pixel_size, spec)
     start = time.perf_counter()
     x, y = {}, {}
     for split in ("train", "val", "test"):
@@ -261,7 +265,7 @@ def _log_model(logger: Any, model: Any, rule: DecisionRule, x_example: np.ndarra
         logger.experiment.log_artifacts(logger.run_id, str(Path(folder) / "model"), "model")
 
 
-def baseline(
+def run_baseline(
     data: ClassificationDataModule,
     features: Features = "pixels",
     pixel_size: int = 28,
@@ -303,42 +307,56 @@ def baseline(
         tracking_uri: MLflow store; ``None``: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlruns/mlflow.db``.
         run_name: MLflow run name; ``None``: ``logreg-<features>-<dataset>-<time>``.
     """
-    from medtransfer.tracking.mlflow import MLflowLogger
-
     if not Cs or any(c <= 0 for c in Cs):
         raise ValueError(f"Expected argument `Cs` to be positive numbers, but got {list(Cs)}")
     if pixel_size < 1:
         raise ValueError(f"Expected argument `pixel_size` to be a positive integer, but got {pixel_size}")
-    task, num_classes = data.task, data.num_classes
-    decisions = DecisionFitting(task, threshold_policy, threshold_target, confidence_score, target_coverage,
+    decisions = DecisionFitting(data.task, threshold_policy, threshold_target, confidence_score, target_coverage,
                                 target_risk)  # fmt: skip
-    network, spec = None, None
-    if features == "backbone":
-        network = create_backbone(backbone, pretrained=pretrained).eval()
-        network.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        spec = InputSpec.from_timm(timm.data.resolve_model_data_config(network), data.hparams.channels)
-    _prepare_data(data, features, pixel_size, spec)
+    network = _frozen_backbone(backbone, pretrained, device) if features == "backbone" else None
     x, y = _features(data, features, pixel_size, network)
 
-    val_metrics = stage_metrics(task, num_classes, "val")
+    val_metrics = stage_metrics(data.task, data.num_classes, "val")
     fitting = ("train", "val")  # the test split is kept out of the search
     C, model, val_probs, searched = _search_C(
-        Cs, max_iter, task, val_metrics["val/auroc"], {k: x[k] for k in fitting}, {k: y[k] for k in fitting}
+        Cs, max_iter, data.task, val_metrics["val/auroc"], {k: x[k] for k in fitting}, {k: y[k] for k in fitting}
     )
     rule, calibration = decisions.fit(val_probs, y["val"])  # as the network after each validation epoch
     metrics = _scores(rule, val_metrics, val_probs, y["val"])
     metrics |= {"val/threshold": float(rule.threshold.mean()), "val/min_confidence": float(rule.min_confidence.mean())}
-    test_probs = _probabilities(model, x["test"], task)
-    names = [str(n) for n in (getattr(data, "class_names", None) or range(num_classes))]
+    test_probs = _probabilities(model, x["test"], data.task)
+    names = [str(n) for n in (getattr(data, "class_names", None) or range(data.num_classes))]
     test_metrics, report = _test_report(rule, calibration, test_probs, y["test"], names)
     metrics |= test_metrics | {f"baseline/val_auroc/C_{c:g}": v for c, v in searched.items()}
 
     label = "logreg-pixels" if features == "pixels" else f"logreg-{backbone}-features"
-    params = {
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_name = run_name or f"{label}-{getattr(data, 'name', type(data).__name__)}-{stamp}"
+    with open_run(experiment_name, run_name, tracking_uri, tags={"medtransfer.command": "baseline"}) as logger:
+        log_dataset_inputs(logger.experiment, logger.run_id, data)  # compare groups runs by these
+        logger.log_hyperparams(_params(data, decisions, label, features, pretrained, pixel_size, C, Cs, max_iter, x))
+        logger.log_metrics(metrics)
+        if report is not None:
+            _log_plots(logger, rule, calibration, test_probs, y["test"], report, names)
+        if log_model:
+            _log_model(logger, model, rule, x["val"], names)
+    return BaselineResult(logger.run_id, label, logger.experiment_id, logger.tracking_uri, C, metrics)
+
+
+def _frozen_backbone(backbone: str, pretrained: str, device: str) -> nn.Module:
+    """The timm backbone in eval mode on ``device`` (``auto``: a GPU when there is one)."""
+    network = create_backbone(backbone, pretrained=pretrained).eval()
+    return network.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
+def _params(data: ClassificationDataModule, decisions: DecisionFitting, label: str, features: Features,
+            pretrained: str, pixel_size: int, C: float, Cs: Sequence[float], max_iter: int,
+            x: dict[str, np.ndarray]) -> dict[str, Any]:  # fmt: skip
+    """The run's params, named as a network run's (``model.*``, ``data.*``) plus ``baseline.*``."""
+    model = {k: v for k, v in asdict(decisions).items() if k not in ("delta", "set_alpha")}
+    return {
         "model.backbone": label, "model.pretrained": pretrained if features == "backbone" else "none",
-        "model.task": task, "model.num_classes": num_classes, "model.threshold_policy": threshold_policy,
-        "model.threshold_target": threshold_target, "model.confidence_score": confidence_score,
-        "model.target_coverage": target_coverage, "model.target_risk": target_risk,
+        "model.num_classes": data.num_classes, **{f"model.{k}": v for k, v in model.items()},
         "data": f"{type(data).__module__}.{type(data).__qualname__}",
         **{f"data.{k}": v for k, v in data.hparams.items()},
         "baseline.features": features, "baseline.C": C, "baseline.Cs": ",".join(f"{c:g}" for c in sorted(Cs)),
@@ -346,41 +364,24 @@ def baseline(
         "baseline.train_images": len(x["train"]),
         **({"baseline.pixel_size": pixel_size} if features == "pixels" else {}),
     }  # fmt: skip
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_name = run_name or f"{label}-{getattr(data, 'name', type(data).__name__)}-{stamp}"
-    logger = MLflowLogger(experiment_name, run_name, tracking_uri)
-    try:
-        logger.experiment.set_tag(logger.run_id, "medtransfer.command", "baseline")
-        log_dataset_inputs(logger.experiment, logger.run_id, data)  # compare groups runs by these
-        logger.log_hyperparams(params)
-        logger.log_metrics(metrics)
-        if report is not None:
-            _log_plots(logger, rule, calibration, test_probs, y["test"], report, names)
-        if log_model:
-            _log_model(logger, model, rule, x["val"], names)
-    except BaseException:
-        logger.finalize("failed")
-        raise
-    logger.finalize("success")
-    return BaselineResult(logger.run_id, label, logger.experiment_id, logger.tracking_uri, C, metrics)
 
 
 def build_parser() -> ArgumentParser:
-    """The ``medtransfer baseline`` parser: ``baseline``'s arguments, and ``--config`` that reads fit YAMLs."""
+    """The ``medtransfer baseline`` parser: ``run_baseline``'s arguments, and ``--config`` that reads fit YAMLs."""
     parser = ArgumentParser(prog="medtransfer baseline", description=__doc__.splitlines()[0])
     parser.add_argument("--config", action=_FitConfigFile, help="A medtransfer fit (or baseline) YAML file.")
-    parser.add_function_arguments(baseline)
+    parser.add_function_arguments(run_baseline)
     return parser
 
 
 def main(args: list[str] | None = None) -> BaselineResult:
-    """``medtransfer baseline``: the typed ``baseline`` as a command line (jsonargparse)."""
+    """``medtransfer baseline``: the typed ``run_baseline`` as a command line (jsonargparse)."""
     parser = build_parser()
     with exit_on_user_error():
         config = parser.parse_args(args)
         init = parser.instantiate_classes(config)
         init.pop("config", None)
-        result = baseline(**init)
+        result = run_baseline(**init)
     m = result.metrics
     print(
         f"{result.name}: C={result.C:g} (validation AUROC {m['val/auroc']:.4f}), test AUROC {m['test/auroc']:.4f}, "

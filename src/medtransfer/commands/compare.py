@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -22,17 +23,16 @@ from matplotlib.figure import Figure
 from medtransfer.errors import MedtransferError, exit_on_user_error
 from medtransfer.files import write_text_atomic
 from medtransfer.tracking.datasets import DATASET_CONTEXT
-from medtransfer.tracking.mlflow import check_reachable, local_sqlite_path
-from medtransfer.tracking.mlflow import resolve_tracking_uri as _resolve_uri
+from medtransfer.tracking.mlflow import resolve_tracking_uri
 
 __all__ = [
     "STANDARD_METRICS",
-    "compare",
+    "CompareResult",
     "lower_is_better",
     "main",
     "normalise_metric",
     "plot_metric",
-    "resolve_tracking_uri",
+    "run_compare",
     "runs_table",
     "to_markdown",
 ]
@@ -44,21 +44,6 @@ STANDARD_METRICS = ("val/auroc", "test/auroc", "test/acc", "test/selective_acc_c
 
 #: Name fragments of metrics where smaller is better (losses, risks, calibration errors).
 _LOWER_IS_BETTER = ("loss", "aurc", "augrc", "ece", "risk", "error", "brier")
-
-
-def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
-    """The store to read, resolved as ``MLflowLogger`` does (``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else
-    ``sqlite:///mlruns/mlflow.db``); a local SQLite store must exist (so a typo never creates an empty one) and a
-    tracking server must answer."""
-    tracking_uri = _resolve_uri(tracking_uri)
-    database = local_sqlite_path(tracking_uri)
-    if database is not None and not database.is_file():
-        raise MedtransferError(
-            f"No MLflow store at {database}: run `medtransfer fit` in this folder first, or point --tracking_uri "
-            "(or $MLFLOW_TRACKING_URI) at your store."
-        )
-    check_reachable(tracking_uri, hint="omit --tracking_uri and unset MLFLOW_TRACKING_URI")
-    return tracking_uri
 
 
 def normalise_metric(metric: str, available: Sequence[str]) -> str:
@@ -120,23 +105,6 @@ def _best(client: Any, run: Any, metric: str) -> float | None:
     return (min if lower_is_better(metric) else max)(values) if values else None
 
 
-def _search(client: Any, experiment_id: str, filter_string: str, max_runs: int) -> list[Any]:
-    runs, token = [], None
-    while len(runs) < max_runs:
-        page = client.search_runs(
-            [experiment_id],
-            filter_string=filter_string,
-            max_results=min(1000, max_runs - len(runs)),
-            order_by=["attributes.start_time DESC"],
-            page_token=token,
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
-    return runs
-
-
 def _experiment_id(client: Any, experiment: str) -> str:
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -163,35 +131,15 @@ def runs_table(
     ``mixed_datasets``. Returns the table and the metric's logged name. ``val/auroc`` in the standard columns
     is the best epoch's.
     """
-    runs = _search(client, _experiment_id(client, experiment), filter_string, max_runs)
+    # MLflow pages the store itself up to ``max_results`` (at most 50,000 per call)
+    runs = client.search_runs([_experiment_id(client, experiment)], filter_string, max_results=max_runs,
+                              order_by=["attributes.start_time DESC"])  # fmt: skip
     if not runs:
         where = f" matching {filter_string!r}" if filter_string else ""
         raise MedtransferError(f"MLflow experiment {experiment!r} has no runs{where}")
     metric = normalise_metric(metric, sorted({name for run in runs for name in run.data.metrics}))
     names = {run.info.run_id: run.info.run_name for run in runs}
-    rows = []
-    for run in runs:
-        params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
-        parent = tags.get("mlflow.parentRunId", "")
-        row = {
-            "run": run.info.run_name,
-            "run_id": run.info.run_id,
-            "parent": names.get(parent, parent),
-            "status": run.info.status,
-            "start": datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M"),
-            "backbone": params.get("model.backbone", ""),
-            "pretrained": params.get("model.pretrained", ""),
-            "image_size": params.get("data.resolved.image_size") or params.get("data.image_size", ""),
-            "epochs": params.get("trainer.max_epochs", ""),
-            "lrs": _learning_rates(params),
-            metric: metrics.get(metric),
-        }
-        for name in STANDARD_METRICS:
-            column = "best val/auroc" if name == "val/auroc" else name
-            if column != metric:
-                row[column] = _best(client, run, name) if name == "val/auroc" else metrics.get(name)
-        row["dataset"] = _dataset(run)  # last: the ranked metric keeps its column
-        rows.append(row)
+    rows = [_row(client, run, metric, names) for run in runs]
     ascending = lower_is_better(metric) if order == "auto" else order == "ascending"
     table = pd.DataFrame(rows).sort_values(metric, ascending=ascending, na_position="last", kind="stable")
     if not mixed_datasets and table["dataset"].nunique() > 1:  # rank within each dataset, best group first
@@ -199,6 +147,31 @@ def runs_table(
         rank = dict(zip(table.loc[first, "dataset"], range(int(first.sum())), strict=True))
         table = table.sort_values("dataset", key=lambda d: d.map(rank), kind="stable")
     return table.reset_index(drop=True), metric
+
+
+def _row(client: Any, run: Any, metric: str, names: dict[str, str]) -> dict[str, Any]:
+    """A run's row: what it fitted (backbone, weights, input, epochs, learning rates) and its metrics."""
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    parent = tags.get("mlflow.parentRunId", "")
+    row = {
+        "run": run.info.run_name,
+        "run_id": run.info.run_id,
+        "parent": names.get(parent, parent),
+        "status": run.info.status,
+        "start": datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M"),
+        "backbone": params.get("model.backbone", ""),
+        "pretrained": params.get("model.pretrained", ""),
+        "image_size": params.get("data.resolved.image_size") or params.get("data.image_size", ""),
+        "epochs": params.get("trainer.max_epochs", ""),
+        "lrs": _learning_rates(params),
+        metric: metrics.get(metric),
+    }
+    for name in STANDARD_METRICS:
+        column = "best val/auroc" if name == "val/auroc" else name
+        if column != metric:
+            row[column] = _best(client, run, name) if name == "val/auroc" else metrics.get(name)
+    row["dataset"] = _dataset(run)  # last: the ranked metric keeps its column
+    return row
 
 
 def _dataset(run: Any) -> str:
@@ -263,7 +236,15 @@ def _print_table(table: pd.DataFrame, title: str) -> None:
     console.print(rich_table)
 
 
-def compare(
+@dataclass(frozen=True)
+class CompareResult:
+    """The runs table, best run first, and the metric it is ranked by (as logged)."""
+
+    table: pd.DataFrame
+    metric: str
+
+
+def run_compare(
     experiment: str = "medtransfer",
     metric: str = "test/auroc",
     tracking_uri: str | None = None,
@@ -274,7 +255,7 @@ def compare(
     max_runs: int = 1000,
     order: Literal["auto", "descending", "ascending"] = "auto",
     mixed_datasets: bool = False,
-) -> pd.DataFrame:
+) -> CompareResult:
     """Compare the runs of an MLflow experiment: a table on the terminal, optionally CSV, markdown and a plot.
 
     Args:
@@ -289,17 +270,22 @@ def compare(
         order: ``auto`` ranks losses, AURC, ECE and risks ascending and everything else descending.
         mixed_datasets: rank runs of different datasets (the dataset column: name and digest of the validation data)
             together; by default each dataset's runs are ranked among themselves, one group after another.
-
-    Returns:
-        The table, best run first.
     """
     from mlflow import MlflowClient
 
-    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    client = MlflowClient(resolve_tracking_uri(tracking_uri, existing=True))
     table, metric = runs_table(client, experiment, metric, filter_string, max_runs, order, mixed_datasets)
     groups = table["dataset"].nunique()
     grouped = f", ranked within each of {groups} datasets" if groups > 1 and not mixed_datasets else ""
     _print_table(table, f"{len(table)} run{'s' * (len(table) != 1)} of {experiment!r} by {metric}{grouped}")
+    _write_outputs(table, metric, csv, markdown, plot)
+    return CompareResult(table, metric)
+
+
+def _write_outputs(
+    table: pd.DataFrame, metric: str, csv: Path | None, markdown: Path | None, plot: Path | None
+) -> None:
+    """The table as CSV and markdown and the metric's bar chart, each where asked."""
     if csv is not None:
         write_text_atomic(csv, table.to_csv(index=False))
         print(f"Table: {csv}")
@@ -311,15 +297,14 @@ def compare(
 
         save_figure(plot_metric(table, metric), plot)
         print(f"Plot: {plot}")
-    return table
 
 
 def main(args: list[str] | None = None) -> None:
-    """``medtransfer compare``: the typed ``compare`` as a command line (jsonargparse)."""
+    """``medtransfer compare``: the typed ``run_compare`` as a command line (jsonargparse)."""
     from jsonargparse import auto_cli
 
     with exit_on_user_error():
-        auto_cli(compare, args=args, prog="medtransfer compare")
+        auto_cli(run_compare, args=args, prog="medtransfer compare")
 
 
 if __name__ == "__main__":

@@ -14,27 +14,27 @@ that best checkpoint is added.
 
 from __future__ import annotations
 
-import csv
-import io
+import itertools
 import json
 import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
+import pandas as pd
+import yaml
+
+from medtransfer.commands.run_fit import resolve_fit_config, run_child_fit, sweep_tracking
 from medtransfer.errors import MedtransferError, exit_on_user_error
 from medtransfer.files import write_text_atomic
+from medtransfer.tracking.mlflow import MLflowLogger, open_run
 from medtransfer.tracking.redaction import redact
-from medtransfer.upstream import mlflow_logger_settings
 
-if TYPE_CHECKING:
-    from medtransfer.commands.run_fit import FitResult
-
-__all__ = ["CurvePoint", "learning_curve", "main", "plot_learning_curve", "read_curve_csv"]
+__all__ = ["CurvePoint", "LearningCurveResult", "main", "plot_learning_curve", "run_learning_curve"]
 
 _logger = logging.getLogger(__name__)
 
@@ -53,14 +53,6 @@ class CurvePoint:
     test_metric: float
     run_id: str
     seconds: float
-
-
-def _config_stack(config: str, base_config: str | None) -> list[str]:
-    stack = [base_config, config] if base_config else [config]
-    for path in stack:
-        if not Path(path).is_file():
-            raise MedtransferError(f"Config file not found: {path}")
-    return stack
 
 
 def _at_selected_epoch(client, run_id: str, metric: str, trainer) -> tuple[int, float, float]:
@@ -84,62 +76,19 @@ def _at_selected_epoch(client, run_id: str, metric: str, trainer) -> tuple[int, 
     return index, train_value, val[index].value
 
 
-def _point(
-    result: FitResult, label: str, fraction: float, seed: int, metric: str, seconds: float, client
-) -> CurvePoint:
-    """The curve's point of one finished fit: its metrics at the selected epoch."""
-    if result.interrupted:
-        raise KeyboardInterrupt
-    epoch, train_value, val_value = _at_selected_epoch(client, result.run_id, metric, result.trainer)
-    return CurvePoint(
-        config=label,
-        fraction=fraction,
-        seed=seed,
-        train_images=len(result.datamodule.datasets["train"]),
-        epoch=epoch,
-        train_metric=train_value,
-        val_metric=val_value,
-        test_metric=client.get_run(result.run_id).data.metrics.get(f"test/{metric}", math.nan),
-        run_id=result.run_id,
-        seconds=round(seconds, 1),
-    )
-
-
-def _probe(stack: list[str], fit_args: list[str]) -> tuple[tuple[str, str, str | None], str]:
-    """The first config's MLflow settings (tracking URI, experiment, artifact location) and dataset name, without
-    fitting: the parent run goes in the same store and experiment as the children."""
-    import yaml
+def _probe(stack: list[str], fit_args: list[str]) -> tuple[dict[str, Any], str]:
+    """The first config's MLflow settings (:func:`sweep_tracking`) and dataset name, without fitting: the parent
+    run goes in the same store and experiment as the children."""
     from jsonargparse import ArgumentParser
 
-    from medtransfer.commands.run_fit import resolve_fit_config
     from medtransfer.data.base import ClassificationDataModule
-    from medtransfer.tracking.mlflow import MLflowLogger
 
     config = yaml.safe_load(resolve_fit_config(stack, fit_args=fit_args))
-    logger = (config.get("trainer") or {}).get("logger")
-    if not isinstance(logger, dict) or "MLflowLogger" not in str(logger.get("class_path", "")):
-        raise MedtransferError("learning-curve needs the MLflow logger (trainer.logger) in its configs")
+    tracking = sweep_tracking(config, "learning-curve")
     parser = ArgumentParser()
     parser.add_subclass_arguments(ClassificationDataModule, "data")
     data = parser.instantiate_classes(parser.parse_object({"data": config["data"]})).data
-    settings = mlflow_logger_settings(MLflowLogger(**logger.get("init_args") or {}))
-    return settings, getattr(data, "name", type(data).__name__)
-
-
-def _csv_text(points: Sequence[CurvePoint]) -> str:
-    stream = io.StringIO()
-    writer = csv.DictWriter(stream, [f.name for f in fields(CurvePoint)], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(asdict(p) for p in points)
-    return stream.getvalue()
-
-
-def read_curve_csv(path: str | Path) -> list[CurvePoint]:
-    """The points of a ``learning_curve.csv`` written by :func:`learning_curve`."""
-    types = {f.name: f.type for f in fields(CurvePoint)}
-    casts = {"str": str, "float": float, "int": int}
-    with open(path, newline="", encoding="utf-8") as stream:
-        return [CurvePoint(**{k: casts[types[k]](v) for k, v in row.items()}) for row in csv.DictReader(stream)]
+    return tracking, getattr(data, "name", type(data).__name__)
 
 
 def plot_learning_curve(points: Sequence[CurvePoint], metric: str = "auroc"):
@@ -172,7 +121,17 @@ def plot_learning_curve(points: Sequence[CurvePoint], metric: str = "auroc"):
     return fig
 
 
-def learning_curve(
+@dataclass(frozen=True)
+class LearningCurveResult:
+    """The points of a curve in run order, its MLflow parent run, and the CSV and plot written."""
+
+    points: list[CurvePoint]
+    parent_run_id: str
+    csv: Path
+    plot: Path
+
+
+def run_learning_curve(
     *,
     configs: list[str],
     fractions: list[float] = [0.05, 0.1, 0.25, 0.5, 1.0],  # noqa: B006 (jsonargparse shows the default)
@@ -181,7 +140,7 @@ def learning_curve(
     output_dir: str = "learning_curve",
     base_config: str | None = None,
     fit_args: list[str] = [],  # noqa: B006
-) -> list[CurvePoint]:
+) -> LearningCurveResult:
     """Fit every config at every training fraction and seed, as MLflow child runs of one parent run.
 
     Writes ``<output_dir>/learning_curve.csv`` (atomically, rewritten after every fit, so an interrupted curve
@@ -197,93 +156,102 @@ def learning_curve(
         output_dir: folder for the CSV and the plot.
         base_config: a config stacked under every one of ``configs`` (e.g. the default, with recipe overlays).
         fit_args: extra ``medtransfer fit`` arguments for every fit, e.g. ``["--trainer.max_epochs=5"]``.
-
-    Returns:
-        One point per fit, in run order.
     """
-    from mlflow.tracking import MlflowClient
+    stacks = _config_stacks(configs, fractions, seeds, base_config)
+    tracking, dataset = _probe(next(iter(stacks.values())), fit_args)
+    tags = {"medtransfer.command": "learning-curve", "curve.configs": json.dumps(list(configs))}
+    parent = open_run(run_name=f"learning-curve-{dataset}-{datetime.now():%Y%m%d-%H%M%S}", tags=tags, **tracking)
+    for key, value in {"fractions": fractions, "seeds": seeds, "metric": metric, "configs": list(configs),
+                       "base_config": base_config, "fit_args": fit_args}.items():  # fmt: skip
+        parent.experiment.log_param(parent.run_id, key, json.dumps(redact(value))[:6000])
+    print(f"Learning curve: parent MLflow run {parent.run_id} (experiment {parent.experiment_id}) in "
+          f"{redact(parent.tracking_uri)}")  # fmt: skip
+    grid = list(itertools.product(stacks.items(), fractions, seeds))
+    points: list[CurvePoint] = []
+    csv_path = Path(output_dir) / "learning_curve.csv"
+    with parent:  # FINISHED, KILLED on an interrupt, FAILED on an error
+        for (label, stack), fraction, seed in grid:
+            points.append(_fit_point(parent, label, stack, fraction, seed, metric, fit_args))
+            # rewritten after every fit: an interrupted curve keeps its finished points
+            write_text_atomic(csv_path, pd.DataFrame(points).to_csv(index=False, na_rep="nan"))
+            _report_point(parent, points[-1], f"{len(points)}/{len(grid)}", metric)
+        png_path = _plot(parent, points, metric, csv_path)
+    return LearningCurveResult(points, parent.run_id, csv_path, png_path)
 
-    from medtransfer.commands.run_fit import run_fit
 
+def _config_stacks(configs: list[str], fractions: list[float], seeds: list[int], base_config: str | None) \
+        -> dict[str, list[str]]:  # fmt: skip
+    """The config files of each curve by label (the file stem), all checked before any fit."""
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad or not fractions:
         raise MedtransferError(f"Expected argument `fractions` to be in (0, 1], but got {fractions}")
     if not configs or not seeds:
         raise MedtransferError("learning-curve needs at least one config and one seed")
-    stacks = {Path(c).stem: _config_stack(c, base_config) for c in configs}
+    stacks = {Path(c).stem: [base_config, c] if base_config else [c] for c in configs}
+    missing = [path for stack in stacks.values() for path in stack if not Path(path).is_file()]
+    if missing:
+        raise MedtransferError(f"Config file not found: {missing[0]}")
     if len(stacks) != len(configs):
         raise MedtransferError(f"Config file stems label the curves and must differ: {configs}")
-    (tracking_uri, experiment_name, artifact_location), dataset = _probe(next(iter(stacks.values())), fit_args)
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    experiment_id = (
-        experiment.experiment_id
-        if experiment is not None
-        else client.create_experiment(experiment_name, artifact_location=artifact_location)
-    )
-    parent = client.create_run(
-        experiment_id,
-        run_name=f"learning-curve-{dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}",
-        tags={"medtransfer.command": "learning-curve", "curve.configs": json.dumps(list(configs))},
-    ).info.run_id
-    for key, value in {"fractions": fractions, "seeds": seeds, "metric": metric, "configs": list(configs),
-                       "base_config": base_config, "fit_args": fit_args}.items():  # fmt: skip
-        client.log_param(parent, key, json.dumps(redact(value))[:6000])
-    print(f"Learning curve: parent MLflow run {parent} (experiment {experiment_id}) in {redact(tracking_uri)}")
-    points: list[CurvePoint] = []
-    csv_path = Path(output_dir) / "learning_curve.csv"
-    status = "FAILED"
-    try:
-        for label, stack in stacks.items():
-            for fraction in fractions:
-                for seed in seeds:
-                    tags = {"mlflow.parentRunId": parent, "curve.config": label, "curve.fraction": str(fraction),
-                            "curve.seed": str(seed)}  # fmt: skip
-                    overrides = {"data.init_args.train_fraction": fraction, "data.init_args.subset_seed": seed,
-                                 "seed_everything": seed, "trainer.logger.init_args.tracking_uri": tracking_uri,
-                                 "trainer.logger.init_args.experiment_name": experiment_name}  # fmt: skip
-                    start = time.perf_counter()
-                    result = run_fit(
-                        [*stack, {"mlflow_model.enabled": False}],
-                        overrides,
-                        fit_args=fit_args,
-                        run_name=f"{label}-f{fraction:g}-s{seed}",
-                        tags=tags,
-                    )  # no model export per point
-                    point = _point(result, label, fraction, seed, metric, time.perf_counter() - start, client)
-                    points.append(point)
-                    write_text_atomic(csv_path, _csv_text(points))  # an interrupted curve keeps its finished fits
-                    for stage in ("train", "val", "test"):
-                        value = getattr(point, f"{stage}_metric")
-                        if not math.isnan(value):
-                            client.log_metric(parent, f"{label}/{stage}_{metric}", value, step=point.train_images)
-                    print(
-                        f"[{len(points)}/{len(stacks) * len(fractions) * len(seeds)}] {label} fraction {fraction:g} "
-                        f"seed {seed}: {point.train_images} train images, train {metric} {point.train_metric:.4f}, "
-                        f"val {point.val_metric:.4f}, test {point.test_metric:.4f} ({point.seconds:.0f} s)",
-                        flush=True,
-                    )
-        from medtransfer.plots import save_figure
+    return stacks
 
-        png_path = save_figure(plot_learning_curve(points, metric), Path(output_dir) / "learning_curve.png")
-        client.log_artifact(parent, str(csv_path), "learning_curve")
-        client.log_artifact(parent, str(png_path), "learning_curve")
-        print(f"Wrote {csv_path} and {png_path}")
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        client.set_terminated(parent, status)
-    return points
+
+def _fit_point(parent: MLflowLogger, label: str, stack: list[str], fraction: float, seed: int, metric: str,
+               fit_args: list[str]) -> CurvePoint:  # fmt: skip
+    """One fit of the curve (a child run, no model export) and its point: the metrics at the selected epoch."""
+    tags = {"curve.config": label, "curve.fraction": str(fraction), "curve.seed": str(seed)}
+    overrides = {"data.init_args.train_fraction": fraction, "data.init_args.subset_seed": seed,
+                 "seed_everything": seed}  # fmt: skip
+    start = time.perf_counter()
+    result = run_child_fit(parent, [*stack, {"mlflow_model.enabled": False}], overrides, fit_args=fit_args,
+                           run_name=f"{label}-f{fraction:g}-s{seed}", tags=tags)  # fmt: skip
+    if result.interrupted:
+        raise KeyboardInterrupt
+    client = parent.experiment
+    epoch, train_value, val_value = _at_selected_epoch(client, result.run_id, metric, result.trainer)
+    return CurvePoint(
+        config=label,
+        fraction=fraction,
+        seed=seed,
+        train_images=len(result.datamodule.datasets["train"]),
+        epoch=epoch,
+        train_metric=train_value,
+        val_metric=val_value,
+        test_metric=client.get_run(result.run_id).data.metrics.get(f"test/{metric}", math.nan),
+        run_id=result.run_id,
+        seconds=round(time.perf_counter() - start, 1),
+    )
+
+
+def _report_point(parent: MLflowLogger, point: CurvePoint, progress: str, metric: str) -> None:
+    """Log the point's metrics to the parent run (the step: training images) and print them."""
+    for stage in ("train", "val", "test"):
+        value = getattr(point, f"{stage}_metric")
+        if not math.isnan(value):
+            parent.experiment.log_metric(parent.run_id, f"{point.config}/{stage}_{metric}", value,
+                                         step=point.train_images)  # fmt: skip
+    print(f"[{progress}] {point.config} fraction {point.fraction:g} seed {point.seed}: {point.train_images} train "
+          f"images, train {metric} {point.train_metric:.4f}, val {point.val_metric:.4f}, test {point.test_metric:.4f} "
+          f"({point.seconds:.0f} s)", flush=True)  # fmt: skip
+
+
+def _plot(parent: MLflowLogger, points: list[CurvePoint], metric: str, csv_path: Path) -> Path:
+    """Write the plot beside the CSV, and log both to the parent run."""
+    from medtransfer.plots import save_figure
+
+    png_path = save_figure(plot_learning_curve(points, metric), csv_path.with_name("learning_curve.png"))
+    for path in (csv_path, png_path):
+        parent.experiment.log_artifact(parent.run_id, str(path), "learning_curve")
+    print(f"Wrote {csv_path} and {png_path}")
+    return png_path
 
 
 def main(args: list[str] | None = None) -> None:
-    """``medtransfer learning-curve``: the typed ``learning_curve`` as a command line (jsonargparse)."""
+    """``medtransfer learning-curve``: the typed ``run_learning_curve`` as a command line (jsonargparse)."""
     from jsonargparse import auto_cli
 
     with exit_on_user_error():
-        auto_cli(learning_curve, args=args, prog="medtransfer learning-curve")
+        auto_cli(run_learning_curve, args=args, prog="medtransfer learning-curve")
 
 
 if __name__ == "__main__":

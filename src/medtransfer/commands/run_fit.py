@@ -1,8 +1,8 @@
-"""``run_fit``: one ``medtransfer fit`` from Python, config and typed overrides in, metrics and MLflow run out.
+"""``run_fit``: one ``medtransfer fit`` from Python, config and typed overrides in, metrics and MLflow run out;
+and ``run_child_fit``, a fit under a parent MLflow run: the engine of ``search`` and ``learning-curve``.
 
-What ``search`` and ``learning-curve`` call for each trial or point, instead of building ``fit``'s argv and
-reading its output. It goes through the same LightningCLI (:func:`~medtransfer.commands.fit.build_cli`), so a
-fit run this way behaves exactly as the command.
+Fits go through the same LightningCLI (:func:`~medtransfer.commands.fit.build_cli`) as the command, so a fit
+run this way behaves exactly as ``medtransfer fit``, without building its argv or reading its output.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
 from medtransfer.commands.fit import MedTransferCLI, build_cli
+from medtransfer.errors import MedtransferError
 from medtransfer.tracking.callbacks import find_mlflow_logger
+from medtransfer.tracking.mlflow import MLflowLogger
 
-__all__ = ["FitResult", "resolve_fit_config", "run_fit"]
+__all__ = ["FitResult", "resolve_fit_config", "run_child_fit", "run_fit", "sweep_tracking"]
 
 
 #: Config files and mappings of dotted options, applied in order (see :func:`run_fit`).
@@ -136,3 +138,27 @@ def _nested_key(config: Any, key: str) -> str:
             node, parts = node["init_args"], [*parts, "init_args"]
         node, parts = node.get(part) if hasattr(node, "get") else None, [*parts, part]
     return ".".join(parts)
+
+
+def sweep_tracking(config: Mapping[str, Any], command: str) -> dict[str, Any]:
+    """``experiment_name``, ``tracking_uri`` (resolved) and ``artifact_location`` of the MLflow logger of a
+    resolved fit config: where a sweep's parent run goes (``open_run(**sweep_tracking(...))``), beside its child
+    fits. An unreachable tracking server is an error here, before a study or a parent run is created."""
+    logger = (config.get("trainer") or {}).get("logger")
+    if not isinstance(logger, Mapping) or "MLflowLogger" not in str(logger.get("class_path", "")):
+        raise MedtransferError(f"medtransfer {command} needs the MLflow logger (trainer.logger: MLflowLogger)")
+    init = logger.get("init_args") or {}
+    tracking_uri = MLflowLogger(tracking_uri=init.get("tracking_uri")).tracking_uri  # a server must answer, now
+    return {"experiment_name": init.get("experiment_name") or "medtransfer", "tracking_uri": tracking_uri,
+            "artifact_location": init.get("artifact_location")}  # fmt: skip
+
+
+def run_child_fit(parent: MLflowLogger, config: _ConfigLayers, overrides: Mapping[str, Any], *, run_name: str,
+                  tags: Mapping[str, str], **kwargs: Any) -> FitResult:  # fmt: skip
+    """:func:`run_fit` as an MLflow child run of ``parent`` (tag ``mlflow.parentRunId``), in its store and
+    experiment: how ``search`` runs its trials and ``learning-curve`` its points. ``kwargs`` are ``run_fit``'s."""
+    experiment = parent.experiment.get_experiment(parent.experiment_id).name
+    where = {"trainer.logger.init_args.tracking_uri": parent.tracking_uri,
+             "trainer.logger.init_args.experiment_name": experiment}  # fmt: skip
+    tags = {"mlflow.parentRunId": parent.run_id, **tags}
+    return run_fit(config, {**overrides, **where}, run_name=run_name, tags=tags, **kwargs)

@@ -4,12 +4,12 @@
 --sampler random --n_trials 8 --workers 2 -- --trainer.max_epochs=4`` (also ``python -m medtransfer.commands.search``).
 
 - The search space is a YAML file of ``fit`` options (``commands.search_space``).
-- Every trial is one in-process ``fit`` (``commands.fit.run_fit``) of the base config plus the trial's values,
-  an MLflow child run of one parent run per study; the value of a trial is the best ``--metric`` over its
-  validation epochs, reported each epoch by optuna-integration's ``PyTorchLightningPruningCallback``. The test
-  split is never used to choose: ``test_after_fit`` is off in trials.
+- Every trial is one in-process ``fit`` of the base config plus the trial's values, an MLflow child run of one
+  parent run per study (``commands.run_fit.run_child_fit``, as ``learning-curve``'s points); its value is the best
+  ``--metric`` over its validation epochs, reported each epoch by optuna-integration's
+  ``PyTorchLightningPruningCallback``. The test split is never used to choose: ``test_after_fit`` is off.
 - The study lives in an Optuna RDB storage (SQLite file by default; PostgreSQL/MySQL for several nodes).
-  The process that creates the study queues all its trials; every process (``--workers`` starts extra local
+  The process that creates the study queues all its trials; every process (``--workers`` spawns extra local
   ones; other nodes run the same command) runs ``study.optimize``, which takes queued trials one at a time,
   until ``MaxTrialsCallback`` sees none left, so no trial runs twice and none is lost. A worker that dies is
   noticed by its stopped heartbeat and its trial is queued again.
@@ -20,14 +20,15 @@
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
+import multiprocessing
 import os
-import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,55 +39,31 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from medtransfer.commands.run_fit import resolve_fit_config, run_fit
-from medtransfer.commands.search_space import SearchParam, TrialSeededSampler, load_space, plan_trials, resolves_key
+from medtransfer.commands.run_fit import resolve_fit_config, run_child_fit, sweep_tracking
+from medtransfer.commands.search_space import (
+    SearchParam,
+    TrialSeededSampler,
+    load_space,
+    open_storage,
+    plan_trials,
+    resolves_key,
+)
 from medtransfer.errors import DataError, MedtransferError, exit_on_user_error
 from medtransfer.files import write_text_atomic
 from medtransfer.tracking.callbacks import find_mlflow_logger
+from medtransfer.tracking.mlflow import MLflowLogger, open_run
 from medtransfer.tracking.redaction import redact, redact_yaml
 
-__all__ = ["SearchParam", "load_space", "main", "open_storage", "run_search"]
+__all__ = ["SearchParam", "SearchResult", "load_space", "main", "open_storage", "run_search"]
 
 _logger = logging.getLogger(__name__)
-
-#: Seconds between heartbeats of a running trial; a trial silent for three times this is failed and re-queued.
-HEARTBEAT_SECONDS = 60
-
-
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """Optuna RDB storage for several processes: heartbeats (a dead worker's trial is failed and queued again)
-    and, for SQLite, a 30 s lock timeout and ``BEGIN IMMEDIATE`` transactions.
-
-    Why the latter: Python's ``sqlite3`` only opens a transaction at the first write, so the read-then-update
-    by which Optuna claims a queued trial is not atomic on SQLite, and two processes can claim the same trial.
-    Starting every transaction with ``BEGIN IMMEDIATE`` (SQLAlchemy's documented recipe) serialises them.
-    """
-    from sqlalchemy import event
-
-    sqlite = url.startswith("sqlite:///")
-    if sqlite and url != "sqlite:///:memory:":
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(
-            url,
-            engine_kwargs={"connect_args": {"timeout": 30}} if sqlite else None,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=3 * HEARTBEAT_SECONDS,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-        )
-    if sqlite:
-        event.listen(storage.engine, "connect", lambda connection, _: setattr(connection, "isolation_level", None))
-        event.listen(storage.engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
-        storage.engine.dispose()  # reopen pooled connections with the listener
-    return storage
 
 
 def _open_study(
     name: str,
     storage: optuna.storages.RDBStorage,
     settings: dict[str, Any],
-    create_parent: Any,
+    create_parent: Callable[[], str],
     pruner: optuna.pruners.BasePruner,
 ) -> optuna.Study:
     """Create the study (queue its trials, create the MLflow parent run), or join it once its creator is done."""
@@ -100,7 +77,7 @@ def _open_study(
     else:
         for params in plan:
             study.enqueue_trial(params)
-        study.set_user_attr("parent_run_id", create_parent(len(plan)))
+        study.set_user_attr("parent_run_id", create_parent())
         study.set_user_attr("settings", settings)  # last: joining processes wait for it
         return study
     for _ in range(600):
@@ -118,6 +95,12 @@ def _open_study(
     return study
 
 
+def _parent(study: optuna.Study) -> MLflowLogger:
+    """The study's MLflow parent run, whose child runs its trials are."""
+    settings, run_id = study.user_attrs["settings"], study.user_attrs["parent_run_id"]
+    return open_run(settings["experiment"], tracking_uri=settings["tracking_uri"], run_id=run_id)
+
+
 class _Pruning(PyTorchLightningPruningCallback):
     """Optuna's pruning callback that also keeps the fit's MLflow run id, for a pruned fit raises before
     ``run_fit`` returns it."""
@@ -132,27 +115,26 @@ class _Pruning(PyTorchLightningPruningCallback):
 
 def _objective(study: optuna.Study, params: list[SearchParam], config: Path, fit_args: list[str]) -> Any:
     """One in-process ``fit`` of a trial's values; its value is the best metric over its validation epochs."""
-    settings = study.user_attrs["settings"]
+    settings, parent = study.user_attrs["settings"], _parent(study)
     metric = settings["metric"]
 
     def objective(trial: optuna.Trial) -> float:
         values = {p.key: p.suggest(trial) for p in params}
         _logger.info("Trial %d of study %s: %s", trial.number, study.study_name, values)
         pruning = _Pruning(trial, monitor=metric)
-        tags = {"mlflow.parentRunId": study.user_attrs["parent_run_id"], "optuna.study": study.study_name,
-                "optuna.trial": str(trial.number)}  # fmt: skip
+        tags = {"optuna.study": study.study_name, "optuna.trial": str(trial.number)}
         try:
             # trials do not export or register a model (--fit_args may turn it back on); `fit --config best.yaml`
             # does; they are chosen on validation data, so the test split stays unseen
-            result = run_fit([config, {"mlflow_model.enabled": False}], values, fit_args=fit_args,
-                             callbacks=[pruning], run_name=f"{study.study_name}-trial-{trial.number}",
-                             tags=tags, test_after_fit=False)  # fmt: skip
+            result = run_child_fit(parent, [config, {"mlflow_model.enabled": False}], values, fit_args=fit_args,
+                                   callbacks=[pruning], run_name=f"{study.study_name}-trial-{trial.number}",
+                                   tags=tags, test_after_fit=False)  # fmt: skip
             pruning.check_pruned()  # under DDP the callback stops the fit and leaves raising to this
         except optuna.TrialPruned:
-            _mark_run(settings, pruning.run_id, "KILLED")
+            _mark_run(parent, pruning.run_id, "KILLED")
             raise
         except BaseException:
-            _mark_run(settings, pruning.run_id, "FAILED")
+            _mark_run(parent, pruning.run_id, "FAILED")
             raise
         finally:
             trial.set_user_attr("mlflow_run_id", pruning.run_id)  # in the trials table
@@ -165,14 +147,11 @@ def _objective(study: optuna.Study, params: list[SearchParam], config: Path, fit
     return objective
 
 
-def _mark_run(settings: dict[str, Any], run_id: str | None, status: str) -> None:
+def _mark_run(parent: MLflowLogger, run_id: str | None, status: str) -> None:
     """Give a trial's MLflow run the trial's fate: a pruned trial's run is ``KILLED`` and tagged ``PRUNED``."""
-    from mlflow.tracking import MlflowClient
-
     if run_id is not None:
-        client = MlflowClient(settings["tracking_uri"])
-        client.set_tag(run_id, "optuna.state", "PRUNED" if status == "KILLED" else "FAIL")
-        client.set_terminated(run_id, status)
+        parent.experiment.set_tag(run_id, "optuna.state", "PRUNED" if status == "KILLED" else "FAIL")
+        parent.experiment.set_terminated(run_id, status)
 
 
 def _work(study: optuna.Study, params: list[SearchParam], config: Path, fit_args: list[str]) -> int:
@@ -204,8 +183,7 @@ def _print_progress(study: optuna.Study, number: int, done: int, seconds: float)
 
 def _write_best(study: optuna.Study, config: Path, fit_args: list[str], output: Path) -> dict[str, Any] | None:
     """Write the best trial's full fit config to ``output`` and log it, the trials and a plot to the parent."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return None
     best = study.best_trial
     text = redact_yaml(resolve_fit_config(config, best.params, fit_args=fit_args))  # no secret of fit_args kept
@@ -220,11 +198,10 @@ def _log_to_parent(study: optuna.Study, output: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from mlflow.tracking import MlflowClient
 
-    settings, best = study.user_attrs["settings"], study.best_trial
-    client, run_id = MlflowClient(settings["tracking_uri"]), study.user_attrs["parent_run_id"]
-    client.log_metric(run_id, f"best_{settings['metric']}", best.value)
+    metric, best, parent = study.user_attrs["settings"]["metric"], study.best_trial, _parent(study)
+    parent.log_metrics({f"best_{metric}": best.value})
+    client, run_id = parent.experiment, parent.run_id
     client.set_tag(run_id, "best_trial", str(best.number))
     for key, value in best.params.items():
         client.set_tag(run_id, f"best.{key}", str(value))
@@ -232,27 +209,94 @@ def _log_to_parent(study: optuna.Study, output: Path) -> None:
     client.log_text(run_id, study.trials_dataframe().to_csv(index=False), "search/trials.csv")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        axes = optuna.visualization.matplotlib.plot_optimization_history(study, target_name=settings["metric"])
+        axes = optuna.visualization.matplotlib.plot_optimization_history(study, target_name=metric)
     client.log_figure(run_id, axes.figure, "search/optimization_history.png")
     plt.close(axes.figure)
 
 
-def _resolve_logger(config: Mapping[str, Any]) -> tuple[str, str]:
-    """The MLflow experiment and tracking URI a fit of this config logs to (trials become their runs)."""
-    from medtransfer.tracking.mlflow import MLflowLogger
-
-    logger = (config.get("trainer") or {}).get("logger")
-    if not isinstance(logger, Mapping) or "MLflowLogger" not in str(logger.get("class_path", "")):
-        raise MedtransferError("medtransfer search needs the MLflow logger (trainer.logger: MLflowLogger)")
-    init = logger.get("init_args") or {}
-    experiment = init.get("experiment_name") or "medtransfer"
-    return experiment, MLflowLogger(experiment_name=experiment, tracking_uri=init.get("tracking_uri")).tracking_uri
+def _create_parent(tracking: dict[str, Any], name: str, logged: dict[str, Any], space: Path) -> str:
+    """Open the study's MLflow parent run, with the search's settings as params and its space file."""
+    tags = {"optuna.study": name, "medtransfer.command": "search"}
+    parent = open_run(run_name=f"search-{name}", tags=tags, **tracking)
+    parent.log_hyperparams({f"search.{key}": value for key, value in logged.items()})
+    parent.experiment.log_text(parent.run_id, space.read_text(), f"search/{space.name}")
+    return parent.run_id
 
 
-def _spawn_workers(count: int, argv: list[str]) -> list[subprocess.Popen]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // (count + 1))))
-    command = [sys.executable, "-m", "medtransfer.commands.search", *argv]
-    return [subprocess.Popen(command, env=env) for _ in range(count)]
+def _pruner(pruning: bool, startup_trials: int, warmup_epochs: int) -> optuna.pruners.BasePruner:
+    if not pruning:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs)
+
+
+def _worker(name: str, storage: str, seed: int, pruner: optuna.pruners.BasePruner, params: list[SearchParam],
+            config: Path, fit_args: list[str], threads: int) -> None:  # fmt: skip
+    """An extra local worker process: run queued trials of the study until none is left."""
+    import torch
+
+    torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=name, storage=open_storage(storage), sampler=TrialSeededSampler(seed),
+                              pruner=pruner)  # fmt: skip
+    with exit_on_user_error():
+        _work(study, params, config, fit_args)
+
+
+def _work_with_workers(study: optuna.Study, params: list[SearchParam], config: Path, fit_args: list[str],
+                       storage: str, seed: int, extra: int) -> int:  # fmt: skip
+    """Run queued trials here and in ``extra`` more local processes (``spawn``: a fresh interpreter each, as
+    CUDA and MLflow's threads need); returns how many this process ran."""
+    threads = max(1, (os.cpu_count() or 1) // (extra + 1))
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_worker, args=(study.study_name, storage, seed, study.pruner, params,
+                                                       config, fit_args, threads)) for _ in range(extra)]  # fmt: skip
+    for process in processes:
+        process.start()
+    try:
+        ran = _work(study, params, config, fit_args)
+    finally:
+        for process in processes:
+            process.join()
+    failed = sum(process.exitcode != 0 for process in processes)
+    if failed:
+        raise MedtransferError(f"{failed} search worker process(es) failed; see their output")
+    return ran
+
+
+def _check_space(config: Path, space: Path, params: list[SearchParam], fit_args: list[str]) -> dict[str, Any]:
+    """The MLflow settings of the config's fits (:func:`sweep_tracking`), once each key of the space is a fit option."""
+    resolved = yaml.safe_load(resolve_fit_config(config, fit_args=fit_args))
+    unknown = [p.key for p in params if not resolves_key(resolved, p.key)]
+    if unknown:
+        raise DataError(f"{space}: search space key {unknown[0]!r} is not an option of `medtransfer fit`")
+    return sweep_tracking(resolved, "search")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """What :func:`run_search` did: the study, trials per state, the best trial and the MLflow parent run."""
+
+    study: str
+    ran: int
+    storage: str = ""
+    trials: dict[str, int] = field(default_factory=dict)
+    best: dict[str, Any] | None = None
+    parent_run_id: str | None = None
+    output: str | None = None
+    unfinished: int = 0
+
+
+def _finish(study: optuna.Study, storage: str, ran: int, config: Path, fit_args: list[str], output: Path) \
+        -> SearchResult:  # fmt: skip
+    """Write the best config, end the parent run once no trial is left, and sum the study up."""
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    counts = {state.name: states.count(state) for state in TrialState if state in states}
+    best = _write_best(study, config, fit_args, output)
+    unfinished = counts.get("RUNNING", 0) + counts.get("WAITING", 0)
+    if not unfinished:
+        _parent(study).finalize("success")
+    return SearchResult(study.study_name, ran, redact(storage), counts, best, study.user_attrs["parent_run_id"],
+                        str(output) if best else None, unfinished)  # fmt: skip
 
 
 def run_search(
@@ -272,7 +316,7 @@ def run_search(
     output: Path = Path("best.yaml"),
     fit_args: list[str] | None = None,
     worker_only: bool = False,
-) -> dict[str, Any]:
+) -> SearchResult:
     """Search hyperparameters of a ``fit`` config with Optuna; each trial an MLflow child run.
 
     Args:
@@ -294,84 +338,41 @@ def run_search(
             also accepted after ``--`` on the command line.
         worker_only: only run trials of an existing study (what the extra ``workers`` processes do).
     """
-    fit_args = list(fit_args or [])
+    config, space, fit_args = Path(config), Path(space), list(fit_args or [])
     params = load_space(space, sampler)
-    resolved = yaml.safe_load(resolve_fit_config(config, fit_args=fit_args))
-    unknown = [p.key for p in params if not resolves_key(resolved, p.key)]
-    if unknown:
-        raise DataError(f"{space}: search space key {unknown[0]!r} is not an option of `medtransfer fit`")
-    experiment, tracking_uri = _resolve_logger(resolved)
-    name = study_name or f"{Path(config).stem}-{Path(space).stem}-{sampler}"
-    db = open_storage(storage)
+    tracking = _check_space(config, space, params, fit_args)
+    name = study_name or f"{config.stem}-{space.stem}-{sampler}"
+    plan = [] if worker_only else plan_trials(params, sampler, n_trials)
     settings = {
         "space": {p.key: p.as_dict() for p in params}, "sampler": sampler, "metric": metric,
-        "direction": direction, "seed": seed, "tracking_uri": tracking_uri, "experiment": experiment,
-        "plan": [] if worker_only else plan_trials(params, sampler, n_trials),
+        "direction": direction, "seed": seed, "tracking_uri": tracking["tracking_uri"],
+        "experiment": tracking["experiment_name"], "plan": plan,
     }  # fmt: skip
-
-    def create_parent(planned: int) -> str:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri)
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-        tags = {"optuna.study": name, "medtransfer.command": "search"}
-        run = client.create_run(experiment_id, run_name=f"search-{name}", tags=tags)
-        logged = {"sampler": sampler, "metric": metric, "direction": direction, "n_trials": planned,
-                  "pruning": pruning, "storage": redact(storage), "config": str(config)}  # fmt: skip
-        for key, value in logged.items():
-            client.log_param(run.info.run_id, f"search.{key}", value)
-        client.log_text(run.info.run_id, Path(space).read_text(), f"search/{Path(space).name}")
-        return run.info.run_id
-
-    pruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=pruning_startup_trials, n_warmup_steps=pruning_warmup_epochs)
-        if pruning
-        else optuna.pruners.NopPruner()
-    )
-    study = _open_study(name, db, settings, create_parent, pruner)
-    extra: list[subprocess.Popen] = []
-    if workers > 1 and not worker_only:
-        argv = ["--config", str(config), "--space", str(space), "--sampler", sampler, "--storage", storage,
-                "--study_name", name, "--metric", metric, "--direction", direction, "--pruning", str(pruning).lower(),
-                "--pruning_startup_trials", str(pruning_startup_trials), "--seed", str(seed),
-                "--pruning_warmup_epochs", str(pruning_warmup_epochs), "--fit_args", json.dumps(fit_args),
-                "--worker_only", "true"]  # fmt: skip
-        extra = _spawn_workers(workers - 1, argv)
-    try:
-        ran = _work(study, params, Path(config), fit_args)
-    finally:
-        codes = [process.wait() for process in extra]
-    if any(codes):
-        raise MedtransferError(f"{sum(1 for c in codes if c)} search worker process(es) failed; see their output")
+    logged = {"sampler": sampler, "metric": metric, "direction": direction, "n_trials": len(plan),
+              "pruning": pruning, "storage": redact(storage), "config": str(config)}  # fmt: skip
+    create_parent = functools.partial(_create_parent, tracking, name, logged, space)
+    pruner = _pruner(pruning, pruning_startup_trials, pruning_warmup_epochs)
+    study = _open_study(name, open_storage(storage), settings, create_parent, pruner)
+    ran = _work_with_workers(study, params, config, fit_args, storage, seed, 0 if worker_only else workers - 1)
     if worker_only:
-        return {"study": name, "ran": ran}
-    states = [t.state for t in study.get_trials(deepcopy=False)]
-    counts = {state.name: states.count(state) for state in TrialState if state in states}
-    best = _write_best(study, Path(config), fit_args, Path(output))
-    unfinished = counts.get("RUNNING", 0) + counts.get("WAITING", 0)
-    if not unfinished:
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(tracking_uri).set_terminated(study.user_attrs["parent_run_id"], "FINISHED")
-    result = {"study": name, "storage": redact(storage), "trials": counts, "ran": ran, "best": best,
-              "parent_run_id": study.user_attrs["parent_run_id"], "output": str(output) if best else None}  # fmt: skip
-    _print_summary(result, metric, unfinished)
+        return SearchResult(name, ran)
+    result = _finish(study, storage, ran, config, fit_args, Path(output))
+    _print_summary(result, metric)
     return result
 
 
-def _print_summary(result: dict[str, Any], metric: str, unfinished: int) -> None:
-    counts = ", ".join(f"{n} {state.lower()}" for state, n in result["trials"].items())
-    lines = [f"Study {result['study']} in {result['storage']}: {counts}"]
-    if unfinished:
-        lines.append(f"{unfinished} trial(s) still queued or running in other processes")
-    if result["best"]:
-        best = result["best"]
+def _print_summary(result: SearchResult, metric: str) -> None:
+    counts = ", ".join(f"{n} {state.lower()}" for state, n in result.trials.items())
+    lines = [f"Study {result.study} in {result.storage}: {counts}"]
+    if result.unfinished:
+        lines.append(f"{result.unfinished} trial(s) still queued or running in other processes")
+    if result.best:
+        best = result.best
         lines.append(f"Best trial {best['trial']}: {metric} = {best['value']:.4f} with {best['params']}")
-        lines.append(f"Best config: {result['output']}  ->  medtransfer fit --config {result['output']}")
+        lines.append(f"Best config: {result.output}  ->  medtransfer fit --config {result.output}")
     else:
         lines.append("No trial completed, so no best config was written")
-    lines.append(f"MLflow parent run {result['parent_run_id']}; its trials are child runs (make ui)")
+    lines.append(f"MLflow parent run {result.parent_run_id}; its trials are child runs (make ui)")
     print("\n".join(lines), flush=True)
 
 

@@ -1,4 +1,5 @@
-"""The search space of ``medtransfer search``: a YAML file of ``fit`` options, each a typed Optuna dimension.
+"""The search space of ``medtransfer search``, a YAML file of ``fit`` options, each a typed Optuna dimension; and
+what the processes sharing a study need: its seeded sampler and its RDB storage.
 
 Keys are ``fit`` options (``model.optimizer.init_args.lr``), each with a ``type`` (``float``, ``int``,
 ``categorical``), bounds or choices, ``log: true`` for log-uniform draws, and a ``grid:`` list for
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import warnings
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,7 +24,15 @@ from optuna.samplers import RandomSampler
 
 from medtransfer.errors import DataError, MedtransferError
 
-__all__ = ["SearchParam", "TrialSeededSampler", "load_space", "plan_trials", "resolves_key"]
+__all__ = [
+    "HEARTBEAT_SECONDS",
+    "SearchParam",
+    "TrialSeededSampler",
+    "load_space",
+    "open_storage",
+    "plan_trials",
+    "resolves_key",
+]
 
 _TYPES = ("float", "int", "categorical")
 _FIELDS = {"type", "low", "high", "log", "step", "choices", "grid"}
@@ -160,3 +170,36 @@ class TrialSeededSampler(RandomSampler):
     ) -> Any:
         seed = zlib.crc32(f"{self._base_seed}/{trial.number}/{param_name}".encode())
         return RandomSampler(seed=seed).sample_independent(study, trial, param_name, param_distribution)
+
+
+#: Seconds between heartbeats of a running trial; a trial silent for three times this is failed and re-queued.
+HEARTBEAT_SECONDS = 60
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna RDB storage for several processes: heartbeats (a dead worker's trial is failed and queued again)
+    and, for SQLite, a 30 s lock timeout and ``BEGIN IMMEDIATE`` transactions.
+
+    Why the latter: Python's ``sqlite3`` only opens a transaction at the first write, so the read-then-update
+    by which Optuna claims a queued trial is not atomic on SQLite, and two processes can claim the same trial.
+    Starting every transaction with ``BEGIN IMMEDIATE`` (SQLAlchemy's documented recipe) serialises them.
+    """
+    from sqlalchemy import event
+
+    sqlite = url.startswith("sqlite:///")
+    if sqlite and url != "sqlite:///:memory:":
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(
+            url,
+            engine_kwargs={"connect_args": {"timeout": 30}} if sqlite else None,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=3 * HEARTBEAT_SECONDS,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+        )
+    if sqlite:
+        event.listen(storage.engine, "connect", lambda connection, _: setattr(connection, "isolation_level", None))
+        event.listen(storage.engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
+        storage.engine.dispose()  # reopen pooled connections with the listener
+    return storage

@@ -28,13 +28,10 @@ from medtransfer.upstream import (
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
-    "PROBE_TIMEOUT_S",
     "MLflowLogger",
     "check_reachable",
-    "create_store_once",
-    "local_sqlite_path",
+    "open_run",
     "resolve_tracking_uri",
-    "without_credentials",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -43,20 +40,33 @@ _logger = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 
 
-def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
-    """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded store; a SQLite path made absolute."""
+def resolve_tracking_uri(tracking_uri: str | None = None, *, existing: bool = False) -> str:
+    """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded store; a SQLite path made absolute.
+
+    With ``existing`` (for commands that only read runs, like ``compare``), a local SQLite store must exist, so
+    a typo never creates an empty one, and a tracking server must answer.
+    """
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    database = local_sqlite_path(tracking_uri)
-    return f"sqlite:///{database.resolve()}" if database is not None else tracking_uri
+    database = _local_sqlite_path(tracking_uri)
+    if database is not None:
+        tracking_uri = f"sqlite:///{database.resolve()}"
+    if existing and database is not None and not database.is_file():
+        raise MedtransferError(
+            f"No MLflow store at {database}: run `medtransfer fit` in this folder first, or point --tracking_uri "
+            "(or $MLFLOW_TRACKING_URI) at your store."
+        )
+    if existing:
+        check_reachable(tracking_uri, hint="omit --tracking_uri and unset MLFLOW_TRACKING_URI")
+    return tracking_uri
 
 
-def local_sqlite_path(tracking_uri: str) -> Path | None:
+def _local_sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI, or ``None`` for any other store."""
     prefix = "sqlite:///"
     return Path(tracking_uri[len(prefix) :]) if tracking_uri.startswith(prefix) else None
 
 
-def create_store_once(tracking_uri: str, database: Path) -> None:
+def _create_store_once(tracking_uri: str, database: Path) -> None:
     """Create (and migrate) the SQLite store at ``database`` under an exclusive lock on ``<database>.lock``.
 
     MLflow creates its tables and runs its schema migrations on first use; two processes doing so on a fresh
@@ -79,7 +89,7 @@ def create_store_once(tracking_uri: str, database: Path) -> None:
 PROBE_TIMEOUT_S = 5.0
 
 
-def without_credentials(uri: str) -> str:
+def _without_credentials(uri: str) -> str:
     """``uri`` without its ``user:password@`` and trailing ``/``: the server's address to probe or to show."""
     parts = urlsplit(uri)
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/")
@@ -104,7 +114,7 @@ def check_reachable(
     if parts.scheme not in ("http", "https"):
         return
     # urllib reads ``user:password@`` as part of the host name; MLflow's client (requests) sends it as basic auth
-    request = urllib.request.Request(without_credentials(tracking_uri) + "/health")
+    request = urllib.request.Request(_without_credentials(tracking_uri) + "/health")
     if parts.username is not None:
         credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
         request.add_header("Authorization", "Basic " + base64.b64encode(credentials).decode())
@@ -156,10 +166,10 @@ class MLflowLogger(MLFlowLogger):
             # MLflow prints "View run ... at: <tracking URI>" when a run ends, password and all; its public switch
             # turns that off and finalize prints the link without the credentials instead
             os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-        database = local_sqlite_path(tracking_uri)
+        database = _local_sqlite_path(tracking_uri)
         if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
-            create_store_once(tracking_uri, database)
+            _create_store_once(tracking_uri, database)
             if artifact_location is None:
                 artifact_location = (database.parent / "artifacts").resolve().as_uri()
         super().__init__(
@@ -175,6 +185,13 @@ class MLflowLogger(MLFlowLogger):
     @property
     def tracking_uri(self) -> str:
         return mlflow_logger_settings(self)[0]
+
+    def __enter__(self) -> MLflowLogger:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
+        """Leaving a ``with`` block ends the run: ``FINISHED``, ``KILLED`` on an interrupt, else ``FAILED``."""
+        self.finalize("success" if kind is None else "KILLED" if issubclass(kind, KeyboardInterrupt) else "failed")
 
     @property
     def started(self) -> bool:
@@ -268,7 +285,7 @@ class MLflowLogger(MLFlowLogger):
                 self._write_metrics(metrics, step)
         super().finalize("KILLED" if self.killed and status == "failed" else status)
         if urlsplit(self.tracking_uri).password is not None and self.run_id is not None:
-            server = without_credentials(self.tracking_uri)
+            server = _without_credentials(self.tracking_uri)
             print(f"View run {self.run_id} at: {server}/#/experiments/{self.experiment_id}/runs/{self.run_id}")
 
     @property
@@ -316,3 +333,26 @@ class MLflowLogger(MLFlowLogger):
             if not metrics:
                 return
         super().log_metrics(metrics, step)
+
+
+def open_run(
+    experiment_name: str = "medtransfer",
+    run_name: str | None = None,
+    tracking_uri: str | None = None,
+    tags: dict[str, Any] | None = None,
+    run_id: str | None = None,
+    artifact_location: str | None = None,
+) -> MLflowLogger:
+    """Open a new MLflow run, or continue ``run_id``: how every command that is not a Lightning fit starts its run.
+
+    Returns the :class:`MLflowLogger` writing to it, with the run already created: ``logger.run_id``,
+    ``logger.experiment_id``, ``logger.tracking_uri`` (resolved as :func:`resolve_tracking_uri`), and
+    ``logger.experiment``, the ``MlflowClient`` for anything beyond ``log_hyperparams``/``log_metrics``
+    (artifacts, tags, figures). End the run with ``logger.finalize("success" | "failed" | "KILLED")``, or open
+    it as ``with open_run(...) as logger:``, which ends it by how the block ends. The arguments are
+    :class:`MLflowLogger`'s.
+    """
+    logger = MLflowLogger(experiment_name, run_name, tracking_uri, tags, artifact_location=artifact_location,
+                          run_id=run_id)  # fmt: skip
+    _ = logger.experiment  # Lightning creates the run on first use
+    return logger

@@ -9,7 +9,12 @@ import pandas as pd
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
-from torchmetrics.functional.classification import binary_auroc, binary_calibration_error, binary_roc
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    binary_calibration_error,
+    binary_roc,
+    multiclass_confusion_matrix,
+)
 from typing_extensions import override
 
 from medtransfer import plots
@@ -159,9 +164,8 @@ class TestReportPlots(Callback):
         n = 2 if binary else probs.shape[1]
         names = class_names or [str(i) for i in range(n)]
         abstain = rule.abstains(probs)
-        matrix = torch.zeros(n, n, dtype=torch.long)
-        for truth, decision in zip(targets[~abstain].tolist(), decisions[~abstain].tolist(), strict=True):
-            matrix[truth, decision] += 1
+        kept = ~abstain
+        matrix = multiclass_confusion_matrix(decisions[kept].long(), targets[kept].long(), n, validate_args=False)
         referred = torch.bincount(targets[abstain], minlength=n)
         figures["confusion"] = plots.plot_confusion(matrix.numpy(), names, referred.tolist())
         return figures

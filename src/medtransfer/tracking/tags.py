@@ -29,7 +29,6 @@ __all__ = [
     "describe_pipeline",
     "file_sha256",
     "git_tags",
-    "manifest_sha256",
     "resolved_data_params",
     "run_tags",
 ]
@@ -58,11 +57,6 @@ def file_sha256(path: str | Path) -> str:
 
 
 file_sha256.cache_info = _sha256.cache_info  # type: ignore[attr-defined]
-
-
-def manifest_sha256(manifest: Any) -> str:
-    """SHA-256 of a manifest's content (:meth:`~medtransfer.data.sources.Manifest.sha256`)."""
-    return manifest.sha256()
 
 
 def git_tags(folder: str | Path | None = None) -> dict[str, str]:
@@ -113,7 +107,7 @@ def dataset_tags(datamodule: LightningDataModule | None) -> dict[str, str]:
             tags[f"dataset.{role}.sha256"] = file_sha256(path)
     manifest = getattr(datamodule, "manifest", None)
     if manifest is not None and len(manifest):
-        tags["dataset.manifest_sha256"] = manifest_sha256(manifest)
+        tags["dataset.manifest_sha256"] = manifest.sha256()
     return tags
 
 

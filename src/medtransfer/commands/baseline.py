@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile
 from timm.data import resolve_model_data_config
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -44,7 +44,7 @@ from medtransfer.decisions.fitting import DecisionFitting
 from medtransfer.decisions.report import guarantee_report, report_metrics, selective_report
 from medtransfer.decisions.rule import DecisionRule
 from medtransfer.decisions.thresholds import ThresholdPolicy
-from medtransfer.errors import DataError, exit_on_user_error
+from medtransfer.errors import DataError
 from medtransfer.metrics import functional as F
 from medtransfer.metrics.defined import stage_metrics
 from medtransfer.models.backbones import create_backbone
@@ -53,7 +53,7 @@ from medtransfer.progress import Progress
 from medtransfer.tracking.datasets import log_dataset_inputs
 from medtransfer.tracking.mlflow import open_run
 
-__all__ = ["DEFAULT_CS", "BaselineResult", "main", "run_baseline"]
+__all__ = ["DEFAULT_CS", "BaselineResult", "ConfigFile", "run_baseline"]
 
 _logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class BaselineResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-class _FitConfigFile(ActionConfigFile):
+class ConfigFile(ActionConfigFile):
     """``--config``: a ``medtransfer fit`` YAML (or a baseline one), minus what only training uses."""
 
     def __call__(self, parser, cfg, values, option_string=None):
@@ -340,7 +340,19 @@ def run_baseline(
             _log_plots(logger, rule, calibration, test_probs, y["test"], report, names)
         if log_model:
             _log_model(logger, model, rule, x["val"], names)
-    return BaselineResult(logger.run_id, label, logger.experiment_id, logger.tracking_uri, C, metrics)
+    result = BaselineResult(logger.run_id, label, logger.experiment_id, logger.tracking_uri, C, metrics)
+    _print_result(result)
+    return result
+
+
+def _print_result(result: BaselineResult) -> None:
+    m = result.metrics
+    print(
+        f"{result.name}: C={result.C:g} (validation AUROC {m['val/auroc']:.4f}), test AUROC {m['test/auroc']:.4f}, "
+        f"accuracy {m['test/acc']:.4f}\n"
+        f"MLflow run {result.run_id} (experiment {result.experiment_id}) in {result.tracking_uri}",
+        flush=True,
+    )
 
 
 def _frozen_backbone(backbone: str, pretrained: str, device: str) -> nn.Module:
@@ -364,33 +376,3 @@ def _params(data: ClassificationDataModule, decisions: DecisionFitting, label: s
         "baseline.train_images": len(x["train"]),
         **({"baseline.pixel_size": pixel_size} if features == "pixels" else {}),
     }  # fmt: skip
-
-
-def build_parser() -> ArgumentParser:
-    """The ``medtransfer baseline`` parser: ``run_baseline``'s arguments, and ``--config`` that reads fit YAMLs."""
-    parser = ArgumentParser(prog="medtransfer baseline", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", action=_FitConfigFile, help="A medtransfer fit (or baseline) YAML file.")
-    parser.add_function_arguments(run_baseline)
-    return parser
-
-
-def main(args: list[str] | None = None) -> BaselineResult:
-    """``medtransfer baseline``: the typed ``run_baseline`` as a command line (jsonargparse)."""
-    parser = build_parser()
-    with exit_on_user_error():
-        config = parser.parse_args(args)
-        init = parser.instantiate_classes(config)
-        init.pop("config", None)
-        result = run_baseline(**init)
-    m = result.metrics
-    print(
-        f"{result.name}: C={result.C:g} (validation AUROC {m['val/auroc']:.4f}), test AUROC {m['test/auroc']:.4f}, "
-        f"accuracy {m['test/acc']:.4f}\n"
-        f"MLflow run {result.run_id} (experiment {result.experiment_id}) in {result.tracking_uri}",
-        flush=True,
-    )
-    return result
-
-
-if __name__ == "__main__":
-    main()

@@ -4,8 +4,8 @@ Every command but Lightning's ``fit``/``validate``/``test`` is a function whose 
 parameters become positionals, a dataclass parameter a group (``--lr_find.phase``), and ``--config`` reads a YAML
 file of the options (unless the function has a ``config`` parameter of its own, or its module names another reader
 as ``ConfigFile``). A function with a ``fit_args`` parameter also takes ``fit``'s options: every option that is not
-its own (``--config`` among them, unless the function has a ``config``), and everything after ``--``, is handed to
-it as ``fit_args``, as the user wrote them.
+its own (``--config`` among them, unless the function has a ``config``), and everything after ``--``, is added to
+its ``fit_args`` (which ``--fit_args '[...]'`` also sets), as the user wrote them.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _PARSER_OPTIONS = {"help", "print_config"}
 
 
 def build_parser(function: Callable[..., Any], prog: str | None = None) -> ArgumentParser:
-    """The parser of ``function``'s command line (without ``fit_args``, which :func:`run_command` collects)."""
+    """The parser of ``function``'s command line."""
     description = (inspect.getdoc(function) or "").split("\n\n")[0]
     if "fit_args" in inspect.signature(function).parameters:
         description += "\nEvery option that is not listed here (and all after `--`) goes to fit (see fit --help)."
@@ -36,7 +36,7 @@ def build_parser(function: Callable[..., Any], prog: str | None = None) -> Argum
     if not (_takes(function, "config") or _takes(function, "fit_args")):  # else --config is the function's or fit's
         reader = getattr(sys.modules[function.__module__], "ConfigFile", ActionConfigFile)
         parser.add_argument("--config", action=reader, help="A YAML file of these options.")
-    parser.add_function_arguments(function, as_positional=True, skip={"fit_args"})
+    parser.add_function_arguments(function, as_positional=True)
     return parser
 
 
@@ -49,13 +49,15 @@ def run_command(target: str, args: list[str], prog: str | None = None) -> Any:
     function = getattr(importlib.import_module(module), name)
     with exit_on_user_error():
         parser = build_parser(function, prog)
-        own, fit_args = _split_fit_args(parser, args) if _takes(function, "fit_args") else (list(args), None)
+        own, fit_args = _split_fit_args(parser, args) if _takes(function, "fit_args") else (list(args), [])
         with warnings.catch_warnings():  # instantiate_classes is jsonargparse's documented way in LightningCLI too
             warnings.filterwarnings("ignore", message=r".*instantiate_classes")
             init = parser.instantiate_classes(parser.parse_args(own))
         if not _takes(function, "config"):
             init.pop("config", None)
-        return function(**init, **({} if fit_args is None else {"fit_args": fit_args}))
+        if fit_args:  # after those given as --fit_args '[...]'
+            init["fit_args"] = [*init["fit_args"], *fit_args]
+        return function(**init)
 
 
 def _takes(function: Callable[..., Any], parameter: str) -> bool:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import pandas as pd
 from matplotlib.figure import Figure
 
-from medtransfer.errors import MedtransferError, exit_on_user_error
+from medtransfer.errors import MedtransferError
 from medtransfer.files import write_text_atomic
 from medtransfer.tracking.datasets import DATASET_CONTEXT
 from medtransfer.tracking.mlflow import resolve_tracking_uri
@@ -29,7 +29,6 @@ __all__ = [
     "STANDARD_METRICS",
     "CompareResult",
     "lower_is_better",
-    "main",
     "normalise_metric",
     "plot_metric",
     "run_compare",
@@ -297,15 +296,3 @@ def _write_outputs(
 
         save_figure(plot_metric(table, metric), plot)
         print(f"Plot: {plot}")
-
-
-def main(args: list[str] | None = None) -> None:
-    """``medtransfer compare``: the typed ``run_compare`` as a command line (jsonargparse)."""
-    from jsonargparse import auto_cli
-
-    with exit_on_user_error():
-        auto_cli(run_compare, args=args, prog="medtransfer compare")
-
-
-if __name__ == "__main__":
-    main()

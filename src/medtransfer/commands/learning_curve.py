@@ -29,12 +29,12 @@ import pandas as pd
 import yaml
 
 from medtransfer.commands.run_fit import resolve_fit_config, run_child_fit, sweep_tracking
-from medtransfer.errors import MedtransferError, exit_on_user_error
+from medtransfer.errors import MedtransferError
 from medtransfer.files import write_text_atomic
 from medtransfer.tracking.mlflow import MLflowLogger, open_run
 from medtransfer.tracking.redaction import redact
 
-__all__ = ["CurvePoint", "LearningCurveResult", "main", "plot_learning_curve", "run_learning_curve"]
+__all__ = ["CurvePoint", "LearningCurveResult", "plot_learning_curve", "run_learning_curve"]
 
 _logger = logging.getLogger(__name__)
 
@@ -244,15 +244,3 @@ def _plot(parent: MLflowLogger, points: list[CurvePoint], metric: str, csv_path:
         parent.experiment.log_artifact(parent.run_id, str(path), "learning_curve")
     print(f"Wrote {csv_path} and {png_path}")
     return png_path
-
-
-def main(args: list[str] | None = None) -> None:
-    """``medtransfer learning-curve``: the typed ``run_learning_curve`` as a command line (jsonargparse)."""
-    from jsonargparse import auto_cli
-
-    with exit_on_user_error():
-        auto_cli(run_learning_curve, args=args, prog="medtransfer learning-curve")
-
-
-if __name__ == "__main__":
-    main()

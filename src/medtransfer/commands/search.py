@@ -24,7 +24,6 @@ import functools
 import logging
 import multiprocessing
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -54,7 +53,7 @@ from medtransfer.tracking.callbacks import find_mlflow_logger
 from medtransfer.tracking.mlflow import MLflowLogger, open_run
 from medtransfer.tracking.redaction import redact, redact_yaml
 
-__all__ = ["SearchParam", "SearchResult", "load_space", "main", "open_storage", "run_search"]
+__all__ = ["SearchParam", "SearchResult", "load_space", "open_storage", "run_search"]
 
 _logger = logging.getLogger(__name__)
 
@@ -338,6 +337,7 @@ def run_search(
             also accepted after ``--`` on the command line.
         worker_only: only run trials of an existing study (what the extra ``workers`` processes do).
     """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     config, space, fit_args = Path(config), Path(space), list(fit_args or [])
     params = load_space(space, sampler)
     tracking = _check_space(config, space, params, fit_args)
@@ -374,26 +374,3 @@ def _print_summary(result: SearchResult, metric: str) -> None:
         lines.append("No trial completed, so no best config was written")
     lines.append(f"MLflow parent run {result.parent_run_id}; its trials are child runs (make ui)")
     print("\n".join(lines), flush=True)
-
-
-def main(args: list[str] | None = None) -> None:
-    """``medtransfer search``: the typed ``run_search`` as a command line; options after ``--`` go to ``fit``.
-
-    (jsonargparse's ``auto_cli`` would add its own ``--config`` for a file of the command's options, which
-    shadows ``run_search``'s ``config``; so the parser is built from the function directly.)
-    """
-    from jsonargparse import ArgumentParser
-
-    argv = sys.argv[1:] if args is None else list(args)
-    if "--" in argv:  # ``-- --trainer.max_epochs=2 ...``: appended to ``fit_args``
-        index = argv.index("--")
-        argv = [*argv[:index], *(f"--fit_args+={item}" for item in argv[index + 1 :])]
-    parser = ArgumentParser(prog="medtransfer search", description=run_search.__doc__.splitlines()[0])
-    parser.add_function_arguments(run_search)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with exit_on_user_error():
-        run_search(**vars(parser.parse_args(argv)))
-
-
-if __name__ == "__main__":
-    main()

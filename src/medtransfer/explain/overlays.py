@@ -49,7 +49,7 @@ def overlay(
 
     Args:
         image: the original ``(H, W)`` grayscale or ``(H, W, 3)`` RGB ``uint8`` image, at any size.
-        heatmap: a ``(h, w)`` map in [0, 1] (e.g. one row of :func:`~medtransfer.explain.explain`); resized to the image.
+        heatmap: a ``(h, w)`` map in [0, 1] (one row of :func:`~medtransfer.explain.explain`); resized to the image.
         alpha: opacity of the colour where the map is 1 (0: the image only, 1: the colour only there).
         colormap: a matplotlib colour map name.
         mark_peak: draw a cross on the map's maximum (not when ``alpha`` is 0 or the map is all zero).

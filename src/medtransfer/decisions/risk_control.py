@@ -29,7 +29,7 @@ need a scikit-learn-style ``predict_function`` per call and cannot skip the cut-
 probability of the classes ranked down to the true one; the threshold is the
 :math:`\lceil (n + 1)(1 - \alpha) \rceil`-th smallest calibration score, so a new case's set holds its class
 with probability at least :math:`1 - \alpha`. Sets are rebuilt from that one number (stored with the model);
-``tests/decisions/test_risk_control.py`` checks them against MAPIE's ``SplitConformalClassifier(prefit=True)``.
+``tests/decisions/test_risk_control.py`` checks them against MAPIE's ``SplitConformalClassifier``.
 
 **Exchangeability.** Both guarantees hold for data exchangeable with the calibration data.
 :func:`check_exchangeability` compares the data at hand with the calibration scores stored in the model: a
@@ -54,7 +54,6 @@ __all__ = [
     "aps_sets",
     "calibration_summary",
     "check_exchangeability",
-    "conformal_classifier",
     "conformal_quantile",
     "control_selective_risk",
     "default_grid",
@@ -157,61 +156,24 @@ def min_testable(target_risk: float, delta: float) -> int:
 
 
 # ------------------------------------------------------------------------------------------ prediction sets
-def _ranked(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(-probs, axis=1, kind="stable")
-    return order, np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)
+def fit_aps_quantile(probs: Any, labels: Any, alpha: float, seed: int = 0) -> float:
+    """The APS threshold for coverage ``1 - alpha``: the finite-sample quantile of MAPIE's randomised APS
+    conformity scores (``APSConformityScore``, as its ``SplitConformalClassifier`` computes them) on the
+    calibration cases; ``inf`` (sets of every class) when there are too few.
 
-
-class _Prefit:
-    """Probabilities in, probabilities out: lets MAPIE conformalize scores that were computed elsewhere."""
-
-    _estimator_type = "classifier"
-
-    def __init__(self, num_classes: int) -> None:
-        self.classes_ = np.arange(num_classes)
-        self.n_features_in_ = num_classes
-
-    def fit(self, X: Any, y: Any) -> _Prefit:
-        return self
-
-    def predict_proba(self, X: Any) -> np.ndarray:
-        return np.asarray(X, dtype=np.float64)
-
-    def predict(self, X: Any) -> np.ndarray:
-        return np.asarray(X).argmax(axis=1)
-
-
-def conformal_classifier(probs: Any, labels: Any, alpha: float, seed: int = 0) -> Any:
-    """MAPIE's ``SplitConformalClassifier`` (APS, ``prefit``) conformalized on calibration probabilities."""
-    from mapie.classification import SplitConformalClassifier
+    The score is called directly rather than through the classifier, which refuses calibration labels of fewer
+    than three distinct classes; a two-class model gets a third, empty column, which changes no score.
+    """
+    from mapie.conformity_scores import APSConformityScore
 
     _check_open_unit("alpha", alpha)
-    probs = np.asarray(probs, dtype=np.float64)
-    classifier = SplitConformalClassifier(
-        _Prefit(probs.shape[1]), confidence_level=1 - alpha, conformity_score="aps", prefit=True, random_state=seed
-    )
-    return classifier.conformalize(probs, np.asarray(labels, dtype=np.int64))
-
-
-def fit_aps_quantile(probs: Any, labels: Any, alpha: float, seed: int = 0) -> float:
-    """The APS threshold for coverage ``1 - alpha``: the finite-sample quantile of MAPIE's (randomised) APS
-    conformity scores on the calibration cases; ``inf`` (sets of every class) when there are too few.
-
-    MAPIE refuses calibration labels of fewer than three distinct classes; the same randomised score is then
-    computed here (total probability of the classes ranked above the true one, plus ``U`` times its own).
-    """
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.int64)
     if math.ceil((len(labels) + 1) * (1 - alpha) - 1e-9) > len(labels):
-        _check_open_unit("alpha", alpha)
         return math.inf
-    if len(np.unique(labels)) >= 3:
-        return conformal_quantile(conformal_classifier(probs, labels, alpha, seed).conformity_scores, alpha)
-    order = np.argsort(-probs, axis=1, kind="stable")
-    cumulative = np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)
-    rank = np.argmax(order == labels[:, None], axis=1)
-    own = probs[np.arange(len(labels)), labels]
-    scores = cumulative[np.arange(len(labels)), rank] - np.random.default_rng(seed).uniform(size=len(labels)) * own
-    return conformal_quantile(scores, alpha)
+    probs = np.pad(probs, ((0, 0), (0, max(0, 3 - probs.shape[1]))))  # MAPIE's one-hot needs three columns
+    score = APSConformityScore()
+    score.set_external_attributes(classes=np.arange(probs.shape[1]), random_state=seed)
+    return conformal_quantile(score.get_conformity_scores(labels, probs, y_enc=labels), alpha)
 
 
 def conformal_quantile(scores: Any, alpha: float) -> float:
@@ -226,8 +188,9 @@ def aps_sets(probs: Any, quantile: float) -> np.ndarray:
     """``(N, C)`` membership: classes ranked down to (and including) the first whose cumulative probability
     reaches ``quantile`` (MAPIE's ``include_last_label=True``); the most probable class is always in the set."""
     probs = np.asarray(probs, dtype=np.float64)
-    order, cumulative = _ranked(probs)
-    before = cumulative - np.take_along_axis(probs, order, axis=1)
+    order = np.argsort(-probs, axis=1, kind="stable")
+    ranked = np.take_along_axis(probs, order, axis=1)
+    before = np.cumsum(ranked, axis=1) - ranked
     keep_ranked = before < quantile - 1e-12
     keep_ranked[:, 0] = True
     sets = np.zeros_like(keep_ranked)

@@ -18,7 +18,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -30,6 +29,7 @@ from medtransfer.decisions.report import COVERAGES
 from medtransfer.decisions.report import evaluation_table as evaluate_predictions  # the one report, per class
 from medtransfer.errors import DataError, exit_on_user_error
 from medtransfer.files import write_text_atomic
+from medtransfer.task import Task
 
 __all__ = [
     "CHESTXRAY14_FINDINGS",
@@ -45,8 +45,6 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 _THRESHOLD = 0.5  # decision threshold of the accuracy columns; confidence is the margin |p - 0.5|
-
-Task = Literal["multilabel", "binary", "multiclass"]
 
 
 # --------------------------------------------------------------------------------------------------- entry point

@@ -12,7 +12,7 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,7 @@ from medtransfer.decisions.risk_control import check_exchangeability
 from medtransfer.decisions.rule import DecisionRule
 from medtransfer.metrics import functional as F
 from medtransfer.metrics.defined import defined_labels, mask_undefined
+from medtransfer.task import Task
 
 __all__ = ["COVERAGES", "evaluation_table", "guarantee_report", "report_metrics", "selective_report"]
 
@@ -141,7 +142,7 @@ def evaluation_table(
     probs: np.ndarray | Tensor,
     targets: np.ndarray | Tensor,
     class_names: Sequence[str],
-    task: Literal["multilabel", "binary", "multiclass"] = "multilabel",
+    task: Task = "multilabel",
     threshold: float | Sequence[float] = 0.5,
 ) -> pd.DataFrame:
     """Per-class metrics of probabilities against targets, one-vs-rest, plus a macro ``mean`` row.

@@ -191,9 +191,9 @@ def test_evaluate_and_predict_check_their_scores_against_the_calibration_data(ca
     pd.DataFrame({"id": range(len(probs)), "label": names[targets.numpy()]}).to_csv(
         tmp_path / "labels.csv", index=False
     )
-    report = run_evaluate(tmp_path / "predictions.csv", tmp_path / "labels.csv", id_column="id",
+    result = run_evaluate(tmp_path / "predictions.csv", tmp_path / "labels.csv", id_column="id",
                           label_format="single", task="binary", model=str(tmp_path / "model.ckpt"))  # fmt: skip
-    verdict = report.attrs["guarantee"]
+    verdict = result.guarantee
     assert verdict["calibrated"] and verdict["risk_control"]["target_risk"] == 0.3
     assert 0 <= verdict["exchangeability"]["ks_p_value"] <= 1
 

@@ -231,8 +231,11 @@ class ExchangeabilityCheck:
             f"(p={self.rate_p_value:.3g})"
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+def _columns(values: Any, dtype: type) -> np.ndarray:
+    """``(N,)`` or ``(N, K)`` values as ``(N, K)``."""
+    values = np.asarray(values, dtype=dtype)
+    return values[:, None] if values.ndim == 1 else values
 
 
 def calibration_summary(confidence: Any, positives: Any, seed: int = 0) -> dict[str, Any]:
@@ -244,10 +247,7 @@ def calibration_summary(confidence: Any, positives: Any, seed: int = 0) -> dict[
         confidence: ``(N,)`` or ``(N, L)`` confidence scores of the calibration cases.
         positives: ``(N,)`` or ``(N, K)`` 0/1 decisions (binary decision, per label, or one-hot class).
     """
-    confidence = np.asarray(confidence, dtype=np.float64)
-    confidence = confidence[:, None] if confidence.ndim == 1 else confidence
-    positives = np.asarray(positives, dtype=np.int64)
-    positives = positives[:, None] if positives.ndim == 1 else positives
+    confidence, positives = _columns(confidence, np.float64), _columns(positives, np.int64)
     rows = np.arange(len(confidence))
     if len(rows) > MAX_STORED_SCORES:
         rows = np.sort(np.random.default_rng(seed).choice(len(rows), MAX_STORED_SCORES, replace=False))
@@ -263,10 +263,7 @@ def check_exchangeability(
 ) -> ExchangeabilityCheck:
     """Compare the data at hand with a :func:`calibration_summary`; ``shifted`` when a p-value is below ``level``."""
     _check_open_unit("level", level)
-    confidence = np.asarray(confidence, dtype=np.float64)
-    confidence = confidence[:, None] if confidence.ndim == 1 else confidence
-    positives = np.asarray(positives, dtype=np.int64)
-    positives = positives[:, None] if positives.ndim == 1 else positives
+    confidence, positives = _columns(confidence, np.float64), _columns(positives, np.int64)
     stored = summary["confidence"]
     if len(stored) != confidence.shape[1] or len(summary["positives"]) != positives.shape[1]:
         raise ValueError(f"Expected {len(stored)} confidence column(s) as calibrated, but got {confidence.shape[1]}")
@@ -324,7 +321,7 @@ def guarantee_verdict(rule: Any, calibration: dict[str, Any] | None, probs: list
     check = check_exchangeability(
         calibration["scores"], rule.confidence(stacked).cpu().numpy(), rule.positives(stacked).cpu().numpy(), level
     )
-    verdict["exchangeability"] = check.to_dict()
+    verdict["exchangeability"] = asdict(check)
     verdict["message"] = check.message()
     if check.shifted:
         _logger.warning("Exchangeability: %s. The calibration guarantee may not hold for these cases.", check.message())

@@ -366,10 +366,8 @@ def coverage_at_accuracy(
         tensor(0.2500)
     """
     if validate_args:
-        _check_pair(confidence, correct)
         _check_unit("min_accuracy", min_accuracy)
-    max_risk = 1.0 - min_accuracy
-    return _per_label(lambda c, k: _largest_coverage(c, k, max_risk), confidence, correct).to(_out_dtype(confidence))
+    return coverage_at_risk(confidence, correct, 1.0 - min_accuracy, validate_args)
 
 
 # ----------------------------------------------------------------------------------------- reliability

@@ -249,5 +249,5 @@ def box_iou(a: Sequence[float] | None, b: Sequence[float]) -> float:
     """torchvision's intersection over union of two ``x_min, y_min, x_max, y_max`` boxes (0 when ``a`` is ``None``)."""
     if a is None:
         return 0.0
-    pair = torch.tensor([a, b], dtype=torch.float64)
+    pair = torch.from_numpy(np.array([a, b], dtype=np.float64))
     return float(ops.box_iou(pair[:1], pair[1:])[0, 0].nan_to_num())

@@ -145,14 +145,14 @@ def explain_benchmark(
                 layers=[-1, -2, -3],
                 output=scratch / f"explain{size}.json",
                 tracking_uri=f"sqlite:///{scratch}/explain.db",
-            )
+            ).scores
             table += run_explain_eval(
                 str(test),
                 str(scored),
                 methods=["occlusion"],
                 output=scratch / f"occlusion{size}.json",
                 tracking_uri=f"sqlite:///{scratch}/explain.db",
-            )
+            ).scores
             fitted["explain_seconds"] = round(time.perf_counter() - start, 1)
             results["sizes"][str(size)] = {**fitted, "methods": table}
             out.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive a later failure

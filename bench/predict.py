@@ -89,7 +89,7 @@ def bare_loop(paths: list[Path], size: int) -> float:
 
 def predict_throughput(folder: Path, checkpoint: Path, out: Path) -> float:
     result = run_predict(str(folder), str(checkpoint), output=out, batch_size=BATCH)
-    return result["images_per_second"]
+    return result.images_per_second
 
 
 def peak_rss_mb(folder: Path, checkpoint: Path, out: Path) -> float:

@@ -151,7 +151,7 @@ def test_a_colour_model_given_gray_files_converts_them_and_says_so_once(fitted, 
         Image.fromarray(np.full((20, 20), 40 * i + 30, np.uint8)).save(tmp_path / f"gray{i}.png")
     with caplog.at_level(logging.WARNING, logger="medtransfer.commands.predict"):
         result = run_predict(str(tmp_path), str(fitted["best"]), output=tmp_path / "out.csv")
-    assert result["predicted"] == 3
+    assert result.predicted == 3
     notes = [r.message for r in caplog.records if "trained on rgb images" in r.message]
     assert len(notes) == 1 and "replicated to three channels" in notes[0]
 
@@ -187,7 +187,7 @@ def test_every_pydicom_test_file_predicts_or_gets_a_one_line_reason(fitted, tmp_
     assert predicted <= with_pixels
     share = len(predicted) / len(with_pixels)
     print(f"pydicom test files: {len(files)}, with pixel data {len(with_pixels)}, predicted {len(predicted)}")
-    assert share >= 0.85, result["failures"]
+    assert share >= 0.85, result.failures
 
 
 # --------------------------------------------------------------------------------------------- bad input

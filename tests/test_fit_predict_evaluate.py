@@ -44,9 +44,9 @@ def test_fit_predict_evaluate_reproduces_the_test_table(workdir, chestxray14_sam
     test_paths = chestxray14_manifest(labels, images, val_fraction=0.1, test_fraction=0.05).subset("test").paths
     pd.DataFrame({"path": [str(p) for p in test_paths]}).to_csv(workdir / "test_images.csv", index=False)
     predicted = run_predict(str(workdir / "test_images.csv"), str(best), output=workdir / "predictions.csv")
-    assert set(predicted["findings"]) == set(tested.index[:-1])  # counts per finding and decision, not combinations
-    assert all(sum(counts.values()) == len(test_paths) for counts in predicted["findings"].values())
-    assert set(predicted["decisions"]) <= {"decided", "abstain"}
+    assert set(predicted.findings) == set(tested.index[:-1])  # counts per finding and decision, not combinations
+    assert all(sum(counts.values()) == len(test_paths) for counts in predicted.findings.values())
+    assert set(predicted.decisions) <= {"decided", "abstain"}
     threshold = torch.load(best, weights_only=True)["state_dict"]["decision_threshold"].tolist()
     main(["evaluate", str(workdir / "predictions.csv"), str(labels), "--out_dir", str(workdir / "audit"),
           "--threshold", str(threshold)])  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -64,14 +65,8 @@ def plot_roc_per_label(curves: dict[str, tuple[Sequence[float], Sequence[float],
 
 def plot_label_counts(counts: np.ndarray, label_names: Sequence[str], columns: Sequence[str]) -> Figure:
     """Per-label decision counts (rows: labels; columns such as true/false positive/negative and abstain)."""
-    counts = np.asarray(counts)
     fig, ax = plt.subplots(figsize=(1.3 * len(columns) + 2.5, 0.4 * len(label_names) + 1.5))
-    ax.imshow(counts, cmap="Blues", aspect="auto")
-    for (row, col), value in np.ndenumerate(counts):
-        ax.text(col, row, str(int(value)), ha="center", va="center", fontsize="small",
-                color="white" if value > counts.max() / 2 else "black")  # fmt: skip
-    ax.set_xticks(range(len(columns)), columns)
-    ax.set_yticks(range(len(label_names)), label_names)
+    _count_grid(ax, np.asarray(counts), label_names, columns, aspect="auto", fontsize="small")
     ax.set(title="Decisions per label at its threshold")
     fig.tight_layout()
     return fig
@@ -124,15 +119,21 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], abstained: Se
         matrix = np.column_stack([matrix, np.asarray(abstained)])
         columns.append("abstain")
     fig, ax = plt.subplots(figsize=(1.4 * len(columns) + 1.5, 1.2 * len(class_names) + 1.2))
-    ax.imshow(matrix, cmap="Blues")
-    for (row, col), value in np.ndenumerate(matrix):
-        ax.text(col, row, str(int(value)), ha="center", va="center",
-                color="white" if value > matrix.max() / 2 else "black")  # fmt: skip
-    ax.set_xticks(range(len(columns)), columns)
-    ax.set_yticks(range(len(class_names)), class_names)
+    _count_grid(ax, matrix, class_names, columns)
     ax.set(xlabel="decision", ylabel="truth", title="Confusion at the decision threshold")
     fig.tight_layout()
     return fig
+
+
+def _count_grid(ax: Any, counts: np.ndarray, rows: Sequence[str], columns: Sequence[str], aspect: str = "equal",
+                fontsize: str = "medium") -> None:  # fmt: skip
+    """Counts as a blue grid, each cell's number written on it (white on the dark half)."""
+    ax.imshow(counts, cmap="Blues", aspect=aspect)
+    for (row, col), value in np.ndenumerate(counts):
+        ax.text(col, row, str(int(value)), ha="center", va="center", fontsize=fontsize,
+                color="white" if value > counts.max() / 2 else "black")  # fmt: skip
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_yticks(range(len(rows)), rows)
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:

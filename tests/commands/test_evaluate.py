@@ -32,7 +32,7 @@ SELECTIVE = ["sel_acc_80", "sel_acc_90", "sel_acc_95"]
 @pytest.fixture(scope="module")
 def chexnet_report(chexnet_dir) -> pd.DataFrame:
     """The report on all 22,433 test images of the CheXNet reproduction."""
-    return run_evaluate(chexnet_dir / "preds.csv", chexnet_dir / LABELS_GZ)
+    return run_evaluate(chexnet_dir / "preds.csv", chexnet_dir / LABELS_GZ).report
 
 
 @pytest.fixture(scope="module")
@@ -240,8 +240,8 @@ def test_columns_format_gives_the_same_report(small, tmp_path):
     table.insert(0, "Image Index", label_ids)
     columns_path = tmp_path / "columns.csv"
     table.iloc[::-1].to_csv(columns_path, index=False)  # another order: the join must not care
-    expected = run_evaluate(small.preds_path, small.labels_path)
-    pd.testing.assert_frame_equal(run_evaluate(small.preds_path, columns_path, label_format="columns"), expected)
+    expected = run_evaluate(small.preds_path, small.labels_path).report
+    pd.testing.assert_frame_equal(run_evaluate(small.preds_path, columns_path, label_format="columns").report, expected)
 
     bad = table.astype(str)
     bad.loc[3, "Hernia"] = "yes"
@@ -259,8 +259,8 @@ def test_binary_task_on_one_finding_matches_the_multilabel_row(small, tmp_path):
     preds_path, labels_path = tmp_path / "preds.csv", tmp_path / "labels.csv"
     pd.DataFrame({"Image Index": ids, "prob_Effusion": probs[:, k]}).to_csv(preds_path, index=False)
     pd.DataFrame({"Image Index": label_ids, "label": targets[:, k]}).to_csv(labels_path, index=False)
-    binary = run_evaluate(preds_path, labels_path, label_format="single", task="binary")
-    multilabel = run_evaluate(small.preds_path, small.labels_path)
+    binary = run_evaluate(preds_path, labels_path, label_format="single", task="binary").report
+    multilabel = run_evaluate(small.preds_path, small.labels_path).report
     assert binary.index.tolist() == ["Effusion", "mean"]
     pd.testing.assert_series_equal(binary.loc["Effusion"], multilabel.loc["Effusion"])
 
@@ -288,7 +288,7 @@ def test_multiclass_one_vs_rest_auroc_is_torchmetrics(tmp_path):
     pd.DataFrame({"id": frame["id"], "diagnosis": np.array(names)[target]}).to_csv(labels_path, index=False)
     from_files = run_evaluate(
         preds_path, labels_path, id_column="id", label_format="single", label_column="diagnosis", task="multiclass"
-    )
+    ).report
     assert np.allclose(from_files["auroc"], report["auroc"], atol=1e-6)
 
 
@@ -308,9 +308,9 @@ def test_predict_csv_is_matched_by_file_name_and_error_rows_left_out(small, tmp_
     lines += [f"/data/images/{r[0]}," + ",".join(r[1:]) + ",none,decided,,m.ckpt" for r in rows]
     lines.append("/data/images/broken.png," + "," * (len(probs) - 1) + ",,error,cannot read,m.ckpt")
     with caplog.at_level("WARNING", logger="medtransfer.commands.evaluate"):
-        from_predict = run_evaluate(_write(tmp_path / "predictions.csv", lines), small.labels_path)
+        from_predict = run_evaluate(_write(tmp_path / "predictions.csv", lines), small.labels_path).report
     assert "1 row(s) of images predict could not read" in caplog.text
-    by_id = run_evaluate(_write(tmp_path / "by_id.csv", small.preds[:51]), small.labels_path)
+    by_id = run_evaluate(_write(tmp_path / "by_id.csv", small.preds[:51]), small.labels_path).report
     pd.testing.assert_frame_equal(from_predict, by_id)
 
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -90,7 +91,7 @@ def test_folder_to_csv_matches_the_test_steps_probabilities(fitted, png_folder, 
     folder, _ = png_folder
     result = run_predict(str(folder), str(fitted["best"]), output=tmp_path / "out.csv", summary=tmp_path / "s.json")
     rows = _read(tmp_path / "out.csv")
-    assert len(rows) == N_IMAGES and result["unreadable"] == 0
+    assert len(rows) == N_IMAGES and result.unreadable == 0
     predictor = load_predictor(fitted["best"])
     assert predictor.class_names == ["normal", "pneumonia"] and predictor.settings.size == 32
     # `medtransfer test` on the same checkpoint: its first test batch holds the same images, in order
@@ -107,7 +108,11 @@ def test_folder_to_csv_matches_the_test_steps_probabilities(fitted, png_folder, 
         referred = bool(predictor.rule.abstains(expected[i : i + 1])[0])
         assert row["decision"] in (("abstain",) if referred else ("positive", "negative"))
         assert row["model"] == str(fitted["best"])
-    assert sum(result["decisions"].values()) == N_IMAGES and (tmp_path / "s.json").is_file()
+    assert sum(result.decisions.values()) == N_IMAGES
+    written = json.loads((tmp_path / "s.json").read_text())  # the summary's keys, in their order, and its values
+    assert list(written) == ["images", "predicted", "unreadable", "decisions", "coverage", "images_per_second",
+                             "output", "model", "failures", "unlike_training", "heatmaps", "guarantee"]  # fmt: skip
+    assert result.findings is None and written == {k: v for k, v in asdict(result).items() if k != "findings"}
 
 
 def test_the_mlflow_model_predicts_exactly_as_the_checkpoint(fitted, png_folder, tmp_path):
@@ -125,7 +130,7 @@ def test_the_mlflow_model_predicts_exactly_as_the_checkpoint(fitted, png_folder,
         rows = _read(out)
         assert _probabilities(rows) == _probabilities(from_checkpoint), uri
         assert [r["decision"] for r in rows] == [r["decision"] for r in from_checkpoint], uri
-        assert {r["model"] for r in rows} == {label} and result["model"] == label
+        assert {r["model"] for r in rows} == {label} and result.model == label
 
 
 def test_the_logged_model_carries_its_decision_rule_and_is_registered(fitted):
@@ -173,7 +178,7 @@ def test_bad_files_are_reported_and_skipped(fitted_checkpoint, png_folder, tmp_p
     (mixed / "cut.png").write_bytes((folder / "b" / "case04.png").read_bytes()[:50])
     result = run_predict(str(mixed), str(fitted_checkpoint), output=tmp_path / "out.csv", batch_size=2)
     rows = {Path(r["path"]).name: r for r in _read(tmp_path / "out.csv")}
-    assert len(rows) == 5 and result["unreadable"] == 3
+    assert len(rows) == 5 and result.unreadable == 3
     for name in ("empty.png", "text.jpg", "cut.png"):
         assert rows[name]["decision"] == "error" and name in rows[name]["error"]
     assert rows["case00.png"]["error"] == ""
@@ -230,7 +235,7 @@ def test_two_processes_write_one_csv_as_a_single_process_does(fitted_checkpoint,
         assert row["decision"] == same["decision"] and row["error"] == same["error"]
         assert float(row["prob_pneumonia"] or 0) == pytest.approx(float(same["prob_pneumonia"] or 0), abs=1e-5)
     summary = json.loads((tmp_path / "ddp.json").read_text())
-    assert summary["decisions"] == single["decisions"] and summary["unreadable"] == 1
+    assert summary["decisions"] == single.decisions and summary["unreadable"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.csv", "ddp.json", "images", "single.csv"]
 
 
@@ -257,7 +262,7 @@ def test_heatmaps_are_written_for_the_chosen_images(fitted, png_folder, tmp_path
     everything = run_predict(str(folder), str(fitted["best"]), output=tmp_path / "all.csv", heatmaps=tmp_path / "all")
     rows = _read(tmp_path / "all.csv")
     assert all(Path(r["heatmap"]).is_file() and Path(r["heatmap"]).parent == tmp_path / "all" for r in rows)
-    assert len(everything["heatmaps"]) == N_IMAGES
+    assert len(everything.heatmaps) == N_IMAGES
     overlay = np.asarray(Image.open(rows[0]["heatmap"]))
     assert overlay.shape == (28, 28, 3)  # drawn over the original image, at its size
 
@@ -270,7 +275,7 @@ def test_heatmaps_are_written_for_the_chosen_images(fitted, png_folder, tmp_path
                       heatmaps_for="top_k", top_k=3)  # fmt: skip
     most_positive = sorted(rows, key=lambda r: float(r["prob_pneumonia"]), reverse=True)[:3]
     expected = {Path(r["path"]).stem for r in most_positive}
-    assert {Path(p).stem.split("_", 1)[1] for p in top["heatmaps"]} == expected
+    assert {Path(p).stem.split("_", 1)[1] for p in top.heatmaps} == expected
     assert sorted(p.suffix for p in (tmp_path / "top").iterdir()) == [".npy"] * 3 + [".png"] * 3
 
 
@@ -305,8 +310,8 @@ def test_heatmaps_for_an_mlflow_model_come_from_the_checkpoint_logged_in_its_run
     logged = run_predict(str(folder), f"runs:/{fitted['run_id']}/model", output=tmp_path / "mlflow.csv",
                          tracking_uri=fitted["store"], heatmaps=tmp_path / "mlflow", heatmaps_for="top_k",
                          top_k=2)  # fmt: skip
-    assert [Path(p).name for p in logged["heatmaps"]] == [Path(p).name for p in local["heatmaps"]]
-    for ours, theirs in zip(logged["heatmaps"], local["heatmaps"], strict=True):
+    assert [Path(p).name for p in logged.heatmaps] == [Path(p).name for p in local.heatmaps]
+    for ours, theirs in zip(logged.heatmaps, local.heatmaps, strict=True):
         assert np.array_equal(np.asarray(Image.open(ours)), np.asarray(Image.open(theirs)))
 
 
@@ -375,7 +380,7 @@ def test_images_unlike_the_training_data_are_flagged(fitted_checkpoint, png_fold
     rows = _read(tmp_path / "other.csv")
     flagged = {Path(r["path"]).name: r["unlike_training"] for r in rows}
     assert all(flagged.values()), flagged  # each names the statistics out of range
-    assert result["unlike_training"] == 5 and "5 of 5 image(s) are unlike" in caplog.text
+    assert result.unlike_training == 5 and "5 of 5 image(s) are unlike" in caplog.text
 
     xrays = run_predict(str(png_folder[0]), str(fitted_checkpoint), output=tmp_path / "xrays.csv")
-    assert xrays["unlike_training"] <= 1  # held-out X-rays of the same collection pass (1 of 40 tolerated)
+    assert xrays.unlike_training <= 1  # held-out X-rays of the same collection pass (1 of 40 tolerated)

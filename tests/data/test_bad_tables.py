@@ -302,5 +302,5 @@ def test_evaluate_files_reject(tmp_path, name, case):
 
 def test_the_valid_evaluate_files_read(tmp_path):
     paths = _write_case(tmp_path, EVALUATE, Case({}, ""))
-    report = run_evaluate(paths["preds.csv"], paths["labels.csv"])
+    report = run_evaluate(paths["preds.csv"], paths["labels.csv"]).report
     assert list(report.index) == ["Mass", "Edema", "mean"]

@@ -16,7 +16,6 @@ from medtransfer.decisions.risk_control import (
     aps_sets,
     calibration_summary,
     check_exchangeability,
-    conformal_classifier,
     control_selective_risk,
     default_grid,
     fit_aps_quantile,
@@ -121,14 +120,50 @@ def test_arguments_outside_the_open_unit_interval_are_one_line_errors(name, kwar
         control_selective_risk(np.ones(3), np.ones(3, bool), **args)
 
 
+class _Prefit:
+    """Probabilities in, probabilities out: lets MAPIE conformalize scores that were computed elsewhere."""
+
+    _estimator_type = "classifier"
+
+    def __init__(self, num_classes: int) -> None:
+        self.classes_ = np.arange(num_classes)
+        self.n_features_in_ = num_classes
+
+    def fit(self, X, y):
+        return self
+
+    def predict_proba(self, X):
+        return np.asarray(X, dtype=np.float64)
+
+    def predict(self, X):
+        return np.asarray(X).argmax(axis=1)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_aps_sets_match_mapie(seed):
+    """The stored quantile and the sets rebuilt from it are MAPIE's ``SplitConformalClassifier(prefit=True)``'s."""
+    from mapie.classification import SplitConformalClassifier
+
     rng = np.random.default_rng(seed)
     probs = rng.dirichlet([1, 1, 1], 300)
     labels = np.array([rng.choice(3, p=p) for p in probs])
     new = rng.dirichlet([1, 1, 1], 200)
-    _, mapie_sets = conformal_classifier(probs, labels, 0.1, seed).predict_set(new)
+    mapie = SplitConformalClassifier(
+        _Prefit(3), confidence_level=0.9, conformity_score="aps", prefit=True, random_state=seed
+    ).conformalize(probs, labels)
+    _, mapie_sets = mapie.predict_set(new)
     np.testing.assert_array_equal(aps_sets(new, fit_aps_quantile(probs, labels, 0.1, seed)), mapie_sets[:, :, 0])
+
+
+def test_two_class_models_and_labels_of_two_classes_get_sets():
+    """MAPIE's classifier refuses calibration labels of fewer than three classes; the score itself does not."""
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([1, 1], 500)
+    labels = (rng.uniform(size=500) < probs[:, 1]).astype(int)
+    sets = aps_sets(probs, fit_aps_quantile(probs, labels, 0.1))
+    assert sets[np.arange(500), labels].mean() >= 0.85 and sets.any(axis=1).all()
+    three = rng.dirichlet([1, 1, 1], 500)
+    assert math.isfinite(fit_aps_quantile(three, three[:, :2].argmax(axis=1), 0.1))
 
 
 def test_aps_sets_cover_at_least_one_minus_alpha():

@@ -48,7 +48,7 @@ def test_scores_each_method_against_the_boxes_and_logs_them_to_mlflow(boxed_imag
     store = f"sqlite:///{tmp_path}/mlflow.db"
     results = run_explain_eval(str(boxed_images / "boxes.csv"), str(boxed_images / "lesions.ckpt"),
                                methods=["occlusion", "gradcam"], output=tmp_path / "scores.json",
-                               tracking_uri=store)  # fmt: skip
+                               tracking_uri=store).scores  # fmt: skip
     by_method = {r["method"]: r for r in results}
     assert by_method["occlusion"]["layer"] == "-" and by_method["gradcam"]["layer"] == "blocks.6"
     assert by_method["occlusion"]["boxes"] == 24 and by_method["occlusion"]["n"] >= 18  # true positives only
@@ -109,7 +109,7 @@ def test_chestxray14_boxes_are_scored_on_the_images_that_are_here(chestxray14_sa
     images = chestxray14_sample_dir / "images"
     (result,) = run_explain_eval("chestxray14", checkpoint, image_root=str(images), methods=["layercam"],
                                  detected_only=False, output=tmp_path / "s.json",
-                                 tracking_uri=f"sqlite:///{tmp_path}/m.db")  # fmt: skip
+                                 tracking_uri=f"sqlite:///{tmp_path}/m.db").scores  # fmt: skip
     boxes = chestxray14_boxes()
     here = boxes[[(images / name).is_file() for name in boxes["path"]]]
     assert result["boxes"] == result["n"] == len(here) > 0

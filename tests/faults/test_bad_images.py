@@ -129,7 +129,7 @@ def test_predict_writes_one_row_per_file_and_names_every_bad_one(corpus, checkpo
     result = run_predict(str(root), str(checkpoint), output=output, batch_size=32, num_workers=num_workers)
     with output.open(newline="", encoding="utf-8") as handle:  # valid UTF-8 despite the non-UTF-8 names
         rows = list(csv.DictReader(handle))
-    assert len(rows) == len(cases) == result["images"]
+    assert len(rows) == len(cases) == result.images
     by_path = {row["path"]: row for row in rows}
     assert len(by_path) == len(rows)
     for case in cases:
@@ -139,7 +139,7 @@ def test_predict_writes_one_row_per_file_and_names_every_bad_one(corpus, checkpo
         else:
             assert row["decision"] == "error" and row["error"].strip(), (case.kind, row)
     bad = sum(case.expect == "report" for case in cases)
-    assert result["unreadable"] == bad and result["predicted"] == len(cases) - bad
+    assert result.unreadable == bad and result.predicted == len(cases) - bad
 
 
 def _write_csv(path: Path, rows: list[dict[str, str]]) -> Path:

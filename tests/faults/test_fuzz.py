@@ -81,7 +81,7 @@ def _fuzz_predict(folder: Path, seed_files, checkpoint: Path, output: Path, n: i
             assert row["decision"] in {"positive", "negative", "abstain"} and row["error"] == "", written[path]
         else:
             assert row["decision"] == "error" and row["error"].startswith(f"{path}: "), (written[path], row)
-    assert result["unreadable"] + result["predicted"] == n
+    assert result.unreadable + result.predicted == n
     return result
 
 
@@ -93,7 +93,7 @@ def test_a_few_hundred_mutants_never_escape_the_reader(tmp_path, seed_files):
 
 def test_predict_over_mutants_writes_every_row_with_its_reason(tmp_path, seed_files, checkpoint):
     result = _fuzz_predict(tmp_path / "mutants", seed_files, checkpoint, tmp_path / "p.csv", 400, seed=3, workers=0)
-    assert result["predicted"] > 0 and result["unreadable"] > 0
+    assert result.predicted > 0 and result.unreadable > 0
 
 
 @pytest.mark.faults

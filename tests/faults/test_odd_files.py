@@ -80,7 +80,7 @@ def test_a_tiff_page_without_width_is_a_row_not_a_crash_of_predict(tmp_path, gra
     rows = _rows(tmp_path / "p.csv")
     assert rows[str(folder / "good.png")]["error"] == ""
     assert "Missing dimensions" in rows[str(folder / "no_width.tif")]["error"]
-    assert result["unreadable"] == 1 and result["predicted"] == 1
+    assert result.unreadable == 1 and result.predicted == 1
 
 
 @pytest.mark.parametrize("damage", ["one_inf", "minus_inf", "nan_row"])
@@ -149,5 +149,5 @@ def test_predict_gives_every_fifo_a_row_and_leaves_no_temporary_file(fifos, tmp_
     assert rows[str(folder / "good.png")]["error"] == ""
     for path in (bare, link):
         assert rows[str(path)]["decision"] == "error" and "named pipe" in rows[str(path)]["error"]
-    assert result["unreadable"] == 2
+    assert result.unreadable == 2
     assert sorted(p.name for p in output.parent.iterdir()) == ["p.csv"]

@@ -98,8 +98,8 @@ def test_a_model_trained_before_calibration_was_recorded_loads_and_claims_nothin
     (tmp_path / "images").mkdir()
     cv2.imwrite(str(tmp_path / "images" / "a.png"), np.full((32, 32), 128, dtype=np.uint8))
     result = run_predict(str(tmp_path / "images"), str(tmp_path / "old.ckpt"), output=tmp_path / "out.csv")
-    assert result["predicted"] == 1 and result["guarantee"]["calibrated"] is False
-    assert "no guarantee claimed" in result["guarantee"]["message"]
+    assert result.predicted == 1 and result.guarantee["calibrated"] is False
+    assert "no guarantee claimed" in result.guarantee["message"]
 
 
 def test_exchangeability_warns_on_shifted_test_data(calibrated):
@@ -191,9 +191,9 @@ def test_evaluate_and_predict_check_their_scores_against_the_calibration_data(ca
     pd.DataFrame({"id": range(len(probs)), "label": names[targets.numpy()]}).to_csv(
         tmp_path / "labels.csv", index=False
     )
-    report = run_evaluate(tmp_path / "predictions.csv", tmp_path / "labels.csv", id_column="id",
+    result = run_evaluate(tmp_path / "predictions.csv", tmp_path / "labels.csv", id_column="id",
                           label_format="single", task="binary", model=str(tmp_path / "model.ckpt"))  # fmt: skip
-    verdict = report.attrs["guarantee"]
+    verdict = result.guarantee
     assert verdict["calibrated"] and verdict["risk_control"]["target_risk"] == 0.3
     assert 0 <= verdict["exchangeability"]["ks_p_value"] <= 1
 
@@ -203,4 +203,4 @@ def test_evaluate_and_predict_check_their_scores_against_the_calibration_data(ca
     for i in range(6):
         cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 255, (32, 32), dtype=np.uint8))
     result = run_predict(str(folder), str(tmp_path / "model.ckpt"), output=tmp_path / "out.csv")
-    assert result["guarantee"]["calibrated"] and "ks_p_value" in result["guarantee"]["exchangeability"]
+    assert result.guarantee["calibrated"] and "ks_p_value" in result.guarantee["exchangeability"]

@@ -1,15 +1,5 @@
-"""``medtransfer evaluate``: audit a predictions CSV made elsewhere against a label file.
-
-The predictions file holds one row per image: an id column and one ``<prob_prefix><class>`` column of
-probabilities per class. The label file is joined to it on the id and may be the official ChestX-ray14 file
-(``Finding Labels`` joined by ``|``), a file with one 0/1 column per class, or one column holding a single
-class per row. The report has one row per class (one-vs-rest for ``multiclass``) and a ``mean`` row (macro
-average): n, positives, AUROC (torchmetrics), AURC, ECE (15 bins, torchmetrics) and selective accuracy at 80,
-90 and 95 % coverage (``medtransfer.metrics.functional``).
-
-Every problem with the input files is a :class:`~medtransfer.errors.DataError` whose message names the file,
-the line (the header is line 1) and the column at fault.
-"""
+"""``medtransfer evaluate``: audit a predictions CSV made elsewhere against a label file (read and joined by
+:mod:`medtransfer.commands.evaluate_io`), with the one per-class table of :mod:`medtransfer.decisions.report`."""
 
 from __future__ import annotations
 
@@ -17,8 +7,9 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,10 +21,12 @@ from medtransfer.decisions.report import COVERAGES
 from medtransfer.decisions.report import evaluation_table as evaluate_predictions  # the one report, per class
 from medtransfer.errors import DataError, exit_on_user_error
 from medtransfer.files import write_text_atomic
+from medtransfer.task import Task
 
 __all__ = [
     "CHESTXRAY14_FINDINGS",
     "COVERAGES",
+    "EvaluateResult",
     "evaluate_predictions",
     "join_on_ids",
     "main",
@@ -46,10 +39,16 @@ _logger = logging.getLogger(__name__)
 
 _THRESHOLD = 0.5  # decision threshold of the accuracy columns; confidence is the margin |p - 0.5|
 
-Task = Literal["multilabel", "binary", "multiclass"]
+
+@dataclass
+class EvaluateResult:
+    """The report (one row per class and a ``mean`` row, see :func:`evaluate_predictions`) and, with ``model``,
+    the verdict of the exchangeability check (``None`` without)."""
+
+    report: pd.DataFrame
+    guarantee: dict[str, Any] | None = None
 
 
-# --------------------------------------------------------------------------------------------------- entry point
 def run_evaluate(
     predictions: Path,
     labels: Path,
@@ -62,7 +61,7 @@ def run_evaluate(
     path_column: str = "path",
     threshold: float | list[float] = _THRESHOLD,
     model: str | None = None,
-) -> pd.DataFrame:
+) -> EvaluateResult:
     """Audit predictions made elsewhere: join them to a label file on the image id and report per-class metrics.
 
     Prints a table with, per class and on average: n, positives, AUROC, AURC, ECE (15 bins), accuracy at the
@@ -94,8 +93,7 @@ def run_evaluate(
             they differ, since its abstention guarantee holds only for data like its calibration data.
 
     Returns:
-        The report: one row per class and a ``mean`` row (see :func:`evaluate_predictions`); with ``model``,
-        ``report.attrs["guarantee"]`` holds the check's verdict.
+        The report, and with ``model`` the check's verdict.
 
     Raises:
         DataError: A file is missing, empty or malformed, or the two files do not match (names the file, line
@@ -122,12 +120,11 @@ def run_evaluate(
     report = evaluate_predictions(probs, targets, class_names, task, threshold)
     if large:
         _step(f"evaluate: scored in {time.perf_counter() - started - read:.1f} s")
-    if model is not None:
-        report.attrs["guarantee"] = _guarantee(model, probs, task)
+    guarantee = _guarantee(model, probs, task) if model is not None else None
     _print_report(report, f"{Path(predictions).name} vs {Path(labels).name}: {task}, {len(pred_ids)} images")
     if out_dir is not None:
         _write_report(report, Path(out_dir), predictions, labels, task)
-    return report
+    return EvaluateResult(report, guarantee)
 
 
 #: From this many images on, evaluate says where it stands (reading and scoring take seconds to minutes).

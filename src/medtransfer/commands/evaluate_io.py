@@ -22,6 +22,7 @@ from medtransfer.data.tables import (
     read_csv_table,
     require_columns,
 )
+from medtransfer.decisions.report import first_bad_probability
 from medtransfer.errors import DataError
 
 __all__ = ["LabelFormat", "join_on_ids", "read_labels", "read_predictions"]
@@ -114,9 +115,8 @@ def _read_probabilities(column: pd.Series, path: Path) -> np.ndarray:
     """One column of probabilities as float64; the first bad cell is a DataError naming its line and column."""
     text = column.str.strip()
     values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~((values >= 0.0) & (values <= 1.0))  # also True for NaN
-    if bad.any():
-        position = int(np.flatnonzero(bad)[0])
+    if (bad := first_bad_probability(values[:, None])) is not None:
+        position, _, count = bad
         line, raw, value = column.index[position], text.iloc[position], values[position]
         if raw == "":
             problem = "the probability is empty"
@@ -126,7 +126,7 @@ def _read_probabilities(column: pd.Series, path: Path) -> np.ndarray:
             problem = "the probability is NaN"
         else:
             problem = f"the probability {raw} is outside [0, 1]"
-        more = int(bad.sum()) - 1
+        more = count - 1
         raise DataError(
             f"{path} line {line}, column {column.name!r}: {problem}"
             + (f" ({more} more bad value(s) in this column)" if more else "")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,9 +36,18 @@ from medtransfer.files import write_text_atomic
 from medtransfer.tracking.mlflow import resolve_tracking_uri
 from medtransfer.tracking.model_logging import tracking_at
 
-__all__ = ["localisation_scores", "main", "run_explain_eval"]
+__all__ = ["ExplainEvalResult", "localisation_scores", "main", "run_explain_eval"]
 
 _logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ExplainEvalResult:
+    """The scores, one row per method and layer (``method``, ``layer``, ``n``, ``hit_rate``, ``mean_iou``,
+    ``random_rate``, ``boxes``), and the JSON they were written to."""
+
+    scores: list[dict[str, Any]]
+    output: Path
 
 
 def localisation_scores(heatmaps: torch.Tensor | np.ndarray, boxes: np.ndarray, threshold: float = 0.5) -> dict:
@@ -104,7 +114,7 @@ def run_explain_eval(
     output: Path = Path("explain_eval.json"),
     tracking_uri: str | None = None,
     experiment: str = "medtransfer-explain",
-) -> list[dict[str, Any]]:
+) -> ExplainEvalResult:
     """Score each explanation method's heatmaps against boxes.
 
     Args:
@@ -130,17 +140,8 @@ def run_explain_eval(
         tracking_uri: MLflow store (default: ``$MLFLOW_TRACKING_URI``, else ``mlruns/mlflow.db``).
         experiment: MLflow experiment of the run.
     """
-    chestxray14 = boxes == "chestxray14" or Path(boxes).name.startswith("BBox_List_2017")
-    if chestxray14:
-        table = chestxray14_boxes(None if boxes == "chestxray14" else boxes)
-        box_image_size = box_image_size or CHESTXRAY14_BOX_SIZE
-        if image_root is None:
-            raise DataError("explain-eval with ChestX-ray14's boxes needs --image_root (the folder of its PNGs)")
-    else:
-        table = read_box_table(boxes, path_column, box_columns, finding_column)
-    root = Path(image_root) if image_root is not None else Path(boxes).parent
-    if chestxray14:  # the box list covers the full release; keep the images that are here
-        table = table[[(root / p).is_file() for p in table["path"]]].reset_index(drop=True)
+    table, root, box_image_size = _box_table(boxes, image_root, path_column, box_columns, finding_column,
+                                             box_image_size)  # fmt: skip
     predictor = load_predictor(model, device)
     if not hasattr(predictor.network, "backbone"):
         raise DataError(f"explain-eval needs a checkpoint with the model's layers, not {model}")
@@ -151,44 +152,70 @@ def run_explain_eval(
     table, targets = table[known].reset_index(drop=True), targets[known]
     if max_images is not None:
         table, targets = table.iloc[:max_images], targets[:max_images]
-    settings = predictor.settings
-    transform = build_eval_transform(
-        settings.size, settings.channels, settings.mean, settings.std, settings.interpolation
-    )
-    images, input_boxes = _load(table, root, transform, settings.size, box_image_size)
-    network = predictor.network
+    spec = predictor.settings
+    transform = build_eval_transform(spec.size, spec.channels, spec.mean, spec.std, spec.interpolation)
+    images, input_boxes = _load(table, root, transform, spec.size, box_image_size)
+    explained, detected = _detected(predictor, images, targets, batch_size, device)
+    chosen = torch.nonzero(detected if detected_only else torch.ones_like(detected)).flatten()
+    _logger.info("explain-eval: %d boxes, %d detected", len(table), int(detected.sum()))
+    scores = []
+    for method in methods:
+        for layer in [None] if method == "occlusion" else (layers or [None]):
+            heat = _heatmaps(predictor, images, explained, chosen, method, layer, batch_size, device)
+            name = "-" if method == "occlusion" else _layer_name(predictor.network, method, layer)
+            found = localisation_scores(heat, input_boxes[chosen.numpy()], threshold)
+            scores.append({"method": method, "layer": name, **found, "boxes": len(table)})
+    _report(scores, spec.size)
+    write_text_atomic(Path(output), json.dumps(scores, indent=2) + "\n")
+    _log_to_mlflow(scores, Path(output), model, boxes, tracking_uri, experiment)
+    return ExplainEvalResult(scores, Path(output))
+
+
+def _box_table(
+    boxes: str, image_root: str | None, path_column: str, box_columns: Sequence[str], finding_column: str | None,
+    box_image_size: int | None,
+) -> tuple[Any, Path, int | None]:  # fmt: skip
+    """The boxes (a CSV, or ChestX-ray14's list narrowed to the images present), the folder their paths resolve
+    against, and the side of the images they were drawn on."""
+    chestxray14 = boxes == "chestxray14" or Path(boxes).name.startswith("BBox_List_2017")
+    if not chestxray14:
+        table = read_box_table(boxes, path_column, box_columns, finding_column)
+        return table, Path(image_root) if image_root is not None else Path(boxes).parent, box_image_size
+    if image_root is None:
+        raise DataError("explain-eval with ChestX-ray14's boxes needs --image_root (the folder of its PNGs)")
+    table, root = chestxray14_boxes(None if boxes == "chestxray14" else boxes), Path(image_root)
+    table = table[[(root / p).is_file() for p in table["path"]]].reset_index(drop=True)  # the images that are here
+    return table, root, box_image_size or CHESTXRAY14_BOX_SIZE
+
+
+def _detected(predictor: Predictor, images: torch.Tensor, targets: np.ndarray, batch_size: int,
+              device: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per box, the output explained (the top-scoring one where the box names no finding) and whether the model
+    decides it positive."""
     with torch.inference_mode():
-        probs = torch.cat(
-            [network(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
-        )
+        probs = torch.cat([predictor.network(images[i : i + batch_size].to(device)).cpu()
+                           for i in range(0, len(images), batch_size)])  # fmt: skip
     explained = torch.as_tensor(targets)
     if predictor.task != "binary":
         explained = torch.where(explained < 0, probs.argmax(dim=1), explained)
     decided = predictor.rule.decide(probs)
     if predictor.task == "binary":
-        detected = decided == 1
-    elif predictor.task == "multiclass":
-        detected = decided == explained
-    else:
-        detected = decided.gather(1, explained[:, None])[:, 0] == 1
-    chosen = torch.nonzero(detected if detected_only else torch.ones_like(detected)).flatten()
-    _logger.info("explain-eval: %d boxes, %d detected", len(table), int(detected.sum()))
-    results = []
-    for method in methods:
-        for layer in [None] if method == "occlusion" else (layers or [None]):
-            maps = []
-            for i in range(0, len(chosen), batch_size):
-                rows = chosen[i : i + batch_size]
-                target = None if predictor.task == "binary" else explained[rows]
-                maps.append(explain(network, images[rows].to(device), target, method, layer).cpu())
-            heat = torch.cat(maps) if maps else torch.zeros(0, settings.size, settings.size)
-            name = "-" if method == "occlusion" else _layer_name(network, method, layer)
-            scores = localisation_scores(heat, input_boxes[chosen.numpy()], threshold)
-            results.append({"method": method, "layer": name, **scores, "boxes": len(table)})
-    _report(results, settings.size)
-    write_text_atomic(Path(output), json.dumps(results, indent=2) + "\n")
-    _log_to_mlflow(results, Path(output), model, boxes, tracking_uri, experiment)
-    return results
+        return explained, decided == 1
+    if predictor.task == "multiclass":
+        return explained, decided == explained
+    return explained, decided.gather(1, explained[:, None])[:, 0] == 1
+
+
+def _heatmaps(predictor: Predictor, images: torch.Tensor, explained: torch.Tensor, chosen: torch.Tensor,
+              method: str, layer: int | str | None, batch_size: int, device: str) -> torch.Tensor:  # fmt: skip
+    """One method's maps of the chosen images, in batches."""
+    maps = []
+    for i in range(0, len(chosen), batch_size):
+        rows = chosen[i : i + batch_size]
+        target = None if predictor.task == "binary" else explained[rows]
+        maps.append(explain(predictor.network, images[rows].to(device), target, method, layer).cpu())
+    size = predictor.settings.size
+    return torch.cat(maps) if maps else torch.zeros(0, size, size)
 
 
 def _layer_name(network: torch.nn.Module, method: str, layer: int | str | None) -> str:

@@ -17,6 +17,7 @@ import signal
 import tempfile
 import time
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +25,7 @@ import torch
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
-from medtransfer.commands.predict_writer import HEATMAP_COLUMNS, HeatmapWriter, PredictionWriter
+from medtransfer.commands.predict_writer import HeatmapWriter, PredictionWriter, csv_columns
 from medtransfer.commands.predictor import (
     ImageRows,
     PredictModule,
@@ -42,14 +43,53 @@ from medtransfer.errors import DataError, exit_on_user_error
 from medtransfer.explain import DEFAULT_METHOD
 from medtransfer.explain.methods import Method
 from medtransfer.files import write_text_atomic
+from medtransfer.models.input_spec import InputSpec
 
-__all__ = ["Predictor", "collect_images", "load_predictor", "main", "read_as_trained", "run_predict"]
+__all__ = [
+    "PredictSummary",
+    "Predictor",
+    "collect_images",
+    "load_predictor",
+    "main",
+    "read_as_trained",
+    "run_predict",
+]
 
 _logger = logging.getLogger(__name__)
 
 #: ``--precision`` as Lightning's Trainer names it: autocast to bfloat16 / float16 for speed.
 Precision = Literal["32", "bf16", "16"]
 _TRAINER_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+
+
+@dataclass
+class PredictSummary:
+    """What a prediction run did, as ``--summary`` writes it (:meth:`to_json`) and the console reports it.
+
+    ``decisions`` counts rows per decision; ``coverage`` is the share decided; ``unlike_training`` counts images
+    unlike the validation images (``None`` when the model holds no statistics of them); ``findings`` (multi-label
+    only) counts ``positive``/``negative``/``abstain`` per finding; ``guarantee`` is the calibration's verdict.
+    """
+
+    images: int
+    predicted: int
+    unreadable: int
+    decisions: dict[str, int]
+    coverage: float
+    images_per_second: float | None
+    output: str
+    model: str
+    failures: list[dict[str, str]]
+    unlike_training: int | None
+    heatmaps: list[str]
+    findings: dict[str, dict[str, int]] | None
+    guarantee: dict[str, Any]
+
+    def to_json(self) -> str:
+        values = asdict(self)
+        if self.findings is None:  # only multi-label summaries have the key
+            del values["findings"]
+        return json.dumps(values, indent=2) + "\n"
 
 
 def collect_images(source: str, path_column: str = "path") -> list[Path]:
@@ -110,7 +150,7 @@ def run_predict(
     compile: bool = False,
     tracking_uri: str | None = None,
     frame: Literal["first", "middle", "all", "error"] | None = None,
-) -> dict[str, Any]:
+) -> PredictSummary | None:
     """Predict every image and write one CSV row each.
 
     Args:
@@ -158,80 +198,97 @@ def run_predict(
             (``color`` in its input settings); files of the other kind are converted as in training (logged).
 
     Returns:
-        The summary (what ``summary`` holds); an empty dict in the processes of DDP ranks other than 0.
+        The summary (what ``summary`` holds); ``None`` in the processes of DDP ranks other than 0.
     """
     for name, target in (("--output", output), ("--summary", summary)):
         if target is not None:
             _check_writable(name, Path(target), images)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if precision == "16" and device == "cpu":
-        raise DataError("--precision 16 needs a GPU; on the CPU use --precision bf16 or 32")
-    paths = collect_images(images, path_column)
+    device = _resolve_device(device, precision)
     predictor = load_predictor(model, device, tracking_uri)
-    settings = predictor.settings
-    color, frame = settings.color, frame or settings.dicom_frame
-    frames: list[int | None] = [None] * len(paths)
-    if frame == "all":  # one row per frame; files of one frame read it as their first
-        paths, frames = every_frame(paths)
-    read_frame = "first" if frame == "all" else frame
-    transform = build_eval_transform(
-        settings.size, settings.channels, settings.mean, settings.std, settings.interpolation, color=color,
-    )  # fmt: skip
-    loader = DataLoader(
-        ImageRows(paths, transform, color, read_frame, frames), batch_size=batch_size, num_workers=num_workers,
-        collate_fn=ImageRows.collate, pin_memory=device == "cuda",
-    )  # fmt: skip
-    output = Path(output)
-    names = predictor.class_names
-    columns = ["path", *(f"prob_{n}" for n in (names[1:] if predictor.task == "binary" else names))]
-    columns += ["prediction", *(["prediction_set"] if predictor.rule.set_quantile is not None else []), "decision"]
-    columns += ["unlike_training", "error", "model", *(["frame"] if frame == "all" else [])]
+    rows = _image_rows(collect_images(images, path_column), predictor.settings, frame)
+    loader = DataLoader(rows, batch_size=batch_size, num_workers=num_workers, collate_fn=ImageRows.collate,
+                        pin_memory=device == "cuda")  # fmt: skip
     explainer = None
     if heatmaps is not None:  # an exported graph has no layers: the maps come from the checkpoint logged beside it
-        explainer = HeatmapWriter(
-            explainable_network(predictor, model, device, tracking_uri), heatmaps, heatmaps_for, top_k, predictor,
-            explain_method, explain_layer,
-            read=lambda row: read_as_trained(paths[row], color, read_frame if frames[row] is None else frames[row]),
-        )  # fmt: skip
-    if explainer is not None and heatmaps_for != "top_k":
-        columns += [*HEATMAP_COLUMNS, *(["heatmap_finding"] if predictor.task == "multilabel" else [])]
-    stale = sorted(output.parent.glob(f".{output.name}.*.tmp"))
-    if stale:  # a killed run cannot clean up; another run may still own one, so they are named, not deleted
-        _logger.warning("%d temporary file(s) of an interrupted run beside %s (e.g. %s): not outputs, safe to delete",
-                        len(stale), output, stale[0].name)  # fmt: skip
-    reference = settings.reference  # statistics of the validation images (medtransfer.data.unlike)
-    writer = PredictionWriter(output, predictor, paths, columns, frames if frame == "all" else None, reference,
+        network = explainable_network(predictor, model, device, tracking_uri)
+        explainer = HeatmapWriter(network, heatmaps, heatmaps_for, top_k, predictor, explain_method, explain_layer,
+                                  read=rows.read)  # fmt: skip
+    output = Path(output)
+    _warn_stale(output)
+    columns = csv_columns(predictor, rows.frames is not None, explainer is not None and heatmaps_for != "top_k")
+    writer = PredictionWriter(output, predictor, rows.paths, columns, rows.frames, predictor.settings.reference,
                               explainer)  # fmt: skip
     start = time.perf_counter()
     _predict(PredictModule(predictor.network, channels_last, compile), loader, writer, device, devices, precision,
              heatmaps is None)  # fmt: skip
     if not writer.is_global_zero:  # another DDP rank: its rows are in rank 0's CSV, which reports the whole run
-        return {}
+        return None
     if explainer is not None and heatmaps_for == "top_k":
-        explainer.write_top_k(paths, transform)
-    seconds = time.perf_counter() - start
-    counts, failures, unlike = writer.counts, writer.failures, writer.unlike
-    decided = sum(v for k, v in counts.items() if not k.startswith("abstain"))
-    result = {
-        "images": len(paths), "predicted": sum(counts.values()), "unreadable": len(failures),
-        "decisions": dict(counts), "coverage": decided / max(1, sum(counts.values())),
-        "images_per_second": len(paths) / seconds if seconds else None, "output": str(output),
-        "model": predictor.label, "failures": failures, "unlike_training": unlike if reference else None,
-        "heatmaps": explainer.written if explainer is not None else [],
-    }  # fmt: skip
-    if predictor.task == "multilabel":
-        result["findings"] = {name: dict(writer.findings.get(name, {})) for name in names}
-    result["guarantee"] = guarantee_verdict(predictor.rule, predictor.calibration, writer.probs)
+        explainer.write_top_k(rows.paths, rows.transform)
+    result = _summarise(writer, predictor, len(rows), time.perf_counter() - start, output, explainer)
     if summary is not None:
-        write_text_atomic(Path(summary), json.dumps(result, indent=2) + "\n")
-    print(f"{result['predicted']} predicted, {len(failures)} unreadable, coverage {result['coverage']:.1%} -> {output}")
-    if unlike:
+        write_text_atomic(Path(summary), result.to_json())
+    _print_summary(result)
+    return result
+
+
+def _resolve_device(device: str, precision: Precision) -> str:
+    """``auto``: a GPU when there is one; ``--precision 16`` is refused on the CPU."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if precision == "16" and device == "cpu":
+        raise DataError("--precision 16 needs a GPU; on the CPU use --precision bf16 or 32")
+    return device
+
+
+def _image_rows(paths: list[Path], settings: InputSpec, frame: str | None) -> ImageRows:
+    """The images read and transformed as the model's training did; ``frame: all`` (or the model's
+    ``dicom_frame`` when ``frame`` is ``None``) gives a multi-frame DICOM one row per frame."""
+    frame = frame or settings.dicom_frame
+    frames = None
+    if frame == "all":  # one row per frame; files of one frame read it as their first
+        paths, frames = every_frame(paths)
+    transform = build_eval_transform(
+        settings.size, settings.channels, settings.mean, settings.std, settings.interpolation, color=settings.color,
+    )  # fmt: skip
+    return ImageRows(paths, transform, settings.color, "first" if frame == "all" else frame, frames)
+
+
+def _warn_stale(output: Path) -> None:
+    """Name the temporary files an interrupted run left beside ``output``; another run may still own one, so
+    they are not deleted."""
+    stale = sorted(output.parent.glob(f".{output.name}.*.tmp"))
+    if stale:
+        _logger.warning("%d temporary file(s) of an interrupted run beside %s (e.g. %s): not outputs, safe to delete",
+                        len(stale), output, stale[0].name)  # fmt: skip
+
+
+def _summarise(writer: PredictionWriter, predictor: Predictor, images: int, seconds: float, output: Path,
+               explainer: HeatmapWriter | None) -> PredictSummary:  # fmt: skip
+    """The run's summary from the writer's tallies, with the guarantee's verdict on these probabilities."""
+    counts, predicted = writer.counts, sum(writer.counts.values())
+    decided = sum(v for k, v in counts.items() if not k.startswith("abstain"))
+    findings = None
+    if predictor.task == "multilabel":
+        findings = {name: dict(writer.findings.get(name, {})) for name in predictor.class_names}
+    return PredictSummary(
+        images=images, predicted=predicted, unreadable=len(writer.failures), decisions=dict(counts),
+        coverage=decided / max(1, predicted), images_per_second=images / seconds if seconds else None,
+        output=str(output), model=predictor.label, failures=writer.failures,
+        unlike_training=writer.unlike if predictor.settings.reference else None,
+        heatmaps=explainer.written if explainer is not None else [], findings=findings,
+        guarantee=guarantee_verdict(predictor.rule, predictor.calibration, writer.probs),
+    )  # fmt: skip
+
+
+def _print_summary(result: PredictSummary) -> None:
+    print(f"{result.predicted} predicted, {result.unreadable} unreadable, coverage {result.coverage:.1%} -> "
+          f"{result.output}")  # fmt: skip
+    if result.unlike_training:
         _logger.warning("%d of %d image(s) are unlike the images %s was validated on (column unlike_training): "
                         "its decisions on them are unreliable.\nHINT: other modality, colour or blank images?",
-                        unlike, result["predicted"], predictor.label)  # fmt: skip
-    for name, count in result.get("findings", {}).items():
+                        result.unlike_training, result.predicted, result.model)  # fmt: skip
+    for name, count in (result.findings or {}).items():
         print(f"  {name}: " + ", ".join(f"{count.get(k, 0)} {k}" for k in ("positive", "negative", "abstain")))
-    return result
 
 
 def _predict(module: PredictModule, loader: DataLoader, writer: PredictionWriter, device: str, devices: int | str,

@@ -28,7 +28,7 @@ from medtransfer.explain.methods import Method
 from medtransfer.files import atomic_open
 from medtransfer.progress import Progress
 
-__all__ = ["HEATMAP_COLUMNS", "HeatmapWriter", "PredictionWriter", "prediction_rows"]
+__all__ = ["HEATMAP_COLUMNS", "HeatmapWriter", "PredictionWriter", "csv_columns", "prediction_rows"]
 
 
 def prediction_rows(predictor: Predictor, probs: torch.Tensor) -> Iterator[dict[str, Any]]:
@@ -52,6 +52,17 @@ def prediction_rows(predictor: Predictor, probs: torch.Tensor) -> Iterator[dict[
             referred = [n for n, a in zip(names, abstain, strict=True) if a]
             row["decision"] = "abstain:" + "|".join(referred) if referred else "decided"
         yield row
+
+
+def csv_columns(predictor: Predictor, per_frame: bool, heatmaps: bool) -> list[str]:
+    """The CSV's columns: path, probabilities, decisions, checks, and the ``frame`` and heatmap columns when on."""
+    names, task = predictor.class_names, predictor.task
+    columns = ["path", *(f"prob_{n}" for n in (names[1:] if task == "binary" else names))]
+    columns += ["prediction", *(["prediction_set"] if predictor.rule.set_quantile is not None else []), "decision"]
+    columns += ["unlike_training", "error", "model", *(["frame"] if per_frame else [])]
+    if heatmaps:
+        columns += [*HEATMAP_COLUMNS, *(["heatmap_finding"] if task == "multilabel" else [])]
+    return columns
 
 
 def _count_findings(counts: dict[str, Counter[str]], names: list[str], decisions: torch.Tensor,

@@ -152,24 +152,26 @@ def every_frame(paths: list[Path]) -> tuple[list[Path], list[int | None]]:
 
 class ImageRows(Dataset):
     """Decoded, transformed images; an unreadable file yields its error instead of failing the batch.
-    ``frames``: per row, the DICOM frame to read (``None``: by ``frame``)."""
+    ``frames``: per row, the DICOM frame to read (``frame: all``; ``None`` in it: by ``frame``), else ``None``."""
 
     def __init__(
         self, paths: list[Path], transform: Any, color: str = "gray", frame: str = "middle",
         frames: list[int | None] | None = None,
     ) -> None:  # fmt: skip
-        self.paths, self.transform, self.color, self.frame = paths, transform, color, frame
-        self.frames = frames or [None] * len(paths)
+        self.paths, self.transform, self.color, self.frame, self.frames = paths, transform, color, frame, frames
         self.noted: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def read(self, index: int, noted: set[str] | None = None) -> Any:
+        """Row ``index``'s image as the model's training read it (:func:`read_as_trained`)."""
+        frame = self.frame if self.frames is None or self.frames[index] is None else self.frames[index]
+        return read_as_trained(self.paths[index], self.color, frame, noted)
+
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            frame = self.frame if self.frames[index] is None else self.frames[index]
-            image = read_as_trained(self.paths[index], self.color, frame, self.noted)
-            return index, self.transform(image=image)["image"], ""
+            return index, self.transform(image=self.read(index, self.noted))["image"], ""
         except (DataError, OSError, ValueError) as err:  # one bad file never stops the run
             return index, None, " ".join(str(err).split())  # the whole reason, on one line
 

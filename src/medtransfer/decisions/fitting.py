@@ -9,7 +9,7 @@ coverage, a target risk or a certified risk (``delta``), and multi-class sets a 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,6 +23,7 @@ from medtransfer.decisions.risk_control import (
 from medtransfer.decisions.rule import DecisionRule
 from medtransfer.decisions.thresholds import ThresholdPolicy, fit_thresholds
 from medtransfer.metrics import functional as F
+from medtransfer.task import Task
 
 __all__ = ["DecisionFitting", "calibration_metrics"]
 
@@ -36,7 +37,7 @@ class DecisionFitting:
             ``target_risk`` in (0, 1), or ``set_alpha`` for a task other than multi-class.
     """
 
-    task: Literal["binary", "multiclass", "multilabel"]
+    task: Task
     threshold_policy: ThresholdPolicy = "youden"
     threshold_target: float = 0.9
     confidence_score: F.Score = "margin"

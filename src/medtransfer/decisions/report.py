@@ -12,7 +12,7 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,8 +25,16 @@ from medtransfer.decisions.risk_control import check_exchangeability
 from medtransfer.decisions.rule import DecisionRule
 from medtransfer.metrics import functional as F
 from medtransfer.metrics.defined import defined_labels, mask_undefined
+from medtransfer.task import Task
 
-__all__ = ["COVERAGES", "evaluation_table", "guarantee_report", "report_metrics", "selective_report"]
+__all__ = [
+    "COVERAGES",
+    "evaluation_table",
+    "first_bad_probability",
+    "guarantee_report",
+    "report_metrics",
+    "selective_report",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -141,7 +149,7 @@ def evaluation_table(
     probs: np.ndarray | Tensor,
     targets: np.ndarray | Tensor,
     class_names: Sequence[str],
-    task: Literal["multilabel", "binary", "multiclass"] = "multilabel",
+    task: Task = "multilabel",
     threshold: float | Sequence[float] = 0.5,
 ) -> pd.DataFrame:
     """Per-class metrics of probabilities against targets, one-vs-rest, plus a macro ``mean`` row.
@@ -193,6 +201,17 @@ def evaluation_table(
     return table
 
 
+def first_bad_probability(probs: np.ndarray) -> tuple[int, int, int] | None:
+    """``(row, column, count)``: where the first value of ``(N, C)`` ``probs`` that is no probability lies (NaN,
+    or outside [0, 1]; a NaN would turn every metric of its class into NaN), and how many there are; ``None``
+    when every value is one. The one check of probabilities for ``evaluate``'s files and its table."""
+    bad = ~((probs >= 0.0) & (probs <= 1.0))
+    if not bad.any():
+        return None
+    row, col = np.argwhere(bad)[0]
+    return int(row), int(col), int(bad.sum())
+
+
 def _one_vs_rest(
     probs: np.ndarray, targets: np.ndarray, class_names: list[str], task: str
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -205,12 +224,11 @@ def _one_vs_rest(
             f"but got {probs.shape}"
         )
     n, num_classes = probs.shape
-    bad = ~((probs >= 0.0) & (probs <= 1.0))  # NaN too: a NaN would turn every metric of its class into NaN
-    if bad.any():
-        row, col = np.argwhere(bad)[0]
+    if (bad := first_bad_probability(probs)) is not None:
+        row, col, count = bad
         raise ValueError(
             f"Expected argument `probs` to hold probabilities in [0, 1], but got {probs[row, col]} "
-            f"at row {row}, class {class_names[col]!r} ({int(bad.sum())} bad value(s) in all)"
+            f"at row {row}, class {class_names[col]!r} ({count} bad value(s) in all)"
         )
     if len(targets) != n:
         raise ValueError(f"Expected argument `targets` to have {n} rows like `probs`, but got {len(targets)}")

@@ -29,7 +29,7 @@ need a scikit-learn-style ``predict_function`` per call and cannot skip the cut-
 probability of the classes ranked down to the true one; the threshold is the
 :math:`\lceil (n + 1)(1 - \alpha) \rceil`-th smallest calibration score, so a new case's set holds its class
 with probability at least :math:`1 - \alpha`. Sets are rebuilt from that one number (stored with the model);
-``tests/decisions/test_risk_control.py`` checks them against MAPIE's ``SplitConformalClassifier(prefit=True)``.
+``tests/decisions/test_risk_control.py`` checks them against MAPIE's ``SplitConformalClassifier``.
 
 **Exchangeability.** Both guarantees hold for data exchangeable with the calibration data.
 :func:`check_exchangeability` compares the data at hand with the calibration scores stored in the model: a
@@ -54,7 +54,6 @@ __all__ = [
     "aps_sets",
     "calibration_summary",
     "check_exchangeability",
-    "conformal_classifier",
     "conformal_quantile",
     "control_selective_risk",
     "default_grid",
@@ -157,61 +156,24 @@ def min_testable(target_risk: float, delta: float) -> int:
 
 
 # ------------------------------------------------------------------------------------------ prediction sets
-def _ranked(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(-probs, axis=1, kind="stable")
-    return order, np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)
+def fit_aps_quantile(probs: Any, labels: Any, alpha: float, seed: int = 0) -> float:
+    """The APS threshold for coverage ``1 - alpha``: the finite-sample quantile of MAPIE's randomised APS
+    conformity scores (``APSConformityScore``, as its ``SplitConformalClassifier`` computes them) on the
+    calibration cases; ``inf`` (sets of every class) when there are too few.
 
-
-class _Prefit:
-    """Probabilities in, probabilities out: lets MAPIE conformalize scores that were computed elsewhere."""
-
-    _estimator_type = "classifier"
-
-    def __init__(self, num_classes: int) -> None:
-        self.classes_ = np.arange(num_classes)
-        self.n_features_in_ = num_classes
-
-    def fit(self, X: Any, y: Any) -> _Prefit:
-        return self
-
-    def predict_proba(self, X: Any) -> np.ndarray:
-        return np.asarray(X, dtype=np.float64)
-
-    def predict(self, X: Any) -> np.ndarray:
-        return np.asarray(X).argmax(axis=1)
-
-
-def conformal_classifier(probs: Any, labels: Any, alpha: float, seed: int = 0) -> Any:
-    """MAPIE's ``SplitConformalClassifier`` (APS, ``prefit``) conformalized on calibration probabilities."""
-    from mapie.classification import SplitConformalClassifier
+    The score is called directly rather than through the classifier, which refuses calibration labels of fewer
+    than three distinct classes; a two-class model gets a third, empty column, which changes no score.
+    """
+    from mapie.conformity_scores import APSConformityScore
 
     _check_open_unit("alpha", alpha)
-    probs = np.asarray(probs, dtype=np.float64)
-    classifier = SplitConformalClassifier(
-        _Prefit(probs.shape[1]), confidence_level=1 - alpha, conformity_score="aps", prefit=True, random_state=seed
-    )
-    return classifier.conformalize(probs, np.asarray(labels, dtype=np.int64))
-
-
-def fit_aps_quantile(probs: Any, labels: Any, alpha: float, seed: int = 0) -> float:
-    """The APS threshold for coverage ``1 - alpha``: the finite-sample quantile of MAPIE's (randomised) APS
-    conformity scores on the calibration cases; ``inf`` (sets of every class) when there are too few.
-
-    MAPIE refuses calibration labels of fewer than three distinct classes; the same randomised score is then
-    computed here (total probability of the classes ranked above the true one, plus ``U`` times its own).
-    """
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.int64)
     if math.ceil((len(labels) + 1) * (1 - alpha) - 1e-9) > len(labels):
-        _check_open_unit("alpha", alpha)
         return math.inf
-    if len(np.unique(labels)) >= 3:
-        return conformal_quantile(conformal_classifier(probs, labels, alpha, seed).conformity_scores, alpha)
-    order = np.argsort(-probs, axis=1, kind="stable")
-    cumulative = np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)
-    rank = np.argmax(order == labels[:, None], axis=1)
-    own = probs[np.arange(len(labels)), labels]
-    scores = cumulative[np.arange(len(labels)), rank] - np.random.default_rng(seed).uniform(size=len(labels)) * own
-    return conformal_quantile(scores, alpha)
+    probs = np.pad(probs, ((0, 0), (0, max(0, 3 - probs.shape[1]))))  # MAPIE's one-hot needs three columns
+    score = APSConformityScore()
+    score.set_external_attributes(classes=np.arange(probs.shape[1]), random_state=seed)
+    return conformal_quantile(score.get_conformity_scores(labels, probs, y_enc=labels), alpha)
 
 
 def conformal_quantile(scores: Any, alpha: float) -> float:
@@ -226,8 +188,9 @@ def aps_sets(probs: Any, quantile: float) -> np.ndarray:
     """``(N, C)`` membership: classes ranked down to (and including) the first whose cumulative probability
     reaches ``quantile`` (MAPIE's ``include_last_label=True``); the most probable class is always in the set."""
     probs = np.asarray(probs, dtype=np.float64)
-    order, cumulative = _ranked(probs)
-    before = cumulative - np.take_along_axis(probs, order, axis=1)
+    order = np.argsort(-probs, axis=1, kind="stable")
+    ranked = np.take_along_axis(probs, order, axis=1)
+    before = np.cumsum(ranked, axis=1) - ranked
     keep_ranked = before < quantile - 1e-12
     keep_ranked[:, 0] = True
     sets = np.zeros_like(keep_ranked)
@@ -268,8 +231,11 @@ class ExchangeabilityCheck:
             f"(p={self.rate_p_value:.3g})"
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+def _columns(values: Any, dtype: type) -> np.ndarray:
+    """``(N,)`` or ``(N, K)`` values as ``(N, K)``."""
+    values = np.asarray(values, dtype=dtype)
+    return values[:, None] if values.ndim == 1 else values
 
 
 def calibration_summary(confidence: Any, positives: Any, seed: int = 0) -> dict[str, Any]:
@@ -281,10 +247,7 @@ def calibration_summary(confidence: Any, positives: Any, seed: int = 0) -> dict[
         confidence: ``(N,)`` or ``(N, L)`` confidence scores of the calibration cases.
         positives: ``(N,)`` or ``(N, K)`` 0/1 decisions (binary decision, per label, or one-hot class).
     """
-    confidence = np.asarray(confidence, dtype=np.float64)
-    confidence = confidence[:, None] if confidence.ndim == 1 else confidence
-    positives = np.asarray(positives, dtype=np.int64)
-    positives = positives[:, None] if positives.ndim == 1 else positives
+    confidence, positives = _columns(confidence, np.float64), _columns(positives, np.int64)
     rows = np.arange(len(confidence))
     if len(rows) > MAX_STORED_SCORES:
         rows = np.sort(np.random.default_rng(seed).choice(len(rows), MAX_STORED_SCORES, replace=False))
@@ -300,10 +263,7 @@ def check_exchangeability(
 ) -> ExchangeabilityCheck:
     """Compare the data at hand with a :func:`calibration_summary`; ``shifted`` when a p-value is below ``level``."""
     _check_open_unit("level", level)
-    confidence = np.asarray(confidence, dtype=np.float64)
-    confidence = confidence[:, None] if confidence.ndim == 1 else confidence
-    positives = np.asarray(positives, dtype=np.int64)
-    positives = positives[:, None] if positives.ndim == 1 else positives
+    confidence, positives = _columns(confidence, np.float64), _columns(positives, np.int64)
     stored = summary["confidence"]
     if len(stored) != confidence.shape[1] or len(summary["positives"]) != positives.shape[1]:
         raise ValueError(f"Expected {len(stored)} confidence column(s) as calibrated, but got {confidence.shape[1]}")
@@ -361,7 +321,7 @@ def guarantee_verdict(rule: Any, calibration: dict[str, Any] | None, probs: list
     check = check_exchangeability(
         calibration["scores"], rule.confidence(stacked).cpu().numpy(), rule.positives(stacked).cpu().numpy(), level
     )
-    verdict["exchangeability"] = check.to_dict()
+    verdict["exchangeability"] = asdict(check)
     verdict["message"] = check.message()
     if check.shifted:
         _logger.warning("Exchangeability: %s. The calibration guarantee may not hold for these cases.", check.message())

@@ -8,17 +8,16 @@ probabilities) decides exactly as the checkpoint does: ``predict`` rebuilds it f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from medtransfer.decisions.risk_control import aps_sets
 from medtransfer.metrics import functional as F
+from medtransfer.task import Task
 
 __all__ = ["DecisionRule"]
-
-Task = Literal["binary", "multiclass", "multilabel"]
 
 
 @dataclass(frozen=True)

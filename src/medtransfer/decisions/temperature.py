@@ -6,17 +6,15 @@ a dozen lines), hence this short implementation.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor, nn
+
+from medtransfer.task import Task
 
 __all__ = ["fit_temperature"]
 
 
-def fit_temperature(
-    logits: Tensor, target: Tensor, task: Literal["binary", "multiclass", "multilabel"], max_iter: int = 100
-) -> float:
+def fit_temperature(logits: Tensor, target: Tensor, task: Task, max_iter: int = 100) -> float:
     """The temperature ``T > 0`` minimising the negative log-likelihood of ``logits / T`` on ``target``.
 
     Args:

@@ -1,7 +1,6 @@
 """Explanations of a trained classifier's decisions: heatmaps (Grad-CAM, LayerCAM, multi-stage fusion,
 occlusion) at the input's resolution, their peaks and boxes as data, and overlays on the image."""
 
-from medtransfer.explain.gradcam import grad_cam, overlay, save_overlay
 from medtransfer.explain.methods import (
     DEFAULT_METHOD,
     METHODS,
@@ -12,13 +11,13 @@ from medtransfer.explain.methods import (
     pointing_hit,
     resolve_layer,
 )
+from medtransfer.explain.overlays import overlay, save_overlay
 
 __all__ = [
     "DEFAULT_METHOD",
     "METHODS",
     "box_iou",
     "explain",
-    "grad_cam",
     "map_box",
     "map_peak",
     "overlay",

@@ -1,8 +1,8 @@
 """Heatmaps at the resolution users train at: CAMs on a chosen backbone stage, a multi-stage fusion, occlusion.
 
-Grad-CAM on the backbone's last feature map (:func:`~medtransfer.explain.gradcam.grad_cam`) has 1/32 of the
-input's resolution: 2x2 cells at 64 px, where its peak says almost nothing about *where* a finding is. The
-methods here take any stage that timm's ``feature_info`` names (``blocks.2``, stride 8, is 8x8 at 64 px):
+The backbone's last feature map has 1/32 of the input's resolution: 2x2 cells at 64 px, where a peak says almost
+nothing about *where* a finding is. The CAM methods here take any stage that timm's ``feature_info`` names
+(``blocks.2``, stride 8, is 8x8 at 64 px):
 
 * ``gradcam``: Grad-CAM (Selvaraju et al. 2017) on one stage, with Captum's ``LayerGradCam``.
 * ``layercam``: LayerCAM (Jiang et al. 2021, IEEE TIP): ``relu(sum_c relu(dS/dA_c) * A_c)``, each location
@@ -27,15 +27,16 @@ import numpy as np
 import torch
 from captum.attr import LayerAttribution, LayerGradCam, Occlusion
 from torch import Tensor, nn
+from torchvision import ops
 
 from medtransfer.errors import MedtransferError
-from medtransfer.explain.gradcam import Target, _target_index
 
 __all__ = [
     "DEFAULT_LAYERS",
     "DEFAULT_METHOD",
     "METHODS",
     "Method",
+    "Target",
     "box_iou",
     "explain",
     "map_box",
@@ -53,6 +54,26 @@ DEFAULT_METHOD: Method = "occlusion"
 #: shallowest stage fused). -1 is the last stage; -3 is stride 8 on EfficientNet/ResNet/DenseNet.
 DEFAULT_LAYERS: dict[str, int] = {"gradcam": -1, "layercam": -3, "fusion": -3}
 Layer = int | str | None
+Target = int | Sequence[int] | Tensor | None
+
+
+def _target_index(logits: Tensor, task: str, target: Target) -> Tensor:
+    """Per image, the output column whose score is explained: the binary logit, the given class/label, or
+    the predicted class (multiclass) / the highest-scoring label (multilabel)."""
+    n = logits.shape[0]
+    if task == "binary":
+        if target is not None and not bool((torch.as_tensor(target) == 1).all()):
+            raise ValueError(f"Expected argument `target` to be None or 1 for a binary task, but got {target}")
+        return torch.zeros(n, dtype=torch.long, device=logits.device)
+    if target is None:
+        return logits.argmax(dim=1)
+    index = torch.as_tensor(target, dtype=torch.long, device=logits.device).reshape(-1)
+    if index.numel() not in (1, n):
+        raise ValueError(f"Expected argument `target` to be one index or {n} (one per image), but got {target}")
+    index = index.expand(n).clone()
+    if bool(((index < 0) | (index >= logits.shape[1])).any()):
+        raise ValueError(f"Expected argument `target` to be in [0, {logits.shape[1]}), but got {target}")
+    return index
 
 
 def resolve_layer(backbone: nn.Module, layer: int | str) -> tuple[str, nn.Module]:
@@ -95,6 +116,17 @@ def _scaled(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return torch.where(peak > 1e-12, maps / peak.clamp_min(1e-12), torch.zeros_like(maps))
 
 
+def _cam(weighted: Tensor) -> Tensor:
+    """``relu(sum_c weighted_c)`` of a stage's channel-weighted ``(N, C, h, w)`` output; token stages (a
+    transformer's ``(N, L, C)``) have no map and are refused."""
+    if weighted.ndim != 4:
+        raise MedtransferError(
+            f"CAM methods need a convolutional backbone whose stages are (N, C, h, w), but this stage gives shape "
+            f"{tuple(weighted.shape)}; use --explain_method occlusion"
+        )
+    return torch.relu(weighted.sum(dim=1, keepdim=True))
+
+
 def _layer_cams(forward: Callable[[Tensor], Tensor], modules: list[nn.Module], x: Tensor, index: Tensor) -> list:
     """LayerCAM of each module's output, from one forward and one backward pass."""
     outputs: list[Tensor] = []
@@ -107,10 +139,7 @@ def _layer_cams(forward: Callable[[Tensor], Tensor], modules: list[nn.Module], x
     activations = [out[0] if isinstance(out, tuple) else out for out in outputs[: len(modules)]]
     score = logits.gather(1, index[:, None]).sum()  # images are independent in eval mode
     gradients = torch.autograd.grad(score, activations)
-    return [
-        torch.relu((torch.relu(g) * a.detach()).sum(dim=1, keepdim=True))
-        for g, a in zip(gradients, activations, strict=True)
-    ]
+    return [_cam(torch.relu(g) * a.detach()) for g, a in zip(gradients, activations, strict=True)]
 
 
 def explain(
@@ -127,8 +156,8 @@ def explain(
         model: a ``ClassifierModule`` or ``ProbabilityModel`` (a timm ``.backbone`` built with
             ``num_classes=0``, a ``.head``, and a ``task`` or ``hparams.task``); logits are explained.
         images: ``(N, C, H, W)`` model input, normalised as for prediction.
-        target: as for :func:`~medtransfer.explain.gradcam.grad_cam`: binary: the positive logit; multiclass
-            and multilabel: a class/label index (or one per image), ``None`` for the top-scoring one.
+        target: what to explain. Binary: the positive logit (``None`` or 1). Multiclass and multilabel: a
+            class/label index for all images, one per image, or ``None`` for the top-scoring one.
         method: ``gradcam``, ``layercam``, ``fusion`` (LayerCAM of a stage and all deeper ones) or
             ``occlusion``; see the module docstring.
         layer: the stage (``feature_info`` index or module name); ``None``: :data:`DEFAULT_LAYERS`. Ignored by
@@ -170,8 +199,8 @@ def explain(
                 maps = _scaled(attributions.sum(dim=1, keepdim=True), size)
             elif method == "gradcam":
                 (module,) = _stage_modules(model.backbone, layer, method)
-                cam = LayerGradCam(forward, module).attribute(x, target=index, relu_attributions=True)
-                maps = _scaled(cam.detach(), size)
+                weighted = LayerGradCam(forward, module).attribute(x, target=index, attr_dim_summation=False)
+                maps = _scaled(_cam(weighted.detach()), size)
             else:
                 modules = _stage_modules(model.backbone, layer, method)
                 cams = [_scaled(cam, size) for cam in _layer_cams(forward, modules, x, index)]
@@ -217,11 +246,8 @@ def pointing_hit(heatmap: Tensor | np.ndarray, box: Sequence[float], tolerance: 
 
 
 def box_iou(a: Sequence[float] | None, b: Sequence[float]) -> float:
-    """Intersection over union of two ``x_min, y_min, x_max, y_max`` boxes (0 when ``a`` is ``None``)."""
+    """torchvision's intersection over union of two ``x_min, y_min, x_max, y_max`` boxes (0 when ``a`` is ``None``)."""
     if a is None:
         return 0.0
-    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    pair = torch.from_numpy(np.array([a, b], dtype=np.float64))
+    return float(ops.box_iou(pair[:1], pair[1:])[0, 0].nan_to_num())

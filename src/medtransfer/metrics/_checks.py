@@ -3,15 +3,15 @@ bad value."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-Task = Literal["binary", "multiclass", "multilabel"]
+from medtransfer.task import Task
+
 Score = Literal["max_prob", "margin"]
-TASKS = ("binary", "multiclass", "multilabel")
-SCORES = ("max_prob", "margin")
+TASKS, SCORES = get_args(Task), get_args(Score)
 
 
 def _first_bad(x: Tensor, bad: Tensor) -> str:

@@ -1,25 +1,69 @@
-"""The metric functions under one name (``medtransfer.metrics.functional``, as tests and notebooks import them):
-selective prediction in :mod:`medtransfer.metrics.selective`, reliability bins in
-:mod:`medtransfer.metrics.reliability`."""
+r"""The metric maths as pure torch functions: selective prediction (risk-coverage) and reliability bins.
 
-from medtransfer.metrics._checks import Score, Task
-from medtransfer.metrics.reliability import reliability_bins
-from medtransfer.metrics.selective import (
-    augrc,
-    aurc,
-    confidence_scores,
-    coverage_at_accuracy,
-    coverage_at_risk,
-    eaurc,
-    predictions,
-    risk_coverage_curve,
-    selective_metrics_at_coverage,
-    selective_risk_at_coverage,
+A model may abstain ("refer to a radiologist") on its least confident cases. Given a confidence score
+:math:`\kappa_i` and a correctness flag :math:`c_i \in \{0, 1\}` per case, accepting the cases with
+:math:`\kappa_i \ge t` gives, for :math:`N` cases,
+
+.. math::
+    \phi(t) = \frac{1}{N} \sum_i [\kappa_i \ge t], \qquad
+    R(t) = \frac{\sum_i [\kappa_i \ge t] (1 - c_i)}{\sum_i [\kappa_i \ge t]}, \qquad
+    G(t) = \frac{1}{N} \sum_i [\kappa_i \ge t] (1 - c_i)
+
+(coverage, selective risk, generalized risk). The operating points are the distinct confidence values
+:math:`t_1 > \dots > t_K`: **cases with tied confidence are accepted or rejected together**, one curve point
+per distinct value, as ``sklearn.metrics.roc_curve`` treats tied scores.
+
+**Areas.** AURC, E-AURC and AUGRC integrate one curve exactly: the generalized risk :math:`G(\phi)` drawn as
+straight lines through :math:`(0, 0)` and the operating points :math:`(\phi_k, G_k)`. Between two operating
+points the accepted errors grow linearly, which is the expected curve when the cases of a tie group are
+ranked in random order; without ties every case is its own operating point. Hence
+
+.. math::
+    \mathrm{AUGRC} = \int_0^1 G(\phi)\, d\phi, \qquad
+    \mathrm{AURC} = \int_0^1 \frac{G(\phi)}{\phi}\, d\phi, \qquad
+    \mathrm{E\text{-}AURC} = \mathrm{AURC} - \bigl(r + (1 - r) \ln(1 - r)\bigr),
+
+with :math:`r` the overall error rate. AUGRC is the trapezoid rule on the generalized risk curve (Traub et al.
+2024); it equals :math:`(1 - \mathrm{AUROC}) \, r (1 - r) + r^2 / 2`, with the AUROC of the confidence at
+separating correct from wrong cases (ties counting one half). AURC is the area under the selective risk
+:math:`R = G / \phi`, integrated in closed form on each segment. E-AURC (Geifman et al. 2019) subtracts the
+AURC of an oracle ranking with the same error rate, whose curve :math:`G^*(\phi) = \max(0, \phi - 1 + r)` has
+exactly the area :math:`r + (1 - r)\ln(1 - r)`: this *continuous* form makes E-AURC exactly 0 for a perfect
+ranking (ties among cases of equal correctness do not matter) and never negative. The per-case sum
+:math:`\frac{1}{N}\sum_{n=1}^N R_n` that some code uses differs from it by :math:`O(\log N / N)`.
+
+**Operating points at a target.** :func:`selective_risk_at_coverage` and :func:`selective_metrics_at_coverage`
+use the *smallest achievable coverage at or above* the target (the first tie group that reaches it), so the
+model decides on at least the requested share of cases. :func:`coverage_at_risk` and
+:func:`coverage_at_accuracy` return the largest operating-point coverage that meets the bound, or 0.
+
+No installed library provides these metrics. torchmetrics 1.9 has ECE (``CalibrationError``, use it: its
+binning matches :func:`reliability_bins`) but no risk-coverage metric (its ``multilabel_coverage_error`` is a
+ranking metric). torch-uncertainty (not a dependency) has ``AURC``, ``AUGRC``, ``CovAtxRisk`` and
+``RiskAtxCov`` for multiclass argmax only: it breaks ties by sort order, rescales by :math:`1/(1 - 1/N)`,
+returns NaN for :math:`N < 2`, and has no E-AURC, multilabel or sensitivity/specificity at coverage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from medtransfer.metrics._checks import (
+    SCORES,
+    Score,
+    _check_pair,
+    _check_probs,
+    _check_threshold,
+    _check_unit,
+    _check_unit_interval,
 )
+from medtransfer.task import Task
 
 __all__ = [
     "Score",
-    "Task",
     "augrc",
     "aurc",
     "confidence_scores",
@@ -32,3 +76,331 @@ __all__ = [
     "selective_metrics_at_coverage",
     "selective_risk_at_coverage",
 ]
+
+_COUNT_TOL = 1e-6  # case counts are integers: absorbs rounding in products like 0.07 * 100
+
+
+# ----------------------------------------------------------------------------------------- scores, labels
+def confidence_scores(
+    probs: Tensor, task: Task, threshold: float | Tensor = 0.5, score: Score = "max_prob", validate_args: bool = True
+) -> Tensor:
+    """Confidence of each decision; higher means the case is kept rather than referred.
+
+    Args:
+        probs: ``(N,)`` positive-class probabilities (binary), ``(N, C)`` class probabilities (multiclass) or
+            ``(N, L)`` per-label probabilities (multilabel).
+        task: ``binary``, ``multiclass`` or ``multilabel``.
+        threshold: decision threshold of binary/multilabel tasks (a float, or ``(L,)`` per label).
+        score: ``max_prob``: the top class probability (multiclass) or :math:`\\max(p, 1 - p)`; ``margin``:
+            top-1 minus top-2 probability (multiclass) or :math:`|p - \\text{threshold}|`. With a threshold
+            other than 0.5 use ``margin``, which ranks cases by their distance to the decision actually made.
+        validate_args: check shapes and values (see the module docstring for the errors).
+
+    Returns:
+        ``(N,)`` for binary and multiclass, ``(N, L)`` for multilabel.
+
+    Example:
+        >>> confidence_scores(torch.tensor([0.9, 0.2, 0.5]), "binary")
+        tensor([0.9000, 0.8000, 0.5000])
+    """
+    if validate_args:
+        _check_probs(probs, task)
+        if score not in SCORES:
+            raise ValueError(f"Expected argument `score` to be one of {SCORES}, but got {score!r}")
+        _check_threshold(threshold, probs)
+    if task == "multiclass":
+        if score == "max_prob":
+            return probs.max(dim=1).values
+        top2 = probs.topk(2, dim=1).values
+        return top2[:, 0] - top2[:, 1]
+    if score == "max_prob":
+        return torch.maximum(probs, 1 - probs)
+    return (probs - torch.as_tensor(threshold, dtype=probs.dtype, device=probs.device)).abs()
+
+
+def predictions(probs: Tensor, task: Task, threshold: float | Tensor = 0.5, validate_args: bool = True) -> Tensor:
+    """Predicted labels (long): ``argmax`` (multiclass) or ``probs >= threshold`` (binary, multilabel).
+
+    Example:
+        >>> predictions(torch.tensor([[0.2, 0.7], [0.6, 0.6]]), "multilabel", threshold=torch.tensor([0.1, 0.65]))
+        tensor([[1, 1],
+                [1, 0]])
+    """
+    if validate_args:
+        _check_probs(probs, task)
+        _check_threshold(threshold, probs)
+    if task == "multiclass":
+        return probs.argmax(dim=1)
+    return (probs >= torch.as_tensor(threshold, dtype=probs.dtype, device=probs.device)).long()
+
+
+# ----------------------------------------------------------------------------------------- operating points
+def _operating_points(confidence: Tensor, correct: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One row per distinct confidence, highest first: threshold, accepted count and error count (float64)."""
+    order = torch.argsort(confidence, descending=True, stable=True)
+    sorted_conf = confidence[order]
+    errors = (1 - correct[order].to(torch.float64)).cumsum(0)
+    group_end = torch.ones_like(sorted_conf, dtype=torch.bool)
+    group_end[:-1] = sorted_conf[1:] != sorted_conf[:-1]
+    ends = group_end.nonzero().squeeze(1)
+    return sorted_conf[ends], (ends + 1).to(torch.float64), errors[ends]
+
+
+def _per_label(fn: Callable[..., Tensor], confidence: Tensor, *columns: Tensor) -> Tensor:
+    """``fn`` on ``(N,)`` inputs, or stacked over the labels of ``(N, L)`` inputs."""
+    if confidence.ndim == 1:
+        return fn(confidence, *columns)
+    return torch.stack([fn(confidence[:, j], *(c[:, j] for c in columns)) for j in range(confidence.shape[1])])
+
+
+def _out_dtype(confidence: Tensor) -> torch.dtype:
+    return confidence.dtype if confidence.is_floating_point() else torch.get_default_dtype()
+
+
+def risk_coverage_curve(
+    confidence: Tensor, correct: Tensor, validate_args: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Coverage, selective risk and threshold at each distinct confidence value, by increasing coverage.
+
+    Point :math:`k` accepts the cases with :math:`\kappa \ge t_k` (ties together): coverage
+    :math:`\phi_k = n_k / N` and selective risk :math:`R_k = e_k / n_k` for :math:`n_k` accepted cases with
+    :math:`e_k` errors. There is no point at coverage 0, where the risk is undefined.
+
+    Args:
+        confidence: ``(N,)`` scores, higher = more confident (any finite values).
+        correct: ``(N,)`` 1 where the prediction is right, 0 where it is wrong (bool or numbers).
+
+    Returns:
+        ``coverage``, ``selective_risk`` and ``thresholds``, each ``(K,)`` for ``K`` distinct confidences.
+
+    Example:
+        >>> risk_coverage_curve(torch.tensor([0.9, 0.8, 0.8, 0.6]), torch.tensor([1, 1, 0, 0]))
+        (tensor([0.2500, 0.7500, 1.0000]), tensor([0.0000, 0.3333, 0.5000]), tensor([0.9000, 0.8000, 0.6000]))
+    """
+    if validate_args:
+        _check_pair(confidence, correct)
+        if confidence.ndim != 1:
+            raise ValueError(f"Expected argument `confidence` of shape (N,), but got {tuple(confidence.shape)}")
+    thresholds, accepted, errors = _operating_points(confidence, correct)
+    dtype = _out_dtype(confidence)
+    return (accepted / confidence.numel()).to(dtype), (errors / accepted).to(dtype), thresholds
+
+
+def _areas(confidence: Tensor, correct: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """AURC, AUGRC and error rate of one ``(N,)`` problem, in float64 (see the module docstring)."""
+    _, accepted, errors = _operating_points(confidence, correct)
+    zero = accepted.new_zeros(1)
+    n = float(confidence.numel())
+    a, b = torch.cat([zero, accepted[:-1]]), accepted  # segment ends, in accepted cases
+    ea, eb = torch.cat([zero, errors[:-1]]), errors
+    augrc_ = ((b - a) * (ea + eb)).sum() / (2 * n * n)
+    # On a segment G(phi) = (ea + s (n phi - a)) / n, s = (eb - ea) / (b - a): the integral of G / phi is
+    # (eb - ea) / n + (ea b - eb a) / ((b - a) n) * ln(b / a); the log term vanishes on the first segment (a = 0).
+    log_ratio = torch.where(a > 0, torch.log1p((b - a) / a.clamp_min(1)), torch.zeros_like(a))
+    aurc_ = ((eb - ea) + (ea * b - eb * a) / (b - a) * log_ratio).sum() / n
+    return aurc_, augrc_, errors[-1] / n
+
+
+def aurc(confidence: Tensor, correct: Tensor, validate_args: bool = True) -> Tensor:
+    r"""Area under the risk-coverage curve, :math:`\int_0^1 G(\phi)/\phi \, d\phi` (lower is better).
+
+    :math:`G` is the generalized risk curve drawn straight between operating points (module docstring): ties
+    count as the expectation over a random order within the tie group. Without ties it is the exact area under
+    the selective risk of the ranked list. A constant confidence gives the error rate; values lie in [0, 1].
+
+    Args:
+        confidence: ``(N,)``, or ``(N, L)`` for one result per label.
+        correct: 0/1, shaped like ``confidence``.
+
+    Returns:
+        A scalar, or ``(L,)``.
+
+    Example:
+        >>> aurc(torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([1, 1, 0, 0]))  # oracle: 0.5 + 0.5 ln 0.5
+        tensor(0.1534)
+    """
+    if validate_args:
+        _check_pair(confidence, correct)
+    return _per_label(lambda c, k: _areas(c, k)[0], confidence, correct).to(_out_dtype(confidence))
+
+
+def eaurc(confidence: Tensor, correct: Tensor, validate_args: bool = True) -> Tensor:
+    r"""Excess AURC over an oracle ranking with the same error rate :math:`r` (Geifman et al. 2019).
+
+    .. math:: \mathrm{E\text{-}AURC} = \mathrm{AURC} - \bigl(r + (1 - r) \ln(1 - r)\bigr) \ge 0
+
+    The oracle term is the exact AURC of ranking every correct case above every wrong one, in the same
+    continuous form as :func:`aurc`, so a perfect ranking gives 0 (clamped at 0 against rounding).
+
+    Example:
+        >>> eaurc(torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([0, 1, 1, 0]))
+        tensor(0.4774)
+    """
+    if validate_args:
+        _check_pair(confidence, correct)
+
+    def one(c: Tensor, k: Tensor) -> Tensor:
+        area, _, r = _areas(c, k)
+        return (area - r - torch.special.xlogy(1 - r, 1 - r)).clamp_min(0)
+
+    return _per_label(one, confidence, correct).to(_out_dtype(confidence))
+
+
+def augrc(confidence: Tensor, correct: Tensor, validate_args: bool = True) -> Tensor:
+    r"""Area under the generalized risk-coverage curve (Traub et al. 2024), lower is better.
+
+    .. math:: \mathrm{AUGRC} = \int_0^1 G(\phi)\, d\phi, \qquad G = \frac{\text{errors accepted}}{N}
+
+    Trapezoid rule through :math:`(0, 0)` and the operating points, which is exact for the expected curve
+    under random tie-breaking. Equals :math:`(1 - \mathrm{AUROC}) \, r(1 - r) + r^2/2`; lies in [0, 0.5].
+
+    Example:
+        >>> augrc(torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([1, 0, 1, 0]))
+        tensor(0.1875)
+    """
+    if validate_args:
+        _check_pair(confidence, correct)
+    return _per_label(lambda c, k: _areas(c, k)[1], confidence, correct).to(_out_dtype(confidence))
+
+
+def _at_coverage(confidence: Tensor, coverage: float) -> Tensor:
+    """Acceptance mask of the smallest operating point whose coverage is at least ``coverage``."""
+    thresholds, accepted, _ = _operating_points(confidence, torch.ones_like(confidence))
+    index = int(torch.nonzero(accepted >= coverage * confidence.numel() - _COUNT_TOL)[0])
+    return confidence >= thresholds[index]
+
+
+def selective_risk_at_coverage(
+    confidence: Tensor, correct: Tensor, coverage: float, validate_args: bool = True
+) -> Tensor:
+    """Error rate among the accepted cases at the smallest achievable coverage ``>= coverage``.
+
+    Tie groups are accepted whole, so the achieved coverage can exceed the target (see
+    :func:`selective_metrics_at_coverage`, which reports it).
+
+    Example:
+        >>> selective_risk_at_coverage(torch.tensor([0.9, 0.8, 0.8, 0.6]), torch.tensor([1, 1, 0, 0]), 0.5)
+        tensor(0.3333)
+    """
+    if validate_args:
+        _check_pair(confidence, correct)
+        _check_unit("coverage", coverage, low_open=True)
+
+    def one(c: Tensor, k: Tensor) -> Tensor:
+        keep = _at_coverage(c, coverage)
+        return 1 - k[keep].to(torch.float64).mean()
+
+    return _per_label(one, confidence, correct).to(_out_dtype(confidence))
+
+
+def selective_metrics_at_coverage(
+    confidence: Tensor, preds: Tensor, target: Tensor, coverage: float, validate_args: bool = True
+) -> dict[str, Tensor]:
+    """Selective accuracy, sensitivity and specificity of binary decisions at a target coverage.
+
+    The cases kept are those of the smallest achievable coverage ``>= coverage`` (tie groups whole).
+
+    Args:
+        confidence: ``(N,)``, or ``(N, L)`` for a multilabel task (results per label).
+        preds: 0/1 predictions, shaped like ``confidence``.
+        target: 0/1 labels, shaped like ``confidence``.
+        coverage: target share of cases decided on, in (0, 1].
+
+    Returns:
+        ``coverage`` (achieved), ``risk``, ``accuracy``, ``sensitivity`` (accepted true positives over accepted
+        positives) and ``specificity``; NaN where no positive (negative) case is accepted. Scalars or ``(L,)``.
+
+    Example:
+        >>> out = selective_metrics_at_coverage(
+        ...     torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([1, 0, 1, 0]), torch.tensor([1, 0, 0, 0]), 0.75
+        ... )
+        >>> {k: round(v.item(), 4) for k, v in out.items()}
+        {'coverage': 0.75, 'risk': 0.3333, 'accuracy': 0.6667, 'sensitivity': 1.0, 'specificity': 0.5}
+    """
+    if validate_args:
+        _check_pair(confidence, preds, "preds")
+        _check_pair(confidence, target, "target")
+        _check_unit("coverage", coverage, low_open=True)
+    keys = ("coverage", "risk", "accuracy", "sensitivity", "specificity")
+
+    def one(c: Tensor, p: Tensor, y: Tensor) -> Tensor:
+        keep = _at_coverage(c, coverage)
+        p, y = p[keep].bool(), y[keep].bool()
+        accuracy = (p == y).to(torch.float64).mean()
+        sensitivity = (p & y).sum() / y.sum().to(torch.float64)  # NaN (0/0) when no positive is kept
+        specificity = (~p & ~y).sum() / (~y).sum().to(torch.float64)
+        return torch.stack([keep.to(torch.float64).mean(), 1 - accuracy, accuracy, sensitivity, specificity])
+
+    values = _per_label(one, confidence, preds, target).to(_out_dtype(confidence))
+    return dict(zip(keys, values.unbind(-1), strict=True))
+
+
+def _largest_coverage(confidence: Tensor, correct: Tensor, max_errors_per_case: float) -> Tensor:
+    _, accepted, errors = _operating_points(confidence, correct)
+    ok = errors <= max_errors_per_case * accepted + _COUNT_TOL
+    if not ok.any():
+        return accepted.new_zeros(())
+    return accepted[ok].max() / confidence.numel()
+
+
+def coverage_at_risk(confidence: Tensor, correct: Tensor, max_risk: float, validate_args: bool = True) -> Tensor:
+    """Largest operating-point coverage whose selective risk is ``<= max_risk``; 0 if there is none.
+
+    Example:
+        >>> coverage_at_risk(torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([1, 0, 1, 1]), 0.25)
+        tensor(1.)
+    """
+    if validate_args:
+        _check_pair(confidence, correct)
+        _check_unit("max_risk", max_risk)
+    return _per_label(lambda c, k: _largest_coverage(c, k, max_risk), confidence, correct).to(_out_dtype(confidence))
+
+
+def coverage_at_accuracy(
+    confidence: Tensor, correct: Tensor, min_accuracy: float, validate_args: bool = True
+) -> Tensor:
+    """Largest operating-point coverage whose selective accuracy is ``>= min_accuracy``; 0 if there is none.
+
+    Example:
+        >>> coverage_at_accuracy(torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([1, 0, 1, 1]), 0.9)
+        tensor(0.2500)
+    """
+    if validate_args:
+        _check_unit("min_accuracy", min_accuracy)
+    return coverage_at_risk(confidence, correct, 1.0 - min_accuracy, validate_args)
+
+
+# ----------------------------------------------------------------------------------------- reliability
+def reliability_bins(
+    confidence: Tensor, correct: Tensor, n_bins: int = 15, validate_args: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Per-bin mean confidence, accuracy and case count, for a reliability diagram.
+
+    Bins split [0, 1] into ``n_bins`` equal intervals :math:`[b_j, b_{j+1})`, the last one closed. The ECE
+    :math:`\sum_j \frac{n_j}{N} |\mathrm{acc}_j - \mathrm{conf}_j|` of these bins is torchmetrics'
+    ``CalibrationError(norm="l1")`` (which puts confidence exactly 1.0 in a bin of its own): compute ECE there.
+
+    Args:
+        confidence: ``(N,)`` in [0, 1]: the top-class probability with ``correct`` = top class right
+            (multiclass), or the positive-class probability with ``correct`` = target (binary).
+        correct: 0/1, shaped like ``confidence``.
+        n_bins: number of bins.
+
+    Returns:
+        ``mean_confidence`` and ``accuracy`` (NaN for empty bins) and ``count``, each ``(n_bins,)``.
+    """
+    if validate_args:
+        if not isinstance(n_bins, int) or n_bins < 1:
+            raise ValueError(f"Expected argument `n_bins` to be an integer larger than 0, but got {n_bins}")
+        _check_pair(confidence, correct)
+        if confidence.ndim != 1:
+            raise ValueError(f"Expected argument `confidence` of shape (N,), but got {tuple(confidence.shape)}")
+        _check_unit_interval("confidence", confidence)
+    boundaries = torch.linspace(0, 1, n_bins + 1, dtype=confidence.dtype, device=confidence.device)
+    index = (torch.bucketize(confidence, boundaries, right=True) - 1).clamp(0, n_bins - 1)  # as torchmetrics
+    conf = confidence.to(torch.float64)
+    count = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(0, index, torch.ones_like(conf))
+    conf_sum = torch.zeros_like(count).index_add_(0, index, conf)
+    correct_sum = torch.zeros_like(count).index_add_(0, index, correct.to(torch.float64))
+    dtype = _out_dtype(confidence)
+    return (conf_sum / count).to(dtype), (correct_sum / count).to(dtype), count.long()

@@ -24,8 +24,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 
 from medtransfer.callbacks.finite_check import FiniteCheck, NonFiniteError
 from medtransfer.commands.evaluate import evaluate_predictions
-from medtransfer.commands.evaluate import main as evaluate_main
-from medtransfer.commands.fit import main
+from medtransfer.entry import main
 from medtransfer.errors import MedtransferError
 
 TINY = [
@@ -149,7 +148,7 @@ def _files(tmp_path: Path, value: str) -> tuple[Path, Path]:
 def test_evaluate_rejects_a_bad_probability_with_file_line_and_column(tmp_path, capsys, value, problem):
     preds, labels = _files(tmp_path, value)
     with pytest.raises(SystemExit) as exit_info:
-        evaluate_main([str(preds), str(labels)])
+        main(["evaluate", str(preds), str(labels)])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"medtransfer: error: {preds} line 3, column 'prob_Edema': {problem}\n"
 

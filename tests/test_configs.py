@@ -8,7 +8,7 @@ import pytest
 import timm
 import yaml
 
-from medtransfer.commands.fit import main
+from medtransfer.entry import main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -12,9 +12,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from medtransfer.commands.fit import build_cli, main
+from medtransfer.commands.fit import build_cli
 from medtransfer.commands.predict import run_predict
 from medtransfer.data.sources import chestxray14_manifest
+from medtransfer.entry import main
 from medtransfer.tracking.callbacks import find_mlflow_logger
 
 REPO = Path(__file__).resolve().parents[1]

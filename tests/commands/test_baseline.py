@@ -10,8 +10,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from medtransfer.commands.baseline import run_baseline
-from medtransfer.commands.fit import main
 from medtransfer.data.medmnist import MedMNISTDataModule
+from medtransfer.entry import main
 
 REPO = Path(__file__).resolve().parents[2]
 FIT_CONFIG = REPO / "configs" / "pneumonia_effnet_lite0.yaml"

@@ -12,8 +12,9 @@ from mlflow import MlflowClient
 
 from medtransfer.commands.baseline import run_baseline
 from medtransfer.commands.compare import lower_is_better, normalise_metric, run_compare, to_markdown
-from medtransfer.commands.fit import build_cli, main
+from medtransfer.commands.fit import build_cli
 from medtransfer.data.medmnist import MedMNISTDataModule
+from medtransfer.entry import main
 from medtransfer.errors import MedtransferError
 from medtransfer.tracking.callbacks import find_mlflow_logger
 

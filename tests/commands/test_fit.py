@@ -13,7 +13,7 @@ import torch
 from helpers import DEFAULT_CONFIG, tiny_fit_args
 from mlflow.tracking import MlflowClient
 
-from medtransfer.commands.fit import main
+from medtransfer.entry import main
 
 SMALL = tiny_fit_args()
 CHESTXRAY14_CONFIG = DEFAULT_CONFIG.parent / "chestxray14_sample_lite0.yaml"

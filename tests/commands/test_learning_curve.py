@@ -9,8 +9,8 @@ import pytest
 from helpers import DEFAULT_CONFIG, REPO
 from mlflow.tracking import MlflowClient
 
-from medtransfer.commands.fit import main
 from medtransfer.commands.learning_curve import run_learning_curve
+from medtransfer.entry import main
 from medtransfer.errors import MedtransferError
 
 RECIPES = [REPO / "configs" / "learning_curve" / f"{name}.yaml" for name in ("lite0_pretrained", "lite0_scratch")]

@@ -18,8 +18,9 @@ import torch
 from helpers import CONSOLE_SCRIPT
 from PIL import Image
 
-from medtransfer.commands.fit import build_cli, main
+from medtransfer.commands.fit import build_cli
 from medtransfer.commands.predict import collect_images, load_predictor, run_predict
+from medtransfer.entry import main
 from medtransfer.errors import DataError, MedtransferError
 from medtransfer.tracking.callbacks import find_mlflow_logger
 

@@ -12,8 +12,8 @@ import yaml
 from helpers import DEFAULT_CONFIG, REPO
 from optuna.trial import TrialState
 
-from medtransfer.commands.fit import main
 from medtransfer.commands.search import load_space, open_storage, run_search
+from medtransfer.entry import main
 from medtransfer.errors import DataError
 
 TINY = [

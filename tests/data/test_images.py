@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from medtransfer.commands.fit import main
 from medtransfer.data.images import ChestXray14Source, CsvSource, FolderSource, ImageDataModule, MuraSource
+from medtransfer.entry import main
 from medtransfer.errors import DataError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,9 +14,9 @@ import pytest
 import torch
 from litdata import StreamingDataset
 
-from medtransfer.commands.fit import main
 from medtransfer.data.images import CsvSource, ImageDataModule
 from medtransfer.data.prepared import INFO_FILE, check_compatible, prepare, prepared_hash, read_info
+from medtransfer.entry import main
 from medtransfer.errors import DataError
 from medtransfer.models.classifier import ClassifierModule
 

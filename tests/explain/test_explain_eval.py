@@ -14,9 +14,9 @@ from lightning.pytorch import Trainer
 from PIL import Image
 
 from medtransfer.commands.explain_eval import localisation_scores, run_explain_eval
-from medtransfer.commands.fit import main
 from medtransfer.data.boxes import chestxray14_boxes, read_box_table
 from medtransfer.data.tables import CHESTXRAY14_FINDINGS
+from medtransfer.entry import main
 from medtransfer.errors import DataError
 
 

@@ -231,7 +231,7 @@ def test_a_sigkill_during_predict_leaves_no_csv_only_a_hidden_temporary_file(che
         Image.fromarray(images[i % len(images)]).save(folder / f"img{i:05d}.png")
     out = tmp_path / "out"
     out.mkdir()
-    command = [sys.executable, "-m", "medtransfer.commands.predict", str(folder), str(checkpoint), "--output",
+    command = [sys.executable, "-m", "medtransfer.entry", "predict", str(folder), str(checkpoint), "--output",
                str(out / "predictions.csv"), "--batch_size", "8"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

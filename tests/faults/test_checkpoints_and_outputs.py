@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from medtransfer.checkpoints import load_checkpoint
-from medtransfer.commands.fit import main
 from medtransfer.commands.predict import load_predictor
+from medtransfer.entry import main
 from medtransfer.errors import DataError
 from medtransfer.models.classifier import ClassifierModule
 

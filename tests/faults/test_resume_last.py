@@ -10,7 +10,7 @@ from pathlib import Path
 import harness
 import pytest
 
-from medtransfer.commands.fit import main
+from medtransfer.entry import main
 from medtransfer.tracking.mlflow import MLflowLogger
 
 REPO = Path(__file__).resolve().parents[2]

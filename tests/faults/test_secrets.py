@@ -78,7 +78,7 @@ def test_a_secret_planted_through_every_fit_entry_point_is_nowhere_on_disk_or_co
 ):
     """Environment, secret-named tags and a URI with a password in a tag value, through a real fit: grep the
     whole ``mlruns/`` (database, artifacts, config, both checkpoints) and everything printed."""
-    from medtransfer.commands.fit import main
+    from medtransfer.entry import main
 
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)

@@ -21,8 +21,8 @@ import torch
 import yaml
 from PIL import Image
 
-from medtransfer.commands.fit import main
 from medtransfer.commands.predict import load_predictor
+from medtransfer.entry import main
 from medtransfer.errors import MedtransferError
 from medtransfer.tracking.callbacks import find_mlflow_logger, flatten_config, read_run_info
 

@@ -7,7 +7,7 @@ import mlflow
 from helpers import DEFAULT_CONFIG, tiny_fit_args
 from mlflow.tracking import MlflowClient
 
-from medtransfer.commands.fit import main
+from medtransfer.entry import main
 from medtransfer.tracking.system_metrics import LogSystemMetrics
 
 

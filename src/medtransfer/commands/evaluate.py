@@ -19,7 +19,7 @@ from medtransfer.commands.evaluate_io import SHOW, LabelFormat, join_on_ids, rea
 from medtransfer.data.tables import CHESTXRAY14_FINDINGS  # re-exported (in __all__)
 from medtransfer.decisions.report import COVERAGES
 from medtransfer.decisions.report import evaluation_table as evaluate_predictions  # the one report, per class
-from medtransfer.errors import DataError, exit_on_user_error
+from medtransfer.errors import DataError
 from medtransfer.files import write_text_atomic
 from medtransfer.task import Task
 
@@ -29,7 +29,6 @@ __all__ = [
     "EvaluateResult",
     "evaluate_predictions",
     "join_on_ids",
-    "main",
     "read_labels",
     "read_predictions",
     "run_evaluate",
@@ -192,15 +191,3 @@ def _json_value(value: object) -> object:
     if pd.isna(value):
         return None
     return value.item() if isinstance(value, np.generic) else value
-
-
-def main(args: list[str] | None = None) -> None:
-    """Entry point of ``medtransfer evaluate``: the CLI is generated from :func:`run_evaluate`'s signature."""
-    from jsonargparse import auto_cli
-
-    with exit_on_user_error():
-        auto_cli(run_evaluate, args=args, prog="medtransfer evaluate")
-
-
-if __name__ == "__main__":
-    main()

@@ -30,13 +30,12 @@ from medtransfer.commands.predict import Predictor, load_predictor
 from medtransfer.data.boxes import BOX_COLUMNS, CHESTXRAY14_BOX_SIZE, chestxray14_boxes, read_box_table
 from medtransfer.data.readers import read_image
 from medtransfer.data.transforms import build_eval_transform
-from medtransfer.errors import DataError, exit_on_user_error
+from medtransfer.errors import DataError
 from medtransfer.explain.methods import METHODS, box_iou, explain, map_box, pointing_hit, resolve_layer
 from medtransfer.files import write_text_atomic
-from medtransfer.tracking.mlflow import resolve_tracking_uri
-from medtransfer.tracking.model_logging import tracking_at
+from medtransfer.tracking.mlflow import open_run
 
-__all__ = ["ExplainEvalResult", "localisation_scores", "main", "run_explain_eval"]
+__all__ = ["ExplainEvalResult", "localisation_scores", "run_explain_eval"]
 
 _logger = logging.getLogger(__name__)
 
@@ -236,26 +235,11 @@ def _report(results: list[dict[str, Any]], size: int) -> None:
 def _log_to_mlflow(
     results: list[dict], output: Path, model: str, boxes: str, tracking_uri: str | None, experiment: str
 ) -> None:
-    import mlflow
-
-    with tracking_at(resolve_tracking_uri(tracking_uri)):
-        mlflow.set_experiment(experiment)
-        with mlflow.start_run(run_name=f"explain-eval-{Path(model).stem}"):
-            mlflow.log_params({"model": str(model), "boxes": str(boxes)})
-            for r in results:
-                key = r["method"] if r["layer"] == "-" else f"{r['method']}/{r['layer']}"
-                mlflow.log_metrics({f"{key}/{m}": r[m] for m in ("hit_rate", "mean_iou", "random_rate", "n")
-                                    if r["n"] or m == "n"})  # fmt: skip
-            mlflow.log_artifact(str(output))
-
-
-def main(args: list[str] | None = None) -> None:
-    """``medtransfer explain-eval``: the typed ``run_explain_eval`` as a command line (jsonargparse)."""
-    from jsonargparse import auto_cli
-
-    with exit_on_user_error():
-        auto_cli(run_explain_eval, args=args, prog="medtransfer explain-eval")
-
-
-if __name__ == "__main__":
-    main()
+    metrics = {}
+    for r in results:
+        key = r["method"] if r["layer"] == "-" else f"{r['method']}/{r['layer']}"
+        metrics |= {f"{key}/{m}": r[m] for m in ("hit_rate", "mean_iou", "random_rate", "n") if r["n"] or m == "n"}
+    with open_run(experiment, f"explain-eval-{Path(model).stem}", tracking_uri) as logger:
+        logger.log_hyperparams({"model": str(model), "boxes": str(boxes)})
+        logger.log_metrics(metrics)
+        logger.experiment.log_artifact(logger.run_id, str(output))

@@ -39,7 +39,7 @@ from medtransfer.data.readers import SUPPORTED_SUFFIXES
 from medtransfer.data.tables import read_csv_table, require_columns
 from medtransfer.data.transforms import build_eval_transform
 from medtransfer.decisions.risk_control import guarantee_verdict
-from medtransfer.errors import DataError, exit_on_user_error
+from medtransfer.errors import DataError
 from medtransfer.explain import DEFAULT_METHOD
 from medtransfer.explain.methods import Method
 from medtransfer.files import write_text_atomic
@@ -50,7 +50,6 @@ __all__ = [
     "Predictor",
     "collect_images",
     "load_predictor",
-    "main",
     "read_as_trained",
     "run_predict",
 ]
@@ -317,15 +316,3 @@ def _predict(module: PredictModule, loader: DataLoader, writer: PredictionWriter
     finally:
         quiet.setLevel(level)
         signal.signal(signal.SIGINT, handler)
-
-
-def main(args: list[str] | None = None) -> None:
-    """``medtransfer predict``: the typed ``run_predict`` as a command line (jsonargparse)."""
-    from jsonargparse import auto_cli
-
-    with exit_on_user_error():
-        auto_cli(run_predict, args=args, prog="medtransfer predict")
-
-
-if __name__ == "__main__":
-    main()

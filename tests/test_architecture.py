@@ -19,6 +19,9 @@ LOWER = ("data", "models", "decisions", "metrics", "callbacks", "tracking", "exp
 FOREIGN = (
     r"(trainer|logger|strategy|trial|study|storage|loop|epoch_loop|fit_loop|client|run|parser|scheduler|optimizer)"
 )
+#: Public-looking names that are internals all the same: state only torch's scheduler constructors set, and MLflow's
+#: undocumented system-metrics sampler.
+INTERNALS = r"\b(?:scheduler\.(?:base_lrs|lr_lambdas|min_lrs)|SystemMetricsMonitor)\b"
 
 
 def _relative(path: Path) -> str:
@@ -59,7 +62,8 @@ def test_no_module_is_over_about_400_lines(path):
 
 @pytest.mark.parametrize("path", [m for m in MODULES if m.name != "upstream.py"], ids=_relative)
 def test_private_attributes_of_other_libraries_are_touched_only_in_upstream(path):
-    private = re.findall(rf"\b{FOREIGN}\._[a-z]\w*\b", path.read_text())
+    text = path.read_text()
+    private = re.findall(rf"\b{FOREIGN}\._[a-z]\w*\b", text) + re.findall(INTERNALS, text)
     assert not private, f"use a medtransfer.upstream helper instead of {private}"
 
 

@@ -78,17 +78,19 @@ class RecordRankState(Callback):
         path.write_text(json.dumps(records))
 
 
-def _fit(workdir: Path, pneumonia_npz: Path, *extra: str) -> subprocess.CompletedProcess:
+def fit(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``medtransfer fit *args`` in a process of its own, in ``workdir``, with the tests folder importable (for the
+    recording callbacks) and no tracking URI from the environment (the run lands in ``workdir/mlruns``)."""
     workdir.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
-    command = [str(CONSOLE_SCRIPT), "fit", *COMMON, f"--data.path={pneumonia_npz}", *extra]
-    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    command = [str(CONSOLE_SCRIPT), "fit", *args]
+    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
-def _only_run(workdir: Path):
+def only_run(workdir: Path):
     mlflow.set_tracking_uri(f"sqlite:///{workdir}/mlruns/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["medtransfer"])
     assert len(runs) == 1, f"expected one MLflow run in {workdir}, found {len(runs)}"
@@ -101,16 +103,16 @@ def fits(tmp_path_factory, pneumonia_npz):
     if not torch.distributed.is_gloo_available():
         pytest.skip("CPU ddp needs torch's gloo backend")
     root = tmp_path_factory.mktemp("ddp")
-    single = _fit(root / "single", pneumonia_npz, "--trainer.devices=1", f"--data.batch_size={2 * BATCH}")
-    ddp = _fit(root / "ddp", pneumonia_npz, "--trainer.devices=2", "--trainer.strategy=ddp",
-               f"--data.batch_size={BATCH}")  # fmt: skip
+    args = (*COMMON, f"--data.path={pneumonia_npz}")
+    single = fit(root / "single", *args, "--trainer.devices=1", f"--data.batch_size={2 * BATCH}")
+    ddp = fit(root / "ddp", *args, "--trainer.devices=2", "--trainer.strategy=ddp", f"--data.batch_size={BATCH}")
     return {"single": (root / "single", single), "ddp": (root / "ddp", ddp)}
 
 
 @pytest.mark.slow
 def test_ddp_fit_leaves_exactly_one_complete_mlflow_run(fits):
     workdir, result = fits["ddp"]
-    run = _only_run(workdir)
+    run = only_run(workdir)
     assert run["status"] == "FINISHED"
     client = MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
     assert len(client.get_metric_history(run.run_id, "val/auroc")) == 2  # one value per epoch, not per rank
@@ -122,7 +124,7 @@ def test_ddp_fit_leaves_exactly_one_complete_mlflow_run(fits):
 @pytest.mark.slow
 def test_ddp_checkpoints_are_written_once_by_rank_zero_and_carry_the_run(fits):
     workdir, _ = fits["ddp"]
-    run = _only_run(workdir)
+    run = only_run(workdir)
     experiment_folder = workdir / "mlruns" / str(run.experiment_id)
     assert sorted(p.name for p in experiment_folder.iterdir()) == [run.run_id]  # no folder of another rank
     checkpoints = sorted((experiment_folder / run.run_id / "checkpoints").glob("*.ckpt"))
@@ -150,7 +152,7 @@ def _history(workdir: Path, run_id: str, metric: str) -> list[float]:
 @pytest.mark.slow
 def test_ddp_reports_the_metrics_of_a_single_process_fit_in_phase_1(fits):
     (single, _), (ddp, _) = fits["single"], fits["ddp"]
-    single_run, ddp_run = _only_run(single), _only_run(ddp)
+    single_run, ddp_run = only_run(single), only_run(ddp)
     for metric in ("train/loss", "val/loss", "val/auroc", "val/acc", "val/threshold", "val/min_confidence"):
         expected = _history(single, single_run.run_id, metric)[0]  # epoch 1: head only
         assert _history(ddp, ddp_run.run_id, metric)[0] == pytest.approx(expected, abs=TOLERANCE), metric
@@ -163,7 +165,7 @@ def test_ddp_keeps_ranks_in_step_after_the_unfreeze_and_matches_a_single_process
     (single, _), (ddp, _) = fits["single"], fits["ddp"]
     rank0, rank1 = (json.loads((ddp / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0 == rank1  # identical weights on every rank at every epoch end
-    single_run, ddp_run = _only_run(single), _only_run(ddp)
+    single_run, ddp_run = only_run(single), only_run(ddp)
     for metric in COMPARED:  # last epoch (phase 2) and the test of the best checkpoint
         assert ddp_run[f"metrics.{metric}"] == pytest.approx(single_run[f"metrics.{metric}"], abs=TOLERANCE), metric
     for one, two in zip(json.loads((single / "rank0.json").read_text()), rank0, strict=True):

@@ -4,30 +4,25 @@ Why they must agree: the prepared train split holds ``2b`` images, so the single
 rank (batch ``b``, its own LitData shard) take one step per epoch, over the same ``2b`` images in all. The
 augmentation is off, dropout is 0 and BatchNorm stays in eval mode (``bn_mode: frozen``), so DDP's averaged
 gradient equals the single process's gradient; validation and test split evenly. What remains is float
-rounding, hence a tolerance of 1e-4, as in ``test_ddp.py``.
+rounding, hence a tolerance of 1e-4, as in ``test_ddp.py`` (whose harness runs the fits).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import pytest
 import torch
-from helpers import CONSOLE_SCRIPT
 from lightning.pytorch import Callback, LightningModule, Trainer
 from mlflow.tracking import MlflowClient
+from test_ddp import BATCH, TOLERANCE, fit, only_run
 
 from medtransfer.data.images import CsvSource, ImageDataModule
 from medtransfer.data.prepared import prepare
 from medtransfer.tracking.system_metrics import LogSystemMetrics
 
-TOLERANCE = 1e-4
-BATCH = 8  # per rank; the single process takes 2 * BATCH
 SIZE = 32
 COMPARED = ("train/loss", "val/loss", "val/auroc", "val/threshold", "test/loss", "test/auroc", "test/acc")
 
@@ -57,18 +52,10 @@ def _config(folder: Path, csv: Path, prepared: Path) -> Path:
     return config
 
 
-def _fit(workdir: Path, config: Path, *extra: str) -> subprocess.CompletedProcess:
-    workdir.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
-    command = [str(CONSOLE_SCRIPT), "fit", f"--config={config}", "--trainer.accelerator=cpu",
-               "--trainer.max_epochs=2", "--finetuning.unfreeze_at_epoch=1", "--trainer.enable_progress_bar=false",
-               "--trainer.log_every_n_steps=1", "--test_after_fit=true", "--system_metrics.enabled=true",
-               "--system_metrics.interval_s=0.5", "--trainer.callbacks+=test_ddp_prepared.RecordShards",
-               *extra]  # fmt: skip
-    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+COMMON = ["--trainer.accelerator=cpu", "--trainer.max_epochs=2", "--finetuning.unfreeze_at_epoch=1",
+          "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1", "--test_after_fit=true",
+          "--system_metrics.enabled=true", "--system_metrics.interval_s=0.5",
+          "--trainer.callbacks+=test_ddp_prepared.RecordShards"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -84,17 +71,11 @@ def fits(tmp_path_factory, chestxray14_sample_dir):
     frame.to_csv(csv, index=False)
     source = CsvSource(str(csv), split_column="split")
     prepare(ImageDataModule(source, image_size=SIZE), str(root / "prepared"), SIZE, "bicubic")
-    config = _config(root, csv, root / "prepared")
-    single = _fit(root / "single", config, "--trainer.devices=1", f"--data.batch_size={2 * BATCH}")
-    ddp = _fit(root / "ddp", config, "--trainer.devices=2", "--trainer.strategy=ddp", f"--data.batch_size={BATCH}")
+    args = (f"--config={_config(root, csv, root / 'prepared')}", *COMMON)
+    single = fit(root / "single", *args, "--trainer.devices=1", f"--data.batch_size={2 * BATCH}", timeout=900)
+    ddp = fit(root / "ddp", *args, "--trainer.devices=2", "--trainer.strategy=ddp", f"--data.batch_size={BATCH}",
+              timeout=900)  # fmt: skip
     return {"single": (root / "single", single), "ddp": (root / "ddp", ddp)}
-
-
-def _only_run(workdir: Path):
-    mlflow.set_tracking_uri(f"sqlite:///{workdir}/mlruns/mlflow.db")
-    runs = mlflow.search_runs(experiment_names=["medtransfer"])
-    assert len(runs) == 1, f"expected one MLflow run in {workdir}, found {len(runs)}"
-    return runs.iloc[0]
 
 
 @pytest.mark.slow
@@ -110,7 +91,7 @@ def test_each_rank_reads_a_disjoint_shard_of_the_prepared_data(fits):
 @pytest.mark.slow
 def test_ddp_on_prepared_data_reports_the_metrics_of_a_single_process_fit(fits):
     (single, _), (ddp, _) = fits["single"], fits["ddp"]
-    single_run, ddp_run = _only_run(single), _only_run(ddp)
+    single_run, ddp_run = only_run(single), only_run(ddp)
     for metric in COMPARED:
         assert ddp_run[f"metrics.{metric}"] == pytest.approx(single_run[f"metrics.{metric}"], abs=TOLERANCE), metric
 
@@ -118,7 +99,7 @@ def test_ddp_on_prepared_data_reports_the_metrics_of_a_single_process_fit(fits):
 @pytest.mark.slow
 def test_ddp_on_prepared_data_leaves_one_run_with_rank_zeros_system_metrics(fits):
     workdir, result = fits["ddp"]
-    run = _only_run(workdir)
+    run = only_run(workdir)
     assert run["status"] == "FINISHED"
     client = MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
     steps = [m.step for m in client.get_metric_history(run.run_id, "system/cpu_utilization_percentage")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 from pathlib import Path
 
 import mlflow
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from medtransfer.data.images import ChestXray14Source, CsvSource, FolderSource, ImageDataModule, MuraSource
+from medtransfer.data.sources import chestxray14_manifest, csv_manifest, folder_manifest, mura_manifest
 from medtransfer.entry import main
 from medtransfer.errors import DataError
 
@@ -39,6 +41,20 @@ def _write_csv(path: Path, rows: list[dict]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+@pytest.mark.parametrize(
+    ("source", "builder"), [(ChestXray14Source, chestxray14_manifest), (CsvSource, csv_manifest),
+                            (FolderSource, folder_manifest), (MuraSource, mura_manifest)],
+)  # fmt: skip
+def test_a_source_takes_its_builders_options_and_help(source, builder):
+    parameters = inspect.signature(builder).parameters
+    assert list(inspect.signature(source).parameters) == list(parameters)  # what LightningCLI offers in YAML
+    assert source.__init__.__doc__ == builder.__doc__
+    required = ("a.csv", "images") if source is ChestXray14Source else ("a.csv",)
+    assert list(source(*required).kwargs) == list(parameters)  # every option, defaults filled in
+    with pytest.raises(TypeError, match="no_such_option"):
+        source(*required, no_such_option=1)
 
 
 def test_csv_source_reads_real_pixels_in_the_manifest_order(pneumonia_pngs, pneumonia_npz):

@@ -66,12 +66,3 @@ def test_temperature_and_threshold_shape_probabilities_and_decisions():
 def test_out_of_range_selection_targets_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=f"Expected argument `{match}`"):
         ClassifierModule(backbone="resnet18", pretrained="none", **kwargs)
-
-
-def test_predict_step_applies_stored_threshold_and_band():
-    model = ClassifierModule(backbone="resnet18", pretrained="none").eval()
-    model.decision_threshold.fill_(0.5)
-    model.min_confidence.fill_(1.0)  # |p - 0.5| < 1 always: every case is referred
-    out = model.predict_step(torch.randn(3, 3, 32, 32), 0)
-    assert out["probs"].shape == (3,) and out["abstain"].all()
-    assert torch.equal(out["decision"], (out["probs"] >= 0.5).long())

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import timm
 
+from medtransfer.data.input_spec import InputSpec
 from medtransfer.data.medmnist import MedMNISTDataModule
 from medtransfer.errors import DataError
 from medtransfer.models.classifier import ClassifierModule
 from medtransfer.models.inference import input_settings
-from medtransfer.models.input_spec import InputSpec, backbone_input_spec
+from medtransfer.models.input_spec import backbone_input_spec
 
 #: ``checkpoint["input"]`` of a checkpoint written before the reshuffle (/work/fixtures/pre_reshuffle.ckpt).
 OLD_INPUT = {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic", "channels": 3,

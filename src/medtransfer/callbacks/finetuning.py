@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from medtransfer.models.backbones import backbone_blocks
-from medtransfer.upstream import rewrap_ddp
+from medtransfer.upstream import extend_scheduler, rewrap_ddp
 
 __all__ = ["FreezeThenFinetune", "phase_lr_factor"]
 
@@ -205,7 +205,9 @@ class FreezeThenFinetune(BaseFinetuning):
         super().on_train_epoch_start(trainer, pl_module)
         if self._trainable_names(pl_module) != trainable:
             rewrap_ddp(trainer, pl_module)
-        self.extend_schedulers(trainer, optimizer.param_groups[groups_before:])
+        for config in trainer.lr_scheduler_configs:  # torch's schedulers know only the groups they were built with
+            for group in optimizer.param_groups[groups_before:]:
+                extend_scheduler(config.scheduler, group)
         self._set_batchnorm_modes(pl_module, trainer.current_epoch)
         self._log_schedule(trainer, pl_module)
 
@@ -221,35 +223,6 @@ class FreezeThenFinetune(BaseFinetuning):
         factor = phase_lr_factor(self.schedule, progress, self.warmup_fraction)
         for group in trainer.optimizers[0].param_groups:
             group["lr"] = group.get("peak_lr", group["lr"]) * factor
-
-    @staticmethod
-    def extend_schedulers(trainer: Trainer, new_groups: list[dict[str, Any]]) -> None:
-        """Give the model's own learning-rate schedulers the groups added at the unfreeze.
-
-        torch's schedulers keep one value per parameter group from their construction (``base_lrs``,
-        ``LambdaLR.lr_lambdas``, ``ReduceLROnPlateau.min_lrs``, ``OneCycleLR``'s per-group keys) and fail or skip
-        a group added later; each new group gets the values of the first group, scaled to its own lr.
-        """
-        if not new_groups:
-            return
-        for config in trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            first = scheduler.optimizer.param_groups[0]
-            for group in new_groups:
-                scale = group["lr"] / first.get("max_lr", first.get("initial_lr", first["lr"]))
-                for key, value in first.items():
-                    if key in ("initial_lr", "max_lr", "min_lr"):  # OneCycleLR's peak becomes the group's lr
-                        group[key] = value * scale
-                    elif key not in group:  # e.g. OneCycleLR's momentum bounds
-                        group[key] = value
-                if "max_lr" in first:
-                    group["lr"] = group["initial_lr"]
-                if hasattr(scheduler, "base_lrs"):
-                    scheduler.base_lrs.append(group["initial_lr"])
-                if hasattr(scheduler, "lr_lambdas"):
-                    scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
-                if hasattr(scheduler, "min_lrs"):
-                    scheduler.min_lrs.append(scheduler.min_lrs[0])
 
     @staticmethod
     def _trainable_names(pl_module: LightningModule) -> set[str]:

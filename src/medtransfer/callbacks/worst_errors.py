@@ -309,10 +309,6 @@ class WorstErrorsGallery(Callback):
         self._start(pl_module)
 
     @override
-    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start(pl_module)
-
-    @override
     def on_validation_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
@@ -320,15 +316,13 @@ class WorstErrorsGallery(Callback):
         if self._handle is not None:
             self._collect(pl_module, batch, dataloader_idx)
 
-    on_test_batch_end = on_validation_batch_end  # the same collection for the test loop
-
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove_hook()
 
-    @override
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._remove_hook()
+    # the same collection for the test loop
+    on_test_epoch_start, on_test_batch_end = on_validation_epoch_start, on_validation_batch_end
+    on_test_epoch_end = on_validation_epoch_end
 
     @override
     @rank_zero_only

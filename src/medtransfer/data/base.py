@@ -14,12 +14,11 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
+from medtransfer.data.input_spec import InputSpec
 from medtransfer.data.transforms import build_eval_transform, build_train_transform
 from medtransfer.errors import DataError
-from medtransfer.models.input_spec import InputSpec
 
 __all__ = [
-    "SPLITS",
     "ClassificationDataModule",
     "SeededTransformDataset",
     "TrainSubset",
@@ -29,19 +28,26 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-
 
 class SeededTransformDataset(Dataset):
-    """A dataset whose albumentations pipeline (``self.transform``) can be seeded: albumentations keeps its
-    own RNG and ignores the global seeds that Lightning sets."""
+    """``(transformed image, target)`` items from ``load(index)`` (a uint8 image) and ``targets``, through an
+    albumentations pipeline (``self.transform``) that can be seeded: albumentations keeps its own RNG and ignores
+    the global seeds that Lightning sets."""
 
     transform: object
+
+    def load(self, index: int) -> np.ndarray:
+        raise NotImplementedError
 
     @property
     def targets(self) -> np.ndarray:
         """Class indices ``(N,)`` or 0/1 labels ``(N, L)``, for samplers and label statistics."""
         raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+        target = self.targets[index]
+        target = torch.from_numpy(target.copy()) if target.ndim else int(target)  # multi-label: a 0/1 vector
+        return self.transform(image=self.load(index))["image"], target
 
     def seed_transform(self, seed: int) -> None:
         if hasattr(self.transform, "set_random_seed"):
@@ -214,7 +220,6 @@ class ClassificationDataModule(LightningDataModule):
             raise DataError(f"Expected argument `train_fraction` to be in (0, 1], but got {train_fraction}")
         if min_epoch_samples < 0:
             raise DataError(f"Expected argument `min_epoch_samples` to be >= 0, but got {min_epoch_samples}")
-        # transform objects stay out of the checkpoint, so it loads with weights_only=True; the CLI logs them
         # transform objects and the model's spec stay out of the checkpoint (it loads with weights_only=True;
         # the resolved spec goes in as plain values): the CLI logs them
         self.save_hyperparameters(ignore=["train_transforms", "eval_transforms", "input_spec"], logger=False)
@@ -384,9 +389,15 @@ class ClassificationDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def positive_fraction(self) -> torch.Tensor:
+        """Share of positive training cases (per label), for class-weighted losses; after ``setup``."""
+        return torch.as_tensor(self.datasets["train"].targets, dtype=torch.float32).mean(0)
+
     def calibration_dataloader(self) -> DataLoader | None:
         """The ``calib`` split held out of validation (``calibration_fraction``), or ``None``."""
         return self._loader("calib", shuffle=False) if "calib" in self.datasets else None
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

@@ -1,8 +1,9 @@
-"""Checksummed, atomic file downloads (standard library + tqdm) and fetching of official MedMNIST files.
+"""Checksummed, atomic file downloads and fetching of official MedMNIST files.
 
 A download streams into a hidden temporary file next to the target, is checked against its MD5 (when one
-is given) and only then moved onto the target with :func:`os.replace`, so the target path never holds a
-partial or corrupt file.
+is given) and its length, and only then moved onto the target with :func:`os.replace`, so the target path never
+holds a partial or corrupt file. torchvision's ``download_url`` writes the target in place, has no timeout and
+keeps a truncated body when no MD5 is given, so only its ``calculate_md5`` is used here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import urllib.request
 from pathlib import Path
 
+from torchvision.datasets.utils import calculate_md5
 from tqdm.auto import tqdm
 
 from medtransfer.data.medmnist_info import get_medmnist_info
@@ -28,47 +30,22 @@ _USER_AGENT = "medtransfer-downloader"
 
 
 def md5sum(path: str | Path, chunk_size: int = _CHUNK_SIZE) -> str:
-    """Return the hex MD5 digest of a file, read in chunks.
-
-    Raises:
-        DataError: If the file cannot be read.
-    """
-    digest = hashlib.md5(usedforsecurity=False)
+    """The hex MD5 digest of a file (torchvision's ``calculate_md5``); a file that cannot be read is a
+    ``DataError`` naming it."""
     try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(chunk_size):
-                digest.update(chunk)
+        return calculate_md5(path, chunk_size)
     except OSError as exc:
         raise DataError(f"Cannot read {path} to compute its md5: {exc}") from exc
-    return digest.hexdigest()
 
 
 def download_url(
-    url: str,
-    path: str | Path,
-    md5: str | None = None,
-    *,
-    progress: bool = True,
-    timeout: float = 60.0,
+    url: str, path: str | Path, md5: str | None = None, *, progress: bool = True, timeout: float = 60.0
 ) -> Path:
-    """Download ``url`` to ``path`` atomically, verifying the MD5 when given.
+    """Download ``url`` (anything :func:`urllib.request.urlopen` accepts) to ``path`` atomically and return
+    ``path``; a file already there with the expected ``md5`` is kept (without ``md5`` it is downloaded again).
 
-    If ``path`` already exists and matches ``md5``, nothing is downloaded. Without ``md5`` an existing file
-    cannot be verified and is downloaded again.
-
-    Args:
-        url: Source URL (anything :func:`urllib.request.urlopen` accepts).
-        path: Target file; missing parent directories are created.
-        md5: Expected hex MD5 of the file, or ``None`` to skip verification.
-        progress: Show a tqdm progress bar.
-        timeout: Socket timeout in seconds for connecting and for each read.
-
-    Returns:
-        The target path.
-
-    Raises:
-        DataError: On any network or I/O error, an incomplete transfer or an MD5 mismatch; no file is left
-            at ``path`` (unless one was there before) and the temporary file is removed.
+    ``timeout`` (seconds) bounds connecting and each read. Any network or I/O error, an incomplete transfer or an
+    MD5 mismatch is a ``DataError`` naming the URL and the path, and leaves no file behind.
     """
     path = Path(path)
     expected = md5.strip().lower() if md5 is not None else None
@@ -111,30 +88,13 @@ def download_url(
 
 
 def fetch_medmnist(
-    flag: str,
-    size: int,
-    root: str | Path,
-    *,
-    base_url: str | None = None,
-    progress: bool = True,
+    flag: str, size: int, root: str | Path, *, base_url: str | None = None, progress: bool = True
 ) -> Path:
-    """Download the official MedMNIST ``.npz`` file for ``flag`` and ``size`` to ``root/<filename>``.
+    """Download the official MedMNIST ``.npz`` of ``flag`` (``"pneumoniamnist"``) and ``size`` (28, or 64, 128,
+    224 for MedMNIST+) to ``root/<official name>``, checked against the official MD5, and return its path.
 
-    The file is always verified against the official MD5 from the registry.
-
-    Args:
-        flag: Dataset flag, e.g. ``"pneumoniamnist"``.
-        size: Image size: 28, or a MedMNIST+ size (64, 128, 224).
-        root: Directory to place the file in (created if missing).
-        base_url: Optional mirror holding the official files under their official names; the file is
-            fetched from ``{base_url}/{filename}`` instead of Zenodo.
-        progress: Show a tqdm progress bar.
-
-    Returns:
-        Path of the verified file.
-
-    Raises:
-        DataError: For an unknown flag or size, a failed download or a checksum mismatch.
+    ``base_url`` names a mirror holding the official files under their official names. An unknown flag or size
+    is a ``DataError`` before anything is downloaded.
     """
     info = get_medmnist_info(flag)
     url, md5 = info.resource(size)

@@ -8,17 +8,20 @@ transformed like the other data modules.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import cv2
 import numpy as np
 import torch
 
-from medtransfer.data.base import SPLITS, ClassificationDataModule, SeededTransformDataset
+from medtransfer.data.base import ClassificationDataModule, SeededTransformDataset
 from medtransfer.data.readers import check_image, is_color, read_image
 from medtransfer.data.sources import (
+    SPLITS,
     Manifest,
     chestxray14_manifest,
     csv_manifest,
@@ -41,114 +44,55 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 
-def _arguments(frame_locals: dict[str, Any]) -> dict[str, Any]:
-    """A source's constructor arguments, to pass on unchanged to its manifest builder."""
-    return {name: value for name, value in frame_locals.items() if name not in ("self", "__class__")}
-
-
 class ManifestSource:
-    """A dataset layout on disk; ``build()`` lists its images, targets and splits."""
+    """A dataset layout on disk, chosen in YAML by ``class_path``: ``build()`` lists its images, targets and splits.
 
-    def build(self) -> Manifest:
-        raise NotImplementedError
-
-
-class ChestXray14Source(ManifestSource):
-    """NIH ChestX-ray14: ``Data_Entry_2017*.csv`` (14 findings joined by ``|``) and its PNG folder.
-
-    Args:
-        labels_csv: the official label file (2017 or the 2020 revision).
-        image_root: folder holding the PNG files.
-        train_val_list: official ``train_val_list.txt``; with ``test_list`` it fixes the test split.
-        test_list: official ``test_list.txt``.
-        val_fraction: share of train/val patients held out for validation (patient-level split).
-        test_fraction: share of patients for test when no official lists are given.
-        seed: seed of the patient split.
-        missing: a listed image absent on disk is an ``error`` or is ``skip``-ped with a logged count.
+    A subclass names its manifest builder (``class CsvSource(ManifestSource, builder=csv_manifest)``), the one
+    definition of its options: the builder's signature and docstring become the subclass's constructor's, so
+    LightningCLI offers (and documents) the builder's arguments. They are kept, defaults filled in, in ``kwargs``.
+    Builders type paths ``str | Path`` in that order, so that a path from YAML stays a plain string.
     """
 
-    def __init__(
-        self,
-        labels_csv: str,
-        image_root: str,
-        train_val_list: str | None = None,
-        test_list: str | None = None,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.2,
-        seed: int = 0,
-        missing: Literal["error", "skip"] = "error",
-    ) -> None:
-        self.kwargs = _arguments(locals())
+    builder: Callable[..., Manifest]
+    kwargs: dict[str, Any]
+
+    def __init_subclass__(cls, builder: Callable[..., Manifest] | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if builder is None:
+            return
+        signature = inspect.signature(builder, eval_str=True)  # real types, for jsonargparse
+
+        def __init__(self: ManifestSource, *args: Any, **kwargs: Any) -> None:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            self.kwargs = dict(bound.arguments)
+
+        self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        __init__.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[self_parameter, *signature.parameters.values()], return_annotation=None
+        )
+        __init__.__doc__, __init__.__qualname__ = builder.__doc__, f"{cls.__qualname__}.__init__"
+        cls.__init__, cls.builder = __init__, staticmethod(builder)  # type: ignore[method-assign]
 
     def build(self) -> Manifest:
-        return chestxray14_manifest(**self.kwargs)
+        return self.builder(**self.kwargs)
 
 
-class CsvSource(ManifestSource):
-    """A CSV with a path column and one label column (class names or indices) or one 0/1 column per label.
-
-    Args:
-        csv_path: the table.
-        image_root: folder that relative paths start from (default: the CSV's folder).
-        path_column: column of image paths.
-        label_columns: one column (binary/multi-class) or several 0/1 columns (multi-label).
-        split_column: optional column of ``train``/``val``/``test``; default: a column named ``split`` if any
-            (logged), otherwise a split is made here.
-        patient_column: optional patient/study id, so a made split keeps each patient in one split.
-        box_columns: optional ``x_min, y_min, x_max, y_max`` columns: each image is cropped to its box.
-        task: ``binary``/``multiclass``/``multilabel``; ``None`` infers it from the columns.
-        class_names: the classes, in index order; ``None`` takes them from the data.
-        val_fraction: share for validation when the split is made here.
-        test_fraction: share for test when the split is made here.
-        seed: seed of the split.
-        missing: an image absent on disk is an ``error`` or is ``skip``-ped with a logged count.
-    """
-
-    def __init__(
-        self,
-        csv_path: str,
-        image_root: str | None = None,
-        path_column: str = "path",
-        label_columns: Sequence[str] = ("label",),
-        split_column: str | None = None,
-        patient_column: str | None = None,
-        box_columns: Sequence[str] | None = None,
-        task: Literal["binary", "multiclass", "multilabel"] | None = None,
-        class_names: Sequence[str] | None = None,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.2,
-        seed: int = 0,
-        missing: Literal["error", "skip"] = "error",
-    ) -> None:
-        self.kwargs = _arguments(locals())
-
-    def build(self) -> Manifest:
-        return csv_manifest(**self.kwargs)
+class ChestXray14Source(ManifestSource, builder=chestxray14_manifest):
+    """NIH ChestX-ray14: ``Data_Entry_2017*.csv`` (14 findings joined by ``|``) and its PNG folder."""
 
 
-class FolderSource(ManifestSource):
-    """``root/<class>/**/<image>``, or ``root/{train,val,test}/<class>/...`` with the splits given.
-
-    Args:
-        root: the top folder.
-        val_fraction: share for validation when no split folders exist.
-        test_fraction: share for test when no split folders exist.
-        seed: seed of the split.
-    """
-
-    def __init__(self, root: str, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> None:
-        self.kwargs = _arguments(locals())
-
-    def build(self) -> Manifest:
-        return folder_manifest(**self.kwargs)
+class CsvSource(ManifestSource, builder=csv_manifest):
+    """A CSV with a path column and one label column (class names or indices) or one 0/1 column per label."""
 
 
-class MuraSource(FolderSource):
+class FolderSource(ManifestSource, builder=folder_manifest):
+    """``root/<class>/**/<image>``, or ``root/{train,val,test}/<class>/...`` with the splits given."""
+
+
+class MuraSource(ManifestSource, builder=mura_manifest):
     """MURA-style ``.../patientXXXXX/studyN_positive/imageK.png``: the study folder names the label, the
-    patient folder groups the split. Same arguments as :class:`FolderSource`."""
-
-    def build(self) -> Manifest:
-        return mura_manifest(**self.kwargs)
+    patient folder groups the split."""
 
 
 class ManifestDataset(SeededTransformDataset):
@@ -165,16 +109,7 @@ class ManifestDataset(SeededTransformDataset):
 
     def load(self, index: int) -> np.ndarray:
         """The uint8 image (gray ``(H, W)`` or RGB ``(H, W, 3)``), cropped to its box when the manifest has one."""
-        if self.cache is not None:
-            return self.cache[index]
-        image = read_image(self.manifest.paths[index], color=self.color, frame=self.frame)
-        boxes = self.manifest.boxes
-        if boxes is not None and not np.isnan(boxes[index]).any():
-            x0, y0, x1, y1 = (round(float(v)) for v in boxes[index])
-            image = image[max(y0, 0) : y1, max(x0, 0) : x1]
-            if image.size == 0:
-                raise DataError(f"{self.manifest.paths[index]}: box {boxes[index].tolist()} lies outside the image")
-        return image
+        return self.cache[index] if self.cache is not None else self.manifest.image(index, self.color, self.frame)
 
     def fill_cache(self, size: int, interpolation: str) -> None:
         flag = INTERPOLATIONS[interpolation]
@@ -194,38 +129,33 @@ class ManifestDataset(SeededTransformDataset):
             subset.cache = [self.cache[i] for i in indices]
         return subset
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
-        target = self.manifest.targets[index]
-        target = torch.from_numpy(target.copy()) if target.ndim else int(target)
-        return self.transform(image=self.load(index))["image"], target
+
+def _failures(manifest: Manifest, check: Callable[[Path], Any]) -> dict[int, str]:
+    """Row -> message of the images on which ``check`` raises a ``DataError``."""
+    failures = {}
+    for index, path in enumerate(manifest.paths):
+        try:
+            check(path)
+        except DataError as err:
+            failures[index] = str(err)
+    return failures
 
 
 def _without_unreadable(manifest: Manifest, frame: str = "error") -> Manifest:
     """The manifest less the images that ``read_image`` refuses; logs how many and the first few."""
-    failures = []
-    for index, path in enumerate(manifest.paths):
-        try:
-            read_image(path, frame=frame)
-        except DataError as err:
-            failures.append((index, str(err)))
+    failures = _failures(manifest, lambda path: read_image(path, frame=frame))
     if not failures:
         return manifest
     _logger.warning(
         "Skipping %d unreadable image(s) of %d (bad_images: skip), e.g. %s",
-        len(failures), len(manifest), "; ".join(message for _, message in failures[:3]),
+        len(failures), len(manifest), "; ".join(list(failures.values())[:3]),
     )  # fmt: skip
-    bad = {index for index, _ in failures}
-    return manifest.take([row for row in range(len(manifest)) if row not in bad])
+    return manifest.take([row for row in range(len(manifest)) if row not in failures])
 
 
 def _reject_unreadable(manifest: Manifest, show: int = 5) -> None:
     """Raise one ``DataError`` naming the first ``show`` images whose header fails ``check_image``, if any."""
-    failures = []
-    for path in manifest.paths:
-        try:
-            check_image(path)
-        except DataError as err:
-            failures.append(str(err))
+    failures = list(_failures(manifest, check_image).values())
     if failures:
         raise DataError(
             f"{len(failures)} of {len(manifest)} images cannot be read (bad_images: error; set bad_images: skip "
@@ -285,10 +215,6 @@ class ImageDataModule(ClassificationDataModule):
         return self.manifest.task if self.manifest is not None else self.prepared_info.task
 
     @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
     def class_names(self) -> list[str]:
         return list(self.manifest.class_names if self.manifest is not None else self.prepared_info.class_names)
 
@@ -300,8 +226,7 @@ class ImageDataModule(ClassificationDataModule):
 
             return positive_fraction(self.hparams.prepared, self.prepared_info)
         train = self.datasets["train"] if self.datasets else self.manifest.subset("train")
-        targets = torch.as_tensor(train.targets, dtype=torch.float32)
-        return targets.mean(0)
+        return torch.as_tensor(train.targets, dtype=torch.float32).mean(0)
 
     def source_has_color(self, sample: int = 16) -> bool:
         """Whether any of ``sample`` training images, spread over the split, holds colour (unequal channels).

@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from medtransfer.data.base import SPLITS, ClassificationDataModule, SeededTransformDataset
+from medtransfer.data.base import ClassificationDataModule, SeededTransformDataset
 from medtransfer.data.download import fetch_medmnist
 from medtransfer.data.medmnist_info import get_medmnist_info
 from medtransfer.data.readers import is_color, to_gray
+from medtransfer.data.sources import SPLITS
 from medtransfer.errors import DataError
 
-__all__ = ["DATA_DIR_ENV", "SPLITS", "ArrayDataset", "MedMNISTDataModule", "default_data_dir", "load_npz_split"]
+__all__ = ["DATA_DIR_ENV", "ArrayDataset", "MedMNISTDataModule", "default_data_dir", "load_npz_split"]
 
 _logger = logging.getLogger(__name__)
 
@@ -103,17 +103,15 @@ class ArrayDataset(SeededTransformDataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def load(self, index: int) -> np.ndarray:
+        return self.images[index]
+
     @property
     def targets(self) -> np.ndarray:
         return self.labels
 
     def subset(self, indices: np.ndarray) -> ArrayDataset:
         return ArrayDataset(self.images[indices], self.labels[indices], self.transform)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
-        label = self.labels[index]
-        target = torch.from_numpy(label.copy()) if label.ndim else int(label)  # multi-label: a 0/1 vector
-        return self.transform(image=self.images[index])["image"], target
 
 
 class MedMNISTDataModule(ClassificationDataModule):
@@ -176,12 +174,8 @@ class MedMNISTDataModule(ClassificationDataModule):
         return self.info.task
 
     @property
-    def num_classes(self) -> int:
-        return self.info.num_classes
-
-    @property
     def class_names(self) -> list[str]:
-        return [self.info.labels[i] for i in range(self.num_classes)]
+        return [self.info.labels[i] for i in range(self.info.num_classes)]
 
     def _locate_file(self) -> Path:
         if self.hparams.path is not None:
@@ -203,11 +197,6 @@ class MedMNISTDataModule(ClassificationDataModule):
         if not self.file.is_file():
             _logger.info("Downloading %s to %s", self.info.filename(self.hparams.size), self.file.parent)
             fetch_medmnist(self.hparams.flag, self.hparams.size, self.file.parent)
-
-    @property
-    def positive_fraction(self) -> torch.Tensor:
-        """Share of positive training cases (per label), for class-weighted losses; after ``setup``."""
-        return torch.as_tensor(self.datasets["train"].targets, dtype=torch.float32).mean(0)
 
     def build_datasets(self, train_transform, eval_transform) -> dict[str, ArrayDataset]:
         datasets = {}

@@ -4,8 +4,7 @@ Every URL, MD5, label and count comes from the installed ``medmnist`` package (3
 10519652, whose 28x28 OrganA/C/SMNIST files were re-released without blank samples). Sizes 64, 128 and 224
 are the MedMNIST+ releases.
 
-MedMNIST's ``"ordinal-regression"`` task (RetinaMNIST) is mapped to ``"multiclass"``; the original string is
-kept in :attr:`MedMNISTInfo.official_task`.
+MedMNIST's ``"ordinal-regression"`` task (RetinaMNIST) is trained as ``"multiclass"``.
 """
 
 from __future__ import annotations
@@ -15,14 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal, get_args
+from typing import get_args
 
 from medtransfer.errors import DataError
+from medtransfer.task import Task
 
-__all__ = ["MEDMNIST_FLAGS", "MedMNISTInfo", "Task", "get_medmnist_info"]
-
-Task = Literal["binary", "multiclass", "multilabel"]
-"""Training task: one sigmoid output, one softmax over classes, or one sigmoid per label."""
+__all__ = ["MedMNISTInfo", "get_medmnist_info"]
 
 _TASKS: tuple[str, ...] = get_args(Task)
 
@@ -33,31 +30,23 @@ class MedMNISTInfo:
 
     Attributes:
         flag: Lower-case dataset name, e.g. ``"pneumoniamnist"``.
-        python_class: Class name in the ``medmnist`` package, e.g. ``"PneumoniaMNIST"``.
         task: ``"binary"``, ``"multiclass"`` or ``"multilabel"`` (ordinal regression maps to multiclass).
-        official_task: The task string exactly as in the official INFO.
         n_channels: 1 for grayscale, 3 for RGB.
         labels: Class (or, for multilabel, finding) index -> name.
-        n_samples: Official number of images per split (``train``, ``val``, ``test``).
-        license: Licence of the released files.
         resources: Image size -> ``(url, md5)`` of the official ``.npz`` file.
     """
 
     flag: str
-    python_class: str
     task: Task
-    official_task: str
     n_channels: int
     labels: Mapping[int, str] = field(hash=False)
-    n_samples: Mapping[str, int] = field(hash=False)
-    license: str
     resources: Mapping[int, tuple[str, str]] = field(hash=False)
 
     def __post_init__(self) -> None:
         if self.task not in _TASKS:
             raise DataError(f"MedMNIST {self.flag!r}: task must be one of {_TASKS}, got {self.task!r}")
         # Read-only views, so that the shared registry entries cannot be changed by accident.
-        for name in ("labels", "n_samples", "resources"):
+        for name in ("labels", "resources"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
     def __deepcopy__(self, memo: dict) -> MedMNISTInfo:
@@ -82,20 +71,13 @@ class MedMNISTInfo:
         return size
 
     def filename(self, size: int = 28) -> str:
-        """Official file name: ``{flag}.npz`` for size 28, ``{flag}_{size}.npz`` otherwise.
-
-        Raises:
-            DataError: If ``size`` was not released for this dataset.
-        """
+        """Official file name: ``{flag}.npz`` for size 28, ``{flag}_{size}.npz`` otherwise (``DataError`` for a size
+        not released)."""
         size = self._check_size(size)
         return f"{self.flag}.npz" if size == 28 else f"{self.flag}_{size}.npz"
 
     def resource(self, size: int = 28) -> tuple[str, str]:
-        """Return ``(url, md5)`` of the official file for ``size``.
-
-        Raises:
-            DataError: If ``size`` was not released for this dataset.
-        """
+        """``(url, md5)`` of the official file for ``size`` (``DataError`` for a size not released)."""
         return self.resources[self._check_size(size)]
 
 
@@ -128,13 +110,9 @@ def _entry(flag: str, info: Mapping) -> MedMNISTInfo:
     suffix = {28: ""} | {size: f"_{size}" for size in (64, 128, 224)}
     return MedMNISTInfo(
         flag=flag,
-        python_class=info["python_class"],
         task=_TASK_OF.get(info["task"], info["task"]),
-        official_task=info["task"],
         n_channels=info["n_channels"],
         labels={int(index): name for index, name in info["label"].items()},
-        n_samples=info["n_samples"],
-        license=info["license"],
         resources={size: (info[f"url{s}"], info[f"MD5{s}"]) for size, s in suffix.items() if f"url{s}" in info},
     )
 
@@ -144,16 +122,10 @@ _REGISTRY: dict[str, MedMNISTInfo] = {
     flag: _entry(flag, info) for flag, info in _official_info().items() if not flag.endswith("3d")
 }
 
-MEDMNIST_FLAGS: tuple[str, ...] = tuple(_REGISTRY)
-"""Flags of all registered MedMNIST 2D datasets, in the official order."""
-
 
 def get_medmnist_info(flag: str) -> MedMNISTInfo:
-    """Look up a MedMNIST 2D dataset by flag (case-insensitive), e.g. ``"pneumoniamnist"``.
-
-    Raises:
-        DataError: If the flag is unknown; the message lists the known flags.
-    """
+    """A MedMNIST 2D dataset by flag (case-insensitive), e.g. ``"pneumoniamnist"``; an unknown flag is a
+    ``DataError`` listing the known ones."""
     key = flag.strip().lower() if isinstance(flag, str) else flag
     try:
         return _REGISTRY[key]

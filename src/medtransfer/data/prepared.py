@@ -28,21 +28,19 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import albumentations as A
 import litdata
 import numpy as np
 import torch
+from fsspec.core import url_to_fs
 from litdata import StreamingDataLoader, StreamingDataset
 
-from medtransfer.data.base import SPLITS, SeededTransformDataset, _seed_worker
+from medtransfer.data.base import ClassificationDataModule, SeededTransformDataset, _seed_worker
+from medtransfer.data.sources import SPLITS, Manifest
 from medtransfer.data.transforms import INTERPOLATIONS
 from medtransfer.errors import DataError
-
-if TYPE_CHECKING:
-    from medtransfer.data.images import ImageDataModule
-    from medtransfer.data.sources import Manifest
 
 __all__ = [
     "FORMAT_VERSION",
@@ -100,16 +98,9 @@ def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
-def _filesystem(path: str):
-    """The fsspec file system and path of a local folder or an object-store URI (``s3://``, ``gs://``, ...)."""
-    from fsspec.core import url_to_fs
-
-    return url_to_fs(path)
-
-
 def read_info(prepared: str) -> PreparedInfo | None:
     """The :class:`PreparedInfo` of a prepared folder, or ``None`` when it has none (not prepared yet)."""
-    fs, path = _filesystem(_join(prepared, INFO_FILE))
+    fs, path = url_to_fs(_join(prepared, INFO_FILE))  # a local folder or an object store (s3://, gs://, ...)
     if not fs.exists(path):
         return None
     try:
@@ -122,8 +113,8 @@ def read_info(prepared: str) -> PreparedInfo | None:
 def _write_info(prepared: str, info: PreparedInfo) -> None:
     """Write the description atomically (a local file via rename; object stores write whole objects)."""
     text = json.dumps(asdict(info), indent=1)
-    fs, path = _filesystem(_join(prepared, INFO_FILE))
-    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+    fs, path = url_to_fs(_join(prepared, INFO_FILE))
+    if "file" in fs.protocol:  # "file" or ("file", "local")
         from medtransfer.files import write_text_atomic
 
         write_text_atomic(path, text)
@@ -159,19 +150,15 @@ def files_hash(manifest: Manifest) -> str:
 class _Encoder:
     """``litdata.optimize``'s function: row -> the stored item (decoded, cropped, resized uint8 image)."""
 
-    def __init__(self, dataset: Any, size: int, interpolation: str) -> None:
-        self.dataset = dataset
+    def __init__(self, manifest: Manifest, size: int, interpolation: str) -> None:
+        self.manifest = manifest
         # the eval pipeline's own first step, so reading a prepared image back reproduces it bit for bit
         self.resize = A.Resize(size, size, interpolation=INTERPOLATIONS[interpolation])
 
     def __call__(self, row: int) -> dict[str, Any]:
-        image = self.resize(image=self.dataset.load(row))["image"]
-        target = np.asarray(self.dataset.manifest.targets[row])
+        image = self.resize(image=self.manifest.image(row))["image"]
+        target = np.asarray(self.manifest.targets[row])
         return {"image": np.ascontiguousarray(image), "target": target, "row": int(row)}
-
-
-def _arguments(source: Any) -> dict[str, str]:
-    return {key: str(value) for key, value in getattr(source, "kwargs", {}).items()}
 
 
 def _positive_fraction(targets: np.ndarray, task: str) -> list[float] | None:
@@ -181,7 +168,7 @@ def _positive_fraction(targets: np.ndarray, task: str) -> list[float] | None:
 
 
 def prepare(
-    datamodule: ImageDataModule,
+    datamodule: ClassificationDataModule,
     prepared: str,
     size: int,
     interpolation: str,
@@ -191,15 +178,13 @@ def prepare(
     """Write every split of ``datamodule``'s manifest to ``prepared`` (resumable; see the module docstring).
 
     Args:
-        datamodule: the image data module whose source and box cropping to prepare.
+        datamodule: the ``ImageDataModule`` whose source and box cropping to prepare.
         prepared: output folder or object-store URI.
         size: side of the stored images (the training resolution).
         interpolation: resize filter (``bilinear``, ``area``, ...), as in training.
         num_workers: processes decoding in parallel.
         chunk_bytes: size of LitData's chunks.
     """
-    from medtransfer.data.images import ManifestDataset
-
     if interpolation not in INTERPOLATIONS:
         raise DataError(f"interpolation {interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
     manifest = datamodule.manifest
@@ -217,11 +202,11 @@ def prepare(
         )  # fmt: skip
         info = None
     if info is None:
-        source = getattr(datamodule, "source", None)
+        source = datamodule.source
         info = PreparedInfo(
             task=manifest.task, class_names=list(manifest.class_names), size=int(size), interpolation=interpolation,
             manifest_sha256=digest, files_sha256=files,
-            source={"class": type(source).__name__, "arguments": _arguments(source)},
+            source={"class": type(source).__name__, "arguments": {k: str(v) for k, v in source.kwargs.items()}},
         )  # fmt: skip
         _write_info(prepared, info)
     for split in SPLITS:
@@ -229,22 +214,19 @@ def prepare(
         if info.complete(split):
             _logger.info("%s/%s: complete (%d images), kept", prepared, split, info.splits[split]["count"])
             continue
-        if len(part) == 0:
-            info.splits[split] = {"count": 0, "positive_fraction": None, "complete": True}
-            _write_info(prepared, info)
-            continue
         started = time.perf_counter()
-        litdata.optimize(
-            fn=_Encoder(ManifestDataset(part, transform=None), size, interpolation),
-            inputs=list(range(len(part))),
-            output_dir=_join(prepared, split),
-            chunk_bytes=chunk_bytes,
-            num_workers=max(1, num_workers),
-            mode="overwrite",
-            keep_data_ordered=True,
-            verbose=False,
-            start_method="fork",
-        )
+        if len(part):
+            litdata.optimize(
+                fn=_Encoder(part, size, interpolation),
+                inputs=list(range(len(part))),
+                output_dir=_join(prepared, split),
+                chunk_bytes=chunk_bytes,
+                num_workers=max(1, num_workers),
+                mode="overwrite",
+                keep_data_ordered=True,
+                verbose=False,
+                start_method="fork",
+            )
         info.splits[split] = {
             "count": len(part),
             "positive_fraction": _positive_fraction(part.targets, manifest.task),
@@ -359,7 +341,9 @@ def positive_fraction(prepared: str, info: PreparedInfo | None) -> torch.Tensor:
     return torch.tensor(fraction, dtype=torch.float32).reshape(-1 if info.task == "multilabel" else ())
 
 
-def prepared_datasets(datamodule: ImageDataModule, train_transform: Callable, eval_transform: Callable) -> dict:
+def prepared_datasets(
+    datamodule: ClassificationDataModule, train_transform: Callable, eval_transform: Callable
+) -> dict:
     """The ``train``/``val``/``test`` streams of ``datamodule.hparams.prepared``, checked against the data module
     (size, interpolation, source hash) and the attached model (task, classes)."""
     prepared = datamodule.hparams.prepared

@@ -56,8 +56,7 @@ _MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"BM": "BMP", b"
 #: Whatever decoding an untrusted file raises is that file's fault: Pillow and pydicom raise far more than their
 #: documented errors on damaged input (``TypeError: Missing dimensions`` for a TIFF of width 0, ``IndexError``,
 #: ``struct.error``, ``ZeroDivisionError`` ...), and one such file must be a row with its reason, not a crash.
-_PIL_ERRORS = (Exception,)
-_DICOM_ERRORS = (Exception,)
+_DECODE_ERRORS = (Exception,)
 
 
 def read_image(
@@ -113,7 +112,7 @@ def read_image(
         raise ValueError(f"Expected argument `frame` to be first, middle or error, but got {frame!r}")
     path = Path(path)
     head = _read_head(path)
-    if head[128:132] == b"DICM" or (path.suffix.lower() == ".dcm" and not _sniff(head)):
+    if _is_dicom(path, head):
         return as_color(_read_dicom(path, window, frame), color)
     fmt = _sniff(head)
     if fmt is None:
@@ -136,13 +135,12 @@ def check_image(path: str | Path) -> None:
     """
     path = Path(path)
     head = _read_head(path)
-    if head[128:132] == b"DICM" or (path.suffix.lower() == ".dcm" and not _sniff(head)):
+    if _is_dicom(path, head):
         import pydicom
-        from pydicom.errors import InvalidDicomError
 
         try:
             found = "PixelData" in pydicom.dcmread(path, force=True, defer_size=1024)
-        except (InvalidDicomError, *_DICOM_ERRORS) as err:
+        except _DECODE_ERRORS as err:
             raise DataError(f"{path}: cannot decode as DICOM ({_reason(err)})") from err
         if not found:
             raise DataError(f"{path}: DICOM file has no pixel data")
@@ -156,6 +154,11 @@ def check_image(path: str | Path) -> None:
 
 def _sniff(head: bytes) -> str | None:
     return next((fmt for magic, fmt in _MAGIC.items() if head.startswith(magic)), None)
+
+
+def _is_dicom(path: Path, head: bytes) -> bool:
+    """DICOM's ``DICM`` preamble, or a ``.dcm`` file of no other known format (DICOM without a preamble)."""
+    return head[128:132] == b"DICM" or (path.suffix.lower() == ".dcm" and not _sniff(head))
 
 
 def _read_head(path: Path) -> bytes:
@@ -189,7 +192,7 @@ def _pillow_image(path: Path, fmt: str) -> Iterator[Image.Image]:
         raise DataError(
             f"{path}: refused before decoding: {err} Raise PIL.Image.MAX_IMAGE_PIXELS to read larger images."
         ) from err
-    except _PIL_ERRORS as err:
+    except _DECODE_ERRORS as err:
         raise DataError(f"{path}: cannot decode as {fmt} ({_reason(err)})") from err
 
 
@@ -218,7 +221,6 @@ def _read_dicom(path: Path, window: tuple[float, float] | None, frame: Frame | i
     found by pushing -inf/+inf through the same call. A VOI LUT Sequence has no such range: min/max.
     """
     import pydicom
-    from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
@@ -243,7 +245,7 @@ def _read_dicom(path: Path, window: tuple[float, float] | None, frame: Frame | i
             gray = _to_uint8(values)
     except DataError:
         raise
-    except (InvalidDicomError, *_DICOM_ERRORS) as err:
+    except _DECODE_ERRORS as err:
         raise DataError(f"{path}: cannot decode as DICOM ({_reason(err)})") from err
     return 255 - gray if photometric == "MONOCHROME1" else gray
 
@@ -337,8 +339,7 @@ def dicom_frame_count(path: str | Path) -> int:
 
     try:
         path = Path(path)
-        head = _read_head(path)
-        if not (head[128:132] == b"DICM" or (path.suffix.lower() == ".dcm" and not _sniff(head))):
+        if not _is_dicom(path, _read_head(path)):
             return 1
         return max(1, int(pydicom.dcmread(path, force=True, stop_before_pixels=True).get("NumberOfFrames") or 1))
     except Exception:  # any failure is read_image's to report, with its reason

@@ -35,7 +35,7 @@ def _check_backbone_name(name: str) -> None:
     raise BackboneError(f"Unknown backbone {name!r}: timm has no model of that name.{hint}")
 
 
-def create_backbone(name: str, pretrained: str = "hub", in_chans: int = 3, drop_path_rate: float = 0.0) -> nn.Module:
+def create_backbone(name: str, pretrained: str = "hub", in_chans: int = 3) -> nn.Module:
     """Build a timm feature extractor (``num_classes=0``) with the requested weights.
 
     Args:
@@ -43,12 +43,9 @@ def create_backbone(name: str, pretrained: str = "hub", in_chans: int = 3, drop_
         pretrained: ``"hub"`` (timm's download), ``"none"`` (random init), ``"lite0-package"`` (offline
             ImageNet weights for ``tf_efficientnet_lite0``), or the path of a local checkpoint file.
         in_chans: input channels; timm adapts the pretrained first convolution when this is not 3.
-        drop_path_rate: stochastic depth rate passed to timm.
     """
     _check_backbone_name(name)
-    kwargs: dict = {"num_classes": 0, "in_chans": in_chans}
-    if drop_path_rate:
-        kwargs["drop_path_rate"] = drop_path_rate
+    kwargs = {"num_classes": 0, "in_chans": in_chans}
     if pretrained == "none":
         _logger.info("Backbone %s: random initialisation", name)
         return timm.create_model(name, pretrained=False, **kwargs)
@@ -86,18 +83,15 @@ def create_backbone(name: str, pretrained: str = "hub", in_chans: int = 3, drop_
 
 
 def _read_state_dict(path: Path) -> dict:
-    """A state dict from a plain, timm or Lightning checkpoint file, loaded without unpickling code."""
+    """timm's ``load_state_dict`` (a plain, EMA, timm or Lightning checkpoint, loaded without unpickling code),
+    with its failures as ``WeightsError``."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = timm.models.load_state_dict(str(path), weights_only=True)
     except Exception as err:
         raise WeightsError(f"Cannot read weights from {path}: {str(err).splitlines()[0]}") from err
-    for key in ("state_dict_ema", "state_dict", "model"):
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+    if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise WeightsError(f"{path} holds no state dict of tensors.")
-    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+    return state_dict
 
 
 def backbone_blocks(backbone: nn.Module) -> list[list[nn.Module]]:

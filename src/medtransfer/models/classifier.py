@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import CatMetric, MetricCollection
 
+from medtransfer.data.input_spec import InputSpec
 from medtransfer.data.unlike import reference_from_dataset
 from medtransfer.decisions.fitting import DecisionFitting, calibration_metrics
 from medtransfer.decisions.report import guarantee_report, report_metrics, selective_report
@@ -24,13 +25,11 @@ from medtransfer.metrics import functional as F
 from medtransfer.metrics.defined import defined_labels, stage_metrics, undefined_names
 from medtransfer.models.backbones import create_backbone
 from medtransfer.models.class_weights import balanced_pos_weight
-from medtransfer.models.input_spec import InputSpec
 from medtransfer.models.test_time_augmentation import TestTimeAugmentation, augmented_views, average_views
+from medtransfer.task import Task
 from medtransfer.upstream import attached_trainer
 
 __all__ = ["ClassifierModule", "balanced_pos_weight", "probabilities"]
-
-Task = Literal["binary", "multiclass", "multilabel"]
 
 
 def probabilities(logits: Tensor, temperature: Tensor, task: str) -> Tensor:
@@ -346,12 +345,6 @@ class ClassifierModule(LightningModule):
         summary = {name: float(value.nanmean()) for name, value in report.items()}
         self.test_outputs = {"probs": probs.cpu(), "targets": targets.cpu(), "report": summary, "per_label": per_label}
 
-    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        """Probabilities, decisions at the stored threshold, and whether the stored band refers the case."""
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        probs = self.predict_proba(self(x))
-        return {"probs": probs, "decision": self.decide(probs), "abstain": self.abstains(probs)}
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the data's class names and input settings with the weights, for batch prediction, and the
         calibration record (what the decision rule guarantees and on what data)."""
@@ -373,7 +366,7 @@ class ClassifierModule(LightningModule):
         self.trained_input = InputSpec.from_dict(checkpoint["input"]) if checkpoint.get("input") else None
         self.calibration = checkpoint.get("calibration")
 
-    def _check_colour(self) -> None:
+    def on_test_start(self) -> None:
         """A checkpoint trained on colour (gray) images refuses a data module that feeds gray (colour) ones."""
         datamodule = getattr(self.trainer, "datamodule", None)
         trained = self.trained_input.color if self.trained_input else None
@@ -383,12 +376,6 @@ class ClassifierModule(LightningModule):
                 f"The checkpoint was trained on {trained} images but {datamodule!r} gives {given} images; "
                 f"set data.color: {trained} (or give data of the kind it was trained on)"
             )
-
-    def on_test_start(self) -> None:
-        self._check_colour()
-
-    def on_predict_start(self) -> None:
-        self._check_colour()
 
     def configure_optimizers(self) -> Any:
         """One optimizer over the parameters trainable now, in named groups (``head``, ``backbone``).

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from medtransfer.data.input_spec import InputSpec
 from medtransfer.models.classifier import ClassifierModule, probabilities
-from medtransfer.models.input_spec import InputSpec
 
 __all__ = ["ProbabilityModel", "example_input", "input_settings"]
 

@@ -3,9 +3,9 @@ installed) logged into the fit's run, from rank 0 only.
 
 ``mlflow.start_run(log_system_metrics=True)`` and ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` turn MLflow's sampler
 on for runs MLflow's fluent API starts; Lightning's ``MLFlowLogger`` creates its run through the client and so
-ignores both (Lightning issue #20563). This callback runs MLflow's own
-:class:`~mlflow.system_metrics.system_metrics_monitor.SystemMetricsMonitor` on the logger's run while a fit,
-validation or test runs, in the process of global rank 0 only (one machine's view, one set of ``system/*`` keys).
+ignores both (Lightning issue #20563). This callback runs MLflow's own sampler on the logger's run
+(:func:`medtransfer.upstream.start_system_metrics`) while a fit or test runs, in the process of global rank 0 only
+(one machine's view, one set of ``system/*`` keys).
 """
 
 from __future__ import annotations
@@ -17,18 +17,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
 from medtransfer.tracking.callbacks import find_mlflow_logger
-from medtransfer.upstream import mlflow_logger_settings
+from medtransfer.upstream import mlflow_logger_settings, start_system_metrics, stop_system_metrics
 
-__all__ = ["LogSystemMetrics", "system_metrics_switch"]
+__all__ = ["LogSystemMetrics"]
 
 _logger = logging.getLogger(__name__)
-
-
-def system_metrics_switch() -> bool:
-    """MLflow's own switch: ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` (``mlflow.enable_system_metrics_logging()``)."""
-    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
-
-    return bool(MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get())
 
 
 class LogSystemMetrics(Callback):
@@ -50,33 +43,28 @@ class LogSystemMetrics(Callback):
 
     @property
     def active(self) -> bool:
-        return system_metrics_switch() if self.enabled is None else self.enabled
+        """``enabled``, else MLflow's own switch (``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING``, which
+        ``mlflow.enable_system_metrics_logging()`` sets)."""
+        from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+
+        return bool(MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get()) if self.enabled is None else self.enabled
 
     def _start(self, trainer: Trainer) -> None:
         logger = find_mlflow_logger(trainer)
         if not self.active or not trainer.is_global_zero or logger is None or self._monitor is not None:
             return
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        self._monitor = SystemMetricsMonitor(
-            logger.run_id,  # creates the run if it does not exist yet (rank 0 only)
-            sampling_interval=self.interval_s,
-            samples_before_logging=self.samples_before_logging,
-            resume_logging=True,  # test after fit continues the fit's steps
-            tracking_uri=mlflow_logger_settings(logger)[0],
+        # logger.run_id creates the run if it does not exist yet (rank 0 only)
+        self._monitor = start_system_metrics(
+            logger.run_id, mlflow_logger_settings(logger)[0], self.interval_s, self.samples_before_logging
         )
-        self._monitor.start()
 
     def _stop(self) -> None:
         """Stop sampling and log one last sample, so that even a run shorter than ``interval_s`` has one."""
         monitor, self._monitor = self._monitor, None
         if monitor is None:
             return
-        monitor.finish()
         try:
-            monitor.collect_metrics()
-            monitor.publish_metrics(monitor.aggregate_metrics())
-            monitor.mlflow_logger.flush()
+            stop_system_metrics(monitor)
         except Exception as err:  # a failed sample must not fail the training that ran
             _logger.warning("Could not log the last system metrics sample: %s", err)
 
@@ -88,13 +76,7 @@ class LogSystemMetrics(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stop()
 
-    @override
-    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start(trainer)
-
-    @override
-    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._stop()
+    on_test_start, on_test_end = on_fit_start, on_fit_end  # a test after fit continues the fit's steps
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

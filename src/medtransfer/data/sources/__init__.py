@@ -18,12 +18,11 @@ path, and the problem.
 
 from medtransfer.data.sources.chestxray14 import chestxray14_manifest
 from medtransfer.data.sources.csv_table import csv_manifest
-from medtransfer.data.sources.folder import IMAGE_SUFFIXES, folder_manifest
+from medtransfer.data.sources.folder import folder_manifest
 from medtransfer.data.sources.manifest import SPLITS, Manifest
 from medtransfer.data.sources.mura import mura_manifest
 
 __all__ = [
-    "IMAGE_SUFFIXES",
     "SPLITS",
     "Manifest",
     "chestxray14_manifest",

@@ -24,10 +24,10 @@ _PATIENT_COLUMN = "Patient ID"
 
 
 def chestxray14_manifest(
-    labels_csv: Path | str,
-    image_root: Path | str,
-    train_val_list: Path | str | None = None,
-    test_list: Path | str | None = None,
+    labels_csv: str | Path,
+    image_root: str | Path,
+    train_val_list: str | Path | None = None,
+    test_list: str | Path | None = None,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,

@@ -14,7 +14,6 @@ from medtransfer.data.sources.manifest import (
     SPLITS,
     Manifest,
     Missing,
-    Task,
     _carve,
     _check_fractions,
     _checked,
@@ -26,6 +25,7 @@ from medtransfer.data.tables import (
     require_columns,
 )
 from medtransfer.errors import DataError
+from medtransfer.task import Task
 
 __all__ = ["csv_manifest"]
 
@@ -33,8 +33,8 @@ _logger = logging.getLogger(__name__)
 
 
 def csv_manifest(
-    csv_path: Path | str,
-    image_root: Path | str | None = None,
+    csv_path: str | Path,
+    image_root: str | Path | None = None,
     path_column: str = "path",
     label_columns: Sequence[str] = ("label",),
     split_column: str | None = None,

@@ -8,24 +8,22 @@ from pathlib import Path
 
 import numpy as np
 
-from medtransfer.data.sources.manifest import SPLITS, Manifest, Task, _carve, _check_fractions, _checked
+from medtransfer.data.readers import SUPPORTED_SUFFIXES
+from medtransfer.data.sources.manifest import SPLITS, Manifest, _carve, _check_fractions, _checked
 from medtransfer.errors import DataError
+from medtransfer.task import Task
 
-__all__ = ["IMAGE_SUFFIXES", "folder_manifest"]
+__all__ = ["folder_manifest"]
 
 _logger = logging.getLogger(__name__)
 
-#: File name endings :func:`folder_manifest` and :func:`~medtransfer.data.sources.mura_manifest` take for images
-#: (case-insensitive).
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".bmp", ".tif", ".tiff")
-
 
 def folder_manifest(
-    root: Path | str,
+    root: str | Path,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
-    suffixes: Sequence[str] = IMAGE_SUFFIXES,
+    suffixes: Sequence[str] = SUPPORTED_SUFFIXES,
 ) -> Manifest:
     """A manifest from class folders: ``root/<class>/**/<image>`` or ``root/{train,val,test}/<class>/**/<image>``.
 

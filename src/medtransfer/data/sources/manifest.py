@@ -21,13 +21,14 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from medtransfer.data.readers import Color, Frame, read_image
 from medtransfer.errors import DataError
+from medtransfer.task import Task
 
-__all__ = ["SPLITS", "Manifest", "Missing", "Split", "Task"]
+__all__ = ["SPLITS", "Manifest", "Missing", "Split"]
 
 _logger = logging.getLogger(__name__)
 
-Task = Literal["binary", "multiclass", "multilabel"]
 Split = Literal["train", "val", "test"]
 Missing = Literal["error", "skip"]
 
@@ -117,6 +118,17 @@ class Manifest:
             digest.update(f"{os.path.relpath(path, root)}\t{split}\n".encode())
         digest.update(np.ascontiguousarray(self.targets).tobytes())
         return digest.hexdigest()
+
+    def image(self, index: int, color: Color = "gray", frame: Frame = "error") -> np.ndarray:
+        """The uint8 image at ``index`` (:func:`~medtransfer.data.readers.read_image` with ``color`` and ``frame``),
+        cropped to its box when it has one."""
+        image = read_image(self.paths[index], color=color, frame=frame)
+        if self.boxes is not None and not np.isnan(self.boxes[index]).any():
+            x0, y0, x1, y1 = (round(float(v)) for v in self.boxes[index])
+            image = image[max(y0, 0) : y1, max(x0, 0) : x1]
+            if image.size == 0:
+                raise DataError(f"{self.paths[index]}: box {self.boxes[index].tolist()} lies outside the image")
+        return image
 
     def take(self, rows: Sequence[int] | np.ndarray) -> Manifest:
         """The images at ``rows``, in that order."""

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medtransfer.data.sources.folder import IMAGE_SUFFIXES, _existing_dir, _list_images
+from medtransfer.data.readers import SUPPORTED_SUFFIXES
+from medtransfer.data.sources.folder import _existing_dir, _list_images
 from medtransfer.data.sources.manifest import Manifest, _carve, _check_fractions, _checked
 from medtransfer.errors import DataError
 
@@ -18,11 +19,11 @@ _MURA_STUDY = re.compile(r"study\d+_(positive|negative)")
 
 
 def mura_manifest(
-    root: Path | str,
+    root: str | Path,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
-    suffixes: Sequence[str] = IMAGE_SUFFIXES,
+    suffixes: Sequence[str] = SUPPORTED_SUFFIXES,
 ) -> Manifest:
     """A binary manifest of a MURA-style tree: ``.../patientXXXXX/studyN_positive/imageK.png``.
 

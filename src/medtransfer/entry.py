@@ -58,7 +58,7 @@ def main(args: list[str] | None = None) -> None:
         return
     from medtransfer.commands.fit import main as lightning_main
 
-    lightning_main(argv)
+    lightning_main(args)  # None: Lightning reads sys.argv itself (a list beside it would be warned about)
 
 
 if __name__ == "__main__":

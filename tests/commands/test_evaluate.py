@@ -17,11 +17,11 @@ from torchmetrics.functional.classification import multiclass_auroc
 from medtransfer.commands.evaluate import (
     CHESTXRAY14_FINDINGS,
     evaluate_predictions,
-    main,
     read_labels,
     read_predictions,
     run_evaluate,
 )
+from medtransfer.entry import main
 from medtransfer.errors import DataError
 
 LABELS_GZ = "Data_Entry_2017_v2020.csv.gz"
@@ -119,7 +119,7 @@ def test_read_labels_handles_the_official_file_and_its_header_quirk(chexnet_dir)
 def test_main_writes_csv_and_json(small, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("medtransfer.commands.evaluate.PROGRESS_ROWS", 1)  # as for a large file
     out = tmp_path / "report"
-    main([str(small.preds_path), str(small.labels_path), "--out_dir", str(out)])
+    main(["evaluate", str(small.preds_path), str(small.labels_path), "--out_dir", str(out)])
     assert sorted(path.name for path in out.iterdir()) == ["evaluation.csv", "evaluation.json"]  # no temp files
     table = pd.read_csv(out / "evaluation.csv", index_col="class")
     summary = json.loads((out / "evaluation.json").read_text())
@@ -138,7 +138,7 @@ def test_main_writes_csv_and_json(small, tmp_path, capsys, monkeypatch):
 
 def test_main_help_lists_the_options(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
+        main(["evaluate", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for option in ("--out_dir", "--id_column", "--prob_prefix", "--label_format", "--task", "chestxray14"):
@@ -148,7 +148,7 @@ def test_main_help_lists_the_options(capsys):
 
 def test_main_reports_a_missing_file_in_one_line(small, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main([str(tmp_path / "nope.csv"), str(small.labels_path)])
+        main(["evaluate", str(tmp_path / "nope.csv"), str(small.labels_path)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err == f"medtransfer: error: predictions file {tmp_path / 'nope.csv'} does not exist\n"
@@ -157,7 +157,7 @@ def test_main_reports_a_missing_file_in_one_line(small, tmp_path, capsys):
 def test_main_reports_a_bad_probability_in_one_line(small, tmp_path, capsys):
     bad = _write(tmp_path / "preds.csv", _set_field(small.preds, line=7, column=10, value="1.5"))
     with pytest.raises(SystemExit) as exit_info:
-        main([str(bad), str(small.labels_path)])
+        main(["evaluate", str(bad), str(small.labels_path)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1

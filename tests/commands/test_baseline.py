@@ -79,7 +79,7 @@ def test_C_and_threshold_are_chosen_on_validation_never_on_test(tmp_path, pneumo
     shuffled = _with_shuffled_test_labels(pneumonia_npz, tmp_path / "shuffled.npz")
     results = [
         run_baseline(
-            MedMNISTDataModule(path=str(path), image_size=28, train_fraction=0.3),
+            data=MedMNISTDataModule(path=str(path), image_size=28, train_fraction=0.3),
             pixel_size=14,
             Cs=[0.001, 0.1, 10.0],
             log_model=False,
@@ -138,13 +138,13 @@ def test_a_class_missing_from_training_is_a_clear_error(tmp_path, pneumonia_npz)
     np.savez(tmp_path / "one_class.npz", **arrays)
     data = MedMNISTDataModule(path=str(tmp_path / "one_class.npz"), image_size=28)
     with pytest.raises(ValueError, match="training split of pneumoniamnist holds 1 of the 2 classes"):
-        run_baseline(data, pixel_size=7, Cs=[1.0], tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+        run_baseline(data=data, pixel_size=7, Cs=[1.0], tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
 
 
 @pytest.mark.parametrize("Cs", [[], [0.1, -1.0]])
 def test_Cs_must_be_positive(pneumonia_npz, Cs):
     with pytest.raises(ValueError, match="`Cs` to be positive"):
-        run_baseline(MedMNISTDataModule(path=str(pneumonia_npz)), Cs=Cs)
+        run_baseline(data=MedMNISTDataModule(path=str(pneumonia_npz)), Cs=Cs)
 
 
 def test_multilabel_data_gets_one_regression_per_label(tmp_path, chestxray14_sample_dir):
@@ -157,7 +157,7 @@ def test_multilabel_data_gets_one_regression_per_label(tmp_path, chestxray14_sam
         test_fraction=0.2,
     )
     result = run_baseline(
-        ImageDataModule(source=source, image_size=28),
+        data=ImageDataModule(source=source, image_size=28),
         pixel_size=14,
         Cs=[0.1],
         log_model=False,

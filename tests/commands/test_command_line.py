@@ -66,3 +66,10 @@ def test_a_wrong_option_of_a_command_without_fit_args_is_a_one_line_error(capsys
         run_command(COMMANDS["compare"], ["--no_such_option=1"], prog="medtransfer compare")
     assert exit_info.value.code == 2
     assert "no_such_option" in capsys.readouterr().err
+
+
+def test_a_data_module_is_an_option_never_a_positional():
+    from medtransfer.commands.baseline import run_baseline
+
+    usage = build_parser(run_baseline, prog="medtransfer baseline").format_usage()
+    assert "--data" in usage and " data\n" not in usage

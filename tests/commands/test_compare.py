@@ -42,7 +42,7 @@ def store(tmp_path_factory, pneumonia_npz):
              "--trainer.logger.init_args.run_name=search-demo-trial-0",
              f'--trainer.logger.init_args.tags={{"mlflow.parentRunId": "{parent}"}}']
         )  # fmt: skip
-        pixels = run_baseline(MedMNISTDataModule(path=str(pneumonia_npz)), pixel_size=7, Cs=[1.0], log_model=False)
+        pixels = run_baseline(data=MedMNISTDataModule(path=str(pneumonia_npz)), pixel_size=7, Cs=[1.0], log_model=False)
     yield {
         "folder": folder,
         "uri": uri,

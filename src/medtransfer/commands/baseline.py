@@ -266,6 +266,7 @@ def _log_model(logger: Any, model: Any, rule: DecisionRule, x_example: np.ndarra
 
 
 def run_baseline(
+    *,  # keyword-only: the data module is an option (--data.*), never a positional
     data: ClassificationDataModule,
     features: Features = "pixels",
     pixel_size: int = 28,

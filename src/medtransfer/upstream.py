@@ -1,9 +1,9 @@
 """The one module that touches other libraries' internals (Lightning, MLflow, Optuna, timm, torch): private
 attributes, undocumented classes, and state that only their constructors are meant to set.
 
-Each function names what it reads or writes, why no public API serves and the upstream issue it waits for;
-``tests/test_upstream.py`` fails loudly when an upstream release renames or removes one of them (or makes one
-unneeded), so an upgrade breaks here and nowhere else.
+Each function names what it reads or writes, why no public API serves and, where there is one, the upstream issue
+it waits for; ``tests/test_upstream.py`` fails loudly when an upstream release renames or removes one of them (or
+makes one unneeded), so an upgrade breaks here and nowhere else.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Image files on disk as a LightningDataModule: ChestX-ray14, a CSV of paths, a folder per class, MURA.
 
-The source is chosen in YAML by ``class_path`` (one small class per layout, whose typed arguments are the
-options of that layout); it builds a :class:`~medtransfer.data.sources.Manifest`, and every image is read by
+The source is chosen in YAML by ``class_path`` (one small class per layout, whose options are the arguments of
+that layout's manifest builder); it builds a :class:`~medtransfer.data.sources.Manifest`, and every image is read by
 :func:`~medtransfer.data.readers.read_image`, cropped to its box when the manifest has one, then
 transformed like the other data modules.
 """

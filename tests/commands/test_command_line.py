@@ -9,6 +9,7 @@ import types
 import typing
 
 import pytest
+from helpers import DEFAULT_CONFIG
 
 from medtransfer.commands.command_line import _split_fit_args, build_parser, run_command
 from medtransfer.entry import COMMANDS
@@ -73,3 +74,16 @@ def test_a_data_module_is_an_option_never_a_positional():
 
     usage = build_parser(run_baseline, prog="medtransfer baseline").format_usage()
     assert "--data" in usage and " data\n" not in usage
+
+
+def test_options_after_the_double_dash_reach_a_fit_args_that_defaults_to_none(workdir, capsys):
+    """``search``'s ``fit_args`` defaults to ``None``: options after ``--`` still reach it (here a bad space stops
+    the search before any fit, with its own one-line error)."""
+    space = workdir / "space.yaml"
+    space.write_text("model.optimiser.lr: {type: float, low: 0.0001, high: 0.01}\n")
+    with pytest.raises(SystemExit) as stopped:
+        run_command(
+            COMMANDS["search"], [f"--config={DEFAULT_CONFIG}", f"--space={space}", "--", "--trainer.max_epochs=1"]
+        )
+    assert stopped.value.code == 2
+    assert "model.optimiser.lr" in capsys.readouterr().err

@@ -56,7 +56,7 @@ def run_command(target: str, args: list[str], prog: str | None = None) -> Any:
         if not _takes(function, "config"):
             init.pop("config", None)
         if fit_args:  # after those given as --fit_args '[...]'
-            init["fit_args"] = [*init["fit_args"], *fit_args]
+            init["fit_args"] = [*(init["fit_args"] or []), *fit_args]
         return function(**init)
 
 

@@ -30,7 +30,7 @@ _PARSER_OPTIONS = {"help", "print_config"}
 def build_parser(function: Callable[..., Any], prog: str | None = None) -> ArgumentParser:
     """The parser of ``function``'s command line."""
     description = (inspect.getdoc(function) or "").split("\n\n")[0]
-    if "fit_args" in inspect.signature(function).parameters:
+    if _takes(function, "fit_args"):
         description += "\nEvery option that is not listed here (and all after `--`) goes to fit (see fit --help)."
     parser = ArgumentParser(prog=prog, description=description)
     if not (_takes(function, "config") or _takes(function, "fit_args")):  # else --config is the function's or fit's

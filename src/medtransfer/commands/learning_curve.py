@@ -14,21 +14,22 @@ that best checkpoint is added.
 
 from __future__ import annotations
 
-import itertools
+import functools
 import json
-import logging
 import math
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pandas as pd
 import yaml
 
-from medtransfer.commands.run_fit import resolve_fit_config, run_child_fit, sweep_tracking
+from medtransfer.commands.run_fit import FitResult, resolve_fit_config, sweep_tracking
+from medtransfer.commands.search_space import SearchParam, plan_trials
+from medtransfer.commands.sweep import Sweep, open_study, run_trials, study_parent
 from medtransfer.errors import MedtransferError
 from medtransfer.files import write_text_atomic
 from medtransfer.tracking.mlflow import MLflowLogger, open_run
@@ -36,7 +37,6 @@ from medtransfer.tracking.redaction import redact
 
 __all__ = ["CurvePoint", "LearningCurveResult", "plot_learning_curve", "run_learning_curve"]
 
-_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,52 @@ class LearningCurveResult:
     plot: Path
 
 
+@dataclass(frozen=True)
+class _CurveSweep(Sweep):
+    """The curve as a grid study: a trial's ``config`` picks a recipe's config stack, its ``fraction`` and
+    ``seed`` the training subset and the seed; every finished point is written to the CSV and the parent run."""
+
+    stacks: dict[str, list[str]] = field(default_factory=dict)
+    curve_metric: str = "auroc"
+    csv: Path = Path("learning_curve.csv")
+
+    def fit_of(self, study: optuna.Study, trial: optuna.Trial, values: dict[str, Any]) \
+            -> tuple[list[Any], dict[str, Any], str, dict[str, str]]:  # fmt: skip
+        label, fraction, seed = values["config"], values["fraction"], values["seed"]
+        overrides = {"data.init_args.train_fraction": fraction, "data.init_args.subset_seed": seed,
+                     "seed_everything": seed}  # fmt: skip
+        tags = {"curve.config": label, "curve.fraction": str(fraction), "curve.seed": str(seed)}
+        return [*self.stacks[label], {"mlflow_model.enabled": False}], overrides, f"{label}-f{fraction:g}-s{seed}", tags
+
+    def record(self, trial: optuna.Trial, result: FitResult, parent: MLflowLogger) -> None:
+        """The point: the metrics at the selected epoch, the test metric when the config tests after fit."""
+        client, metric = parent.experiment, self.curve_metric
+        epoch, train_value, val_value = _at_selected_epoch(client, result.run_id, metric, result.trainer)
+        point = CurvePoint(
+            config=trial.params["config"],
+            fraction=trial.params["fraction"],
+            seed=trial.params["seed"],
+            train_images=len(result.datamodule.datasets["train"]),
+            epoch=epoch,
+            train_metric=train_value,
+            val_metric=val_value,
+            test_metric=client.get_run(result.run_id).data.metrics.get(f"test/{metric}", math.nan),
+            run_id=result.run_id,
+            seconds=round((datetime.now() - trial.datetime_start).total_seconds(), 1),
+        )
+        trial.set_user_attr("point", asdict(point))
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, ran: int, seconds: float) -> None:
+        """Rewrite the CSV (an interrupted curve keeps its finished points) and report the point."""
+        points = _points(study)
+        write_text_atomic(self.csv, pd.DataFrame(points).to_csv(index=False, na_rep="nan"))
+        _report_point(study_parent(study), points[-1], f"{len(points)}/{len(study.trials)}", self.curve_metric)
+
+
+def _points(study: optuna.Study) -> list[CurvePoint]:
+    return [CurvePoint(**t.user_attrs["point"]) for t in study.get_trials(deepcopy=False) if "point" in t.user_attrs]
+
+
 def run_learning_curve(
     *,
     configs: list[str],
@@ -141,7 +187,8 @@ def run_learning_curve(
     base_config: str | None = None,
     fit_args: list[str] = [],  # noqa: B006
 ) -> LearningCurveResult:
-    """Fit every config at every training fraction and seed, as MLflow child runs of one parent run.
+    """Fit every config at every training fraction and seed, as MLflow child runs of one parent run: a grid
+    study on ``search``'s engine (:mod:`medtransfer.commands.sweep`).
 
     Writes ``<output_dir>/learning_curve.csv`` (atomically, rewritten after every fit, so an interrupted curve
     keeps its finished points) and, at the end, ``learning_curve.png``; logs both to the parent run, plus
@@ -157,26 +204,36 @@ def run_learning_curve(
         base_config: a config stacked under every one of ``configs`` (e.g. the default, with recipe overlays).
         fit_args: extra ``medtransfer fit`` arguments for every fit, e.g. ``["--trainer.max_epochs=5"]``.
     """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     stacks = _config_stacks(configs, fractions, seeds, base_config)
     tracking, dataset = _probe(next(iter(stacks.values())), fit_args)
-    tags = {"medtransfer.command": "learning-curve", "curve.configs": json.dumps(list(configs))}
-    parent = open_run(run_name=f"learning-curve-{dataset}-{datetime.now():%Y%m%d-%H%M%S}", tags=tags, **tracking)
-    for key, value in {"fractions": fractions, "seeds": seeds, "metric": metric, "configs": list(configs),
-                       "base_config": base_config, "fit_args": fit_args}.items():  # fmt: skip
+    params = [SearchParam(key, "categorical", choices=list(grid), grid=list(grid))
+              for key, grid in (("config", stacks), ("fraction", fractions), ("seed", seeds))]  # fmt: skip
+    direction = "minimize" if metric == "loss" else "maximize"
+    sweep = _CurveSweep([], params, fit_args, f"val/{metric}", direction, None, stacks, metric,
+                        Path(output_dir) / "learning_curve.csv")  # fmt: skip
+    name = f"learning-curve-{dataset}-{datetime.now():%Y%m%d-%H%M%S}"
+    settings = {"seed": 0, "direction": direction, "tracking_uri": tracking["tracking_uri"],
+                "experiment": tracking["experiment_name"], "plan": plan_trials(params, "grid", None)}  # fmt: skip
+    logged = {"fractions": fractions, "seeds": seeds, "metric": metric, "configs": list(configs),
+              "base_config": base_config, "fit_args": fit_args}  # fmt: skip
+    create_parent = functools.partial(_create_parent, tracking, name, logged)
+    study = open_study(name, optuna.storages.InMemoryStorage(), settings, create_parent, optuna.pruners.NopPruner())
+    with study_parent(study) as parent:  # FINISHED, KILLED on an interrupt, FAILED on an error
+        run_trials(study, sweep)
+        png_path = _plot(parent, _points(study), metric, sweep.csv)
+    return LearningCurveResult(_points(study), parent.run_id, sweep.csv, png_path)
+
+
+def _create_parent(tracking: dict[str, Any], name: str, logged: dict[str, Any]) -> str:
+    """Open the curve's MLflow parent run, with its arguments as params."""
+    tags = {"medtransfer.command": "learning-curve", "curve.configs": json.dumps(logged["configs"])}
+    parent = open_run(run_name=name, tags=tags, **tracking)
+    for key, value in logged.items():
         parent.experiment.log_param(parent.run_id, key, json.dumps(redact(value))[:6000])
     print(f"Learning curve: parent MLflow run {parent.run_id} (experiment {parent.experiment_id}) in "
           f"{redact(parent.tracking_uri)}")  # fmt: skip
-    grid = list(itertools.product(stacks.items(), fractions, seeds))
-    points: list[CurvePoint] = []
-    csv_path = Path(output_dir) / "learning_curve.csv"
-    with parent:  # FINISHED, KILLED on an interrupt, FAILED on an error
-        for (label, stack), fraction, seed in grid:
-            points.append(_fit_point(parent, label, stack, fraction, seed, metric, fit_args))
-            # rewritten after every fit: an interrupted curve keeps its finished points
-            write_text_atomic(csv_path, pd.DataFrame(points).to_csv(index=False, na_rep="nan"))
-            _report_point(parent, points[-1], f"{len(points)}/{len(grid)}", metric)
-        png_path = _plot(parent, points, metric, csv_path)
-    return LearningCurveResult(points, parent.run_id, csv_path, png_path)
+    return parent.run_id
 
 
 def _config_stacks(configs: list[str], fractions: list[float], seeds: list[int], base_config: str | None) \
@@ -194,33 +251,6 @@ def _config_stacks(configs: list[str], fractions: list[float], seeds: list[int],
     if len(stacks) != len(configs):
         raise MedtransferError(f"Config file stems label the curves and must differ: {configs}")
     return stacks
-
-
-def _fit_point(parent: MLflowLogger, label: str, stack: list[str], fraction: float, seed: int, metric: str,
-               fit_args: list[str]) -> CurvePoint:  # fmt: skip
-    """One fit of the curve (a child run, no model export) and its point: the metrics at the selected epoch."""
-    tags = {"curve.config": label, "curve.fraction": str(fraction), "curve.seed": str(seed)}
-    overrides = {"data.init_args.train_fraction": fraction, "data.init_args.subset_seed": seed,
-                 "seed_everything": seed}  # fmt: skip
-    start = time.perf_counter()
-    result = run_child_fit(parent, [*stack, {"mlflow_model.enabled": False}], overrides, fit_args=fit_args,
-                           run_name=f"{label}-f{fraction:g}-s{seed}", tags=tags)  # fmt: skip
-    if result.interrupted:
-        raise KeyboardInterrupt
-    client = parent.experiment
-    epoch, train_value, val_value = _at_selected_epoch(client, result.run_id, metric, result.trainer)
-    return CurvePoint(
-        config=label,
-        fraction=fraction,
-        seed=seed,
-        train_images=len(result.datamodule.datasets["train"]),
-        epoch=epoch,
-        train_metric=train_value,
-        val_metric=val_value,
-        test_metric=client.get_run(result.run_id).data.metrics.get(f"test/{metric}", math.nan),
-        run_id=result.run_id,
-        seconds=round(time.perf_counter() - start, 1),
-    )
 
 
 def _report_point(parent: MLflowLogger, point: CurvePoint, progress: str, metric: str) -> None:

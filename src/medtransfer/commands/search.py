@@ -5,14 +5,10 @@
 
 - The search space is a YAML file of ``fit`` options (``commands.search_space``).
 - Every trial is one in-process ``fit`` of the base config plus the trial's values, an MLflow child run of one
-  parent run per study (``commands.run_fit.run_child_fit``, as ``learning-curve``'s points); its value is the best
-  ``--metric`` over its validation epochs, reported each epoch by optuna-integration's
-  ``PyTorchLightningPruningCallback``. The test split is never used to choose: ``test_after_fit`` is off.
-- The study lives in an Optuna RDB storage (SQLite file by default; PostgreSQL/MySQL for several nodes).
-  The process that creates the study queues all its trials; every process (``--workers`` spawns extra local
-  ones; other nodes run the same command) runs ``study.optimize``, which takes queued trials one at a time,
-  until ``MaxTrialsCallback`` sees none left, so no trial runs twice and none is lost. A worker that dies is
-  noticed by its stopped heartbeat and its trial is queued again.
+  parent run per study, run by ``commands.sweep`` (as ``learning-curve``'s points); its value is the best
+  ``--metric`` over its validation epochs. The test split is never used to choose: ``test_after_fit`` is off.
+- The study lives in an Optuna RDB storage (SQLite file by default; PostgreSQL/MySQL for several nodes);
+  ``--workers`` spawns extra local processes, and other nodes run the same command to share it.
 - The best trial's config (base config + ``fit_args`` + winning values, dumped by the ``fit`` parser) is
   written to ``--output``, ready for ``medtransfer fit --config``, and logged to the parent run with the
   trials table and an optimization-history plot.
@@ -21,163 +17,24 @@
 from __future__ import annotations
 
 import functools
-import logging
-import multiprocessing
-import os
-import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import optuna
 import yaml
-from lightning.pytorch import LightningModule, Trainer
-from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
-from optuna_integration import PyTorchLightningPruningCallback
 
-from medtransfer.commands.run_fit import resolve_fit_config, run_child_fit, sweep_tracking
-from medtransfer.commands.search_space import (
-    SearchParam,
-    TrialSeededSampler,
-    load_space,
-    open_storage,
-    plan_trials,
-    resolves_key,
-)
-from medtransfer.errors import DataError, MedtransferError, exit_on_user_error
+from medtransfer.commands.run_fit import resolve_fit_config, sweep_tracking
+from medtransfer.commands.search_space import SearchParam, load_space, open_storage, plan_trials, resolves_key
+from medtransfer.commands.sweep import Sweep, open_study, run_trials, study_parent
+from medtransfer.errors import DataError
 from medtransfer.files import write_text_atomic
-from medtransfer.tracking.callbacks import find_mlflow_logger
-from medtransfer.tracking.mlflow import MLflowLogger, open_run
+from medtransfer.tracking.mlflow import open_run
 from medtransfer.tracking.redaction import redact, redact_yaml
 
 __all__ = ["SearchParam", "SearchResult", "load_space", "open_storage", "run_search"]
-
-_logger = logging.getLogger(__name__)
-
-
-def _open_study(
-    name: str,
-    storage: optuna.storages.RDBStorage,
-    settings: dict[str, Any],
-    create_parent: Callable[[], str],
-    pruner: optuna.pruners.BasePruner,
-) -> optuna.Study:
-    """Create the study (queue its trials, create the MLflow parent run), or join it once its creator is done."""
-    sampler = TrialSeededSampler(settings["seed"])
-    plan = settings.pop("plan")
-    try:
-        study = optuna.create_study(storage=storage, study_name=name, direction=settings["direction"], sampler=sampler,
-                                    pruner=pruner)  # fmt: skip
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
-    else:
-        for params in plan:
-            study.enqueue_trial(params)
-        study.set_user_attr("parent_run_id", create_parent())
-        study.set_user_attr("settings", settings)  # last: joining processes wait for it
-        return study
-    for _ in range(600):
-        if "settings" in study.user_attrs:
-            break
-        time.sleep(0.5)  # another process is still setting the study up
-    else:
-        raise MedtransferError(f"Study {name!r} in {redact(storage.url)} exists but was never set up; delete it")
-    theirs = study.user_attrs["settings"]
-    mismatch = sorted(k for k in ("space", "sampler", "metric", "direction") if theirs.get(k) != settings[k])
-    if mismatch:
-        different = ", ".join(mismatch)
-        raise MedtransferError(f"Study {name!r} exists with a different {different}; choose another --study_name")
-    _logger.info("Joined study %s", name)
-    return study
-
-
-def _parent(study: optuna.Study) -> MLflowLogger:
-    """The study's MLflow parent run, whose child runs its trials are."""
-    settings, run_id = study.user_attrs["settings"], study.user_attrs["parent_run_id"]
-    return open_run(settings["experiment"], tracking_uri=settings["tracking_uri"], run_id=run_id)
-
-
-class _Pruning(PyTorchLightningPruningCallback):
-    """Optuna's pruning callback that also keeps the fit's MLflow run id, for a pruned fit raises before
-    ``run_fit`` returns it."""
-
-    run_id: str | None = None
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        logger = find_mlflow_logger(trainer)
-        self.run_id = logger.run_id if logger is not None and trainer.is_global_zero else None
-
-
-def _objective(study: optuna.Study, params: list[SearchParam], config: Path, fit_args: list[str]) -> Any:
-    """One in-process ``fit`` of a trial's values; its value is the best metric over its validation epochs."""
-    settings, parent = study.user_attrs["settings"], _parent(study)
-    metric = settings["metric"]
-
-    def objective(trial: optuna.Trial) -> float:
-        values = {p.key: p.suggest(trial) for p in params}
-        _logger.info("Trial %d of study %s: %s", trial.number, study.study_name, values)
-        pruning = _Pruning(trial, monitor=metric)
-        tags = {"optuna.study": study.study_name, "optuna.trial": str(trial.number)}
-        try:
-            # trials do not export or register a model (--fit_args may turn it back on); `fit --config best.yaml`
-            # does; they are chosen on validation data, so the test split stays unseen
-            result = run_child_fit(parent, [config, {"mlflow_model.enabled": False}], values, fit_args=fit_args,
-                                   callbacks=[pruning], run_name=f"{study.study_name}-trial-{trial.number}",
-                                   tags=tags, test_after_fit=False)  # fmt: skip
-            pruning.check_pruned()  # under DDP the callback stops the fit and leaves raising to this
-        except optuna.TrialPruned:
-            _mark_run(parent, pruning.run_id, "KILLED")
-            raise
-        except BaseException:
-            _mark_run(parent, pruning.run_id, "FAILED")
-            raise
-        finally:
-            trial.set_user_attr("mlflow_run_id", pruning.run_id)  # in the trials table
-        reported = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number).intermediate_values
-        if not reported:
-            logged = ", ".join(sorted(result.metrics)) or "none"
-            raise MedtransferError(f"The search metric {metric!r} was not logged; logged metrics: {logged}")
-        return (max if settings["direction"] == "maximize" else min)(reported.values())
-
-    return objective
-
-
-def _mark_run(parent: MLflowLogger, run_id: str | None, status: str) -> None:
-    """Give a trial's MLflow run the trial's fate: a pruned trial's run is ``KILLED`` and tagged ``PRUNED``."""
-    if run_id is not None:
-        parent.experiment.set_tag(run_id, "optuna.state", "PRUNED" if status == "KILLED" else "FAIL")
-        parent.experiment.set_terminated(run_id, status)
-
-
-def _work(study: optuna.Study, params: list[SearchParam], config: Path, fit_args: list[str]) -> int:
-    """Run queued trials until none is left; returns how many this process ran."""
-    ran, start = [], time.perf_counter()
-    planned = sum(trial.state != TrialState.FAIL for trial in study.get_trials(deepcopy=False))
-
-    def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        ran.append(trial.number)
-        _print_progress(study, trial.number, len(ran), time.perf_counter() - start)
-
-    # taken, running or ended: the queue is empty once these are all the planned trials (a stale trial's retry
-    # is queued as a new one, its failed first try not counted)
-    done = MaxTrialsCallback(planned, states=(TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED))
-    if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):  # else `optimize` would add a fresh trial
-        study.optimize(_objective(study, params, config, fit_args), callbacks=[done, progress], gc_after_trial=True)
-    return len(ran)
-
-
-def _print_progress(study: optuna.Study, number: int, done: int, seconds: float) -> None:
-    """``search: trial 3 done; 4/8 trials finished, 95 s per trial here, about 6 min left`` (all workers)."""
-    ended = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    finished = len(study.get_trials(deepcopy=False, states=ended))
-    total = len(study.get_trials(deepcopy=False))
-    per_trial = seconds / done
-    print(f"search: trial {number} done; {finished}/{total} trials finished, {per_trial:.0f} s per trial here, "
-          f"about {(total - finished) * per_trial / 60:.0f} min left", flush=True)  # fmt: skip
 
 
 def _write_best(study: optuna.Study, config: Path, fit_args: list[str], output: Path) -> dict[str, Any] | None:
@@ -198,7 +55,7 @@ def _log_to_parent(study: optuna.Study, output: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric, best, parent = study.user_attrs["settings"]["metric"], study.best_trial, _parent(study)
+    metric, best, parent = study.user_attrs["settings"]["metric"], study.best_trial, study_parent(study)
     parent.log_metrics({f"best_{metric}": best.value})
     client, run_id = parent.experiment, parent.run_id
     client.set_tag(run_id, "best_trial", str(best.number))
@@ -226,40 +83,6 @@ def _pruner(pruning: bool, startup_trials: int, warmup_epochs: int) -> optuna.pr
     if not pruning:
         return optuna.pruners.NopPruner()
     return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs)
-
-
-def _worker(name: str, storage: str, seed: int, pruner: optuna.pruners.BasePruner, params: list[SearchParam],
-            config: Path, fit_args: list[str], threads: int) -> None:  # fmt: skip
-    """An extra local worker process: run queued trials of the study until none is left."""
-    import torch
-
-    torch.set_num_threads(threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=name, storage=open_storage(storage), sampler=TrialSeededSampler(seed),
-                              pruner=pruner)  # fmt: skip
-    with exit_on_user_error():
-        _work(study, params, config, fit_args)
-
-
-def _work_with_workers(study: optuna.Study, params: list[SearchParam], config: Path, fit_args: list[str],
-                       storage: str, seed: int, extra: int) -> int:  # fmt: skip
-    """Run queued trials here and in ``extra`` more local processes (``spawn``: a fresh interpreter each, as
-    CUDA and MLflow's threads need); returns how many this process ran."""
-    threads = max(1, (os.cpu_count() or 1) // (extra + 1))
-    context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_worker, args=(study.study_name, storage, seed, study.pruner, params,
-                                                       config, fit_args, threads)) for _ in range(extra)]  # fmt: skip
-    for process in processes:
-        process.start()
-    try:
-        ran = _work(study, params, config, fit_args)
-    finally:
-        for process in processes:
-            process.join()
-    failed = sum(process.exitcode != 0 for process in processes)
-    if failed:
-        raise MedtransferError(f"{failed} search worker process(es) failed; see their output")
-    return ran
 
 
 def _check_space(config: Path, space: Path, params: list[SearchParam], fit_args: list[str]) -> dict[str, Any]:
@@ -293,7 +116,7 @@ def _finish(study: optuna.Study, storage: str, ran: int, config: Path, fit_args:
     best = _write_best(study, config, fit_args, output)
     unfinished = counts.get("RUNNING", 0) + counts.get("WAITING", 0)
     if not unfinished:
-        _parent(study).finalize("success")
+        study_parent(study).finalize("success")
     return SearchResult(study.study_name, ran, redact(storage), counts, best, study.user_attrs["parent_run_id"],
                         str(output) if best else None, unfinished)  # fmt: skip
 
@@ -352,8 +175,9 @@ def run_search(
               "pruning": pruning, "storage": redact(storage), "config": str(config)}  # fmt: skip
     create_parent = functools.partial(_create_parent, tracking, name, logged, space)
     pruner = _pruner(pruning, pruning_startup_trials, pruning_warmup_epochs)
-    study = _open_study(name, open_storage(storage), settings, create_parent, pruner)
-    ran = _work_with_workers(study, params, config, fit_args, storage, seed, 0 if worker_only else workers - 1)
+    study = open_study(name, open_storage(storage), settings, create_parent, pruner)
+    sweep = Sweep([config], params, fit_args, metric, direction)
+    ran = run_trials(study, sweep, storage, 0 if worker_only else workers - 1)
     if worker_only:
         return SearchResult(name, ran)
     result = _finish(study, storage, ran, config, fit_args, Path(output))

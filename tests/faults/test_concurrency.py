@@ -87,7 +87,7 @@ def test_predicts_started_together_write_their_own_complete_outputs(tmp_path, pn
     wait = f"import pathlib, time\nwhile not pathlib.Path({str(go)!r}).exists(): time.sleep(0.001)"
     out = tmp_path / "out"
     commands = [["bash", "-c", f'{sys.executable} -c "$0" && exec "$@"', wait, sys.executable, "-m",
-                 "medtransfer.commands.predict", str(folder), str(checkpoint), "--output", str(out / f"p{i}.csv")]
+                 "medtransfer.entry", "predict", str(folder), str(checkpoint), "--output", str(out / f"p{i}.csv")]
                 for i in range(N)]  # fmt: skip
     for status, output in _together(commands, go, tmp_path):
         assert status == 0, output[-3000:]

@@ -1,20 +1,11 @@
-"""``medtransfer baseline``: logistic regression on downsampled pixels or on frozen backbone features.
+"""``medtransfer baseline``: logistic regression on downsampled pixels or on frozen backbone features, the
+yardstick a fine-tuned network has to beat.
 
-The yardstick a fine-tuned network has to beat. ``pixels`` resizes each image to ``pixel_size`` (gray) and
-flattens it; ``backbone`` feeds it through a frozen, pretrained timm backbone ("feature extraction", the
-cheapest form of transfer learning). Either way a scikit-learn ``StandardScaler`` + ``LogisticRegression``
-learns on the training split, its ``C`` is chosen by validation AUROC, and the decision threshold and
-abstention band are fitted on validation exactly as a network's are, by the same
-:class:`~medtransfer.decisions.fitting.DecisionFitting`; the test report is the network's too
-(:mod:`medtransfer.decisions.report`, the module's metric collections). The run therefore carries the same
-``val/*`` and ``test/*`` metric names as a network run and sits beside it in ``medtransfer compare``. The test
-split is scored once, at the end; nothing is chosen on it.
-
-``medtransfer baseline --config configs/pneumonia_effnet_lite0.yaml`` reads the same YAML as ``fit``: its
-``data`` section is used as is; from ``model`` the settings this command shares carry over (``backbone``,
-``pretrained``, ``threshold_policy``, ``threshold_target``, ``target_coverage``, ``target_risk``,
-``confidence_score``); the sections only training uses (``trainer``, ``finetuning``, ``checkpoint``, ...) are
-skipped. Any other unknown key is an error.
+A scikit-learn ``StandardScaler`` + ``LogisticRegression`` learns on the training split, its ``C`` chosen by
+validation AUROC; threshold and abstention band are fitted on validation by the network's
+:class:`~medtransfer.decisions.fitting.DecisionFitting`, and the test report is the network's too, so the run
+carries the same ``val/*`` and ``test/*`` metrics and sits beside network runs in ``medtransfer compare``.
+``--config`` reads a ``fit`` YAML: ``data`` as is, the decision settings of ``model``; training sections skipped.
 """
 
 from __future__ import annotations
@@ -105,9 +96,8 @@ class ConfigFile(ActionConfigFile):
 
 
 def _pipeline(max_iter: int, multilabel: bool) -> tuple[Any, Any]:
-    """StandardScaler + LogisticRegression (multinomial for several classes; one per label if multi-label),
-    and the logistic regression itself, whose ``C`` the search sets. It warm-starts from the previous fit:
-    the ``C`` grid is walked upwards, and each solution is a good start for the next (weaker) penalty."""
+    """StandardScaler + LogisticRegression (one per label if multi-label), and the regression whose ``C`` the
+    search sets; warm-started, as each ``C``'s solution is a good start for the next (weaker) penalty."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
     from sklearn.pipeline import make_pipeline
@@ -120,11 +110,8 @@ def _pipeline(max_iter: int, multilabel: bool) -> tuple[Any, Any]:
 def _search_C(
     Cs: Sequence[float], max_iter: int, task: str, auroc: Metric, x: dict[str, np.ndarray], y: dict[str, Tensor]
 ) -> tuple[float, Any, Tensor, dict[float, float]]:
-    """Fit on the training split for each ``C``; keep the best by validation AUROC (ties: the smaller ``C``).
-
-    Returns the chosen ``C``, its fitted pipeline, its validation probabilities and every ``C``'s AUROC. The
-    test split is not an argument: nothing here can look at it.
-    """
+    """``(C, pipeline, validation probabilities, AUROC by C)`` of the best ``C`` by validation AUROC (ties: the
+    smaller). The test split is not an argument: nothing here can look at it."""
     from sklearn.exceptions import ConvergenceWarning
 
     pipeline, classifier = _pipeline(max_iter, task == "multilabel")
@@ -154,13 +141,8 @@ def _probabilities(model: Any, x: np.ndarray, task: str) -> Tensor:
 
 
 def _prepare_data(data: ClassificationDataModule, features: Features, pixel_size: int, spec: InputSpec | None) -> None:
-    """Set ``data`` up for feature extraction: no augmentation, and the input settings a model would give.
-
-    A data module takes image size, mean and std from the model it is attached to; nothing is attached here,
-    so unset values are filled in ``hparams`` from the backbone's timm data config (pixels: ``pixel_size``
-    and a neutral 0.5/0.5, which the standardisation undoes anyway). Training images go through the
-    evaluation pipeline: a baseline learns from the images as they are.
-    """
+    """Set ``data`` up for extraction: no augmentation, and unset input settings from the backbone's timm data
+    config (pixels: ``pixel_size`` and a neutral 0.5/0.5, which the standardisation undoes anyway)."""
     hp = data.hparams
     if features == "backbone":
         defaults = {"image_size": spec.size, "mean": spec.mean, "std": spec.std, "interpolation": spec.interpolation}

@@ -1,8 +1,6 @@
-"""``medtransfer`` command line: LightningCLI over ClassifierModule and MedMNISTDataModule.
-
-Every option is a typed constructor argument, so ``--help`` and ``--print_config`` list them all. On top of
-Lightning's own CLI this adds the project's defaults (MLflow logging, checkpointing on validation AUROC,
-freeze-then-finetune), ``--test_after_fit``, continuation of a checkpoint's MLflow run, and one-line errors.
+"""``medtransfer fit|validate|test``: LightningCLI over ``ClassifierModule`` and the data modules, with the
+project's defaults (MLflow, checkpoints on validation AUROC, freeze-then-finetune), ``--test_after_fit``,
+continuation of a checkpoint's MLflow run, and one-line errors.
 """
 
 from __future__ import annotations
@@ -103,12 +101,8 @@ class MedTransferCLI(LightningCLI):
             load_checkpoint(ckpt_path)
 
     def _resolve_last_checkpoint(self) -> None:
-        """``--ckpt_path last``: the newest ``last.ckpt`` among this experiment's runs.
-
-        Lightning looks for ``last`` in the checkpoint folder of the run about to start, which for a new MLflow
-        run is empty, so it would silently start from scratch. Here ``last`` means the most recently written
-        ``<default_root_dir>/<experiment id>/<run>/checkpoints/last.ckpt``, whose run then continues.
-        """
+        """``--ckpt_path last``: the newest ``last.ckpt`` among this experiment's runs, whose run continues
+        (Lightning looks in the new run's empty folder, and would silently start from scratch)."""
         config = self.config[self.subcommand]
         logger = find_mlflow_logger(self.trainer)
         if config.get("ckpt_path") != "last" or logger is None:
@@ -185,9 +179,8 @@ class MedTransferCLI(LightningCLI):
 
 
 def _refuse_if_newest_run_has_no_checkpoint(client: Any, experiment_id: str, folder: Path) -> None:
-    """``--ckpt_path last`` must continue the newest fit, not an older one: if the experiment's newest unfinished
-    fit run (``search``/``learning-curve`` parents aside) has no ``last.ckpt`` (stopped before its first epoch
-    ended), resuming "the newest ``last.ckpt``" would reopen an older run with other settings; refuse instead."""
+    """``--ckpt_path last`` must continue the newest fit: refuse when the newest unfinished fit run has no
+    ``last.ckpt`` (stopped in its first epoch), rather than reopen an older run with other settings."""
     runs = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=20)
     newest = next((run for run in runs if "medtransfer.command" not in run.data.tags), None)
     if newest is None or newest.info.status == "FINISHED":

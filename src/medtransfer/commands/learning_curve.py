@@ -1,15 +1,10 @@
 """``medtransfer learning-curve``: how a metric grows with the training set, for several recipes.
 
-For every config x training fraction x seed it runs one in-process ``medtransfer fit`` on a stratified, seeded
-subset of the training split (``data.train_fraction``, ``data.subset_seed``; nested across fractions for one
-seed; validation and test stay whole). Each fit is an MLflow child run (tag ``mlflow.parentRunId``) of one
-parent run ``learning-curve-<dataset>-<time>``, which receives the table (CSV) and the plot (PNG).
-
-Per fit the table holds the train and validation metric at the **selected epoch**, the one the checkpoint
-callback kept as best (``val/auroc``, max, in the shipped configs): the validation value is the best one, the
-train value is that epoch's (epoch-level ``train/<metric>``); without a checkpoint callback, the last epoch.
-When the config tests after fit (``test_after_fit: true``, as the shipped configs do), the test metric of
-that best checkpoint is added.
+Every config x training fraction x seed is one ``fit`` on a stratified, seeded subset of the training split
+(``data.train_fraction``, ``data.subset_seed``; nested across fractions; validation and test stay whole), a
+child run of one parent run that receives the CSV and the plot. A point holds the train and validation metric
+at the epoch the checkpoint callback selected (else the last), and the test metric of that checkpoint when the
+config tests after fit.
 """
 
 from __future__ import annotations
@@ -36,7 +31,6 @@ from medtransfer.tracking.mlflow import MLflowLogger, open_run
 from medtransfer.tracking.redaction import redact
 
 __all__ = ["CurvePoint", "LearningCurveResult", "plot_learning_curve", "run_learning_curve"]
-
 
 
 @dataclass(frozen=True)
@@ -77,8 +71,7 @@ def _at_selected_epoch(client, run_id: str, metric: str, trainer) -> tuple[int, 
 
 
 def _probe(stack: list[str], fit_args: list[str]) -> tuple[dict[str, Any], str]:
-    """The first config's MLflow settings (:func:`sweep_tracking`) and dataset name, without fitting: the parent
-    run goes in the same store and experiment as the children."""
+    """The first config's MLflow settings (:func:`sweep_tracking`) and dataset name, for the parent run."""
     from jsonargparse import ArgumentParser
 
     from medtransfer.data.base import ClassificationDataModule
@@ -92,8 +85,8 @@ def _probe(stack: list[str], fit_args: list[str]) -> tuple[dict[str, Any], str]:
 
 
 def plot_learning_curve(points: Sequence[CurvePoint], metric: str = "auroc"):
-    """Train (dashed) and validation (solid) metric against the number of training images (log scale), one
-    colour per config; with several seeds, the mean per fraction and each seed's points."""
+    """Train (dashed) and validation (solid) metric against training images (log scale), a colour per config;
+    with several seeds, the mean per fraction and each seed's points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,13 +180,9 @@ def run_learning_curve(
     base_config: str | None = None,
     fit_args: list[str] = [],  # noqa: B006
 ) -> LearningCurveResult:
-    """Fit every config at every training fraction and seed, as MLflow child runs of one parent run: a grid
-    study on ``search``'s engine (:mod:`medtransfer.commands.sweep`).
-
-    Writes ``<output_dir>/learning_curve.csv`` (atomically, rewritten after every fit, so an interrupted curve
-    keeps its finished points) and, at the end, ``learning_curve.png``; logs both to the parent run, plus
-    ``<config>/train_<metric>`` and ``<config>/val_<metric>`` with the number of training images as the step, to
-    the parent run.
+    """Fit every config at every training fraction and seed: a grid study on ``search``'s engine
+    (:mod:`medtransfer.commands.sweep`). Writes ``<output_dir>/learning_curve.csv`` after every fit and
+    ``learning_curve.png`` at the end, logged to the parent run with ``<config>/<stage>_<metric>`` by image count.
 
     Args:
         configs: LightningCLI config files, one curve each, labelled by the file stem.

@@ -1,13 +1,9 @@
-"""``medtransfer lr-find``: Lightning's learning-rate finder for either phase of freeze-then-finetune.
+"""``medtransfer lr-find``: Lightning's ``Tuner.lr_find`` for either phase of freeze-then-finetune, on ``fit``'s
+options plus ``--lr_find.*``.
 
-Takes the same configuration as ``fit`` (``--config``, ``--model.*``, ``--data.*``, ...) plus ``--lr_find.*``
-(:func:`run_lr_find`).
-The sweep is Lightning's ``Tuner.lr_find``: the loss over an exponentially growing learning rate, with the
-steepest descent as the suggestion. The finder runs with its own callback only, so the phase is set up here:
-``head`` trains the new head on the frozen backbone (phase 1, ``model.optimizer``'s lr); ``finetune`` also
-trains the backbone blocks that ``finetuning`` would unfreeze, every group at the swept lr (phase 2,
-``finetuning.finetune_lr``), preferably from phase-1 weights (``--lr_find.weights``). BatchNorm statistics
-move during the sweep; the model is restored afterwards. The plot and the suggestion go to an MLflow run.
+The finder runs with its own callback only, so the phase is set up here: ``head`` trains the new head on the
+frozen backbone (``model.optimizer``'s lr); ``finetune`` also the blocks ``finetuning`` would unfreeze
+(``finetuning.finetune_lr``), best from phase-1 weights (``--lr_find.weights``). Plot and suggestion go to MLflow.
 """
 
 from __future__ import annotations

@@ -3,11 +3,9 @@
     medtransfer prepare --config configs/chexnet_densenet121.yaml --data.prepared /shared/chestxray14-224
     medtransfer fit --config configs/chexnet_densenet121.yaml --data.prepared /shared/chestxray14-224
 
-The command takes exactly the options of ``fit`` (the same config files), so the prepared images have the size
-and interpolation that training resolves from the same data module and backbone; ``data.prepared`` names the
-output folder or object-store URI and ``data.num_workers`` the decoding processes. Interrupted, it continues
-with the splits not yet complete; after the source changed (other images, labels, splits or boxes) it prepares
-afresh. See :mod:`medtransfer.data.prepared`.
+It takes ``fit``'s options, so the images get the size and interpolation training resolves; ``data.prepared`` is
+the output folder or URI. Interrupted, it continues; after the source changed, it prepares afresh
+(:mod:`medtransfer.data.prepared`).
 """
 
 from __future__ import annotations

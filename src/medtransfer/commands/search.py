@@ -1,17 +1,12 @@
-"""Hyperparameter search over ``medtransfer fit``: Optuna grid or random search, tracked in MLflow.
+"""``medtransfer search``: Optuna grid or random search over ``fit`` options, tracked in MLflow.
 
 ``medtransfer search --config configs/pneumonia_effnet_lite0.yaml --space configs/search/pneumonia_lr.yaml
---sampler random --n_trials 8 --workers 2 -- --trainer.max_epochs=4`` (also ``python -m medtransfer.commands.search``).
+--sampler random --n_trials 8 --workers 2 -- --trainer.max_epochs=4``
 
-- The search space is a YAML file of ``fit`` options (``commands.search_space``).
-- Every trial is one in-process ``fit`` of the base config plus the trial's values, an MLflow child run of one
-  parent run per study, run by ``commands.sweep`` (as ``learning-curve``'s points); its value is the best
-  ``--metric`` over its validation epochs. The test split is never used to choose: ``test_after_fit`` is off.
-- The study lives in an Optuna RDB storage (SQLite file by default; PostgreSQL/MySQL for several nodes);
-  ``--workers`` spawns extra local processes, and other nodes run the same command to share it.
-- The best trial's config (base config + ``fit_args`` + winning values, dumped by the ``fit`` parser) is
-  written to ``--output``, ready for ``medtransfer fit --config``, and logged to the parent run with the
-  trials table and an optimization-history plot.
+Every trial is a ``fit`` of the base config plus the trial's values, an MLflow child run of one parent run per
+study (:mod:`medtransfer.commands.sweep`), scored on validation only. The study lives in an Optuna RDB storage
+that other processes and nodes can share. The best trial's full config is written to ``--output``, ready for
+``medtransfer fit --config``, and logged to the parent run with the trials table and a history plot.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """The engine of ``search`` and ``learning-curve``: an Optuna study whose trials are fits, each an MLflow child
 run of one parent run.
 
-The process that creates the study queues its trials (:func:`open_study`); every process that runs
-:func:`run_trials` on the same storage takes queued trials one at a time until none is left, so no trial runs
-twice and none is lost (a dead worker's trial is noticed by its stopped heartbeat and queued again). A trial's
-value is the best ``metric`` over its validation epochs, reported each epoch to optuna-integration's
-``PyTorchLightningPruningCallback``, so the study's pruner can stop it early.
+The creator of the study queues its trials; every process running :func:`run_trials` on its storage takes
+queued trials one at a time until none is left (a dead worker's trial is queued again after its heartbeat
+stops). A trial's value is the best ``metric`` over its validation epochs, reported each epoch to the pruner.
 """
 
 from __future__ import annotations
@@ -39,11 +37,8 @@ _logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Sweep:
-    """What every trial of a study fits: the config layers, the dimensions it varies, the user's ``fit`` options.
-
-    A search's trial is the config plus its values; ``learning-curve`` subclasses it (:meth:`fit_of`,
-    :meth:`record`). Picklable: extra worker processes receive it.
-    """
+    """What every trial of a study fits: config layers, the dimensions it varies, the user's ``fit`` options.
+    A search's trial is the config plus its values; ``learning-curve`` subclasses it. Picklable for workers."""
 
     config: Sequence[str | Path]
     params: Sequence[SearchParam]

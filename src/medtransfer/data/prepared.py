@@ -1,22 +1,10 @@
 """Prepared data: every image decoded, cropped to its box and resized once, stored in LitData's streaming format.
 
-Decoding a 1024-px ChestX-ray14 PNG costs ~10 ms, so a loader that decodes on every epoch feeds a GPU an order
-of magnitude too slowly. ``medtransfer prepare --config <fit config> --data.prepared <folder or URI>`` writes
-each split once, at training resolution, with ``litdata.optimize``; ``fit`` with the same ``data.prepared``
-then reads it through ``litdata.StreamingDataset``/``StreamingDataLoader`` (local disk, shared file system or
-object storage; each rank and node reads a disjoint share) and augments after reading.
-
-Layout of a prepared folder::
-
-    <prepared>/medtransfer_prepared.json   what was prepared from what (see PreparedInfo)
-    <prepared>/<split>/index.json, *.bin   LitData chunks of {"image": (S, S) uint8, "target": ..., "row": int}
-
-The JSON records the labels (task, class names), the split sizes and positive shares, the manifest hash of the
-source (:meth:`~medtransfer.data.sources.Manifest.sha256` plus the boxes) and the input settings (size,
-interpolation). ``fit`` refuses a folder whose labels or settings differ from the model's and data module's,
-or whose hash differs from the configured source's. ``prepare`` is resumable by split: a split whose chunks
-are complete for the current source is kept, the others are (re)written; a changed source (another hash) is
-prepared afresh.
+Decoding a 1024-px ChestX-ray14 PNG costs ~10 ms, an order of magnitude too slow to feed a GPU every epoch.
+``medtransfer prepare`` writes each split once with ``litdata.optimize`` (``<prepared>/<split>/``, items
+``{"image", "target", "row"}``, described by ``<prepared>/medtransfer_prepared.json``); ``fit`` with the same
+``data.prepared`` streams it (sharded over ranks and nodes) and augments after reading. ``fit`` refuses a folder
+whose labels, size or source hash differ; ``prepare`` keeps the splits already complete for the same source.
 """
 
 from __future__ import annotations
@@ -66,17 +54,8 @@ FORMAT_VERSION = 1
 class PreparedInfo:
     """What a prepared folder holds and what it was made from (stored as ``medtransfer_prepared.json``).
 
-    Attributes:
-        task: ``binary``, ``multiclass`` or ``multilabel``.
-        class_names: class (label) names in target order.
-        size: side of the stored square images, in pixels.
-        interpolation: resize filter used to make them.
-        manifest_sha256: hash of the source's images, splits, targets and boxes (:func:`prepared_hash`).
-        files_sha256: hash of the image files' sizes and modification times (:func:`files_hash`).
-        splits: per split: ``count`` (images), ``positive_fraction`` (per label; binary/multi-label) and
-            ``complete`` (all chunks written).
-        source: the data source's class and arguments, for the record.
-        format_version: :data:`FORMAT_VERSION` of the writer.
+    ``manifest_sha256`` is :func:`prepared_hash`, ``files_sha256`` :func:`files_hash`; ``splits`` holds per split
+    ``count``, ``positive_fraction`` (per label; binary/multi-label) and ``complete`` (all chunks written).
     """
 
     task: str

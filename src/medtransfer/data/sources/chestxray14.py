@@ -9,9 +9,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medtransfer.data.sources.csv_table import _locate_images, _read_patients, _read_table
+from medtransfer.data.sources.csv_table import _filled, _locate_images
 from medtransfer.data.sources.manifest import Manifest, Missing, _carve, _check_fractions, _checked
-from medtransfer.data.tables import CHESTXRAY14_FINDINGS, parse_chestxray14_findings, require_columns
+from medtransfer.data.tables import (
+    CHESTXRAY14_FINDINGS,
+    parse_chestxray14_findings,
+    read_csv_table,
+    require_columns,
+)
 from medtransfer.errors import DataError
 
 __all__ = ["chestxray14_manifest"]
@@ -60,14 +65,14 @@ def chestxray14_manifest(
     findings = _check_findings(findings)
     official = train_val_list is not None or test_list is not None
     fractions = _check_fractions({"val": val_fraction} if official else {"val": val_fraction, "test": test_fraction})
-    frame = _read_table(labels_csv, "ChestX-ray14 label")
+    frame = read_csv_table(labels_csv, "ChestX-ray14 label", min_columns=2)
     require_columns(frame, [_IMAGE_COLUMN, _FINDINGS_COLUMN, _PATIENT_COLUMN], labels_csv)
     if official:
         frame = frame.assign(_pool=_official_pools(frame[_IMAGE_COLUMN], train_val_list, test_list, labels_csv))
         frame = frame[frame["_pool"] != ""]
     frame, paths = _locate_images(frame, _IMAGE_COLUMN, image_root, labels_csv, missing, search_below=True)
     targets = parse_chestxray14_findings(frame[_FINDINGS_COLUMN], list(findings), labels_csv).astype(np.float32)
-    patients = _read_patients(frame[_PATIENT_COLUMN], labels_csv)
+    patients = _filled(frame[_PATIENT_COLUMN], labels_csv, "patient id")
     pools = frame["_pool"].to_numpy() if official else np.full(len(frame), "train")
     splits = _carve(pools, fractions, seed, groups=patients)
     manifest = Manifest(tuple(paths), targets, splits, findings, "multilabel", patients)

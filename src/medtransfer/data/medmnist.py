@@ -39,8 +39,7 @@ def default_data_dir() -> Path:
 
 
 def load_npz_split(path: Path, split: str, multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Images ``(N, H, W)`` (gray) or ``(N, H, W, 3)`` (RGB) uint8 and integer labels ``(N,)`` of one split, with
-    errors naming the file."""
+    """Images ``(N, H, W)`` (gray) or ``(N, H, W, 3)`` (RGB) uint8 and labels of one split; errors name the file."""
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
@@ -75,9 +74,8 @@ def load_npz_split(path: Path, split: str, multilabel: bool = False) -> tuple[np
 
 
 def npz_has_color(path: Path, split: str = "train", sample: int = 64) -> bool:
-    """Whether ``{split}_images`` of a MedMNIST-layout file is ``(N, H, W, 3)`` with unequal channels in its first
-    ``sample`` images; reads the array's header and those images only, not the whole (possibly large) array.
-    A file that cannot be read so counts as gray here; :func:`load_npz_split` then names the problem."""
+    """Whether ``{split}_images`` is ``(N, H, W, 3)`` with unequal channels in its first ``sample`` images, reading
+    only the array's header and those images; an unreadable file counts as gray (:func:`load_npz_split` reports it)."""
     try:
         with zipfile.ZipFile(path) as archive, archive.open(f"{split}_images.npy") as stream:
             version = np.lib.format.read_magic(stream)
@@ -115,12 +113,8 @@ class ArrayDataset(SeededTransformDataset):
 
 
 class MedMNISTDataModule(ClassificationDataModule):
-    """A MedMNIST dataset (or any ``.npz`` in its layout) with its official train/val/test splits.
-
-    The file is found at ``path`` if given, else at ``<root>/<flag>.npz`` (``root`` defaults to
-    ``$MEDTRANSFER_DATA_DIR``, then ``~/.cache/medtransfer/data``), and downloaded there with MD5
-    verification when missing and ``download`` is true. Input size, normalisation, augmentation and loader
-    options are those of :class:`~medtransfer.data.base.ClassificationDataModule`.
+    """A MedMNIST dataset (or any ``.npz`` in its layout) with its official train/val/test splits, read from
+    ``path``, else ``<root>/<flag>.npz`` (downloaded there, MD5-checked, when missing and ``download`` is true).
 
     Args:
         flag: MedMNIST dataset name; sets the task and classes (``pneumoniamnist``: binary).
@@ -128,6 +122,7 @@ class MedMNISTDataModule(ClassificationDataModule):
         root: directory to look in and download to.
         size: released image size to download (28, 64, 128, 224).
         download: fetch the official file when it is missing.
+        **kwargs: size, normalisation, augmentation and loader options of ``ClassificationDataModule``.
     """
 
     def __init__(
@@ -150,8 +145,7 @@ class MedMNISTDataModule(ClassificationDataModule):
 
     @property
     def symmetric_modality(self) -> bool:
-        """Pathology, dermoscopy, blood cells, tissue, retina, OCT and breast ultrasound: flips are safe;
-        chest X-rays and the organ CT views: they are not (laterality)."""
+        """Flips are safe for pathology, dermoscopy, blood cells, tissue, retina, OCT and breast ultrasound."""
         return self.hparams.flag in _SYMMETRIC_FLAGS
 
     @property

@@ -1,8 +1,5 @@
-"""albumentations pipelines for gray and colour medical images, sized and normalised for the backbone.
-
-Gray images arrive ``(H, W)`` and are replicated to ``channels``; colour images (``color="rgb"``) arrive
-``(H, W, 3)`` RGB and keep their channels, normalised with the backbone's per-channel (ImageNet) mean and std.
-"""
+"""albumentations pipelines for gray ``(H, W)`` and colour ``(H, W, 3)`` medical images, sized and normalised for
+the backbone; gray is replicated to ``channels``."""
 
 from __future__ import annotations
 
@@ -83,15 +80,12 @@ def build_train_transform(
     color_jitter: float = 0.0,
     stain_jitter: float = 0.0,
 ) -> A.Compose:
-    """Training pipeline: a small random affine (and optional brightness/contrast, flip), then as eval.
+    """Training pipeline: a small random affine (and optional CLAHE, brightness/contrast, flip), then as eval.
 
-    Horizontal flips are off by default: on chest X-rays laterality carries meaning. ``steps`` (any
-    albumentations transforms, e.g. from YAML) replace these built-in augmentations when given.
-    Colour images (``color="rgb"``) can also get a hue/saturation jitter (``color_jitter``: saturation
-    ``1 +- s``, hue ``+- s/4`` of the colour circle, half the time), for dermoscopy and fundus photographs whose
-    colour balance varies between cameras, and a stain jitter (``stain_jitter``: probability of albumentations'
-    ``HEStain``, which perturbs the haematoxylin and eosin concentrations), for H&E histology whose staining
-    varies between labs. Both need colour input: on gray images they are an error.
+    Flips are off by default: on chest X-rays laterality carries meaning. ``steps`` (albumentations transforms,
+    e.g. from YAML) replace the built-in augmentations. Colour input only: ``color_jitter`` (saturation ``1 +- s``,
+    hue ``+- s/4``, half the time; camera colour balance) and ``stain_jitter`` (probability of ``HEStain``; H&E
+    staining that varies between labs).
     """
     if color != "rgb" and (color_jitter or stain_jitter):
         raise ValueError("color_jitter and stain_jitter need colour images (color: rgb); set them to 0 for gray data")

@@ -18,13 +18,7 @@ from medtransfer.data.input_spec import InputSpec
 from medtransfer.data.transforms import build_eval_transform, build_train_transform
 from medtransfer.errors import DataError
 
-__all__ = [
-    "ClassificationDataModule",
-    "SeededTransformDataset",
-    "TrainSubset",
-    "calibration_rows",
-    "stratified_subset",
-]
+__all__ = ["ClassificationDataModule", "SeededTransformDataset", "TrainSubset", "calibration_rows", "stratified_subset"]
 
 _logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or "~/.cache/medtransfer/data").expanduser()
 
 
-def load_npz_split(path: Path, split: str, multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def load_npz_split(path: Path, split: str, num_classes: int, multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Images ``(N, H, W)`` (gray) or ``(N, H, W, 3)`` (RGB) uint8 and labels of one split; errors name the file."""
     try:
         archive = np.load(path, allow_pickle=False)
@@ -65,11 +65,16 @@ def load_npz_split(path: Path, split: str, multilabel: bool = False) -> tuple[np
         bad = np.argwhere((labels != 0) & (labels != 1))
         if bad.size:
             raise DataError(f"{path}: {keys[1]} row {bad[0][0]} column {bad[0][1]} is not 0 or 1")
+        if labels.shape[1] != num_classes:
+            raise DataError(f"{path}: {keys[1]} has {labels.shape[1]} columns, not {num_classes}")
         return images, labels.astype(np.float32)
     if labels.shape[1] != 1:
         raise DataError(f"{path}: {keys[1]} has {labels.shape[1]} columns; expected one class index per image")
     if len(labels) != len(images):
         raise DataError(f"{path}: {len(images)} images but {len(labels)} labels in split {split!r}")
+    bad = np.flatnonzero((labels[:, 0] < 0) | (labels[:, 0] >= num_classes))
+    if len(bad):
+        raise DataError(f"{path}: {keys[1]} row {bad[0]} has label {labels[bad[0], 0]}, outside 0..{num_classes - 1}")
     return images, labels[:, 0].astype(np.int64)
 
 
@@ -195,15 +200,7 @@ class MedMNISTDataModule(ClassificationDataModule):
     def build_datasets(self, train_transform, eval_transform) -> dict[str, ArrayDataset]:
         datasets = {}
         for split in SPLITS:
-            images, labels = load_npz_split(self.file, split, multilabel=self.task == "multilabel")
-            if labels.ndim == 2 and labels.shape[1] != self.num_classes:
-                raise DataError(f"{self.file}: {split}_labels has {labels.shape[1]} columns, not {self.num_classes}")
-            bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes)) if labels.ndim == 1 else []
-            if len(bad):
-                raise DataError(
-                    f"{self.file}: {split}_labels row {bad[0]} has label {labels[bad[0]]}, "
-                    f"outside 0..{self.num_classes - 1}"
-                )
+            images, labels = load_npz_split(self.file, split, self.num_classes, self.task == "multilabel")
             images = self._in_color_mode(images, split)
             datasets[split] = ArrayDataset(images, labels, train_transform if split == "train" else eval_transform)
         return datasets

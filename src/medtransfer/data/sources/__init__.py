@@ -9,11 +9,4 @@ from medtransfer.data.sources.folder import folder_manifest
 from medtransfer.data.sources.manifest import SPLITS, Manifest
 from medtransfer.data.sources.mura import mura_manifest
 
-__all__ = [
-    "SPLITS",
-    "Manifest",
-    "chestxray14_manifest",
-    "csv_manifest",
-    "folder_manifest",
-    "mura_manifest",
-]
+__all__ = ["SPLITS", "Manifest", "chestxray14_manifest", "csv_manifest", "folder_manifest", "mura_manifest"]

@@ -10,20 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medtransfer.data.sources.manifest import (
-    SPLITS,
-    Manifest,
-    Missing,
-    _carve,
-    _check_fractions,
-    _checked,
-)
-from medtransfer.data.tables import (
-    parse_binary_column,
-    parse_class_labels,
-    read_csv_table,
-    require_columns,
-)
+from medtransfer.data.sources.manifest import SPLITS, Manifest, Missing, _carve, _check_fractions, _checked
+from medtransfer.data.tables import parse_binary_column, parse_class_labels, read_csv_table, require_columns
 from medtransfer.errors import DataError
 from medtransfer.task import Task
 

@@ -27,9 +27,7 @@ def folder_manifest(
 ) -> Manifest:
     """A manifest from class folders: ``root/<class>/**/<image>`` or ``root/{train,val,test}/<class>/**/<image>``.
 
-    The class of an image is its first folder below ``root`` (below the split folder), classes sorted by name;
-    two classes make a binary task, more a multiclass one. Split folders are honoured; a split without a folder
-    is carved from ``train``, stratified by class.
+    Classes sorted by name (two: binary); a split without a folder is carved from ``train``, stratified by class.
 
     Args:
         root: The dataset folder.
@@ -39,8 +37,7 @@ def folder_manifest(
         suffixes: File name endings that count as images (case-insensitive); hidden files are ignored.
 
     Raises:
-        DataError: ``root`` is missing, mixes split folders with class folders, holds fewer than two classes, or
-            a split is empty.
+        DataError: ``root`` is missing, mixes split and class folders, holds under two classes, or a split is empty.
     """
     root = _existing_dir(root)
     split_dirs = _split_folders(root)

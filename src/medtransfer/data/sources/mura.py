@@ -25,11 +25,9 @@ def mura_manifest(
     seed: int = 0,
     suffixes: Sequence[str] = SUPPORTED_SUFFIXES,
 ) -> Manifest:
-    """A binary manifest of a MURA-style tree: ``.../patientXXXXX/studyN_positive/imageK.png``.
+    """A binary manifest of a MURA-style tree: ``.../patientXXXXX/studyN_positive/imageK.png``, split by patient.
 
-    The label is the study folder's suffix (``negative`` = 0, ``positive`` = 1), the patient the study's parent
-    folder. With MURA's official ``root/train`` and ``root/valid`` folders, ``valid`` (the public evaluation set)
-    becomes test and val is carved from train; otherwise all images are split here. Splits are by patient.
+    With MURA's official ``root/train`` and ``root/valid`` folders, ``valid`` becomes test and val is carved from train.
 
     Args:
         root: The dataset folder (e.g. ``MURA-v1.1``, or one body part such as ``MURA-v1.1/train/XR_ELBOW``).

@@ -120,6 +120,12 @@ def _seed_worker(worker_id: int) -> None:
         info.dataset.seed_transform(torch.initial_seed())
 
 
+def _worker_options(workers: int) -> dict:
+    """Loader options for ``workers`` processes, each with its own augmentation stream."""
+    return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available(),
+            "worker_init_fn": _seed_worker if workers > 0 else None}  # fmt: skip
+
+
 class ClassificationDataModule(LightningDataModule):
     """Base of the data modules: subclasses fill ``self.datasets[split]`` in ``build_datasets``.
 
@@ -269,17 +275,15 @@ class ClassificationDataModule(LightningDataModule):
         if self.datasets:
             return
         spec = self.input_spec = self.resolve_input_spec()
-        size, mean, std, interpolation = spec.size, spec.mean, spec.std, spec.interpolation
-        hp, color = self.hparams, spec.color
+        hp = self.hparams
         self._check_channels()
         color_jitter, stain_jitter = self._colour_augmentation()
-        eval_transform = build_eval_transform(
-            size, hp.channels, mean, std, interpolation, self.eval_transforms, color=color
-        )
+        sized = (spec.size, hp.channels, spec.mean, spec.std, spec.interpolation)
+        eval_transform = build_eval_transform(*sized, self.eval_transforms, color=spec.color)
         train_transform = build_train_transform(
-            size, hp.channels, mean, std, interpolation, rotate_degrees=hp.rotate_degrees, translate=hp.translate,
-            scale=hp.scale, brightness_contrast=hp.brightness_contrast, horizontal_flip=self.flips, clahe=hp.clahe,
-            steps=self.train_transforms, color=color, color_jitter=color_jitter, stain_jitter=stain_jitter,
+            *sized, rotate_degrees=hp.rotate_degrees, translate=hp.translate, scale=hp.scale, clahe=hp.clahe,
+            brightness_contrast=hp.brightness_contrast, horizontal_flip=self.flips, steps=self.train_transforms,
+            color=spec.color, color_jitter=color_jitter, stain_jitter=stain_jitter,
         )  # fmt: skip
         self.datasets = self.build_datasets(train_transform, eval_transform)
         if hp.train_fraction < 1 and "train" in self.datasets:
@@ -297,7 +301,8 @@ class ClassificationDataModule(LightningDataModule):
         self.datasets["train"].seed_transform(torch.initial_seed())  # reproducible under seed_everything
         _logger.info(
             "%s: %s %s images at %dpx (%s), mean %s, std %s", type(self).__name__,
-            {k: len(v) for k, v in self.datasets.items()}, color, size, interpolation, mean, std,
+            {k: len(v) for k, v in self.datasets.items()}, spec.color, spec.size, spec.interpolation,
+            spec.mean, spec.std,
         )  # fmt: skip
 
     def _hold_out_calibration(self, fraction: float, seed: int) -> None:
@@ -337,17 +342,13 @@ class ClassificationDataModule(LightningDataModule):
         return None
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        workers = self.hparams.num_workers
         sampler = self._train_sampler() if shuffle else None
         return DataLoader(
             self.datasets[split],
             batch_size=self.hparams.batch_size,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            worker_init_fn=_seed_worker if workers > 0 else None,
+            **_worker_options(self.hparams.num_workers),
         )
 
     def train_dataloader(self) -> DataLoader:

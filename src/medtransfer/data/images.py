@@ -235,15 +235,9 @@ class ImageDataModule(ClassificationDataModule):
             self.manifest = _without_unreadable(self.manifest, self.hparams.dicom_frame)
         else:
             _reject_unreadable(self.manifest)
-        return {
-            split: ManifestDataset(
-                self.manifest.subset(split),
-                train_transform if split == "train" else eval_transform,
-                self.color_mode,
-                self.hparams.dicom_frame,
-            )
-            for split in SPLITS
-        }
+        color, frame = self.color_mode, self.hparams.dicom_frame
+        pipelines = {"train": train_transform, "val": eval_transform, "test": eval_transform}
+        return {split: ManifestDataset(self.manifest.subset(split), pipelines[split], color, frame) for split in SPLITS}
 
     def setup(self, stage: str | None = None) -> None:
         fresh = not self.datasets

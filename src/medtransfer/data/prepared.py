@@ -25,7 +25,7 @@ import torch
 from fsspec.core import url_to_fs
 from litdata import StreamingDataLoader, StreamingDataset
 
-from medtransfer.data.base import ClassificationDataModule, SeededTransformDataset, _seed_worker
+from medtransfer.data.base import ClassificationDataModule, SeededTransformDataset, _worker_options
 from medtransfer.data.sources import SPLITS, Manifest
 from medtransfer.data.transforms import INTERPOLATIONS
 from medtransfer.errors import DataError
@@ -154,16 +154,8 @@ def prepare(
     num_workers: int = 1,
     chunk_bytes: str = "64MB",
 ) -> PreparedInfo:
-    """Write every split of ``datamodule``'s manifest to ``prepared`` (resumable; see the module docstring).
-
-    Args:
-        datamodule: the ``ImageDataModule`` whose source and box cropping to prepare.
-        prepared: output folder or object-store URI.
-        size: side of the stored images (the training resolution).
-        interpolation: resize filter (``bilinear``, ``area``, ...), as in training.
-        num_workers: processes decoding in parallel.
-        chunk_bytes: size of LitData's chunks.
-    """
+    """Write every split of an ``ImageDataModule``'s manifest to ``prepared`` (folder or URI), resized to ``size``
+    with ``interpolation`` as in training, decoded by ``num_workers`` processes; resumable by split."""
     if interpolation not in INTERPOLATIONS:
         raise DataError(f"interpolation {interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
     manifest = datamodule.manifest
@@ -287,14 +279,7 @@ class PreparedDataset(StreamingDataset, SeededTransformDataset):
 
 def streaming_loader(dataset: PreparedDataset, batch_size: int, num_workers: int) -> StreamingDataLoader:
     """A ``litdata.StreamingDataLoader`` over a prepared split (it keeps its place in its state for resumes)."""
-    return StreamingDataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
-        worker_init_fn=_seed_worker if num_workers > 0 else None,
-    )
+    return StreamingDataLoader(dataset, batch_size=batch_size, **_worker_options(num_workers))
 
 
 # --------------------------------------------------------------------------------------------------- data module
@@ -338,11 +323,6 @@ def prepared_datasets(
         task=hparams.get("task"), num_classes=hparams.get("num_classes"),
     )  # fmt: skip
     seed = torch.initial_seed() % 2**31  # the same on every rank under seed_everything: one shuffle for all
-    datasets = {}
-    for split in SPLITS:
-        train = split == "train"
-        pipeline = train_transform if train else eval_transform
-        datasets[split] = PreparedDataset(
-            prepared, split, pipeline, shuffle=train, seed=seed, drop_last=None if train else False
-        )
-    return datasets
+    train = PreparedDataset(prepared, "train", train_transform, shuffle=True, seed=seed, drop_last=None)
+    evaluated = {split: PreparedDataset(prepared, split, eval_transform, seed=seed) for split in ("val", "test")}
+    return {"train": train} | evaluated

@@ -82,13 +82,9 @@ def read_image(path: str | Path, *, color: Color = "gray", frame: Frame | int = 
 
 
 def check_image(path: str | Path) -> None:
-    """Raise the ``DataError`` that :func:`read_image` would for a file that fails before decoding its pixels.
-
-    Reads only the header: missing, empty, unreadable, a directory or a broken link, an unknown format, a
-    header Pillow cannot parse, or more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``. A body truncated or
-    corrupted after the header passes here and fails in :func:`read_image` (finding it means decoding it).
-    DICOM files must parse and hold pixel data (not read: large values are deferred).
-    """
+    """Raise the ``DataError`` that :func:`read_image` would for a file that fails before decoding its pixels
+    (missing, unreadable, unknown format, bad header, too many pixels; DICOM without pixel data). A body corrupted
+    after a good header passes here: finding it means decoding it."""
     path = Path(path)
     fmt = _detect(path)
     if fmt == "DICOM":

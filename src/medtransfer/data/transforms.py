@@ -21,12 +21,6 @@ INTERPOLATIONS = {
 }
 
 
-def _interpolation_flag(name: str) -> int:
-    if name not in INTERPOLATIONS:
-        raise ValueError(f"Expected argument `interpolation` to be one of {sorted(INTERPOLATIONS)}, but got {name!r}")
-    return INTERPOLATIONS[name]
-
-
 def _finish(
     size: int, channels: int, mean: Sequence[float], std: Sequence[float], interpolation: str, color: str = "gray"
 ) -> list[A.BasicTransform]:
@@ -41,7 +35,11 @@ def _finish(
         raise ValueError(f"Expected a mean and std per RGB channel for colour images, but got mean {tuple(mean)}")
     if channels == 1:  # one channel for timm's adapted first conv: the average of the RGB statistics
         mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
-    steps: list[A.BasicTransform] = [A.Resize(size, size, interpolation=_interpolation_flag(interpolation))]
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(
+            f"Expected argument `interpolation` to be one of {sorted(INTERPOLATIONS)}, but got {interpolation!r}"
+        )
+    steps: list[A.BasicTransform] = [A.Resize(size, size, interpolation=INTERPOLATIONS[interpolation])]
     if channels == 3 and color == "gray":
         steps.append(A.ToRGB(num_output_channels=3))
     steps += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]

@@ -56,7 +56,7 @@ def chestxray14_manifest(
     labels_csv, image_root = Path(labels_csv), Path(image_root)
     findings = _check_findings(findings)
     official = train_val_list is not None or test_list is not None
-    fractions = _check_fractions({"val": val_fraction} if official else {"val": val_fraction, "test": test_fraction})
+    fractions = _check_fractions(val_fraction, test_fraction, given=("test",) if official else ())
     frame = read_csv_table(labels_csv, "ChestX-ray14 label", min_columns=2)
     require_columns(frame, [_IMAGE_COLUMN, _FINDINGS_COLUMN, _PATIENT_COLUMN], labels_csv)
     if official:

@@ -58,7 +58,7 @@ def csv_manifest(
     """
     csv_path = Path(csv_path)
     image_root = csv_path.parent if image_root is None else Path(image_root)
-    fractions = _check_fractions({"val": val_fraction, "test": test_fraction})
+    fractions = _check_fractions(val_fraction, test_fraction)
     frame = read_csv_table(csv_path, "manifest CSV", min_columns=2)
     split_column = _split_column_or_default(frame, split_column, label_columns, csv_path)
     optional = [name for name in (split_column, patient_column) if name is not None]

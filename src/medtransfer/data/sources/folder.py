@@ -41,8 +41,7 @@ def folder_manifest(
     """
     root = _existing_dir(root)
     split_dirs = _split_folders(root)
-    wanted = {"val": val_fraction, "test": test_fraction}
-    fractions = _check_fractions({name: value for name, value in wanted.items() if name not in split_dirs})
+    fractions = _check_fractions(val_fraction, test_fraction, given=tuple(split_dirs))
     found = {split: _class_images(folder, suffixes) for split, folder in split_dirs.items()}
     paths = [path for images in found.values() for path, _ in images]
     labels = [label for images in found.values() for _, label in images]

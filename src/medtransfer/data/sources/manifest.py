@@ -130,8 +130,9 @@ class Manifest:
         )
 
 
-def _check_fractions(fractions: dict[str, float]) -> dict[str, float]:
-    """The split fractions, each in [0, 1) and summing to less than 1 (train needs images)."""
+def _check_fractions(val_fraction: float, test_fraction: float, given: Sequence[str] = ()) -> dict[str, float]:
+    """``{"val": ..., "test": ...}`` less the ``given`` splits, each in [0, 1) and summing to below 1."""
+    fractions = {name: value for name, value in (("val", val_fraction), ("test", test_fraction)) if name not in given}
     for name, value in fractions.items():
         if not 0.0 <= value < 1.0:
             raise ValueError(f"Expected argument `{name}_fraction` to be in [0, 1), but got {value}")

@@ -47,11 +47,8 @@ def mura_manifest(
     labels, patients = (np.asarray(values) for values in zip(*map(_parse_mura_path, paths), strict=True))
     targets = (labels == "positive").astype(np.int64)
     official = (root / "train").is_dir() and (root / "valid").is_dir()
-    if official:
-        given = np.asarray(["test" if path.is_relative_to(root / "valid") else "train" for path in paths])
-        fractions = _check_fractions({"val": val_fraction})
-    else:
-        given, fractions = np.full(len(paths), "train"), _check_fractions({"val": val_fraction, "test": test_fraction})
+    fractions = _check_fractions(val_fraction, test_fraction, given=("test",) if official else ())
+    given = np.asarray(["test" if official and path.is_relative_to(root / "valid") else "train" for path in paths])
     splits = _carve(given, fractions, seed, groups=patients)
     manifest = Manifest(tuple(paths), targets, splits, ("negative", "positive"), "binary", patients)
     return _checked(manifest, root, required=("train", "test") if official else ("train",))

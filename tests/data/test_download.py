@@ -106,12 +106,6 @@ def test_download_accepts_str_path_uppercase_md5_and_progress_bar(server: Server
     assert md5sum(target) == server.npz_md5
 
 
-def test_download_without_md5_downloads(server: Server, tmp_path: Path):
-    target = tmp_path / "copy.npz"
-    download_url(server.url("pneumoniamnist.npz"), target, progress=False)
-    assert target.read_bytes() == server.npz.read_bytes()
-
-
 def test_wrong_md5_raises_and_leaves_nothing_behind(server: Server, tmp_path: Path):
     out = tmp_path / "out"
     target = out / "copy.npz"
@@ -145,7 +139,7 @@ def test_truncated_transfer_raises_and_leaves_nothing_behind(server: Server, tmp
     out = tmp_path / "out"
     url = server.url(TRUNCATED_PATH.lstrip("/"))
     with pytest.raises(DataError, match=r"truncated\.bin") as excinfo:
-        download_url(url, out / "t.bin", progress=False)
+        download_url(url, out / "t.bin", WRONG_MD5, progress=False)
     assert "\n" not in str(excinfo.value)
     assert _files_in(out) == []
 
@@ -156,13 +150,13 @@ def test_connection_refused_raises_data_error(tmp_path: Path):
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}/pneumoniamnist.npz"
     with pytest.raises(DataError, match=re.escape(url)):
-        download_url(url, tmp_path / "x.npz", progress=False, timeout=5)
+        download_url(url, tmp_path / "x.npz", WRONG_MD5, progress=False, timeout=5)
     assert _files_in(tmp_path) == []
 
 
 def test_unsupported_url_raises_data_error(tmp_path: Path):
     with pytest.raises(DataError, match="not-a-url"):
-        download_url("not-a-url", tmp_path / "x.npz", progress=False)
+        download_url("not-a-url", tmp_path / "x.npz", WRONG_MD5, progress=False)
     assert _files_in(tmp_path) == []
 
 

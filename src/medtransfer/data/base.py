@@ -18,13 +18,7 @@ from medtransfer.data.input_spec import InputSpec
 from medtransfer.data.transforms import build_eval_transform, build_train_transform
 from medtransfer.errors import DataError
 
-__all__ = [
-    "ClassificationDataModule",
-    "SeededTransformDataset",
-    "TrainSubset",
-    "calibration_rows",
-    "stratified_subset",
-]
+__all__ = ["ClassificationDataModule", "SeededTransformDataset", "TrainSubset", "calibration_rows", "stratified_subset"]
 
 _logger = logging.getLogger(__name__)
 
@@ -91,15 +85,9 @@ def _strata(targets: np.ndarray) -> np.ndarray:
 def stratified_subset(targets: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
     """Sorted row indices of a seeded, stratified ``fraction`` of ``targets``.
 
-    Each stratum (class; for multi-label rows the first positive label, or none) keeps the first
-    ``ceil(fraction * n)`` rows of its own seeded permutation, so every stratum keeps at least one row, the
-    same seed gives the same rows, and for one seed a smaller fraction's rows lie inside a larger one's
-    (nested subsets: a learning curve adds data rather than drawing new data).
-    Stratifying multi-label data on the label-set string instead would make every rare combination its own
-    stratum of at least one row, inflating small fractions.
-
-    >>> stratified_subset(np.array([0, 0, 0, 0, 1, 1, 1, 1]), 0.25, seed=0).size
-    2
+    Each stratum (class; multi-label: the first positive label, or none) keeps the first ``ceil(fraction * n)``
+    rows of its own seeded permutation: every stratum keeps a row, and for one seed a smaller fraction's rows lie
+    inside a larger one's (a learning curve adds data). Label-set strata would give each rare combination a row.
     """
     if not 0 < fraction <= 1:
         raise DataError(f"Expected argument `train_fraction` to be in (0, 1], but got {fraction}")
@@ -132,55 +120,43 @@ def _seed_worker(worker_id: int) -> None:
         info.dataset.seed_transform(torch.initial_seed())
 
 
+def _worker_options(workers: int) -> dict:
+    """Loader options for ``workers`` processes, each with its own augmentation stream."""
+    return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available(),
+            "worker_init_fn": _seed_worker if workers > 0 else None}  # fmt: skip
+
+
 class ClassificationDataModule(LightningDataModule):
     """Base of the data modules: subclasses fill ``self.datasets[split]`` in ``build_datasets``.
 
-    Size, mean, std and interpolation follow the model's :class:`InputSpec` (``input_spec``, from the backbone's
-    timm data config; the CLI links it) unless set here.
+    Size, mean, std and interpolation follow the model's :class:`InputSpec` (the CLI links it) unless set here.
 
     Args:
-        image_size: side length fed to the network; ``None`` means the backbone's default.
+        image_size: side length fed to the network; ``None``: the backbone's default.
         channels: 3 replicates gray to RGB; 1 feeds one channel (set the model's ``in_chans: 1``).
-        mean: per-channel mean in [0, 1]; ``None`` means the backbone's.
-        std: per-channel std in [0, 1]; ``None`` means the backbone's.
-        interpolation: resize filter (``bilinear``, ``bicubic``, ``area``, ...); ``None`` means the backbone's.
+        mean: per-channel mean in [0, 1]; ``None``: the backbone's.
+        std: per-channel std in [0, 1]; ``None``: the backbone's.
+        interpolation: resize filter (``bilinear``, ``bicubic``, ``area``, ...); ``None``: the backbone's.
         batch_size: images per batch.
         num_workers: data loader worker processes.
         rotate_degrees: training augmentation: maximum rotation.
         translate: training augmentation: maximum shift as a fraction of the side.
         scale: training augmentation: maximum zoom in/out as a fraction.
         brightness_contrast: training augmentation: brightness/contrast jitter (0 = off).
-        horizontal_flip: training augmentation: random left-right flips; ``None`` decides by modality (off for
-            radiographs and CT, where laterality carries meaning; on for dermoscopy, histology, blood smears).
+        horizontal_flip: training augmentation: left-right flips; ``None``: by modality (off for radiographs, CT).
         clahe: training augmentation: probability of CLAHE contrast equalisation (0 = off).
-        train_transforms: albumentations transforms (``class_path``/``init_args`` in YAML) run on the resized
-            uint8 image in training; when given they replace the built-in augmentation options above.
+        train_transforms: albumentations transforms on the resized uint8 training image; replace the options above.
         eval_transforms: deterministic transforms for validation/test/predict (e.g. ``CLAHE`` with ``p: 1``).
-        sampler: ``shuffle``, or ``balanced``: draw training images with replacement, each class equally
-            often (inverse class frequency; binary and multi-class). For multi-label data weigh the loss
-            instead (the model's ``class_weighting``).
-        train_fraction: train on a stratified, seeded subset of this share of the training split (learning
-            curves); validation and test stay whole. See :func:`stratified_subset`.
-        subset_seed: seed of that subset; one seed gives nested subsets across fractions.
-        min_epoch_samples: an epoch draws at least this many training images, cycling through a smaller
-            training set in fresh permutations, so that epoch-based schedules (unfreeze epoch, checkpointing,
-            one validation per epoch) still take enough steps on a small ``train_fraction``. 0: one pass.
-        color: ``auto`` keeps colour where the data has it (RGB files with unequal channels, a MedMNIST RGB
-            dataset, colour DICOM) and reads gray data as gray; ``gray`` turns colour into ITU-R 601 luma;
-            ``rgb`` feeds three colour channels (and refuses one-channel arrays). The resolved choice
-            (:attr:`color_mode`) is stored in the checkpoint and the MLflow model, and ``predict`` applies it.
-        dicom_frame: multi-frame DICOM files: read the ``first`` or the ``middle`` frame, or refuse them
-            (``error``). (Not ``frame``: Lightning's ``save_hyperparameters`` drops an argument of that name.)
-        color_jitter: training augmentation for colour data: hue/saturation jitter strength (0 = off);
-            ``None``: 0.1 for colour data, off for gray.
-        stain_jitter: training augmentation for colour data: probability of an H&E stain jitter
-            (albumentations' ``HEStain``); ``None``: 0.5 for stained histology (:attr:`stained_modality`), else off.
-        calibration_fraction: hold this share of the validation split out as a ``calib`` split (stratified,
-            seeded by ``subset_seed``, patient-grouped when the data know patients): the model fits its threshold,
-            temperature, abstention band and risk control on it only, while the rest of validation picks the
-            checkpoint. 0 fits them on validation itself (the data that also picked the checkpoint).
-        input_spec: the model's input spec (``ClassifierModule.input_spec``); linked by the CLI from
-            ``model.backbone`` and ``model.in_chans``. Standalone, give it or ``image_size``, ``mean`` and ``std``.
+        sampler: ``shuffle``, or ``balanced``: each class drawn equally often (multi-label: weigh the loss instead).
+        train_fraction: train on a stratified, seeded subset of this share of the training split (learning curves).
+        subset_seed: seed of that subset (and of the calibration split); one seed gives nested subsets.
+        min_epoch_samples: an epoch draws at least this many training images (small ``train_fraction``); 0: one pass.
+        color: ``auto`` keeps colour where the data has it; ``gray`` turns colour into luma; ``rgb`` feeds colour.
+        dicom_frame: multi-frame DICOM: read the ``first`` or ``middle`` frame, or refuse them (``error``).
+        color_jitter: colour data: hue/saturation jitter strength (0 = off); ``None``: 0.1 for colour, off for gray.
+        stain_jitter: colour data: probability of an H&E stain jitter; ``None``: 0.5 for stained histology, else off.
+        calibration_fraction: share of validation held out (``calib``) to fit threshold and risk on; 0: validation.
+        input_spec: the model's input spec (linked by the CLI); standalone, give it or ``image_size``, mean, std.
     """
 
     def __init__(
@@ -205,7 +181,7 @@ class ClassificationDataModule(LightningDataModule):
         subset_seed: int = 0,
         min_epoch_samples: int = 0,
         color: Literal["auto", "gray", "rgb"] = "auto",
-        dicom_frame: Literal["first", "middle", "error"] = "middle",
+        dicom_frame: Literal["first", "middle", "error"] = "middle",  # not `frame`: save_hyperparameters drops it
         color_jitter: float | None = None,
         stain_jitter: float | None = None,
         calibration_fraction: float = 0.0,
@@ -299,17 +275,15 @@ class ClassificationDataModule(LightningDataModule):
         if self.datasets:
             return
         spec = self.input_spec = self.resolve_input_spec()
-        size, mean, std, interpolation = spec.size, spec.mean, spec.std, spec.interpolation
-        hp, color = self.hparams, spec.color
+        hp = self.hparams
         self._check_channels()
         color_jitter, stain_jitter = self._colour_augmentation()
-        eval_transform = build_eval_transform(
-            size, hp.channels, mean, std, interpolation, self.eval_transforms, color=color
-        )
+        sized = (spec.size, hp.channels, spec.mean, spec.std, spec.interpolation)
+        eval_transform = build_eval_transform(*sized, self.eval_transforms, color=spec.color)
         train_transform = build_train_transform(
-            size, hp.channels, mean, std, interpolation, rotate_degrees=hp.rotate_degrees, translate=hp.translate,
-            scale=hp.scale, brightness_contrast=hp.brightness_contrast, horizontal_flip=self.flips, clahe=hp.clahe,
-            steps=self.train_transforms, color=color, color_jitter=color_jitter, stain_jitter=stain_jitter,
+            *sized, rotate_degrees=hp.rotate_degrees, translate=hp.translate, scale=hp.scale, clahe=hp.clahe,
+            brightness_contrast=hp.brightness_contrast, horizontal_flip=self.flips, steps=self.train_transforms,
+            color=spec.color, color_jitter=color_jitter, stain_jitter=stain_jitter,
         )  # fmt: skip
         self.datasets = self.build_datasets(train_transform, eval_transform)
         if hp.train_fraction < 1 and "train" in self.datasets:
@@ -327,7 +301,8 @@ class ClassificationDataModule(LightningDataModule):
         self.datasets["train"].seed_transform(torch.initial_seed())  # reproducible under seed_everything
         _logger.info(
             "%s: %s %s images at %dpx (%s), mean %s, std %s", type(self).__name__,
-            {k: len(v) for k, v in self.datasets.items()}, color, size, interpolation, mean, std,
+            {k: len(v) for k, v in self.datasets.items()}, spec.color, spec.size, spec.interpolation,
+            spec.mean, spec.std,
         )  # fmt: skip
 
     def _hold_out_calibration(self, fraction: float, seed: int) -> None:
@@ -367,17 +342,13 @@ class ClassificationDataModule(LightningDataModule):
         return None
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        workers = self.hparams.num_workers
         sampler = self._train_sampler() if shuffle else None
         return DataLoader(
             self.datasets[split],
             batch_size=self.hparams.batch_size,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            worker_init_fn=_seed_worker if workers > 0 else None,
+            **_worker_options(self.hparams.num_workers),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,12 +1,8 @@
 """Boxes around findings, to score where a model's heatmaps point: a CSV of your own, or ChestX-ray14's.
 
-Both readers return one row per box with the columns ``path``, ``finding`` (empty when the table has none),
-``x_min``, ``y_min``, ``x_max``, ``y_max`` (float pixels of the image the box was drawn on, edges exclusive
-at the max side, as in :func:`~medtransfer.data.sources.csv_manifest`'s ROI columns).
-
-ChestX-ray14's official boxes (``BBox_List_2017.csv``: 984 boxes on 880 images for 8 findings, ``x, y, w, h``
-on the 1024x1024 PNGs) ship inside the ``torchxrayvision`` wheel; :func:`chestxray14_boxes` reads that copy
-when no path is given.
+Both readers return one row per box: ``path``, ``finding`` (may be empty), ``x_min``, ``y_min``, ``x_max``,
+``y_max`` (float pixels of the image the box was drawn on). ChestX-ray14's ``BBox_List_2017.csv`` ships inside the
+``torchxrayvision`` wheel; :func:`chestxray14_boxes` reads that copy when no path is given.
 """
 
 from __future__ import annotations
@@ -38,12 +34,8 @@ def read_box_table(
     box_columns: Sequence[str] = BOX_COLUMNS,
     finding_column: str | None = None,
 ) -> pd.DataFrame:
-    """The boxes of a CSV with a path column and four ROI columns (rows whose four cells are empty are dropped).
-
-    Raises:
-        DataError: a missing column, a coordinate that is not a number, a partial or inverted box (naming the
-            file and line).
-    """
+    """The boxes of a CSV with a path column and four ROI columns (rows whose four cells are empty are dropped);
+    a missing column, a coordinate that is not a number or a partial or inverted box is a ``DataError``."""
     csv_path = Path(csv_path)
     frame = read_csv_table(csv_path, "box CSV")
     require_columns(frame, [path_column, *box_columns, *([finding_column] if finding_column else [])], csv_path)
@@ -68,11 +60,8 @@ def _bundled_chestxray14() -> Path:
 
 
 def chestxray14_boxes(path: Path | str | None = None) -> pd.DataFrame:
-    """ChestX-ray14's official boxes (``BBox_List_2017.csv``, may be ``.gz``; default: torchxrayvision's copy).
-
-    The file's header is ``Image Index, Finding Label, Bbox [x,y,w,h], , ,`` (the four numbers span the last
-    four columns); boxes are converted to ``x_min, y_min, x_max, y_max`` on the 1024 px images.
-    """
+    """ChestX-ray14's official boxes (``BBox_List_2017.csv``, may be ``.gz``; default: torchxrayvision's copy), its
+    ``x, y, w, h`` (spanning the last four columns) as ``x_min, y_min, x_max, y_max`` on the 1024 px images."""
     path = _bundled_chestxray14() if path is None else Path(path)
     frame = read_csv_table(path, "ChestX-ray14 box list")
     if frame.shape[1] < 6 or list(frame.columns[:2]) != ["Image Index", "Finding Label"]:
@@ -86,13 +75,6 @@ def chestxray14_boxes(path: Path | str | None = None) -> pd.DataFrame:
         line = bad.idxmax()  # the frame is indexed by line number
         raise DataError(f"{path} line {line}: box {frame.loc[line].iloc[2:6].tolist()} is not x, y, w, h > 0")
     x, y, w, h = (numbers.iloc[:, i].to_numpy(np.float32) for i in range(4))
-    return pd.DataFrame(
-        {
-            "path": frame["Image Index"].str.strip(),
-            "finding": frame["Finding Label"].str.strip().replace(_FINDING_NAMES),
-            "x_min": x,
-            "y_min": y,
-            "x_max": x + w,
-            "y_max": y + h,
-        }
-    ).reset_index(drop=True)
+    path, finding = frame["Image Index"].str.strip(), frame["Finding Label"].str.strip().replace(_FINDING_NAMES)
+    table = {"path": path, "finding": finding, "x_min": x, "y_min": y, "x_max": x + w, "y_max": y + h}
+    return pd.DataFrame(table).reset_index(drop=True)

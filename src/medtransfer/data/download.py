@@ -1,9 +1,7 @@
 """Checksummed, atomic file downloads and fetching of official MedMNIST files.
 
-A download streams into a hidden temporary file next to the target, is checked against its MD5 (when one
-is given) and its length, and only then moved onto the target with :func:`os.replace`, so the target path never
-holds a partial or corrupt file. torchvision's ``download_url`` writes the target in place, has no timeout and
-keeps a truncated body when no MD5 is given, so only its ``calculate_md5`` is used here.
+The target appears only once its length and MD5 are checked. torchvision's ``download_url`` writes the target in
+place and has no timeout, so only its ``calculate_md5`` is used here.
 """
 
 from __future__ import annotations
@@ -38,18 +36,15 @@ def md5sum(path: str | Path, chunk_size: int = _CHUNK_SIZE) -> str:
         raise DataError(f"Cannot read {path} to compute its md5: {exc}") from exc
 
 
-def download_url(
-    url: str, path: str | Path, md5: str | None = None, *, progress: bool = True, timeout: float = 60.0
-) -> Path:
-    """Download ``url`` (anything :func:`urllib.request.urlopen` accepts) to ``path`` atomically and return
-    ``path``; a file already there with the expected ``md5`` is kept (without ``md5`` it is downloaded again).
+def download_url(url: str, path: str | Path, md5: str, *, progress: bool = True, timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``path`` atomically and return ``path``; a file already there with ``md5`` is kept.
 
     ``timeout`` (seconds) bounds connecting and each read. Any network or I/O error, an incomplete transfer or an
     MD5 mismatch is a ``DataError`` naming the URL and the path, and leaves no file behind.
     """
     path = Path(path)
-    expected = md5.strip().lower() if md5 is not None else None
-    if expected is not None and path.is_file():
+    expected = md5.strip().lower()
+    if path.is_file():
         actual = md5sum(path)
         if actual == expected:
             _logger.info("%s already exists with the expected md5, not downloading it again", path)
@@ -75,9 +70,8 @@ def download_url(
                 reason = f"incomplete transfer, got {received} of {total} bytes"
                 raise DataError(f"Cannot download {url} to {path}: {reason}")
             actual = digest.hexdigest()
-            if expected is not None and actual != expected:
-                mismatch = f"expected md5 {expected}, got {actual}"
-                raise DataError(f"Checksum mismatch downloading {url} to {path}: {mismatch}")
+            if actual != expected:
+                raise DataError(f"Checksum mismatch downloading {url} to {path}: expected md5 {expected}, got {actual}")
     except DataError:
         raise
     except (OSError, http.client.HTTPException, ValueError) as exc:
@@ -90,12 +84,9 @@ def download_url(
 def fetch_medmnist(
     flag: str, size: int, root: str | Path, *, base_url: str | None = None, progress: bool = True
 ) -> Path:
-    """Download the official MedMNIST ``.npz`` of ``flag`` (``"pneumoniamnist"``) and ``size`` (28, or 64, 128,
-    224 for MedMNIST+) to ``root/<official name>``, checked against the official MD5, and return its path.
-
-    ``base_url`` names a mirror holding the official files under their official names. An unknown flag or size
-    is a ``DataError`` before anything is downloaded.
-    """
+    """Download the official MedMNIST ``.npz`` of ``flag`` and ``size`` to ``root/<official name>``, checked against
+    the official MD5, and return its path; ``base_url`` names a mirror holding the files under their official
+    names. An unknown flag or size is a ``DataError`` before anything is downloaded."""
     info = get_medmnist_info(flag)
     url, md5 = info.resource(size)
     filename = info.filename(size)

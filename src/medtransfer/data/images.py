@@ -1,9 +1,7 @@
 """Image files on disk as a LightningDataModule: ChestX-ray14, a CSV of paths, a folder per class, MURA.
 
-The source is chosen in YAML by ``class_path`` (one small class per layout, whose options are the arguments of
-that layout's manifest builder); it builds a :class:`~medtransfer.data.sources.Manifest`, and every image is read by
-:func:`~medtransfer.data.readers.read_image`, cropped to its box when the manifest has one, then
-transformed like the other data modules.
+The source (``class_path`` in YAML) builds a :class:`~medtransfer.data.sources.Manifest`; every image is read by
+:func:`~medtransfer.data.readers.read_image`, cropped to its box, then transformed like the other data modules.
 """
 
 from __future__ import annotations
@@ -47,10 +45,9 @@ _logger = logging.getLogger(__name__)
 class ManifestSource:
     """A dataset layout on disk, chosen in YAML by ``class_path``: ``build()`` lists its images, targets and splits.
 
-    A subclass names its manifest builder (``class CsvSource(ManifestSource, builder=csv_manifest)``), the one
-    definition of its options: the builder's signature and docstring become the subclass's constructor's, so
-    LightningCLI offers (and documents) the builder's arguments. They are kept, defaults filled in, in ``kwargs``.
-    Builders type paths ``str | Path`` in that order, so that a path from YAML stays a plain string.
+    A subclass names its manifest builder (``class CsvSource(ManifestSource, builder=csv_manifest)``), whose
+    signature and docstring become the constructor's, so LightningCLI offers the builder's arguments (kept in
+    ``kwargs``). Builders type paths ``str | Path`` in that order, so that a path from YAML stays a plain string.
     """
 
     builder: Callable[..., Manifest]
@@ -91,17 +88,12 @@ class FolderSource(ManifestSource, builder=folder_manifest):
 
 
 class MuraSource(ManifestSource, builder=mura_manifest):
-    """MURA-style ``.../patientXXXXX/studyN_positive/imageK.png``: the study folder names the label, the
-    patient folder groups the split."""
+    """MURA-style ``.../patientXXXXX/studyN_positive/imageK.png``, labelled by the study folder."""
 
 
 class ManifestDataset(SeededTransformDataset):
-    """Reads, crops and transforms the images of one split of a manifest.
-
-    ``fill_cache(size)`` decodes every image once, resized to ``size``, and keeps it in memory (loader worker
-    processes started afterwards share it), so later epochs skip decoding. ``color`` (``gray``/``rgb``) and
-    ``frame`` are passed to :func:`~medtransfer.data.readers.read_image`.
-    """
+    """Reads, crops and transforms the images of one split of a manifest; ``fill_cache`` decodes and resizes them
+    once into memory (shared with loader workers started afterwards)."""
 
     def __init__(self, manifest: Manifest, transform: Callable, color: str = "gray", frame: str = "error") -> None:
         self.manifest, self.transform, self.color, self.frame = manifest, transform, color, frame
@@ -167,18 +159,10 @@ class ImageDataModule(ClassificationDataModule):
     """Images on disk, from any :class:`ManifestSource`, with the shared pipelines and loaders.
 
     Args:
-        source: the layout: ``ChestXray14Source``, ``CsvSource``, ``FolderSource`` or ``MuraSource``. May be left
-            out when ``prepared`` is given (labels and splits then come from the prepared folder alone).
-        cache: decode and resize every image once at setup and keep them in memory (fast epochs on data
-            that fits in RAM: 100k images at 224 px take about 5 GB).
-        bad_images: ``error`` (default): at setup every file's header is checked (cheap: no pixel is decoded)
-            and the run stops naming the first bad files; a body truncated after a good header still stops
-            the run, naming it, when it is reached; ``skip``: read every image at setup and leave out those that
-            fail, with a logged count.
-        prepared: folder or object-store URI (``s3://...``) of this data as written by ``medtransfer prepare``
-            (decoded, cropped and resized once, in LitData's streaming format): training streams it instead of
-            decoding the files, sharded over ranks and nodes, and augments after reading. Its labels, input
-            settings and (with a ``source``) manifest hash must match this run's. See ``medtransfer.data.prepared``.
+        source: the layout (``ChestXray14Source``, ``CsvSource``, ...); may be left out when ``prepared`` is given.
+        cache: decode and resize every image once at setup and keep them in memory (100k at 224 px: about 5 GB).
+        bad_images: ``error``: check every file's header at setup and stop naming bad files; ``skip``: leave them out.
+        prepared: folder or URI (``s3://...``) written by ``medtransfer prepare``, streamed instead of the files.
         **kwargs: size, normalisation, augmentation and loader options of ``ClassificationDataModule``.
     """
 
@@ -229,8 +213,8 @@ class ImageDataModule(ClassificationDataModule):
         return torch.as_tensor(train.targets, dtype=torch.float32).mean(0)
 
     def source_has_color(self, sample: int = 16) -> bool:
-        """Whether any of ``sample`` training images, spread over the split, holds colour (unequal channels).
-        Prepared data without its source has no files to look at: it is read as gray unless ``color: rgb``."""
+        """Whether any of ``sample`` training images, spread over the split, holds colour (unequal channels); prepared
+        data without its source is read as gray unless ``color: rgb``."""
         if self.manifest is None:
             return False
         paths = self.manifest.subset("train").paths or self.manifest.paths
@@ -251,15 +235,9 @@ class ImageDataModule(ClassificationDataModule):
             self.manifest = _without_unreadable(self.manifest, self.hparams.dicom_frame)
         else:
             _reject_unreadable(self.manifest)
-        return {
-            split: ManifestDataset(
-                self.manifest.subset(split),
-                train_transform if split == "train" else eval_transform,
-                self.color_mode,
-                self.hparams.dicom_frame,
-            )
-            for split in SPLITS
-        }
+        color, frame = self.color_mode, self.hparams.dicom_frame
+        pipelines = {"train": train_transform, "val": eval_transform, "test": eval_transform}
+        return {split: ManifestDataset(self.manifest.subset(split), pipelines[split], color, frame) for split in SPLITS}
 
     def setup(self, stage: str | None = None) -> None:
         fresh = not self.datasets

@@ -1,9 +1,8 @@
 """The input contract between a model and its data: what an image must look like when it reaches the network.
 
-The model builds it from timm's data config of its backbone (``medtransfer.models.input_spec``), LightningCLI
-hands it to the data module (``link_arguments``), the data module resolves its own explicit options over it, and
-the checkpoint keeps the resolved one by name (``checkpoint["input"]``), so ``test`` and ``predict`` feed images as
-training did. It lives here, with the data, so that ``models`` imports ``data`` and never the reverse.
+The model builds it from its backbone's timm data config, LightningCLI links it to the data module, which resolves
+its own options over it, and the checkpoint keeps the resolved one (``checkpoint["input"]``) for test and predict.
+It lives with the data so that ``models`` imports ``data`` and never the reverse.
 """
 
 from __future__ import annotations

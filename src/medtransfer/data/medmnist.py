@@ -38,9 +38,8 @@ def default_data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or "~/.cache/medtransfer/data").expanduser()
 
 
-def load_npz_split(path: Path, split: str, multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Images ``(N, H, W)`` (gray) or ``(N, H, W, 3)`` (RGB) uint8 and integer labels ``(N,)`` of one split, with
-    errors naming the file."""
+def load_npz_split(path: Path, split: str, num_classes: int, multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``(N, H, W)`` (gray) or ``(N, H, W, 3)`` (RGB) uint8 and labels of one split; errors name the file."""
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
@@ -66,18 +65,22 @@ def load_npz_split(path: Path, split: str, multilabel: bool = False) -> tuple[np
         bad = np.argwhere((labels != 0) & (labels != 1))
         if bad.size:
             raise DataError(f"{path}: {keys[1]} row {bad[0][0]} column {bad[0][1]} is not 0 or 1")
+        if labels.shape[1] != num_classes:
+            raise DataError(f"{path}: {keys[1]} has {labels.shape[1]} columns, not {num_classes}")
         return images, labels.astype(np.float32)
     if labels.shape[1] != 1:
         raise DataError(f"{path}: {keys[1]} has {labels.shape[1]} columns; expected one class index per image")
     if len(labels) != len(images):
         raise DataError(f"{path}: {len(images)} images but {len(labels)} labels in split {split!r}")
+    bad = np.flatnonzero((labels[:, 0] < 0) | (labels[:, 0] >= num_classes))
+    if len(bad):
+        raise DataError(f"{path}: {keys[1]} row {bad[0]} has label {labels[bad[0], 0]}, outside 0..{num_classes - 1}")
     return images, labels[:, 0].astype(np.int64)
 
 
 def npz_has_color(path: Path, split: str = "train", sample: int = 64) -> bool:
-    """Whether ``{split}_images`` of a MedMNIST-layout file is ``(N, H, W, 3)`` with unequal channels in its first
-    ``sample`` images; reads the array's header and those images only, not the whole (possibly large) array.
-    A file that cannot be read so counts as gray here; :func:`load_npz_split` then names the problem."""
+    """Whether ``{split}_images`` is ``(N, H, W, 3)`` with unequal channels in its first ``sample`` images, reading
+    only the array's header and those images; an unreadable file counts as gray (:func:`load_npz_split` reports it)."""
     try:
         with zipfile.ZipFile(path) as archive, archive.open(f"{split}_images.npy") as stream:
             version = np.lib.format.read_magic(stream)
@@ -115,12 +118,8 @@ class ArrayDataset(SeededTransformDataset):
 
 
 class MedMNISTDataModule(ClassificationDataModule):
-    """A MedMNIST dataset (or any ``.npz`` in its layout) with its official train/val/test splits.
-
-    The file is found at ``path`` if given, else at ``<root>/<flag>.npz`` (``root`` defaults to
-    ``$MEDTRANSFER_DATA_DIR``, then ``~/.cache/medtransfer/data``), and downloaded there with MD5
-    verification when missing and ``download`` is true. Input size, normalisation, augmentation and loader
-    options are those of :class:`~medtransfer.data.base.ClassificationDataModule`.
+    """A MedMNIST dataset (or any ``.npz`` in its layout) with its official train/val/test splits, read from
+    ``path``, else ``<root>/<flag>.npz`` (downloaded there, MD5-checked, when missing and ``download`` is true).
 
     Args:
         flag: MedMNIST dataset name; sets the task and classes (``pneumoniamnist``: binary).
@@ -128,6 +127,7 @@ class MedMNISTDataModule(ClassificationDataModule):
         root: directory to look in and download to.
         size: released image size to download (28, 64, 128, 224).
         download: fetch the official file when it is missing.
+        **kwargs: size, normalisation, augmentation and loader options of ``ClassificationDataModule``.
     """
 
     def __init__(
@@ -150,8 +150,7 @@ class MedMNISTDataModule(ClassificationDataModule):
 
     @property
     def symmetric_modality(self) -> bool:
-        """Pathology, dermoscopy, blood cells, tissue, retina, OCT and breast ultrasound: flips are safe;
-        chest X-rays and the organ CT views: they are not (laterality)."""
+        """Flips are safe for pathology, dermoscopy, blood cells, tissue, retina, OCT and breast ultrasound."""
         return self.hparams.flag in _SYMMETRIC_FLAGS
 
     @property
@@ -201,15 +200,7 @@ class MedMNISTDataModule(ClassificationDataModule):
     def build_datasets(self, train_transform, eval_transform) -> dict[str, ArrayDataset]:
         datasets = {}
         for split in SPLITS:
-            images, labels = load_npz_split(self.file, split, multilabel=self.task == "multilabel")
-            if labels.ndim == 2 and labels.shape[1] != self.num_classes:
-                raise DataError(f"{self.file}: {split}_labels has {labels.shape[1]} columns, not {self.num_classes}")
-            bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes)) if labels.ndim == 1 else []
-            if len(bad):
-                raise DataError(
-                    f"{self.file}: {split}_labels row {bad[0]} has label {labels[bad[0]]}, "
-                    f"outside 0..{self.num_classes - 1}"
-                )
+            images, labels = load_npz_split(self.file, split, self.num_classes, self.task == "multilabel")
             images = self._in_color_mode(images, split)
             datasets[split] = ArrayDataset(images, labels, train_transform if split == "train" else eval_transform)
         return datasets

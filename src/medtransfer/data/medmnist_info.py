@@ -1,10 +1,6 @@
-"""Typed view of the official MedMNIST 2D datasets and their MedMNIST+ file releases (``medmnist.INFO``).
+"""Typed view of the official MedMNIST 2D datasets and their MedMNIST+ releases (sizes 64, 128, 224).
 
-Every URL, MD5, label and count comes from the installed ``medmnist`` package (3.0.2 points at Zenodo record
-10519652, whose 28x28 OrganA/C/SMNIST files were re-released without blank samples). Sizes 64, 128 and 224
-are the MedMNIST+ releases.
-
-MedMNIST's ``"ordinal-regression"`` task (RetinaMNIST) is trained as ``"multiclass"``.
+Every URL, MD5, label and count comes from the installed ``medmnist`` package's ``INFO``.
 """
 
 from __future__ import annotations
@@ -26,15 +22,8 @@ _TASKS: tuple[str, ...] = get_args(Task)
 
 @dataclass(frozen=True)
 class MedMNISTInfo:
-    """Facts about one MedMNIST 2D dataset, as published in the official INFO.
-
-    Attributes:
-        flag: Lower-case dataset name, e.g. ``"pneumoniamnist"``.
-        task: ``"binary"``, ``"multiclass"`` or ``"multilabel"`` (ordinal regression maps to multiclass).
-        n_channels: 1 for grayscale, 3 for RGB.
-        labels: Class (or, for multilabel, finding) index -> name.
-        resources: Image size -> ``(url, md5)`` of the official ``.npz`` file.
-    """
+    """Facts about one MedMNIST 2D dataset (``flag`` e.g. ``"pneumoniamnist"``), as published in the official INFO:
+    ``labels`` maps class index -> name, ``resources`` image size -> ``(url, md5)`` of the official ``.npz``."""
 
     flag: str
     task: Task
@@ -45,7 +34,6 @@ class MedMNISTInfo:
     def __post_init__(self) -> None:
         if self.task not in _TASKS:
             raise DataError(f"MedMNIST {self.flag!r}: task must be one of {_TASKS}, got {self.task!r}")
-        # Read-only views, so that the shared registry entries cannot be changed by accident.
         for name in ("labels", "resources"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
@@ -56,12 +44,10 @@ class MedMNISTInfo:
 
     @property
     def num_classes(self) -> int:
-        """Number of classes (multiclass/binary) or labels (multilabel)."""
         return len(self.labels)
 
     @property
     def sizes(self) -> tuple[int, ...]:
-        """Released image sizes, ascending."""
         return tuple(sorted(self.resources))
 
     def _check_size(self, size: int) -> int:
@@ -71,8 +57,7 @@ class MedMNISTInfo:
         return size
 
     def filename(self, size: int = 28) -> str:
-        """Official file name: ``{flag}.npz`` for size 28, ``{flag}_{size}.npz`` otherwise (``DataError`` for a size
-        not released)."""
+        """Official file name: ``{flag}.npz`` for size 28, ``{flag}_{size}.npz`` otherwise."""
         size = self._check_size(size)
         return f"{self.flag}.npz" if size == 28 else f"{self.flag}_{size}.npz"
 
@@ -82,11 +67,8 @@ class MedMNISTInfo:
 
 
 def _official_info() -> dict[str, dict]:
-    """``medmnist.INFO``, read from ``medmnist/info.py`` alone.
-
-    ``import medmnist`` (and so ``import medmnist.info``) runs the package ``__init__``, which imports torch,
-    torchvision and the evaluator: seconds. ``info.py`` itself needs only ``os``, so it is executed on its own.
-    """
+    """``medmnist.INFO``, from ``medmnist/info.py`` alone: ``import medmnist`` imports torch, torchvision and the
+    evaluator (seconds), while ``info.py`` needs only ``os``."""
     spec = importlib.util.find_spec("medmnist")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("The medmnist package is not installed; run `pip install medmnist`")

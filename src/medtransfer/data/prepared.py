@@ -1,22 +1,10 @@
 """Prepared data: every image decoded, cropped to its box and resized once, stored in LitData's streaming format.
 
-Decoding a 1024-px ChestX-ray14 PNG costs ~10 ms, so a loader that decodes on every epoch feeds a GPU an order
-of magnitude too slowly. ``medtransfer prepare --config <fit config> --data.prepared <folder or URI>`` writes
-each split once, at training resolution, with ``litdata.optimize``; ``fit`` with the same ``data.prepared``
-then reads it through ``litdata.StreamingDataset``/``StreamingDataLoader`` (local disk, shared file system or
-object storage; each rank and node reads a disjoint share) and augments after reading.
-
-Layout of a prepared folder::
-
-    <prepared>/medtransfer_prepared.json   what was prepared from what (see PreparedInfo)
-    <prepared>/<split>/index.json, *.bin   LitData chunks of {"image": (S, S) uint8, "target": ..., "row": int}
-
-The JSON records the labels (task, class names), the split sizes and positive shares, the manifest hash of the
-source (:meth:`~medtransfer.data.sources.Manifest.sha256` plus the boxes) and the input settings (size,
-interpolation). ``fit`` refuses a folder whose labels or settings differ from the model's and data module's,
-or whose hash differs from the configured source's. ``prepare`` is resumable by split: a split whose chunks
-are complete for the current source is kept, the others are (re)written; a changed source (another hash) is
-prepared afresh.
+Decoding a 1024-px ChestX-ray14 PNG costs ~10 ms, an order of magnitude too slow to feed a GPU every epoch.
+``medtransfer prepare`` writes each split once with ``litdata.optimize`` (``<prepared>/<split>/``, items
+``{"image", "target", "row"}``, described by ``<prepared>/medtransfer_prepared.json``); ``fit`` with the same
+``data.prepared`` streams it (sharded over ranks and nodes) and augments after reading. ``fit`` refuses a folder
+whose labels, size or source hash differ; ``prepare`` keeps the splits already complete for the same source.
 """
 
 from __future__ import annotations
@@ -37,7 +25,7 @@ import torch
 from fsspec.core import url_to_fs
 from litdata import StreamingDataLoader, StreamingDataset
 
-from medtransfer.data.base import ClassificationDataModule, SeededTransformDataset, _seed_worker
+from medtransfer.data.base import ClassificationDataModule, SeededTransformDataset, _worker_options
 from medtransfer.data.sources import SPLITS, Manifest
 from medtransfer.data.transforms import INTERPOLATIONS
 from medtransfer.errors import DataError
@@ -66,17 +54,8 @@ FORMAT_VERSION = 1
 class PreparedInfo:
     """What a prepared folder holds and what it was made from (stored as ``medtransfer_prepared.json``).
 
-    Attributes:
-        task: ``binary``, ``multiclass`` or ``multilabel``.
-        class_names: class (label) names in target order.
-        size: side of the stored square images, in pixels.
-        interpolation: resize filter used to make them.
-        manifest_sha256: hash of the source's images, splits, targets and boxes (:func:`prepared_hash`).
-        files_sha256: hash of the image files' sizes and modification times (:func:`files_hash`).
-        splits: per split: ``count`` (images), ``positive_fraction`` (per label; binary/multi-label) and
-            ``complete`` (all chunks written).
-        source: the data source's class and arguments, for the record.
-        format_version: :data:`FORMAT_VERSION` of the writer.
+    ``manifest_sha256`` is :func:`prepared_hash`, ``files_sha256`` :func:`files_hash`; ``splits`` holds per split
+    ``count``, ``positive_fraction`` (per label; binary/multi-label) and ``complete`` (all chunks written).
     """
 
     task: str
@@ -175,16 +154,8 @@ def prepare(
     num_workers: int = 1,
     chunk_bytes: str = "64MB",
 ) -> PreparedInfo:
-    """Write every split of ``datamodule``'s manifest to ``prepared`` (resumable; see the module docstring).
-
-    Args:
-        datamodule: the ``ImageDataModule`` whose source and box cropping to prepare.
-        prepared: output folder or object-store URI.
-        size: side of the stored images (the training resolution).
-        interpolation: resize filter (``bilinear``, ``area``, ...), as in training.
-        num_workers: processes decoding in parallel.
-        chunk_bytes: size of LitData's chunks.
-    """
+    """Write every split of an ``ImageDataModule``'s manifest to ``prepared`` (folder or URI), resized to ``size``
+    with ``interpolation`` as in training, decoded by ``num_workers`` processes; resumable by split."""
     if interpolation not in INTERPOLATIONS:
         raise DataError(f"interpolation {interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
     manifest = datamodule.manifest
@@ -308,14 +279,7 @@ class PreparedDataset(StreamingDataset, SeededTransformDataset):
 
 def streaming_loader(dataset: PreparedDataset, batch_size: int, num_workers: int) -> StreamingDataLoader:
     """A ``litdata.StreamingDataLoader`` over a prepared split (it keeps its place in its state for resumes)."""
-    return StreamingDataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
-        worker_init_fn=_seed_worker if num_workers > 0 else None,
-    )
+    return StreamingDataLoader(dataset, batch_size=batch_size, **_worker_options(num_workers))
 
 
 # --------------------------------------------------------------------------------------------------- data module
@@ -359,11 +323,6 @@ def prepared_datasets(
         task=hparams.get("task"), num_classes=hparams.get("num_classes"),
     )  # fmt: skip
     seed = torch.initial_seed() % 2**31  # the same on every rank under seed_everything: one shuffle for all
-    datasets = {}
-    for split in SPLITS:
-        train = split == "train"
-        pipeline = train_transform if train else eval_transform
-        datasets[split] = PreparedDataset(
-            prepared, split, pipeline, shuffle=train, seed=seed, drop_last=None if train else False
-        )
-    return datasets
+    train = PreparedDataset(prepared, "train", train_transform, shuffle=True, seed=seed, drop_last=None)
+    evaluated = {split: PreparedDataset(prepared, split, eval_transform, seed=seed) for split in ("val", "test")}
+    return {"train": train} | evaluated

@@ -1,17 +1,9 @@
 """Decode one medical image file (PNG, JPEG, BMP, TIFF or DICOM) into a ``uint8`` gray or RGB array.
 
-Medical images come as 8-bit and 16-bit PNGs, RGB(A) or palette PNGs that hold gray pixels, JPEGs and DICOM
-files whose stored values still need their rescale, window and photometric conventions applied. Everything
-downstream (albumentations, resize, normalise) sees one canonical format instead: ``(H, W) uint8``, where
-high means bright. The format is detected from the file's magic bytes, so a misnamed file still reads.
-Colour sources (dermoscopy, histology, fundus photographs, colour DICOM) can keep their colour as
-``(H, W, 3) uint8`` RGB: see ``color`` in :func:`read_image`; the colour rules live in the ``_colour``
-functions at the end of this module.
-
-An image larger than Pillow's ``PIL.Image.MAX_IMAGE_PIXELS`` (89,478,485 pixels, about 9,459 x 9,459) is refused
-from its header, before any pixel is decoded: past that size a file is more likely a decompression bomb than an
-X-ray, and one such image per loader worker would exhaust memory. Raise the limit to read larger images.
-:func:`check_image` runs the header-level checks alone, so a whole dataset can be vetted up front cheaply.
+Everything downstream sees one format, ``(H, W)`` uint8 (high = bright) or ``(H, W, 3)`` RGB for colour sources;
+the format is detected from the file's magic bytes, so a misnamed file still reads. An image larger than
+``PIL.Image.MAX_IMAGE_PIXELS`` is refused from its header (more likely a decompression bomb than an X-ray, and one
+per loader worker would exhaust memory); :func:`check_image` runs the header checks alone, to vet a dataset cheaply.
 """
 
 from __future__ import annotations
@@ -54,88 +46,48 @@ SUPPORTED_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 
 _MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
 #: Whatever decoding an untrusted file raises is that file's fault: Pillow and pydicom raise far more than their
-#: documented errors on damaged input (``TypeError: Missing dimensions`` for a TIFF of width 0, ``IndexError``,
-#: ``struct.error``, ``ZeroDivisionError`` ...), and one such file must be a row with its reason, not a crash.
+#: documented errors on damaged input (``TypeError`` for a TIFF of width 0, ``struct.error`` ...).
 _DECODE_ERRORS = (Exception,)
 
 
-def read_image(
-    path: str | Path,
-    *,
-    window: tuple[float, float] | None = None,
-    color: Color = "gray",
-    frame: Frame | int = "error",
-) -> np.ndarray:
+def read_image(path: str | Path, *, color: Color = "gray", frame: Frame | int = "error") -> np.ndarray:
     """Read one image file as a ``uint8`` array, high values bright: ``(H, W)`` gray or ``(H, W, 3)`` RGB.
 
-    Scaling rules (every source must land in 0-255 without clipping away the anatomy):
-
-    - 8-bit gray is kept as is; RGB/RGBA/LA/palette/CMYK go through Pillow's ITU-R 601 luma (alpha dropped),
-      so gray stored as colour reads back unchanged.
-    - 16-bit (and 32-bit/float) images are stretched by their own min/max: 16-bit exports often hold only
-      10-14 significant bits, which dividing by 257 would leave nearly black. Contrast is thus per image,
-      unlike 8-bit input; pass ``window`` for a fixed range. A constant image reads as zeros.
-    - DICOM: ``RescaleSlope``/``RescaleIntercept`` (modality LUT), then ``window`` if given, else the file's
-      VOI LUT or ``WindowCenter``/``WindowWidth`` (first value), else min/max. ``MONOCHROME1`` is inverted.
-      Colour DICOM: ``RGB`` as stored, ``YBR_FULL``/``YBR_FULL_422`` (and JPEG 2000's ``YBR_RCT``/``YBR_ICT``)
-      converted to RGB by pydicom, ``PALETTE COLOR`` through its colour LUT (``apply_color_lut``); more than
-      8 bits are scaled by the stored bit depth. Compressed transfer syntaxes decode through the installed
-      pylibjpeg plugins (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE).
-    - Colour (``color`` ``rgb``/``auto``): RGB as is, RGBA with its alpha channel dropped (not composited:
-      exports use alpha as a constant 255, and compositing on black would darken them), palette through its
-      palette, CMYK through Pillow's conversion, 16-bit RGB TIFF scaled to 8 bits by Pillow (``>> 8``).
+    Scaling: 8-bit gray is kept; colour modes go through Pillow's ITU-R 601 luma (alpha dropped, not composited:
+    exports use a constant 255). 16-bit and float images are stretched by their own min/max (16-bit exports often
+    hold 10-14 significant bits, which dividing by 257 would leave nearly black); a constant image reads as zeros.
+    DICOM: modality LUT, then the file's VOI LUT or first ``WindowCenter``/``WindowWidth``, else min/max;
+    ``MONOCHROME1`` inverted; colour DICOM (RGB, YBR, PALETTE COLOR) converted to RGB by pydicom.
 
     Args:
         path: The image file; its format is detected from the content, not the extension.
-        window: ``(center, width)`` in raw pixel units (DICOM: after rescale, e.g. Hounsfield units), with
-            DICOM's LINEAR meaning for every format: ``(128, 256)`` keeps 8-bit values, ``(40, 400)`` is a
-            soft-tissue CT window. It replaces a DICOM file's own window. Gray images only.
-        color: ``gray`` (default): always ``(H, W)``, colour through ITU-R 601 luma; ``rgb``: always
-            ``(H, W, 3)``, gray replicated; ``auto``: ``(H, W, 3)`` where the source holds colour, else ``(H, W)``
-            (gray stored as RGB, with equal channels, reads as gray).
-        frame: multi-frame DICOM: read the ``first`` or the ``middle`` frame, or refuse the file (``error``); an
-            integer reads that frame (0-based).
-
-    Returns:
-        The ``(H, W)`` or ``(H, W, 3)`` ``uint8`` image.
+        color: ``gray``: always ``(H, W)``; ``rgb``: always ``(H, W, 3)``, gray replicated; ``auto``: ``(H, W, 3)``
+            where the source holds colour (unequal channels), else ``(H, W)``.
+        frame: multi-frame DICOM: the ``first`` or ``middle`` frame, an index (0-based), or ``error`` to refuse.
 
     Raises:
         DataError: The file is missing, empty, a directory, unreadable, truncated, of an unknown format, or a
             multi-frame DICOM with ``frame="error"``.
-        ValueError: ``window`` has a width below 1.
     """
-    if window is not None and not window[1] >= 1:
-        raise ValueError(f"Expected argument `window` to be (center, width) with width >= 1, but got {window}")
     if color not in ("gray", "rgb", "auto"):
         raise ValueError(f"Expected argument `color` to be gray, rgb or auto, but got {color!r}")
     if not isinstance(frame, int) and frame not in ("first", "middle", "error"):
         raise ValueError(f"Expected argument `frame` to be first, middle or error, but got {frame!r}")
     path = Path(path)
-    head = _read_head(path)
-    if _is_dicom(path, head):
-        return as_color(_read_dicom(path, window, frame), color)
-    fmt = _sniff(head)
-    if fmt is None:
-        raise DataError(f"{path}: unknown image format (expected PNG, JPEG, BMP, TIFF or DICOM content)")
+    fmt = _detect(path)
+    if fmt == "DICOM":
+        return as_color(_read_dicom(path, frame), color)
     gray = _require_finite(path, _read_pillow(path, fmt, keep_color=color != "gray"))
-    if gray.ndim == 3:
-        return as_color(gray, color)
-    if window is not None:
-        return as_color(_to_uint8(gray, *_window_bounds(window)), color)
-    return as_color(gray if gray.dtype == np.uint8 else _to_uint8(gray), color)
+    return as_color(gray if gray.dtype == np.uint8 or gray.ndim == 3 else _to_uint8(gray), color)
 
 
 def check_image(path: str | Path) -> None:
-    """Raise the ``DataError`` that :func:`read_image` would for a file that fails before decoding its pixels.
-
-    Reads only the header: missing, empty, unreadable, a directory or a broken link, an unknown format, a
-    header Pillow cannot parse, or more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``. A body truncated or
-    corrupted after the header passes here and fails in :func:`read_image` (finding it means decoding it).
-    DICOM files must parse and hold pixel data (not read: large values are deferred).
-    """
+    """Raise the ``DataError`` that :func:`read_image` would for a file that fails before decoding its pixels
+    (missing, unreadable, unknown format, bad header, too many pixels; DICOM without pixel data). A body corrupted
+    after a good header passes here: finding it means decoding it."""
     path = Path(path)
-    head = _read_head(path)
-    if _is_dicom(path, head):
+    fmt = _detect(path)
+    if fmt == "DICOM":
         import pydicom
 
         try:
@@ -145,20 +97,19 @@ def check_image(path: str | Path) -> None:
         if not found:
             raise DataError(f"{path}: DICOM file has no pixel data")
         return
-    fmt = _sniff(head)
-    if fmt is None:
-        raise DataError(f"{path}: unknown image format (expected PNG, JPEG, BMP, TIFF or DICOM content)")
     with _pillow_image(path, fmt):
         pass
 
 
-def _sniff(head: bytes) -> str | None:
-    return next((fmt for magic, fmt in _MAGIC.items() if head.startswith(magic)), None)
-
-
-def _is_dicom(path: Path, head: bytes) -> bool:
-    """DICOM's ``DICM`` preamble, or a ``.dcm`` file of no other known format (DICOM without a preamble)."""
-    return head[128:132] == b"DICM" or (path.suffix.lower() == ".dcm" and not _sniff(head))
+def _detect(path: Path) -> str:
+    """``DICOM`` (its ``DICM`` preamble, or a ``.dcm`` file of no other known format), else the Pillow format."""
+    head = _read_head(path)
+    fmt = next((fmt for magic, fmt in _MAGIC.items() if head.startswith(magic)), None)
+    if head[128:132] == b"DICM" or (path.suffix.lower() == ".dcm" and fmt is None):
+        return "DICOM"
+    if fmt is None:
+        raise DataError(f"{path}: unknown image format (expected PNG, JPEG, BMP, TIFF or DICOM content)")
+    return fmt
 
 
 def _read_head(path: Path) -> bytes:
@@ -197,8 +148,8 @@ def _pillow_image(path: Path, fmt: str) -> Iterator[Image.Image]:
 
 
 def _read_pillow(path: Path, fmt: str, keep_color: bool = False) -> np.ndarray:
-    """Decode with Pillow; 8-bit modes become ``L``, deeper ones come back as their raw numeric array.
-    With ``keep_color``, colour modes come back as ``(H, W, 3)`` RGB (see :func:`_pillow_rgb`)."""
+    """Decode with Pillow: 8-bit modes become ``L`` (with ``keep_color``, colour modes ``(H, W, 3)`` RGB), deeper
+    ones come back as their raw numeric array."""
     with _pillow_image(path, fmt) as img:
         img.load()
         if getattr(img, "n_frames", 1) > 1:
@@ -213,12 +164,11 @@ def _read_pillow(path: Path, fmt: str, keep_color: bool = False) -> np.ndarray:
         return np.asarray(img).copy()
 
 
-def _read_dicom(path: Path, window: tuple[float, float] | None, frame: Frame | int = "error") -> np.ndarray:
-    """Stored values -> modality LUT -> VOI (``window``, the file's, or min/max) -> uint8; MONOCHROME1 inverted.
-    Colour files go to :func:`_dicom_colour` and come back ``(H, W, 3)``.
+def _read_dicom(path: Path, frame: Frame | int = "error") -> np.ndarray:
+    """Stored values -> modality LUT -> VOI (the file's, or min/max) -> uint8; MONOCHROME1 inverted.
 
-    The file's window is applied by pydicom, which maps it onto the stored bit depth; that output range is
-    found by pushing -inf/+inf through the same call. A VOI LUT Sequence has no such range: min/max.
+    pydicom maps the file's window onto the stored bit depth; that output range is found by pushing -inf/+inf
+    through the same call. A VOI LUT Sequence has no such range: min/max.
     """
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -232,10 +182,6 @@ def _read_dicom(path: Path, window: tuple[float, float] | None, frame: Frame | i
         if photometric not in ("MONOCHROME1", "MONOCHROME2"):
             return _dicom_colour(ds, pixels, photometric, path)
         values = _require_finite(path, apply_modality_lut(pixels, ds))
-        if window is not None:  # the argument replaces the file's own VOI settings
-            for keyword in ("VOILUTSequence", "VOILUTFunction"):
-                ds.pop(keyword, None)
-            ds.WindowCenter, ds.WindowWidth = window
         if ds.get("VOILUTSequence"):
             gray = _to_uint8(apply_voi_lut(values, ds, index=0))
         elif "WindowCenter" in ds and "WindowWidth" in ds:
@@ -273,12 +219,6 @@ def _require_finite(path: Path, values: np.ndarray) -> np.ndarray:
         if bad:
             raise DataError(f"{path}: {bad} of {values.size} pixels are not finite (NaN or infinity)")
     return values
-
-
-def _window_bounds(window: tuple[float, float]) -> tuple[float, float]:
-    """The values mapped to 0 and 255 by a DICOM LINEAR window (PS3.3 C.11.2.1.2)."""
-    center, width = window[0] - 0.5, window[1] - 1
-    return center - width / 2, center + width / 2
 
 
 def _to_uint8(values: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
@@ -324,10 +264,9 @@ def as_color(image: np.ndarray, color: Color) -> np.ndarray:
 
 def _pillow_rgb(img: Image.Image) -> np.ndarray:
     """``(H, W, 3)`` ``uint8`` RGB of a Pillow colour image; an alpha channel is dropped, not composited."""
-    if img.mode == "RGBA":
-        return np.asarray(img)[..., :3].copy()
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
+    if img.mode == "RGBA":
         return np.asarray(img)[..., :3].copy()
     return np.asarray(img.convert("RGB")).copy()
 
@@ -338,8 +277,7 @@ def dicom_frame_count(path: str | Path) -> int:
     import pydicom
 
     try:
-        path = Path(path)
-        if not _is_dicom(path, _read_head(path)):
+        if _detect(Path(path)) != "DICOM":
             return 1
         return max(1, int(pydicom.dcmread(path, force=True, stop_before_pixels=True).get("NumberOfFrames") or 1))
     except Exception:  # any failure is read_image's to report, with its reason
@@ -347,8 +285,7 @@ def dicom_frame_count(path: str | Path) -> int:
 
 
 def _dicom_frame(ds, path: Path, frame: Frame | int) -> np.ndarray:
-    """The pixel array of one frame: the only one, the ``first``/``middle`` of a multi-frame file, or frame
-    number ``frame``."""
+    """The pixel array of one frame: the only one, the ``first``/``middle`` one, or frame number ``frame``."""
     frames = int(ds.get("NumberOfFrames") or 1)
     if isinstance(frame, int) and not 0 <= frame < frames:
         raise DataError(f"{path}: has {frames} frame(s); there is no frame {frame}")
@@ -364,12 +301,8 @@ def _dicom_frame(ds, path: Path, frame: Frame | int) -> np.ndarray:
 
 
 def _dicom_colour(ds, pixels: np.ndarray, photometric: str, path: Path) -> np.ndarray:
-    """``(H, W, 3)`` ``uint8`` RGB of a colour DICOM frame.
-
-    pydicom has already turned ``YBR_FULL``/``YBR_FULL_422`` into RGB (its default ``as_rgb``) and the JPEG 2000
-    decoders ``YBR_RCT``/``YBR_ICT``; ``PALETTE COLOR`` goes through the file's colour LUT. Values wider than
-    8 bits are scaled by their bit depth (16-bit LUT entries, 16-bit RGB), so colours keep their balance.
-    """
+    """``(H, W, 3)`` ``uint8`` RGB of a colour DICOM frame (pydicom has already turned YBR into RGB); ``PALETTE
+    COLOR`` goes through the file's LUT, and values wider than 8 bits are scaled by their bit depth."""
     from pydicom.pixels import apply_color_lut
 
     if photometric == "PALETTE COLOR":

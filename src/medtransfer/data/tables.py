@@ -1,8 +1,5 @@
-"""Reading label tables: CSV cells with line numbers for errors, ChestX-ray14 findings, class-name and 0/1 labels.
-
-Shared by :mod:`medtransfer.commands.evaluate` (label and prediction files) and :mod:`medtransfer.data.sources`
-(manifests). Every problem with a table is a :class:`~medtransfer.errors.DataError` whose message names the file,
-the line (the header is line 1) and the column at fault.
+"""Reading label tables (for ``evaluate`` and the manifests): CSV cells with line numbers, ChestX-ray14 findings,
+class-name and 0/1 labels. Every problem is a ``DataError`` naming the file, the line (header = 1) and the column.
 """
 
 from __future__ import annotations
@@ -29,27 +26,16 @@ __all__ = [
 
 #: The 14 findings of ChestX-ray14 (Wang et al. 2017), in the order of the CheXNet papers.
 CHESTXRAY14_FINDINGS: tuple[str, ...] = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
+    "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+)  # fmt: skip
 _NO_FINDING = "No Finding"
 _FIRST_DATA_LINE = 2  # the header is line 1
 
 
-def read_csv_table(path: Path, what: str) -> pd.DataFrame:
-    """Every cell as a string, indexed by the 1-based line number of the row in the file; blank lines dropped."""
+def read_csv_table(path: Path, what: str, min_columns: int = 1) -> pd.DataFrame:
+    """Every cell as a string, indexed by the 1-based line number of the row in the file; blank lines dropped.
+    A file read as one column is an error when it looks separated otherwise, or when ``min_columns`` > 1."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{what} file {path} does not exist")
@@ -62,7 +48,7 @@ def read_csv_table(path: Path, what: str) -> pd.DataFrame:
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as err:
         raise DataError(f"{what} file {path} cannot be read as CSV: {_line_numbered(str(err).strip())}") from None
     frame.columns = [str(name).strip() for name in frame.columns]
-    _check_header(frame, path, what)
+    _check_header(frame, path, what, min_columns)
     frame.index = pd.RangeIndex(_FIRST_DATA_LINE, _FIRST_DATA_LINE + len(frame), name="line")
     frame = frame[(frame != "").any(axis=1)]
     _check_rows(frame, path)
@@ -80,15 +66,16 @@ def _line_numbered(message: str) -> str:
     return re.sub(r"starting at row (\d+)", lambda match: f"starting at line {int(match[1]) + 1}", message)
 
 
-def _check_header(frame: pd.DataFrame, path: Path, what: str) -> None:
+def _check_header(frame: pd.DataFrame, path: Path, what: str, min_columns: int) -> None:
     """A DataError for a file of another delimiter (read as one column) or a header naming a column twice."""
     if len(frame.columns) == 1:
         header = frame.columns[0]
         guess = next((name for sep, name in _DELIMITERS if sep in header), None)
-        if guess is not None:
+        if guess is not None or min_columns > 1:
+            why = f"it looks separated by {guess}" if guess else "it has no ',' in its header"
             raise DataError(
-                f"{what} file {path} was read as a single column {header!r} (line 1): it looks separated by "
-                f"{guess}; medtransfer reads comma-separated files (save it with ',' as the delimiter)"
+                f"{what} file {path} was read as a single column {header!r} (line 1): {why}; "
+                "medtransfer reads comma-separated files (save it with ',' as the delimiter)"
             )
     if any(_MANGLED.fullmatch(name) for name in frame.columns):  # only then read the raw header again
         raw = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0]

@@ -1,8 +1,5 @@
-"""albumentations pipelines for gray and colour medical images, sized and normalised for the backbone.
-
-Gray images arrive ``(H, W)`` and are replicated to ``channels``; colour images (``color="rgb"``) arrive
-``(H, W, 3)`` RGB and keep their channels, normalised with the backbone's per-channel (ImageNet) mean and std.
-"""
+"""albumentations pipelines for gray ``(H, W)`` and colour ``(H, W, 3)`` medical images, sized and normalised for
+the backbone; gray is replicated to ``channels``."""
 
 from __future__ import annotations
 
@@ -24,12 +21,6 @@ INTERPOLATIONS = {
 }
 
 
-def _interpolation_flag(name: str) -> int:
-    if name not in INTERPOLATIONS:
-        raise ValueError(f"Expected argument `interpolation` to be one of {sorted(INTERPOLATIONS)}, but got {name!r}")
-    return INTERPOLATIONS[name]
-
-
 def _finish(
     size: int, channels: int, mean: Sequence[float], std: Sequence[float], interpolation: str, color: str = "gray"
 ) -> list[A.BasicTransform]:
@@ -44,7 +35,11 @@ def _finish(
         raise ValueError(f"Expected a mean and std per RGB channel for colour images, but got mean {tuple(mean)}")
     if channels == 1:  # one channel for timm's adapted first conv: the average of the RGB statistics
         mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
-    steps: list[A.BasicTransform] = [A.Resize(size, size, interpolation=_interpolation_flag(interpolation))]
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(
+            f"Expected argument `interpolation` to be one of {sorted(INTERPOLATIONS)}, but got {interpolation!r}"
+        )
+    steps: list[A.BasicTransform] = [A.Resize(size, size, interpolation=INTERPOLATIONS[interpolation])]
     if channels == 3 and color == "gray":
         steps.append(A.ToRGB(num_output_channels=3))
     steps += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
@@ -83,15 +78,12 @@ def build_train_transform(
     color_jitter: float = 0.0,
     stain_jitter: float = 0.0,
 ) -> A.Compose:
-    """Training pipeline: a small random affine (and optional brightness/contrast, flip), then as eval.
+    """Training pipeline: a small random affine (and optional CLAHE, brightness/contrast, flip), then as eval.
 
-    Horizontal flips are off by default: on chest X-rays laterality carries meaning. ``steps`` (any
-    albumentations transforms, e.g. from YAML) replace these built-in augmentations when given.
-    Colour images (``color="rgb"``) can also get a hue/saturation jitter (``color_jitter``: saturation
-    ``1 +- s``, hue ``+- s/4`` of the colour circle, half the time), for dermoscopy and fundus photographs whose
-    colour balance varies between cameras, and a stain jitter (``stain_jitter``: probability of albumentations'
-    ``HEStain``, which perturbs the haematoxylin and eosin concentrations), for H&E histology whose staining
-    varies between labs. Both need colour input: on gray images they are an error.
+    Flips are off by default: on chest X-rays laterality carries meaning. ``steps`` (albumentations transforms,
+    e.g. from YAML) replace the built-in augmentations. Colour input only: ``color_jitter`` (saturation ``1 +- s``,
+    hue ``+- s/4``, half the time; camera colour balance) and ``stain_jitter`` (probability of ``HEStain``; H&E
+    staining that varies between labs).
     """
     if color != "rgb" and (color_jitter or stain_jitter):
         raise ValueError("color_jitter and stain_jitter need colour images (color: rgb); set them to 0 for gray data")

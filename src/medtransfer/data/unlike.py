@@ -1,20 +1,12 @@
 """A cheap check that an image looks like the training data: five statistics of the model's input image against
-the range they take on the images the model was validated on.
+the range they take on the validation images.
 
-A pneumonia X-ray model scores an MR slice or a colour photo as confidently as an X-ray (0.95 "pneumonia" was
-seen), so ``predict`` flags such images instead of silently deciding on them. The statistics are computed on the
-normalised input tensor, after the same resizing as the model sees, so they cost a few operations per image:
-
-- ``mean`` and ``std`` of the intensities;
-- ``colour``: the mean spread between channels (0 for grey images replicated to three channels);
-- ``dark``: the share of pixels in the darkest tenth of the image's range (CT/MR slices have a black surround);
-- ``edges``: the mean absolute neighbour difference over the standard deviation (texture, scale-free).
-
-The reference is the 0.5 and 99.5 % quantiles of each statistic on up to ``max_images`` validation images, stored
-in the checkpoint (``input.reference``) and the MLflow model's metadata. An image is *unlike* the training data
-when a statistic falls outside its range widened by half its width on each side. This catches other modalities,
-colour photos and blank or inverted images; it is no guarantee that an X-ray within the range is in-distribution
-(another hospital's scanner may pass), and it is not a trained detector.
+A pneumonia X-ray model scores an MR slice or a colour photo as confidently as an X-ray, so ``predict`` flags such
+images. On the normalised input tensor: ``mean``, ``std``, ``colour`` (mean spread between channels), ``dark``
+(share of pixels in the darkest tenth of the image's range) and ``edges`` (mean absolute neighbour difference over
+the std). The reference is the 0.5 and 99.5 % quantiles on up to ``max_images`` validation images (stored as
+``input.reference``); a statistic outside that range widened by half its width makes an image *unlike*. This
+catches other modalities, colour photos and blank or inverted images; it is not a trained detector.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medtransfer.data.sources.csv_table import _locate_images, _read_patients, _read_table
+from medtransfer.data.sources.csv_table import _filled, _locate_images
 from medtransfer.data.sources.manifest import Manifest, Missing, _carve, _check_fractions, _checked
-from medtransfer.data.tables import CHESTXRAY14_FINDINGS, parse_chestxray14_findings, require_columns
+from medtransfer.data.tables import CHESTXRAY14_FINDINGS, parse_chestxray14_findings, read_csv_table, require_columns
 from medtransfer.errors import DataError
 
 __all__ = ["chestxray14_manifest"]
@@ -36,38 +36,35 @@ def chestxray14_manifest(
 ) -> Manifest:
     """A multilabel manifest of ChestX-ray14 from its official label file.
 
+    Rows in neither official list are left out (logged); listed names without a row are ignored.
+
     Args:
-        labels_csv: ``Data_Entry_2017.csv`` or ``Data_Entry_2017_v2020.csv`` (may be ``.gz``); needs the columns
-            ``Image Index``, ``Finding Labels`` (findings joined by ``|``, ``No Finding`` = none) and ``Patient ID``.
-        image_root: Folder of the PNGs: ``image_root/<Image Index>``, or anywhere below it (the
-            ``images_001/images/...`` layout of some mirrors).
-        train_val_list: The official ``train_val_list.txt`` (one image name per line). Given alone, every other
-            row is test.
-        test_list: The official ``test_list.txt``. Given alone, every other row is train/val. Rows in neither
-            list are left out (logged); names without a row are ignored (the lists cover the full release).
-        val_fraction: Share of the train/val patients held out for validation (of all patients without lists).
+        labels_csv: ``Data_Entry_2017.csv`` or its v2020 revision (may be ``.gz``).
+        image_root: Folder of the PNGs: ``image_root/<Image Index>``, or anywhere below it.
+        train_val_list: The official ``train_val_list.txt``; given alone, every other row is test.
+        test_list: The official ``test_list.txt``; given alone, every other row is train/val.
+        val_fraction: Share of the train/val patients held out for validation.
         test_fraction: Share of the patients held out for test when no list is given.
         seed: Seed of the patient shuffle.
         findings: The findings to predict, in target-column order: all 14 by default, or a subset of them.
-        missing: ``"error"``: a listed image missing on disk is an error; ``"skip"``: such rows are dropped and
-            counted in a warning.
+        missing: ``"error"``: a listed image missing on disk is an error; ``"skip"``: its row is dropped (logged).
 
     Raises:
-        DataError: A file is missing or malformed, an unknown finding, a missing image, a duplicated image, an
-            image in both lists, a patient in two splits, or an empty split (the message names file and line).
+        DataError: A missing or malformed file, finding or image, an image listed twice or in both lists, a
+            patient in two splits, or an empty split (naming file and line).
     """
     labels_csv, image_root = Path(labels_csv), Path(image_root)
     findings = _check_findings(findings)
     official = train_val_list is not None or test_list is not None
-    fractions = _check_fractions({"val": val_fraction} if official else {"val": val_fraction, "test": test_fraction})
-    frame = _read_table(labels_csv, "ChestX-ray14 label")
+    fractions = _check_fractions(val_fraction, test_fraction, given=("test",) if official else ())
+    frame = read_csv_table(labels_csv, "ChestX-ray14 label", min_columns=2)
     require_columns(frame, [_IMAGE_COLUMN, _FINDINGS_COLUMN, _PATIENT_COLUMN], labels_csv)
     if official:
         frame = frame.assign(_pool=_official_pools(frame[_IMAGE_COLUMN], train_val_list, test_list, labels_csv))
         frame = frame[frame["_pool"] != ""]
     frame, paths = _locate_images(frame, _IMAGE_COLUMN, image_root, labels_csv, missing, search_below=True)
     targets = parse_chestxray14_findings(frame[_FINDINGS_COLUMN], list(findings), labels_csv).astype(np.float32)
-    patients = _read_patients(frame[_PATIENT_COLUMN], labels_csv)
+    patients = _filled(frame[_PATIENT_COLUMN], labels_csv, "patient id")
     pools = frame["_pool"].to_numpy() if official else np.full(len(frame), "train")
     splits = _carve(pools, fractions, seed, groups=patients)
     manifest = Manifest(tuple(paths), targets, splits, findings, "multilabel", patients)
@@ -104,13 +101,8 @@ def _official_pools(
     in_test = names.isin(list(test)) if test is not None else ~names.isin(listed)
     in_train_val = names.isin(list(train_val)) if train_val is not None else ~in_test
     pools = np.select([in_test.to_numpy(), in_train_val.to_numpy()], ["test", "train"], "")
-    _logger.info(
-        "%s: %d rows in the split lists, %d in neither (left out); %d listed names have no row",
-        source,
-        (pools != "").sum(),
-        (pools == "").sum(),
-        len(listed) - names.isin(listed).sum(),
-    )
+    _logger.info("%s: %d rows in the split lists, %d in neither (left out); %d listed names have no row",
+                 source, (pools != "").sum(), (pools == "").sum(), len(listed) - names.isin(listed).sum())  # fmt: skip
     return pools
 
 

@@ -10,20 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medtransfer.data.sources.manifest import (
-    SPLITS,
-    Manifest,
-    Missing,
-    _carve,
-    _check_fractions,
-    _checked,
-)
-from medtransfer.data.tables import (
-    parse_binary_column,
-    parse_class_labels,
-    read_csv_table,
-    require_columns,
-)
+from medtransfer.data.sources.manifest import SPLITS, Manifest, Missing, _carve, _check_fractions, _checked
+from medtransfer.data.tables import parse_binary_column, parse_class_labels, read_csv_table, require_columns
 from medtransfer.errors import DataError
 from medtransfer.task import Task
 
@@ -53,38 +41,31 @@ def csv_manifest(
         csv_path: The CSV file (may be compressed, e.g. ``.csv.gz``).
         image_root: Folder that relative paths resolve against; default: the CSV's folder.
         path_column: The column holding the image paths.
-        label_columns: One column holding a class name or a 0-based class index per row (binary/multiclass),
-            or several 0/1 columns, one per label (multilabel; the column names are the class names).
-        split_column: A column holding ``train``, ``val`` or ``test`` per row; default: the column named
-            ``split`` when there is one (logged), else the split is made here (grouped by patient with
-            ``patient_column``, else stratified by class).
+        label_columns: One column of class names or 0-based indices, or several 0/1 columns (multilabel).
+        split_column: A column of ``train``/``val``/``test``; default: a column named ``split``, else split here.
         patient_column: A column holding the patient id; no patient may be in two splits.
         box_columns: Four columns ``x_min, y_min, x_max, y_max`` (pixels); all four empty = no box.
-        task: ``binary``, ``multiclass`` or ``multilabel``; default: multilabel for several label columns,
-            else binary for 2 classes and multiclass for more.
-        class_names: The classes of a single label column, in index order; default: the integers ``0..max``
-            when every label is an integer, else the sorted distinct labels. For multilabel: display names of the
-            label columns, in their order.
+        task: ``binary``, ``multiclass`` or ``multilabel``; default: from the label columns and classes.
+        class_names: Class names in index order (multilabel: of the label columns); default: ``0..max`` or sorted.
         val_fraction: Share of the rows (patients) split here that goes to val.
         test_fraction: Share of the rows (patients) split here that goes to test.
         seed: Seed of the split.
         missing: ``"error"``: an image missing on disk is an error; ``"skip"``: its row is dropped (logged).
 
     Raises:
-        DataError: The file is missing, not comma-separated, lacks a column; or a row has an empty or duplicated
-            path, a missing image, an unknown label or split, an invalid box; or a patient is in two splits, or a
-            split is empty (the message names the file, the line and the column).
+        DataError: A problem with the file, a row, a patient in two splits or an empty split (naming file, line
+            and column).
     """
     csv_path = Path(csv_path)
     image_root = csv_path.parent if image_root is None else Path(image_root)
-    fractions = _check_fractions({"val": val_fraction, "test": test_fraction})
-    frame = _read_table(csv_path, "manifest CSV")
+    fractions = _check_fractions(val_fraction, test_fraction)
+    frame = read_csv_table(csv_path, "manifest CSV", min_columns=2)
     split_column = _split_column_or_default(frame, split_column, label_columns, csv_path)
     optional = [name for name in (split_column, patient_column) if name is not None]
     require_columns(frame, [path_column, *label_columns, *optional, *(box_columns or ())], csv_path)
     frame, paths = _locate_images(frame, path_column, image_root, csv_path, missing)
     targets, class_names, task = _read_targets(frame, label_columns, task, class_names, csv_path)
-    patients = None if patient_column is None else _read_patients(frame[patient_column], csv_path)
+    patients = None if patient_column is None else _filled(frame[patient_column], csv_path, "patient id")
     boxes = None if box_columns is None else _read_boxes(frame, box_columns, csv_path)
     if split_column is not None:
         splits, required = _read_splits(frame[split_column], csv_path), SPLITS
@@ -110,18 +91,13 @@ def _split_column_or_default(
     return "split"
 
 
-def _read_table(path: Path, what: str) -> pd.DataFrame:
-    """Every cell as a string, indexed by line number (header = 1); a file read as one column is an error.
-
-    ``read_csv_table`` already names a ';', tab or '|' delimiter; a manifest needs two columns even without one.
-    """
-    frame = read_csv_table(path, what)
-    if len(frame.columns) == 1:
-        raise DataError(
-            f"{path} was read as a single column {frame.columns[0]!r} (line 1): it has no ',' in its header; "
-            "medtransfer reads comma-separated files (save it with ',' as the delimiter)"
-        )
-    return frame
+def _filled(column: pd.Series, source: Path, what: str) -> np.ndarray:
+    """The stripped cells of ``column`` as str; an empty one is a ``DataError`` naming its line."""
+    values = column.str.strip()
+    empty = values == ""
+    if empty.any():
+        raise DataError(f"{source} line {values.index[empty.argmax()]}, column {column.name!r}: the {what} is empty")
+    return values.to_numpy(dtype=str)
 
 
 def _locate_images(
@@ -132,9 +108,7 @@ def _locate_images(
     An empty or duplicated path is an error; so is a missing image unless ``missing="skip"``. With
     ``search_below``, an image not at ``root/<name>`` is looked up by its file name anywhere below ``root``.
     """
-    names = frame[column].str.strip()
-    if (names == "").any():
-        raise DataError(f"{source} line {names.index[(names == '').argmax()]}, column {column!r}: the path is empty")
+    names = _filled(frame[column], source, "path")
     paths = [Path(os.path.normpath(root / name)) for name in names]  # root / absolute = absolute
     _check_unique(pd.Series([str(path) for path in paths], index=frame.index), column, source)
     exists = np.fromiter((path.is_file() for path in paths), dtype=bool, count=len(paths))
@@ -153,14 +127,8 @@ def _locate_images(
                 f"{source} line {frame.index[first]}, column {column!r}: image {paths[first]} does not exist "
                 f"({int((~exists).sum())} of {len(paths)} images are missing; missing='skip' drops their rows)"
             )
-        _logger.warning(
-            "Skipping %d of %d rows of %s whose image is missing (first: line %d, %s)",
-            (~exists).sum(),
-            len(paths),
-            source,
-            frame.index[first],
-            paths[first],
-        )
+        _logger.warning("Skipping %d of %d rows of %s whose image is missing (first: line %d, %s)",
+                        (~exists).sum(), len(paths), source, frame.index[first], paths[first])  # fmt: skip
     return frame[exists], [path for path, ok in zip(paths, exists, strict=True) if ok]
 
 
@@ -180,14 +148,6 @@ def _check_unique(values: pd.Series, column: str, source: Path) -> None:
             f"{source} lines {lines}, column {column!r}: {value!r} is listed {len(lines)} times "
             f"({duplicated.nunique()} duplicated path(s) in all); each image must appear once"
         )
-
-
-def _read_patients(column: pd.Series, source: Path) -> np.ndarray:
-    patients = column.str.strip()
-    if (patients == "").any():
-        line = patients.index[(patients == "").argmax()]
-        raise DataError(f"{source} line {line}, column {column.name!r}: the patient id is empty")
-    return patients.to_numpy(dtype=str)
 
 
 def _read_splits(column: pd.Series, source: Path) -> np.ndarray:
@@ -271,9 +231,7 @@ def _multilabel_targets(
 def _single_label_targets(
     column: pd.Series, task: Task | None, class_names: Sequence[str] | None, source: Path
 ) -> tuple[np.ndarray, tuple[str, ...], Task]:
-    empty = column.str.strip() == ""
-    if empty.any():
-        raise DataError(f"{source} line {column.index[empty.argmax()]}, column {column.name!r}: the label is empty")
+    _filled(column, source, "label")
     names = _infer_class_names(column, source) if class_names is None else tuple(class_names)
     if len(names) < 2:
         raise ValueError(f"Expected argument `class_names` to name at least 2 classes, but got {list(names)}")
@@ -295,12 +253,8 @@ def _infer_class_names(column: pd.Series, source: Path) -> tuple[str, ...]:
             _logger.warning(
                 "%s, column %r: the integer labels run to %s but only %d of them occur; classes %s have no image.\n"
                 "HINT: labels are 0-based class indices; pass class_names to name the classes.",
-                source,
-                column.name,
-                names[-1],
-                len(values),
-                sorted(set(names) - set(values), key=int),
-            )
+                source, column.name, names[-1], len(values), sorted(set(names) - set(values), key=int),
+            )  # fmt: skip
         values = list(names)
     if len(values) < 2:
         raise DataError(

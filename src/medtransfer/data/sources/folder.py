@@ -27,9 +27,7 @@ def folder_manifest(
 ) -> Manifest:
     """A manifest from class folders: ``root/<class>/**/<image>`` or ``root/{train,val,test}/<class>/**/<image>``.
 
-    The class of an image is its first folder below ``root`` (below the split folder), classes sorted by name;
-    two classes make a binary task, more a multiclass one. Split folders are honoured; a split without a folder
-    is carved from ``train``, stratified by class.
+    Classes sorted by name (two: binary); a split without a folder is carved from ``train``, stratified by class.
 
     Args:
         root: The dataset folder.
@@ -39,13 +37,11 @@ def folder_manifest(
         suffixes: File name endings that count as images (case-insensitive); hidden files are ignored.
 
     Raises:
-        DataError: ``root`` is missing, mixes split folders with class folders, holds fewer than two classes, or
-            a split is empty.
+        DataError: ``root`` is missing, mixes split and class folders, holds under two classes, or a split is empty.
     """
     root = _existing_dir(root)
     split_dirs = _split_folders(root)
-    wanted = {"val": val_fraction, "test": test_fraction}
-    fractions = _check_fractions({name: value for name, value in wanted.items() if name not in split_dirs})
+    fractions = _check_fractions(val_fraction, test_fraction, given=tuple(split_dirs))
     found = {split: _class_images(folder, suffixes) for split, folder in split_dirs.items()}
     paths = [path for images in found.values() for path, _ in images]
     labels = [label for images in found.values() for _, label in images]

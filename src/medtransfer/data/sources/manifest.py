@@ -1,11 +1,8 @@
 """The :class:`Manifest` of a dataset and the split rules every layout's builder shares.
 
-Splits made here are deterministic for a seed: with a patient column the *patients* are shuffled and the first
-``round(test_fraction * P)`` go to test, the next ``round(val_fraction * P)`` to val and the rest to train (at
-least one each when its fraction is positive); without patients the images are ordered so that each class is
-spread evenly (stratified) and cut the same way. A fraction is a share of the rows being split: of all rows when
-nothing is given, of the train/val pool when the test set is given (official lists, a ``test`` folder). Every
-manifest is checked before it is returned: no patient in two splits and no empty split that the caller asked for.
+Splits are deterministic for a seed: patients (else images, stratified by class) are shuffled and the first
+``round(test_fraction * P)`` go to test, the next ``round(val_fraction * P)`` to val (at least one each when its
+fraction is positive). A fraction is a share of the rows being split (of the train/val pool when test is given).
 """
 
 from __future__ import annotations
@@ -38,20 +35,10 @@ _SHOW = 5  # how many offending lines an error message lists
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Manifest:
-    """The images of a dataset with their targets and splits: what a generic image ``Dataset`` needs.
+    """The images of a dataset with their targets and splits (read-only copies): what an image ``Dataset`` needs.
 
-    The arrays are read-only copies; :meth:`subset` and :func:`dataclasses.replace` make new manifests.
-
-    Attributes:
-        paths: The image files, shape (N,).
-        targets: Class indices, int64 of shape (N,), for ``binary``/``multiclass``; 0/1 float32 of shape
-            (N, L) for ``multilabel``.
-        splits: ``"train"``, ``"val"`` or ``"test"`` per image, shape (N,).
-        class_names: The class (or label) names, index = class index (column for multilabel).
-        task: ``"binary"``, ``"multiclass"`` or ``"multilabel"``.
-        patients: Patient id per image (str, shape (N,)), or ``None`` when unknown.
-        boxes: Region of interest per image, float32 ``(N, 4)`` as ``x_min, y_min, x_max, y_max`` in pixels;
-            a row of NaN means no box. ``None`` when the source has no boxes.
+    ``targets`` are int64 class indices ``(N,)``, or 0/1 float32 ``(N, L)`` for ``multilabel``; ``patients`` (str)
+    and ``boxes`` (float32 ``(N, 4)`` ``x_min, y_min, x_max, y_max`` pixels, NaN: no box) may be ``None``.
     """
 
     paths: tuple[Path, ...]
@@ -143,8 +130,9 @@ class Manifest:
         )
 
 
-def _check_fractions(fractions: dict[str, float]) -> dict[str, float]:
-    """The split fractions, each in [0, 1) and summing to less than 1 (train needs images)."""
+def _check_fractions(val_fraction: float, test_fraction: float, given: Sequence[str] = ()) -> dict[str, float]:
+    """``{"val": ..., "test": ...}`` less the ``given`` splits, each in [0, 1) and summing to below 1."""
+    fractions = {name: value for name, value in (("val", val_fraction), ("test", test_fraction)) if name not in given}
     for name, value in fractions.items():
         if not 0.0 <= value < 1.0:
             raise ValueError(f"Expected argument `{name}_fraction` to be in [0, 1), but got {value}")
@@ -163,11 +151,8 @@ def _split(
     groups: np.ndarray | None = None,
     strata: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Split ``n`` rows into train and the ``fractions`` (``{"val": 0.1, "test": 0.2}``), deterministic for a seed.
-
-    With ``groups`` the groups (patients) are shuffled and cut, so a group never straddles two splits; with
-    ``strata`` (class indices) each class is spread evenly over the order before it is cut; else rows are shuffled.
-    """
+    """Split ``n`` rows into train and the ``fractions`` (``{"val": 0.1, "test": 0.2}``): ``groups`` (patients)
+    are shuffled and cut whole; else rows, shuffled with each class (``strata``) spread evenly over the order."""
     rng = np.random.default_rng(seed)
     if groups is not None:
         units, unit_of_row = np.unique(groups, return_inverse=True)
@@ -201,11 +186,8 @@ def _carve(
     groups: np.ndarray | None = None,
     strata: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``given`` with its ``"train"`` rows split again into train and ``fractions`` by :func:`_split`.
-
-    Every builder goes through here: with nothing given, all rows are ``"train"`` and are split three ways; with
-    a given test set (official list, ``test`` folder), val is carved from the train/val rows.
-    """
+    """``given`` with its ``"train"`` rows split again into train and ``fractions`` by :func:`_split` (all rows
+    when nothing is given; the train/val pool when a test set is given)."""
     splits = np.array(given, dtype="<U5")
     pool = splits == "train"
     if fractions and pool.any():
@@ -218,10 +200,8 @@ def _carve(
 def _checked(
     manifest: Manifest, source: Path, lines: pd.Index | None = None, required: Sequence[str] = ("train",)
 ) -> Manifest:
-    """``manifest`` once its splits are checked (no ``required`` split empty, no patient in two); logs a summary.
-
-    ``lines`` are the line numbers of the rows in ``source`` (for the error message), else paths are named.
-    """
+    """``manifest`` once no ``required`` split is empty and no patient in two (errors name ``lines`` of ``source``,
+    else paths); logs a summary."""
     for split in required:
         if not (manifest.splits == split).any():
             raise DataError(f"{source}: the {split!r} split is empty ({len(manifest)} images in all)")

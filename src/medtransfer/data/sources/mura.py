@@ -25,11 +25,9 @@ def mura_manifest(
     seed: int = 0,
     suffixes: Sequence[str] = SUPPORTED_SUFFIXES,
 ) -> Manifest:
-    """A binary manifest of a MURA-style tree: ``.../patientXXXXX/studyN_positive/imageK.png``.
+    """A binary manifest of a MURA-style tree: ``.../patientXXXXX/studyN_positive/imageK.png``, split by patient.
 
-    The label is the study folder's suffix (``negative`` = 0, ``positive`` = 1), the patient the study's parent
-    folder. With MURA's official ``root/train`` and ``root/valid`` folders, ``valid`` (the public evaluation set)
-    becomes test and val is carved from train; otherwise all images are split here. Splits are by patient.
+    With MURA's official ``root/train`` and ``root/valid`` folders, ``valid`` becomes test and val is carved from train.
 
     Args:
         root: The dataset folder (e.g. ``MURA-v1.1``, or one body part such as ``MURA-v1.1/train/XR_ELBOW``).
@@ -49,11 +47,8 @@ def mura_manifest(
     labels, patients = (np.asarray(values) for values in zip(*map(_parse_mura_path, paths), strict=True))
     targets = (labels == "positive").astype(np.int64)
     official = (root / "train").is_dir() and (root / "valid").is_dir()
-    if official:
-        given = np.asarray(["test" if path.is_relative_to(root / "valid") else "train" for path in paths])
-        fractions = _check_fractions({"val": val_fraction})
-    else:
-        given, fractions = np.full(len(paths), "train"), _check_fractions({"val": val_fraction, "test": test_fraction})
+    fractions = _check_fractions(val_fraction, test_fraction, given=("test",) if official else ())
+    given = np.asarray(["test" if official and path.is_relative_to(root / "valid") else "train" for path in paths])
     splits = _carve(given, fractions, seed, groups=patients)
     manifest = Manifest(tuple(paths), targets, splits, ("negative", "positive"), "binary", patients)
     return _checked(manifest, root, required=("train", "test") if official else ("train",))

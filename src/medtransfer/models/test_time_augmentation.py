@@ -1,9 +1,5 @@
-"""Test-time augmentation: the model's logits averaged over a few small, label-preserving views of each image.
-
-Views are small shifts and scalings, no flips (a radiograph's left and right are not interchangeable). They are
-fixed affine warps (``affine_grid`` + ``grid_sample``, border padding), so the same views are applied in
-validation (where thresholds are fitted), test, predict and the exported MLflow model.
-"""
+"""Test-time augmentation: logits averaged over small shifts and scalings of each image, no flips (a radiograph's
+sides are not interchangeable); fixed affine warps, so validation, test, predict and export see the same views."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ precision-recall curve (a case is positive when its probability is ``>=`` the th
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -13,7 +13,7 @@ from torchmetrics.utilities import rank_zero_warn
 __all__ = ["ThresholdPolicy", "fit_threshold", "fit_thresholds"]
 
 ThresholdPolicy = Literal["fixed", "youden", "target_sensitivity", "target_specificity", "f1"]
-_POLICIES = ("fixed", "youden", "target_sensitivity", "target_specificity", "f1")
+_POLICIES = get_args(ThresholdPolicy)
 
 
 def _check(probs: Tensor, target: Tensor, policy: str, target_value: float) -> None:

@@ -26,12 +26,8 @@ _PLAIN = (str, int, float, bool, type(None))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``path`` loaded with ``weights_only=True``, checked to be a Lightning checkpoint that names no foreign code.
-
-    Every failure is one ``DataError`` naming the file: pickled objects beyond tensors and plain values (code that
-    unpickling would run; nothing in it runs), a file that is not a checkpoint at all (empty, truncated, text),
-    a plain state dict without Lightning's keys, or a class path outside ``TRUSTED_MODULES``.
-    """
+    """``path`` loaded with ``weights_only=True``, checked to be a Lightning checkpoint that names no foreign code;
+    every failure is one ``DataError`` naming the file."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -60,11 +56,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def check_class_paths(path: str | Path, hyper_parameters: Mapping[str, Any]) -> None:
     """Raise ``DataError`` if a class path in ``hyper_parameters`` lies outside ``TRUSTED_MODULES``.
 
-    Lightning rebuilds a LightningCLI-trained module through jsonargparse, which resolves a callable-typed
-    argument (``optimizer: torch.optim.Adam``) by importing the module it names: ``optimizer: this.s`` would
-    import ``this`` (printing the Zen of Python) before the type check refused it. The strings checked are the
-    values of ``ClassifierModule`` arguments that are not plain (str, numbers, ``Literal``) and of any
-    ``class_path``; no module is imported to check them.
+    jsonargparse resolves a callable-typed argument by importing the module it names (``optimizer: this.s`` would
+    import ``this``) before any type check, so the values of ``ClassifierModule``'s non-plain arguments and of any
+    ``class_path`` are checked as strings, importing nothing.
     """
     if not isinstance(hyper_parameters, Mapping):
         return

@@ -1,9 +1,7 @@
-"""The ``medtransfer`` console script: the command list and dispatch, importing nothing heavy.
+"""The ``medtransfer`` console script: the command list and dispatch, importing nothing heavy (``--help`` is instant).
 
-``medtransfer --help`` prints every command from here without importing Lightning, timm or MLflow (seconds of
-start-up); a command imports only its own module. ``fit``, ``validate`` and ``test`` go to the LightningCLI in
-``medtransfer.commands.fit``; every other command is a typed ``run_<command>`` function that
-:mod:`medtransfer.commands.command_line` turns into its command line.
+``fit``, ``validate`` and ``test`` go to the LightningCLI in ``medtransfer.commands.fit``; every other command is a
+typed ``run_<command>`` function that :mod:`medtransfer.commands.command_line` turns into its command line.
 """
 
 from __future__ import annotations

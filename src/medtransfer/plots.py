@@ -1,8 +1,5 @@
-"""Figures for evaluation reports: ROC, risk-coverage, reliability diagram, confusion matrix with abstentions.
-
-Pure drawing: each function takes numbers already computed elsewhere and returns a matplotlib ``Figure``
-(Agg backend, no display needed); ``save_figure`` writes it as PNG atomically.
-"""
+"""Figures for evaluation reports (ROC, risk-coverage, reliability, confusion with abstentions): pure drawing of
+numbers computed elsewhere, as matplotlib ``Figure`` s (Agg backend); ``save_figure`` writes PNG atomically."""
 
 from __future__ import annotations
 
@@ -75,9 +72,8 @@ def plot_label_counts(counts: np.ndarray, label_names: Sequence[str], columns: S
 def plot_risk_coverage(coverage: Sequence[float], risk: Sequence[float], aurc: float,
                        marks: dict[str, tuple[float, float]] | None = None,
                        guarantee: tuple[float, float, float] | None = None) -> Figure:  # fmt: skip
-    """Selective risk against coverage; ``marks`` labels points such as the chosen abstention band;
-    ``guarantee`` = ``(target_risk, delta, calibration coverage)`` draws the certified bound: risk at most
-    ``target_risk`` with probability ``1 - delta`` up to the coverage certified on the calibration data."""
+    """Selective risk against coverage, with labelled ``marks`` and the certified bound of ``guarantee`` =
+    ``(target_risk, delta, certified calibration coverage)``."""
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.step(coverage, risk, where="post", lw=2, label=f"AURC {aurc:.4f}")
     if guarantee is not None:

@@ -1,9 +1,5 @@
-"""Progress of long steps with a rate in images/s: a tqdm bar in a terminal, a line every ``interval`` seconds in
-a log (where a bar is off or would fill the file with carriage returns).
-
-``medtransfer predict`` over 20,000 images at 11 images/s runs half an hour; in a job log it must say so while it
-runs, not only at its last line.
-"""
+"""Progress of long steps in images/s: a tqdm bar in a terminal, else a line every ``interval`` seconds, so a
+job log shows a half-hour ``predict`` moving (a bar would fill it with carriage returns)."""
 
 from __future__ import annotations
 
@@ -17,13 +13,7 @@ __all__ = ["Progress"]
 
 
 class Progress:
-    """Count images done; show ``done/total``, images/s and the time left.
-
-    Args:
-        total: images to do.
-        desc: the step's name, first on every line (``predict``, ``features train``).
-        interval: seconds between two log lines when stderr is not a terminal.
-    """
+    """Count images done of ``total``; show ``done/total``, images/s and the time left, after ``desc``."""
 
     def __init__(self, total: int, desc: str, interval: float = 30.0) -> None:
         self.total, self.desc, self.interval = total, desc, interval

@@ -1,9 +1,6 @@
-"""The one module that touches other libraries' internals (Lightning, MLflow, Optuna, timm, torch): private
-attributes, undocumented classes, and state that only their constructors are meant to set.
-
-Each function names what it reads or writes, why no public API serves and, where there is one, the upstream issue
-it waits for; ``tests/test_upstream.py`` fails loudly when an upstream release renames or removes one of them (or
-makes one unneeded), so an upgrade breaks here and nowhere else.
+"""The one module that touches other libraries' internals (private attributes, undocumented classes, state only
+their constructors set). Each function says why no public API serves; ``tests/test_upstream.py`` fails when an
+upstream release renames or removes one, so an upgrade breaks here and nowhere else.
 """
 
 from __future__ import annotations
@@ -25,29 +22,19 @@ __all__ = [
 
 
 def mlflow_logger_settings(logger: Any) -> tuple[str, str, str | None]:
-    """``(tracking URI, experiment name, artifact location)`` of a Lightning ``MLFlowLogger``.
-
-    Lightning 2.6's ``MLFlowLogger`` keeps its constructor's ``tracking_uri``, ``experiment_name`` and
-    ``artifact_location`` as ``_tracking_uri``, ``_experiment_name``, ``_artifact_location`` and offers no public
-    accessor (Lightning-AI/pytorch-lightning#19983 asks for one).
-    """
+    """``(tracking URI, experiment name, artifact location)`` of a Lightning ``MLFlowLogger``: private attributes
+    without a public accessor (Lightning-AI/pytorch-lightning#19983 asks for one)."""
     return logger._tracking_uri, logger._experiment_name, logger._artifact_location
 
 
 def attached_trainer(module: Any) -> Any:
-    """The Trainer a LightningModule is attached to, or ``None``: its private ``_trainer``.
-
-    The public ``module.trainer`` raises when no Trainer is attached (a module used on its own, in tests or
-    ``predict``); asking first needs the private attribute.
-    """
+    """The Trainer a LightningModule is attached to, or ``None`` (the public ``module.trainer`` raises then)."""
     return module._trainer
 
 
 def mlflow_logger_started(logger: Any) -> bool:
-    """Whether a Lightning ``MLFlowLogger`` has created (or resumed) its run yet: its private ``_initialized``.
-
-    The public ``run_id``/``experiment`` properties would create the run as a side effect of asking.
-    """
+    """Whether a Lightning ``MLFlowLogger`` has created (or resumed) its run yet; the public ``run_id`` and
+    ``experiment`` would create it as a side effect of asking."""
     return logger._initialized
 
 
@@ -57,11 +44,8 @@ def mlflow_logger_run(logger: Any) -> tuple[str | None, str | None]:
 
 
 def set_mlflow_logger_run(logger: Any, run_id: str | None = None, run_name: str | None = None) -> None:
-    """Point a not-yet-started ``MLFlowLogger`` at an existing run, or name the run it will create.
-
-    Both are constructor arguments only; medtransfer learns them after the CLI built the logger (the run id from
-    the checkpoint being resumed, the default run name from the config), before the run starts.
-    """
+    """Point a not-yet-started ``MLFlowLogger`` at an existing run, or name the run it will create: constructor
+    arguments only, which medtransfer learns after the CLI built the logger."""
     if run_id is not None:
         logger._run_id = run_id
     if run_name is not None:
@@ -69,22 +53,14 @@ def set_mlflow_logger_run(logger: Any, run_id: str | None = None, run_name: str 
 
 
 def batches_that_stepped(trainer: Any) -> int:
-    """The optimizer steps so far: the step Lightning logs epoch-end metrics at (``_batches_that_stepped``).
-
-    ``trainer.global_step`` counts optimizer steps too, but Lightning's loggers key epoch-end metrics on the
-    epoch loop's private counter (it differs from ``global_step`` with several optimizers or manual
-    optimization); reproducing Lightning's own step needs it.
-    """
+    """The step Lightning logs epoch-end metrics at: the epoch loop's private counter, which differs from
+    ``global_step`` with several optimizers or manual optimization."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
 def rewrap_ddp(trainer: Any, pl_module: Any) -> None:
-    """Wrap the module in DDP again (after an unfreeze).
-
-    DDP all-reduces only the parameters that required grad when it wrapped the module, so a backbone unfrozen
-    later would train on each rank's gradients alone (Lightning-AI/pytorch-lightning#20340). Lightning has no
-    public re-wrap: this resets the strategy's wrapped model and calls its ``configure_ddp``.
-    """
+    """Wrap the module in DDP again after an unfreeze: DDP all-reduces only the parameters that required grad when
+    it wrapped the module (Lightning-AI/pytorch-lightning#20340), and Lightning has no public re-wrap."""
     from lightning.pytorch.strategies import DDPStrategy
     from torch.nn.parallel import DistributedDataParallel
 
@@ -95,14 +71,12 @@ def rewrap_ddp(trainer: Any, pl_module: Any) -> None:
 
 
 def extend_scheduler(scheduler: Any, group: dict[str, Any]) -> None:
-    """Make a torch learning-rate scheduler schedule ``group``, a parameter group added to its optimizer after the
-    scheduler was built (the backbone group of an unfreeze): the new group gets the first group's values, scaled
-    to its own learning rate.
+    """Make a torch scheduler schedule ``group``, added to its optimizer later (an unfreeze's backbone group), with
+    the first group's values scaled to its learning rate.
 
-    torch's schedulers take one value per group at construction and skip or fail on a group added later
-    (pytorch/pytorch#53712, open): ``base_lrs`` (every ``LRScheduler``), ``LambdaLR.lr_lambdas``,
-    ``ReduceLROnPlateau.min_lrs``, and the ``initial_lr``/``max_lr``/``min_lr`` (and momentum) keys that
-    ``OneCycleLR`` writes into each group. Only their constructors set them; there is no public way to extend them.
+    Schedulers take one value per group at construction only (pytorch/pytorch#53712, open): ``base_lrs``,
+    ``LambdaLR.lr_lambdas``, ``ReduceLROnPlateau.min_lrs`` and ``OneCycleLR``'s per-group ``initial_lr``/``max_lr``/
+    ``min_lr`` (and momentum) keys.
     """
     first = scheduler.optimizer.param_groups[0]
     scale = group["lr"] / first.get("max_lr", first.get("initial_lr", first["lr"]))
@@ -122,13 +96,9 @@ def extend_scheduler(scheduler: Any, group: dict[str, Any]) -> None:
 
 
 def start_system_metrics(run_id: str, tracking_uri: str, interval_s: float, samples_before_logging: int) -> Any:
-    """Start MLflow's system-metrics sampler (``SystemMetricsMonitor``, not part of MLflow's documented API) on an
-    existing run, continuing the run's ``system/*`` steps.
-
-    MLflow starts it only from the fluent ``mlflow.start_run(log_system_metrics=True)``, whose ``end_run`` would
-    also end the run that Lightning's ``MLFlowLogger`` owns; the logger itself has no switch for it
-    (Lightning-AI/pytorch-lightning#20563, open).
-    """
+    """Start MLflow's undocumented ``SystemMetricsMonitor`` on an existing run, continuing its ``system/*`` steps:
+    MLflow starts it only from the fluent ``start_run``, whose ``end_run`` would end the ``MLFlowLogger``'s run,
+    and the logger has no switch for it (Lightning-AI/pytorch-lightning#20563, open)."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     monitor = SystemMetricsMonitor(
@@ -140,9 +110,8 @@ def start_system_metrics(run_id: str, tracking_uri: str, interval_s: float, samp
 
 
 def stop_system_metrics(monitor: Any) -> None:
-    """Stop a sampler from :func:`start_system_metrics` and log one last sample: ``finish()`` alone logs nothing
-    for a run shorter than the sampling interval. The sample goes through the monitor's own ``collect_metrics``,
-    ``aggregate_metrics``, ``publish_metrics`` and ``mlflow_logger.flush``, as its sampling loop does."""
+    """Stop a sampler from :func:`start_system_metrics` and log one last sample, as its sampling loop does:
+    ``finish()`` alone logs nothing for a run shorter than the sampling interval."""
     monitor.finish()
     monitor.collect_metrics()
     monitor.publish_metrics(monitor.aggregate_metrics())

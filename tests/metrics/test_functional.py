@@ -12,6 +12,7 @@ import selective_reference as ref
 import torch
 from torchmetrics.classification import BinaryCalibrationError, MulticlassCalibrationError
 
+from medtransfer.decisions.rule import DecisionRule
 from medtransfer.metrics import functional as F
 
 SEEDS = [0, 1, 2]
@@ -184,13 +185,13 @@ def test_confidence_scores_and_predictions_per_task():
     binary = torch.tensor([0.9, 0.2, 0.5])
     torch.testing.assert_close(F.confidence_scores(binary, "binary"), torch.tensor([0.9, 0.8, 0.5]))
     torch.testing.assert_close(F.confidence_scores(binary, "binary", 0.3, "margin"), torch.tensor([0.6, 0.1, 0.2]))
-    assert F.predictions(binary, "binary", 0.5).tolist() == [1, 0, 1]
+    assert DecisionRule("binary", torch.tensor(0.5), torch.tensor(0.0)).decide(binary).tolist() == [1, 0, 1]
     multiclass = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.45, 0.05]])
     torch.testing.assert_close(F.confidence_scores(multiclass, "multiclass"), torch.tensor([0.6, 0.5]))
     torch.testing.assert_close(F.confidence_scores(multiclass, "multiclass", score="margin"), torch.tensor([0.3, 0.05]))
-    assert F.predictions(multiclass, "multiclass").tolist() == [1, 0]
+    assert DecisionRule("multiclass", torch.tensor(0.5), torch.tensor(0.0)).decide(multiclass).tolist() == [1, 0]
     multilabel, thresholds = torch.tensor([[0.2, 0.7], [0.6, 0.6]]), torch.tensor([0.1, 0.65])
-    assert F.predictions(multilabel, "multilabel", thresholds).tolist() == [[1, 1], [1, 0]]
+    assert DecisionRule("multilabel", thresholds, torch.zeros(2)).decide(multilabel).tolist() == [[1, 1], [1, 0]]
     torch.testing.assert_close(
         F.confidence_scores(multilabel, "multilabel", thresholds, "margin"), torch.tensor([[0.1, 0.05], [0.5, 0.05]])
     )
@@ -221,7 +222,7 @@ def test_reliability_bins_mark_empty_bins_with_nan():
 
 BAD_INPUTS = [
     (lambda: F.confidence_scores(torch.tensor([0.2, 1.5]), "binary"), r"in \[0, 1\], but got 1.5 at index \(1,\)"),
-    (lambda: F.predictions(torch.tensor([[0.2, -0.1]]), "multilabel"), r"but got -0.1\d* at index \(0, 1\)"),
+    (lambda: F.confidence_scores(torch.tensor([[0.2, -0.1]]), "multilabel"), r"but got -0.1\d* at index \(0, 1\)"),
     (lambda: F.confidence_scores(torch.tensor([0.2, float("nan")]), "binary"), r"finite values, but got nan"),
     (lambda: F.aurc(torch.tensor([0.2, float("inf")]), torch.tensor([1, 0])), r"finite values, but got inf"),
     (lambda: F.aurc(torch.tensor([]), torch.tensor([])), "empty batch"),
@@ -235,8 +236,8 @@ BAD_INPUTS = [
     (lambda: F.aurc(torch.rand(4), torch.ones(3)), "`correct` of the same shape"),
     (lambda: F.confidence_scores(torch.rand(3, 1), "multiclass"), r"of shape \(N, C\) with C >= 2"),
     (lambda: F.confidence_scores(torch.rand(3), "binary", score="entropy"), "`score` to be one of"),
-    (lambda: F.predictions(torch.rand(3, 2), "multilabel", torch.tensor([0.5, 0.5, 0.5])), "one value per label"),
-    (lambda: F.predictions(torch.rand(3), "binary", 1.2), r"`threshold` to be in \[0, 1\]"),
+    (lambda: F.confidence_scores(torch.rand(3, 2), "multilabel", torch.tensor([0.5, 0.5, 0.5])), "one value per label"),
+    (lambda: F.confidence_scores(torch.rand(3), "binary", 1.2), r"`threshold` to be in \[0, 1\]"),
     (lambda: F.reliability_bins(torch.rand(3), torch.ones(3), n_bins=0), "`n_bins` to be an integer larger than 0"),
     (lambda: F.reliability_bins(torch.tensor([0.5, 2.0]), torch.ones(2)), "`confidence` to hold probabilities"),
 ]

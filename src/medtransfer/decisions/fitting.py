@@ -1,10 +1,5 @@
-"""Fit a :class:`DecisionRule` on held-out probabilities, and record what it guarantees.
-
-One fitting for the network and the baseline: ``ClassifierModule`` calls :meth:`DecisionFitting.fit` after every
-validation epoch (on the calibration split when the data module holds one out), ``baseline`` on its logistic
-regression's validation probabilities. The threshold(s) follow a named policy, the abstention cut-off a target
-coverage, a target risk or a certified risk (``delta``), and multi-class sets a conformal ``set_alpha``.
-"""
+"""Fit a :class:`DecisionRule` on held-out probabilities and record what it guarantees: one fitting for the network
+(after every validation epoch) and ``baseline``."""
 
 from __future__ import annotations
 
@@ -30,12 +25,8 @@ __all__ = ["DecisionFitting", "calibration_metrics"]
 
 @dataclass(frozen=True)
 class DecisionFitting:
-    """How a rule is fitted; the fields mean what ``ClassifierModule``'s arguments of the same names do.
-
-    Raises:
-        ValueError: a coverage, risk, ``delta`` or ``set_alpha`` outside its range, ``delta`` without a
-            ``target_risk`` in (0, 1), or ``set_alpha`` for a task other than multi-class.
-    """
+    """How a rule is fitted; the fields mean what ``ClassifierModule``'s arguments of the same names do, and are
+    checked on construction."""
 
     task: Task
     threshold_policy: ThresholdPolicy = "youden"
@@ -62,13 +53,8 @@ class DecisionFitting:
             raise ValueError(f"Expected argument `set_alpha` only for a multiclass task, but got task={self.task!r}")
 
     def fit(self, probs: Tensor, targets: Tensor, source: str = "val") -> tuple[DecisionRule, dict[str, Any]]:
-        """The rule fitted on ``probs`` and ``targets``, and its calibration record (saved with a model).
-
-        Args:
-            probs: ``(N,)`` (binary), ``(N, C)`` (multi-class) or ``(N, L)`` (multi-label) probabilities.
-            targets: labels shaped like ``probs``, or ``(N,)`` class indices (multi-class).
-            source: which split the rule is fitted on (``val`` or ``calib``), kept in the record.
-        """
+        """The rule fitted on ``probs`` and ``targets``, and its calibration record (saved with a model, naming
+        the ``source`` split)."""
         targets = targets.long()
         shape = (probs.shape[1],) if self.task == "multilabel" else ()
         threshold = torch.full(shape, 0.5)
@@ -109,8 +95,7 @@ class DecisionFitting:
     def _record(
         self, rule: DecisionRule, probs: Tensor, targets: Tensor, source: str, controls: list[RiskControl] | None
     ) -> tuple[DecisionRule, dict[str, Any]]:
-        """What the rule was calibrated on: scores for the exchangeability check, the certified risk control and
-        the prediction sets' quantile (which the returned rule then holds)."""
+        """The calibration record: exchangeability scores, risk control, and the sets' quantile (put in the rule)."""
         record: dict[str, Any] = {"source": source, "n": len(targets)}
         if self.set_alpha is not None:
             quantile = fit_aps_quantile(probs.cpu(), targets.cpu(), self.set_alpha)
@@ -128,8 +113,7 @@ class DecisionFitting:
 
 
 def calibration_metrics(record: dict[str, Any]) -> dict[str, float]:
-    """The guarantee's numbers to log: ``calib/certified_coverage`` and ``calib/certified`` (with ``delta``),
-    ``calib/set_size`` (with ``set_alpha``)."""
+    """The guarantee's numbers to log: ``calib/certified_coverage``, ``calib/certified``, ``calib/set_size``."""
     metrics: dict[str, float] = {}
     control = record.get("risk_control")
     if control is not None:

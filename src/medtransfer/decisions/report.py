@@ -1,10 +1,6 @@
-"""The one selective report: what a :class:`DecisionRule` does on labelled cases.
-
-:func:`selective_report` (AURC, ECE, selective accuracy at fixed coverages, coverage at fixed accuracies, what the
-abstention band decides) is written by the module's ``test``, by ``baseline``, and, per class, by ``evaluate``'s
-table (:func:`evaluation_table`, also ``plots/evaluation.csv`` of a test run); the test figures draw from it.
-:func:`guarantee_report` adds what the calibration promised and whether these cases look like the calibration data.
-"""
+"""The one selective report of what a :class:`DecisionRule` does on labelled cases, written by the module's
+``test``, by ``baseline`` and, per class, by ``evaluate``'s table (:func:`evaluation_table`); :func:`guarantee_report`
+adds what the calibration promised and whether these cases look like the calibration data."""
 
 from __future__ import annotations
 
@@ -48,12 +44,11 @@ _RANKING = ("aurc", "eaurc", "augrc", "selective_acc", "coverage_at_acc")
 
 
 def selective_report(rule: DecisionRule, probs: Tensor, targets: Tensor, temperature: Any = 1.0) -> dict[str, Tensor]:
-    """AURC, E-AURC, AUGRC, ECE (15 bins), selective accuracy at :data:`COVERAGES`, coverage at 95/99 % accuracy,
-    and what the rule's abstention band does: the share of cases decided and their accuracy; with the rule's
-    threshold, cut-off and the ``temperature`` the probabilities were scaled by.
+    """AURC, E-AURC, AUGRC, ECE, selective accuracy at :data:`COVERAGES`, coverage at 95/99 % accuracy, the
+    abstention band's coverage and accuracy, the rule's threshold and cut-off, and ``temperature``.
 
-    Returns float64 CPU tensors: per label (``(L,)``) for a multi-label rule, scalars otherwise. A label without
-    positives or negatives has no ranking quality: NaN, which the means skip.
+    Float64 CPU tensors, per label for a multi-label rule; a label without positives or negatives gets NaN
+    ranking entries, which the means skip.
     """
     task = rule.task
     confidence, correct = rule.confidence(probs), rule.decide(probs) == targets
@@ -88,9 +83,8 @@ def selective_report(rule: DecisionRule, probs: Tensor, targets: Tensor, tempera
 def guarantee_report(
     rule: DecisionRule, calibration: dict[str, Any] | None, probs: Tensor, targets: Tensor
 ) -> dict[str, Tensor]:
-    """What the calibration promised (certified, risk bound, calibration coverage; set coverage and size) and the
-    exchangeability check's p-values on these cases, warning when they differ from the calibration data, or when
-    there is no calibration record (a model trained before it was kept)."""
+    """What the calibration promised (certified, risk bound, coverage; set coverage and size) and the
+    exchangeability p-values on these cases; warns on a shift, or when there is no calibration record."""
     calibration, report = calibration or {}, {}
     control = calibration.get("risk_control")
     if control is not None:
@@ -152,27 +146,13 @@ def evaluation_table(
     task: Task = "multilabel",
     threshold: float | Sequence[float] = 0.5,
 ) -> pd.DataFrame:
-    """Per-class metrics of probabilities against targets, one-vs-rest, plus a macro ``mean`` row.
+    """Per-class metrics, one-vs-rest, plus a macro ``mean`` row (ignoring NaN), indexed by ``class``.
 
-    Each class is scored as a binary problem (its probability against its 0/1 target) by :func:`selective_report`
-    of a margin rule at ``threshold``: AUROC (torchmetrics ``binary_auroc``; NaN when the class has no positive or
-    no negative), ECE (15 bins, L1), accuracy, AURC and selective accuracy at :data:`COVERAGES`. A class without
-    positives or without negatives has no AUROC, AURC or selective accuracy (NaN, never 0). The ``mean`` row
-    averages the classes, ignoring NaN, so those means cover the defined classes only; ``medtransfer test`` writes
-    the same table (``plots/evaluation.csv``, with the model's validation-fitted thresholds).
-
-    Args:
-        probs: ``multilabel``: (N, C). ``multiclass``: (N, C), rows summing to 1. ``binary``: (N,), (N, 1) or
-            (N, 2); the last column is the positive class.
-        targets: ``multilabel``: (N, C) of 0/1, or (N,) class indices (one label per image).
-        class_names: One name per probability column.
-        task: ``multilabel``, ``binary`` or ``multiclass``.
-        threshold: The decision threshold, one for all classes or one per class (of the scored classes: one
-            for ``binary``).
-
-    Returns:
-        One row per class and a ``mean`` row, indexed by ``class``, with columns ``n``, ``positives``,
-        ``auroc``, ``aurc``, ``ece``, ``accuracy`` and ``sel_acc_80``, ``sel_acc_90``, ``sel_acc_95``.
+    Each class is scored as a binary problem by :func:`selective_report` of a margin rule at ``threshold`` (one,
+    or one per scored class): columns ``n``, ``positives``, ``auroc``, ``aurc``, ``ece``, ``accuracy`` and
+    ``sel_acc_80/90/95``; a class without positives or negatives gets NaN, never 0. ``probs`` are ``(N, C)``, or
+    for ``binary`` ``(N,)``, ``(N, 1)`` or ``(N, 2)`` (the last column positive); ``targets`` 0/1 like ``probs``
+    or ``(N,)`` class indices.
     """
     probs = np.asarray(probs.cpu() if isinstance(probs, Tensor) else probs, dtype=np.float64)
     targets = np.asarray(targets.cpu() if isinstance(targets, Tensor) else targets)
@@ -202,9 +182,8 @@ def evaluation_table(
 
 
 def first_bad_probability(probs: np.ndarray) -> tuple[int, int, int] | None:
-    """``(row, column, count)``: where the first value of ``(N, C)`` ``probs`` that is no probability lies (NaN,
-    or outside [0, 1]; a NaN would turn every metric of its class into NaN), and how many there are; ``None``
-    when every value is one. The one check of probabilities for ``evaluate``'s files and its table."""
+    """``(row, column, count)`` of the first value of ``(N, C)`` ``probs`` that is NaN or outside [0, 1], and how
+    many there are; ``None`` when all are probabilities. The one check for ``evaluate``'s files and table."""
     bad = ~((probs >= 0.0) & (probs <= 1.0))
     if not bad.any():
         return None

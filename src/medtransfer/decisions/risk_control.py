@@ -1,40 +1,26 @@
 r"""Abstention with a stated guarantee, conformal prediction sets, and a check that the guarantee applies.
 
-**Risk control (binary; multi-label per label).** Deciding on the cases whose confidence is at least
-:math:`\lambda` has a selective risk :math:`R(\lambda) = P(\text{wrong} \mid \kappa \ge \lambda)`. Given
-``n_λ`` accepted calibration cases of which ``e_λ`` are wrong, the errors are binomial given ``n_λ`` (the
-accepted cases are i.i.d. draws from the cases with :math:`\kappa \ge \lambda`), so the exact binomial tail
-:math:`p_\lambda = P(\mathrm{Bin}(n_\lambda, \alpha) \le e_\lambda)` is a valid p-value for the null
-:math:`R(\lambda) > \alpha`. Learn-Then-Test (Angelopoulos et al. 2021) with fixed-sequence testing walks a
-grid of cut-offs fixed in advance from the most to the least confident and stops at the first
-:math:`p_\lambda > \delta`; the last cut-off passed is chosen. Then, over the calibration draw,
-:math:`P(R(\hat\lambda) > \alpha) \le \delta`: *at most* ``target_risk`` *errors among the decided cases, with
-probability at least* ``1 - delta``. When even the first tested cut-off fails, nothing is certified: the rule
-refers every case (:data:`REFER_ALL`) and says so.
+**Risk control (binary; multi-label per label).** Given ``n`` accepted calibration cases with ``e`` errors at a
+cut-off, the exact binomial tail :math:`P(\mathrm{Bin}(n, \alpha) \le e)` is a valid p-value for "selective risk
+> alpha". Learn-Then-Test (Angelopoulos et al. 2021) with fixed-sequence testing walks a grid of cut-offs fixed in
+advance, most confident first, and keeps the last one before the first p-value above ``delta``: *at most*
+``target_risk`` *errors among the decided cases, with probability at least* ``1 - delta``. When nothing passes,
+every case is referred (:data:`REFER_ALL`).
 
-Small data: ``n`` decided cases can certify ``target_risk`` at ``delta`` only when even zero errors would, i.e.
-:math:`(1 - \alpha)^n \le \delta`, ``n >= log(delta) / log(1 - target_risk)`` (:func:`min_testable`): 114
-cases for 2 % at delta 0.1, 45 for 5 %, 22 for 10 %. So 50 calibration cases can certify 5 % at best, and a
-2 % target refers everything. The top cut-offs decide on fewer cases than that and could never pass, so the
-sequence starts at the first cut-off deciding on enough cases (a data-dependent start: a slight departure from
-the textbook procedure, whose effect ``bench/risk_control.py`` measures: the violation rate stays at or below
-``delta``).
+Small data: a cut-off can pass only if it decides on ``n >= log(delta) / log(1 - target_risk)`` cases
+(:func:`min_testable`: 45 for 5 % at delta 0.1), so the sequence starts at the first such cut-off (a data-dependent
+start; ``bench/risk_control.py`` measures that the violation rate stays at or below ``delta``).
 
-This is MAPIE's ``BinaryClassificationController`` (risk ``precision`` on the event "correct", fixed-sequence
-FWER control, exact binomial p-value) written as a few vectorised lines over the confidence scores this project
-already computes; ``tests/decisions/test_risk_control.py`` checks both give the same cut-off. MAPIE itself would
-need a scikit-learn-style ``predict_function`` per call and cannot skip the cut-offs that accept nothing.
+This is MAPIE's ``BinaryClassificationController`` (precision of "correct", fixed-sequence FWER control, exact
+binomial p-value) as a few vectorised lines; ``tests/decisions/test_risk_control.py`` checks both pick the same
+cut-off. MAPIE itself needs a ``predict_function`` per call and cannot skip cut-offs that accept nothing.
 
-**Prediction sets (multi-class).** APS (Romano et al. 2020) with MAPIE's conformity score: the cumulative
-probability of the classes ranked down to the true one; the threshold is the
-:math:`\lceil (n + 1)(1 - \alpha) \rceil`-th smallest calibration score, so a new case's set holds its class
-with probability at least :math:`1 - \alpha`. Sets are rebuilt from that one number (stored with the model);
-``tests/decisions/test_risk_control.py`` checks them against MAPIE's ``SplitConformalClassifier``.
+**Prediction sets (multi-class).** APS (Romano et al. 2020) with MAPIE's conformity score; sets are rebuilt from the
+stored quantile and checked against MAPIE's ``SplitConformalClassifier`` in the tests.
 
-**Exchangeability.** Both guarantees hold for data exchangeable with the calibration data.
-:func:`check_exchangeability` compares the data at hand with the calibration scores stored in the model: a
-two-sample Kolmogorov-Smirnov test on confidence, and Fisher's exact test on the share of each predicted
-class (label), Bonferroni-combined.
+**Exchangeability.** Both guarantees hold for data exchangeable with the calibration data:
+:func:`check_exchangeability` runs a two-sample KS test on confidence and Fisher's exact test on each predicted
+class's (label's) share, Bonferroni-combined, against the calibration scores stored in the model.
 """
 
 from __future__ import annotations
@@ -82,16 +68,9 @@ def default_grid(resolution: int = 1000) -> np.ndarray:
 
 @dataclass(frozen=True)
 class RiskControl:
-    """The certified cut-off of one binary problem (or label) and what it does on the calibration data.
-
-    Attributes:
-        cutoff: decide when confidence ``>=`` this; :data:`REFER_ALL` when no cut-off is certified.
-        certified: whether any cut-off met ``target_risk`` at ``delta``.
-        coverage: share of calibration cases decided at ``cutoff``.
-        risk: their error rate (0 when nothing is decided).
-        risk_bound: the one-sided ``1 - delta`` Clopper-Pearson upper bound on the selective risk there.
-        n: calibration cases.
-    """
+    """The certified cut-off of one binary problem (or label): decide when confidence ``>= cutoff``
+    (:data:`REFER_ALL` when not ``certified``); ``coverage`` and ``risk`` on the ``n`` calibration cases, and
+    ``risk_bound``, the one-sided ``1 - delta`` Clopper-Pearson upper bound on the selective risk there."""
 
     cutoff: float
     certified: bool
@@ -113,15 +92,8 @@ def _counts(confidence: np.ndarray, correct: np.ndarray, grid: np.ndarray) -> tu
 def control_selective_risk(
     confidence: Any, correct: Any, target_risk: float, delta: float, grid: np.ndarray | None = None
 ) -> RiskControl:
-    """The lowest cut-off (largest coverage) whose selective risk is certified ``<= target_risk`` w.p. ``1 - delta``.
-
-    Args:
-        confidence: ``(N,)`` confidence scores of the calibration cases (higher: surer).
-        correct: ``(N,)`` whether each decision was right.
-        target_risk: the highest error rate allowed among decided cases, in (0, 1).
-        delta: the allowed probability that the chosen cut-off misses ``target_risk``, in (0, 1).
-        grid: cut-offs in testing order, most confident first (default :func:`default_grid`).
-    """
+    """The lowest cut-off (largest coverage) whose selective risk is certified ``<= target_risk`` w.p. ``1 - delta``,
+    testing ``grid`` (most confident first; default :func:`default_grid`) on ``(N,)`` confidence and correctness."""
     _check_open_unit("target_risk", target_risk)
     _check_open_unit("delta", delta)
     confidence = np.asarray(confidence, dtype=np.float64).reshape(-1)
@@ -157,13 +129,11 @@ def min_testable(target_risk: float, delta: float) -> int:
 
 # ------------------------------------------------------------------------------------------ prediction sets
 def fit_aps_quantile(probs: Any, labels: Any, alpha: float, seed: int = 0) -> float:
-    """The APS threshold for coverage ``1 - alpha``: the finite-sample quantile of MAPIE's randomised APS
-    conformity scores (``APSConformityScore``, as its ``SplitConformalClassifier`` computes them) on the
-    calibration cases; ``inf`` (sets of every class) when there are too few.
+    """The APS threshold for coverage ``1 - alpha``: the conformal quantile of MAPIE's randomised
+    ``APSConformityScore`` on the calibration cases; ``inf`` (every class) when there are too few.
 
-    The score is called directly rather than through the classifier, which refuses calibration labels of fewer
-    than three distinct classes; a two-class model gets a third, empty column, which changes no score.
-    """
+    The score is called directly: MAPIE's classifier refuses calibration labels of fewer than three classes (a
+    two-class model gets a third, empty column, which changes no score)."""
     from mapie.conformity_scores import APSConformityScore
 
     _check_open_unit("alpha", alpha)
@@ -201,17 +171,9 @@ def aps_sets(probs: Any, quantile: float) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ exchangeability
 @dataclass(frozen=True)
 class ExchangeabilityCheck:
-    """Whether the data at hand look like the calibration data.
-
-    Attributes:
-        ks_statistic: largest KS distance between confidence distributions (over labels).
-        ks_p_value: its p-value, Bonferroni-adjusted over labels.
-        positive_rate: share of cases decided positive (per class or label) now.
-        calibration_positive_rate: the same on the calibration data.
-        rate_p_value: Fisher's exact test on those shares, Bonferroni-adjusted over classes or labels.
-        shifted: either p-value is below the level the check was run at.
-        level: that level.
-    """
+    """Whether the data at hand look like the calibration data: the largest KS distance of confidence and its
+    p-value, the positive-decision rates now and at calibration and Fisher's p-value on them (both
+    Bonferroni-adjusted over columns); ``shifted`` when either p-value is below ``level``."""
 
     ks_statistic: float
     ks_p_value: float
@@ -239,14 +201,9 @@ def _columns(values: Any, dtype: type) -> np.ndarray:
 
 
 def calibration_summary(confidence: Any, positives: Any, seed: int = 0) -> dict[str, Any]:
-    """What :func:`check_exchangeability` needs later, as plain JSON: per column (the decision of a binary task,
-    each label, or each predicted class) the confidence scores (at most :data:`MAX_STORED_SCORES`, a seeded
-    subsample beyond) and the count of positive decisions, and the number of cases.
-
-    Args:
-        confidence: ``(N,)`` or ``(N, L)`` confidence scores of the calibration cases.
-        positives: ``(N,)`` or ``(N, K)`` 0/1 decisions (binary decision, per label, or one-hot class).
-    """
+    """What :func:`check_exchangeability` needs later, as plain JSON: the number of cases and, per column of
+    ``confidence`` and 0/1 ``positives`` (binary decision, label, or one-hot class), the confidence scores (at most
+    :data:`MAX_STORED_SCORES`, a seeded subsample beyond) and the count of positive decisions."""
     confidence, positives = _columns(confidence, np.float64), _columns(positives, np.int64)
     rows = np.arange(len(confidence))
     if len(rows) > MAX_STORED_SCORES:
@@ -285,15 +242,9 @@ def check_exchangeability(
 
 
 def guarantee_verdict(rule: Any, calibration: dict[str, Any] | None, probs: list[Any], level: float = 0.01) -> dict:
-    """What a prediction run may rely on: the model's stored guarantee and whether these cases look like its
-    calibration data (``check_exchangeability`` of ``rule.confidence``/``rule.positives``); warns when they do
-    not, and when the model holds no calibration data (trained before it was recorded: no guarantee claimed).
-
-    Args:
-        rule: the model's ``DecisionRule``.
-        calibration: the model's calibration record (checkpoint ``calibration``, MLflow metadata), or ``None``.
-        probs: the probabilities predicted, in batches (tensors).
-    """
+    """As JSON for a prediction run (``probs`` in batches): the model's stored guarantee (its ``calibration``
+    record, or ``None``) and whether these cases look like its calibration data; warns when they do not, and
+    when the model holds no calibration data (no guarantee claimed)."""
     if not calibration or "scores" not in calibration:
         message = "the model holds no calibration data (trained before medtransfer recorded it): no guarantee claimed"
         _logger.warning("%s", message)

@@ -1,9 +1,5 @@
-"""How a model's probabilities become decisions: threshold(s), and the abstention band that refers a case.
-
-The rule is fitted on validation data (:mod:`medtransfer.decisions.fitting`) and stored with a model's weights;
-it is kept apart from the network so an exported model (a torch.export graph in MLflow, which computes only
-probabilities) decides exactly as the checkpoint does: ``predict`` rebuilds it from the MLflow model's metadata.
-"""
+"""How probabilities become decisions: threshold(s) and the abstention band that refers a case. Kept apart from
+the network so an exported model (probabilities only) decides exactly as the checkpoint does."""
 
 from __future__ import annotations
 
@@ -22,17 +18,9 @@ __all__ = ["DecisionRule"]
 
 @dataclass(frozen=True)
 class DecisionRule:
-    """Decisions and referrals from probabilities.
-
-    Args:
-        task: ``binary`` (probabilities ``(N,)``), ``multiclass`` (``(N, C)``, softmax) or ``multilabel``
-            (``(N, L)``, one sigmoid per label).
-        threshold: the decision threshold (binary), one per label (multi-label); unused for multi-class.
-        min_confidence: a case (or label) whose confidence is below this is referred (abstained on).
-        confidence_score: ``margin`` (distance to the threshold; top-1 minus top-2) or ``max_prob``.
-        set_quantile: multi-class only: the conformal (APS) threshold of the prediction sets; a case whose set
-            holds more than one class is referred. ``None``: no sets (models without calibration data).
-    """
+    """Decisions and referrals from probabilities: ``threshold`` (binary, or per label; unused for multi-class),
+    ``min_confidence`` below which a case (label) is referred, and the multi-class conformal ``set_quantile``
+    (a case whose set holds more than one class is referred; ``None``: no sets)."""
 
     task: Task
     threshold: Tensor
@@ -52,8 +40,7 @@ class DecisionRule:
         return F.confidence_scores(probs, self.task, threshold, self.confidence_score)
 
     def abstains(self, probs: Tensor) -> Tensor:
-        """True where the case (or label) falls in the abstention band, or its prediction set holds more than
-        one class, and is referred to a human."""
+        """True where the case (label) is referred: in the abstention band, or a set of several classes."""
         referred = self.confidence(probs) < self.min_confidence.to(probs.device)
         if self.task == "multiclass" and self.set_quantile is not None:
             referred |= self.prediction_sets(probs).sum(dim=-1) > 1
@@ -68,16 +55,14 @@ class DecisionRule:
         return max(0.0, t - m), min(1.0, t + m)
 
     def prediction_sets(self, probs: Tensor) -> Tensor:
-        """Multi-class: ``(N, C)`` booleans, the conformal set of each case (covers the true class with
-        probability ``1 - alpha`` on data exchangeable with the calibration data)."""
+        """Multi-class: ``(N, C)`` booleans, the conformal set of each case."""
         if self.task != "multiclass" or self.set_quantile is None:
             raise ValueError("prediction_sets needs a multi-class rule fitted with `set_alpha` (a set_quantile)")
         sets = aps_sets(probs.detach().double().cpu().numpy(), self.set_quantile)
         return torch.from_numpy(sets).to(probs.device)
 
     def positives(self, probs: Tensor) -> Tensor:
-        """0/1 decisions per column, for the exchangeability check: the binary decision, each label's, or the
-        one-hot predicted class."""
+        """0/1 decisions per column (one-hot class for multi-class), for the exchangeability check."""
         decisions = self.decide(probs)
         return torch.nn.functional.one_hot(decisions, probs.shape[-1]) if self.task == "multiclass" else decisions
 

@@ -1,8 +1,5 @@
-"""Temperature scaling (Guo et al. 2017): one scalar fitted on validation logits to calibrate probabilities.
-
-None of the installed libraries fits a temperature (torch-uncertainty does, but is a heavy dependency for
-a dozen lines), hence this short implementation.
-"""
+"""Temperature scaling (Guo et al. 2017): one scalar fitted on validation logits to calibrate probabilities (no
+installed library fits one; torch-uncertainty would be a heavy dependency for a dozen lines)."""
 
 from __future__ import annotations
 
@@ -15,14 +12,8 @@ __all__ = ["fit_temperature"]
 
 
 def fit_temperature(logits: Tensor, target: Tensor, task: Task, max_iter: int = 100) -> float:
-    """The temperature ``T > 0`` minimising the negative log-likelihood of ``logits / T`` on ``target``.
-
-    Args:
-        logits: ``(N,)`` for binary, ``(N, C)`` for multi-class, ``(N, L)`` for multi-label.
-        target: ``(N,)`` class indices, or ``{0, 1}`` labels shaped like ``logits`` (binary, multi-label).
-        task: decides between softmax cross-entropy and sigmoid BCE.
-        max_iter: L-BFGS iterations.
-    """
+    """The temperature ``T > 0`` minimising the NLL of ``logits / T`` on ``target`` (softmax cross-entropy for
+    multi-class, sigmoid BCE otherwise), by ``max_iter`` L-BFGS iterations."""
     if logits.numel() == 0:
         raise ValueError("Cannot fit a temperature on an empty batch")
     if not torch.isfinite(logits).all():

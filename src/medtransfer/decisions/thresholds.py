@@ -1,12 +1,9 @@
-"""Decision thresholds chosen on validation data, per class, by a named policy.
-
-The ROC and precision-recall curves come from torchmetrics; this module only picks a point on them.
-A case is called positive when its probability is ``>=`` the threshold.
-"""
+"""Decision thresholds chosen on validation data by a named policy: a point on torchmetrics' ROC or
+precision-recall curve (a case is positive when its probability is ``>=`` the threshold)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -16,7 +13,7 @@ from torchmetrics.utilities import rank_zero_warn
 __all__ = ["ThresholdPolicy", "fit_threshold", "fit_thresholds"]
 
 ThresholdPolicy = Literal["fixed", "youden", "target_sensitivity", "target_specificity", "f1"]
-_POLICIES = ("fixed", "youden", "target_sensitivity", "target_specificity", "f1")
+_POLICIES = get_args(ThresholdPolicy)
 
 
 def _check(probs: Tensor, target: Tensor, policy: str, target_value: float) -> None:
@@ -37,15 +34,9 @@ def fit_threshold(
 ) -> float:
     """Pick a threshold for one binary problem.
 
-    Args:
-        probs: ``(N,)`` probabilities of the positive class.
-        target: ``(N,)`` labels in {0, 1}.
-        policy: ``fixed`` (always ``default``); ``youden`` (max sensitivity + specificity - 1);
-            ``target_sensitivity`` (the highest threshold whose sensitivity is at least ``target_value``, so
-            specificity is as high as that allows); ``target_specificity`` (the lowest threshold whose
-            specificity is at least ``target_value``); ``f1`` (max F1).
-        target_value: the sensitivity or specificity to reach.
-        default: the threshold when ``policy="fixed"`` or when ``target`` holds one class only.
+    ``fixed``: ``default`` (also when ``target`` holds one class); ``youden``: max sensitivity + specificity - 1;
+    ``target_sensitivity``: the highest threshold whose sensitivity reaches ``target_value``;
+    ``target_specificity``: the lowest whose specificity reaches it; ``f1``: max F1.
     """
     _check(probs, target, policy, target_value)
     target = target.long()

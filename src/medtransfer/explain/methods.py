@@ -1,21 +1,14 @@
 """Heatmaps at the resolution users train at: CAMs on a chosen backbone stage, a multi-stage fusion, occlusion.
 
-The backbone's last feature map has 1/32 of the input's resolution: 2x2 cells at 64 px, where a peak says almost
-nothing about *where* a finding is. The CAM methods here take any stage that timm's ``feature_info`` names
-(``blocks.2``, stride 8, is 8x8 at 64 px):
+The last feature map is 2x2 at 64 px, where a peak says almost nothing about *where* a finding is, so the CAM
+methods take any stage timm's ``feature_info`` names (``blocks.2``, stride 8, is 8x8 at 64 px):
 
 * ``gradcam``: Grad-CAM (Selvaraju et al. 2017) on one stage, with Captum's ``LayerGradCam``.
-* ``layercam``: LayerCAM (Jiang et al. 2021, IEEE TIP): ``relu(sum_c relu(dS/dA_c) * A_c)``, each location
-  weighed by its own positive gradient, which keeps shallow stages sharp where Grad-CAM's spatial mean blurs.
-* ``fusion``: LayerCAM on a stage and every deeper one, each scaled to a maximum of 1 and upsampled, then
-  multiplied (geometric mean): a location is hot only where the coarse, class-specific maps and the fine ones
-  agree.
-* ``occlusion``: Captum's ``Occlusion``, the score's drop when a square patch (1/8 of the side) is replaced by
-  the mean image: model-agnostic and slow (one forward pass per patch position: 225 at any input size); the
+* ``layercam``: LayerCAM (Jiang et al. 2021): ``relu(sum_c relu(dS/dA_c) * A_c)``, which keeps shallow stages
+  sharp where Grad-CAM's spatial mean blurs.
+* ``fusion``: the geometric mean of LayerCAM on a stage and every deeper one: hot only where coarse and fine agree.
+* ``occlusion``: Captum's ``Occlusion`` with a patch of 1/8 of the side (225 forward passes at any size); the
   default, as the most robust in the planted-lesion measurements (README, "Heatmaps").
-
-Every method returns ``(N, H, W)`` maps at the input's size, each scaled to a maximum of 1 (all zero where
-there is no positive evidence); the model is evaluated in eval mode and every module's mode is restored.
 """
 
 from __future__ import annotations
@@ -47,8 +40,7 @@ __all__ = [
 
 Method = Literal["gradcam", "layercam", "fusion", "occlusion"]
 METHODS: tuple[str, ...] = ("gradcam", "layercam", "fusion", "occlusion")
-#: The method ``predict --heatmaps`` uses: the most robust in the planted-lesion measurements at 64 px (the
-#: tests' set: 0.72 against 0.43 for the best CAM; see the README's table for the default recipe's).
+#: The method ``predict --heatmaps`` uses (planted lesions at 64 px: hit rate 0.72 against 0.43 for the best CAM).
 DEFAULT_METHOD: Method = "occlusion"
 #: Per method, the ``feature_info`` index of the stage explained when no layer is given (fusion: the
 #: shallowest stage fused). -1 is the last stage; -3 is stride 8 on EfficientNet/ResNet/DenseNet.
@@ -150,23 +142,12 @@ def explain(
     layer: Layer = None,
     occlusion_window: int | None = None,
 ) -> Tensor:
-    """Heatmaps of a classifier's score for a batch of (already transformed) images, at the input's size.
+    """``(N, H, W)`` heatmaps of the logit of a ``ClassifierModule`` or ``ProbabilityModel`` for normalised
+    ``images``, each scaled to a maximum of 1 (all zero without positive evidence); modules' modes are restored.
 
-    Args:
-        model: a ``ClassifierModule`` or ``ProbabilityModel`` (a timm ``.backbone`` built with
-            ``num_classes=0``, a ``.head``, and a ``task`` or ``hparams.task``); logits are explained.
-        images: ``(N, C, H, W)`` model input, normalised as for prediction.
-        target: what to explain. Binary: the positive logit (``None`` or 1). Multiclass and multilabel: a
-            class/label index for all images, one per image, or ``None`` for the top-scoring one.
-        method: ``gradcam``, ``layercam``, ``fusion`` (LayerCAM of a stage and all deeper ones) or
-            ``occlusion``; see the module docstring.
-        layer: the stage (``feature_info`` index or module name); ``None``: :data:`DEFAULT_LAYERS`. Ignored by
-            ``occlusion``.
-        occlusion_window: side of the occluding patch in pixels (default: 1/8 of the input's shorter side,
-            moved by half a patch).
-
-    Returns:
-        ``(N, H, W)`` float maps in [0, 1], each with a maximum of 1 or all zero, on the images' device.
+    ``target``: a class/label index for all images or one per image, ``None`` for the top-scoring one (binary:
+    the positive logit). ``layer``: a ``feature_info`` index or module name (default :data:`DEFAULT_LAYERS`;
+    ignored by occlusion). ``occlusion_window``: the patch side (default 1/8 of the shorter side).
     """
     if method not in METHODS:
         raise ValueError(f"Expected argument `method` to be one of {METHODS}, but got {method!r}")

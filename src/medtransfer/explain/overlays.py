@@ -41,22 +41,10 @@ def overlay(
     colormap: str = "inferno",
     mark_peak: bool = True,
 ) -> np.ndarray:
-    """Blend a heatmap over the original image, for a human to look at.
-
-    Readable at a glance: the colour map is perceptually uniform (``inferno``: dark purple -> orange ->
-    yellow, also in grey print and for colour-blind readers), each pixel's opacity follows the map's value
-    (``alpha * value``: where the map is cold the image shows unchanged) and the peak is marked with a cyan cross.
-
-    Args:
-        image: the original ``(H, W)`` grayscale or ``(H, W, 3)`` RGB ``uint8`` image, at any size.
-        heatmap: a ``(h, w)`` map in [0, 1] (one row of :func:`~medtransfer.explain.explain`); resized to the image.
-        alpha: opacity of the colour where the map is 1 (0: the image only, 1: the colour only there).
-        colormap: a matplotlib colour map name.
-        mark_peak: draw a cross on the map's maximum (not when ``alpha`` is 0 or the map is all zero).
-
-    Returns:
-        ``(H, W, 3)`` ``uint8`` RGB.
-    """
+    """``(H, W, 3)`` uint8 RGB: a ``(h, w)`` heatmap in [0, 1], resized, blended over a ``(H, W)`` or
+    ``(H, W, 3)`` uint8 image in a perceptually uniform colour map (also readable in grey and by colour-blind
+    readers), each pixel's opacity ``alpha * value`` (cold areas show the image unchanged), the peak marked
+    with a cyan cross."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"Expected argument `alpha` to be in [0, 1], but got {alpha}")
     image = np.asarray(image)

@@ -1,10 +1,8 @@
 """Per-label metrics that exist only where a label has both positive and negative cases.
 
-A finding without positives in a split (common on small or rare data: ChestX-ray14's Hernia) has no AUROC,
-sensitivity or selective accuracy. torchmetrics scores such a label 0 (``binary_roc`` warns "No positive
-samples in targets" and returns a zero TPR), and a macro mean then averages that 0 in. Here such labels are
-*undefined*: NaN per label, left out of the macro mean, and counted, so a reader sees how many labels the mean
-covers (``val/auroc_labels_defined``).
+torchmetrics scores a label without positives (ChestX-ray14's Hernia in a small split) 0 and averages that 0
+into the macro mean; here such labels are *undefined*: NaN, left out of the mean, and counted
+(``val/auroc_labels_defined``).
 """
 
 from __future__ import annotations
@@ -26,8 +24,8 @@ _TORCHMETRICS_EMPTY_CLASS = r"No (positive|negative) samples in targets"
 
 
 def defined_labels(target: Tensor) -> Tensor:
-    """``(L,)`` bool for ``(N, L)`` 0/1 targets, or ``()`` for ``(N,)``: True where a label has at least one
-    positive and one negative case, i.e. where AUROC, sensitivity and specificity are defined.
+    """``(L,)`` bool for ``(N, L)`` 0/1 targets, or ``()`` for ``(N,)``: True where a label has a positive and a
+    negative case.
 
     Example:
         >>> defined_labels(torch.tensor([[1, 0, 1], [0, 0, 1]]))
@@ -51,15 +49,8 @@ def undefined_names(defined: Tensor, names: Sequence[Any] | None) -> list[str]:
 
 
 class DefinedMean(Metric):
-    """Macro mean of a per-label torchmetrics metric over the labels that are defined in the data seen.
-
-    Args:
-        metric: the per-label metric, built with ``average=None`` (multilabel) or a binary metric.
-        num_labels: number of labels (1 for a binary task).
-
-    ``compute`` returns the mean over defined labels (NaN when none is), and ``per_label()`` the values with
-    NaN for the undefined labels; ``defined`` the mask.
-    """
+    """Macro mean of a per-label torchmetrics ``metric`` (``average=None``, or binary) over the ``num_labels``
+    labels defined in the data seen (NaN when none is); ``per_label()`` gives the values, NaN where undefined."""
 
     is_differentiable = False
     higher_is_better = True

@@ -1,47 +1,22 @@
 r"""The metric maths as pure torch functions: selective prediction (risk-coverage) and reliability bins.
 
-A model may abstain ("refer to a radiologist") on its least confident cases. Given a confidence score
-:math:`\kappa_i` and a correctness flag :math:`c_i \in \{0, 1\}` per case, accepting the cases with
-:math:`\kappa_i \ge t` gives, for :math:`N` cases,
+Accepting the cases with confidence :math:`\kappa_i \ge t` gives coverage :math:`\phi(t)`, selective risk
+:math:`R(t)` (errors over accepted cases) and generalized risk :math:`G(t)` (accepted errors over all cases).
+The operating points are the distinct confidence values: **tied cases are accepted or rejected together**, as
+``sklearn.metrics.roc_curve`` treats tied scores.
 
-.. math::
-    \phi(t) = \frac{1}{N} \sum_i [\kappa_i \ge t], \qquad
-    R(t) = \frac{\sum_i [\kappa_i \ge t] (1 - c_i)}{\sum_i [\kappa_i \ge t]}, \qquad
-    G(t) = \frac{1}{N} \sum_i [\kappa_i \ge t] (1 - c_i)
+**Areas.** AURC, E-AURC and AUGRC integrate :math:`G(\phi)` drawn straight through :math:`(0, 0)` and the operating
+points (the expected curve when a tie group is ranked in random order): AUGRC (Traub et al. 2024) is the trapezoid
+rule, AURC integrates :math:`G / \phi` in closed form per segment, and E-AURC (Geifman et al. 2019) subtracts the
+oracle's exact area :math:`r + (1 - r)\ln(1 - r)` for error rate :math:`r`, so a perfect ranking gives exactly 0
+(the per-case sum some code uses differs by :math:`O(\log N / N)`).
 
-(coverage, selective risk, generalized risk). The operating points are the distinct confidence values
-:math:`t_1 > \dots > t_K`: **cases with tied confidence are accepted or rejected together**, one curve point
-per distinct value, as ``sklearn.metrics.roc_curve`` treats tied scores.
+**Operating points at a target.** ``*_at_coverage`` use the smallest achievable coverage at or above the target;
+``coverage_at_*`` the largest operating-point coverage that meets the bound, or 0.
 
-**Areas.** AURC, E-AURC and AUGRC integrate one curve exactly: the generalized risk :math:`G(\phi)` drawn as
-straight lines through :math:`(0, 0)` and the operating points :math:`(\phi_k, G_k)`. Between two operating
-points the accepted errors grow linearly, which is the expected curve when the cases of a tie group are
-ranked in random order; without ties every case is its own operating point. Hence
-
-.. math::
-    \mathrm{AUGRC} = \int_0^1 G(\phi)\, d\phi, \qquad
-    \mathrm{AURC} = \int_0^1 \frac{G(\phi)}{\phi}\, d\phi, \qquad
-    \mathrm{E\text{-}AURC} = \mathrm{AURC} - \bigl(r + (1 - r) \ln(1 - r)\bigr),
-
-with :math:`r` the overall error rate. AUGRC is the trapezoid rule on the generalized risk curve (Traub et al.
-2024); it equals :math:`(1 - \mathrm{AUROC}) \, r (1 - r) + r^2 / 2`, with the AUROC of the confidence at
-separating correct from wrong cases (ties counting one half). AURC is the area under the selective risk
-:math:`R = G / \phi`, integrated in closed form on each segment. E-AURC (Geifman et al. 2019) subtracts the
-AURC of an oracle ranking with the same error rate, whose curve :math:`G^*(\phi) = \max(0, \phi - 1 + r)` has
-exactly the area :math:`r + (1 - r)\ln(1 - r)`: this *continuous* form makes E-AURC exactly 0 for a perfect
-ranking (ties among cases of equal correctness do not matter) and never negative. The per-case sum
-:math:`\frac{1}{N}\sum_{n=1}^N R_n` that some code uses differs from it by :math:`O(\log N / N)`.
-
-**Operating points at a target.** :func:`selective_risk_at_coverage` and :func:`selective_metrics_at_coverage`
-use the *smallest achievable coverage at or above* the target (the first tie group that reaches it), so the
-model decides on at least the requested share of cases. :func:`coverage_at_risk` and
-:func:`coverage_at_accuracy` return the largest operating-point coverage that meets the bound, or 0.
-
-No installed library provides these metrics. torchmetrics 1.9 has ECE (``CalibrationError``, use it: its
-binning matches :func:`reliability_bins`) but no risk-coverage metric (its ``multilabel_coverage_error`` is a
-ranking metric). torch-uncertainty (not a dependency) has ``AURC``, ``AUGRC``, ``CovAtxRisk`` and
-``RiskAtxCov`` for multiclass argmax only: it breaks ties by sort order, rescales by :math:`1/(1 - 1/N)`,
-returns NaN for :math:`N < 2`, and has no E-AURC, multilabel or sensitivity/specificity at coverage.
+No installed library provides these: torchmetrics has ECE (``CalibrationError``, binned as :func:`reliability_bins`)
+but no risk-coverage metric; torch-uncertainty (not a dependency) breaks ties by sort order, rescales by
+:math:`1/(1 - 1/N)` and has no E-AURC, multilabel or sensitivity/specificity at coverage.
 """
 
 from __future__ import annotations
@@ -70,7 +45,6 @@ __all__ = [
     "coverage_at_accuracy",
     "coverage_at_risk",
     "eaurc",
-    "predictions",
     "reliability_bins",
     "risk_coverage_curve",
     "selective_metrics_at_coverage",
@@ -84,20 +58,10 @@ _COUNT_TOL = 1e-6  # case counts are integers: absorbs rounding in products like
 def confidence_scores(
     probs: Tensor, task: Task, threshold: float | Tensor = 0.5, score: Score = "max_prob", validate_args: bool = True
 ) -> Tensor:
-    """Confidence of each decision; higher means the case is kept rather than referred.
+    """Confidence of each decision, ``(N,)`` or ``(N, L)`` (multilabel); higher means kept rather than referred.
 
-    Args:
-        probs: ``(N,)`` positive-class probabilities (binary), ``(N, C)`` class probabilities (multiclass) or
-            ``(N, L)`` per-label probabilities (multilabel).
-        task: ``binary``, ``multiclass`` or ``multilabel``.
-        threshold: decision threshold of binary/multilabel tasks (a float, or ``(L,)`` per label).
-        score: ``max_prob``: the top class probability (multiclass) or :math:`\\max(p, 1 - p)`; ``margin``:
-            top-1 minus top-2 probability (multiclass) or :math:`|p - \\text{threshold}|`. With a threshold
-            other than 0.5 use ``margin``, which ranks cases by their distance to the decision actually made.
-        validate_args: check shapes and values (see the module docstring for the errors).
-
-    Returns:
-        ``(N,)`` for binary and multiclass, ``(N, L)`` for multilabel.
+    ``max_prob``: the top class probability or :math:`\\max(p, 1 - p)`; ``margin``: top-1 minus top-2 probability
+    or :math:`|p - \\text{threshold}|`, which ranks cases by their distance to the decision actually made.
 
     Example:
         >>> confidence_scores(torch.tensor([0.9, 0.2, 0.5]), "binary")
@@ -116,22 +80,6 @@ def confidence_scores(
     if score == "max_prob":
         return torch.maximum(probs, 1 - probs)
     return (probs - torch.as_tensor(threshold, dtype=probs.dtype, device=probs.device)).abs()
-
-
-def predictions(probs: Tensor, task: Task, threshold: float | Tensor = 0.5, validate_args: bool = True) -> Tensor:
-    """Predicted labels (long): ``argmax`` (multiclass) or ``probs >= threshold`` (binary, multilabel).
-
-    Example:
-        >>> predictions(torch.tensor([[0.2, 0.7], [0.6, 0.6]]), "multilabel", threshold=torch.tensor([0.1, 0.65]))
-        tensor([[1, 1],
-                [1, 0]])
-    """
-    if validate_args:
-        _check_probs(probs, task)
-        _check_threshold(threshold, probs)
-    if task == "multiclass":
-        return probs.argmax(dim=1)
-    return (probs >= torch.as_tensor(threshold, dtype=probs.dtype, device=probs.device)).long()
 
 
 # ----------------------------------------------------------------------------------------- operating points
@@ -160,18 +108,9 @@ def _out_dtype(confidence: Tensor) -> torch.dtype:
 def risk_coverage_curve(
     confidence: Tensor, correct: Tensor, validate_args: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Coverage, selective risk and threshold at each distinct confidence value, by increasing coverage.
+    """Coverage, selective risk and threshold at each distinct ``(N,)`` confidence, by increasing coverage.
 
-    Point :math:`k` accepts the cases with :math:`\kappa \ge t_k` (ties together): coverage
-    :math:`\phi_k = n_k / N` and selective risk :math:`R_k = e_k / n_k` for :math:`n_k` accepted cases with
-    :math:`e_k` errors. There is no point at coverage 0, where the risk is undefined.
-
-    Args:
-        confidence: ``(N,)`` scores, higher = more confident (any finite values).
-        correct: ``(N,)`` 1 where the prediction is right, 0 where it is wrong (bool or numbers).
-
-    Returns:
-        ``coverage``, ``selective_risk`` and ``thresholds``, each ``(K,)`` for ``K`` distinct confidences.
+    ``correct`` is 1 where the prediction is right; there is no point at coverage 0, where the risk is undefined.
 
     Example:
         >>> risk_coverage_curve(torch.tensor([0.9, 0.8, 0.8, 0.6]), torch.tensor([1, 1, 0, 0]))
@@ -202,18 +141,9 @@ def _areas(confidence: Tensor, correct: Tensor) -> tuple[Tensor, Tensor, Tensor]
 
 
 def aurc(confidence: Tensor, correct: Tensor, validate_args: bool = True) -> Tensor:
-    r"""Area under the risk-coverage curve, :math:`\int_0^1 G(\phi)/\phi \, d\phi` (lower is better).
+    r"""Area under the risk-coverage curve, :math:`\int_0^1 G(\phi)/\phi \, d\phi`, in [0, 1] (lower is better).
 
-    :math:`G` is the generalized risk curve drawn straight between operating points (module docstring): ties
-    count as the expectation over a random order within the tie group. Without ties it is the exact area under
-    the selective risk of the ranked list. A constant confidence gives the error rate; values lie in [0, 1].
-
-    Args:
-        confidence: ``(N,)``, or ``(N, L)`` for one result per label.
-        correct: 0/1, shaped like ``confidence``.
-
-    Returns:
-        A scalar, or ``(L,)``.
+    ``(N,)`` inputs give a scalar, ``(N, L)`` one result per label; a constant confidence gives the error rate.
 
     Example:
         >>> aurc(torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([1, 1, 0, 0]))  # oracle: 0.5 + 0.5 ln 0.5
@@ -225,12 +155,8 @@ def aurc(confidence: Tensor, correct: Tensor, validate_args: bool = True) -> Ten
 
 
 def eaurc(confidence: Tensor, correct: Tensor, validate_args: bool = True) -> Tensor:
-    r"""Excess AURC over an oracle ranking with the same error rate :math:`r` (Geifman et al. 2019).
-
-    .. math:: \mathrm{E\text{-}AURC} = \mathrm{AURC} - \bigl(r + (1 - r) \ln(1 - r)\bigr) \ge 0
-
-    The oracle term is the exact AURC of ranking every correct case above every wrong one, in the same
-    continuous form as :func:`aurc`, so a perfect ranking gives 0 (clamped at 0 against rounding).
+    r"""Excess AURC over an oracle ranking with the same error rate :math:`r`: AURC minus
+    :math:`r + (1 - r) \ln(1 - r)`, so a perfect ranking gives 0 (clamped at 0 against rounding).
 
     Example:
         >>> eaurc(torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([0, 1, 1, 0]))
@@ -247,12 +173,8 @@ def eaurc(confidence: Tensor, correct: Tensor, validate_args: bool = True) -> Te
 
 
 def augrc(confidence: Tensor, correct: Tensor, validate_args: bool = True) -> Tensor:
-    r"""Area under the generalized risk-coverage curve (Traub et al. 2024), lower is better.
-
-    .. math:: \mathrm{AUGRC} = \int_0^1 G(\phi)\, d\phi, \qquad G = \frac{\text{errors accepted}}{N}
-
-    Trapezoid rule through :math:`(0, 0)` and the operating points, which is exact for the expected curve
-    under random tie-breaking. Equals :math:`(1 - \mathrm{AUROC}) \, r(1 - r) + r^2/2`; lies in [0, 0.5].
+    r"""Area under the generalized risk-coverage curve, in [0, 0.5] (lower is better); it equals
+    :math:`(1 - \mathrm{AUROC}) \, r(1 - r) + r^2/2`.
 
     Example:
         >>> augrc(torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([1, 0, 1, 0]))
@@ -273,10 +195,7 @@ def _at_coverage(confidence: Tensor, coverage: float) -> Tensor:
 def selective_risk_at_coverage(
     confidence: Tensor, correct: Tensor, coverage: float, validate_args: bool = True
 ) -> Tensor:
-    """Error rate among the accepted cases at the smallest achievable coverage ``>= coverage``.
-
-    Tie groups are accepted whole, so the achieved coverage can exceed the target (see
-    :func:`selective_metrics_at_coverage`, which reports it).
+    """Error rate among the accepted cases at the smallest achievable coverage ``>= coverage`` (tie groups whole).
 
     Example:
         >>> selective_risk_at_coverage(torch.tensor([0.9, 0.8, 0.8, 0.6]), torch.tensor([1, 1, 0, 0]), 0.5)
@@ -296,19 +215,8 @@ def selective_risk_at_coverage(
 def selective_metrics_at_coverage(
     confidence: Tensor, preds: Tensor, target: Tensor, coverage: float, validate_args: bool = True
 ) -> dict[str, Tensor]:
-    """Selective accuracy, sensitivity and specificity of binary decisions at a target coverage.
-
-    The cases kept are those of the smallest achievable coverage ``>= coverage`` (tie groups whole).
-
-    Args:
-        confidence: ``(N,)``, or ``(N, L)`` for a multilabel task (results per label).
-        preds: 0/1 predictions, shaped like ``confidence``.
-        target: 0/1 labels, shaped like ``confidence``.
-        coverage: target share of cases decided on, in (0, 1].
-
-    Returns:
-        ``coverage`` (achieved), ``risk``, ``accuracy``, ``sensitivity`` (accepted true positives over accepted
-        positives) and ``specificity``; NaN where no positive (negative) case is accepted. Scalars or ``(L,)``.
+    """Achieved ``coverage``, ``risk``, ``accuracy``, ``sensitivity`` and ``specificity`` of 0/1 ``preds`` at the
+    smallest achievable coverage ``>= coverage``; NaN where no positive (negative) case is accepted.
 
     Example:
         >>> out = selective_metrics_at_coverage(
@@ -374,21 +282,8 @@ def coverage_at_accuracy(
 def reliability_bins(
     confidence: Tensor, correct: Tensor, n_bins: int = 15, validate_args: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Per-bin mean confidence, accuracy and case count, for a reliability diagram.
-
-    Bins split [0, 1] into ``n_bins`` equal intervals :math:`[b_j, b_{j+1})`, the last one closed. The ECE
-    :math:`\sum_j \frac{n_j}{N} |\mathrm{acc}_j - \mathrm{conf}_j|` of these bins is torchmetrics'
-    ``CalibrationError(norm="l1")`` (which puts confidence exactly 1.0 in a bin of its own): compute ECE there.
-
-    Args:
-        confidence: ``(N,)`` in [0, 1]: the top-class probability with ``correct`` = top class right
-            (multiclass), or the positive-class probability with ``correct`` = target (binary).
-        correct: 0/1, shaped like ``confidence``.
-        n_bins: number of bins.
-
-    Returns:
-        ``mean_confidence`` and ``accuracy`` (NaN for empty bins) and ``count``, each ``(n_bins,)``.
-    """
+    """Per-bin mean confidence, accuracy (NaN when empty) and case count over ``n_bins`` equal bins of [0, 1],
+    for a reliability diagram; the same bins as torchmetrics' ``CalibrationError``, which computes the ECE."""
     if validate_args:
         if not isinstance(n_bins, int) or n_bins < 1:
             raise ValueError(f"Expected argument `n_bins` to be an integer larger than 0, but got {n_bins}")

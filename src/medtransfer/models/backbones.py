@@ -1,10 +1,6 @@
-"""One factory over ``timm.create_model`` for every backbone medtransfer trains.
-
-The backbone is built without a classifier (``num_classes=0``), so it returns pooled features; the task
-head lives in :class:`~medtransfer.models.classifier.ClassifierModule`. Pretrained weights always go through
-timm's own ``load_pretrained`` (via ``pretrained_cfg_overlay``), which drops the ImageNet classifier and
-adapts the first convolution when ``in_chans`` differs from 3.
-"""
+"""One factory over ``timm.create_model`` for every backbone: pooled features (``num_classes=0``), with pretrained
+weights always through timm's ``load_pretrained`` (``pretrained_cfg_overlay``), which drops the ImageNet
+classifier and adapts the first convolution to ``in_chans``."""
 
 from __future__ import annotations
 
@@ -36,14 +32,8 @@ def _check_backbone_name(name: str) -> None:
 
 
 def create_backbone(name: str, pretrained: str = "hub", in_chans: int = 3) -> nn.Module:
-    """Build a timm feature extractor (``num_classes=0``) with the requested weights.
-
-    Args:
-        name: a timm model name, e.g. ``densenet121``, ``resnet50``, ``tf_efficientnet_lite0``.
-        pretrained: ``"hub"`` (timm's download), ``"none"`` (random init), ``"lite0-package"`` (offline
-            ImageNet weights for ``tf_efficientnet_lite0``), or the path of a local checkpoint file.
-        in_chans: input channels; timm adapts the pretrained first convolution when this is not 3.
-    """
+    """A timm feature extractor with ``pretrained`` weights: ``hub`` (timm's download), ``none`` (random init),
+    ``lite0-package`` (offline ImageNet weights for ``tf_efficientnet_lite0``) or a local checkpoint file."""
     _check_backbone_name(name)
     kwargs = {"num_classes": 0, "in_chans": in_chans}
     if pretrained == "none":
@@ -95,11 +85,8 @@ def _read_state_dict(path: Path) -> dict:
 
 
 def backbone_blocks(backbone: nn.Module) -> list[list[nn.Module]]:
-    """Split a timm model into its coarse blocks, input to output (stem, stages, final layers).
-
-    Uses the model's own ``group_matcher`` (the grouping timm uses for layer-wise lr decay), so "the top N
-    blocks" means the same thing for DenseNet, ResNet and EfficientNet.
-    """
+    """A timm model's coarse blocks, input to output, by its own ``group_matcher`` (timm's grouping for layer-wise
+    lr decay), so "the top N blocks" means the same for DenseNet, ResNet and EfficientNet."""
     if not hasattr(backbone, "group_matcher"):
         return [[backbone]]
     named = dict(backbone.named_modules())

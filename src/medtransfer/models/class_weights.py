@@ -16,9 +16,8 @@ __all__ = ["balanced_pos_weight"]
 def balanced_pos_weight(fraction: Tensor | Any, names: list[str] | None = None) -> Tensor:
     """CheXNet's weight of positives, ``negatives / positives`` per label, from the training positive fractions.
 
-    A label with no positive (or no negative) training case has nothing to balance: it gets weight 1 and one
-    warning naming it, instead of the clamped ``1e6`` that once made a run's validation and test loss explode
-    (its rare positives weighed a million times) while the model had learnt nothing about the label.
+    A label without positive (or negative) training cases gets weight 1 and a warning naming it, not a clamped
+    ``1e6`` that makes the validation loss explode.
     """
     fraction = torch.as_tensor(fraction, dtype=torch.float32).reshape(-1)
     present = (fraction > 0) & (fraction < 1)

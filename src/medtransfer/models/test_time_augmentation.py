@@ -1,9 +1,5 @@
-"""Test-time augmentation: the model's logits averaged over a few small, label-preserving views of each image.
-
-Views are small shifts and scalings, no flips (a radiograph's left and right are not interchangeable). They are
-fixed affine warps (``affine_grid`` + ``grid_sample``, border padding), so the same views are applied in
-validation (where thresholds are fitted), test, predict and the exported MLflow model.
-"""
+"""Test-time augmentation: logits averaged over small shifts and scalings of each image, no flips (a radiograph's
+sides are not interchangeable); fixed affine warps, so validation, test, predict and export see the same views."""
 
 from __future__ import annotations
 
@@ -19,19 +15,10 @@ TestTimeAugmentation = Literal["none", "shift_scale"]
 
 #: ``shift_scale``: identity; shifts by 5 % of the side left, right, up and down; zoom in and out by 10 %.
 _SHIFT, _ZOOM = 0.1, 1.1  # affine_grid works in [-1, 1], so 0.1 is 5 % of the side
-_THETAS = {
-    "shift_scale": torch.tensor(
-        [
-            [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
-            [[1.0, 0.0, _SHIFT], [0.0, 1.0, 0.0]],
-            [[1.0, 0.0, -_SHIFT], [0.0, 1.0, 0.0]],
-            [[1.0, 0.0, 0.0], [0.0, 1.0, _SHIFT]],
-            [[1.0, 0.0, 0.0], [0.0, 1.0, -_SHIFT]],
-            [[1 / _ZOOM, 0.0, 0.0], [0.0, 1 / _ZOOM, 0.0]],
-            [[_ZOOM, 0.0, 0.0], [0.0, _ZOOM, 0.0]],
-        ]
-    )
-}
+_VIEWS = ((1.0, 0.0, 0.0), (1.0, _SHIFT, 0.0), (1.0, -_SHIFT, 0.0), (1.0, 0.0, _SHIFT), (1.0, 0.0, -_SHIFT),
+          (1 / _ZOOM, 0.0, 0.0), (_ZOOM, 0.0, 0.0))  # fmt: skip
+#: Per kind, the ``(V, 2, 3)`` affine matrices of its views (scale, x shift, y shift).
+_THETAS = {"shift_scale": torch.tensor([[[s, 0.0, x], [0.0, s, y]] for s, x, y in _VIEWS])}
 
 
 def augmented_views(x: Tensor, kind: TestTimeAugmentation) -> Tensor:

@@ -26,8 +26,10 @@ __all__ = [
     "MLflowRunTracking",
     "find_mlflow_logger",
     "flatten_config",
+    "log_artifacts",
     "read_run_info",
     "redacted",
+    "run_folder",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -41,9 +43,27 @@ def find_mlflow_logger(trainer: Trainer) -> MLFlowLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
 
 
+def run_folder(trainer: Trainer, dirpath: str | None, name: str) -> Path:
+    """``dirpath``, else ``<root>/<experiment>/<run>/<name>`` beside the run's checkpoints (``<root>/<name>``
+    without an MLflow run)."""
+    if dirpath is not None:
+        return Path(dirpath)
+    logger = find_mlflow_logger(trainer)
+    if logger is not None and logger.run_id is not None:
+        return Path(trainer.default_root_dir) / str(logger.experiment_id) / str(logger.run_id) / name
+    return Path(trainer.default_root_dir) / name
+
+
+def log_artifacts(trainer: Trainer, paths: list[Path], artifact_path: str) -> None:
+    """Log ``paths`` to the trainer's MLflow run under ``artifact_path``, if it has one."""
+    logger = find_mlflow_logger(trainer)
+    if logger is not None and logger.run_id is not None:
+        for path in paths:
+            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)
+
+
 def redacted(key: str, value: str) -> str:
-    """``value`` as MLflow may store it: ``***`` under a secret-named key, URI credentials as ``***@``
-    (``medtransfer.tracking.redaction.redact``, the one redaction everything uses)."""
+    """``value`` as text with :func:`~medtransfer.tracking.redaction.redact` applied (``key`` names it)."""
     return str(redact(str(value), key))
 
 

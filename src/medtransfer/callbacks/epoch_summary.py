@@ -15,11 +15,8 @@ _SHOWN = ("finetune/phase", "train/loss", "val/loss", "val/auroc", "val/acc")
 
 
 class EpochSummary(Callback):
-    """Print ``epoch 3/13  phase 2  train/loss 0.21  val/auroc 0.953  (17 s)`` at the end of each epoch.
-
-    Lightning's progress bar draws nothing when output goes to a file or pipe (``make fit > log``), so this
-    keeps such logs readable. With a live progress bar on a terminal it stays quiet.
-    """
+    """Print ``epoch 3/13  phase 2  train/loss 0.21  val/auroc 0.953  (17 s)`` at the end of each epoch, unless
+    a live progress bar draws on a terminal (it draws nothing into ``make fit > log``)."""
 
     def __init__(self, always: bool = False) -> None:
         self.always = always

@@ -1,11 +1,7 @@
-"""MLflow system metrics (CPU, memory, disk, network; GPU utilisation and memory through ``pynvml`` where it is
-installed) logged into the fit's run, from rank 0 only.
+"""MLflow system metrics (CPU, memory, disk, network; GPU through ``pynvml``) logged into the fit's run.
 
-``mlflow.start_run(log_system_metrics=True)`` and ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` turn MLflow's sampler
-on for runs MLflow's fluent API starts; Lightning's ``MLFlowLogger`` creates its run through the client and so
-ignores both (Lightning issue #20563). This callback runs MLflow's own sampler on the logger's run
-(:func:`medtransfer.upstream.start_system_metrics`) while a fit or test runs, in the process of global rank 0 only
-(one machine's view, one set of ``system/*`` keys).
+MLflow's switches for them apply to runs its fluent API starts; ``MLFlowLogger`` creates its run through the
+client and ignores them (Lightning issue #20563). This runs MLflow's own sampler on the logger's run, on rank 0.
 """
 
 from __future__ import annotations
@@ -43,8 +39,7 @@ class LogSystemMetrics(Callback):
 
     @property
     def active(self) -> bool:
-        """``enabled``, else MLflow's own switch (``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING``, which
-        ``mlflow.enable_system_metrics_logging()`` sets)."""
+        """``enabled``, else MLflow's own switch (``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING``)."""
         from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
 
         return bool(MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get()) if self.enabled is None else self.enabled

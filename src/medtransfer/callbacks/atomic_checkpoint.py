@@ -41,15 +41,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     @staticmethod
     def remove_partial_files(path: Path) -> list[Path]:
-        """Delete the ``.<name>.<random>.tmp`` files beside ``path`` (same suffix) of saves killed before their
-        rename."""
-        removed = []
-        for partial in path.parent.glob(f".*{path.suffix}.*.tmp") if path.parent.is_dir() else ():
-            try:
-                partial.unlink()
-            except FileNotFoundError:
-                continue
-            removed.append(partial)
+        """Delete the ``.<name>.<random>.tmp`` files beside ``path``: saves killed before their rename."""
+        removed = list(path.parent.glob(f".*{path.suffix}.*.tmp")) if path.parent.is_dir() else []
+        for partial in removed:
+            partial.unlink(missing_ok=True)
         if removed:
             _logger.info("Removed %d partial checkpoint file(s) of interrupted saves in %s", len(removed), path.parent)
         return removed

@@ -1,8 +1,5 @@
-"""Training diagnostics at intervals: gradient norms per block and activation statistics per layer.
-
-Both callbacks sample one training step in ``every_n_steps`` and write straight to the trainer's loggers (like
-``LearningRateMonitor``). Grouping by the backbone's coarse timm blocks keeps about ten metrics per kind.
-"""
+"""Gradient norms per block and activation statistics per layer, sampled every ``every_n_steps`` and written
+straight to the loggers (like ``LearningRateMonitor``); timm's coarse blocks keep about ten metrics per kind."""
 
 from __future__ import annotations
 
@@ -111,8 +108,7 @@ def parameter_blocks(module: nn.Module) -> dict[str, list[str]]:
 
 
 def activation_layers(module: nn.Module, max_layers: int = 12) -> list[str]:
-    """Names of the activation modules to watch: the last one of each block, input to output; at most
-    ``max_layers`` evenly spaced ones (always the first and last)."""
+    """The last activation module of each block, input to output; at most ``max_layers``, evenly spaced."""
     if max_layers < 1:
         raise ValueError(f"Expected argument `max_layers` to be at least 1, but got {max_layers}")
     layers = []
@@ -165,8 +161,7 @@ class GradientStats(Callback):
     blocks have no gradient and are not logged.
 
     Args:
-        every_n_steps: interval in optimizer steps (the first step is always sampled); ``None`` uses
-            ``trainer.log_every_n_steps``.
+        every_n_steps: interval in optimizer steps (the first is always sampled); ``None``: ``log_every_n_steps``.
         norm_type: the p of the p-norm (``2.0``; ``inf`` for the largest absolute gradient).
     """
 
@@ -211,10 +206,8 @@ class ActivationStats(Callback):
     module called several times per forward reports its last call.
 
     Args:
-        every_n_steps: interval in optimizer steps (the first step is always sampled); ``None`` uses
-            ``trainer.log_every_n_steps``.
-        layers: module names to watch (``backbone.blocks.6.0.bn2.act``); ``None`` picks the last activation
-            of each backbone block (see :func:`activation_layers`).
+        every_n_steps: interval in optimizer steps (the first is always sampled); ``None``: ``log_every_n_steps``.
+        layers: module names to watch (``backbone.blocks.6.0.bn2.act``); ``None``: see :func:`activation_layers`.
         max_layers: at most this many layers when ``layers`` is ``None``.
     """
 
@@ -222,9 +215,7 @@ class ActivationStats(Callback):
         _check_interval(every_n_steps)
         if max_layers < 1:
             raise ValueError(f"Expected argument `max_layers` to be at least 1, but got {max_layers}")
-        self.every_n_steps = every_n_steps
-        self.layers = layers
-        self.max_layers = max_layers
+        self.every_n_steps, self.layers, self.max_layers = every_n_steps, layers, max_layers
         self._handles: list[RemovableHandle] = []
         self._stats: dict[str, float] = {}
         self._step = 0

@@ -22,9 +22,6 @@ class EpochSummary(Callback):
         self.always = always
         self._started = time.perf_counter()
 
-    def _active(self, trainer: Trainer) -> bool:
-        return self.always or trainer.progress_bar_callback is None or not sys.stdout.isatty()
-
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._started = time.perf_counter()
@@ -32,7 +29,7 @@ class EpochSummary(Callback):
     @override
     @rank_zero_only
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._active(trainer):
+        if not (self.always or trainer.progress_bar_callback is None or not sys.stdout.isatty()):
             return
         metrics = trainer.callback_metrics
         parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]

@@ -30,8 +30,7 @@ class FiniteCheck(Callback):
     training loss or evaluation output.
 
     Args:
-        check_outputs: also check the model's output (logits) in validation, test and predict batches, where
-            there is no loss to check before the metrics see it.
+        check_outputs: also check the model's output (logits) in validation, test and predict batches.
     """
 
     def __init__(self, check_outputs: bool = True) -> None:

@@ -116,11 +116,6 @@ class WorstErrorsGallery(Callback):
         self._handle: RemovableHandle | None = None
         self._pending_val = False  # the last validation epoch of fit is collected but not drawn yet
 
-    def _start(self, pl_module: LightningModule) -> None:
-        self._heaps, self._seen, self._captured = {}, {}, None
-        self._remove_hook()
-        self._handle = pl_module.register_forward_hook(self._capture)
-
     def _capture(self, module: nn.Module, args: tuple, output: Any) -> None:
         if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
             self._captured = (args[0], output)
@@ -136,12 +131,10 @@ class WorstErrorsGallery(Callback):
         captured, self._captured = self._captured, None
         if captured is None or not isinstance(batch, (tuple, list)) or len(batch) < 2:
             return
-        (x, logits), y = captured, batch[1].detach().long()
+        x, logits, y = captured[0], captured[1].detach().float(), batch[1].detach().long()
         offset = self._seen.get(dataloader_idx, 0)
         self._seen[dataloader_idx] = offset + len(y)
-        logits = logits.detach().float()
-        images, findings = torch.arange(len(y)), torch.full((len(y),), -1)
-        row_logits = logits
+        images, findings, row_logits = torch.arange(len(y)), torch.full((len(y),), -1), logits
         if pl_module.hparams.task == "multilabel":  # one candidate per (image, finding)
             images = images.repeat_interleave(y.shape[1])
             findings = torch.arange(y.shape[1]).repeat(len(y))
@@ -219,15 +212,14 @@ class WorstErrorsGallery(Callback):
     @staticmethod
     def _statistics(trainer: Trainer, pl_module: LightningModule) -> tuple[list[float], list[float]]:
         """Mean and std the inputs were normalised with: the data module's, else the backbone's."""
-        spec = getattr(trainer.datamodule, "input_spec", None) if trainer.datamodule else None
-        spec = spec or getattr(pl_module, "input_spec", None)
+        spec = getattr(trainer.datamodule, "input_spec", None) or getattr(pl_module, "input_spec", None)
         return (list(spec.mean), list(spec.std)) if spec is not None else ([0.0], [1.0])
 
     def _draw(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not self._heaps:
             return
         rows = self.worst(pl_module)
-        names = getattr(trainer.datamodule, "class_names", None) if trainer.datamodule else None
+        names = getattr(trainer.datamodule, "class_names", None)
         names = [str(n) for n in names] if names else [str(i) for i in range(pl_module.hparams.num_classes)]
         folder = run_folder(trainer, self.dirpath, "diagnostics")
         multilabel = pl_module.hparams.task == "multilabel"
@@ -250,16 +242,14 @@ class WorstErrorsGallery(Callback):
         images = torch.stack([row["image"] for row in rows])
         heatmaps = self._heatmaps(pl_module, images, [row["finding"] for row in rows])
         mean, std = self._statistics(trainer, pl_module)
-        pictures, captions = [], []
-        for i, row in enumerate(rows):
-            picture = denormalise(row["image"], mean, std)
-            if heatmaps is not None:
-                from medtransfer.explain import overlay
+        pictures = [denormalise(row["image"], mean, std) for row in rows]
+        if heatmaps is not None:
+            from medtransfer.explain import overlay
 
-                picture = overlay(picture, heatmaps[i])
-            pictures.append(picture)
+            pictures = [overlay(picture, heatmap) for picture, heatmap in zip(pictures, heatmaps, strict=True)]
+        captions, yes_no = [], ("no", "yes")
+        for row in rows:
             if pl_module.hparams.task == "multilabel":
-                yes_no = ("no", "yes")
                 captions.append(
                     f"#{row['index']} {names[row['finding']]}: truth {yes_no[row['label']]}\n"
                     f"said {yes_no[row['decision']]}, p={row['prob']:.3f}"
@@ -275,7 +265,9 @@ class WorstErrorsGallery(Callback):
 
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start(pl_module)
+        self._heaps, self._seen, self._captured = {}, {}, None
+        self._remove_hook()
+        self._handle = pl_module.register_forward_hook(self._capture)
 
     @override
     def on_validation_batch_end(

@@ -1,5 +1,4 @@
-"""Lightning's ``MLFlowLogger`` with medtransfer's defaults: an embedded store under ``mlruns/``, or a remote
-tracking server that is checked before training starts."""
+"""Lightning's ``MLFlowLogger`` with medtransfer's defaults: an embedded store, or a remote server checked first."""
 
 from __future__ import annotations
 
@@ -19,20 +18,9 @@ from typing_extensions import override
 
 from medtransfer.errors import MedtransferError
 from medtransfer.tracking.redaction import redact
-from medtransfer.upstream import (
-    mlflow_logger_run,
-    mlflow_logger_settings,
-    mlflow_logger_started,
-    set_mlflow_logger_run,
-)
+from medtransfer.upstream import mlflow_logger_run, mlflow_logger_settings, mlflow_logger_started, set_mlflow_logger_run
 
-__all__ = [
-    "DEFAULT_TRACKING_URI",
-    "MLflowLogger",
-    "check_reachable",
-    "open_run",
-    "resolve_tracking_uri",
-]
+__all__ = ["DEFAULT_TRACKING_URI", "MLflowLogger", "check_reachable", "open_run", "resolve_tracking_uri"]
 
 _logger = logging.getLogger(__name__)
 
@@ -67,11 +55,8 @@ def _local_sqlite_path(tracking_uri: str) -> Path | None:
 
 
 def _create_store_once(tracking_uri: str, database: Path) -> None:
-    """Create (and migrate) the SQLite store at ``database`` under an exclusive lock on ``<database>.lock``.
-
-    Two processes migrating a fresh store at once race (``alembic ... Online migration expected to match one
-    row``) and one fit dies; here the others wait and find it ready.
-    """
+    """Create (and migrate) the SQLite store under a lock: two processes migrating a fresh store at once race
+    (``alembic ... Online migration expected to match one row``) and one fit dies."""
     import fcntl
 
     from mlflow.tracking import MlflowClient
@@ -106,8 +91,7 @@ def check_reachable(tracking_uri: str, timeout: float = 5.0, hint: str = "unset 
         credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
         request.add_header("Authorization", "Basic " + base64.b64encode(credentials).decode())
     try:
-        with urllib.request.urlopen(request, timeout=timeout):
-            pass
+        urllib.request.urlopen(request, timeout=timeout).close()
     except urllib.error.HTTPError:
         return  # the server answered, if not with 200
     except (OSError, ValueError) as err:  # URLError (refused, unknown host), TimeoutError, a malformed URI
@@ -197,11 +181,8 @@ class MLflowLogger(MLFlowLogger):
             set_mlflow_logger_run(self, run_name=run_name)
 
     def skip_logged_steps(self) -> None:
-        """Drop metric values at steps the run already has: a resumed fit logs again what followed its checkpoint.
-
-        The run's history is read on the next ``log_metrics``; the first value at a step is kept (MLflow cannot
-        replace one).
-        """
+        """Drop metric values at steps the run already has (read on the next ``log_metrics``): a resumed fit logs
+        again what followed its checkpoint, and MLflow keeps the first value at a step."""
         self._history_pending = self.skips_logged_steps = True
 
     skips_logged_steps = False
@@ -222,12 +203,9 @@ class MLflowLogger(MLFlowLogger):
         self.killed = True
 
     def hold_until_checkpoint(self) -> None:
-        """Keep logged metrics back until a checkpoint covering them is on disk.
-
-        A fit killed between logging an epoch and saving it computes that epoch again on resume, and MLflow
-        cannot replace a value. Held metrics are written at each save and when the run ends, except after a stop
-        by a signal, whose resume logs them anew.
-        """
+        """Keep logged metrics back until a checkpoint covering them is on disk: a fit killed between logging an
+        epoch and saving it redoes that epoch on resume, and MLflow cannot replace a value. Held metrics are
+        written at each save and when the run ends, unless stopped by a signal (its resume logs them anew)."""
         self.__dict__.setdefault("_held", [])
 
     def release_held(self) -> None:
@@ -262,8 +240,7 @@ class MLflowLogger(MLFlowLogger):
 
     @property
     def last_logged_steps(self) -> dict[str, int]:
-        """The highest step logged so far for each metric key (this session, plus the run's history after
-        ``skip_logged_steps``)."""
+        """The highest step logged per metric key (with the run's history after ``skip_logged_steps``)."""
         if "_last_steps" not in self.__dict__:
             self._last_steps: dict[str, int] = {}
         if self.__dict__.pop("_history_pending", False) and self.run_id is not None:
@@ -285,25 +262,20 @@ class MLflowLogger(MLFlowLogger):
         self._write_metrics(metrics, step)
 
     def _write_metrics(self, metrics: Mapping[str, float], step: int | None) -> None:
-        if step is not None and self.appends_after_logged_steps:
-            last = self.last_logged_steps
-            by_step: dict[int, dict[str, float]] = {}
-            for key, value in metrics.items():
-                by_step.setdefault(step if last.get(key, -1) < step else last[key] + 1, {})[key] = value
-            for at, group in sorted(by_step.items()):
-                last.update(dict.fromkeys(group, at))
-                super().log_metrics(group, at)
+        if step is None:
+            super().log_metrics(metrics, step)
             return
-        if step is not None:
-            last = self.last_logged_steps
-            skipped = sorted(k for k in metrics if last.get(k, -1) >= step)
-            if skipped:
-                _logger.debug("Not logging %s at step %d: already logged up to that step", skipped, step)
-            metrics = {k: v for k, v in metrics.items() if k not in skipped}
-            last.update(dict.fromkeys(metrics, step))
-            if not metrics:
-                return
-        super().log_metrics(metrics, step)
+        last = self.last_logged_steps
+        by_step: dict[int, dict[str, float]] = {}
+        for key, value in metrics.items():  # a key logged up to `step` is dropped, or appended after its last step
+            if last.get(key, -1) < step or self.appends_after_logged_steps:
+                by_step.setdefault(max(step, last.get(key, -1) + 1), {})[key] = value
+        skipped = sorted(set(metrics).difference(*by_step.values()))
+        if skipped:
+            _logger.debug("Not logging %s at step %d: already logged up to that step", skipped, step)
+        for at, group in sorted(by_step.items()):
+            last.update(dict.fromkeys(group, at))
+            super().log_metrics(group, at)
 
 
 def open_run(
@@ -314,12 +286,9 @@ def open_run(
     run_id: str | None = None,
     artifact_location: str | None = None,
 ) -> MLflowLogger:
-    """Open a new MLflow run, or continue ``run_id``, for commands that are not a Lightning fit.
-
-    Returns the :class:`MLflowLogger` with the run created (``logger.experiment`` is its ``MlflowClient``). End
-    it with ``logger.finalize(status)``, or use ``with open_run(...) as logger:``, which ends it by how the block
-    ends.
-    """
+    """Open a new MLflow run, or continue ``run_id``, for commands that are not a Lightning fit: the
+    :class:`MLflowLogger` with the run created. End it with ``logger.finalize(status)``, or open it in a ``with``
+    block, which ends it by how the block ends."""
     logger = MLflowLogger(experiment_name, run_name, tracking_uri, tags, artifact_location=artifact_location,
                           run_id=run_id)  # fmt: skip
     _ = logger.experiment  # Lightning creates the run on first use

@@ -69,13 +69,11 @@ class LogModelToMLflow(Callback):
 
     Args:
         enabled: log the model at all (exporting takes a few seconds).
-        registered_model_name: name in the MLflow model registry; ``None`` registers it as
-            ``<backbone>-<dataset>`` (e.g. ``tf_efficientnet_lite0-pneumoniamnist``); ``""`` does not register.
+        registered_model_name: name in the MLflow model registry; ``None``: ``<backbone>-<dataset>``; ``""``: none.
     """
 
     def __init__(self, enabled: bool = True, registered_model_name: str | None = None) -> None:
-        self.enabled = enabled
-        self.registered_model_name = registered_model_name
+        self.enabled, self.registered_model_name = enabled, registered_model_name
 
     def _registry_name(self, trainer: Trainer, pl_module: LightningModule) -> str | None:
         if self.registered_model_name is not None:

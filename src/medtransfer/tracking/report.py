@@ -105,35 +105,22 @@ class TestReportPlots(Callback):
         return figures
 
     @staticmethod
-    def figures(
-        rule: DecisionRule,
-        probs: torch.Tensor,
-        targets: torch.Tensor,
-        report: dict,
-        class_names: list[str] | None = None,
-        calibration: dict | None = None,
-    ) -> dict:
+    def figures(rule: DecisionRule, probs: torch.Tensor, targets: torch.Tensor, report: dict,
+                class_names: list[str] | None = None, calibration: dict | None = None) -> dict:  # fmt: skip
         """The figures of a binary or multi-class test report by name, from the test probabilities and targets,
         ``rule`` and its :func:`~medtransfer.decisions.report.selective_report`; with the model's ``calibration``
         record the certified risk bound is drawn."""
         binary = rule.task == "binary"
-        confidence = rule.confidence(probs)
         decisions = rule.decide(probs)
         correct = decisions == targets
-        coverage, risk, _ = F.risk_coverage_curve(confidence, correct)
+        coverage, risk, _ = F.risk_coverage_curve(rule.confidence(probs), correct)
         control = (calibration or {}).get("risk_control")
         guarantee = None
         if control is not None:  # one binary problem: draw the certified bound on the test curve
             guarantee = (control["target_risk"], control["delta"], control["per_label"][0]["coverage"])
-        figures = {
-            "risk_coverage": plots.plot_risk_coverage(
-                coverage,
-                risk,
-                report["aurc"],
-                marks={"abstention band": (report["coverage"], 1 - report["selective_acc"])},
-                guarantee=guarantee,
-            )
-        }
+        band = {"abstention band": (report["coverage"], 1 - report["selective_acc"])}
+        curve = plots.plot_risk_coverage(coverage, risk, report["aurc"], marks=band, guarantee=guarantee)
+        figures = {"risk_coverage": curve}
         reliability_inputs = (probs, targets) if binary else (probs.max(dim=1).values, correct)
         figures["reliability"] = plots.plot_reliability(*F.reliability_bins(*reliability_inputs), report["ece"])
         if binary:

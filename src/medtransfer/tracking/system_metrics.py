@@ -44,7 +44,8 @@ class LogSystemMetrics(Callback):
 
         return bool(MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get()) if self.enabled is None else self.enabled
 
-    def _start(self, trainer: Trainer) -> None:
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         logger = find_mlflow_logger(trainer)
         if not self.active or not trainer.is_global_zero or logger is None or self._monitor is not None:
             return
@@ -53,7 +54,8 @@ class LogSystemMetrics(Callback):
             logger.run_id, mlflow_logger_settings(logger)[0], self.interval_s, self.samples_before_logging
         )
 
-    def _stop(self) -> None:
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Stop sampling and log one last sample, so that even a run shorter than ``interval_s`` has one."""
         monitor, self._monitor = self._monitor, None
         if monitor is None:
@@ -63,16 +65,8 @@ class LogSystemMetrics(Callback):
         except Exception as err:  # a failed sample must not fail the training that ran
             _logger.warning("Could not log the last system metrics sample: %s", err)
 
-    @override
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start(trainer)
-
-    @override
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._stop()
-
     on_test_start, on_test_end = on_fit_start, on_fit_end  # a test after fit continues the fit's steps
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._stop()
+        self.on_fit_end(trainer, pl_module)

@@ -1,5 +1,4 @@
-"""What a run records beyond its config: where it ran, on what code and data, and the resolved input pipeline
-(set by ``MLflowRunTracking`` at fit start)."""
+"""What a run records beyond its config: where it ran, on what code and data, and its input pipeline."""
 
 from __future__ import annotations
 
@@ -16,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningDataModule, Trainer
 
 __all__ = [
@@ -125,8 +125,6 @@ def run_tags(trainer: Trainer, datamodule: LightningDataModule | None = None) ->
     tags.update(num_nodes=str(trainer.num_nodes), world_size=str(trainer.world_size), precision=str(trainer.precision))
     root_device = getattr(trainer.strategy, "root_device", None)
     if root_device is not None and root_device.type == "cuda":
-        import torch
-
         tags["device_name"] = torch.cuda.get_device_name(root_device)
     return tags
 
@@ -146,12 +144,8 @@ def _describe_step(step: Any) -> str:
     """``Name(arg=value, ...)`` with the arguments that differ from the constructor's defaults."""
     arguments = step.to_dict()["transform"] if hasattr(step, "to_dict") else {}
     name = arguments.pop("__class_fullname__", type(step).__name__)
-    defaults = {
-        key: p.default
-        for key, p in inspect.signature(type(step).__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    shown = [f"{key}={_compact(v)}" for key, v in arguments.items() if key not in defaults or defaults[key] != v]
+    parameters = inspect.signature(type(step).__init__).parameters  # a parameter without default is always shown
+    shown = [f"{k}={_compact(v)}" for k, v in arguments.items() if k not in parameters or parameters[k].default != v]
     return f"{name}({', '.join(shown)})"
 
 
@@ -164,8 +158,7 @@ def describe_pipeline(transform: Any) -> str:
 
 
 def resolved_data_params(datamodule: LightningDataModule | None) -> dict[str, str]:
-    """Params the config leaves to the backbone, after ``setup``: ``data.resolved.image_size``, ``.mean``,
-    ``.std``, ``.interpolation``, and the ``train_pipeline``/``eval_pipeline`` actually applied."""
+    """``data.resolved.*`` params after ``setup``: image size, mean, std, interpolation and the pipelines applied."""
     params: dict[str, str] = {}
     spec = getattr(datamodule, "input_spec", None)
     if spec is not None:

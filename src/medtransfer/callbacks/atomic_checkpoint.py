@@ -23,15 +23,10 @@ _logger = logging.getLogger(__name__)
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` that writes a local checkpoint beside its target and renames it into place.
 
-    Lightning's own save (``_atomic_save``) serialises into memory and writes through an fsspec transaction,
-    whose local temporary file is made by ``tempfile.mkstemp()`` in the system temp folder: where that is
-    another filesystem than the checkpoint folder (a tmpfs ``/tmp``, a mounted volume), the final move is a
-    copy into ``last.ckpt`` itself, so a kill during it leaves a truncated ``last.ckpt``; and a killed save
-    leaves its temporary file in ``/tmp``. Here the file is written as ``.<name>.<random>.tmp`` in the
-    checkpoint folder, fsynced and ``os.replace``d over ``<name>`` (``medtransfer.files.atomic_open``), which
-    is atomic on one filesystem. Partial files left by killed saves are removed by the next save into the
-    same folder (saves run one at a time, on rank zero). Remote paths (``s3://`` ...) keep Lightning's
-    behaviour: object stores publish whole objects.
+    Lightning's ``_atomic_save`` stages the file in the system temp folder; where that is another filesystem
+    (a tmpfs ``/tmp``), the final move is a copy into ``last.ckpt`` itself, which a kill truncates. Here it is
+    written as ``.<name>.<random>.tmp`` beside the target and ``os.replace``d over it; the next save removes
+    the partial files of killed ones. Remote paths keep Lightning's save: object stores publish whole objects.
     """
 
     @override
@@ -46,15 +41,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     @staticmethod
     def remove_partial_files(path: Path) -> list[Path]:
-        """Delete ``.<name>.<random>.tmp`` checkpoint files beside ``path`` (same suffix): saves killed before
-        their rename, such as a top-k checkpoint whose name is never saved again."""
-        removed = []
-        for partial in path.parent.glob(f".*{path.suffix}.*.tmp") if path.parent.is_dir() else ():
-            try:
-                partial.unlink()
-            except FileNotFoundError:
-                continue
-            removed.append(partial)
+        """Delete the ``.<name>.<random>.tmp`` files beside ``path``: saves killed before their rename."""
+        removed = list(path.parent.glob(f".*{path.suffix}.*.tmp")) if path.parent.is_dir() else []
+        for partial in removed:
+            partial.unlink(missing_ok=True)
         if removed:
             _logger.info("Removed %d partial checkpoint file(s) of interrupted saves in %s", len(removed), path.parent)
         return removed

@@ -1,11 +1,5 @@
-"""Training diagnostics at intervals: gradient norms per block and activation statistics per layer.
-
-Both callbacks sample one training step in ``every_n_steps`` and write straight to the trainer's loggers
-(like Lightning's ``LearningRateMonitor``), so their interval does not have to line up with
-``trainer.log_every_n_steps``. Parameters and layers are grouped by the backbone's coarse timm blocks
-(:func:`~medtransfer.models.backbones.backbone_blocks`), which keeps the metric count at about ten per kind
-instead of one per tensor.
-"""
+"""Gradient norms per block and activation statistics per layer, sampled every ``every_n_steps`` and written
+straight to the loggers (like ``LearningRateMonitor``); timm's coarse blocks keep about ten metrics per kind."""
 
 from __future__ import annotations
 
@@ -49,9 +43,8 @@ def _common_prefix(names: list[str]) -> str:
 
 
 def _block_label(names: list[str], detailed: bool = False) -> str:
-    """A readable name for a block of modules: their common prefix (``layer1``, ``blocks.3``); without one,
-    or when ``detailed``, the distinct modules below it joined by ``-`` (``conv_stem-bn1``,
-    ``features.denseblock1-transition1``, ``blocks.6.0-conv_head-bn2``; MLflow metric keys allow no ``+``)."""
+    """A name for a block of modules: their common prefix (``layer1``); without one, or when ``detailed``, the
+    distinct modules below it joined by ``-`` (``conv_stem-bn1``; MLflow metric keys allow no ``+``)."""
     names = [name for name in names if name]
     common = _common_prefix(names)
     if common and not detailed:
@@ -70,11 +63,9 @@ def _block_label(names: list[str], detailed: bool = False) -> str:
 def _blocks(module: nn.Module) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
     """``(block name, [(module name, module), ...])`` from input to output; every module in exactly one block.
 
-    A module with a ``.backbone`` (``ClassifierModule``) is split into the backbone's coarse timm blocks
-    (named like ``backbone.conv_stem-bn1``, ``backbone.blocks.0``, ``backbone.layer1``), followed by its other
-    top-level children (``head``); any other module into its top-level children. timm groups only modules
-    that hold parameters; a module without any (an activation, a pooling) joins the block of the module
-    registered before it.
+    A ``.backbone`` is split into its coarse timm blocks (``backbone.layer1``), followed by the other top-level
+    children (``head``). timm groups only modules with parameters; one without (an activation) joins the block
+    of the module registered before it.
     """
     backbone = getattr(module, "backbone", None)
     others = [
@@ -102,9 +93,7 @@ def _blocks(module: nn.Module) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
 
 
 def parameter_blocks(module: nn.Module) -> dict[str, list[str]]:
-    """Parameter names of ``module`` grouped by block (see the module docstring), input to output.
-
-    Blocks without parameters are left out.
+    """Parameter names of ``module`` grouped by block, input to output; blocks without parameters left out.
 
     >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
     >>> parameter_blocks(net)
@@ -119,10 +108,7 @@ def parameter_blocks(module: nn.Module) -> dict[str, list[str]]:
 
 
 def activation_layers(module: nn.Module, max_layers: int = 12) -> list[str]:
-    """Names of the activation modules to watch: the last one of each block, input to output.
-
-    When there are more blocks than ``max_layers``, evenly spaced ones are kept (always the first and last).
-    """
+    """The last activation module of each block, input to output; at most ``max_layers``, evenly spaced."""
     if max_layers < 1:
         raise ValueError(f"Expected argument `max_layers` to be at least 1, but got {max_layers}")
     layers = []
@@ -140,7 +126,7 @@ def activation_layers(module: nn.Module, max_layers: int = 12) -> list[str]:
 
 def activation_stats(output: Tensor, relu_like: bool) -> dict[str, float]:
     """Mean and std of an activation output; for ReLU-like layers also ``dead_frac``, the share of units
-    (channels of a ``(N, C, ...)`` map, features of ``(N, F)``) that are exactly 0 for every input of the batch.
+    (channels or features) that are exactly 0 for the whole batch.
 
     >>> activation_stats(torch.tensor([[0.0, 1.0], [0.0, 3.0]]), relu_like=True)
     {'mean': 1.0, 'std': 1.4142135381698608, 'dead_frac': 0.5}
@@ -171,14 +157,11 @@ def _check_interval(every_n_steps: int | None) -> None:
 class GradientStats(Callback):
     """Log gradient norms every ``every_n_steps`` optimizer steps, after backward (and AMP unscaling).
 
-    Metrics: ``diag/grad_norm/total`` (all gradients as one vector) and ``diag/grad_norm/<block>`` per
-    backbone block and head, e.g. ``diag/grad_norm/backbone.blocks.3``. Frozen blocks have no gradient and
-    are not logged, so phase 1 of freeze-then-finetune shows the head alone. Exploding or vanishing norms,
-    and a block whose norm stays near 0 after the unfreeze, are what to look for.
+    Metrics: ``diag/grad_norm/total`` and ``diag/grad_norm/<block>`` per backbone block and head; frozen
+    blocks have no gradient and are not logged.
 
     Args:
-        every_n_steps: interval in optimizer steps (the first step is always sampled); ``None`` uses
-            ``trainer.log_every_n_steps``.
+        every_n_steps: interval in optimizer steps (the first is always sampled); ``None``: ``log_every_n_steps``.
         norm_type: the p of the p-norm (``2.0``; ``inf`` for the largest absolute gradient).
     """
 
@@ -218,16 +201,13 @@ class GradientStats(Callback):
 class ActivationStats(Callback):
     """Log activation statistics of a few layers every ``every_n_steps`` training steps.
 
-    Forward hooks are registered at the start of a sampled batch only and removed at its end, so steps in
-    between run without any overhead. Metrics: ``diag/act/<layer>/mean`` and ``/std``, and for ReLU/ReLU6
-    layers ``/dead_frac`` (share of channels that output exactly 0 for the whole batch; a value that grows
-    during fine-tuning means units are dying). A module called several times per forward reports its last call.
+    Forward hooks exist only during a sampled batch, so other steps have no overhead. Metrics:
+    ``diag/act/<layer>/mean``, ``/std`` and for ReLU layers ``/dead_frac`` (see :func:`activation_stats`); a
+    module called several times per forward reports its last call.
 
     Args:
-        every_n_steps: interval in optimizer steps (the first step is always sampled); ``None`` uses
-            ``trainer.log_every_n_steps``.
-        layers: module names to watch (``backbone.blocks.6.0.bn2.act``); ``None`` picks the last activation
-            of each backbone block (see :func:`activation_layers`).
+        every_n_steps: interval in optimizer steps (the first is always sampled); ``None``: ``log_every_n_steps``.
+        layers: module names to watch (``backbone.blocks.6.0.bn2.act``); ``None``: see :func:`activation_layers`.
         max_layers: at most this many layers when ``layers`` is ``None``.
     """
 
@@ -235,9 +215,7 @@ class ActivationStats(Callback):
         _check_interval(every_n_steps)
         if max_layers < 1:
             raise ValueError(f"Expected argument `max_layers` to be at least 1, but got {max_layers}")
-        self.every_n_steps = every_n_steps
-        self.layers = layers
-        self.max_layers = max_layers
+        self.every_n_steps, self.layers, self.max_layers = every_n_steps, layers, max_layers
         self._handles: list[RemovableHandle] = []
         self._stats: dict[str, float] = {}
         self._step = 0

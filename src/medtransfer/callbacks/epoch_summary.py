@@ -15,18 +15,12 @@ _SHOWN = ("finetune/phase", "train/loss", "val/loss", "val/auroc", "val/acc")
 
 
 class EpochSummary(Callback):
-    """Print ``epoch 3/13  phase 2  train/loss 0.21  val/auroc 0.953  (17 s)`` at the end of each epoch.
-
-    Lightning's progress bar draws nothing when output goes to a file or pipe (``make fit > log``), so this
-    keeps such logs readable. With a live progress bar on a terminal it stays quiet.
-    """
+    """Print ``epoch 3/13  phase 2  train/loss 0.21  val/auroc 0.953  (17 s)`` at the end of each epoch, unless
+    a live progress bar draws on a terminal (it draws nothing into ``make fit > log``)."""
 
     def __init__(self, always: bool = False) -> None:
         self.always = always
         self._started = time.perf_counter()
-
-    def _active(self, trainer: Trainer) -> bool:
-        return self.always or trainer.progress_bar_callback is None or not sys.stdout.isatty()
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -35,7 +29,7 @@ class EpochSummary(Callback):
     @override
     @rank_zero_only
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._active(trainer):
+        if not (self.always or trainer.progress_bar_callback is None or not sys.stdout.isatty()):
             return
         metrics = trainer.callback_metrics
         parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]

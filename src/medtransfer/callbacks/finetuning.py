@@ -25,11 +25,9 @@ Schedule = Literal["constant", "cosine", "onecycle"]
 def phase_lr_factor(schedule: Schedule, progress: float, warmup_fraction: float) -> float:
     """The share of a group's peak learning rate at ``progress`` (0 to 1) through a phase.
 
-    ``cosine``: linear warm-up from 0 over ``warmup_fraction`` of the phase, then cosine decay to 0.
-    ``onecycle``: the shape of torch's ``OneCycleLR`` (warm-up from 1/25 of the peak over ``warmup_fraction``,
-    cosine anneal to 1e-4 of the peak). Written here rather than taken from ``torch.optim.lr_scheduler`` because
-    those pair one value with each parameter group at construction and know nothing of the phases: the group
-    added at the unfreeze would be left out or break them.
+    ``cosine``: linear warm-up from 0, then cosine decay to 0. ``onecycle``: ``OneCycleLR``'s shape (warm-up
+    from 1/25 of the peak, anneal to 1e-4 of it). Not torch's schedulers: they fix their parameter groups at
+    construction, so the group added at the unfreeze would be left out or break them.
     """
     progress = min(max(progress, 0.0), 1.0)
     if schedule == "constant":
@@ -48,33 +46,20 @@ _logger = logging.getLogger(__name__)
 class FreezeThenFinetune(BaseFinetuning):
     """Two-phase transfer learning on a module with ``.backbone`` and ``.head``.
 
-    Phase 1 (epochs before ``unfreeze_at_epoch``): the backbone is frozen and its BatchNorm layers stay in
-    eval mode, so their ImageNet running statistics are not overwritten; only the head trains, at the
-    optimizer's learning rate (1e-3 in the shipped configs). Phase 2: the top ``unfreeze_blocks`` blocks of the
-    backbone (all when ``None``) join the optimizer as a ``backbone`` group at ``finetune_lr`` and the head
-    drops to ``head_finetune_lr`` (``finetune_lr`` when ``None``). BatchNorm statistics stay frozen unless
-    ``bn_mode="train"``. With ``lr_decay < 1`` phase 2 uses discriminative learning rates (fastai's
-    ``fine_tune``, timm's layer decay): one group per unfrozen block, named ``backbone.<block>``, the top block at
-    ``finetune_lr`` and each block below it ``lr_decay`` times the one above.
+    Phase 1: the backbone is frozen, its BatchNorm in eval mode (ImageNet statistics kept), and only the head
+    trains. Phase 2: the top ``unfreeze_blocks`` backbone blocks join the optimizer as a ``backbone`` group (one
+    ``backbone.<block>`` group per block with ``lr_decay < 1``, timm's layer decay).
 
-    ``schedule`` shapes the learning rate within each phase (``cosine`` or ``onecycle``, with a warm-up over
-    ``warmup_fraction`` of the phase), for every group including those added at the unfreeze; a scheduler of the
-    model's own (``model.scheduler``, e.g. ``ReduceLROnPlateau``) instead has the new groups appended to it.
-
-    Unlike Lightning's ``BackboneFinetuning``, BatchNorm layers are never put in train mode by freezing
-    (``train_bn=True`` there), and a run resumed in phase 2 makes the restored backbone group trainable
-    again instead of leaving it frozen inside the optimizer.
+    Unlike Lightning's ``BackboneFinetuning``, freezing never puts BatchNorm in train mode, and a run resumed in
+    phase 2 makes the restored backbone group trainable again instead of leaving it frozen in the optimizer.
 
     Args:
         unfreeze_at_epoch: first epoch (0-based) of phase 2.
         finetune_lr: learning rate of the unfrozen backbone blocks in phase 2.
         head_finetune_lr: learning rate of the head in phase 2; ``None`` means ``finetune_lr``.
-        unfreeze_blocks: how many of the backbone's top blocks to unfreeze (timm's coarse ``group_matcher``
-            blocks); ``None`` unfreezes all.
-        bn_mode: ``frozen`` keeps every BatchNorm of the backbone in eval mode in both phases; ``train`` lets
-            the unfrozen blocks update their statistics in phase 2.
-        lr_decay: factor between the learning rates of neighbouring backbone blocks in phase 2; 1 keeps one
-            ``backbone`` group at ``finetune_lr``.
+        unfreeze_blocks: how many of the backbone's top (timm ``group_matcher``) blocks to unfreeze; ``None``: all.
+        bn_mode: ``frozen`` keeps the backbone's BatchNorm in eval mode; ``train`` lets unfrozen blocks update it.
+        lr_decay: factor between the learning rates of neighbouring backbone blocks; 1 keeps one ``backbone`` group.
         schedule: learning-rate shape within each phase: ``constant``, ``cosine`` or ``onecycle``.
         warmup_fraction: share of each phase spent warming up (``cosine`` and ``onecycle``).
     """
@@ -126,8 +111,7 @@ class FreezeThenFinetune(BaseFinetuning):
         return [module for _, block in self.unfrozen_blocks(pl_module) for module in block]
 
     def backbone_groups(self, pl_module: LightningModule) -> list[tuple[str, float, list[nn.Module]]]:
-        """``(group name, learning rate, modules)`` of phase 2: one ``backbone`` group, or one per block when
-        ``lr_decay < 1`` (top block at ``finetune_lr``)."""
+        """``(name, lr, modules)`` of the phase-2 groups: one ``backbone``, or one per block (``lr_decay < 1``)."""
         if self.lr_decay == 1.0:
             return [("backbone", self.finetune_lr, self.unfrozen_modules(pl_module))]
         blocks = self.unfrozen_blocks(pl_module)
@@ -144,9 +128,8 @@ class FreezeThenFinetune(BaseFinetuning):
     @staticmethod
     def freeze_parameters(modules: nn.Module | list[nn.Module]) -> None:
         """Stop gradients of ``modules``, leaving BatchNorm's ``track_running_stats`` untouched."""
-        for module in BaseFinetuning.flatten_modules(modules):
-            for param in module.parameters(recurse=False):
-                param.requires_grad = False
+        for param in BaseFinetuning.filter_params(modules):
+            param.requires_grad = False
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -215,9 +198,8 @@ class FreezeThenFinetune(BaseFinetuning):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.schedule == "constant":
             return
-        epoch = trainer.current_epoch
-        first, last = (0, self.unfreeze_at_epoch) if self.phase(epoch) == 1 else (self.unfreeze_at_epoch, None)
-        last = trainer.max_epochs if last is None else min(last, trainer.max_epochs)
+        epoch, end = trainer.current_epoch, trainer.max_epochs
+        first, last = (0, min(self.unfreeze_at_epoch, end)) if self.phase(epoch) == 1 else (self.unfreeze_at_epoch, end)
         batches = max(int(trainer.num_training_batches), 1)
         progress = ((epoch - first) * batches + batch_idx) / max((last - first) * batches, 1)
         factor = phase_lr_factor(self.schedule, progress, self.warmup_fraction)
@@ -235,5 +217,4 @@ class FreezeThenFinetune(BaseFinetuning):
         }
         for index, group in enumerate(trainer.optimizers[0].param_groups):
             metrics[f"finetune/lr_{group.get('name', index)}"] = float(group["lr"])
-        for name, value in metrics.items():
-            pl_module.log(name, value, on_step=False, on_epoch=True)
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True)

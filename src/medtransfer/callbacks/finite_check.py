@@ -1,10 +1,7 @@
 """Stop a run at the first NaN or infinite training loss or model output, with a message naming the step.
 
-A NaN loss does not stop Lightning (``Trainer(detect_anomaly=True)`` does, but it runs autograd's anomaly mode
-on every step and is several times slower); training would go on with NaN weights and end in NaN metrics or a
-traceback from threshold fitting. This callback makes one cheap check per batch instead: the training loss
-before ``backward`` (so the optimizer never applies a NaN gradient from it) and the model's output in
-validation, test and predict. Each check is one ``isfinite`` over a tensor and one device-to-host sync.
+A NaN loss does not stop Lightning (``detect_anomaly=True`` does, several times slower); training would go on
+with NaN weights. This is one ``isfinite`` per batch: the loss before ``backward`` and the evaluation output.
 """
 
 from __future__ import annotations
@@ -29,14 +26,11 @@ class NonFiniteError(MedtransferError, FloatingPointError):
 
 
 class FiniteCheck(Callback):
-    """Raise :class:`NonFiniteError` at the first non-finite training loss or evaluation output.
-
-    The error is a :class:`~medtransfer.errors.MedtransferError`, so the ``medtransfer`` command prints it as one
-    line and exits with status 2; Lightning marks the MLflow run ``FAILED``.
+    """Raise :class:`NonFiniteError` (a ``MedtransferError``: one line, exit status 2) at the first non-finite
+    training loss or evaluation output.
 
     Args:
-        check_outputs: also check the model's output (logits) in validation, test and predict batches, where
-            there is no loss to check before the metrics see it.
+        check_outputs: also check the model's output (logits) in validation, test and predict batches.
     """
 
     def __init__(self, check_outputs: bool = True) -> None:

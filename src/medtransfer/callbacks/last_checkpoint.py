@@ -1,9 +1,7 @@
 """``last.ckpt`` rewritten at the end of every epoch, so a stopped fit resumes from its latest state.
 
-Lightning 2.6's ``ModelCheckpoint(save_last=True)`` rewrites ``last.ckpt`` only in an epoch where its monitored
-top-k checkpoint was saved, that is when validation improved; a fit killed after epochs without improvement
-would resume from the best epoch and redo the rest. This callback saves the latest state unconditionally (a
-``ModelCheckpoint`` without a monitor keeps its single newest file), next to the best checkpoints.
+Lightning 2.6's ``save_last=True`` rewrites ``last.ckpt`` only when its monitored top-k checkpoint was saved, so
+a fit killed after epochs without improvement would redo them; a ``ModelCheckpoint`` without a monitor does not.
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
-"""Exponential moving average of the weights: Lightning's ``EMAWeightAveraging``, kept when the best checkpoint is
-tested right after fitting.
+"""Exponential moving average of the weights: Lightning's ``EMAWeightAveraging`` with two upstream fixes.
 
-Lightning validates and checkpoints the averaged weights (the checkpoint's ``state_dict``; the live ones go to
-``current_model_state``), and its ``on_load_checkpoint`` puts the *live* weights back whenever the callback holds an
-averaged model, which it still does after ``fit``. So ``test_after_fit`` (``trainer.test(ckpt_path="best")``)
-would measure the un-averaged weights, and the decision threshold fitted on the averaged ones. Here a checkpoint
-loaded outside fitting keeps its ``state_dict``: what was validated is what is tested, predicted and exported.
-Resuming a fit (``--ckpt_path last``) restores both, as upstream does.
+Upstream's ``on_load_checkpoint`` puts the *live* weights back whenever it holds an averaged model, as it still
+does after ``fit``, so ``test_after_fit`` would test un-averaged weights at a threshold fitted on averaged ones.
+Here a checkpoint loaded outside fitting keeps its (averaged) ``state_dict``; resuming a fit restores both.
 
-The module's own buffers (the decision threshold, temperature and abstention cut-off fitted on validation, the
-class weights) are not weights to average: upstream swaps them out with the parameters, so validation ran with an
-average of old thresholds and the checkpoint kept it instead of the one just fitted. Here they stay the live
-model's throughout, and the checkpoint's ``state_dict`` carries the fitted ones.
+Upstream also averages the module's own buffers (the threshold, temperature and cut-off fitted on validation,
+the class weights), so the checkpoint kept an average of old thresholds. Here they stay the live model's.
 """
 
 from __future__ import annotations
@@ -29,11 +23,10 @@ __all__ = ["EMA"]
 
 
 class EMA(EMAWeightAveraging):
-    """EMA of every parameter and buffer (``decay`` per optimizer step), validated, checkpointed and tested.
+    """EMA of the weights (``decay`` per optimizer step), validated, checkpointed and tested.
 
     Args:
-        decay: weight of the running average per step; ``1 / (1 - decay)`` steps is its memory (0.99: about 100
-            steps, two epochs of PneumoniaMNIST at batch 64). Updated after every optimizer step.
+        decay: weight of the running average per optimizer step; ``1 / (1 - decay)`` steps is its memory.
     """
 
     def __init__(self, decay: float = 0.99) -> None:

@@ -1,9 +1,7 @@
 """Worst-errors gallery: the validation/test images the model got wrong with the most confidence.
 
-A sanity check a radiologist can read: are the confident mistakes label noise, artefacts, laterality markers
-or real hard cases, and does the Grad-CAM heatmap look at the lungs? Saved as one PNG grid plus a CSV
-(``index``, [``finding``,] ``label``, ``decision``, ``prob``, ``prob_label``) and logged to MLflow under
-``diagnostics/``.
+A check a radiologist can read: are the confident mistakes label noise, artefacts or hard cases, and does the
+heatmap look at the lungs?
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ from typing_extensions import override
 from medtransfer.errors import MedtransferError
 from medtransfer.files import write_text_atomic
 from medtransfer.plots import save_figure
-from medtransfer.tracking.callbacks import find_mlflow_logger
+from medtransfer.tracking.callbacks import log_artifacts, run_folder
 
 __all__ = ["WorstErrorsGallery", "denormalise", "plot_gallery"]
 
@@ -54,8 +52,8 @@ class _Case:
 
 
 def denormalise(image: Tensor, mean: list[float], std: list[float]) -> np.ndarray:
-    """A normalised ``(C, H, W)`` model input back to a displayable ``(H, W)`` (1 channel) or ``(H, W, 3)``
-    ``uint8`` image. A mean/std whose length differs from ``C`` is averaged (gray input, RGB statistics)."""
+    """A normalised ``(C, H, W)`` input back to a ``uint8`` ``(H, W)`` or ``(H, W, 3)`` image; a mean/std whose
+    length differs from ``C`` is averaged (gray input, RGB statistics)."""
     image = image.detach().float().cpu()
     channels = image.shape[0]
     mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
@@ -85,29 +83,21 @@ def plot_gallery(pictures: list[np.ndarray], titles: list[str], ncols: int = 4, 
 class WorstErrorsGallery(Callback):
     """Save the ``k`` most confidently wrong validation (and test) images with label, probability and heatmap.
 
-    While the model evaluates, a forward hook on the module reads each batch's input and logits (no second
-    pass), and a bounded heap per true class keeps only the ``k`` best candidates, so memory stays at ``2k``
-    images whatever the split size. At the end the stored temperature and threshold (fitted on that same
-    validation epoch) decide which candidates are wrong; they are ranked by ``|p - label|`` (binary) or
-    ``1 - p(label)`` (multiclass). Multi-label tasks rank (image, finding) pairs as binary ones, each finding
-    at its own threshold (a heap per finding and label: at most ``2k`` images per finding, an image shared by
-    its findings' cases); a panel is one finding of one image (``finding`` in the CSV), its heatmap the
-    evidence for that finding.
+    A forward hook reads each evaluation batch's input and logits (no second pass) and a bounded heap per true
+    class (and finding, for multi-label tasks) keeps the ``k`` best candidates, so memory stays at ``2k`` images.
+    The threshold fitted on that same validation epoch then decides which are wrong; they are ranked by
+    ``1 - p(label)``. A multi-label panel is one finding of one image, its heatmap the evidence for that finding.
 
-    Written after ``test`` (``worst_errors_test``), after ``validate``, and at the end of ``fit`` for the last
-    validation epoch (``worst_errors_val``; with ``every_n_epochs`` also during fit, overwriting it). Files go
-    to ``dirpath`` (default ``<root>/<experiment>/<run>/diagnostics``) and to the MLflow run's
-    ``diagnostics/``. Under DDP each rank sees its own shard; rank 0's is drawn. ``index`` is the position in
-    the (unshuffled) evaluation loader.
+    Writes ``worst_errors_{val,test}.{png,csv}`` (``index`` is the position in the evaluation loader) after
+    ``test``, ``validate`` and at the end of ``fit`` (with ``every_n_epochs`` also during fit), to ``dirpath``
+    and the MLflow run's ``diagnostics/``. Under DDP rank 0 draws its own shard.
 
     Args:
         k: number of images in the gallery.
         every_n_epochs: also draw the validation gallery every this many epochs during fit (0: only at the end).
-        heatmap: overlay a heatmap (:func:`medtransfer.explain.explain`, its default method): evidence for the positive
-            class (binary), for the decided class (multiclass). At fit's end it uses the final weights, the
-            ones the last validation epoch scored.
+        heatmap: overlay :func:`medtransfer.explain.explain`'s heatmap (positive class, or the decided class).
         ncols: images per row.
-        dirpath: folder for the PNG/CSV files; ``None`` puts them beside the run's checkpoints.
+        dirpath: folder for the PNG/CSV files; ``None``: ``<root>/<experiment>/<run>/diagnostics``.
     """
 
     def __init__(
@@ -126,13 +116,6 @@ class WorstErrorsGallery(Callback):
         self._handle: RemovableHandle | None = None
         self._pending_val = False  # the last validation epoch of fit is collected but not drawn yet
 
-    # -- collecting --------------------------------------------------------------------------------------------
-
-    def _start(self, pl_module: LightningModule) -> None:
-        self._heaps, self._seen, self._captured = {}, {}, None
-        self._remove_hook()
-        self._handle = pl_module.register_forward_hook(self._capture)
-
     def _capture(self, module: nn.Module, args: tuple, output: Any) -> None:
         if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
             self._captured = (args[0], output)
@@ -143,26 +126,21 @@ class WorstErrorsGallery(Callback):
             self._handle = None
 
     def _collect(self, pl_module: LightningModule, batch: Any, dataloader_idx: int) -> None:
-        """Offer this batch's cases to the heaps: per true class for binary tasks (the threshold is not final
-        yet; the most wrong positives have the lowest logits, the most wrong negatives the highest), the same
-        over every (image, finding) pair for multi-label tasks, one heap of misclassified images for multiclass
-        tasks (argmax does not depend on the threshold)."""
+        """Offer this batch's cases to the heaps: per true label (and finding) ranked by logit, as the threshold is
+        not final yet; for multiclass tasks one heap of misclassified images (argmax needs no threshold)."""
         captured, self._captured = self._captured, None
         if captured is None or not isinstance(batch, (tuple, list)) or len(batch) < 2:
             return
-        (x, logits), y = captured, batch[1].detach().long()
+        x, logits, y = captured[0], captured[1].detach().float(), batch[1].detach().long()
         offset = self._seen.get(dataloader_idx, 0)
         self._seen[dataloader_idx] = offset + len(y)
-        logits = logits.detach().float()
-        images, findings = torch.arange(len(y)), torch.full((len(y),), -1)
-        row_logits = logits
+        images, findings, row_logits = torch.arange(len(y)), torch.full((len(y),), -1), logits
         if pl_module.hparams.task == "multilabel":  # one candidate per (image, finding)
             images = images.repeat_interleave(y.shape[1])
             findings = torch.arange(y.shape[1]).repeat(len(y))
             y, logits = y.reshape(-1), logits.reshape(-1)
         if pl_module.hparams.task in ("binary", "multilabel"):
-            # a heap per true label (and finding): each finding has its own threshold, so wrongness is
-            # monotone in the logit only within one finding
+            # each finding has its own threshold: wrongness is monotone in the logit only within one finding
             buckets, scores = y + 2 * findings.clamp(min=0), torch.where(y == 1, -logits, logits)
         else:
             probs = pl_module.predict_proba(logits)
@@ -186,10 +164,9 @@ class WorstErrorsGallery(Callback):
                     heapq.heappushpop(heap, case)
 
     def worst(self, pl_module: LightningModule) -> list[dict[str, Any]]:
-        """The collected cases that the module's current threshold gets wrong, most confident first, at most
-        ``k``: ``index``, ``finding`` (multi-label; else -1), ``label``, ``decision``, ``prob`` (binary and
-        multi-label: of the positive class or finding; multiclass: of the decision), ``prob_label`` (of the true
-        label) and ``image``."""
+        """At most ``k`` collected cases the current threshold gets wrong, most confident first: ``index``,
+        ``finding`` (-1 unless multi-label), ``label``, ``decision``, ``prob`` (of the positive class, or of the
+        decision for multiclass), ``prob_label`` (of the true label) and ``image``."""
         cases = [case for heap in self._heaps.values() for case in heap]
         if not cases:
             return []
@@ -220,16 +197,6 @@ class WorstErrorsGallery(Callback):
         ]
         return sorted(rows, key=lambda row: (row["prob_label"], row["index"], row["finding"]))[: self.k]
 
-    # -- drawing -----------------------------------------------------------------------------------------------
-
-    def _folder(self, trainer: Trainer) -> Path:
-        if self.dirpath is not None:
-            return Path(self.dirpath)
-        logger = find_mlflow_logger(trainer)
-        if logger is not None and logger.run_id is not None:
-            return Path(trainer.default_root_dir) / str(logger.experiment_id) / str(logger.run_id) / "diagnostics"
-        return Path(trainer.default_root_dir) / "diagnostics"
-
     def _heatmaps(self, pl_module: LightningModule, images: Tensor, findings: list[int]) -> Tensor | None:
         if not self.heatmap:
             return None
@@ -245,17 +212,16 @@ class WorstErrorsGallery(Callback):
     @staticmethod
     def _statistics(trainer: Trainer, pl_module: LightningModule) -> tuple[list[float], list[float]]:
         """Mean and std the inputs were normalised with: the data module's, else the backbone's."""
-        spec = getattr(trainer.datamodule, "input_spec", None) if trainer.datamodule else None
-        spec = spec or getattr(pl_module, "input_spec", None)
+        spec = getattr(trainer.datamodule, "input_spec", None) or getattr(pl_module, "input_spec", None)
         return (list(spec.mean), list(spec.std)) if spec is not None else ([0.0], [1.0])
 
     def _draw(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not self._heaps:
             return
         rows = self.worst(pl_module)
-        names = getattr(trainer.datamodule, "class_names", None) if trainer.datamodule else None
+        names = getattr(trainer.datamodule, "class_names", None)
         names = [str(n) for n in names] if names else [str(i) for i in range(pl_module.hparams.num_classes)]
-        folder = self._folder(trainer)
+        folder = run_folder(trainer, self.dirpath, "diagnostics")
         multilabel = pl_module.hparams.task == "multilabel"
         columns = ["index", *(["finding"] if multilabel else []), "label", "decision", "prob", "prob_label"]
         table = pd.DataFrame([{k: v for k, v in row.items() if k != "image"} for row in rows], columns=columns)
@@ -267,10 +233,7 @@ class WorstErrorsGallery(Callback):
         self.paths = [write_text_atomic(folder / f"worst_errors_{stage}.csv", table.to_csv(index=False))]
         if rows:
             self.paths.append(self._figure(trainer, pl_module, rows, names, folder / f"worst_errors_{stage}.png"))
-        logger = find_mlflow_logger(trainer)
-        if logger is not None and logger.run_id is not None:
-            for path in self.paths:
-                logger.experiment.log_artifact(logger.run_id, str(path), "diagnostics")
+        log_artifacts(trainer, self.paths, "diagnostics")
         _logger.info("Worst %s errors (%d) in %s", stage, len(rows), folder)
 
     def _figure(
@@ -279,16 +242,14 @@ class WorstErrorsGallery(Callback):
         images = torch.stack([row["image"] for row in rows])
         heatmaps = self._heatmaps(pl_module, images, [row["finding"] for row in rows])
         mean, std = self._statistics(trainer, pl_module)
-        pictures, captions = [], []
-        for i, row in enumerate(rows):
-            picture = denormalise(row["image"], mean, std)
-            if heatmaps is not None:
-                from medtransfer.explain import overlay
+        pictures = [denormalise(row["image"], mean, std) for row in rows]
+        if heatmaps is not None:
+            from medtransfer.explain import overlay
 
-                picture = overlay(picture, heatmaps[i])
-            pictures.append(picture)
+            pictures = [overlay(picture, heatmap) for picture, heatmap in zip(pictures, heatmaps, strict=True)]
+        captions, yes_no = [], ("no", "yes")
+        for row in rows:
             if pl_module.hparams.task == "multilabel":
-                yes_no = ("no", "yes")
                 captions.append(
                     f"#{row['index']} {names[row['finding']]}: truth {yes_no[row['label']]}\n"
                     f"said {yes_no[row['decision']]}, p={row['prob']:.3f}"
@@ -302,11 +263,11 @@ class WorstErrorsGallery(Callback):
         title = f"{len(rows)} most confidently wrong ({path.stem.rsplit('_', 1)[-1]}{epoch})"
         return save_figure(plot_gallery(pictures, captions, self.ncols, title), path)
 
-    # -- Lightning hooks ---------------------------------------------------------------------------------------
-
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start(pl_module)
+        self._heaps, self._seen, self._captured = {}, {}, None
+        self._remove_hook()
+        self._handle = pl_module.register_forward_hook(self._capture)
 
     @override
     def on_validation_batch_end(

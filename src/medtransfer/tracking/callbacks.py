@@ -26,8 +26,10 @@ __all__ = [
     "MLflowRunTracking",
     "find_mlflow_logger",
     "flatten_config",
+    "log_artifacts",
     "read_run_info",
     "redacted",
+    "run_folder",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -41,9 +43,26 @@ def find_mlflow_logger(trainer: Trainer) -> MLFlowLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
 
 
+def run_folder(trainer: Trainer, dirpath: str | None, name: str) -> Path:
+    """``dirpath``, else ``<root>/<experiment>/<run>/<name>`` (``<root>/<name>`` without an MLflow run)."""
+    if dirpath is not None:
+        return Path(dirpath)
+    logger = find_mlflow_logger(trainer)
+    if logger is not None and logger.run_id is not None:
+        return Path(trainer.default_root_dir) / str(logger.experiment_id) / str(logger.run_id) / name
+    return Path(trainer.default_root_dir) / name
+
+
+def log_artifacts(trainer: Trainer, paths: list[Path], artifact_path: str) -> None:
+    """Log ``paths`` to the trainer's MLflow run under ``artifact_path``, if it has one."""
+    logger = find_mlflow_logger(trainer)
+    if logger is not None and logger.run_id is not None:
+        for path in paths:
+            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)
+
+
 def redacted(key: str, value: str) -> str:
-    """``value`` as MLflow may store it: ``***`` under a secret-named key, URI credentials as ``***@``
-    (``medtransfer.tracking.redaction.redact``, the one redaction everything uses)."""
+    """``value`` as text with :func:`~medtransfer.tracking.redaction.redact` applied (``key`` names it)."""
     return str(redact(str(value), key))
 
 
@@ -74,11 +93,8 @@ def read_run_info(checkpoint_path: str | Path) -> dict[str, str] | None:
 
 
 class LogConfigToMLflow(SaveConfigCallback):
-    """Log the resolved config to MLflow: as flattened params (on ``fit``) and as ``config/<stage>.yaml``.
-
-    A resumed run keeps its params; values that changed since are logged as a warning, because MLflow
-    refuses to overwrite a param.
-    """
+    """Log the resolved config to MLflow as ``config/<stage>.yaml`` and, on ``fit``, as flattened params (a
+    resumed run keeps its params, as MLflow cannot overwrite one: changed values are warned about)."""
 
     @override
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -86,8 +102,7 @@ class LogConfigToMLflow(SaveConfigCallback):
         if logger is None:
             return
         stage = getattr(stage, "value", stage)  # Lightning passes its TrainerFn enum
-        text = self.parser.dump(self.config, skip_none=False)
-        text = redact_yaml(text)  # secret keys and URI credentials
+        text = redact_yaml(self.parser.dump(self.config, skip_none=False))  # secret keys and URI credentials
         logger.experiment.log_text(logger.run_id, text, f"config/{stage}.yaml")
         if stage != "fit":
             return
@@ -101,8 +116,8 @@ class LogConfigToMLflow(SaveConfigCallback):
 
 class MLflowRunTracking(Callback):
     """Store the MLflow run in every checkpoint (so ``test``/resume continue it), tag the run at fit start
-    (``tracking.tags.run_tags``: git commit, dataset SHA-256, versions, host, devices; plus the resolved input
-    params) and log the best checkpoint. A resumed run keeps the tags and params it already has."""
+    (:func:`~medtransfer.tracking.tags.run_tags`, resolved input params; a resumed run keeps those it has) and
+    log the best checkpoint."""
 
     @override
     @rank_zero_only
@@ -125,11 +140,8 @@ class MLflowRunTracking(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         logger = find_mlflow_logger(trainer)
         if logger is not None and logger.run_id is not None:
-            checkpoint["mlflow"] = {
-                "run_id": logger.run_id,
-                "experiment_id": logger.experiment_id,
-                "tracking_uri": redact(mlflow_logger_settings(logger)[0]),
-            }
+            uri = redact(mlflow_logger_settings(logger)[0])
+            checkpoint["mlflow"] = {"run_id": logger.run_id, "experiment_id": logger.experiment_id, "tracking_uri": uri}
             if self._epoch_ending:
                 checkpoint["mlflow"]["epoch_end_metrics"] = self._epoch_end_metrics(trainer)
             if isinstance(logger, MLflowLogger):
@@ -168,12 +180,8 @@ class MLflowRunTracking(Callback):
     @override
     @rank_zero_only
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """On resume, log the checkpointed epoch's metrics that its killed fit had not logged yet.
-
-        A checkpoint saved at a train epoch's end is written before Lightning logs that epoch's training metrics,
-        and Lightning does not log them after resuming from it; a fit killed between the two would lose them.
-        The logger keeps the ones the run already has (``MLflowLogger.skip_logged_steps``).
-        """
+        """On resume, log the checkpointed epoch's training metrics: the checkpoint is saved before Lightning logs
+        them and Lightning does not log them after resuming (the logger drops those the run already has)."""
         logger = find_mlflow_logger(trainer)
         pending, self._unlogged = self._unlogged, None
         if pending and isinstance(logger, MLflowLogger) and logger.skips_logged_steps:

@@ -1,10 +1,5 @@
 """Each run's train/validation/test data as MLflow dataset inputs: the UI's Dataset column and filter, and what
-``medtransfer compare`` groups runs by.
-
-A split's digest is a SHA-256 (first 16 hex digits, as MLflow shows) of the dataset's identity (the MedMNIST file's
-or label table's SHA-256, else the image manifest's, see :mod:`medtransfer.tracking.tags`), the split's name and
-its targets in order. Two runs share a test digest exactly when they were tested on the same cases: different
-files, splits, seeds of a made split or training fractions give different digests.
+``medtransfer compare`` groups runs by. Two runs share a split's digest exactly when they used the same cases.
 """
 
 from __future__ import annotations
@@ -26,7 +21,7 @@ _CONTEXT = {"train": "train", "val": "validation", "test": "test"}
 
 
 def split_digest(identity: str, split: str, targets: Any) -> str:
-    """16 hex digits of SHA-256 over the dataset identity, the split name and the split's targets."""
+    """16 hex digits (as MLflow shows) of SHA-256 over the dataset identity, the split name and its targets."""
     digest = hashlib.sha256(f"{identity}\t{split}\t".encode())
     digest.update(np.ascontiguousarray(np.asarray(targets, dtype=np.float32)).tobytes())
     return digest.hexdigest()[:16]

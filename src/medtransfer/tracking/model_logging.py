@@ -1,9 +1,7 @@
 """Log the best model of a fit as an MLflow model, and register it, so ``models:/<name>/<version>`` works.
 
-The model is ``ProbabilityModel`` exported by ``mlflow.pytorch`` in its ``pt2`` format (``torch.export``: no
-pickle, so loading runs no stored code), with a tensor signature and an input example; the decision rule
-(thresholds, abstention band), class names and input settings go in the MLflow model's metadata, which
-``medtransfer predict`` reads to decide exactly as the checkpoint would.
+The ``ProbabilityModel`` is exported in ``mlflow.pytorch``'s ``pt2`` format (no pickle: loading runs no stored
+code); the decision rule, class names and input settings go in its metadata, for ``medtransfer predict``.
 """
 
 from __future__ import annotations
@@ -35,8 +33,8 @@ _logger = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def tracking_at(tracking_uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API (which ``mlflow.pytorch`` uses) at ``tracking_uri`` for a while, then restore it;
-    ``mlflow.set_tracking_uri`` also sets ``$MLFLOW_TRACKING_URI``, which later fits in the process would inherit."""
+    """Point MLflow's fluent API at ``tracking_uri`` for a while; also restores ``$MLFLOW_TRACKING_URI``, which
+    ``mlflow.set_tracking_uri`` sets and later fits in the process would inherit."""
     previous_uri, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)
     try:
@@ -66,20 +64,16 @@ def model_metadata(classifier: ClassifierModule, checkpoint: dict[str, Any]) -> 
 class LogModelToMLflow(Callback):
     """At the end of ``fit``, log the best checkpoint's model to the run as ``model`` and register it.
 
-    Once per run and best checkpoint: a resumed fit whose best checkpoint is the one already exported (tag
-    ``model_checkpoint``, set after export and registration succeeded) exports and registers nothing; one whose
-    resumed epochs found a better checkpoint exports and registers that one as a new version. An export killed
-    half way leaves a ``PENDING`` logged model in the run; the next fit end of the run deletes it and exports again.
+    Once per run and best checkpoint (tag ``model_checkpoint``, set last): a resumed fit exports again only if
+    it found a better checkpoint. A ``PENDING`` model left by a killed export is deleted and exported again.
 
     Args:
         enabled: log the model at all (exporting takes a few seconds).
-        registered_model_name: name in the MLflow model registry; ``None`` registers it as
-            ``<backbone>-<dataset>`` (e.g. ``tf_efficientnet_lite0-pneumoniamnist``); ``""`` does not register.
+        registered_model_name: name in the MLflow model registry; ``None``: ``<backbone>-<dataset>``; ``""``: none.
     """
 
     def __init__(self, enabled: bool = True, registered_model_name: str | None = None) -> None:
-        self.enabled = enabled
-        self.registered_model_name = registered_model_name
+        self.enabled, self.registered_model_name = enabled, registered_model_name
 
     def _registry_name(self, trainer: Trainer, pl_module: LightningModule) -> str | None:
         if self.registered_model_name is not None:

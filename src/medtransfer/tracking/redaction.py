@@ -1,9 +1,4 @@
-"""One redaction for everything medtransfer records or prints: secret-named keys and credentials in URIs.
-
-Applied to MLflow params, run tags, config artifacts, checkpoints, console lines and the arguments that
-``search`` and ``learning-curve`` log, so a password given anywhere (a tracking or storage URI, a ``tags``
-entry, an environment variable that reaches the config) is stored nowhere.
-"""
+"""One redaction for everything medtransfer records or prints: secret-named keys and URI credentials."""
 
 from __future__ import annotations
 

@@ -22,42 +22,26 @@ from medtransfer.decisions.report import evaluation_table
 from medtransfer.decisions.rule import DecisionRule
 from medtransfer.files import write_text_atomic
 from medtransfer.metrics import functional as F
-from medtransfer.tracking.callbacks import find_mlflow_logger
+from medtransfer.tracking.callbacks import log_artifacts, run_folder
 
 __all__ = ["TestReportPlots"]
 
 _logger = logging.getLogger(__name__)
 
 
-def _write_csv(columns: dict[str, list], path: Path) -> Path:
-    """Write a column dict as CSV via a temporary file and rename (never half a file)."""
-    return write_text_atomic(path, pd.DataFrame(columns).to_csv(index=False, float_format="%.6f"))
-
-
 class TestReportPlots(Callback):
-    """After ``test``: ROC (binary), risk-coverage, reliability diagram and confusion matrix with an
-    ``abstain`` column, as PNG files (in ``dirpath``, default ``<root>/<experiment>/<run>/plots``) and as
-    MLflow artifacts under ``plots/``. A multi-label task gets ``per_label.csv`` (AUROC, AURC, ECE,
-    selective accuracy, threshold, band per label) and the four figures per label or pooled over all (case,
-    label) decisions: ``roc`` (one curve per label), ``risk_coverage`` and ``reliability`` (micro), and
-    ``confusion`` (true/false positives/negatives and referrals per label). Binary and multi-label tasks also get
-    ``evaluation.csv``: ``medtransfer evaluate``'s table of the test predictions at the model's thresholds.
+    """After ``test``: ROC (binary), risk-coverage, reliability diagram and confusion matrix with an ``abstain``
+    column, as PNG files in ``dirpath`` and MLflow artifacts under ``plots/``. Multi-label tasks get
+    ``per_label.csv`` and the figures per label or pooled over all (case, label) decisions; binary and
+    multi-label tasks also get ``evaluation.csv``, ``medtransfer evaluate``'s table at the model's thresholds.
 
     Args:
-        dirpath: where to write the PNG files; ``None`` puts them beside the run's checkpoints.
+        dirpath: where to write the PNG files; ``None``: ``<root>/<experiment>/<run>/plots``.
     """
 
     def __init__(self, dirpath: str | None = None) -> None:
         self.dirpath = dirpath
         self.paths: list[Path] = []
-
-    def _folder(self, trainer: Trainer) -> Path:
-        if self.dirpath is not None:
-            return Path(self.dirpath)
-        logger = find_mlflow_logger(trainer)
-        if logger is not None:
-            return Path(trainer.default_root_dir) / str(logger.experiment_id) / str(logger.run_id) / "plots"
-        return Path(trainer.default_root_dir) / "plots"
 
     @override
     @rank_zero_only
@@ -65,7 +49,7 @@ class TestReportPlots(Callback):
         outputs = getattr(pl_module, "test_outputs", None)
         if not outputs or trainer.sanity_checking:
             return
-        folder, rule = self._folder(trainer), pl_module.decision_rule
+        folder, rule = run_folder(trainer, self.dirpath, "plots"), pl_module.decision_rule
         probs, targets = outputs["probs"], outputs["targets"]
         names = getattr(trainer.datamodule, "class_names", None)
         names = [str(n) for n in names] if names else [str(i) for i in range(pl_module.hparams.num_classes)]
@@ -77,17 +61,15 @@ class TestReportPlots(Callback):
             tables = [write_text_atomic(folder / "evaluation.csv", table.to_csv())]
         if outputs.get("per_label"):  # multi-label: the table per label and the figures per label or pooled
             figures = self.multilabel_figures(rule, probs, targets, outputs["per_label"])
-            self.paths = [_write_csv(outputs["per_label"], folder / "per_label.csv"), *tables]
+            per_label = pd.DataFrame(outputs["per_label"]).to_csv(index=False, float_format="%.6f")
+            self.paths = [write_text_atomic(folder / "per_label.csv", per_label), *tables]
             self.paths += [plots.save_figure(fig, folder / f"{name}.png") for name, fig in figures.items()]
         else:
             calibration = getattr(pl_module, "calibration", None)
             figures = self.figures(rule, probs, targets, outputs["report"], names, calibration)
             self.paths = [plots.save_figure(fig, folder / f"{name}.png") for name, fig in figures.items()]
             self.paths += tables
-        logger = find_mlflow_logger(trainer)
-        if logger is not None:
-            for path in self.paths:
-                logger.experiment.log_artifact(logger.run_id, str(path), "plots")
+        log_artifacts(trainer, self.paths, "plots")
         _logger.info("Test report plots in %s", folder)
 
     @staticmethod
@@ -123,35 +105,22 @@ class TestReportPlots(Callback):
         return figures
 
     @staticmethod
-    def figures(
-        rule: DecisionRule,
-        probs: torch.Tensor,
-        targets: torch.Tensor,
-        report: dict,
-        class_names: list[str] | None = None,
-        calibration: dict | None = None,
-    ) -> dict:
-        """The figures of a (binary or multi-class) test report by name, from test probabilities and targets,
-        ``rule`` and the means of its :func:`~medtransfer.decisions.report.selective_report`; with the model's
-        ``calibration`` record the certified risk bound is drawn."""
+    def figures(rule: DecisionRule, probs: torch.Tensor, targets: torch.Tensor, report: dict,
+                class_names: list[str] | None = None, calibration: dict | None = None) -> dict:  # fmt: skip
+        """The figures of a binary or multi-class test report by name, from the test probabilities and targets,
+        ``rule`` and its :func:`~medtransfer.decisions.report.selective_report`; with the model's ``calibration``
+        record the certified risk bound is drawn."""
         binary = rule.task == "binary"
-        confidence = rule.confidence(probs)
         decisions = rule.decide(probs)
         correct = decisions == targets
-        coverage, risk, _ = F.risk_coverage_curve(confidence, correct)
+        coverage, risk, _ = F.risk_coverage_curve(rule.confidence(probs), correct)
         control = (calibration or {}).get("risk_control")
         guarantee = None
         if control is not None:  # one binary problem: draw the certified bound on the test curve
             guarantee = (control["target_risk"], control["delta"], control["per_label"][0]["coverage"])
-        figures = {
-            "risk_coverage": plots.plot_risk_coverage(
-                coverage,
-                risk,
-                report["aurc"],
-                marks={"abstention band": (report["coverage"], 1 - report["selective_acc"])},
-                guarantee=guarantee,
-            )
-        }
+        band = {"abstention band": (report["coverage"], 1 - report["selective_acc"])}
+        curve = plots.plot_risk_coverage(coverage, risk, report["aurc"], marks=band, guarantee=guarantee)
+        figures = {"risk_coverage": curve}
         reliability_inputs = (probs, targets) if binary else (probs.max(dim=1).values, correct)
         figures["reliability"] = plots.plot_reliability(*F.reliability_bins(*reliability_inputs), report["ece"])
         if binary:

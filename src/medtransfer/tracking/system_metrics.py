@@ -1,11 +1,7 @@
-"""MLflow system metrics (CPU, memory, disk, network; GPU utilisation and memory through ``pynvml`` where it is
-installed) logged into the fit's run, from rank 0 only.
+"""MLflow system metrics (CPU, memory, disk, network; GPU through ``pynvml``) logged into the fit's run.
 
-``mlflow.start_run(log_system_metrics=True)`` and ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` turn MLflow's sampler
-on for runs MLflow's fluent API starts; Lightning's ``MLFlowLogger`` creates its run through the client and so
-ignores both (Lightning issue #20563). This callback runs MLflow's own sampler on the logger's run
-(:func:`medtransfer.upstream.start_system_metrics`) while a fit or test runs, in the process of global rank 0 only
-(one machine's view, one set of ``system/*`` keys).
+MLflow's switches for them apply to runs its fluent API starts; ``MLFlowLogger`` creates its run through the
+client and ignores them (Lightning issue #20563). This runs MLflow's own sampler on the logger's run, on rank 0.
 """
 
 from __future__ import annotations
@@ -43,13 +39,13 @@ class LogSystemMetrics(Callback):
 
     @property
     def active(self) -> bool:
-        """``enabled``, else MLflow's own switch (``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING``, which
-        ``mlflow.enable_system_metrics_logging()`` sets)."""
+        """``enabled``, else MLflow's own switch (``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING``)."""
         from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
 
         return bool(MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get()) if self.enabled is None else self.enabled
 
-    def _start(self, trainer: Trainer) -> None:
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         logger = find_mlflow_logger(trainer)
         if not self.active or not trainer.is_global_zero or logger is None or self._monitor is not None:
             return
@@ -58,7 +54,8 @@ class LogSystemMetrics(Callback):
             logger.run_id, mlflow_logger_settings(logger)[0], self.interval_s, self.samples_before_logging
         )
 
-    def _stop(self) -> None:
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Stop sampling and log one last sample, so that even a run shorter than ``interval_s`` has one."""
         monitor, self._monitor = self._monitor, None
         if monitor is None:
@@ -68,16 +65,8 @@ class LogSystemMetrics(Callback):
         except Exception as err:  # a failed sample must not fail the training that ran
             _logger.warning("Could not log the last system metrics sample: %s", err)
 
-    @override
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start(trainer)
-
-    @override
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._stop()
-
     on_test_start, on_test_end = on_fit_start, on_fit_end  # a test after fit continues the fit's steps
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._stop()
+        self.on_fit_end(trainer, pl_module)

@@ -1,10 +1,4 @@
-"""What a run records beyond its config: where it ran, on what code and data, and the resolved input pipeline.
-
-``run_tags`` collects MLflow tags (git commit, dataset name and SHA-256, package versions, host, devices), so
-runs can be compared and reproduced from the MLflow UI; ``resolved_data_params`` adds the params the config
-leaves open (``image_size: null`` means the backbone's size) and the albumentations pipelines as readable text.
-``MLflowRunTracking`` sets both at fit start.
-"""
+"""What a run records beyond its config: where it ran, on what code and data, and its input pipeline."""
 
 from __future__ import annotations
 
@@ -21,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningDataModule, Trainer
 
 __all__ = [
@@ -49,8 +44,7 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read in chunks; cached by ``(path, size, mtime)``, so repeated fits in one process
-    (learning curves, searches) hash a large dataset once, and an edited file is hashed again."""
+    """SHA-256 of a file, cached by ``(path, size, mtime)``: repeated fits in one process hash a dataset once."""
     path = Path(path).resolve()
     stat = path.stat()
     return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
@@ -60,9 +54,8 @@ file_sha256.cache_info = _sha256.cache_info  # type: ignore[attr-defined]
 
 
 def git_tags(folder: str | Path | None = None) -> dict[str, str]:
-    """``git.commit``, ``git.dirty`` (tracked files changed since the commit) and MLflow's own
-    ``mlflow.source.git.commit`` (shown in the run's header in the UI) for the repository holding ``folder``
-    (default: the working directory); empty outside a repository or without ``git``."""
+    """``git.commit``, ``git.dirty`` and MLflow's ``mlflow.source.git.commit`` (shown in the UI) of the repository
+    holding ``folder`` (default: the working directory); empty outside one or without ``git``."""
     folder = Path.cwd() if folder is None else Path(folder)
 
     def git(*args: str) -> subprocess.CompletedProcess:
@@ -92,9 +85,8 @@ def _source_files(datamodule: LightningDataModule) -> dict[str, Path]:
 
 
 def dataset_tags(datamodule: LightningDataModule | None) -> dict[str, str]:
-    """``dataset.name``, ``dataset.file`` and its ``dataset.sha256`` (the MedMNIST npz, or the label CSV of an
-    image source; ChestX-ray14's official split lists get ``dataset.<list>.sha256``), and for image data the
-    ``dataset.manifest_sha256`` of the images, labels and splits actually used (folder sources have no file)."""
+    """``dataset.name``, ``dataset.file`` and ``dataset.sha256`` (the MedMNIST npz or a source's label CSV; other
+    list files get ``dataset.<list>.sha256``), and ``dataset.manifest_sha256`` of the images actually used."""
     if datamodule is None:
         return {}
     tags = {"dataset.name": str(getattr(datamodule, "name", type(datamodule).__name__))}
@@ -112,8 +104,7 @@ def dataset_tags(datamodule: LightningDataModule | None) -> dict[str, str]:
 
 
 def _version(package: str) -> str | None:
-    """The imported module's ``__version__`` (torch's carries its build, e.g. ``+cu130``), else the installed
-    distribution's."""
+    """The module's ``__version__`` (torch's carries its build, ``+cu130``), else the distribution's."""
     version = getattr(sys.modules.get(package), "__version__", None)
     if version is not None:
         return str(version)
@@ -124,28 +115,16 @@ def _version(package: str) -> str | None:
 
 
 def run_tags(trainer: Trainer, datamodule: LightningDataModule | None = None) -> dict[str, str]:
-    """Every tag that places a run: git commit and dirty flag, dataset name and SHA-256, package versions
-    (``version.<package>``, ``version.python``), ``host``, ``accelerator``, ``device_name`` on a GPU,
-    ``devices``, ``num_nodes``, ``world_size`` and the resolved ``precision``."""
+    """Every tag that places a run: git, dataset, ``version.<package>``, host, devices and ``precision``."""
     tags = git_tags()
     tags.update(dataset_tags(datamodule if datamodule is not None else trainer.datamodule))
     tags.update({f"version.{name}": v for name in VERSIONED_PACKAGES if (v := _version(name)) is not None})
     tags["version.python"] = platform.python_version()
     accelerator = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
-    tags.update(
-        {
-            "host": socket.gethostname(),
-            "accelerator": accelerator,
-            "devices": str(trainer.num_devices),
-            "num_nodes": str(trainer.num_nodes),
-            "world_size": str(trainer.world_size),
-            "precision": str(trainer.precision),
-        }
-    )
+    tags.update(host=socket.gethostname(), accelerator=accelerator, devices=str(trainer.num_devices))
+    tags.update(num_nodes=str(trainer.num_nodes), world_size=str(trainer.world_size), precision=str(trainer.precision))
     root_device = getattr(trainer.strategy, "root_device", None)
     if root_device is not None and root_device.type == "cuda":
-        import torch
-
         tags["device_name"] = torch.cuda.get_device_name(root_device)
     return tags
 
@@ -165,12 +144,8 @@ def _describe_step(step: Any) -> str:
     """``Name(arg=value, ...)`` with the arguments that differ from the constructor's defaults."""
     arguments = step.to_dict()["transform"] if hasattr(step, "to_dict") else {}
     name = arguments.pop("__class_fullname__", type(step).__name__)
-    defaults = {
-        key: p.default
-        for key, p in inspect.signature(type(step).__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    shown = [f"{key}={_compact(v)}" for key, v in arguments.items() if key not in defaults or defaults[key] != v]
+    parameters = inspect.signature(type(step).__init__).parameters  # a parameter without default is always shown
+    shown = [f"{k}={_compact(v)}" for k, v in arguments.items() if k not in parameters or parameters[k].default != v]
     return f"{name}({', '.join(shown)})"
 
 
@@ -183,20 +158,13 @@ def describe_pipeline(transform: Any) -> str:
 
 
 def resolved_data_params(datamodule: LightningDataModule | None) -> dict[str, str]:
-    """Params the config leaves to the backbone, after ``setup``: ``data.resolved.image_size``, ``.mean``,
-    ``.std``, ``.interpolation``, and the ``train_pipeline``/``eval_pipeline`` actually applied (the built-in
-    medical augmentation, or the user's ``train_transforms``)."""
+    """``data.resolved.*`` params after ``setup``: image size, mean, std, interpolation and the pipelines applied."""
     params: dict[str, str] = {}
     spec = getattr(datamodule, "input_spec", None)
     if spec is not None:
-        params.update(
-            {
-                "data.resolved.image_size": str(spec.size),
-                "data.resolved.mean": _compact(spec.mean),
-                "data.resolved.std": _compact(spec.std),
-                "data.resolved.interpolation": str(spec.interpolation),
-            }
-        )
+        params["data.resolved.image_size"] = str(spec.size)
+        params["data.resolved.mean"], params["data.resolved.std"] = _compact(spec.mean), _compact(spec.std)
+        params["data.resolved.interpolation"] = str(spec.interpolation)
     datasets = getattr(datamodule, "datasets", None) or {}
     for split, key in (("train", "data.resolved.train_pipeline"), ("val", "data.resolved.eval_pipeline")):
         transform = getattr(datasets.get(split), "transform", None)

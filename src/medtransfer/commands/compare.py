@@ -1,17 +1,10 @@
-"""``medtransfer compare``: the runs of an MLflow experiment side by side, ranked by one metric.
-
-``medtransfer compare --metric test/auroc --csv runs.csv --markdown runs.md --plot runs.png`` prints a table
-of every run (fits, their ``learning-curve``/``search`` child runs with a ``parent`` column, and ``baseline``
-runs) with its backbone, weights, input size, epochs, learning rates, the chosen metric and the standard
-ones, best first; optionally as CSV, markdown and a bar chart. Metric names may be written as MLflow shows them
-(``test/auroc``) or shell-friendly (``test_auroc``).
-"""
+"""``medtransfer compare``: the runs of an MLflow experiment (fits, their child runs, baselines) side by side, with
+what each fitted and its metrics, best first by one metric; optionally as CSV, markdown and a bar chart."""
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -25,16 +18,8 @@ from medtransfer.files import write_text_atomic
 from medtransfer.tracking.datasets import DATASET_CONTEXT
 from medtransfer.tracking.mlflow import resolve_tracking_uri
 
-__all__ = [
-    "STANDARD_METRICS",
-    "CompareResult",
-    "lower_is_better",
-    "normalise_metric",
-    "plot_metric",
-    "run_compare",
-    "runs_table",
-    "to_markdown",
-]
+__all__ = ["STANDARD_METRICS", "CompareResult", "lower_is_better", "normalise_metric", "plot_metric", "print_table",
+           "run_compare", "runs_table", "to_markdown"]  # fmt: skip
 
 _logger = logging.getLogger(__name__)
 
@@ -69,10 +54,9 @@ def _number(text: str | None) -> float | None:
 
 
 def _learning_rates(params: dict[str, str]) -> str:
-    """``head lr -> fine-tune lr @ unfreeze epoch`` (``0.001 -> 1e-05 @3``); the head's own phase-2 rate in
-    parentheses when it differs, then the per-block decay and the schedule when set (``x0.7/block cosine``); the
-    head's rate alone when the run ended before the unfreeze epoch (``0.001 (frozen)``: the fine-tune rate never
-    ran); empty for runs without an optimizer (baselines)."""
+    """``head lr -> fine-tune lr @ unfreeze epoch`` (``0.001 -> 1e-05 @3``), the head's own phase-2 rate, the
+    per-block decay and the schedule when set (``(head 1e-4) x0.7/block cosine``); ``0.001 (frozen)`` when the run
+    ended before the unfreeze epoch; empty for runs without an optimizer (baselines)."""
     head = params.get("model.optimizer.lr")
     if head is None:
         return ""
@@ -123,13 +107,8 @@ def runs_table(
     order: Literal["auto", "descending", "ascending"] = "auto",
     mixed_datasets: bool = False,
 ) -> tuple[pd.DataFrame, str]:
-    """One row per run of ``experiment``, sorted by ``metric`` (best first; runs without it last).
-
-    Runs on different data (the ``dataset`` column: name and digest of the validation data input, see
-    :mod:`medtransfer.tracking.datasets`) are ranked within their dataset, group after group, unless
-    ``mixed_datasets``. Returns the table and the metric's logged name. ``val/auroc`` in the standard columns
-    is the best epoch's.
-    """
+    """One row per run of ``experiment`` and the metric's logged name, best first by ``metric`` (runs without it
+    last), ranked within each ``dataset`` (validation data's name and digest) unless ``mixed_datasets``."""
     # MLflow pages the store itself up to ``max_results`` (at most 50,000 per call)
     runs = client.search_runs([_experiment_id(client, experiment)], filter_string, max_results=max_runs,
                               order_by=["attributes.start_time DESC"])  # fmt: skip
@@ -186,7 +165,7 @@ def _dataset(run: Any) -> str:
 
 
 def _cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if pd.isna(value):
         return ""
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
@@ -217,22 +196,21 @@ def plot_metric(table: pd.DataFrame, metric: str) -> Figure:
     return fig
 
 
-def _print_table(table: pd.DataFrame, title: str) -> None:
+def print_table(table: pd.DataFrame, title: str, width: int, whole: Collection[str] = ()) -> None:
+    """``table`` on the terminal (rich), numbers to 4 decimals and missing values blank; in a pipe or a log it is
+    ``width`` characters wide, not squeezed into 80. Cells of ``whole`` columns never wrap (a name broken over
+    lines is unreadable)."""
     from rich.console import Console
     from rich.table import Table
 
-    shown = table.drop(columns=["run_id"])
-    rich_table = Table(title=title, title_justify="left")
-    for column in shown.columns:
-        names = column in ("run", "parent", "dataset")  # never wrapped: a run name broken over lines is unreadable
-        rich_table.add_column(column, overflow="fold", no_wrap=names,
-                              justify="right" if shown[column].dtype.kind == "f" else "left")  # fmt: skip
-    for row in shown.itertuples(index=False):
-        rich_table.add_row(*(_cell(v) for v in row))
+    shown = Table(title=title, title_justify="left")
+    for column in table.columns:
+        shown.add_column(str(column), justify="right" if table[column].dtype.kind in "fiu" else "left",
+                         overflow="fold", no_wrap=column in whole)  # fmt: skip
+    for row in table.itertuples(index=False):
+        shown.add_row(*(_cell(v) for v in row))
     console = Console()
-    if not console.is_terminal:  # a pipe or a file: no width to fit, so keep rows on one line each
-        console = Console(width=240)
-    console.print(rich_table)
+    (console if console.is_terminal else Console(width=width)).print(shown)
 
 
 @dataclass(frozen=True)
@@ -258,7 +236,7 @@ def run_compare(
     """Compare the runs of an MLflow experiment: a table on the terminal, optionally CSV, markdown and a plot.
 
     Args:
-        experiment: MLflow experiment name (``medtransfer`` unless the runs set ``trainer.logger.experiment_name``).
+        experiment: MLflow experiment name (set by ``trainer.logger.experiment_name``).
         metric: the metric to rank by, as logged (``test/auroc``) or with ``_`` (``test_auroc``).
         tracking_uri: MLflow store; default ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlruns/mlflow.db``.
         csv: write the table here as CSV (full precision).
@@ -267,8 +245,7 @@ def run_compare(
         filter_string: an MLflow search filter, e.g. ``"params.model.backbone = 'resnet50'"``.
         max_runs: most runs to read (newest first).
         order: ``auto`` ranks losses, AURC, ECE and risks ascending and everything else descending.
-        mixed_datasets: rank runs of different datasets (the dataset column: name and digest of the validation data)
-            together; by default each dataset's runs are ranked among themselves, one group after another.
+        mixed_datasets: rank runs of different datasets together (by default each dataset's runs apart).
     """
     from mlflow import MlflowClient
 
@@ -276,7 +253,8 @@ def run_compare(
     table, metric = runs_table(client, experiment, metric, filter_string, max_runs, order, mixed_datasets)
     groups = table["dataset"].nunique()
     grouped = f", ranked within each of {groups} datasets" if groups > 1 and not mixed_datasets else ""
-    _print_table(table, f"{len(table)} run{'s' * (len(table) != 1)} of {experiment!r} by {metric}{grouped}")
+    title = f"{len(table)} run{'s' * (len(table) != 1)} of {experiment!r} by {metric}{grouped}"
+    print_table(table.drop(columns=["run_id"]), title, 240, whole=("run", "parent", "dataset"))
     _write_outputs(table, metric, csv, markdown, plot)
     return CompareResult(table, metric)
 

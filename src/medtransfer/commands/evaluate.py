@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from medtransfer.commands.compare import print_table
 from medtransfer.commands.evaluate_io import SHOW, LabelFormat, join_on_ids, read_labels, read_predictions
 from medtransfer.data.tables import CHESTXRAY14_FINDINGS  # re-exported (in __all__)
 from medtransfer.decisions.report import COVERAGES
@@ -23,16 +24,8 @@ from medtransfer.errors import DataError
 from medtransfer.files import write_text_atomic
 from medtransfer.task import Task
 
-__all__ = [
-    "CHESTXRAY14_FINDINGS",
-    "COVERAGES",
-    "EvaluateResult",
-    "evaluate_predictions",
-    "join_on_ids",
-    "read_labels",
-    "read_predictions",
-    "run_evaluate",
-]
+__all__ = ["CHESTXRAY14_FINDINGS", "COVERAGES", "EvaluateResult", "evaluate_predictions", "join_on_ids", "read_labels",
+           "read_predictions", "run_evaluate"]  # fmt: skip
 
 _logger = logging.getLogger(__name__)
 
@@ -63,46 +56,29 @@ def run_evaluate(
 ) -> EvaluateResult:
     """Audit predictions made elsewhere: join them to a label file on the image id and report per-class metrics.
 
-    Prints a table with, per class and on average: n, positives, AUROC, AURC, ECE (15 bins), accuracy at the
-    threshold (0.5 unless given) and selective accuracy at 80/90/95 % coverage (confidence = distance from the
-    threshold). A class without positives or negatives has no AUROC, AURC or selective accuracy (blank); the
-    mean row averages the classes that have them.
-    The help text is generated from this docstring, so it avoids markup.
+    Per class and on average: n, positives, AUROC, AURC, ECE (15 bins), accuracy at the threshold and selective
+    accuracy at 80/90/95 % coverage (confidence = distance from the threshold); blank where a class lacks
+    positives or negatives. The help text is generated from this docstring, so it avoids markup.
 
     Args:
-        predictions: CSV of predictions (may be .gz): an id column and one probability column per class, named
-            <prob_prefix><class name>. Every id must have a row in the labels file.
+        predictions: CSV of predictions (may be .gz). Every id must have a row in the labels file.
         labels: CSV of labels (may be .gz), joined on the id; rows without a prediction are ignored.
         out_dir: If given, write evaluation.csv and evaluation.json to this folder (created if missing).
         id_column: Name of the id column, in both files.
-        prob_prefix: Prefix of the probability columns in the predictions file.
-        label_format: chestxray14: the official ChestX-ray14 label file, findings joined by '|' in
-            'Finding Labels' ('No Finding' = none); columns: one 0/1 column per class, named as the class;
-            single: one column holding a class name or 0-based class index per row.
-        label_column: Column holding the labels for chestxray14 (default 'Finding Labels') and single
-            (default 'label').
-        task: multilabel (independent probabilities), binary (the last probability column is the positive
-            class) or multiclass (rows sum to 1); every class is scored one-vs-rest.
-        path_column: medtransfer predict's CSV has no id column but this column of image paths: their file
-            names are matched to the ids of the labels file (e.g. ChestX-ray14's 'Image Index').
-        threshold: decision threshold of the accuracy columns, one for all classes or one per class (give a
-            model's validation-fitted thresholds to reproduce its test table).
-        model: Optional checkpoint or MLflow model URI that made the predictions: their scores are compared with
-            the calibration scores stored in it (exchangeability check), with a warning and the p-values when
-            they differ, since its abstention guarantee holds only for data like its calibration data.
+        prob_prefix: Prefix of the probability columns in the predictions file (the rest names the class).
+        label_format: chestxray14 ('|'-joined 'Finding Labels'), columns (0/1 per class) or single (a class per row).
+        label_column: Column of the labels for chestxray14 (default 'Finding Labels') and single (default 'label').
+        task: multilabel, binary (the last probability column is the positive class) or multiclass; scored one-vs-rest.
+        path_column: Without an id column (predict's CSV), the file names of this column's paths are the ids.
+        threshold: Decision threshold of the accuracy columns, one for all classes or one per class.
+        model: Optional checkpoint or MLflow URI that made the predictions: checks they look like its calibration data.
 
     Returns:
         The report, and with ``model`` the check's verdict.
-
-    Raises:
-        DataError: A file is missing, empty or malformed, or the two files do not match (names the file, line
-            and column at fault).
     """
     started = time.perf_counter()
     pred_ids, class_names, probs = read_predictions(predictions, id_column, prob_prefix, path_column)
-    label_ids, targets = read_labels(
-        labels, class_names, id_column=id_column, label_format=label_format, label_column=label_column
-    )
+    label_ids, targets = read_labels(labels, class_names, id_column, label_format, label_column)
     targets = join_on_ids(pred_ids, label_ids, targets, predictions, labels)
     if task == "multiclass" and targets.ndim == 2:
         wrong = targets.sum(axis=1) != 1
@@ -114,25 +90,23 @@ def run_evaluate(
             )
     read, large = time.perf_counter() - started, len(pred_ids) >= PROGRESS_ROWS
     if large:
-        _step(f"evaluate: {len(pred_ids):,} images read and joined to {labels} in {read:.1f} s "
-              f"({len(pred_ids) / max(read, 1e-9):,.0f} images/s); scoring {len(class_names)} classes ...")  # fmt: skip
+        rate = len(pred_ids) / max(read, 1e-9)
+        print(f"evaluate: {len(pred_ids):,} images read and joined to {labels} in {read:.1f} s ({rate:,.0f} "
+              f"images/s); scoring {len(class_names)} classes ...", file=sys.stderr, flush=True)  # fmt: skip
     report = evaluate_predictions(probs, targets, class_names, task, threshold)
     if large:
-        _step(f"evaluate: scored in {time.perf_counter() - started - read:.1f} s")
+        print(f"evaluate: scored in {time.perf_counter() - started - read:.1f} s", file=sys.stderr, flush=True)
     guarantee = _guarantee(model, probs, task) if model is not None else None
-    _print_report(report, f"{Path(predictions).name} vs {Path(labels).name}: {task}, {len(pred_ids)} images")
+    shown = report.rename(columns=_SHORT_HEADERS).rename_axis("class").reset_index()
+    print_table(shown, f"{Path(predictions).name} vs {Path(labels).name}: {task}, {len(pred_ids)} images", 160,
+                whole=shown.columns)  # fmt: skip
     if out_dir is not None:
         _write_report(report, Path(out_dir), predictions, labels, task)
     return EvaluateResult(report, guarantee)
 
 
-#: From this many images on, evaluate says where it stands (reading and scoring take seconds to minutes).
+#: From this many images on, evaluate says where it stands on stderr (the report itself goes to stdout).
 PROGRESS_ROWS = 10_000
-
-
-def _step(message: str) -> None:
-    """Where a long evaluation stands, on stderr (the report itself goes to stdout)."""
-    print(message, file=sys.stderr, flush=True)
 
 
 def _guarantee(model: str, probs: np.ndarray, task: str) -> dict:
@@ -147,47 +121,17 @@ def _guarantee(model: str, probs: np.ndarray, task: str) -> dict:
     return verdict
 
 
-_SHORT_HEADERS = {
-    "positives": "pos",
-    "accuracy": "acc",
-    **{f"sel_acc_{round(c * 100)}": f"acc@{round(c * 100)}" for c in COVERAGES},
-}
-
-
-def _print_report(report: pd.DataFrame, title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    if not console.is_terminal:  # a pipe or a log: do not squeeze the numbers into 80 columns
-        console = Console(width=160)
-    table = Table(title=title)
-    table.add_column("class", no_wrap=True)
-    for name in report.columns:
-        table.add_column(_SHORT_HEADERS.get(name, name), justify="right", no_wrap=True)
-    for name, row in report.iterrows():
-        cells = ["" if pd.isna(value) else f"{value:.4f}" if isinstance(value, float) else str(value) for value in row]
-        table.add_row(str(name), *cells, end_section=name == report.index[-2])
-    console.print(table)
+#: Narrower headers of the printed table (the files keep the report's names).
+_SHORT_HEADERS = {"positives": "pos", "accuracy": "acc",
+                  **{f"sel_acc_{round(c * 100)}": f"acc@{round(c * 100)}" for c in COVERAGES}}  # fmt: skip
 
 
 def _write_report(report: pd.DataFrame, out_dir: Path, predictions: Path, labels: Path, task: str) -> None:
+    """``evaluation.csv`` and ``evaluation.json`` (NaN as null, keeping the JSON valid)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = [
-        {"class": name, **{key: _json_value(value) for key, value in row.items()}} for name, row in report.iterrows()
-    ]
-    summary = {
-        "predictions": str(predictions),
-        "labels": str(labels),
-        "task": task,
-        "classes": records,
-    }
+    classes = report.astype(object).where(report.notna(), None).rename_axis("class").reset_index()
+    summary = {"predictions": str(predictions), "labels": str(labels), "task": task,
+               "classes": classes.to_dict("records")}  # fmt: skip
     write_text_atomic(out_dir / "evaluation.csv", report.to_csv())
     write_text_atomic(out_dir / "evaluation.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     _logger.info("Wrote %s and %s", out_dir / "evaluation.csv", out_dir / "evaluation.json")
-
-
-def _json_value(value: object) -> object:
-    if pd.isna(value):
-        return None
-    return value.item() if isinstance(value, np.generic) else value

@@ -1,8 +1,5 @@
-"""Reading ``medtransfer evaluate``'s inputs: a predictions CSV and a label file, joined on the image id.
-
-Every problem with the input files is a :class:`~medtransfer.errors.DataError` whose message names the file,
-the line (the header is line 1) and the column at fault.
-"""
+"""Reading ``medtransfer evaluate``'s inputs: a predictions CSV and a label file, joined on the image id. Every
+problem with them is a :class:`~medtransfer.errors.DataError` naming the file, line (the header is 1) and column."""
 
 from __future__ import annotations
 
@@ -10,7 +7,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path, PurePath
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -29,13 +26,11 @@ __all__ = ["LabelFormat", "join_on_ids", "read_labels", "read_predictions"]
 
 _logger = logging.getLogger(__name__)
 
-_CHESTXRAY14_LABEL_COLUMN = "Finding Labels"
 SHOW = 5  # how many offending ids/lines an error message lists
 
 LabelFormat = Literal["chestxray14", "columns", "single"]
 
 
-# --------------------------------------------------------------------------------------------------- reading
 def _read_ids(frame: pd.DataFrame, id_column: str, path: Path) -> np.ndarray:
     """The stripped ids; an empty or duplicated id is a DataError naming its lines."""
     ids = frame[id_column].str.strip()
@@ -56,26 +51,13 @@ def _read_ids(frame: pd.DataFrame, id_column: str, path: Path) -> np.ndarray:
 def read_predictions(
     path: Path | str, id_column: str = "Image Index", prob_prefix: str = "prob_", path_column: str = "path"
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """Read a predictions CSV: an id column and one ``<prob_prefix><class>`` probability column per class.
+    """Read a predictions CSV (may be compressed): ``(ids, class_names, probs)``, probs float64 of shape (N, C).
 
-    ``medtransfer predict``'s CSV is read as it is: without an ``id_column`` but with a ``path_column``, the id
-    of a row is the file name of its path (``images/00000001_000.png`` -> ``00000001_000.png``, the image
-    names of the ChestX-ray14 label file), and rows that predict could not read (an ``error``) are skipped.
-
-    Args:
-        path: The CSV file (may be compressed, e.g. ``.csv.gz``).
-        id_column: The column holding the image ids.
-        prob_prefix: Prefix of the probability columns; the rest of the column name is the class name.
-        path_column: The column of image paths whose file names are the ids when there is no ``id_column``.
-
-    Returns:
-        ``(ids, class_names, probs)``: ids as an object array of ``str`` of shape (N,), the class names in column
-        order, and the probabilities as a float64 array of shape (N, C).
-
-    Raises:
-        DataError: The file is missing, empty or not a CSV; lacks the id column or probability columns; has an
-            empty or duplicated id; or a probability is not a number, NaN or outside [0, 1] (the message names
-            the line and column).
+    An ``id_column`` and one ``<prob_prefix><class>`` column per class; ``medtransfer predict``'s CSV is read as it
+    is: without an ``id_column`` the id of a row is the file name of its ``path_column`` (``images/x.png`` ->
+    ``x.png``, as ChestX-ray14's label file names them), and rows predict could not read (an ``error``) are
+    skipped. A missing column, an empty or duplicated id, or a probability that is not a number in [0, 1] is a
+    DataError.
     """
     path = Path(path)
     frame = read_csv_table(path, "predictions")
@@ -126,79 +108,48 @@ def _read_probabilities(column: pd.Series, path: Path) -> np.ndarray:
             problem = "the probability is NaN"
         else:
             problem = f"the probability {raw} is outside [0, 1]"
-        more = count - 1
         raise DataError(
             f"{path} line {line}, column {column.name!r}: {problem}"
-            + (f" ({more} more bad value(s) in this column)" if more else "")
+            + (f" ({count - 1} more bad value(s) in this column)" if count > 1 else "")
         )
     return values
 
 
 def read_labels(
-    path: Path | str,
-    class_names: Sequence[str],
-    id_column: str = "Image Index",
-    label_format: LabelFormat = "chestxray14",
-    label_column: str | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Read a label file and return its ids and targets for ``class_names``.
+    path: Path | str, class_names: Sequence[str], id_column: str = "Image Index",
+    label_format: LabelFormat = "chestxray14", label_column: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Read a label file (may be compressed): ``(ids, targets)`` for ``class_names``, int64 0/1 of shape (N, C),
+    or class indices of shape (N,) for ``single``.
 
-    Args:
-        path: The CSV file (may be compressed, e.g. the official ``Data_Entry_2017_v2020.csv.gz``).
-        class_names: The classes to return targets for, in order (usually those of the predictions file).
-        id_column: The column holding the image ids.
-        label_format: ``"chestxray14"``: the official ChestX-ray14 label file, findings joined by ``|`` in
-            ``Finding Labels`` (``"No Finding"`` means none); every class name must be one of the 14 findings.
-            ``"columns"``: one 0/1 column per class, named exactly as the class. ``"single"``: one column holding
-            one class per row, as a class name or a 0-based index (for a single class name: 0, 1 or that name,
-            which means 1).
-        label_column: The column holding the labels: ``"Finding Labels"`` by default for ``chestxray14``,
-            ``"label"`` for ``single``; unused for ``columns``.
-
-    Returns:
-        ``(ids, targets)``: ids as an object array of ``str`` of shape (N,); targets as an int64 array of 0/1 of
-        shape (N, C) for ``chestxray14`` and ``columns``, or of class indices of shape (N,) for ``single``.
-
-    Raises:
-        DataError: The file is missing, empty or not a CSV; lacks a column; has an empty or duplicated id; or a
-            label is unknown or not 0/1 (the message names the line, the column and the value).
+    ``label_format``: ``chestxray14``, the official label file (findings ``|``-joined in ``Finding Labels``,
+    ``No Finding`` for none; every class must be one of its 14 findings); ``columns``, one 0/1 column per class,
+    named as the class; ``single``, one column (``label_column``, default ``label``) of a class name or 0-based
+    index per row. A missing column, an empty or duplicated id, or an unknown label is a DataError.
     """
-    path = Path(path)
-    class_names = list(class_names)
+    if label_format not in get_args(LabelFormat):
+        known = ", ".join(map(repr, get_args(LabelFormat)))
+        raise ValueError(f"Expected argument `label_format` to be one of {known}, but got {label_format!r}")
+    path, class_names = Path(path), list(class_names)
     frame = read_csv_table(path, "labels")
     require_columns(frame, [id_column], path)
+    column = label_column or {"chestxray14": "Finding Labels", "single": "label"}.get(label_format)
+    require_columns(frame, class_names if label_format == "columns" else [column], path)
     if label_format == "chestxray14":
-        column = label_column or _CHESTXRAY14_LABEL_COLUMN
-        require_columns(frame, [column], path)
         targets = parse_chestxray14_findings(frame[column], class_names, path)
     elif label_format == "columns":
-        require_columns(frame, class_names, path)
         targets = np.column_stack([parse_binary_column(frame[name], path) for name in class_names])
-    elif label_format == "single":
-        column = label_column or "label"
-        require_columns(frame, [column], path)
-        targets = parse_class_labels(frame[column], class_names, path)
     else:
-        raise ValueError(
-            "Expected argument `label_format` to be one of 'chestxray14', 'columns', 'single', "
-            f"but got {label_format!r}"
-        )
+        targets = parse_class_labels(frame[column], class_names, path)
     return _read_ids(frame, id_column, path), targets
 
 
-# --------------------------------------------------------------------------------------------------- joining
 def join_on_ids(
-    pred_ids: np.ndarray,
-    label_ids: np.ndarray,
-    targets: np.ndarray,
-    predictions_path: Path | str = "predictions",
-    labels_path: Path | str = "labels",
-) -> np.ndarray:
-    """The targets reordered to the predictions' ids; labels of images without a prediction are dropped.
-
-    Raises:
-        DataError: Some predicted ids have no label row; the message gives how many and the first few.
-    """
+    pred_ids: np.ndarray, label_ids: np.ndarray, targets: np.ndarray,
+    predictions_path: Path | str = "predictions", labels_path: Path | str = "labels",
+) -> np.ndarray:  # fmt: skip
+    """The targets reordered to the predictions' ids, dropping labels without a prediction; a predicted id without
+    a label row is a DataError (how many, and the first few)."""
     positions = pd.Index(label_ids).get_indexer(pred_ids)
     missing = positions < 0
     if missing.any():

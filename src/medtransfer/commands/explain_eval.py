@@ -1,17 +1,9 @@
-"""``medtransfer explain-eval``: do a model's heatmaps point at the findings? Scored against boxes, per method.
+"""``medtransfer explain-eval``: do a model's heatmaps point at the findings?
 
-Given images with boxes (a CSV with a path column and ``x_min, y_min, x_max, y_max``, as the CSV source's ROI
-columns, or ``chestxray14`` for ChestX-ray14's official ``BBox_List_2017.csv``) and a trained checkpoint, each
-explanation method (and stage) of :func:`medtransfer.explain.explain` is scored on the boxed images the model
-detects (its decision is positive for the boxed finding; ``detected_only: false`` scores them all):
-
-* ``hit_rate``: the pointing game (Zhang et al. 2016, https://arxiv.org/abs/1608.00507): the share of maps
-  whose peak lies inside the box;
-* ``mean_iou``: the mean IoU of the box and the box around the peak's region of ``map >= threshold``;
-* ``random_rate``: what a random point would score, the mean share of the image the boxes cover.
-
-The table is printed, written to ``output`` (JSON) and logged to MLflow (one run, metrics
-``<method>/<layer>/hit_rate`` ...; the JSON as an artifact).
+Each method (and stage) of :func:`medtransfer.explain.explain` is scored against boxes on the boxed images the
+model detects: ``hit_rate``, the pointing game (Zhang et al. 2016, https://arxiv.org/abs/1608.00507: the share of
+maps whose peak lies in the box); ``mean_iou``, of the box and the box of the peak's region of ``map >= threshold``;
+``random_rate``, what a random point would score. Printed, written to JSON and logged to one MLflow run.
 """
 
 from __future__ import annotations
@@ -31,7 +23,7 @@ from medtransfer.data.boxes import BOX_COLUMNS, CHESTXRAY14_BOX_SIZE, chestxray1
 from medtransfer.data.readers import read_image
 from medtransfer.data.transforms import build_eval_transform
 from medtransfer.errors import DataError
-from medtransfer.explain.methods import METHODS, box_iou, explain, map_box, pointing_hit, resolve_layer
+from medtransfer.explain.methods import DEFAULT_LAYERS, METHODS, box_iou, explain, map_box, pointing_hit, resolve_layer
 from medtransfer.files import write_text_atomic
 from medtransfer.tracking.mlflow import open_run
 
@@ -63,12 +55,8 @@ def localisation_scores(heatmaps: torch.Tensor | np.ndarray, boxes: np.ndarray, 
     ious = [box_iou(map_box(heat, threshold), box) for heat, box in zip(maps, boxes, strict=True)]
     clipped = np.clip(boxes, 0, [width, height, width, height])
     area = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1]) / (width * height)
-    return {
-        "n": len(maps),
-        "hit_rate": float(np.mean(hits)),
-        "mean_iou": float(np.mean(ious)),
-        "random_rate": float(np.mean(area)),
-    }
+    scores = {"hit_rate": hits, "mean_iou": ious, "random_rate": area}
+    return {"n": len(maps), **{name: float(np.mean(values)) for name, values in scores.items()}}
 
 
 def _targets(predictor: Predictor, findings: Sequence[str]) -> np.ndarray:
@@ -117,19 +105,15 @@ def run_explain_eval(
     """Score each explanation method's heatmaps against boxes.
 
     Args:
-        boxes: a CSV with ``path_column`` and ``box_columns`` (rows without a box are skipped), or
-            ``chestxray14`` for the official ChestX-ray14 boxes shipped with torchxrayvision (or that file's
-            path, ``BBox_List_2017.csv``; its findings are matched to the model's class names).
+        boxes: a CSV of ``path_column`` and ``box_columns``, or ``chestxray14`` (or a ``BBox_List_2017.csv``).
         model: a checkpoint written by ``medtransfer fit`` (the layers are needed).
         image_root: folder the relative image paths resolve against; default: the CSV's folder.
         path_column: the column of image paths.
         box_columns: the four box columns, ``x_min, y_min, x_max, y_max`` in pixels of the image.
         finding_column: the column naming each box's finding, for multi-label models (default: the top label).
-        box_image_size: the side of the (square) images the boxes were drawn on, when the files are resized
-            copies (ChestX-ray14: 1024, the default for its boxes); default: the files' own pixels.
+        box_image_size: side of the square images the boxes were drawn on (ChestX-ray14: 1024); default: the files'.
         methods: the explanation methods to score.
-        layers: stages (``feature_info`` index or module name) to score the layer methods at; default: each
-            method's default stage. ``occlusion`` has none.
+        layers: stages (``feature_info`` index or module name) of the layer methods; default: each method's own.
         detected_only: score only boxes whose finding the model decides positive (true positives).
         threshold: share of a map's maximum that outlines its region, for the IoU.
         max_images: score at most this many boxes (the first ones), for a quick look.
@@ -218,8 +202,6 @@ def _heatmaps(predictor: Predictor, images: torch.Tensor, explained: torch.Tenso
 
 
 def _layer_name(network: torch.nn.Module, method: str, layer: int | str | None) -> str:
-    from medtransfer.explain.methods import DEFAULT_LAYERS
-
     return resolve_layer(network.backbone, DEFAULT_LAYERS[method] if layer is None else layer)[0]
 
 

@@ -1,11 +1,7 @@
-"""Batch inference: a trained checkpoint over a folder, glob or CSV of images, to a CSV of decisions.
+"""``medtransfer predict``: a trained model over a folder, glob or CSV of images, to a CSV of decisions.
 
-``medtransfer predict IMAGES MODEL --output predictions.csv`` (also ``python -m
-medtransfer.commands.predict``). Each row holds the path, one probability per class, the predicted label, the decision
-with the stored (validation-fitted) threshold and abstention band — ``positive``/``negative``/``abstain`` for
-a binary task — and an ``error`` for files that could not be read, which are skipped, never fatal. Rows are
-streamed to a temporary file beside the output, renamed into place only when every image is done, so an
-interrupted run never leaves half a CSV.
+One row per image (probabilities, prediction, decision with the stored threshold and abstention band) or per
+unreadable file (its ``error``, never fatal); the CSV is renamed into place only when every image is done.
 """
 
 from __future__ import annotations
@@ -45,14 +41,7 @@ from medtransfer.explain.methods import Method
 from medtransfer.files import write_text_atomic
 from medtransfer.models.input_spec import InputSpec
 
-__all__ = [
-    "PredictSummary",
-    "Predictor",
-    "collect_images",
-    "load_predictor",
-    "read_as_trained",
-    "run_predict",
-]
+__all__ = ["PredictSummary", "Predictor", "collect_images", "load_predictor", "read_as_trained", "run_predict"]
 
 _logger = logging.getLogger(__name__)
 
@@ -63,12 +52,9 @@ _TRAINER_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 
 @dataclass
 class PredictSummary:
-    """What a prediction run did, as ``--summary`` writes it (:meth:`to_json`) and the console reports it.
-
-    ``decisions`` counts rows per decision; ``coverage`` is the share decided; ``unlike_training`` counts images
-    unlike the validation images (``None`` when the model holds no statistics of them); ``findings`` (multi-label
-    only) counts ``positive``/``negative``/``abstain`` per finding; ``guarantee`` is the calibration's verdict.
-    """
+    """What a prediction run did, as ``--summary`` writes it (:meth:`to_json`). ``unlike_training`` is ``None``
+    when the model holds no statistics of its validation images; ``findings`` (multi-label only) counts
+    ``positive``/``negative``/``abstain`` per finding; ``guarantee`` is the calibration's verdict."""
 
     images: int
     predicted: int
@@ -111,8 +97,8 @@ def collect_images(source: str, path_column: str = "path") -> list[Path]:
 
 
 def _check_writable(option: str, target: Path, images: str) -> None:
-    """Refuse an output path before any work: an existing folder, a parent that is a file or cannot be written,
-    or the input image list itself (which the output would silently replace). Missing parents are created."""
+    """Refuse an output path before any work (a folder, an unwritable parent, the input image list itself);
+    missing parents are created."""
     if target.is_dir():
         raise DataError(f"{option} {target}: is a directory; give a file name, e.g. {target / 'predictions.csv'}")
     source = Path(images)
@@ -154,47 +140,24 @@ def run_predict(
 
     Args:
         images: a folder (searched recursively), a glob pattern, or a CSV with a path column.
-        model: a Lightning checkpoint written by ``medtransfer fit``, or an MLflow model URI it logged
-            (``runs:/<run id>/model``, ``models:/<name>/<version or alias>``).
+        model: a ``medtransfer fit`` checkpoint or an MLflow model URI (``runs:/<id>/model``, ``models:/<name>/<ver>``).
         output: the CSV to write (atomically, when all images are done).
-        summary: optional JSON with counts per decision, coverage and the unreadable files; a multi-label model
-            counts images ``decided`` on every finding or with an ``abstain``, and, under ``findings``, the
-            ``positive``/``negative``/``abstain`` decisions per finding (also printed at the end).
-        heatmaps: optional folder for heatmaps of the positive class (binary), the predicted class (multiclass) or
-            each label decided positive (multi-label; the top label when none is): an overlay over the original
-            image (``<row>_<name>[_<finding>].png``) and the raw map at the image's size (``.npy``, float32 in
-            [0, 1]), listed in the columns ``heatmap``, ``heatmap_npy``, with the peak (``peak_x``, ``peak_y``
-            in the image's pixels, ``peak_value``) and the box of the peak's region of ``map >= 0.5 * max``
-            (``box_x_min`` .. ``box_y_max``); multi-label rows join one value per finding with ``|`` and name
-            them in ``heatmap_finding``. For an MLflow model (an exported graph without layers) the maps come
-            from the checkpoint logged in the same run (same weights).
-        heatmaps_for: which images get one: ``all``, those decided ``positive`` (or, for multi-class and
-            multi-label, decided at all), the ``abstain``-ed ones (referred to a radiologist), or the ``top_k``
-            most positive (highest probability of the explained class; chosen after all rows are written).
+        summary: optional JSON of the counts per decision (and per finding), coverage and unreadable files.
+        heatmaps: optional folder for heatmaps (overlay PNG, raw .npy map); their peak and box go in the CSV.
+        heatmaps_for: which images get one: ``all``, ``positive`` (decided), ``abstain`` or the ``top_k`` most positive.
         top_k: how many images ``heatmaps_for: top_k`` explains.
-        explain_method: how heatmaps are made (:func:`medtransfer.explain.explain`): ``occlusion`` (default:
-            the score's drop under a sliding grey patch; model-agnostic, 225 forward passes per image, the most
-            robust on planted lesions at 64 px), or the fast gradient maps ``fusion`` (LayerCAM fused over the
-            stride-8, -16 and -32 stages), ``layercam``, ``gradcam`` (on the last stage by default: 2x2 cells at
-            64 px).
-        explain_layer: the stage explained (fusion: the shallowest fused), as an index into the backbone's
-            ``feature_info`` (0 = first, -1 = last) or a module name such as ``blocks.2``; default: the
-            method's own.
+        explain_method: ``occlusion`` (model-agnostic, robust), or the fast ``fusion``, ``layercam``, ``gradcam``.
+        explain_layer: the stage explained: a ``feature_info`` index or a module name; default: the method's own.
         path_column: the column of image paths when ``images`` is a CSV.
         batch_size: images per forward pass.
         num_workers: loader worker processes decoding images.
         device: ``auto`` uses a GPU when there is one.
-        devices: how many of them (Lightning's ``Trainer(devices=...)``, e.g. ``2`` or ``auto``): several run
-            DDP, each rank streaming its rows, and rank 0 merges them in input order into the one CSV.
+        devices: how many (Lightning's ``devices``); several run DDP and rank 0 merges the rows into one CSV.
         precision: ``32``, or autocast to ``bf16`` (GPU or CPU) / ``16`` (GPU) for speed.
         channels_last: NHWC memory format (faster convolutions on recent GPUs and some CPUs).
         compile: ``torch.compile`` the network first (pays off on large folders).
-        tracking_uri: MLflow store for ``runs:/`` and ``models:/`` URIs (default: ``$MLFLOW_TRACKING_URI``,
-            else ``mlruns/mlflow.db``).
-        frame: which frame of a multi-frame DICOM to predict (``first``, ``middle``), ``all`` (one row per
-            frame, numbered in a ``frame`` column), or ``error`` to report such files as unreadable; ``None``: the
-            model's ``dicom_frame``. Images are read in the model's colour
-            (``color`` in its input settings); files of the other kind are converted as in training (logged).
+        tracking_uri: MLflow store of ``runs:/`` and ``models:/`` URIs (default ``$MLFLOW_TRACKING_URI``, else mlruns).
+        frame: multi-frame DICOM: ``first``, ``middle``, ``all`` (a row each) or ``error``; default: the model's.
 
     Returns:
         The summary (what ``summary`` holds); ``None`` in the processes of DDP ranks other than 0.
@@ -240,8 +203,7 @@ def _resolve_device(device: str, precision: Precision) -> str:
 
 
 def _image_rows(paths: list[Path], settings: InputSpec, frame: str | None) -> ImageRows:
-    """The images read and transformed as the model's training did; ``frame: all`` (or the model's
-    ``dicom_frame`` when ``frame`` is ``None``) gives a multi-frame DICOM one row per frame."""
+    """The images read and transformed as in training; ``frame: all`` gives a multi-frame DICOM a row per frame."""
     frame = frame or settings.dicom_frame
     frames = None
     if frame == "all":  # one row per frame; files of one frame read it as their first
@@ -253,8 +215,7 @@ def _image_rows(paths: list[Path], settings: InputSpec, frame: str | None) -> Im
 
 
 def _warn_stale(output: Path) -> None:
-    """Name the temporary files an interrupted run left beside ``output``; another run may still own one, so
-    they are not deleted."""
+    """Name the temporary files an interrupted run left; not deleted, as another run may still own one."""
     stale = sorted(output.parent.glob(f".{output.name}.*.tmp"))
     if stale:
         _logger.warning("%d temporary file(s) of an interrupted run beside %s (e.g. %s): not outputs, safe to delete",
@@ -292,9 +253,8 @@ def _print_summary(result: PredictSummary) -> None:
 
 def _predict(module: PredictModule, loader: DataLoader, writer: PredictionWriter, device: str, devices: int | str,
              precision: Precision, inference_mode: bool) -> None:  # fmt: skip
-    """``Trainer.predict`` with ``writer`` streaming the rows; no logger, checkpoint or Lightning progress bar (the
-    writer reports images/s). Heatmaps need gradients, hence ``inference_mode=False`` when they are on. A Ctrl-C
-    stays a ``KeyboardInterrupt`` (Lightning would exit with status 1 and leave SIGINT ignored)."""
+    """``Trainer.predict`` with ``writer`` streaming the rows (heatmaps need gradients: no inference mode then).
+    A Ctrl-C stays a ``KeyboardInterrupt`` (Lightning would exit with status 1 and leave SIGINT ignored)."""
     quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # "GPU available: ..." lines: not ours
     level, handler = quiet.level, signal.getsignal(signal.SIGINT)
     quiet.setLevel(logging.WARNING)

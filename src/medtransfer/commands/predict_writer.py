@@ -1,8 +1,5 @@
-"""The rows of ``medtransfer predict``, written by a ``BasePredictionWriter`` as ``Trainer.predict`` yields each
-batch: one CSV row per image (probabilities, decision, heatmap columns) or per unreadable file (its error),
-streamed to a temporary file beside the output and renamed into place when every image is done. Under DDP each
-rank streams its own rows; rank 0 merges them, in input order, into the one CSV.
-"""
+"""The rows of ``medtransfer predict``, streamed by a ``BasePredictionWriter`` as ``Trainer.predict`` yields each
+batch; under DDP each rank streams its own rows and rank 0 merges them, in input order, into the one CSV."""
 
 from __future__ import annotations
 
@@ -69,11 +66,9 @@ def _count_findings(counts: dict[str, Counter[str]], names: list[str], decisions
                     abstains: torch.Tensor) -> None:  # fmt: skip
     """Add a batch's multi-label decisions to ``positive``/``negative``/``abstain`` counts per finding."""
     for j, name in enumerate(names):
-        counter = counts.setdefault(name, Counter())
-        referred = abstains[:, j]
-        counter["abstain"] += int(referred.sum())
-        counter["positive"] += int((decisions[:, j].bool() & ~referred).sum())
-        counter["negative"] += int((~decisions[:, j].bool() & ~referred).sum())
+        referred, positive = abstains[:, j], decisions[:, j].bool()
+        found = {"abstain": referred, "positive": positive & ~referred, "negative": ~positive & ~referred}
+        counts.setdefault(name, Counter()).update({key: int(mask.sum()) for key, mask in found.items()})
 
 
 #: CSV columns of a written heatmap: the overlay, the raw map, its peak and the box of its hot region.
@@ -85,12 +80,9 @@ BOX_THRESHOLD = 0.5
 
 class HeatmapWriter:
     """Heatmaps for the selected images of each batch, or for the ``top_k`` most positive at the end (a bounded
-    heap of probabilities, so memory stays flat). ``network`` has the layers (a checkpoint's).
-
-    Per explained image (per finding above its threshold, for multi-label) it writes an overlay PNG and the raw
-    map at the image's own size (``.npy``, float32 in [0, 1]); the row gets their paths, the peak's pixel
-    ``x, y`` and value, and the box of the peak's region of ``map >= 0.5 * max`` (multi-label: ``|``-joined,
-    one per finding in ``heatmap_finding``)."""
+    heap, so memory stays flat). Per explained image (per finding decided positive, multi-label) an overlay PNG
+    and the raw map at the image's size (``.npy``, float32 in [0, 1]); the row gets their paths, the peak and the
+    box of the peak's region of ``map >= 0.5 * max`` (multi-label: ``|``-joined, named in ``heatmap_finding``)."""
 
     def __init__(self, network: torch.nn.Module, folder: Path, which: str, top_k: int, predictor: Predictor,
                  method: Method = DEFAULT_METHOD, layer: int | str | None = None, *,
@@ -105,9 +97,6 @@ class HeatmapWriter:
         self.heap: list[tuple[float, int]] = []
         self.top_probs: dict[int, torch.Tensor] = {}
         self.written: list[str] = []
-
-    def _score(self, probs: torch.Tensor) -> torch.Tensor:
-        return probs if probs.ndim == 1 else probs.max(dim=-1).values
 
     def _targets(self, probs: torch.Tensor) -> list[list[int | None]]:
         """What each image's maps explain: the positive class / top class, or each label decided positive (the
@@ -137,16 +126,17 @@ class HeatmapWriter:
             box = map_box(full, BOX_THRESHOLD) or ("",) * 4
             raw = str(stem.with_suffix(".npy").resolve())
             values = [picture, raw, f"{x:.1f}", f"{y:.1f}", f"{value:.4f}", *map(str, box)]
-            for name, text in zip(HEATMAP_COLUMNS, values, strict=True):
-                columns[j].setdefault(name, []).append(text)
             if label is not None:
-                columns[j].setdefault("heatmap_finding", []).append(self.predictor.class_names[label])
+                values.append(self.predictor.class_names[label])
+            for name, text in zip((*HEATMAP_COLUMNS, "heatmap_finding"), values, strict=False):
+                columns[j].setdefault(name, []).append(text)
             self.written.append(picture)
         return [{name: "|".join(texts) for name, texts in row.items()} for row in columns]
 
     def add(self, batch: torch.Tensor, probs: torch.Tensor, rows: list[dict], paths: list[Path], indices: list[int]):
         if self.which == "top_k":
-            for score, index in zip(self._score(probs).tolist(), indices, strict=True):
+            scores = probs if probs.ndim == 1 else probs.max(dim=-1).values
+            for score, index in zip(scores.tolist(), indices, strict=True):
                 (heapq.heappush if len(self.heap) < self.top_k else heapq.heappushpop)(self.heap, (score, index))
             kept = {index for _, index in self.heap}  # the probabilities of the heap's images, for their targets
             self.top_probs = {
@@ -161,11 +151,10 @@ class HeatmapWriter:
                 rows[j].update(columns)
 
     def _selected(self, decision: str) -> bool:
-        if self.which == "all":
-            return True
+        abstained = decision.startswith("abstain")
         if self.which == "abstain":
-            return decision.startswith("abstain")
-        return decision not in ("negative",) and not decision.startswith("abstain")
+            return abstained
+        return self.which == "all" or (decision != "negative" and not abstained)
 
     def merge(self, others: list[dict[str, Any]]) -> None:
         """Take in the ``state()`` of the other ranks' writers (DDP): their written maps and top-k candidates."""
@@ -188,17 +177,9 @@ class HeatmapWriter:
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Write each predicted batch's rows as it comes, and tally what the summary reports.
-
-    Args:
-        output: the CSV, renamed into place by ``on_predict_end``; removed when the run fails or is interrupted.
-        predictor: the model's rule, class names and label (the ``model`` column).
-        paths: the image of every row, in input order (a multi-frame DICOM once per frame with ``frame: all``).
-        columns: the CSV's columns.
-        frames: per row, its ``frame`` column (``frame: all``), else ``None``.
-        reference: the statistics of the validation images (``unlike_training``), or ``None``.
-        heatmaps: the heatmap writer, or ``None``.
-    """
+    """Write each predicted batch's rows to ``output`` as they come (renamed into place at the end, removed when
+    the run fails), and tally what the summary reports. ``paths`` and ``frames`` (``frame: all``) are per row, in
+    input order; ``reference``: the validation images' statistics (``unlike_training``)."""
 
     def __init__(self, output: Path, predictor: Predictor, paths: list[Path], columns: list[str],
                  frames: list[int | None] | None = None, reference: dict[str, Any] | None = None,

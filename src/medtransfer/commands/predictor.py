@@ -4,6 +4,8 @@ read as its training read them, and a ``LightningModule`` face for ``Trainer.pre
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,8 @@ from medtransfer.models.input_spec import InputSpec
 from medtransfer.tracking.mlflow import resolve_tracking_uri
 from medtransfer.tracking.model_logging import tracking_at
 
-__all__ = [
-    "ImageRows", "PredictModule", "Predictor", "every_frame", "explainable_network", "load_predictor",
-    "logged_checkpoint", "read_as_trained",
-]  # fmt: skip
+__all__ = ["ImageRows", "PredictModule", "Predictor", "every_frame", "explainable_network", "load_predictor",
+           "read_as_trained"]  # fmt: skip
 
 _logger = logging.getLogger(__name__)
 
@@ -70,15 +70,9 @@ def load_predictor(model: str | Path, device: str = "cpu", tracking_uri: str | N
         raise DataError(f"{checkpoint_path}: not a medtransfer model checkpoint ({first})") from None
     task = classifier.hparams.task
     names = raw.get("class_names") or [str(i) for i in range(classifier.hparams.num_classes)]
-    return Predictor(
-        network=ProbabilityModel(classifier).eval().to(device),
-        rule=classifier.decision_rule,
-        task=task,
-        class_names=_binary_names(task, [str(n) for n in names]),
-        settings=input_settings(classifier, raw),
-        label=str(model),
-        calibration=raw.get("calibration"),
-    )
+    return Predictor(network=ProbabilityModel(classifier).eval().to(device), rule=classifier.decision_rule, task=task,
+                     class_names=_binary_names(task, [str(n) for n in names]), settings=input_settings(classifier, raw),
+                     label=str(model), calibration=raw.get("calibration"))  # fmt: skip
 
 
 def _registered_version(reference: str) -> str:
@@ -101,29 +95,32 @@ def _is_model_uri(model: str) -> bool:
     return model.split(":", 1)[0] in ("runs", "models", "file", "mlflow-artifacts", "s3", "gs", "http", "https")
 
 
-def _load_mlflow_model(uri: str, device: str, tracking_uri: str | None) -> Predictor:
-    import mlflow
+@contextmanager
+def _mlflow_store(tracking_uri: str | None, failure: str) -> Iterator[None]:
+    """The MLflow store of ``tracking_uri``; its errors become one DataError starting with ``failure``."""
     from mlflow.exceptions import MlflowException
 
     with tracking_at(resolve_tracking_uri(tracking_uri)):
         try:
-            metadata = mlflow.models.get_model_info(uri).metadata or {}
-            network = mlflow.pytorch.load_model(uri, device=device)
-            label = f"models:/{_registered_version(uri[len('models:/') :])}" if uri.startswith("models:/") else uri
+            yield
         except (MlflowException, OSError) as err:
-            raise DataError(f"Cannot load MLflow model {uri}: {str(err).splitlines()[0]}") from err
+            raise DataError(f"{failure}: {str(err).splitlines()[0]}") from err
+
+
+def _load_mlflow_model(uri: str, device: str, tracking_uri: str | None) -> Predictor:
+    import mlflow
+
+    with _mlflow_store(tracking_uri, f"Cannot load MLflow model {uri}"):
+        metadata = mlflow.models.get_model_info(uri).metadata or {}
+        network = mlflow.pytorch.load_model(uri, device=device)
+        label = f"models:/{_registered_version(uri[len('models:/') :])}" if uri.startswith("models:/") else uri
     if "decision" not in metadata:
         raise DataError(f"MLflow model {uri} was not logged by medtransfer (no decision rule in its metadata)")
     task = metadata["task"]
-    return Predictor(
-        network=network,
-        rule=DecisionRule.from_dict(metadata["decision"]),
-        task=task,
-        class_names=_binary_names(task, metadata["class_names"]),
-        settings=InputSpec.from_dict(metadata["input"]),
-        label=label,
-        calibration=metadata.get("calibration"),
-    )
+    return Predictor(network=network, rule=DecisionRule.from_dict(metadata["decision"]), task=task,
+                     class_names=_binary_names(task, metadata["class_names"]),
+                     settings=InputSpec.from_dict(metadata["input"]), label=label,
+                     calibration=metadata.get("calibration"))  # fmt: skip
 
 
 def read_as_trained(path: Path, color: str, frame: str | int, noted: set[str] | None = None) -> Any:
@@ -185,44 +182,33 @@ class ImageRows(Dataset):
 
 
 def explainable_network(predictor: Predictor, model: str, device: str, tracking_uri: str | None) -> torch.nn.Module:
-    """The network with the layers heatmaps need: the predictor's own, or for an exported graph (an MLflow model,
-    no layers) the checkpoint logged beside it (same weights)."""
+    """The network with the layers heatmaps need: the predictor's own, or for an exported graph (an MLflow model)
+    the best checkpoint ``medtransfer fit`` logged in the same run (same weights)."""
     if hasattr(getattr(predictor.network, "backbone", None), "forward_features"):
         return predictor.network
-    return load_predictor(logged_checkpoint(model, tracking_uri), device).network
-
-
-def logged_checkpoint(uri: str, tracking_uri: str | None = None) -> Path:
-    """The best checkpoint that ``medtransfer fit`` logged (``checkpoints/*.ckpt``) in the run of MLflow model
-    ``uri``, downloaded: the same weights as the exported model, with the layers Grad-CAM needs."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    with tracking_at(resolve_tracking_uri(tracking_uri)):
-        try:
-            run_id = mlflow.models.get_model_info(uri).run_id
-            client = mlflow.MlflowClient()
-            logged = sorted(a.path for a in client.list_artifacts(run_id, "checkpoints") if a.path.endswith(".ckpt"))
-            best = Path(client.get_run(run_id).data.tags.get("best_checkpoint", "")).name
-            chosen = next((path for path in logged if Path(path).name == best), logged[-1] if logged else None)
-            if chosen is None:
-                raise DataError(
-                    f"--heatmaps needs the model's layers; {uri} is an exported graph and its run {run_id} logged "
-                    "no checkpoint. Give a checkpoint file instead."
-                )
-            return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=chosen))
-        except MlflowException as err:
-            raise DataError(f"Cannot fetch the checkpoint of MLflow model {uri}: {str(err).splitlines()[0]}") from err
+    with _mlflow_store(tracking_uri, f"Cannot fetch the checkpoint of MLflow model {model}"):
+        run_id = mlflow.models.get_model_info(model).run_id
+        client = mlflow.MlflowClient()
+        logged = sorted(a.path for a in client.list_artifacts(run_id, "checkpoints") if a.path.endswith(".ckpt"))
+        best = Path(client.get_run(run_id).data.tags.get("best_checkpoint", "")).name
+        chosen = next((path for path in logged if Path(path).name == best), logged[-1] if logged else None)
+        if chosen is None:
+            raise DataError(
+                f"--heatmaps needs the model's layers; {model} is an exported graph and its run {run_id} logged "
+                "no checkpoint. Give a checkpoint file instead."
+            )
+        checkpoint = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=chosen))
+    return load_predictor(checkpoint, device).network
 
 
 class PredictModule(LightningModule):
-    """A served network (``ProbabilityModel`` or its ``torch.export`` graph from MLflow) as ``Trainer.predict``
-    wants it: ``predict_step`` maps a batch of :class:`ImageRows` to probabilities (``None`` when every file of the
-    batch was unreadable).
+    """A served network (``ProbabilityModel`` or its ``torch.export`` graph from MLflow) for ``Trainer.predict``:
+    a batch of :class:`ImageRows` to probabilities (``None`` when every file of the batch was unreadable).
 
-    An exported graph refuses ``train()``/``eval()`` (``torch.export``), which Lightning calls on every submodule,
-    so it is kept unregistered: it stays on the device it was loaded on, and batches are moved to it.
-    """
+    An exported graph refuses ``train()``/``eval()``, which Lightning calls on every submodule, so it is kept
+    unregistered: it stays on the device it was loaded on, and batches are moved to it."""
 
     def __init__(self, network: torch.nn.Module, channels_last: bool = False, compile: bool = False) -> None:
         super().__init__()

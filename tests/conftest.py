@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data files in ../shared/data, found the way the project documents."""
+"""Shared fixtures: the real data files, found where the CLI finds them (``$MEDTRANSFER_DATA_DIR``, then
+``~/.cache/medtransfer/data``), else in the shared copy beside the repository (``../shared/data``)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,22 @@ from pathlib import Path
 
 import pytest
 
+from medtransfer.data.medmnist import default_data_dir
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def shared_data_dir() -> Path:
-    """``$MEDTRANSFER_DATA_DIR`` if set, else ``../shared/data`` beside the repository."""
-    return Path(os.environ.get("MEDTRANSFER_DATA_DIR") or REPO_ROOT.parent / "shared" / "data").resolve()
+def data_file(name: str) -> Path:
+    """``name`` in the CLI's data folder (``$MEDTRANSFER_DATA_DIR``, else ``~/.cache/medtransfer/data``) when it
+    is there (``make fit`` downloads PneumoniaMNIST to it), else in ``../shared/data`` beside the repository."""
+    found = default_data_dir() / name
+    return (found if found.exists() else REPO_ROOT.parent / "shared" / "data" / name).resolve()
 
 
 def require_file(path: Path) -> Path:
     """Skip when a shared data file is missing on a user's machine; fail in CI, where it must exist."""
     if not path.is_file():
-        message = f"shared test data {path} is not available (set MEDTRANSFER_DATA_DIR)"
+        message = f"test data {path} is not available (set MEDTRANSFER_DATA_DIR to the folder holding it)"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message)
         pytest.skip(message)
@@ -28,13 +33,13 @@ def require_file(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def pneumonia_npz() -> Path:
     """The real PneumoniaMNIST file (official val/test splits)."""
-    return require_file(shared_data_dir() / "pneumoniamnist.npz")
+    return require_file(data_file("pneumoniamnist.npz"))
 
 
 @pytest.fixture(scope="session")
 def chexnet_dir() -> Path:
     """The CheXNet reproduction: its predictions, its published per-finding AUROCs and the full label file."""
-    folder = shared_data_dir() / "chexnet_reproduction"
+    folder = data_file("chexnet_reproduction")
     for name in ("preds.csv", "aucs.csv", "Data_Entry_2017_v2020.csv.gz"):
         require_file(folder / name)
     return folder
@@ -43,7 +48,7 @@ def chexnet_dir() -> Path:
 @pytest.fixture(scope="session")
 def chestxray14_sample_dir() -> Path:
     """The real 500-image ChestX-ray14 sample: ``Data_Entry_2017_v2020.csv`` and ``images/*.png``."""
-    folder = shared_data_dir() / "chestxray14_sample"
+    folder = data_file("chestxray14_sample")
     require_file(folder / "Data_Entry_2017_v2020.csv")
     return folder
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -255,3 +257,22 @@ def test_unreadable_images_are_skipped_with_a_count_when_configured(tmp_path, pn
     strict = ImageDataModule(source, **HALF)  # bad_images: error checks every header at setup
     with pytest.raises(DataError, match=rf"^3 of 60 images cannot be read .*{rows[0]['path']}"):
         strict.setup("fit")
+
+
+def test_a_multilabel_modules_label_shares_raise_no_warning(chestxray14_sample_dir):
+    """The label shares copy the manifest's read-only targets by name: PyTorch's "NumPy array is not writable"
+    warning (once per process, hence a fresh one) is nothing a user can act on."""
+    code = """if True:
+        import sys, warnings
+        warnings.simplefilter("error")
+        from medtransfer.data.images import ChestXray14Source, ImageDataModule
+        root = sys.argv[1]
+        source = ChestXray14Source(labels_csv=root + "/Data_Entry_2017_v2020.csv", image_root=root + "/images")
+        data = ImageDataModule(source=source, image_size=32, mean=(0.5,), std=(0.5,))
+        data.prepare_data()
+        data.setup("fit")
+        print(tuple(data.positive_fraction.shape))
+    """
+    done = subprocess.run([sys.executable, "-c", code, str(chestxray14_sample_dir)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "(14,)"

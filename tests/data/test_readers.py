@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import require_file, shared_data_dir
+from conftest import data_file, require_file
 from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
@@ -167,7 +167,7 @@ def test_every_supported_suffix_reads(grays, tmp_path):
 
 
 def test_real_chestxray14_rgba_and_gray_pngs():
-    folder = shared_data_dir() / "chestxray14_sample" / "images"
+    folder = data_file("chestxray14_sample") / "images"
     for name in (*RGBA_PNGS, GRAY_PNG):
         path = require_file(folder / name)
         with Image.open(path) as img:

@@ -367,7 +367,7 @@ class ClassificationDataModule(LightningDataModule):
     @property
     def positive_fraction(self) -> torch.Tensor:
         """Share of positive training cases (per label), for class-weighted losses; after ``setup``."""
-        return torch.as_tensor(self.datasets["train"].targets, dtype=torch.float32).mean(0)
+        return torch.tensor(self.datasets["train"].targets, dtype=torch.float32).mean(0)
 
     def calibration_dataloader(self) -> DataLoader | None:
         """The ``calib`` split held out of validation (``calibration_fraction``), or ``None``."""

@@ -210,7 +210,7 @@ class ImageDataModule(ClassificationDataModule):
 
             return positive_fraction(self.hparams.prepared, self.prepared_info)
         train = self.datasets["train"] if self.datasets else self.manifest.subset("train")
-        return torch.as_tensor(train.targets, dtype=torch.float32).mean(0)
+        return torch.tensor(train.targets, dtype=torch.float32).mean(0)
 
     def source_has_color(self, sample: int = 16) -> bool:
         """Whether any of ``sample`` training images, spread over the split, holds colour (unequal channels); prepared

@@ -1,4 +1,4 @@
-"""A checkpoint written before the #13 reshuffle still loads, tests and predicts.
+"""A checkpoint written before the modules were reorganised still loads, tests and predicts.
 
 ``tests/fixtures/pre_reshuffle_checkpoint.json`` keeps everything of such a checkpoint but its weights (a
 32-px fit of the default config by commit bd3b247): the CLI's hyper-parameters with their class paths, the

@@ -47,7 +47,7 @@ QUICK_ARGS = [
 
 
 def fit_recipe(recipe: str, seed: int, workdir: Path, quick: bool) -> tuple[dict, object]:
-    """One fit + test of ``recipe`` at ``seed`` in ``workdir``; the figures the README table needs."""
+    """One fit + test of ``recipe`` at ``seed`` in ``workdir``; the figures the table in docs/recipes.md needs."""
     args = ["fit", f"--config={BASE}", f"--config={RECIPE_DIR / f'{recipe}.yaml'}", f"--seed_everything={seed}"]
     args += ["--trainer.enable_progress_bar=false", *(QUICK_ARGS if quick else [])]
     cwd, wall, cpu = Path.cwd(), time.perf_counter(), time.process_time()

@@ -122,8 +122,8 @@ def print_table(summary: dict) -> None:
 
 
 def markdown_table(summary: dict) -> str:
-    """The README table: one row per fraction, mean val and test AUROC of each recipe (best in bold), and in
-    how many seeds ``pretrained`` (the default recipe) beat scratch on validation and on test."""
+    """The table in docs/experiments.md: one row per fraction, mean val and test AUROC of each recipe (best in
+    bold), and in how many seeds ``pretrained`` (the default recipe) beat scratch on validation and on test."""
     recipes = summary["recipes_in_table"]
     seeds = len(summary["table"][0]["seeds"])
     names = [r.replace("_", " ") for r in recipes]
@@ -157,7 +157,7 @@ def transfer_benchmark(
 
     Args:
         quick: a smoke run (2 fractions, one seed, 2 epochs at 32 px, a few batches); writes ``*_quick`` outputs.
-        render_only: fit nothing; print the table of an existing ``out_json`` (and its README markdown).
+        render_only: fit nothing; print the table of an existing ``out_json`` (and its markdown).
         fractions: training fractions to fit (default: 1, 2, 5, 10, 25 and 100 %).
         seeds: one learning curve (a parent MLflow run) per seed; results are written after each.
         recipes: the recipes to fit (default: all of ``RECIPES``).

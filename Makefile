@@ -47,7 +47,7 @@ $(DOCS_STAMP): pyproject.toml
 	touch $(STAMP) $(DOCS_STAMP)
 
 docs: $(DOCS_STAMP) ## build the documentation site into site/ (open site/index.html)
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -45,8 +45,11 @@ def _help_texts() -> dict[str, list[str]]:
     """``{command: [summary, help]}`` from one child process (the repository's ``src`` first on its path)."""
     global _cache
     if _cache is None:
-        env = dict(os.environ, COLUMNS="110", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"),
-                                                                                       os.environ.get("PYTHONPATH")])))
+        env = dict(
+            os.environ,
+            COLUMNS="110",
+            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+        )
         done = subprocess.run([sys.executable, "-c", _COLLECT], capture_output=True, text=True, env=env, cwd=REPO)
         if done.returncode != 0:
             raise RuntimeError(f"CLI reference: collecting --help failed:\n{done.stderr[-4000:]}")
@@ -57,6 +60,12 @@ def _help_texts() -> dict[str, list[str]]:
 def _usage_prog(text: str, command: str) -> str:
     """Lightning's parser names the program after ``sys.argv[0]``; show what a user types."""
     return text.replace(f"usage: medtransfer [options] {command}", f"usage: medtransfer {command}")
+
+
+def on_pre_build(config, **kwargs) -> None:
+    """Every build (also each rebuild of ``mkdocs serve``) asks the commands afresh."""
+    global _cache
+    _cache = None
 
 
 def on_page_markdown(markdown: str, page, **kwargs) -> str:

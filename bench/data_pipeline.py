@@ -1,7 +1,7 @@
 """Is the loader fast enough? Train-loader images/s (decode + augment + collate) against the model's train
 step at the same size, on the real ChestX-ray14 sample (256x256 PNGs) with the default augmentations.
 
-Target (issue 4): the loader sustains >= 3x the model's throughput on 2 cores at 64x64 and 224x224.
+Target: the loader sustains >= 3x the model's throughput on 2 cores at 64x64 and 224x224.
 Usage: python bench/data_pipeline.py [--workers 2] [--out bench/results/data_pipeline.json]
 """
 

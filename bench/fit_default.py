@@ -2,7 +2,7 @@
 
 Runs ``medtransfer fit --config configs/pneumonia_effnet_lite0.yaml`` (fit, then test of the best
 checkpoint) in a scratch folder with its own MLflow store, then reads the run back from MLflow.
-Targets from issue 2: test AUROC >= 0.96 within 360 s on 2 CPU cores (one-time set-up excluded).
+Targets: test AUROC >= 0.96 within 360 s on 2 CPU cores (one-time set-up excluded).
 
 Usage: python bench/fit_default.py [--config PATH] [--out bench/results/fit_default.json]
 """

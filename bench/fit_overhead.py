@@ -11,7 +11,7 @@ the progress bar, ``EpochSummary``, checkpointing, the finetuning callback and t
 Throughput is images/s over ``steps`` training steps after ``warmup`` steps, timed from one batch's start to
 the next's, so data loading counts in both; validation is off in both. The two paths alternate
 (fit, bare, fit, bare, ...) and the median of each is reported, because a shared CPU is noisy.
-Target from issue 6: ``fit`` reaches at least 0.9 of the bare loop's throughput on CPU.
+Target: ``fit`` reaches at least 0.9 of the bare loop's throughput on CPU.
 
 Usage: python bench/fit_overhead.py [--steps 40] [--warmup 8] [--repeats 2] [--out PATH]
 """

@@ -2,7 +2,7 @@
 
 1. Throughput at 224x224 on CPU: ``medtransfer predict`` (PNG decode, resize, normalise, forward, decision, CSV
    row) against a bare timm forward loop over the same images already decoded and normalised in memory, in one
-   run, interleaved A B A B and reported as medians. Target (issue 5): ratio >= 0.9.
+   run, interleaved A B A B and reported as medians. Target: ratio >= 0.9.
 2. Peak RSS of ``medtransfer predict`` (a fresh process each) over 1k vs 20k generated PNGs. Target: < 10 %
    apart, because rows are streamed to disk, never collected. Measured at 64 px, so 20k images take seconds,
    not minutes: the memory question is about the number of images, not their size.

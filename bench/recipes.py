@@ -1,4 +1,4 @@
-"""Benchmark: fine-tuning recipes on full PneumoniaMNIST at 64 px, several seeds each (issue #19).
+"""Benchmark: fine-tuning recipes on full PneumoniaMNIST at 64 px, several seeds each.
 
 Each recipe in ``configs/recipes/`` is stacked on the shipped default (``configs/pneumonia_effnet_lite0.yaml``:
 ImageNet EfficientNet-Lite0, 13 epochs, batch 64, checkpoint by validation AUROC, tested once on the official
@@ -12,7 +12,7 @@ All fits share one MLflow store in a temporary work folder (printed), so they ca
 Writes ``bench/results/recipes.json`` (every fit, then mean +/- sd per recipe) after every fit, so an interrupted
 run keeps what it finished, and prints a table.
 
-Usage: python bench/recipes.py [--recipes '[design_card, discriminative_cosine]'] [--seeds '[0, 1, 2]']
+Usage: python bench/recipes.py [--recipes '[two_phase, discriminative_cosine]'] [--seeds '[0, 1, 2]']
        [--tta_for '[discriminative_cosine]']
        [--append true] [--quick true]   (a smoke run of the same code path in a few minutes; numbers meaningless)
 """
@@ -47,7 +47,7 @@ QUICK_ARGS = [
 
 
 def fit_recipe(recipe: str, seed: int, workdir: Path, quick: bool) -> tuple[dict, object]:
-    """One fit + test of ``recipe`` at ``seed`` in ``workdir``; the figures the README table needs."""
+    """One fit + test of ``recipe`` at ``seed`` in ``workdir``; the figures the table in docs/recipes.md needs."""
     args = ["fit", f"--config={BASE}", f"--config={RECIPE_DIR / f'{recipe}.yaml'}", f"--seed_everything={seed}"]
     args += ["--trainer.enable_progress_bar=false", *(QUICK_ARGS if quick else [])]
     cwd, wall, cpu = Path.cwd(), time.perf_counter(), time.process_time()
@@ -151,7 +151,7 @@ def print_table(summary: dict[str, dict]) -> None:
 
 
 def recipes_benchmark(
-    recipes: list[str] = ["design_card", "discriminative_cosine"],  # noqa: B006
+    recipes: list[str] = ["two_phase", "discriminative_cosine"],  # noqa: B006
     seeds: list[int] = [0, 1, 2],  # noqa: B006
     tta_for: list[str] = ["discriminative_cosine"],  # noqa: B006
     quick: bool = False,

@@ -1,4 +1,4 @@
-"""Benchmark: an Optuna random search over the fine-tuning recipe, on validation only (issue #19).
+"""Benchmark: an Optuna random search over the fine-tuning recipe, on validation only.
 
 Runs ``medtransfer search`` (``commands.search.run_search``, the command's own typed function) with
 ``configs/search/pneumonia_recipe.yaml`` over ``make fit``'s default config: each trial is the full default

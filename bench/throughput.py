@@ -256,7 +256,7 @@ def throughput_benchmark(
         "loader_vs_model": ratios,
         "gpu_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "gpu_rows": gpu_rows(batch_size, 20),
-        "gpu_note": "awaiting a GPU: no GPU was available when these results were measured; run "
+        "gpu_note": "no GPU on the machine that measured these results (CPU only); run "
         "bench/throughput.py on a GPU machine to fill train_img_s and gpu_utilisation_percent"
         if not torch.cuda.is_available()
         else None,

@@ -8,7 +8,7 @@ Stratified training subsets are nested across fractions for one seed; the seed a
 randomness. Validation and test splits are always whole (524 and 624 images).
 
 Recipes: ``pretrained`` (ImageNet init, fine-tuned exactly as ``make fit``'s default: head 3 epochs, then every
-block with discriminative rates, warm-up + cosine, BatchNorm frozen), ``design_card`` (the design card's two
+block with discriminative rates, warm-up + cosine, BatchNorm frozen), ``two_phase`` (the CheXNet-style two
 phases: head at 1e-3, then all at 1e-5, constant, BatchNorm frozen), ``finetune_all`` (ImageNet init, every
 layer at 1e-3 from epoch 0, BatchNorm training: the recipe of ``scratch`` but for the initialisation),
 ``scratch`` (random init, all at 1e-3) and ``head_only`` (frozen ImageNet backbone, head at 1e-3).
@@ -45,7 +45,7 @@ from medtransfer.plots import save_figure
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
 RECIPES = {name: REPO / "configs" / "learning_curve" / f"lite0_{name}.yaml" for name in
-           ("pretrained", "design_card", "finetune_all", "scratch", "head_only")}  # fmt: skip
+           ("pretrained", "two_phase", "finetune_all", "scratch", "head_only")}  # fmt: skip
 FRACTIONS = [0.01, 0.02, 0.05, 0.1, 0.25, 1.0]
 FULL_ARGS = ["--trainer.enable_progress_bar=false", "--data.init_args.min_epoch_samples=1024"]
 #: ``--quick``: a smoke run of the same code path in a few minutes (numbers meaningless).
@@ -65,7 +65,7 @@ STAGES = ("train", "val", "test")
 
 
 #: The recipes that start from ImageNet weights, each compared with ``scratch``.
-IMAGENET = ("pretrained", "design_card", "finetune_all", "head_only")
+IMAGENET = ("pretrained", "two_phase", "finetune_all", "head_only")
 
 
 def _wins(table: list[dict], recipe: str, stage: str) -> list[float]:
@@ -122,8 +122,8 @@ def print_table(summary: dict) -> None:
 
 
 def markdown_table(summary: dict) -> str:
-    """The README table: one row per fraction, mean val and test AUROC of each recipe (best in bold), and in
-    how many seeds ``pretrained`` (the default recipe) beat scratch on validation and on test."""
+    """The table in docs/experiments.md: one row per fraction, mean val and test AUROC of each recipe (best in
+    bold), and in how many seeds ``pretrained`` (the default recipe) beat scratch on validation and on test."""
     recipes = summary["recipes_in_table"]
     seeds = len(summary["table"][0]["seeds"])
     names = [r.replace("_", " ") for r in recipes]
@@ -157,7 +157,7 @@ def transfer_benchmark(
 
     Args:
         quick: a smoke run (2 fractions, one seed, 2 epochs at 32 px, a few batches); writes ``*_quick`` outputs.
-        render_only: fit nothing; print the table of an existing ``out_json`` (and its README markdown).
+        render_only: fit nothing; print the table of an existing ``out_json`` (and its markdown).
         fractions: training fractions to fit (default: 1, 2, 5, 10, 25 and 100 %).
         seeds: one learning curve (a parent MLflow run) per seed; results are written after each.
         recipes: the recipes to fit (default: all of ``RECIPES``).

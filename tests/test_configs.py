@@ -35,7 +35,7 @@ def test_config_resolves_through_the_cli(config, capsys, monkeypatch):
         wanted = {"finetune_lr": 5.3e-4, "head_finetune_lr": 4.4e-4, "lr_decay": 0.91, "schedule": "cosine"}
         assert {k: resolved["finetuning"][k] for k in wanted} == wanted
         assert resolved["model"]["drop_rate"] == pytest.approx(0.41)
-    else:  # the design card's phase 2
+    else:  # the CheXNet-style two-phase recipe's phase 2 (1e-5)
         assert resolved["finetuning"]["finetune_lr"] == pytest.approx(1e-5)
     assert resolved["model"]["optimizer"]["init_args"]["lr"] == pytest.approx(1e-3)
     assert resolved["checkpoint"]["monitor"] == "val/auroc" and resolved["checkpoint"]["mode"] == "max"

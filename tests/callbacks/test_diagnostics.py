@@ -203,7 +203,7 @@ def test_diagnostics_config_adds_its_callbacks_and_keeps_the_defaults(workdir, p
 
 @pytest.mark.slow
 def test_overfit_one_batch_drives_the_training_loss_to_zero(workdir, pneumonia_npz):
-    """The README's sanity mode: with Lightning's ``overfit_batches=1`` a healthy pipeline memorises one batch.
+    """docs/fine-tuning.md's sanity mode: with Lightning's ``overfit_batches=1`` a healthy pipeline memorises one batch.
 
     PneumoniaMNIST's training split is sorted by class (its first 3477 images are all pneumonia), so the first
     batch alone would hold one class and a constant output would "overfit" it; a stratified 0.5 % subset

@@ -185,5 +185,5 @@ def build_corpus(folder: Path, images: np.ndarray, seed: int = 0) -> list[Case]:
 
 
 def counts(cases: list[Case]) -> Counter[tuple[str, str]]:
-    """How many cases of each ``(kind, expect)``: the rows of the README's reliability table."""
+    """How many cases of each ``(kind, expect)``: the rows of the reliability table in docs/reliability.md."""
     return Counter((case.kind, case.expect) for case in cases)

@@ -20,9 +20,10 @@ from helpers import CONSOLE_SCRIPT, DEFAULT_CONFIG
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[2]
-#: The design card's recipe on top: one ``backbone`` group at a constant rate, so every scenario's rates are
+#: The CheXNet-style two-phase recipe on top (1e-3, then 1e-5): one ``backbone`` group at a constant rate, so
+#: every scenario's rates are
 #: exact (the default's per-block cosine rates through a resume are tested in tests/callbacks/test_finetuning.py).
-DESIGN_CARD = REPO / "configs" / "recipes" / "design_card.yaml"
+TWO_PHASE = REPO / "configs" / "recipes" / "two_phase.yaml"
 #: A two-phase fit of a few hundred images (6 batches of 16 an epoch), 4 epochs, phase 2 from the third.
 TINY = [
     "--seed_everything=0",
@@ -51,7 +52,7 @@ class Fit:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("MLFLOW_TRACKING_URI", None)
         options = TINY if command == "fit" else [o for o in TINY if not o.startswith(("--test_after_fit", "--fine"))]
-        command = [str(CONSOLE_SCRIPT), command, f"--config={DEFAULT_CONFIG}", f"--config={DESIGN_CARD}",
+        command = [str(CONSOLE_SCRIPT), command, f"--config={DEFAULT_CONFIG}", f"--config={TWO_PHASE}",
                    f"--data.path={data_path}", *options, *args]  # fmt: skip
         self.process = subprocess.Popen(
             command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1

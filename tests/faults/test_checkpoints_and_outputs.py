@@ -1,5 +1,5 @@
 """Damaged checkpoints, checkpoints naming foreign code, and bad ``--output`` paths: each is one line naming the
-file at fault, before any work (issue 15, items 9, 10 and 12).
+file at fault, before any work.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Processes started at the same instant on a fresh ``mlruns/`` (issue 15, item 4): all finish, each in its own
+"""Processes started at the same instant on a fresh ``mlruns/``: all finish, each in its own
 run with its own name. Two fits used to race in MLflow's schema migration (one died) and get the same name.
 """
 

@@ -1,4 +1,4 @@
-"""Resume is idempotent for the model export (issue 15, item 7): a run exports and registers its model once per
+"""Resume is idempotent for the model export: a run exports and registers its model once per
 best checkpoint, however often the fit is resumed, and an export killed half way (a ``PENDING`` logged model) is
 deleted and redone. Every resume used to export and register again (versions 1, 2, 3; one stuck ``PENDING``).
 """

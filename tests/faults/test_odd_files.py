@@ -1,5 +1,5 @@
 """Files that used to escape the reader or get a decision they should not: each becomes one ``predict`` row with
-its reason (issue 15, items 1, 5 and 6).
+its reason.
 
 - A TIFF whose second page lacks ImageWidth makes Pillow raise ``TypeError: Missing dimensions``, outside its documented
   errors; it used to crash ``predict`` with no CSV.

@@ -1,5 +1,5 @@
 """``test`` or ``validate`` run again into a run: each evaluation at its own step after the run's last one for that
-metric, never a duplicate (issue 15, item 8). Used to give ``test/auroc`` at steps 0, 0 and 48, and put
+metric, never a duplicate. Used to give ``test/auroc`` at steps 0, 0 and 48, and put
 ``validate``'s value at step 0 of the validation curve.
 """
 

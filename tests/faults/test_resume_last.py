@@ -1,4 +1,4 @@
-"""``--ckpt_path last`` after a fit killed before its first checkpoint (issue 15, item 11): it must not reopen
+"""``--ckpt_path last`` after a fit killed before its first checkpoint: it must not reopen
 an older, finished run with other settings (which used to be re-registered, re-tested and reported as success);
 it refuses, naming the newest run and what to do.
 """

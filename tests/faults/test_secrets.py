@@ -1,4 +1,4 @@
-"""Secrets stay out of everything medtransfer records or prints (issue 15, item 2): one redaction
+"""Secrets stay out of everything medtransfer records or prints: one redaction
 (``tracking.redaction.redact``) for URIs and mappings, every character class a password may hold, applied to
 params, tags, the config artifact, checkpoints, console lines and the arguments ``search``/``learning-curve`` log.
 """

@@ -1,6 +1,6 @@
 """SIGTERM (a scheduler's stop, ``kill``, ``docker stop``) during a fit or its test-after-fit: the process exits
 143, the MLflow run is marked ``KILLED``, the last finished epoch's ``last.ckpt`` is kept, and the documented
-resume completes the run as after SIGINT or SIGKILL (issue 15, item 3). It used to exit 0.
+resume completes the run as after SIGINT or SIGKILL. It used to exit 0.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ def test_test_logs_per_label_auroc_and_writes_the_table(tested):
     assert results["test/auroc"] == pytest.approx((results["test/auroc/centre"] + results["test/auroc/edge"]) / 2)
     table, evaluation, *figures = report.paths
     assert evaluation.name == "evaluation.csv"
-    # the four figures the README promises: per label (ROC, decision counts) or pooled (risk-coverage, reliability)
+    # docs/decisions.md's four figures: per label (ROC, decision counts) or pooled (risk-coverage, reliability)
     assert sorted(p.name for p in figures) == ["confusion.png", "reliability.png", "risk_coverage.png", "roc.png"]
     assert all(p.stat().st_size > 10_000 for p in figures)
     lines = table.read_text().splitlines()

@@ -1,4 +1,4 @@
-"""A checkpoint written before the #13 reshuffle still loads, tests and predicts.
+"""A checkpoint written before the modules were reorganised still loads, tests and predicts.
 
 ``tests/fixtures/pre_reshuffle_checkpoint.json`` keeps everything of such a checkpoint but its weights (a
 32-px fit of the default config by commit bd3b247): the CLI's hyper-parameters with their class paths, the
@@ -48,10 +48,14 @@ def _resolve(class_path: str) -> type:
 
 
 _CLASS_PATH = r"medtransfer(?:\.[a-z_]+)+\.[A-Z]\w+"
-#: Class paths users' YAML files name (README, configs/, and the old checkpoint's own config).
+#: Class paths users' YAML files name (README, docs/, configs/, and the old checkpoint's own config).
 OLD_CLASS_PATHS = sorted(
     {
-        *re.findall(_CLASS_PATH, (REPO / "README.md").read_text()),
+        *(
+            m
+            for f in [REPO / "README.md", *(REPO / "docs").rglob("*.md")]
+            for m in re.findall(_CLASS_PATH, f.read_text())
+        ),
         *(
             m
             for f in (REPO / "configs").rglob("*.yaml")

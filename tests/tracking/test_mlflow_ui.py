@@ -1,5 +1,5 @@
 """The MLflow UI over the embedded store, in a real headless browser: two fits appear as two runs with their
-metric. With ``MEDTRANSFER_DOCS_SCREENSHOT=1`` the page is saved as the README's ``docs/images/mlflow_ui.png``."""
+metric. With ``MEDTRANSFER_DOCS_SCREENSHOT=1`` the page is saved as ``docs/images/mlflow_ui.png`` (docs/tracking.md)."""
 
 from __future__ import annotations
 

@@ -95,7 +95,7 @@ def test_the_run_is_in_the_servers_postgresql_database(tracking_server, remote_r
 
 
 def test_the_uris_password_is_nowhere_in_the_run_its_files_the_database_or_the_output(tracking_server, remote_run):
-    """Issue 15: a password in the tracking URI reaches neither params, tags, config artifact, checkpoint, the
+    """A password in the tracking URI reaches neither params, tags, config artifact, checkpoint, the
     server's database and artifact store, the working folder, nor anything printed."""
     encoded = quote(PASSWORD, safe="")
     files = [p for root in (remote_run.workdir, tracking_server.artifacts) for p in root.rglob("*") if p.is_file()]

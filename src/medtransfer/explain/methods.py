@@ -8,7 +8,7 @@ methods take any stage timm's ``feature_info`` names (``blocks.2``, stride 8, is
   sharp where Grad-CAM's spatial mean blurs.
 * ``fusion``: the geometric mean of LayerCAM on a stage and every deeper one: hot only where coarse and fine agree.
 * ``occlusion``: Captum's ``Occlusion`` with a patch of 1/8 of the side (225 forward passes at any size); the
-  default, as the most robust in the planted-lesion measurements (README, "Heatmaps").
+  default, as the most robust in the planted-lesion measurements (docs/heatmaps.md).
 """
 
 from __future__ import annotations

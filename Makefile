@@ -17,7 +17,7 @@ export MEDTRANSFER_DATA_DIR := $(SHARED_DATA)
 endif
 endif
 
-.PHONY: setup fit test test-faults ui docs lint format clean
+.PHONY: setup fit test test-all test-faults ui docs lint format clean
 
 setup: $(STAMP) ## create .venv and install medtransfer with its dev extras (skipped when up to date)
 
@@ -29,8 +29,11 @@ $(STAMP): pyproject.toml
 fit: setup ## train the default config, then test its best checkpoint; all tracked in mlruns/
 	$(BIN)/medtransfer fit --config $(CONFIG)
 
-test: setup ## run the test suite
-	$(BIN)/pytest
+test: setup ## the fast tier: every package's behaviour, without the slow CLI fits and servers or the fault scenarios
+	$(BIN)/pytest -m "not slow and not faults"
+
+test-all: setup ## everything: the fast tier, the slow CLI fits and servers, and the fault scenarios (what CI runs)
+	$(BIN)/pytest -m ""
 
 test-faults: setup ## the whole fault suite (tests/faults), including the long `faults`-marked kill/resume cases
 	$(BIN)/pytest tests/faults -m ""

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "chestxray14_sample_lite0.yaml"
 
 
+@pytest.mark.slow
 def test_fit_predict_evaluate_reproduces_the_test_table(workdir, chestxray14_sample_dir, capsys):
     labels, images = chestxray14_sample_dir / "Data_Entry_2017_v2020.csv", chestxray14_sample_dir / "images"
     cli = build_cli([

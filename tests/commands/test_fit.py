@@ -64,6 +64,7 @@ def test_fit_then_test_leaves_one_complete_mlflow_run(workdir, fitted):
     assert run.run_id in out and "make ui" in out
 
 
+@pytest.mark.slow
 def test_logged_checkpoint_is_the_best_and_knows_its_run(workdir, fitted):
     runs, _ = fitted
     run_id = runs.iloc[0].run_id
@@ -82,6 +83,7 @@ def test_logged_checkpoint_is_the_best_and_knows_its_run(workdir, fitted):
     assert runs.iloc[0]["metrics.test/threshold"] == pytest.approx(thresholds[best_step])
 
 
+@pytest.mark.slow
 def test_test_command_on_a_checkpoint_logs_into_the_fit_run(workdir, fitted, pneumonia_npz):
     runs, _ = fitted
     run_id = runs.iloc[0].run_id
@@ -94,6 +96,7 @@ def test_test_command_on_a_checkpoint_logs_into_the_fit_run(workdir, fitted, pne
     assert len(_client(workdir).get_metric_history(run_id, "test/auroc")) == 2
 
 
+@pytest.mark.slow
 def test_validate_on_a_checkpoint_creates_no_new_run(workdir, fitted, pneumonia_npz):
     runs, _ = fitted
     last = next(workdir.glob("mlruns/*/*/checkpoints/last.ckpt"))
@@ -101,6 +104,7 @@ def test_validate_on_a_checkpoint_creates_no_new_run(workdir, fitted, pneumonia_
     assert list(_runs(workdir).run_id) == list(runs.run_id)
 
 
+@pytest.mark.slow
 def test_resumed_fit_continues_the_same_run_in_phase_two(workdir, fitted, pneumonia_npz):
     runs, _ = fitted
     run_id = runs.iloc[0].run_id
@@ -119,6 +123,7 @@ def test_resumed_fit_continues_the_same_run_in_phase_two(workdir, fitted, pneumo
         assert len(steps) == len(set(steps)), key  # a resumed fit logs each epoch once
 
 
+@pytest.mark.slow
 def test_ckpt_path_last_resumes_the_experiments_most_recently_checkpointed_run(workdir, fitted, pneumonia_npz):
     older = fitted[0].iloc[0].run_id
     older_epochs = len(_client(workdir).get_metric_history(older, "epoch"))
@@ -252,6 +257,7 @@ def test_help_imports_neither_lightning_nor_mlflow():
     assert "prepare" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_default_fit_log_has_no_warning_the_user_cannot_act_on(workdir, pneumonia_npz, recwarn):
     for _ in range(2):  # as a search or learning curve runs fits, in one process
         main(["fit", f"--config={DEFAULT_CONFIG}", f"--data.path={pneumonia_npz}", *SMALL])

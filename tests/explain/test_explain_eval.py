@@ -44,6 +44,7 @@ def boxed_images(lesion_model, tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_scores_each_method_against_the_boxes_and_logs_them_to_mlflow(boxed_images, tmp_path):
     store = f"sqlite:///{tmp_path}/mlflow.db"
     results = run_explain_eval(str(boxed_images / "boxes.csv"), str(boxed_images / "lesions.ckpt"),
@@ -62,6 +63,7 @@ def test_scores_each_method_against_the_boxes_and_logs_them_to_mlflow(boxed_imag
     assert run.data.metrics["occlusion/hit_rate"] == pytest.approx(by_method["occlusion"]["hit_rate"])
 
 
+@pytest.mark.slow
 def test_command_line(boxed_images, tmp_path, capsys):
     main(["explain-eval", str(boxed_images / "boxes.csv"), str(boxed_images / "lesions.ckpt"), "--methods=[layercam]",
           "--layers=[-3, blocks.4]", f"--output={tmp_path / 's.json'}", f"--tracking_uri=sqlite:///{tmp_path}/m.db",
@@ -100,6 +102,7 @@ def test_chestxray14_official_boxes_ship_with_torchxrayvision():
     assert (boxes[["x_min", "y_min"]] >= 0).all(axis=None) and (boxes[["x_max", "y_max"]] <= 1024).all(axis=None)
 
 
+@pytest.mark.slow
 def test_chestxray14_boxes_are_scored_on_the_images_that_are_here(chestxray14_sample_dir, boxed_images, tmp_path):
     """The sample's 256 px PNGs: boxes drawn on the 1024 px release are scaled; a binary model explains its one
     output for every finding."""

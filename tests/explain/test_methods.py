@@ -27,6 +27,7 @@ from medtransfer.explain.methods import resolve_layer
 from medtransfer.models.classifier import ClassifierModule
 
 
+@pytest.mark.slow
 def test_default_method_points_inside_the_lesion_box_at_64px(lesion_model):
     model, backgrounds = lesion_model
     centres = _centres(120, torch.Generator().manual_seed(1))
@@ -39,6 +40,7 @@ def test_default_method_points_inside_the_lesion_box_at_64px(lesion_model):
     assert np.mean(hits) >= 0.60, np.mean(hits)
 
 
+@pytest.mark.slow
 def test_default_method_follows_the_lesion_when_it_moves(lesion_model):
     model, backgrounds = lesion_model
     top_left, bottom_right = torch.tensor([[14.0, 14.0]]), torch.tensor([[50.0, 50.0]])

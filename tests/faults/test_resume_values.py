@@ -12,12 +12,14 @@ import os
 from pathlib import Path
 
 import harness
+import pytest
 from harness import Fit
 
 HERE = Path(__file__).parent
 CALLBACK = "--trainer.callbacks+=attempts.KillBeforeSave"  # tests/faults/attempts.py
 
 
+@pytest.mark.faults
 def test_an_epoch_recomputed_after_a_crash_keeps_the_resumed_value(tmp_path, pneumonia_npz, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("MEDTRANSFER_TEST_ATTEMPT", "1")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import mlflow
+import pytest
 from helpers import DEFAULT_CONFIG, tiny_fit_args
 from mlflow.tracking import MlflowClient
 
@@ -19,6 +20,7 @@ def test_off_by_default_and_follows_mlflows_own_switch(monkeypatch):
     assert not LogSystemMetrics(enabled=False).active
 
 
+@pytest.mark.slow
 def test_fit_logs_cpu_and_memory_into_its_run(workdir, pneumonia_npz):
     main(["fit", f"--config={DEFAULT_CONFIG}", f"--data.path={pneumonia_npz}", *tiny_fit_args(3, 2, 2),
           "--system_metrics.enabled=true", "--system_metrics.interval_s=0.5", "--test_after_fit=true"])  # fmt: skip

@@ -40,3 +40,58 @@ def tiny_loaders(
     images[:, :, size // 4 : -size // 4, size // 4 : -size // 4] += signal * labels.view(-1, 1, 1, 1).float()
     dataset = TensorDataset(images, labels)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True), DataLoader(dataset, batch_size=batch_size)
+
+
+#: The unprivileged user that permission tests read as when they run as root (where ``chmod`` binds nothing).
+NOBODY = 65534
+
+
+def read_image_unprivileged(path: Path) -> tuple[str, str]:
+    """``read_image(path)`` with the permissions of an ordinary user: ``("ok", shape)`` or ``(error type, message)``.
+
+    Run as root, the read happens in a forked child that first drops to uid/gid ``NOBODY`` (no supplementary
+    groups), so ``chmod`` binds as it does for users; forking, not executing, keeps the imported ``medtransfer``
+    and needs no interpreter that ``NOBODY`` may run. Not as root, it reads in this process: permissions bind.
+    """
+    import os
+
+    from medtransfer.data.readers import read_image
+
+    def outcome() -> tuple[str, str]:
+        try:
+            return "ok", str(read_image(path).shape)
+        except Exception as err:  # reported to the test, which asserts which one
+            return type(err).__name__, str(err)
+
+    if os.geteuid() != 0:
+        return outcome()
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop root, read, report, and leave without running any of pytest's cleanup
+        status = 1
+        try:
+            os.close(reader)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            kind, message = outcome() if os.geteuid() == NOBODY else ("StillRoot", "")
+            os.write(writer, f"{kind}\n{message}".encode("utf-8", "backslashreplace"))
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as handle:
+        data = handle.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, f"the unprivileged reader failed: {data!r}"
+    kind, _, message = data.partition("\n")
+    return kind, message
+
+
+def world_readable_dir(prefix: str) -> Path:
+    """A new folder under /tmp that ``NOBODY`` can reach (pytest's own ``tmp_path`` sits under a 0700 folder)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    folder.chmod(0o755)
+    return folder

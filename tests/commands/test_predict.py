@@ -15,6 +15,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from faults.untrained import write_untrained_checkpoint
 from helpers import CONSOLE_SCRIPT
 from PIL import Image
 
@@ -385,3 +386,29 @@ def test_images_unlike_the_training_data_are_flagged(fitted_checkpoint, png_fold
 
     xrays = run_predict(str(png_folder[0]), str(fitted_checkpoint), output=tmp_path / "xrays.csv")
     assert xrays.unlike_training <= 1  # held-out X-rays of the same collection pass (1 of 40 tolerated)
+
+
+def test_a_csv_input_reads_its_paths_from_the_column_named_by_path_column(png_folder, tmp_path, capsys):
+    """``--path_column image``: the paths come from that column (relative ones from the CSV's folder), in the
+    table's order; a ``path`` column beside it is ignored, and without the option its absence is the error."""
+    folder, _ = png_folder
+    checkpoint = write_untrained_checkpoint(tmp_path / "untrained.ckpt")
+    chosen = sorted(folder.glob("a/*.png"))[:4] + sorted(folder.glob("b/*.png"))[:2]
+    table = tmp_path / "table"
+    shutil.copytree(folder, table / "scans")
+    relative = [Path("scans") / p.relative_to(folder) for p in reversed(chosen)]  # not the folder's order
+    decoys = "".join(f"{tmp_path / 'no-such'}/{i}.png,{rel}\n" for i, rel in enumerate(relative))
+    (table / "list.csv").write_text("path,image\n" + decoys)
+    main(["predict", str(table / "list.csv"), str(checkpoint), "--path_column", "image",
+          "--output", str(tmp_path / "p.csv")])  # fmt: skip
+    assert "6 predicted, 0 unreadable" in capsys.readouterr().out
+    rows = _read(tmp_path / "p.csv")
+    assert [Path(r["path"]) for r in rows] == [table / rel for rel in relative]
+    run_predict(str(folder), str(checkpoint), output=tmp_path / "folder.csv")  # the same files, found by a scan
+    by_name = _probabilities(_read(tmp_path / "folder.csv"))
+    assert all(r["error"] == "" and r["prob_pneumonia"] == by_name[Path(r["path"]).name] for r in rows)
+
+    (table / "bare.csv").write_text("image\n" + "".join(f"{rel}\n" for rel in relative))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(table / "bare.csv"), str(checkpoint), "--output", str(tmp_path / "x.csv")])
+    assert exit_info.value.code == 2 and "'path'" in capsys.readouterr().err

@@ -123,8 +123,29 @@ def test_dicom_multiframe_reads_the_chosen_frame_or_refuses():
     "name", ["JPEG2000.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm", "JPGExtended.dcm", "SC_rgb_jpeg.dcm"]
 )
 def test_compressed_dicom_decodes_through_the_installed_plugins(name):
+    """The pixels are pydicom's own ``pixel_array`` after read_image's documented mapping, written out here:
+    colour kept as is; gray through Rescale Slope/Intercept, then the first window (PS3.3 C.11.2.1.2 LINEAR)
+    or else min/max onto 0-255, MONOCHROME1 inverted."""
+    ds = pydicom.dcmread(_dicom(name))
+    assert "VOILUTSequence" not in ds  # a LUT sequence is mapped otherwise; none of these files holds one
+    pixels = ds.pixel_array.astype(np.float64)
     out = read_image(_dicom(name), color="auto")
-    assert out.dtype == np.uint8 and out.std() > 0
+    assert out.dtype == np.uint8 and out.shape == pixels.shape and out.std() > 0
+    if ds.PhotometricInterpretation not in ("MONOCHROME1", "MONOCHROME2"):
+        np.testing.assert_array_equal(out, pixels)
+        return
+    values = pixels * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        center = float(np.atleast_1d(ds.WindowCenter)[0])  # the first of several windows
+        width = float(np.atleast_1d(ds.WindowWidth)[0])
+        expected = np.rint(np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0, 1) * 255)
+        tolerance = 1  # the reader maps pydicom's windowed values onto 0-255: one level of rounding apart
+    else:
+        expected = np.rint((values - values.min()) / (values.max() - values.min()) * 255)
+        tolerance = 0
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        expected = 255 - expected
+    np.testing.assert_allclose(out, expected, atol=tolerance)
 
 
 def test_a_gray_read_of_a_colour_dicom_is_its_luma():

@@ -9,6 +9,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from faults.untrained import write_untrained_checkpoint
 from lesions import MEAN, SIZE, STD, _boxes, _centres, _plant
 from lightning.pytorch import Trainer
 from PIL import Image
@@ -118,3 +119,56 @@ def test_chestxray14_boxes_are_scored_on_the_images_that_are_here(chestxray14_sa
     assert result["boxes"] == result["n"] == len(here) > 0
     share = (here["x_max"] - here["x_min"]) * (here["y_max"] - here["y_min"]) / 1024**2
     assert result["random_rate"] == pytest.approx(share.mean(), rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def small_boxed(pneumonia_npz, tmp_path_factory):
+    """Six real 28 px X-rays as 56 px PNGs, with one box each in the PNGs' pixels."""
+    folder = tmp_path_factory.mktemp("small_boxed")
+    with np.load(pneumonia_npz) as data:
+        images = data["test_images"][:6]
+    for i, image in enumerate(images):
+        Image.fromarray(image).resize((56, 56), Image.Resampling.BILINEAR).save(folder / f"{i}.png")
+    return folder
+
+
+def _scores(boxes_csv, checkpoint, tmp_path, name, **options) -> dict:
+    (result,) = run_explain_eval(str(boxes_csv), str(checkpoint), methods=["layercam"], detected_only=False,
+                                 output=tmp_path / f"{name}.json", tracking_uri=f"sqlite:///{tmp_path}/m.db",
+                                 **options).scores  # fmt: skip
+    return result
+
+
+def test_box_image_size_scales_boxes_drawn_on_other_sized_images(small_boxed, tmp_path):
+    """Boxes drawn on 14 px copies of the 56 px files, with ``box_image_size=14``, score as the same boxes in
+    the files' own pixels; without the option they are taken as 56 px pixels: a sixteenth of the area."""
+    checkpoint = write_untrained_checkpoint(tmp_path / "untrained.ckpt")
+    boxes = [(4 + 2 * i, 8, 28 + 2 * i, 40) for i in range(6)]  # in the 56 px files' pixels
+    for name, scale in (("native", 1), ("drawn_small", 4)):
+        rows = "".join(f"{small_boxed / f'{i}.png'},{','.join(str(v / scale) for v in box)}\n"
+                       for i, box in enumerate(boxes))  # fmt: skip
+        (tmp_path / f"{name}.csv").write_text("path,x_min,y_min,x_max,y_max\n" + rows)
+    native = _scores(tmp_path / "native.csv", checkpoint, tmp_path, "native")
+    scaled = _scores(tmp_path / "drawn_small.csv", checkpoint, tmp_path, "scaled", box_image_size=14)
+    assert native["n"] == scaled["n"] == 6
+    assert scaled == pytest.approx(native, abs=1e-6)
+    assert native["random_rate"] == pytest.approx(np.mean([(b[2] - b[0]) * (b[3] - b[1]) / 56**2 for b in boxes]))
+    unscaled = _scores(tmp_path / "drawn_small.csv", checkpoint, tmp_path, "unscaled")
+    assert unscaled["random_rate"] == pytest.approx(native["random_rate"] / 16)
+
+
+def test_finding_column_picks_each_boxs_output_and_drops_findings_the_model_lacks(small_boxed, tmp_path, capsys):
+    checkpoint = write_untrained_checkpoint(tmp_path / "labels.ckpt", ["Nodule", "Mass", "Effusion"], "multilabel")
+    findings = ["Nodule", "mass", "Hernia", "Effusion", "Hernia", "Nodule"]  # matched without regard to case
+    rows = "".join(f"{i}.png,{f},4,8,40,44\n" for i, f in enumerate(findings))
+    (small_boxed / "findings.csv").write_text("path,lesion,x_min,y_min,x_max,y_max\n" + rows)
+    main(["explain-eval", str(small_boxed / "findings.csv"), str(checkpoint), "--methods=[layercam]",
+          "--finding_column=lesion", "--detected_only=false", f"--output={tmp_path / 'f.json'}",
+          f"--tracking_uri=sqlite:///{tmp_path}/m.db"])  # fmt: skip
+    (named,) = json.loads((tmp_path / "f.json").read_text())
+    assert named["boxes"] == named["n"] == 4  # the two Hernia boxes: no such output to explain
+    top = _scores(small_boxed / "findings.csv", checkpoint, tmp_path, "top")  # no column: every box, top output
+    assert top["boxes"] == top["n"] == 6
+    (small_boxed / "unknown.csv").write_text("path,lesion,x_min,y_min,x_max,y_max\n0.png,Hernia,4,8,40,44\n")
+    with pytest.raises(DataError, match=r"None of the box findings \['Hernia'\] is one of the model's classes"):
+        run_explain_eval(str(small_boxed / "unknown.csv"), str(checkpoint), finding_column="lesion")

@@ -125,7 +125,8 @@ def build_corpus(folder: Path, images: np.ndarray, seed: int = 0) -> list[Case]:
     """Write the corpus under ``folder`` (``good/`` and ``bad/``) from real gray ``images`` (N, H, W) uint8.
 
     The kinds and counts are ``GOOD_KINDS`` and ``BAD_KINDS``; ``unreadable_permissions`` is left out when
-    running as root, where ``chmod 000`` does not stop reads. Returns every case, good ones first.
+    running as root, where ``chmod 000`` does not stop reads (``tests/data/test_readers.py`` reads such files as
+    an ordinary user instead). Returns every case, good ones first.
     """
     rng = np.random.default_rng(seed)
     good_dir, bad_dir = folder / "good", folder / "bad"

@@ -113,15 +113,6 @@ def test_an_image_past_pillows_pixel_limit_is_refused_from_its_header(corpus):
         read_image(huge)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="only as root: chmod 000 is part of the corpus otherwise")
-def test_unreadable_permissions_cannot_be_tested_as_root(tmp_path):
-    """Root reads a chmod 000 file anyway, so the case is left out of the corpus here (and in CI) on purpose."""
-    path = tmp_path / "locked.png"
-    Image.fromarray(np.zeros((4, 4), np.uint8)).save(path)
-    path.chmod(0)
-    assert read_image(path).shape == (4, 4)
-
-
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_predict_writes_one_row_per_file_and_names_every_bad_one(corpus, checkpoint, tmp_path, num_workers):
     root, cases = corpus

@@ -1,9 +1,12 @@
-"""SIGTERM (a scheduler's stop, ``kill``, ``docker stop``) during a fit or its test-after-fit: the process exits
-143, the MLflow run is marked ``KILLED``, the last finished epoch's ``last.ckpt`` is kept, and the documented
-resume completes the run as after SIGINT or SIGKILL. It used to exit 0.
+"""SIGTERM (a scheduler's stop, ``kill``, ``docker stop``) during a fit, its test-after-fit or a standalone
+``test``: the process exits 143, the MLflow run is marked ``KILLED``, the last finished epoch's ``last.ckpt`` is
+kept, and the documented resume completes the run as after SIGINT or SIGKILL. It used to exit 0. SIGINT during a
+fit ends the run ``KILLED`` too.
 """
 
 from __future__ import annotations
+
+import signal
 
 import harness
 import pytest
@@ -61,3 +64,51 @@ def test_sigterm_exits_143_marks_the_run_killed_and_resumes(tmp_path, pneumonia_
     assert len(steps["val/auroc"]) == 4
     if when == "test_after_fit":
         assert "test/auroc" in harness.final_values(tmp_path, run.info.run_id)
+
+
+@pytest.mark.faults
+@pytest.mark.slow
+def test_sigterm_during_a_standalone_test_exits_143_and_marks_the_run_killed(tmp_path, pneumonia_npz):
+    """``medtransfer test`` logs into the checkpoint's run: stopped mid-test it exits 143, leaves the run
+    ``KILLED`` with no test metric, and the same command run again completes it."""
+    fit = Fit(tmp_path, pneumonia_npz)
+    assert fit.wait() == 0, fit.output
+    checkpoint = harness.last_checkpoint(tmp_path)
+    test = Fit(tmp_path, pneumonia_npz, f"--ckpt_path={checkpoint}", "--trainer.limit_test_batches=200",
+               "--data.batch_size=4", command="test")  # fmt: skip
+    test.wait_until(lambda: "Loaded model weights from the checkpoint" in test.output, what="the test to start")
+    status = test.terminate()
+    assert status == SIGTERM_EXIT_STATUS, test.output
+    assert "stopped by SIGTERM" in test.output and "Test metric" not in test.output  # stopped mid-test
+    (run,) = harness.runs(tmp_path)
+    assert run.info.status == "KILLED"
+    assert "test/auroc" not in harness.final_values(tmp_path, run.info.run_id)
+    again = Fit(tmp_path, pneumonia_npz, f"--ckpt_path={checkpoint}", "--trainer.limit_test_batches=3",
+                command="test")  # fmt: skip
+    assert again.wait() == 0, again.output
+    (run,) = harness.runs(tmp_path)
+    assert run.info.status == "FINISHED" and "test/auroc" in harness.final_values(tmp_path, run.info.run_id)
+
+
+@pytest.mark.faults
+@pytest.mark.slow
+def test_sigint_during_a_fit_marks_the_run_killed_and_resumes(tmp_path, pneumonia_npz):
+    """Ctrl-C: Lightning shuts down (exit status 1), the run ends ``KILLED``, not ``FAILED``, the last finished
+    epoch's ``last.ckpt`` is kept and ``--ckpt_path last`` completes the run."""
+    fit = Fit(tmp_path, pneumonia_npz)
+    fit.wait_for_epoch(1)
+    stamp = harness.checkpoint_stamp(tmp_path)
+    fit.wait_until(lambda: harness.checkpoint_stamp(tmp_path) != stamp, what="epoch 1's save")
+    fit.wait_until(lambda: not harness.partial_checkpoints(tmp_path), what="the save to end")
+    fit.process.send_signal(signal.SIGINT)
+    assert fit.wait() == 1, fit.output
+    (run,) = harness.runs(tmp_path)
+    assert run.info.status == "KILLED"
+    kept = torch.load(harness.last_checkpoint(tmp_path), map_location="cpu", weights_only=True)
+    assert kept["mlflow"]["run_id"] == run.info.run_id and kept["epoch"] < 4
+    resumed = Fit(tmp_path, pneumonia_npz, "--ckpt_path=last")
+    assert resumed.wait() == 0, resumed.output
+    (run,) = harness.runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    steps = harness.metric_steps(tmp_path, run.info.run_id)
+    assert harness.duplicated_steps(steps) == {} and len(steps["val/auroc"]) == 4

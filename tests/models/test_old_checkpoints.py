@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import itertools
 import json
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 import torch
 from helpers import DEFAULT_CONFIG, REPO
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 from medtransfer.commands.fit import build_cli
 from medtransfer.commands.predict import run_predict
@@ -89,7 +91,21 @@ def test_an_old_checkpoint_tests_through_the_cli(old_checkpoint, pneumonia_npz, 
         "test", f"--config={DEFAULT_CONFIG}", f"--data.path={pneumonia_npz}", "--data.image_size=32",
         "--trainer.limit_test_batches=2", "--trainer.enable_progress_bar=false", f"--ckpt_path={old_checkpoint}",
     ])  # fmt: skip
-    assert 0.0 <= float(cli.trainer.callback_metrics["test/auroc"]) <= 1.0
+    metrics = {name: float(value) for name, value in cli.trainer.callback_metrics.items()}
+    stored = json.loads(FIXTURE.read_text())["decision_buffers"]
+    default = float(ClassifierModule(pretrained="none").decision_threshold)
+    assert stored["decision_threshold"] != pytest.approx(default)  # a fitted value, not the default
+    assert metrics["test/threshold"] == pytest.approx(stored["decision_threshold"], abs=1e-7)  # the stored rule
+    assert metrics["test/min_confidence"] == pytest.approx(stored["min_confidence"], abs=1e-7)
+    # the same weights, loaded apart from the CLI, give the same scores on the same two batches, and their AUROC
+    module = ClassifierModule.load_from_checkpoint(old_checkpoint, weights_only=False).eval()
+    batches = list(itertools.islice(cli.datamodule.test_dataloader(), 2))
+    with torch.no_grad():
+        probs = torch.cat([module.predict_proba(module(x).float()) for x, _ in batches]).reshape(-1)
+    targets = torch.cat([y for _, y in batches]).reshape(-1)
+    assert len(targets) == len(cli.model.test_outputs["targets"]) and 0 < int(targets.sum()) < len(targets)
+    assert torch.allclose(probs, cli.model.test_outputs["probs"].reshape(-1), atol=1e-5)
+    assert metrics["test/auroc"] == pytest.approx(roc_auc_score(targets.numpy(), probs.numpy()), abs=1e-5)
 
 
 def test_an_old_checkpoint_predicts_with_its_input_settings(old_checkpoint, pneumonia_npz, tmp_path):

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
-from servers import headless_chromium, mlflow_process
+from servers import CHROMEDRIVER, CHROMIUM, headless_chromium, mlflow_process, require_program
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS_SCREENSHOT = REPO / "docs" / "images" / "mlflow_ui.png"
@@ -48,6 +48,8 @@ def _show_columns(driver, *names: str) -> None:
 
 @pytest.mark.slow
 def test_the_ui_lists_both_runs_with_their_metric(tiny_fit, workdir):
+    require_program(CHROMIUM, "chromium")  # before the fits and the server: a skip for a missing browser is free
+    require_program(CHROMEDRIVER, "chromium-driver")
     for run_name, lr in RUNS.items():
         tiny_fit(f"--trainer.logger.init_args.run_name={run_name}", f"--model.optimizer.init_args.lr={lr}",
                  "--test_after_fit=false")  # fmt: skip

@@ -113,12 +113,15 @@ def _detect(path: Path) -> str:
 
 
 def _read_head(path: Path) -> bytes:
-    if not path.exists():
-        broken = f" (a broken symbolic link to {path.readlink()})" if path.is_symlink() else ""
-        raise DataError(f"{path}: file not found{broken}")
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory, not an image file")
-    _require_regular_file(path)
+    try:  # stat fails with PermissionError, not "not found", inside a folder the user may not search
+        if not path.exists():
+            broken = f" (a broken symbolic link to {path.readlink()})" if path.is_symlink() else ""
+            raise DataError(f"{path}: file not found{broken}")
+        if path.is_dir():
+            raise DataError(f"{path}: is a directory, not an image file")
+        _require_regular_file(path)
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror or err})") from err
     try:
         with path.open("rb") as fh:
             head = fh.read(132)

@@ -14,6 +14,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from servers import headless_chromium, mlflow_process
 
+from medtransfer.tracking.ui import ui_link
+
 REPO = Path(__file__).resolve().parents[2]
 DOCS_SCREENSHOT = REPO / "docs" / "images" / "mlflow_ui.png"
 RUNS = {"lite0-lr1e-3": "1e-3", "lite0-lr3e-4": "3e-4"}
@@ -62,7 +64,7 @@ def test_the_ui_lists_both_runs_with_their_metric(tiny_fit, workdir):
         mlflow_process("ui", "--backend-store-uri", store, "--workers", "1", cwd=workdir) as url,
         headless_chromium(workdir / "chromium", width=1920, height=720) as driver,  # all columns in view
     ):
-        driver.get(f"{url}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning")
+        driver.get(ui_link(store, experiment.experiment_id, server=url))  # the link `make ui` prints
         wait = WebDriverWait(driver, PAGE_TIMEOUT_S)
         wait.until(lambda d: all(d.find_elements(By.LINK_TEXT, name) for name in RUNS))
         for close in driver.find_elements(By.CSS_SELECTOR, "[aria-label=Close]"):

@@ -75,6 +75,10 @@ def test_the_ui_lists_both_runs_with_their_metric(tiny_fit, workdir):
         assert sorted(_column(driver, "model.optimizer.lr")) == ["0.0003", "0.001"]
         driver.save_screenshot(str(workdir / "mlflow_ui.png"))
 
+        run = runs[0]  # the link a command prints after a run opens that run, with its metrics
+        driver.get(ui_link(store, experiment.experiment_id, run.info.run_id, server=url))
+        wait.until(lambda d: {run.info.run_name, "val/auroc"} <= set(d.find_element(By.TAG_NAME, "body").text.split()))
+
     if os.environ.get("MEDTRANSFER_DOCS_SCREENSHOT") == "1":
         DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(workdir / "mlflow_ui.png", DOCS_SCREENSHOT.with_suffix(".png.tmp"))

@@ -65,6 +65,8 @@ def test_pixel_baseline_from_the_fit_config_logs_the_network_metrics(workdir, pn
     model = mlflow.pyfunc.load_model(f"runs:/{run.run_id}/model")
     assert model.metadata.metadata["decision"]["threshold"] == pytest.approx(run["metrics.val/threshold"])
     assert run.run_id in out and "test AUROC" in out
+    link = f"http://127.0.0.1:5000/#/experiments/{run.experiment_id}/runs/{run.run_id}?workflowType=machine_learning"
+    assert f"See it in the MLflow UI (make ui): {link}" in out
 
 
 def _with_shuffled_test_labels(source: Path, target: Path) -> Path:

@@ -61,7 +61,8 @@ def test_fit_then_test_leaves_one_complete_mlflow_run(workdir, fitted):
     assert figures == {"roc.png", "risk_coverage.png", "reliability.png", "confusion.png", "evaluation.csv"}
     checkpoints = _client(workdir).list_artifacts(run.run_id, "checkpoints")
     assert len(checkpoints) == 1 and checkpoints[0].path.endswith(".ckpt")
-    assert run.run_id in out and "make ui" in out
+    link = f"http://127.0.0.1:5000/#/experiments/{run.experiment_id}/runs/{run.run_id}?workflowType=machine_learning"
+    assert f"See it in the MLflow UI (make ui): {link}" in out
 
 
 @pytest.mark.slow

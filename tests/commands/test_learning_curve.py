@@ -34,7 +34,7 @@ def _read_csv(path):
 
 
 @pytest.mark.slow
-def test_two_configs_at_two_fractions_make_a_parent_run_with_four_children(workdir, pneumonia_npz):
+def test_two_configs_at_two_fractions_make_a_parent_run_with_four_children(workdir, pneumonia_npz, capsys):
     main([
         "learning-curve", f"--configs={json.dumps([str(c) for c in RECIPES])}", f"--base_config={DEFAULT_CONFIG}",
         "--fractions=[0.02, 0.05]", "--seeds=[0]", "--metric=auroc", "--output_dir=curve",
@@ -48,6 +48,8 @@ def test_two_configs_at_two_fractions_make_a_parent_run_with_four_children(workd
     assert parent.info.run_name.startswith("learning-curve-pneumoniamnist-")
     assert parent.info.status == "FINISHED"
     assert len(children) == 4 == len(runs) - 1
+    link = f"/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}?workflowType=machine_learning"
+    assert f"See it in the MLflow UI (make ui): http://127.0.0.1:5000{link}" in capsys.readouterr().out
     assert {(r.data.tags["curve.config"], r.data.tags["curve.fraction"]) for r in children} == {
         ("lite0_pretrained", "0.02"), ("lite0_pretrained", "0.05"), ("lite0_scratch", "0.02"), ("lite0_scratch", "0.05")
     }  # fmt: skip

@@ -35,7 +35,10 @@ def test_head_phase_sweeps_only_the_head_and_logs_plot_and_suggestion(workdir, p
     assert run.data.params["lr_find.phase"] == "head"
     artifacts = [a.path for a in MlflowClient(resolve_tracking_uri()).list_artifacts(result.run_id, "plots")]
     assert artifacts == ["plots/lr_find_head.png"]
-    assert "set model.optimizer.init_args.lr" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "set model.optimizer.init_args.lr" in out
+    link = f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
+    assert f"See it in the MLflow UI (make ui): http://127.0.0.1:5000{link}" in out
 
 
 def test_finetune_phase_sweeps_the_blocks_finetuning_unfreezes(workdir, pneumonia_npz):

@@ -82,7 +82,8 @@ def test_grid_search_with_two_worker_processes_runs_each_point_once(workdir, pne
     assert written["model"]["optimizer"]["init_args"]["lr"] == best.params[LR]
     assert written["model"]["optimizer"]["init_args"]["weight_decay"] == best.params[WD]
     assert written["test_after_fit"] is True  # the base config's, not the trials' override
-    capsys.readouterr()
+    link = f"/#/experiments/{parent.experiment_id}/runs/{parent.run_id}?workflowType=machine_learning"
+    assert f"See it in the MLflow UI (make ui): http://127.0.0.1:5000{link}" in capsys.readouterr().out
     with pytest.raises(SystemExit) as printed:  # `fit --config best.yaml` accepts the file as it is
         main(["fit", "--config=best.yaml", "--trainer.max_epochs=1", "--print_config"])
     assert printed.value.code == 0

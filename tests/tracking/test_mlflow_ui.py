@@ -14,6 +14,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from servers import CHROMEDRIVER, CHROMIUM, headless_chromium, mlflow_process, require_program
 
+from medtransfer.tracking.ui import ui_link
+
 REPO = Path(__file__).resolve().parents[2]
 DOCS_SCREENSHOT = REPO / "docs" / "images" / "mlflow_ui.png"
 RUNS = {"lite0-lr1e-3": "1e-3", "lite0-lr3e-4": "3e-4"}
@@ -64,7 +66,7 @@ def test_the_ui_lists_both_runs_with_their_metric(tiny_fit, workdir):
         mlflow_process("ui", "--backend-store-uri", store, "--workers", "1", cwd=workdir) as url,
         headless_chromium(workdir / "chromium", width=1920, height=720) as driver,  # all columns in view
     ):
-        driver.get(f"{url}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning")
+        driver.get(ui_link(store, experiment.experiment_id, server=url))  # the link `make ui` prints
         wait = WebDriverWait(driver, PAGE_TIMEOUT_S)
         wait.until(lambda d: all(d.find_elements(By.LINK_TEXT, name) for name in RUNS))
         for close in driver.find_elements(By.CSS_SELECTOR, "[aria-label=Close]"):
@@ -74,6 +76,10 @@ def test_the_ui_lists_both_runs_with_their_metric(tiny_fit, workdir):
         assert shown == sorted(round(value, 4) for value in auroc.values())
         assert sorted(_column(driver, "model.optimizer.lr")) == ["0.0003", "0.001"]
         driver.save_screenshot(str(workdir / "mlflow_ui.png"))
+
+        run = runs[0]  # the link a command prints after a run opens that run, with its metrics
+        driver.get(ui_link(store, experiment.experiment_id, run.info.run_id, server=url))
+        wait.until(lambda d: {run.info.run_name, "val/auroc"} <= set(d.find_element(By.TAG_NAME, "body").text.split()))
 
     if os.environ.get("MEDTRANSFER_DOCS_SCREENSHOT") == "1":
         DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)

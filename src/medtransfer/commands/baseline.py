@@ -43,6 +43,8 @@ from medtransfer.models.input_spec import InputSpec
 from medtransfer.progress import Progress
 from medtransfer.tracking.datasets import log_dataset_inputs
 from medtransfer.tracking.mlflow import open_run
+from medtransfer.tracking.redaction import redact
+from medtransfer.tracking.ui import ui_hint
 
 __all__ = ["DEFAULT_CS", "BaselineResult", "ConfigFile", "run_baseline"]
 
@@ -330,10 +332,12 @@ def run_baseline(
 
 def _print_result(result: BaselineResult) -> None:
     m = result.metrics
+    hint = ui_hint(result.tracking_uri, result.experiment_id, result.run_id)
     print(
         f"{result.name}: C={result.C:g} (validation AUROC {m['val/auroc']:.4f}), test AUROC {m['test/auroc']:.4f}, "
         f"accuracy {m['test/acc']:.4f}\n"
-        f"MLflow run {result.run_id} (experiment {result.experiment_id}) in {result.tracking_uri}",
+        f"MLflow run {result.run_id} (experiment {result.experiment_id}) in {redact(result.tracking_uri)}"
+        + (f"\n{hint}" if hint else ""),
         flush=True,
     )
 

@@ -37,6 +37,7 @@ from medtransfer.tracking.mlflow import MLflowLogger
 from medtransfer.tracking.model_logging import LogModelToMLflow
 from medtransfer.tracking.report import TestReportPlots
 from medtransfer.tracking.system_metrics import LogSystemMetrics
+from medtransfer.tracking.ui import ui_hint
 from medtransfer.upstream import mlflow_logger_settings
 
 __all__ = [
@@ -166,14 +167,12 @@ class MedTransferCLI(LightningCLI):
         logger = find_mlflow_logger(self.trainer)
         if logger is None or logger.run_id is None:
             return
-        lines = [
-            f"MLflow run {logger.run_id} (experiment {logger.experiment_id}) in "
-            f"{redacted('uri', mlflow_logger_settings(logger)[0])}"
-        ]
+        tracking_uri = mlflow_logger_settings(logger)[0]
+        lines = [f"MLflow run {logger.run_id} (experiment {logger.experiment_id}) in {redacted('uri', tracking_uri)}"]
         if self.trainer.checkpoint_callback and self.trainer.checkpoint_callback.best_model_path:
             lines.append(f"Best checkpoint: {self.trainer.checkpoint_callback.best_model_path}")
-        lines.append("See it in the MLflow UI: make ui  ->  http://127.0.0.1:5000")
-        _report("\n".join(lines))
+        hint = ui_hint(tracking_uri, logger.experiment_id, logger.run_id)
+        _report("\n".join(lines + ([hint] if hint else [])))
 
     after_validate = after_test = _print_run
 

@@ -29,6 +29,7 @@ from medtransfer.errors import MedtransferError
 from medtransfer.files import write_text_atomic
 from medtransfer.tracking.mlflow import MLflowLogger, open_run
 from medtransfer.tracking.redaction import redact
+from medtransfer.tracking.ui import ui_hint
 
 __all__ = ["CurvePoint", "LearningCurveResult", "plot_learning_curve", "run_learning_curve"]
 
@@ -220,8 +221,9 @@ def _create_parent(tracking: dict[str, Any], name: str, logged: dict[str, Any]) 
     parent = open_run(run_name=name, tags=tags, **tracking)
     for key, value in logged.items():
         parent.experiment.log_param(parent.run_id, key, json.dumps(redact(value))[:6000])
+    hint = ui_hint(parent.tracking_uri, parent.experiment_id, parent.run_id)
     print(f"Learning curve: parent MLflow run {parent.run_id} (experiment {parent.experiment_id}) in "
-          f"{redact(parent.tracking_uri)}")  # fmt: skip
+          f"{redact(parent.tracking_uri)}" + (f"\n{hint}" if hint else ""))  # fmt: skip
     return parent.run_id
 
 

@@ -21,6 +21,8 @@ from medtransfer.checkpoints import load_checkpoint
 from medtransfer.commands.fit import MedTransferCLI, build_cli
 from medtransfer.errors import MedtransferError
 from medtransfer.tracking.callbacks import find_mlflow_logger
+from medtransfer.tracking.ui import ui_hint
+from medtransfer.upstream import mlflow_logger_settings
 
 __all__ = ["LrFindOptions", "LrFindResult", "run_lr_find"]
 
@@ -61,6 +63,7 @@ class LrFindResult:
     losses: list[float]
     plot: Path
     run_id: str | None
+    ui_hint: str | None = None
 
 
 def _set_up_phase(model: Any, finetuning: FreezeThenFinetune | None, options: LrFindOptions) -> None:
@@ -103,7 +106,7 @@ def run_lr_find(lr_find: LrFindOptions = LrFindOptions(), fit_args: Sequence[str
     figure = finder.plot(suggest=suggestion is not None, show=False)
     plot = Path(tempfile.mkdtemp(prefix="lr-find-")) / f"lr_find_{options.phase}.png"
     figure.savefig(plot, dpi=120, bbox_inches="tight")
-    run_id = _log_to_mlflow(cli, options, suggestion, trainable, plot)
+    run_id, hint = _log_to_mlflow(cli, options, suggestion, trainable, plot)
     result = LrFindResult(
         phase=options.phase,
         suggestion=suggestion,
@@ -113,6 +116,7 @@ def run_lr_find(lr_find: LrFindOptions = LrFindOptions(), fit_args: Sequence[str
         losses=[float(x) for x in finder.results["loss"]],
         plot=plot,
         run_id=run_id,
+        ui_hint=hint,
     )
     _print_result(result)
     return result
@@ -120,10 +124,11 @@ def run_lr_find(lr_find: LrFindOptions = LrFindOptions(), fit_args: Sequence[str
 
 def _log_to_mlflow(
     cli: MedTransferCLI, options: LrFindOptions, suggestion: float | None, trainable: int, plot: Path
-) -> str | None:
+) -> tuple[str | None, str | None]:
+    """Log the sweep to the fit's MLflow run: its run id and the line linking to it in the UI."""
     logger = find_mlflow_logger(cli.trainer)
     if logger is None:
-        return None
+        return None, None
     dataset = getattr(cli.datamodule, "name", type(cli.datamodule).__name__)
     logger.name_run(f"lr-find-{options.phase}-{cli.model.hparams.backbone}-{dataset}")
     params = {f"lr_find.{k}": v for k, v in dataclasses.asdict(options).items()}
@@ -134,7 +139,7 @@ def _log_to_mlflow(
     logger.log_metrics(metrics)
     logger.experiment.log_artifact(logger.run_id, str(plot), "plots")
     logger.experiment.set_terminated(logger.run_id, "FINISHED")
-    return logger.run_id
+    return logger.run_id, ui_hint(mlflow_logger_settings(logger)[0], logger.experiment_id, logger.run_id)
 
 
 def _print_result(result: LrFindResult) -> None:
@@ -147,3 +152,5 @@ def _print_result(result: LrFindResult) -> None:
         )
     if result.run_id:
         print(f"MLflow run {result.run_id}: the plot is plots/{result.plot.name}", flush=True)
+    if result.ui_hint:
+        print(result.ui_hint, flush=True)

@@ -28,6 +28,7 @@ from medtransfer.errors import DataError
 from medtransfer.files import write_text_atomic
 from medtransfer.tracking.mlflow import open_run
 from medtransfer.tracking.redaction import redact, redact_yaml
+from medtransfer.tracking.ui import ui_hint
 
 __all__ = ["SearchParam", "SearchResult", "load_space", "open_storage", "run_search"]
 
@@ -101,6 +102,7 @@ class SearchResult:
     parent_run_id: str | None = None
     output: str | None = None
     unfinished: int = 0
+    ui_hint: str | None = None
 
 
 def _finish(study: optuna.Study, storage: str, ran: int, config: Path, fit_args: list[str], output: Path) \
@@ -110,10 +112,12 @@ def _finish(study: optuna.Study, storage: str, ran: int, config: Path, fit_args:
     counts = {state.name: states.count(state) for state in TrialState if state in states}
     best = _write_best(study, config, fit_args, output)
     unfinished = counts.get("RUNNING", 0) + counts.get("WAITING", 0)
+    parent = study_parent(study)
+    link = ui_hint(parent.tracking_uri, parent.experiment_id, parent.run_id)
     if not unfinished:
-        study_parent(study).finalize("success")
+        parent.finalize("success")
     return SearchResult(study.study_name, ran, redact(storage), counts, best, study.user_attrs["parent_run_id"],
-                        str(output) if best else None, unfinished)  # fmt: skip
+                        str(output) if best else None, unfinished, link)  # fmt: skip
 
 
 def run_search(
@@ -191,5 +195,7 @@ def _print_summary(result: SearchResult, metric: str) -> None:
         lines.append(f"Best config: {result.output}  ->  medtransfer fit --config {result.output}")
     else:
         lines.append("No trial completed, so no best config was written")
-    lines.append(f"MLflow parent run {result.parent_run_id}; its trials are child runs (make ui)")
+    lines.append(f"MLflow parent run {result.parent_run_id}; its trials are child runs")
+    if result.ui_hint:
+        lines.append(result.ui_hint)
     print("\n".join(lines), flush=True)

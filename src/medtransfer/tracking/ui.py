@@ -1,0 +1,94 @@
+"""Links into the MLflow UI, opened in its model-training view.
+
+MLflow 3's UI opens an experiment in its GenAI view (traces) unless the URL says ``workflowType=machine_learning``;
+with it, an experiment opens on its runs table and a run on its metrics and artifacts. This module is the one
+place that spells those links; it imports nothing heavy, so ``make ui`` can ask it for a link
+(``python -m medtransfer.tracking.ui``).
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import closing
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from medtransfer.tracking.redaction import redact
+
+__all__ = ["LOCAL_UI_URL", "experiment_link", "ui_hint", "ui_link", "ui_server"]
+
+#: Where ``make ui`` (and ``mlflow ui``'s defaults) serve a local store.
+LOCAL_UI_URL = "http://127.0.0.1:5000"
+
+_VIEW = "workflowType=machine_learning"
+
+
+def ui_server(tracking_uri: str) -> str | None:
+    """The UI address that shows ``tracking_uri``'s runs: a tracking server's own address, without its
+    ``user:password@``, for ``http(s)://``; :data:`LOCAL_UI_URL` for a store served by ``make ui``/``mlflow ui``
+    (SQLite, a folder, a database); ``None`` for Databricks, whose UI lives elsewhere."""
+    parts = urlsplit(tracking_uri)
+    if parts.scheme in ("http", "https"):
+        # the userinfo runs to the last "@" (a password may hold "/", "#" or "@"), as in redaction.redact
+        address = tracking_uri.split("://", 1)[1].rpartition("@")[2]
+        return f"{parts.scheme}://{address.split('?')[0].split('#')[0].rstrip('/')}"
+    if tracking_uri.startswith("databricks"):
+        return None
+    return LOCAL_UI_URL
+
+
+def ui_link(
+    tracking_uri: str, experiment_id: str, run_id: str | None = None, *, server: str | None = None
+) -> str | None:
+    """The MLflow UI link to run ``run_id`` (else to the experiment's runs table) in the model-training view, on
+    ``server`` (default :func:`ui_server` of ``tracking_uri``); ``None`` when there is no UI to link to.
+
+    >>> ui_link("sqlite:///mlruns/mlflow.db", "1", "abc")
+    'http://127.0.0.1:5000/#/experiments/1/runs/abc?workflowType=machine_learning'
+    >>> ui_link("https://alice:pw@mlflow.example/", "2")
+    'https://mlflow.example/#/experiments/2/runs?workflowType=machine_learning'
+    """
+    server = server or ui_server(tracking_uri)
+    if server is None:
+        return None
+    page = f"/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{server.rstrip('/')}{page}?{_VIEW}"
+
+
+def ui_hint(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str | None:
+    """The line a command prints after a run: how to open it in the MLflow UI, with its link; ``None`` when there
+    is no UI to link to. A local store other than ``make ui``'s says which ``mlflow ui`` serves it."""
+    link = ui_link(tracking_uri, experiment_id, run_id)
+    if link is None:
+        return None
+    if urlsplit(tracking_uri).scheme in ("http", "https"):
+        return f"See it in the MLflow UI: {link}"
+    served_by = (
+        "make ui" if tracking_uri == _default_store() else f"mlflow ui --backend-store-uri {redact(tracking_uri)}"
+    )
+    return f"See it in the MLflow UI ({served_by}): {link}"
+
+
+def _default_store() -> str:
+    """The store ``make ui`` serves, as :func:`~medtransfer.tracking.mlflow.resolve_tracking_uri` spells it."""
+    return f"sqlite:///{(Path('mlruns') / 'mlflow.db').resolve()}"
+
+
+def experiment_link(store: str, experiment_name: str, server: str = LOCAL_UI_URL) -> str:
+    """The UI link to ``experiment_name``'s runs table in the SQLite ``store`` served on ``server``, else (no such
+    store or experiment yet) to the UI's experiment list; read-only, so a missing store is never created."""
+    database = Path(store.removeprefix("sqlite:///"))
+    if store.startswith("sqlite:///") and database.is_file():
+        import sqlite3
+
+        with closing(sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)) as connection:
+            query = "SELECT experiment_id FROM experiments WHERE name = ?"
+            row = connection.execute(query, (experiment_name,)).fetchone()
+        if row is not None:
+            return f"{ui_link(store, str(row[0]), server=server)}"
+    return f"{server.rstrip('/')}/#/experiments?{_VIEW}"
+
+
+if __name__ == "__main__":  # make ui: python -m medtransfer.tracking.ui SERVER STORE EXPERIMENT
+    server, store, experiment = sys.argv[1:4]
+    print(f"MLflow UI, {experiment} runs in the model-training view: {experiment_link(store, experiment, server)}")

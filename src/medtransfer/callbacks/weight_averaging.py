@@ -1,11 +1,9 @@
 """Exponential moving average of the weights: Lightning's ``EMAWeightAveraging`` with two upstream fixes.
 
-Upstream's ``on_load_checkpoint`` puts the *live* weights back whenever it holds an averaged model, as it still
-does after ``fit``, so ``test_after_fit`` would test un-averaged weights at a threshold fitted on averaged ones.
-Here a checkpoint loaded outside fitting keeps its (averaged) ``state_dict``; resuming a fit restores both.
-
-Upstream also averages the module's own buffers (the threshold, temperature and cut-off fitted on validation,
-the class weights), so the checkpoint kept an average of old thresholds. Here they stay the live model's.
+Upstream's ``on_load_checkpoint`` puts the *live* weights back after ``fit``, so ``test_after_fit`` would test
+un-averaged weights at a threshold fitted on averaged ones: here a checkpoint loaded outside fitting keeps its
+averaged ``state_dict``. Upstream also averages the fitted buffers (threshold, temperature, class weights): here
+they stay the live model's.
 """
 
 from __future__ import annotations

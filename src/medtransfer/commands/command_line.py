@@ -1,11 +1,8 @@
 """The one builder that turns a command's typed ``run_<command>`` function into its command line (jsonargparse).
 
-Every command but Lightning's ``fit``/``validate``/``test`` is a function whose signature is its options: required
-parameters become positionals, a dataclass parameter a group (``--lr_find.phase``), and ``--config`` reads a YAML
-file of the options (unless the function has a ``config`` parameter of its own, or its module names another reader
-as ``ConfigFile``). A function with a ``fit_args`` parameter also takes ``fit``'s options: every option that is not
-its own (``--config`` among them, unless the function has a ``config``), and everything after ``--``, is added to
-its ``fit_args`` (which ``--fit_args '[...]'`` also sets), as the user wrote them.
+Required parameters become positionals, a dataclass parameter a group (``--lr_find.phase``), and ``--config`` reads
+a YAML file of the options (unless the function has its own ``config``, or its module names a ``ConfigFile``). With a
+``fit_args`` parameter, every option not its own and everything after ``--`` goes to ``fit_args``, as written.
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
 """A cheap check that an image looks like the training data: five statistics of the model's input image against
 the range they take on the validation images.
 
-A pneumonia X-ray model scores an MR slice or a colour photo as confidently as an X-ray, so ``predict`` flags such
-images. On the normalised input tensor: ``mean``, ``std``, ``colour`` (mean spread between channels), ``dark``
-(share of pixels in the darkest tenth of the image's range) and ``edges`` (mean absolute neighbour difference over
-the std). The reference is the 0.5 and 99.5 % quantiles on up to ``max_images`` validation images (stored as
-``input.reference``); a statistic outside that range widened by half its width makes an image *unlike*. This
-catches other modalities, colour photos and blank or inverted images; it is not a trained detector.
+A pneumonia model scores an MR slice as confidently as an X-ray, so ``predict`` flags such images: ``mean``, ``std``,
+``colour`` (spread between channels), ``dark`` (share in the darkest tenth) and ``edges`` (mean neighbour difference
+over the std), against their 0.5-99.5 % quantiles on validation images widened by half their width. It catches
+other modalities, colour photos and blank or inverted images; it is not a trained detector.
 """
 
 from __future__ import annotations

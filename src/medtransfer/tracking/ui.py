@@ -1,9 +1,5 @@
-"""Links into the MLflow UI, opened in its model-training view.
-
-MLflow 3's UI opens an experiment in its GenAI view (traces) unless the URL says ``workflowType=machine_learning``;
-with it, an experiment opens on its runs table and a run on its metrics and artifacts. This module is the one
-place that spells those links; it imports nothing heavy, so ``make ui`` can ask it for a link
-(``python -m medtransfer.tracking.ui``).
+"""Links into the MLflow UI in its model-training view (``workflowType=machine_learning``; without it MLflow 3
+opens its GenAI view). Imports nothing heavy, so ``make ui`` asks it for a link (``python -m medtransfer.tracking.ui``).
 """
 
 from __future__ import annotations
@@ -24,9 +20,8 @@ _VIEW = "workflowType=machine_learning"
 
 
 def ui_server(tracking_uri: str) -> str | None:
-    """The UI address that shows ``tracking_uri``'s runs: a tracking server's own address, without its
-    ``user:password@``, for ``http(s)://``; :data:`LOCAL_UI_URL` for a store served by ``make ui``/``mlflow ui``
-    (SQLite, a folder, a database); ``None`` for Databricks, whose UI lives elsewhere."""
+    """The UI address for ``tracking_uri``: a server's own (without ``user:password@``), :data:`LOCAL_UI_URL` for a
+    local store, ``None`` for Databricks."""
     parts = urlsplit(tracking_uri)
     if parts.scheme in ("http", "https"):
         # the userinfo runs to the last "@" (a password may hold "/", "#" or "@"), as in redaction.redact
@@ -56,8 +51,7 @@ def ui_link(
 
 
 def ui_hint(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str | None:
-    """The line a command prints after a run: how to open it in the MLflow UI, with its link; ``None`` when there
-    is no UI to link to. A local store other than ``make ui``'s says which ``mlflow ui`` serves it."""
+    """The line a command prints after a run: how to open it in the MLflow UI, with its link (or ``None``)."""
     link = ui_link(tracking_uri, experiment_id, run_id)
     if link is None:
         return None
@@ -75,8 +69,7 @@ def _default_store() -> str:
 
 
 def experiment_link(store: str, experiment_name: str, server: str = LOCAL_UI_URL) -> str:
-    """The UI link to ``experiment_name``'s runs table in the SQLite ``store`` served on ``server``, else (no such
-    store or experiment yet) to the UI's experiment list; read-only, so a missing store is never created."""
+    """The link to ``experiment_name``'s runs in the SQLite ``store``, else to the experiment list (read-only)."""
     database = Path(store.removeprefix("sqlite:///"))
     if store.startswith("sqlite:///") and database.is_file():
         import sqlite3

@@ -126,6 +126,7 @@ def test_missing_image_is_named_when_read(pneumonia_pngs, tmp_path):
         victim.write_bytes(copy.read_bytes())
 
 
+@pytest.mark.slow
 def test_cli_fits_the_14_finding_task_on_the_chestxray14_sample(tmp_path, monkeypatch, chestxray14_sample_dir):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -21,6 +21,7 @@ def _only_run(workdir):
     return runs.iloc[0]
 
 
+@pytest.mark.slow
 def test_bf16_mixed_fit_and_test_run_end_to_end_on_cpu(workdir, pneumonia_npz):
     cli = build_cli(
         ["fit", f"--config={DEFAULT_CONFIG}", f"--data.path={pneumonia_npz}", *tiny_fit_args(3, 2, 2),

@@ -153,7 +153,7 @@ class RequestGate:
             return payload
         if kind == "multipart/form-data":
             data, name = await _multipart_file(scope, body)
-        elif kind in ACCEPTED_TYPES:
+        elif kind in ACCEPTED_TYPES or not kind:  # no content type: the bytes speak for themselves
             data, name = body, ""
         else:
             accepted = ", ".join(ACCEPTED_TYPES)

@@ -4,8 +4,9 @@
    with 1, 8 and 32 concurrent clients, each client posting one PNG per request and waiting for its answer.
 2. ``medtransfer predict``'s images/s on the same PNGs and checkpoint (batch 32). Target: serving at 32 clients
    >= 0.8x predict.
-3. The summed RSS of the server's processes (HTTP, inference worker, LitServe's manager) sampled over 5,000
-   requests. Target: the last sample within 10 % of the first one after warm-up.
+3. The memory of the server's processes (HTTP, inference worker, LitServe's manager) sampled over 5,000
+   requests: summed RSS, and summed USS (RSS counts the pages the forked HTTP process shares with the main one
+   twice). Target: the last USS sample within 10 % of the first one after warm-up.
 
 Images are PneumoniaMNIST test images written as PNG (real X-rays); the model is EfficientNet-Lite0 (offline
 ImageNet weights) for ``--size`` px input, as in ``bench/predict.py``.
@@ -60,9 +61,11 @@ def _client_run(url: str, bodies: list[bytes], clients: int, count: int) -> dict
     }
 
 
-def _server_rss_mb(pid: int) -> float:
+def _server_memory_mb(pid: int) -> tuple[float, float]:
+    """Summed RSS (pages shared between the forked processes counted in each) and USS (each process's own)."""
     main = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [main, *main.children(recursive=True)]) / 2**20
+    infos = [p.memory_full_info() for p in [main, *main.children(recursive=True)]]
+    return round(sum(i.rss for i in infos) / 2**20, 1), round(sum(i.uss for i in infos) / 2**20, 1)
 
 
 def serve_benchmark(
@@ -100,7 +103,7 @@ def serve_benchmark(
             step = max(1, memory_requests // 10)
             for done in range(0, memory_requests, step):
                 _client_run(url, bodies, 8, min(step, memory_requests - done))
-                samples.append(round(_server_rss_mb(process.pid), 1))
+                samples.append(_server_memory_mb(process.pid))
     best = max(level["images_per_second"] for level in levels)
     result = {
         "hardware": f"{os.cpu_count()}-core {platform.machine()} CPU (torch threads {torch.get_num_threads()})",
@@ -110,8 +113,9 @@ def serve_benchmark(
         "best_serve_over_predict": round(best / predict_ips, 3),
         "memory": {
             "requests": memory_requests,
-            "rss_mb_every_tenth": samples,
-            "growth_first_to_last": round(samples[-1] / samples[0] - 1, 4),
+            "rss_mb_every_tenth": [rss for rss, _ in samples],
+            "uss_mb_every_tenth": [uss for _, uss in samples],
+            "uss_growth_first_to_last": round(samples[-1][1] / samples[0][1] - 1, 4),
         },
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -120,8 +124,8 @@ def serve_benchmark(
     print(f"{'clients':>8} {'p50 ms':>9} {'p99 ms':>9} {'images/s':>9}")
     for level in levels:
         print(f"{level['clients']:>8} {level['p50_ms']:>9} {level['p99_ms']:>9} {level['images_per_second']:>9}")
-    print(f"best serve / predict: {result['best_serve_over_predict']}; RSS (MB) over {memory_requests} requests: "
-          f"{samples[0]} -> {samples[-1]}")  # fmt: skip
+    print(f"best serve / predict: {result['best_serve_over_predict']}; USS (MB) over {memory_requests} requests: "
+          f"{samples[0][1]} -> {samples[-1][1]}")  # fmt: skip
     return result
 
 

@@ -396,7 +396,7 @@ def run_serve(
     api = ImageAPI(model, tracking_uri, precision, frame, explain_method, threads, max_batch_size, batch_timeout)
     token = os.environ.get(token_variable) or None
     server = ls.LitServer(
-        api, accelerator=device, devices=1, workers_per_device=workers, model_metadata=info,
+        api, accelerator=device, devices=1, workers_per_device=workers, model_metadata=info, fast_queue=True,
         middlewares=[(RequestGate, {"max_body_bytes": max_body_bytes, "token": token})],
     )  # fmt: skip
     _logger.info("Serving %s on http://%s:%d%s%s", info["name"], host, port, _PREDICT_PATH,

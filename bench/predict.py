@@ -55,7 +55,7 @@ def write_pngs(folder: Path, count: int) -> list[Path]:
 def write_checkpoint(path: Path, size: int) -> None:
     """A medtransfer checkpoint of EfficientNet-Lite0 (offline ImageNet weights) for ``size`` px input."""
     model = ClassifierModule(backbone="tf_efficientnet_lite0", pretrained="lite0-package")
-    config = model.data_config
+    spec = model.input_spec
     torch.save(
         {
             "state_dict": model.state_dict(),
@@ -64,8 +64,8 @@ def write_checkpoint(path: Path, size: int) -> None:
             "class_names": ["normal", "pneumonia"],
             "input": {
                 "size": size,
-                "mean": list(config["mean"]),
-                "std": list(config["std"]),
+                "mean": list(spec.mean),
+                "std": list(spec.std),
                 "interpolation": "bilinear",
                 "channels": 3,
             },

@@ -1,4 +1,5 @@
-"""Real servers and a real browser for tests: PostgreSQL, an MLflow tracking server or UI, headless Chromium.
+"""Real servers and a real browser for tests: PostgreSQL, an MLflow tracking server or UI, ``medtransfer serve``,
+headless Chromium.
 
 Every server binds 127.0.0.1 on a free port, runs in its own process group and is stopped with that group
 when its ``with`` block ends, so nothing outlives the test session. The programs come from Debian packages
@@ -35,6 +36,7 @@ __all__ = [
     "mlflow_process",
     "postgres_server",
     "require_program",
+    "serve_process",
 ]
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -120,6 +122,36 @@ def mlflow_process(command: str, *args: str, cwd: Path) -> Iterator[str]:
                 raise RuntimeError(f"mlflow {command} did not start ({' '.join(argv)}):\n{_log_tail(log_path)}")
             time.sleep(0.5)
         yield url
+    finally:
+        _stop_group(process)
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:  # refused, or 503 (an HTTPError) while the workers load the model
+        return False
+
+
+@contextmanager
+def serve_process(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run ``medtransfer serve <args>`` on 127.0.0.1 and a free port; yields its URL and process once ``/health``
+    answers 200 (every inference worker has loaded the model). The log is ``<cwd>/serve-<port>.log``."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = cwd / f"serve-{port}.log"
+    argv = [sys.executable, "-m", "medtransfer.entry", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **(env or {})}, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _ready(f"{url}/health"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"medtransfer serve did not start ({' '.join(argv)}):\n{_log_tail(log_path)}")
+            time.sleep(0.5)
+        yield url, process
     finally:
         _stop_group(process)
 

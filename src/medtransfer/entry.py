@@ -14,7 +14,7 @@ __all__ = ["COMMANDS", "COMMAND_HELP", "main", "print_commands"]
 COMMANDS = {
     name: f"medtransfer.commands.{name.replace('-', '_')}:run_{name.replace('-', '_')}"
     for name in ("evaluate", "predict", "compare", "baseline", "learning-curve", "search", "lr-find",
-                 "explain-eval", "prepare")
+                 "explain-eval", "prepare", "serve")
 }  # fmt: skip
 
 #: ``medtransfer --help``: every command with one line.
@@ -23,6 +23,7 @@ COMMAND_HELP = {
     "validate": "one validation epoch of a checkpoint (--ckpt_path), logged to its MLflow run",
     "test": "test a checkpoint: metrics, report figures and evaluate's table, logged to its MLflow run",
     "predict": "batch inference: a folder, glob or CSV of images to a CSV of decisions (and heatmaps)",
+    "serve": "an HTTP endpoint on LitServe: POST an image (PNG, JPEG, TIFF, DICOM), get predict's row as JSON",
     "evaluate": "audit a predictions CSV (predict's, or made elsewhere) against a label file",
     "compare": "the runs of an MLflow experiment side by side, ranked by one metric",
     "baseline": "logistic regression on downsampled pixels or frozen backbone features: the yardstick",

@@ -213,6 +213,27 @@ def test_bad_files_raise_data_error_naming_the_file(grays, tmp_path):
         assert problem in str(info.value) and "\n" not in str(info.value), name
 
 
+def test_uploaded_bytes_read_as_their_file_does_and_fail_for_the_same_reason(grays, tmp_path):
+    """``bytes`` (an upload) go through the same detection and decoders as the file, from memory."""
+    Image.fromarray(grays[1].astype(np.uint16) * 200).save(tmp_path / "deep.png")
+    _write_dicom(tmp_path / "window.dcm", grays[2].astype(np.uint16) * 4, **_WINDOW_TAGS)
+    cine = np.stack([g.astype(np.uint16) for g in grays[:3]])
+    _write_dicom(tmp_path / "cine3.dcm", cine, NumberOfFrames=3)
+    bad = _bad_files(tmp_path, grays[0])
+    for name in ("good.png", "good.jpg", "deep.png", "window.dcm"):
+        for color in ("gray", "rgb"):
+            expected = read_image(tmp_path / name, color=color)
+            np.testing.assert_array_equal(read_image((tmp_path / name).read_bytes(), color=color), expected)
+    middle = read_image((tmp_path / "cine3.dcm").read_bytes(), frame="middle")
+    np.testing.assert_array_equal(middle, read_image(tmp_path / "cine3.dcm", frame=1))
+    for name, problem in bad.items():
+        if name in ("missing.png", "folder.png"):  # no bytes to send
+            continue
+        with pytest.raises(DataError, match=r"^request body: ") as info:
+            read_image((tmp_path / name).read_bytes())
+        assert problem in str(info.value), name
+
+
 @pytest.fixture
 def open_dir():
     """A folder the unprivileged reader can reach; removed afterwards, locked entries included."""

@@ -41,7 +41,8 @@ from medtransfer.explain.methods import Method
 from medtransfer.files import write_text_atomic
 from medtransfer.models.input_spec import InputSpec
 
-__all__ = ["PredictSummary", "Predictor", "collect_images", "load_predictor", "read_as_trained", "run_predict"]
+__all__ = ["PredictSummary", "Predictor", "collect_images", "load_predictor", "read_as_trained", "resolve_device",
+           "run_predict"]  # fmt: skip
 
 _logger = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def run_predict(
     for name, target in (("--output", output), ("--summary", summary)):
         if target is not None:
             _check_writable(name, Path(target), images)
-    device = _resolve_device(device, precision)
+    device = resolve_device(device, precision)
     predictor = load_predictor(model, device, tracking_uri)
     rows = _image_rows(collect_images(images, path_column), predictor.settings, frame)
     loader = DataLoader(rows, batch_size=batch_size, num_workers=num_workers, collate_fn=ImageRows.collate,
@@ -194,7 +195,7 @@ def run_predict(
     return result
 
 
-def _resolve_device(device: str, precision: Precision) -> str:
+def resolve_device(device: str, precision: Precision) -> str:
     """``auto``: a GPU when there is one; ``--precision 16`` is refused on the CPU."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if precision == "16" and device == "cpu":

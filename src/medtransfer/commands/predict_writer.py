@@ -25,7 +25,8 @@ from medtransfer.explain.methods import Method
 from medtransfer.files import atomic_open
 from medtransfer.progress import Progress
 
-__all__ = ["HEATMAP_COLUMNS", "HeatmapWriter", "PredictionWriter", "csv_columns", "prediction_rows"]
+__all__ = ["HEATMAP_COLUMNS", "HeatmapWriter", "PredictionWriter", "csv_columns", "full_size_map", "heatmap_targets",
+           "prediction_rows"]  # fmt: skip
 
 
 def prediction_rows(predictor: Predictor, probs: torch.Tensor) -> Iterator[dict[str, Any]]:
@@ -71,6 +72,21 @@ def _count_findings(counts: dict[str, Counter[str]], names: list[str], decisions
         counts.setdefault(name, Counter()).update({key: int(mask.sum()) for key, mask in found.items()})
 
 
+def heatmap_targets(predictor: Predictor, probs: torch.Tensor) -> list[list[int | None]]:
+    """What each image's maps explain: the positive class / top class, or each label decided positive (the top
+    label when none is)."""
+    if predictor.task != "multilabel":
+        return [[None] for _ in range(len(probs))]
+    decided = predictor.rule.decide(probs)
+    return [d.nonzero().flatten().tolist() or [int(p.argmax())] for d, p in zip(decided, probs, strict=True)]
+
+
+def full_size_map(heat: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
+    """A heatmap at the model's input size resized to the image's ``(H, W)``: float32 in [0, 1]."""
+    full = nnf.interpolate(heat[None, None], size=shape, mode="bilinear", align_corners=False)
+    return full[0, 0].clamp(0, 1).numpy().astype(np.float32)
+
+
 #: CSV columns of a written heatmap: the overlay, the raw map, its peak and the box of its hot region.
 HEATMAP_COLUMNS = ("heatmap", "heatmap_npy", "peak_x", "peak_y", "peak_value", "box_x_min", "box_y_min",
                    "box_x_max", "box_y_max")  # fmt: skip
@@ -98,14 +114,6 @@ class HeatmapWriter:
         self.top_probs: dict[int, torch.Tensor] = {}
         self.written: list[str] = []
 
-    def _targets(self, probs: torch.Tensor) -> list[list[int | None]]:
-        """What each image's maps explain: the positive class / top class, or each label decided positive (the
-        top label when none is)."""
-        if self.predictor.task != "multilabel":
-            return [[None] for _ in range(len(probs))]
-        decided = self.predictor.rule.decide(probs)
-        return [d.nonzero().flatten().tolist() or [int(p.argmax())] for d, p in zip(decided, probs, strict=True)]
-
     def _write(self, images: torch.Tensor, paths: list[Path], indices: list[int], targets: list) -> list[dict]:
         pairs = [(j, t) for j, labels in enumerate(targets) for t in labels]
         rows = [j for j, _ in pairs]
@@ -115,8 +123,7 @@ class HeatmapWriter:
         columns: list[dict[str, list[str]]] = [{} for _ in paths]
         for (j, label), heat in zip(pairs, maps, strict=True):
             image = self.read(indices[j])
-            full = nnf.interpolate(heat[None, None], size=image.shape[:2], mode="bilinear", align_corners=False)
-            full = full[0, 0].clamp(0, 1).numpy().astype(np.float32)
+            full = full_size_map(heat, image.shape[:2])
             suffix = "" if label is None else f"_{self.predictor.class_names[label]}"
             stem = self.folder / f"{indices[j]:06d}_{paths[j].stem}{suffix}"
             picture = str(save_overlay(stem.with_suffix(".png"), image, full).resolve())  # usable from any folder
@@ -145,7 +152,7 @@ class HeatmapWriter:
             return
         chosen = [j for j, row in enumerate(rows) if self._selected(row["decision"])]
         if chosen:
-            targets = self._targets(probs[chosen])
+            targets = heatmap_targets(self.predictor, probs[chosen])
             written = self._write(batch[chosen], [paths[j] for j in chosen], [indices[j] for j in chosen], targets)
             for j, columns in zip(chosen, written, strict=True):
                 rows[j].update(columns)
@@ -172,7 +179,7 @@ class HeatmapWriter:
         if chosen:
             device = next(self.network.parameters()).device
             images = torch.stack([transform(image=self.read(i))["image"] for i in chosen]).to(device)
-            targets = self._targets(torch.stack([self.top_probs[i] for i in chosen]))
+            targets = heatmap_targets(self.predictor, torch.stack([self.top_probs[i] for i in chosen]))
             self._write(images, [paths[i] for i in chosen], chosen, targets)
 
 

@@ -123,17 +123,18 @@ def _load_mlflow_model(uri: str, device: str, tracking_uri: str | None) -> Predi
                      calibration=metadata.get("calibration"))  # fmt: skip
 
 
-def read_as_trained(path: Path, color: str, frame: str | int, noted: set[str] | None = None) -> Any:
-    """The image as the model's training read it: ``color`` (``gray``/``rgb``) and DICOM ``frame``. A colour file
-    given to a gray model is turned into luma, a gray file given to a colour model replicated to RGB, as
-    training did; the first such file of each kind is logged (``noted`` keeps the kinds already said)."""
+def read_as_trained(path: Path | bytes, color: str, frame: str | int, noted: set[str] | None = None) -> Any:
+    """The image (a file, or an upload's bytes) as the model's training read it: ``color`` (``gray``/``rgb``) and
+    DICOM ``frame``. A colour file given to a gray model is turned into luma, a gray file given to a colour model
+    replicated to RGB, as training did; the first such file of each kind is logged (``noted`` keeps the kinds
+    already said)."""
     image = read_image(path, color="auto", frame=frame)
     found = "rgb" if is_color(image) else "gray"
     if found != color and noted is not None and found not in noted:
         noted.add(found)
         how = "converted to gray (ITU-R 601 luma)" if color == "gray" else "replicated to three channels"
         _logger.warning("The model was trained on %s images; %s images such as %s are %s, as in training",
-                        color, found, path, how)  # fmt: skip
+                        color, found, "uploads" if isinstance(path, bytes) else path, how)  # fmt: skip
     return as_color(image, color)
 
 

@@ -4,15 +4,18 @@ Everything downstream sees one format, ``(H, W)`` uint8 (high = bright) or ``(H,
 the format is detected from the file's magic bytes, so a misnamed file still reads. An image larger than
 ``PIL.Image.MAX_IMAGE_PIXELS`` is refused from its header (more likely a decompression bomb than an X-ray, and one
 per loader worker would exhaust memory); :func:`check_image` runs the header checks alone, to vet a dataset cheaply.
+An upload (``bytes``) goes through the same checks and decoders from memory: no path is ever taken from it.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import stat
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -50,7 +53,28 @@ _MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"BM": "BMP", b"
 _DECODE_ERRORS = (Exception,)
 
 
-def read_image(path: str | Path, *, color: Color = "gray", frame: Frame | int = "error") -> np.ndarray:
+@dataclass(frozen=True)
+class _Upload:
+    """An image's bytes received over the network: decoded from memory, never from a path; ``name`` in errors."""
+
+    data: bytes
+    name: str = "request body"
+    suffix: str = ""
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _source(path: str | Path | bytes) -> Path | _Upload:
+    return _Upload(bytes(path)) if isinstance(path, bytes | bytearray | memoryview) else Path(path)
+
+
+def _stream(source: Path | _Upload) -> Path | io.BytesIO:
+    """What Pillow and pydicom open: the path, or a fresh in-memory stream of the upload."""
+    return io.BytesIO(source.data) if isinstance(source, _Upload) else source
+
+
+def read_image(path: str | Path | bytes, *, color: Color = "gray", frame: Frame | int = "error") -> np.ndarray:
     """Read one image file as a ``uint8`` array, high values bright: ``(H, W)`` gray or ``(H, W, 3)`` RGB.
 
     Scaling: 8-bit gray is kept; colour modes go through Pillow's ITU-R 601 luma (alpha dropped, not composited:
@@ -60,7 +84,8 @@ def read_image(path: str | Path, *, color: Color = "gray", frame: Frame | int = 
     ``MONOCHROME1`` inverted; colour DICOM (RGB, YBR, PALETTE COLOR) converted to RGB by pydicom.
 
     Args:
-        path: The image file; its format is detected from the content, not the extension.
+        path: The image file, or its content as ``bytes`` (an upload: read from memory, called "request body"
+            in errors); the format is detected from the content, not the extension.
         color: ``gray``: always ``(H, W)``; ``rgb``: always ``(H, W, 3)``, gray replicated; ``auto``: ``(H, W, 3)``
             where the source holds colour (unequal channels), else ``(H, W)``.
         frame: multi-frame DICOM: the ``first`` or ``middle`` frame, an index (0-based), or ``error`` to refuse.
@@ -73,7 +98,7 @@ def read_image(path: str | Path, *, color: Color = "gray", frame: Frame | int = 
         raise ValueError(f"Expected argument `color` to be gray, rgb or auto, but got {color!r}")
     if not isinstance(frame, int) and frame not in ("first", "middle", "error"):
         raise ValueError(f"Expected argument `frame` to be first, middle or error, but got {frame!r}")
-    path = Path(path)
+    path = _source(path)
     fmt = _detect(path)
     if fmt == "DICOM":
         return as_color(_read_dicom(path, frame), color)
@@ -101,7 +126,7 @@ def check_image(path: str | Path) -> None:
         pass
 
 
-def _detect(path: Path) -> str:
+def _detect(path: Path | _Upload) -> str:
     """``DICOM`` (its ``DICM`` preamble, or a ``.dcm`` file of no other known format), else the Pillow format."""
     head = _read_head(path)
     fmt = next((fmt for magic, fmt in _MAGIC.items() if head.startswith(magic)), None)
@@ -112,7 +137,11 @@ def _detect(path: Path) -> str:
     return fmt
 
 
-def _read_head(path: Path) -> bytes:
+def _read_head(path: Path | _Upload) -> bytes:
+    if isinstance(path, _Upload):
+        if not path.data:
+            raise DataError(f"{path}: empty (0 bytes)")
+        return path.data[:132]
     try:  # stat fails with PermissionError, not "not found", inside a folder the user may not search
         if not path.exists():
             broken = f" (a broken symbolic link to {path.readlink()})" if path.is_symlink() else ""
@@ -133,12 +162,12 @@ def _read_head(path: Path) -> bytes:
 
 
 @contextmanager
-def _pillow_image(path: Path, fmt: str) -> Iterator[Image.Image]:
+def _pillow_image(path: Path | _Upload, fmt: str) -> Iterator[Image.Image]:
     """The opened (not yet decoded) image; Pillow's errors, inside the block too, become one ``DataError``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, don't decode and warn
-            with Image.open(path, formats=[fmt]) as img:
+            with Image.open(_stream(path), formats=[fmt]) as img:
                 yield img
     except DataError:
         raise
@@ -150,7 +179,7 @@ def _pillow_image(path: Path, fmt: str) -> Iterator[Image.Image]:
         raise DataError(f"{path}: cannot decode as {fmt} ({_reason(err)})") from err
 
 
-def _read_pillow(path: Path, fmt: str, keep_color: bool = False) -> np.ndarray:
+def _read_pillow(path: Path | _Upload, fmt: str, keep_color: bool = False) -> np.ndarray:
     """Decode with Pillow: 8-bit modes become ``L`` (with ``keep_color``, colour modes ``(H, W, 3)`` RGB), deeper
     ones come back as their raw numeric array."""
     with _pillow_image(path, fmt) as img:
@@ -167,7 +196,7 @@ def _read_pillow(path: Path, fmt: str, keep_color: bool = False) -> np.ndarray:
         return np.asarray(img).copy()
 
 
-def _read_dicom(path: Path, frame: Frame | int = "error") -> np.ndarray:
+def _read_dicom(path: Path | _Upload, frame: Frame | int = "error") -> np.ndarray:
     """Stored values -> modality LUT -> VOI (the file's, or min/max) -> uint8; MONOCHROME1 inverted.
 
     pydicom maps the file's window onto the stored bit depth; that output range is found by pushing -inf/+inf
@@ -177,7 +206,7 @@ def _read_dicom(path: Path, frame: Frame | int = "error") -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
-        ds = pydicom.dcmread(path, force=True)
+        ds = pydicom.dcmread(_stream(path), force=True)
         if "PixelData" not in ds:
             raise DataError(f"{path}: DICOM file has no pixel data")
         pixels = _dicom_frame(ds, path, frame)
@@ -215,7 +244,7 @@ def _require_regular_file(path: Path) -> None:
         raise DataError(f"{path}: is {kind}, not a regular image file; not opened")
 
 
-def _require_finite(path: Path, values: np.ndarray) -> np.ndarray:
+def _require_finite(path: Path | _Upload, values: np.ndarray) -> np.ndarray:
     """``values`` if every pixel is finite; NaN or infinity (float TIFF, float DICOM) is an error, not black."""
     if np.issubdtype(values.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(values)))
@@ -287,7 +316,7 @@ def dicom_frame_count(path: str | Path) -> int:
         return 1
 
 
-def _dicom_frame(ds, path: Path, frame: Frame | int) -> np.ndarray:
+def _dicom_frame(ds, path: Path | _Upload, frame: Frame | int) -> np.ndarray:
     """The pixel array of one frame: the only one, the ``first``/``middle`` one, or frame number ``frame``."""
     frames = int(ds.get("NumberOfFrames") or 1)
     if isinstance(frame, int) and not 0 <= frame < frames:
@@ -303,7 +332,7 @@ def _dicom_frame(ds, path: Path, frame: Frame | int) -> np.ndarray:
     return ds.pixel_array
 
 
-def _dicom_colour(ds, pixels: np.ndarray, photometric: str, path: Path) -> np.ndarray:
+def _dicom_colour(ds, pixels: np.ndarray, photometric: str, path: Path | _Upload) -> np.ndarray:
     """``(H, W, 3)`` ``uint8`` RGB of a colour DICOM frame (pydicom has already turned YBR into RGB); ``PALETTE
     COLOR`` goes through the file's LUT, and values wider than 8 bits are scaled by their bit depth."""
     from pydicom.pixels import apply_color_lut

@@ -16,15 +16,18 @@ fix them, and :func:`explained_by_prevalence` tells the two apart on the exchang
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from scipy import stats
 from torch import Tensor
 
 from medtransfer.task import Task
 
 __all__ = [
+    "MAX_STORED_PROBS",
     "MIN_CASES",
     "Method",
     "Prevalence",
@@ -32,6 +35,7 @@ __all__ = [
     "calibration_shares",
     "estimate_prevalence",
     "given_prevalence",
+    "shift_explanation",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -44,6 +48,8 @@ MIN_CASES = 50
 #: An estimated share below this (or above ``1 -`` it, binary and per finding) is at the boundary: the batch
 #: seems to lack a class, and re-weighting by a share near 0 would silence it; no adaptation then.
 MIN_SHARE = 0.01
+#: At most this many calibration cases' probabilities are stored with a model (for :func:`shift_explanation`).
+MAX_STORED_PROBS = 2000
 
 
 @dataclass(frozen=True)
@@ -217,10 +223,11 @@ def adapt_probabilities(probs: Tensor, source: Tensor, target: Tensor, task: Tas
     return adapted.T if task == "multilabel" else adapted
 
 
-def calibration_shares(probs: Tensor, targets: Tensor, task: Task) -> dict[str, list]:
+def calibration_shares(probs: Tensor, targets: Tensor, task: Task, seed: int = 0) -> dict[str, list]:
     """What estimation needs from the calibration split, as plain JSON: the class ``prevalence`` (binary
-    ``[negative, positive]``, multi-label positive share per finding) and the soft ``confusion`` matrix
-    :math:`C_{ij} = E[p_i \\mid y = j]` (multi-label: one 2 x 2 matrix per finding)."""
+    ``[negative, positive]``, multi-label positive share per finding), the soft ``confusion`` matrix
+    :math:`C_{ij} = E[p_i \\mid y = j]` (multi-label: one 2 x 2 matrix per finding) and the ``probs``
+    themselves (at most :data:`MAX_STORED_PROBS` cases, a seeded subsample beyond; :func:`shift_explanation`)."""
     columns = _columns(probs, task)
     if task == "multiclass":
         onehot = torch.nn.functional.one_hot(targets.long().cpu(), probs.shape[-1]).double()
@@ -232,4 +239,52 @@ def calibration_shares(probs: Tensor, targets: Tensor, task: Task) -> dict[str, 
     confusion = (columns.transpose(-1, -2) @ onehot) / counts.clamp(min=1).unsqueeze(-2)
     shares = counts / counts.sum(-1, keepdim=True)
     prevalence = shares[..., 1] if task == "multilabel" else shares
-    return {"prevalence": prevalence.tolist(), "confusion": confusion.tolist()}
+    rows = torch.arange(len(probs))
+    if len(rows) > MAX_STORED_PROBS:
+        rows = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:MAX_STORED_PROBS].sort()[0]
+    stored = (probs.detach().double().cpu()[rows] * 1e6).round() / 1e6  # 6 decimals: plain JSON stays small
+    return {"prevalence": prevalence.tolist(), "confusion": confusion.tolist(), "probs": stored.tolist()}
+
+
+def _weighted_ks(values: Tensor, reference: Tensor, weights: Tensor) -> tuple[float, float]:
+    """Two-sample KS distance between ``values`` and ``weights``-weighted ``reference``, and its asymptotic
+    p-value with the reference's effective sample size :math:`(\\sum w)^2 / \\sum w^2`."""
+    order = reference.argsort()
+    reference, weights = reference[order], weights[order] / weights.sum()
+    grid = torch.cat([values, reference]).sort()[0]
+    mine = torch.searchsorted(values.sort()[0], grid, right=True) / len(values)
+    theirs = torch.cat([torch.zeros(1, dtype=weights.dtype), weights.cumsum(0)])[
+        torch.searchsorted(reference, grid, right=True)
+    ]
+    distance = float((mine - theirs).abs().max())
+    n, m = len(values), float(1 / (weights**2).sum())
+    return distance, float(stats.kstwobign.sf(distance * math.sqrt(n * m / (n + m))))
+
+
+def shift_explanation(
+    calibration: dict[str, Any], probs: Tensor, task: Task, level: float = 0.01
+) -> tuple[bool, str] | None:
+    """Whether re-weighting the classes explains why ``probs`` differ from the calibration data's, and a sentence
+    saying so: under a pure prevalence shift the calibration cases weighted by
+    :math:`\\sum_y p(y|x)\\,\\pi_t(y)/\\pi_s(y)` (:math:`\\pi_t` by EM) have the batch's distribution of
+    probabilities (weighted KS per column, Bonferroni-adjusted). ``None`` when the model holds no calibration
+    probabilities or no estimate is possible."""
+    if "probs" not in calibration or "prevalence" not in calibration:
+        return None
+    stored = torch.tensor(calibration["probs"], dtype=torch.float64)
+    source = torch.tensor(calibration["prevalence"], dtype=torch.float64)
+    prevalence = estimate_prevalence(probs, source, task, n_bootstrap=1)
+    if prevalence is None:
+        return None
+    weights = _columns(stored, task) * (_shares(prevalence.estimated, task) / _shares(source, task)).unsqueeze(-2)
+    weights = weights.sum(-1)  # (N,) or, per finding, (L, N)
+    batch, stored = probs.detach().double().cpu().reshape(len(probs), -1), stored.reshape(len(stored), -1)
+    weights = weights.T if task == "multilabel" else weights.unsqueeze(-1).expand_as(stored)
+    tests = [_weighted_ks(batch[:, j], stored[:, j], weights[:, j]) for j in range(stored.shape[1])]
+    p_value = min(1.0, len(tests) * min(p for _, p in tests))
+    if p_value >= level:
+        return True, f"re-weighting the classes to the estimated prevalence explains it (KS p={p_value:.3g})"
+    return False, (
+        f"re-weighting the classes does not explain it (KS p={p_value:.3g}): the images themselves differ "
+        "(another scanner, protocol or population?), which `--prevalence` does not correct"
+    )

@@ -64,6 +64,7 @@ def score(csv_path: Path, labels: np.ndarray, checkpoint: Path) -> dict[str, flo
 
     return {
         "accuracy": float(correct.mean()),
+        "accuracy_at_half": float(((p >= 0.5) == labels.astype(bool)).mean()),  # not the rule's: for reference
         "ece": float(ece),
         "selective_acc_at_80_stated": selective(stated),
         "selective_acc_at_80_band": selective(band),

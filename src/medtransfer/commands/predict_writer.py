@@ -35,16 +35,16 @@ def prediction_rows(predictor: Predictor, probs: torch.Tensor) -> Iterator[dict[
     sets = rule.prediction_sets(probs).tolist() if task == "multiclass" and rule.set_quantile is not None else None
     for i, (p, decision, abstain) in enumerate(zip(probs.tolist(), decisions.tolist(), abstains.tolist(), strict=True)):
         if task == "binary":
-            row = {f"prob_{names[1]}": round(p, 6), "prediction": names[decision]}
+            row = {f"prob_{names[1]}": p, "prediction": names[decision]}
             row["decision"] = "abstain" if abstain else ("positive" if decision else "negative")
         elif task == "multiclass":
-            row = {f"prob_{n}": round(v, 6) for n, v in zip(names, p, strict=True)}
+            row = {f"prob_{n}": v for n, v in zip(names, p, strict=True)}
             row["prediction"] = names[decision]
             row["decision"] = "abstain" if abstain else names[decision]
             if sets is not None:  # the conformal set: more than one class means the case is referred
                 row["prediction_set"] = "|".join(n for n, keep in zip(names, sets[i], strict=True) if keep)
         else:
-            row = {f"prob_{n}": round(v, 6) for n, v in zip(names, p, strict=True)}
+            row = {f"prob_{n}": v for n, v in zip(names, p, strict=True)}
             row["prediction"] = "|".join(n for n, d in zip(names, decision, strict=True) if d) or "none"
             referred = [n for n, a in zip(names, abstain, strict=True) if a]
             row["decision"] = "abstain:" + "|".join(referred) if referred else "decided"

@@ -231,4 +231,4 @@ class PredictModule(LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         if self.graph_device is not None:
             images = images.to(self.graph_device)
-        return self.network(images).float()
+        return self.network(images).double()  # float64: see models.classifier.probabilities

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from medtransfer.decisions.prevalence import calibration_shares
 from medtransfer.decisions.risk_control import (
     RiskControl,
     calibration_summary,
@@ -95,8 +96,9 @@ class DecisionFitting:
     def _record(
         self, rule: DecisionRule, probs: Tensor, targets: Tensor, source: str, controls: list[RiskControl] | None
     ) -> tuple[DecisionRule, dict[str, Any]]:
-        """The calibration record: exchangeability scores, risk control, and the sets' quantile (put in the rule)."""
-        record: dict[str, Any] = {"source": source, "n": len(targets)}
+        """The calibration record: class shares and soft confusion matrix (for prevalence estimation),
+        exchangeability scores, risk control, and the sets' quantile (put in the rule)."""
+        record: dict[str, Any] = {"source": source, "n": len(targets), **calibration_shares(probs, targets, self.task)}
         if self.set_alpha is not None:
             quantile = fit_aps_quantile(probs.cpu(), targets.cpu(), self.set_alpha)
             record |= {"set_alpha": self.set_alpha, "set_quantile": quantile}

@@ -407,7 +407,14 @@ def guarantee_verdict(rule: Any, calibration: dict[str, Any] | None, probs: list
     verdict["exchangeability"] = asdict(check)
     verdict["message"] = check.message()
     if check.shifted:
-        _logger.warning("Exchangeability: %s. The calibration guarantee may not hold for these cases.", check.message())
+        from medtransfer.decisions.prevalence import shift_explanation
+
+        explanation, hint = shift_explanation(calibration, stacked, rule.task), ""
+        if explanation is not None:
+            verdict["prevalence_shift"], verdict["message"] = explanation[0], f"{check.message()}; {explanation[1]}"
+            hint = "\nHINT: `--prevalence estimate` adapts the probabilities and decisions to it" * explanation[0]
+        _logger.warning("Exchangeability: %s. The calibration guarantee may not hold for these cases.%s",
+                        verdict["message"], hint)  # fmt: skip
     else:
         _logger.info("Exchangeability: %s", check.message())
     return verdict

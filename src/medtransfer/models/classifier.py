@@ -33,8 +33,9 @@ __all__ = ["ClassifierModule", "balanced_pos_weight", "probabilities"]
 
 
 def probabilities(logits: Tensor, temperature: Tensor, task: str) -> Tensor:
-    """The model's probabilities, computed here only: softmax (multiclass) or sigmoid of ``logits / temperature``."""
-    logits = logits / temperature
+    """The model's probabilities, computed here only: softmax (multiclass) or sigmoid of ``logits / temperature``,
+    in float64 so that confident cases keep the order of their logits (float32 rounds p > 1 - 6e-8 to 1.0)."""
+    logits = logits.double() / temperature.double()
     return logits.softmax(dim=-1) if task == "multiclass" else logits.sigmoid()
 
 
@@ -56,7 +57,8 @@ class ClassifierModule(LightningModule):
         threshold_policy: how the decision threshold is fitted on validation after every validation epoch
             (``youden``, ``target_sensitivity``, ``target_specificity``, ``f1``, ``fixed`` = 0.5).
         threshold_target: the sensitivity or specificity that the ``target_*`` policies must reach.
-        temperature_scaling: fit a temperature on the validation logits (Guo et al. 2017) and divide logits by it.
+        temperature_scaling: fit a temperature on the validation (calibration) logits (Guo et al. 2017) and divide
+            logits by it; ``False`` leaves the network's own probabilities.
         confidence_score: how sure a decision is: ``margin`` (``|p - threshold|``; top-1 minus top-2) or
             ``max_prob``; cases are referred from the least confident up.
         target_coverage: share of validation cases the model should decide on; the rest fall in the abstention band.
@@ -86,7 +88,7 @@ class ClassifierModule(LightningModule):
         scheduler_monitor: str = "val/loss",
         threshold_policy: ThresholdPolicy = "youden",
         threshold_target: float = 0.9,
-        temperature_scaling: bool = False,
+        temperature_scaling: bool = True,
         confidence_score: F.Score = "margin",
         target_coverage: float = 0.9,
         target_risk: float | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medtransfer.models.classifier import ClassifierModule
+from medtransfer.models.classifier import ClassifierModule, probabilities
 
 
 def test_binary_task_has_one_logit_and_probabilities_in_unit_interval():
@@ -21,8 +21,16 @@ def test_multiclass_task_has_softmax_over_classes():
     model = ClassifierModule(backbone="resnet18", pretrained="none", task="multiclass", num_classes=5)
     _, logits, _ = model.model_step((torch.randn(3, 3, 32, 32), torch.tensor([0, 4, 2])))
     probs = model.predict_proba(logits)
-    assert probs.shape == (3, 5)
-    torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+    assert probs.shape == (3, 5) and probs.dtype == torch.float64  # float64: see the next test
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3, dtype=torch.float64))
+
+
+def test_confident_cases_keep_the_order_of_their_logits():
+    """float32 sigmoid rounds every logit above about 17 to 1.0, a tie block that ranking could not split."""
+    logits = torch.tensor([17.0, 20.0, 25.0, 30.0, -20.0, -25.0])
+    assert len(set(torch.sigmoid(logits).tolist())) < 6  # the float32 tie this guards against
+    probs = probabilities(logits, torch.tensor(1.0), "binary")
+    assert len(set(probs.tolist())) == 6 and bool((probs[:4].diff() > 0).all() and probs[5] < probs[4])
 
 
 def test_grayscale_input_with_one_channel_backbone():
@@ -53,7 +61,7 @@ def test_temperature_and_threshold_shape_probabilities_and_decisions():
     model = ClassifierModule(backbone="resnet18", pretrained="none")
     logits = torch.tensor([-1.0, 0.2, 2.0])
     model.temperature.fill_(2.0)
-    torch.testing.assert_close(model.predict_proba(logits), (logits / 2).sigmoid())
+    torch.testing.assert_close(model.predict_proba(logits), (logits.double() / 2).sigmoid())
     model.decision_threshold.fill_(0.6)
     assert model.decide(torch.tensor([0.3, 0.6, 0.9])).tolist() == [0, 1, 1]
     assert {"decision_threshold", "temperature"} <= set(model.state_dict())

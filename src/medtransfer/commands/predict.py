@@ -34,6 +34,7 @@ from medtransfer.commands.predictor import (
 from medtransfer.data.readers import SUPPORTED_SUFFIXES
 from medtransfer.data.tables import read_csv_table, require_columns
 from medtransfer.data.transforms import build_eval_transform
+from medtransfer.decisions.prevalence import Prevalence, PrevalenceMethod, estimate_prevalence, given_prevalence
 from medtransfer.decisions.risk_control import guarantee_verdict
 from medtransfer.errors import DataError
 from medtransfer.explain import DEFAULT_METHOD
@@ -54,7 +55,8 @@ _TRAINER_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 class PredictSummary:
     """What a prediction run did, as ``--summary`` writes it (:meth:`to_json`). ``unlike_training`` is ``None``
     when the model holds no statistics of its validation images; ``findings`` (multi-label only) counts
-    ``positive``/``negative``/``abstain`` per finding; ``guarantee`` is the calibration's verdict."""
+    ``positive``/``negative``/``abstain`` per finding; ``guarantee`` is the calibration's verdict; ``prevalence``
+    (with ``--prevalence`` only) the class shares adapted to, or ``{"method", "adapted": false}`` when none."""
 
     images: int
     predicted: int
@@ -69,11 +71,13 @@ class PredictSummary:
     heatmaps: list[str]
     findings: dict[str, dict[str, int]] | None
     guarantee: dict[str, Any]
+    prevalence: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         values = asdict(self)
-        if self.findings is None:  # only multi-label summaries have the key
-            del values["findings"]
+        for key in ("findings", "prevalence"):  # only multi-label summaries, only runs with --prevalence
+            if values[key] is None:
+                del values[key]
         return json.dumps(values, indent=2) + "\n"
 
 
@@ -135,6 +139,8 @@ def run_predict(
     compile: bool = False,
     tracking_uri: str | None = None,
     frame: Literal["first", "middle", "all", "error"] | None = None,
+    prevalence: str = "none",
+    prevalence_method: PrevalenceMethod = "em",
 ) -> PredictSummary | None:
     """Predict every image and write one CSV row each.
 
@@ -158,6 +164,11 @@ def run_predict(
         compile: ``torch.compile`` the network first (pays off on large folders).
         tracking_uri: MLflow store of ``runs:/`` and ``models:/`` URIs (default ``$MLFLOW_TRACKING_URI``, else mlruns).
         frame: multi-frame DICOM: ``first``, ``middle``, ``all`` (a row each) or ``error``; default: the model's.
+        prevalence: ``none`` keeps the model's probabilities; ``estimate`` estimates the class shares of these
+            images and adapts probabilities and decisions to them (a prevalence shift only: see
+            ``decisions.prevalence``); a share (``0.3``: the positive share, per finding for multi-label) or one
+            per class (``0.2,0.3,0.5``) adapts to that value.
+        prevalence_method: how ``estimate`` estimates: ``em`` (maximum likelihood) or ``bbse``.
 
     Returns:
         The summary (what ``summary`` holds); ``None`` in the processes of DDP ranks other than 0.
@@ -165,6 +176,7 @@ def run_predict(
     for name, target in (("--output", output), ("--summary", summary)):
         if target is not None:
             _check_writable(name, Path(target), images)
+    shares = _parse_prevalence(prevalence)
     device = _resolve_device(device, precision)
     predictor = load_predictor(model, device, tracking_uri)
     rows = _image_rows(collect_images(images, path_column), predictor.settings, frame)
@@ -187,11 +199,55 @@ def run_predict(
         return None
     if explainer is not None and heatmaps_for == "top_k":
         explainer.write_top_k(rows.paths, rows.transform)
-    result = _summarise(writer, predictor, len(rows), time.perf_counter() - start, output, explainer)
+    adapted = None if shares is None else _adapt(writer, predictor, shares, prevalence_method)
+    result = _summarise(writer, predictor, len(rows), time.perf_counter() - start, output, explainer, adapted)
     if summary is not None:
         write_text_atomic(Path(summary), result.to_json())
     _print_summary(result)
     return result
+
+
+def _parse_prevalence(text: str) -> str | list[float] | None:
+    """``--prevalence``: ``None`` for ``none``, ``"estimate"``, or the shares given."""
+    if text in ("none", "estimate"):
+        return None if text == "none" else text
+    try:
+        return [float(value) for value in text.split(",")]
+    except ValueError:
+        raise DataError(f"--prevalence {text}: expected none, estimate, a share such as 0.3, or one share per "
+                        "class such as 0.2,0.3,0.5") from None  # fmt: skip
+
+
+def _adapt(writer: PredictionWriter, predictor: Predictor, shares: str | list[float],
+           method: PrevalenceMethod) -> dict[str, Any]:  # fmt: skip
+    """Adapt the written CSV to the estimated or given class shares; the summary's ``prevalence`` entry."""
+    method_name = method if shares == "estimate" else "given"
+    calibration = predictor.calibration or {}
+    if "prevalence" not in calibration:
+        _logger.warning("Prevalence not adapted: %s holds no calibration class shares (calibrated before "
+                        "medtransfer recorded them); fit or calibrate it again", predictor.label)  # fmt: skip
+        return {"method": method_name, "adapted": False}
+    source, task = torch.tensor(calibration["prevalence"], dtype=torch.float64), predictor.task
+    if shares == "estimate":
+        confusion = calibration.get("confusion")
+        confusion = None if confusion is None else torch.tensor(confusion, dtype=torch.float64)
+
+        def choose(probs: torch.Tensor) -> Prevalence | None:
+            return estimate_prevalence(probs, source, task, method, confusion)
+    else:
+        try:
+            given = given_prevalence(shares, source, task)
+        except ValueError as err:
+            raise DataError(f"--prevalence {','.join(map(str, shares))}: {err}") from None
+
+        def choose(probs: torch.Tensor) -> Prevalence | None:
+            return given
+
+    result = writer.adapt(choose)
+    if result is None:
+        return {"method": method_name, "adapted": False}
+    names = predictor.class_names if task != "binary" else predictor.class_names[:2]
+    return {**result.to_dict(names), "adapted": True}
 
 
 def _resolve_device(device: str, precision: Precision) -> str:
@@ -223,7 +279,7 @@ def _warn_stale(output: Path) -> None:
 
 
 def _summarise(writer: PredictionWriter, predictor: Predictor, images: int, seconds: float, output: Path,
-               explainer: HeatmapWriter | None) -> PredictSummary:  # fmt: skip
+               explainer: HeatmapWriter | None, prevalence: dict[str, Any] | None) -> PredictSummary:  # fmt: skip
     """The run's summary from the writer's tallies, with the guarantee's verdict on these probabilities."""
     counts, predicted = writer.counts, sum(writer.counts.values())
     decided = sum(v for k, v in counts.items() if not k.startswith("abstain"))
@@ -236,13 +292,19 @@ def _summarise(writer: PredictionWriter, predictor: Predictor, images: int, seco
         output=str(output), model=predictor.label, failures=writer.failures,
         unlike_training=writer.unlike if predictor.settings.reference else None,
         heatmaps=explainer.written if explainer is not None else [], findings=findings,
-        guarantee=guarantee_verdict(predictor.rule, predictor.calibration, writer.probs),
+        guarantee=guarantee_verdict(predictor.rule, predictor.calibration, writer.probs), prevalence=prevalence,
     )  # fmt: skip
 
 
 def _print_summary(result: PredictSummary) -> None:
     print(f"{result.predicted} predicted, {result.unreadable} unreadable, coverage {result.coverage:.1%} -> "
           f"{result.output}")  # fmt: skip
+    if result.prevalence and result.prevalence["adapted"]:
+        shares = result.prevalence
+        print(f"prevalence ({shares['method']}): " + ", ".join(
+            f"{name} {share:.3f} [{shares['interval'][name][0]:.3f}, {shares['interval'][name][1]:.3f}] "
+            f"(calibration {shares['source'][name]:.3f})" for name, share in shares["estimated"].items()
+        ))  # fmt: skip
     if result.unlike_training:
         _logger.warning("%d of %d image(s) are unlike the images %s was validated on (column unlike_training): "
                         "its decisions on them are unreliable.\nHINT: other modality, colour or blank images?",

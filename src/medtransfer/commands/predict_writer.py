@@ -19,6 +19,7 @@ from torch.nn import functional as nnf
 
 from medtransfer.commands.predictor import Predictor
 from medtransfer.data.unlike import unlike_reasons
+from medtransfer.decisions.prevalence import Prevalence, adapt_probabilities
 from medtransfer.errors import DataError
 from medtransfer.explain import DEFAULT_METHOD, explain, map_box, map_peak, resolve_layer, save_overlay
 from medtransfer.explain.methods import Method
@@ -226,19 +227,15 @@ class PredictionWriter(BasePredictionWriter):
         indices, images, failed = batch
         written: list[tuple[int, dict[str, Any]]] = []  # the batch's rows, good and unreadable, in input order
         if prediction is not None:
-            probs, rule = prediction.cpu(), self.predictor.rule
+            probs = prediction.cpu()
             self.probs.append(probs)
             rows = list(prediction_rows(self.predictor, probs))
             for row, reason in zip(rows, unlike_reasons(images, self.reference), strict=True):
                 row["unlike_training"], self.unlike = reason, self.unlike + bool(reason)
             if self.heatmaps is not None:
                 self.heatmaps.add(images, probs, rows, [self.paths[i] for i in indices], indices)
-            if self.predictor.task == "multilabel":
-                _count_findings(self.findings, self.predictor.class_names, rule.decide(probs), rule.abstains(probs))
-            for index, row in zip(indices, rows, strict=True):
-                self.counts["abstain" if self.predictor.task == "multilabel" and row["decision"] != "decided"
-                            else row["decision"]] += 1  # fmt: skip
-                written.append((index, {**row, "error": ""}))
+            self._tally(probs, rows)
+            written += [(index, {**row, "error": ""}) for index, row in zip(indices, rows, strict=True)]
         for index, error in failed:
             self.failures.append({"path": str(self.paths[index]), "error": error})
             written.append((index, {"decision": "error", "error": error}))
@@ -246,6 +243,42 @@ class PredictionWriter(BasePredictionWriter):
             self._write(trainer, index, row)
         if self.progress is not None:
             self.progress.update(len(indices) + len(failed))
+
+    def _tally(self, probs: torch.Tensor, rows: list[dict[str, Any]]) -> None:
+        """Count the decisions of ``rows`` (and, multi-label, per finding) for the summary."""
+        if self.predictor.task == "multilabel":
+            rule = self.predictor.rule
+            _count_findings(self.findings, self.predictor.class_names, rule.decide(probs), rule.abstains(probs))
+        for row in rows:
+            self.counts["abstain" if self.predictor.task == "multilabel" and row["decision"] != "decided"
+                        else row["decision"]] += 1  # fmt: skip
+
+    def adapt(self, prevalence: Callable[[torch.Tensor], Prevalence | None]) -> Prevalence | None:
+        """Re-read the finished CSV, get the class shares of its probabilities from ``prevalence`` (estimated or
+        given), and rewrite its probability, ``prediction`` and ``decision`` columns adapted to them
+        (:func:`adapt_probabilities`; heatmaps stay those of the unadapted decisions); the tallies follow.
+        ``None`` (nothing rewritten) when ``prevalence`` gives none."""
+        with self.output.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        good = [row for row in rows if not row["error"]]
+        task, names = self.predictor.task, self.predictor.class_names
+        columns = [f"prob_{n}" for n in (names[1:] if task == "binary" else names)]
+        probs = torch.tensor([[float(row[c]) for c in columns] for row in good], dtype=torch.float64)
+        probs = probs.reshape(len(good), len(columns))[:, 0] if task == "binary" else probs.reshape(len(good), -1)
+        shares = prevalence(probs)
+        if shares is None:
+            return None
+        adapted = adapt_probabilities(probs, shares.source, shares.estimated, task)
+        self.counts, self.findings = Counter(), {}
+        new_rows = list(prediction_rows(self.predictor, adapted))
+        self._tally(adapted, new_rows)
+        for row, new in zip(good, new_rows, strict=True):
+            row.update(new)
+        with atomic_open(self.output, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        return shares
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.progress is not None:

@@ -29,8 +29,8 @@ from medtransfer.task import Task
 __all__ = [
     "MAX_STORED_PROBS",
     "MIN_CASES",
-    "Method",
     "Prevalence",
+    "PrevalenceMethod",
     "adapt_probabilities",
     "calibration_shares",
     "estimate_prevalence",
@@ -41,7 +41,7 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 #: ``em``: maximum likelihood by EM; ``bbse``: black-box shift estimation from the soft confusion matrix.
-Method = Literal["em", "bbse"]
+PrevalenceMethod = Literal["em", "bbse"]
 #: The fewest cases a batch needs before its class shares are estimated (a binomial share of 50 cases has a
 #: standard error up to 0.07); smaller batches keep the calibration shares.
 MIN_CASES = 50
@@ -144,7 +144,7 @@ def estimate_prevalence(
     probs: Tensor,
     source: Tensor,
     task: Task,
-    method: Method = "em",
+    method: PrevalenceMethod = "em",
     confusion: Tensor | None = None,
     n_bootstrap: int = 200,
     level: float = 0.95,

@@ -7,8 +7,9 @@ with replacement, to pneumonia prevalences 0.1-0.9 (``--seeds`` batches of 624 e
 
 * ``none``: calibrated probabilities at the validation threshold (no adaptation);
 * ``em`` / ``bbse``: ``decisions.prevalence.estimate_prevalence`` on the batch (no labels), probabilities adapted
-  by ``adapt_probabilities``, decision at 0.5 (the Bayes decision for the adapted population);
+  by ``adapt_probabilities``, decision at the validation threshold (what ``predict --prevalence estimate`` does);
 * ``given``: the true prevalence of the batch, adapted the same way (the best an estimate can do);
+* ``em_at_0.5``: ``em``'s probabilities decided at 0.5, the Bayes decision for accuracy in the adapted population;
 
 scored as the issue scores a predictions CSV: estimated vs true prevalence, accuracy, ECE (15 equal bins on the
 probability stated for each decision) and selective accuracy at 80 % coverage ranked by that probability.
@@ -48,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 PREVALENCES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 PAIRS = [(0.05, 0.1), (0.10, 0.1)]
-METHODS = ("none", "em", "bbse", "given")
+METHODS = ("none", "em", "bbse", "given", "em_at_0.5")
 
 
 def cached_logits(checkpoint: Path, npz: Path) -> dict[str, np.ndarray]:
@@ -119,6 +120,8 @@ class Setting:
         self, probs: torch.Tensor, method: str, truth: float
     ) -> tuple[np.ndarray, np.ndarray, float | None, object]:
         """Decisions, stated probabilities, estimated prevalence and the estimate itself for ``method``."""
+        threshold = 0.5 if method == "em_at_0.5" else self.threshold
+        method = method.removesuffix("_at_0.5")
         if method == "none":
             return (*stated(probs.numpy(), self.threshold), None, None)
         if method == "given":
@@ -130,7 +133,7 @@ class Setting:
                 return (*stated(probs.numpy(), self.threshold), None, None)
             target = estimate.estimated
         adapted = adapt_probabilities(probs, self.source, target, "binary").numpy()
-        return (*stated(adapted, 0.5), float(target[1]), estimate)
+        return (*stated(adapted, threshold), float(target[1]), estimate)
 
 
 def batches(labels: np.ndarray, seeds: int) -> list[tuple[str, float, int, np.ndarray]]:
@@ -158,7 +161,7 @@ def risk_control_draws(setting: Setting, prevalence: float, estimate, resplits: 
     target = estimate.estimated if estimate is not None else setting.source
     probs = adapt_probabilities(setting.test_probs, setting.source, target, "binary").numpy()
     labels = setting.test_labels
-    decision, confidence = stated(probs, 0.5)
+    decision, confidence = stated(probs, setting.threshold)
     correct = decision == labels
     corners = prevalence_vertices(estimate.estimated, estimate.interval) if estimate is not None else None
     truth = np.array([1 - prevalence, prevalence])

@@ -25,7 +25,7 @@ A violation is a certified cut-off whose pool risk exceeds ``target_risk``; the 
 ``delta`` within two binomial standard errors (``--resplits`` halves per batch, so ``seeds * resplits`` draws per
 prevalence; draws of one batch share its estimate).
 
-Usage: python bench/prevalence_shift.py --checkpoint PATH [--seeds 20] [--resplits 10]
+Usage: python bench/prevalence_shift.py --checkpoint PATH [--seeds 20] [--resplits 25]
 [--out bench/results/prevalence_shift.json]
 """
 
@@ -117,9 +117,10 @@ class Setting:
         self.test_labels = logits["test_labels"].astype(int)
 
     def decide(
-        self, probs: torch.Tensor, method: str, truth: float
+        self, probs: torch.Tensor, method: str, truth: float, estimates: dict
     ) -> tuple[np.ndarray, np.ndarray, float | None, object]:
-        """Decisions, stated probabilities, estimated prevalence and the estimate itself for ``method``."""
+        """Decisions, stated probabilities, estimated prevalence and the estimate itself for ``method`` (estimates
+        of this batch kept in ``estimates``)."""
         threshold = 0.5 if method == "em_at_0.5" else self.threshold
         method = method.removesuffix("_at_0.5")
         if method == "none":
@@ -128,7 +129,9 @@ class Setting:
             target = torch.tensor([1 - truth, truth], dtype=torch.float64)
             estimate = None
         else:
-            estimate = estimate_prevalence(probs, self.source, "binary", method, confusion=self.confusion)
+            if method not in estimates:
+                estimates[method] = estimate_prevalence(probs, self.source, "binary", method, confusion=self.confusion)
+            estimate = estimates[method]
             if estimate is None:
                 return (*stated(probs.numpy(), self.threshold), None, None)
             target = estimate.estimated
@@ -207,7 +210,7 @@ def prevalence_shift_benchmark(
     checkpoint: Path,
     npz: Path = DATA / "pneumoniamnist.npz",
     seeds: int = 20,
-    resplits: int = 10,
+    resplits: int = 25,
     machine: str = "2-core x86 CPU",
     out: Path = REPO / "bench" / "results" / "prevalence_shift.json",
 ) -> dict:
@@ -226,9 +229,9 @@ def prevalence_shift_benchmark(
     decisions, draws = [], []
     for kind, prevalence, seed, rows in batches(setting.test_labels, seeds):
         probs, labels = setting.test_probs[rows], setting.test_labels[rows]
-        truth = float(labels.mean())
+        truth, estimates = float(labels.mean()), {}
         for method in METHODS:
-            decision, confidence, estimated, estimate = setting.decide(probs, method, truth)
+            decision, confidence, estimated, estimate = setting.decide(probs, method, truth, estimates)
             correct = decision == labels
             decisions.append({
                 "batch": kind, "prevalence": prevalence, "method": method, "seed": seed, "true_prevalence": truth,

@@ -16,11 +16,15 @@ probability stated for each decision) and selective accuracy at 80 % coverage ra
 
 **Risk control where the model is used.** The labelled calibration cases come from the same population as the
 target batch but at another prevalence, so the pool defines the truth: a calibration set is a random half of the
-test pool (prevalence near 0.625), the decisions are the ``em``-adapted ones, and the certified cut-off's
+test pool (prevalence near 0.625), the decisions are the ``em``-adapted ones, the batch's shares are estimated by
+BBSE against that half's soft confusion matrix (the labelled data at hand; 50 bootstrap replicates for the
+interval), and the certified cut-off's
 selective risk is measured on the whole pool re-weighted to the batch's prevalence (the population both are
 drawn from; ``bench/risk_control.py`` explains why not the other half). ``plain`` is
 ``control_selective_risk`` on the calibration half as it is; ``shifted`` is ``control_shifted_risk`` at the
-corners of the EM estimate's 95 % interval (``prevalence_vertices``); ``shifted_true`` at the true shares.
+corners of that estimate's 95 % interval (``prevalence_vertices``); ``shifted_true`` at the true shares.
+The EM estimate against validation is not used there: validation and test differ by more than prevalence (the
+exchangeability check says so), which biases it, and no interval of the batch's sampling noise covers that.
 A violation is a certified cut-off whose pool risk exceeds ``target_risk``; the rate should stay at or below
 ``delta`` within two binomial standard errors (``--resplits`` halves per batch, so ``seeds * resplits`` draws per
 prevalence; draws of one batch share its estimate).
@@ -159,20 +163,33 @@ def pool_risk(confidence: np.ndarray, correct: np.ndarray, labels: np.ndarray, c
     return float((weights * (decided & ~correct)).sum() / max((weights * decided).sum(), 1e-12))
 
 
-def risk_control_draws(setting: Setting, prevalence: float, estimate, resplits: int, seed: int) -> list[dict]:
-    """Certified cut-offs of the three controls on ``resplits`` random halves of the pool, with the pool's risk."""
+def risk_control_draws(
+    setting: Setting, prevalence: float, batch: torch.Tensor, estimate, resplits: int, seed: int
+) -> list[dict]:
+    """Certified cut-offs of the three controls on ``resplits`` random halves of the pool, with the pool's risk;
+    ``shifted`` estimates the ``batch``'s shares by BBSE against the half's own soft confusion matrix."""
     target = estimate.estimated if estimate is not None else setting.source
     probs = adapt_probabilities(setting.test_probs, setting.source, target, "binary").numpy()
     labels = setting.test_labels
     decision, confidence = stated(probs, setting.threshold)
     correct = decision == labels
-    corners = prevalence_vertices(estimate.estimated, estimate.interval) if estimate is not None else None
     truth = np.array([1 - prevalence, prevalence])
     weights = np.where(labels == 1, prevalence, 1 - prevalence)  # the pool at the batch's prevalence, per case
     rng = np.random.default_rng([seed, round(prevalence * 100), 7])
     draws = []
     for _ in range(resplits):
         half = rng.permutation(len(labels))[: len(labels) // 2]
+        record = calibration_shares(setting.test_probs[half], torch.from_numpy(labels[half]), "binary")
+        shares = estimate_prevalence(
+            batch,
+            torch.tensor(record["prevalence"]),
+            "binary",
+            "bbse",
+            confusion=torch.tensor(record["confusion"]),
+            n_bootstrap=50,
+            seed=seed,
+        )
+        corners = None if shares is None else prevalence_vertices(shares.estimated, shares.interval)
         for target_risk, delta in PAIRS:
             args = (confidence[half], correct[half])
             controls = {
@@ -243,7 +260,7 @@ def prevalence_shift_benchmark(
                 "distinct_confidences": len(np.unique(confidence)) / len(confidence),
             })  # fmt: skip
             if method == "em" and kind == "resampled":
-                for draw in risk_control_draws(setting, prevalence, estimate, resplits, seed):
+                for draw in risk_control_draws(setting, prevalence, probs, estimate, resplits, seed):
                     draws.append(draw | {"prevalence": prevalence})
     values = ("true_prevalence", "estimated_prevalence", "abs_error", "within_0_05", "accuracy", "ece",
               "selective_accuracy_80", "distinct_confidences")  # fmt: skip

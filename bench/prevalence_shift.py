@@ -45,7 +45,13 @@ import numpy as np
 import torch
 
 from medtransfer.decisions.prevalence import adapt_probabilities, calibration_shares, estimate_prevalence
-from medtransfer.decisions.risk_control import control_selective_risk, control_shifted_risk, prevalence_vertices
+from medtransfer.decisions.risk_control import (
+    REFER_ALL,
+    RiskControl,
+    control_selective_risk,
+    control_shifted_risk,
+    prevalence_vertices,
+)
 from medtransfer.decisions.temperature import fit_temperature
 from medtransfer.decisions.thresholds import fit_threshold
 
@@ -196,8 +202,11 @@ def risk_control_draws(
                 "plain": control_selective_risk(*args, target_risk, delta),
                 "shifted_true": control_shifted_risk(*args, labels[half], truth, target_risk, delta),
             }
-            if corners is not None:
-                controls["shifted"] = control_shifted_risk(*args, labels[half], corners, target_risk, delta)
+            controls["shifted"] = (  # no estimate (a class seems absent): no adaptation, every case referred
+                control_shifted_risk(*args, labels[half], corners, target_risk, delta)
+                if corners is not None
+                else RiskControl(REFER_ALL, False, 0.0, 0.0, 1.0, len(half))
+            )
             for name, result in controls.items():
                 risk = pool_risk(confidence, correct, labels, result.cutoff, prevalence) if result.certified else 0.0
                 draws.append({

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -114,7 +115,8 @@ def test_folder_to_csv_matches_the_test_steps_probabilities(fitted, png_folder, 
     written = json.loads((tmp_path / "s.json").read_text())  # the summary's keys, in their order, and its values
     assert list(written) == ["images", "predicted", "unreadable", "decisions", "coverage", "images_per_second",
                              "output", "model", "failures", "unlike_training", "heatmaps", "guarantee"]  # fmt: skip
-    assert result.findings is None and written == {k: v for k, v in asdict(result).items() if k != "findings"}
+    assert result.findings is None and result.prevalence is None  # keys only multi-label / --prevalence runs have
+    assert written == {k: v for k, v in asdict(result).items() if k not in ("findings", "prevalence")}
 
 
 def test_the_mlflow_model_predicts_exactly_as_the_checkpoint(fitted, png_folder, tmp_path):
@@ -412,3 +414,62 @@ def test_a_csv_input_reads_its_paths_from_the_column_named_by_path_column(png_fo
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", str(table / "bare.csv"), str(checkpoint), "--output", str(tmp_path / "x.csv")])
     assert exit_info.value.code == 2 and "'path'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def many_pngs(tmp_path_factory, pneumonia_npz) -> Path:
+    """120 real test X-rays: enough cases to estimate a prevalence from (``MIN_CASES``)."""
+    folder = tmp_path_factory.mktemp("many")
+    with np.load(pneumonia_npz) as data:
+        for i, image in enumerate(data["test_images"][:120]):
+            Image.fromarray(image).save(folder / f"case{i:03d}.png")
+    return folder
+
+
+def test_prevalence_adapts_the_csv_and_reports_the_shares(fitted_checkpoint, many_pngs, tmp_path, capsys):
+    """``--prevalence 0.3`` re-weights each probability by Bayes' rule from the calibration shares and reports the
+    shares in the summary line and JSON; ``estimate`` with nothing to estimate from says so; ``none`` writes no
+    such block."""
+    main(["predict", str(many_pngs), str(fitted_checkpoint), "--output", str(tmp_path / "plain.csv"),
+          "--summary", str(tmp_path / "plain.json")])  # fmt: skip
+    assert "prevalence" not in json.loads((tmp_path / "plain.json").read_text())
+    plain = _read(tmp_path / "plain.csv")
+    probs = torch.tensor([float(r["prob_pneumonia"]) for r in plain], dtype=torch.float64)
+    assert len(set(probs.tolist())) == len(probs)  # no tie block: float64 probabilities, every digit written
+    source = torch.tensor(load_predictor(fitted_checkpoint).calibration["prevalence"], dtype=torch.float64)
+
+    main(["predict", str(many_pngs), str(fitted_checkpoint), "--output", str(tmp_path / "given.csv"),
+          "--summary", str(tmp_path / "given.json"), "--prevalence", "0.3"])  # fmt: skip
+    block = json.loads((tmp_path / "given.json").read_text())["prevalence"]
+    assert block["method"] == "given" and block["adapted"] and block["estimated"] == {"normal": 0.7, "pneumonia": 0.3}
+    assert (
+        block["interval"]["pneumonia"] == [0.3, 0.3] and "prevalence (given): normal 0.700" in capsys.readouterr().out
+    )
+    adapted = torch.tensor([float(r["prob_pneumonia"]) for r in _read(tmp_path / "given.csv")], dtype=torch.float64)
+    odds = (probs / (1 - probs)) * (0.3 / source[1]) / (0.7 / source[0])
+    torch.testing.assert_close(adapted, odds / (1 + odds))
+    assert json.loads((tmp_path / "given.json").read_text())["decisions"] == dict(
+        Counter(r["decision"] for r in _read(tmp_path / "given.csv"))
+    )
+
+    # this 4-batch model is too weak to estimate from: its estimate is at the boundary, so it warns and adapts
+    # nothing (the estimate itself is tested on data from a known model in tests/decisions/test_prevalence.py)
+    main(["predict", str(many_pngs), str(fitted_checkpoint), "--output", str(tmp_path / "est.csv"),
+          "--summary", str(tmp_path / "est.json"), "--prevalence", "estimate"])  # fmt: skip
+    assert json.loads((tmp_path / "est.json").read_text())["prevalence"] == {"method": "em", "adapted": False}
+    assert _read(tmp_path / "est.csv") == plain
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(many_pngs), str(fitted_checkpoint), "--prevalence", "most"])
+    assert exit_info.value.code == 2 and "--prevalence most: expected none, estimate" in capsys.readouterr().err
+
+
+def test_too_few_images_to_estimate_from_keep_the_model_probabilities(fitted_checkpoint, png_folder, tmp_path,
+                                                                     caplog):  # fmt: skip
+    folder, _ = png_folder  # 40 images, fewer than MIN_CASES
+    run_predict(str(folder), str(fitted_checkpoint), output=tmp_path / "plain.csv")
+    with caplog.at_level("WARNING"):
+        result = run_predict(str(folder), str(fitted_checkpoint), output=tmp_path / "est.csv", prevalence="estimate")
+    assert result.prevalence == {"method": "em", "adapted": False}
+    assert "batch of 40 case(s) is too small" in caplog.text
+    assert _read(tmp_path / "est.csv") == _read(tmp_path / "plain.csv")

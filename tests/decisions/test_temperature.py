@@ -37,3 +37,13 @@ def test_works_inside_no_grad_evaluation():
 def test_bad_input_is_rejected(logits, match):
     with pytest.raises(ValueError, match=match):
         fit_temperature(logits, torch.zeros_like(logits), "binary")
+
+
+def test_a_temperature_is_fitted_inside_inference_mode():
+    """``validate`` and ``test`` run the epoch-end fitting in inference mode; calibration is on by default."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, generator=generator) * 4
+    target = (logits / 4 + torch.randn(200, generator=generator) > 0).long()
+    with torch.inference_mode():
+        inside = fit_temperature(logits, target, "binary")
+    assert inside == pytest.approx(fit_temperature(logits, target, "binary")) and inside > 1

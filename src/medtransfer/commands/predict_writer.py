@@ -264,7 +264,8 @@ class PredictionWriter(BasePredictionWriter):
         task, names = self.predictor.task, self.predictor.class_names
         columns = [f"prob_{n}" for n in (names[1:] if task == "binary" else names)]
         probs = torch.tensor([[float(row[c]) for c in columns] for row in good], dtype=torch.float64)
-        probs = probs.reshape(len(good), len(columns))[:, 0] if task == "binary" else probs.reshape(len(good), -1)
+        probs = probs.reshape(len(good), len(columns))  # also when every file was unreadable
+        probs = probs[:, 0] if task == "binary" else probs
         shares = prevalence(probs)
         if shares is None:
             return None

@@ -18,7 +18,12 @@ def fit_temperature(logits: Tensor, target: Tensor, task: Task, max_iter: int = 
         raise ValueError("Cannot fit a temperature on an empty batch")
     if not torch.isfinite(logits).all():
         raise ValueError("Expected finite `logits`, but got NaN or inf")
-    logits, target = logits.detach().double(), target.detach()
+    with torch.inference_mode(False), torch.enable_grad():  # callers may sit in Lightning's evaluation loops
+        # clones are normal tensors: inference tensors (from `validate`/`test`) cannot enter autograd
+        return _fit(logits.detach().double().clone(), target.detach().clone(), task, max_iter)
+
+
+def _fit(logits: Tensor, target: Tensor, task: Task, max_iter: int) -> float:
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)  # T = exp(log_t) stays positive
     if task == "multiclass":
         loss_fn: nn.Module = nn.CrossEntropyLoss()
@@ -34,6 +39,5 @@ def fit_temperature(logits: Tensor, target: Tensor, task: Task, max_iter: int = 
         loss.backward()
         return loss
 
-    with torch.enable_grad():  # callers may sit inside Lightning's no-grad evaluation loops
-        optimizer.step(closure)
+    optimizer.step(closure)
     return float(log_t.detach().exp())

@@ -17,9 +17,12 @@ from medtransfer.decisions.risk_control import (
     calibration_summary,
     check_exchangeability,
     control_selective_risk,
+    control_shifted_risk,
     default_grid,
     fit_aps_quantile,
+    fit_shifted_aps_quantiles,
     min_testable,
+    prevalence_vertices,
 )
 
 
@@ -192,3 +195,91 @@ def test_exchangeability_check_fires_on_shift_only():
     check = check_exchangeability(summary, shifted, shifted > 0.3)
     assert check.shifted and check.ks_p_value < 1e-6
     assert "DIFFER" in check.message() and f"p={check.ks_p_value:.3g}" in check.message()
+
+
+# ------------------------------------------------------------------------------------------ label shift
+def _shifted(seed: int, n: int, positive_share: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Margin confidence, correctness and labels where each class's scores keep their law and only the class
+    shares change (label shift)."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.uniform(size=n) < positive_share).astype(int)
+    probs = 1 / (1 + np.exp(-np.where(labels == 1, rng.normal(2.0, 1.5, n), rng.normal(-1.0, 1.5, n))))
+    return np.abs(probs - 0.5), (probs >= 0.5) == labels, labels
+
+
+def test_shifted_risk_at_the_calibration_shares_is_the_plain_control():
+    for seed in range(4):
+        confidence, correct, labels = _shifted(seed, 400, 0.7)
+        shares = np.bincount(labels) / len(labels)
+        plain = control_selective_risk(confidence, correct, 0.1, 0.1)
+        shifted = control_shifted_risk(confidence, correct, labels, shares, 0.1, 0.1)
+        assert shifted.cutoff == pytest.approx(plain.cutoff)
+        assert shifted.coverage == pytest.approx(plain.coverage) and shifted.risk == pytest.approx(plain.risk)
+
+
+def test_shifted_risk_holds_where_the_plain_control_fails():
+    """Calibrated at 70 % positives, used at 10 %: the plain cut-off's risk on the target population exceeds the
+    target in most draws; the re-weighted one's in at most delta of them (2 se of 100 draws allowed)."""
+    big_confidence, big_correct, big_labels = _shifted(999, 200_000, 0.5)
+
+    def target_risk_at(cutoff: float, positive_share: float) -> float:
+        weights = np.where(big_labels == 1, positive_share, 1 - positive_share)
+        decided = big_confidence >= cutoff
+        return float((weights * (decided & ~big_correct)).sum() / max((weights * decided).sum(), 1e-12))
+
+    plain, shifted = [], []
+    for seed in range(100):
+        confidence, correct, labels = _shifted(seed, 400, 0.7)
+        plain.append(target_risk_at(control_selective_risk(confidence, correct, 0.1, 0.1).cutoff, 0.1) > 0.1)
+        result = control_shifted_risk(confidence, correct, labels, [0.9, 0.1], 0.1, 0.1)
+        shifted.append(result.certified and target_risk_at(result.cutoff, 0.1) > 0.1)
+    assert np.mean(plain) > 0.5
+    assert np.mean(shifted) <= 0.1 + 2 * math.sqrt(0.09 / 100)
+
+
+def test_prevalence_vertices_are_the_interval_corners_on_the_simplex():
+    binary = prevalence_vertices([0.3], [0.25, 0.36])
+    np.testing.assert_allclose(binary[0], [0.7, 0.3])
+    assert {tuple(row) for row in binary[1:].round(6)} == {(0.75, 0.25), (0.64, 0.36)}
+    low, high = np.array([0.15, 0.25, 0.45]), np.array([0.25, 0.35, 0.55])
+    corners = prevalence_vertices([0.2, 0.3, 0.5], np.stack([low, high], axis=1))
+    np.testing.assert_allclose(corners.sum(axis=1), 1.0)
+    assert ((corners >= low - 1e-9) & (corners <= high + 1e-9)).all() and len(corners) == 7
+
+
+def test_a_wider_interval_never_certifies_more():
+    confidence, correct, labels = _shifted(0, 600, 0.7)
+    point = control_shifted_risk(confidence, correct, labels, [0.6, 0.4], 0.1, 0.1)
+    wide = control_shifted_risk(confidence, correct, labels, prevalence_vertices([0.4], [0.3, 0.5]), 0.1, 0.1)
+    assert point.certified and wide.cutoff >= point.cutoff and wide.risk_bound <= 0.1 + 1e-9
+
+
+def test_shifted_risk_rejects_labels_outside_the_classes():
+    with pytest.raises(ValueError, match=r"Expected `labels` in 0\.\.1, but got 0\.\.2"):
+        control_shifted_risk(np.ones(3), np.ones(3, bool), np.array([0, 1, 2]), [0.5, 0.5], 0.1, 0.1)
+
+
+def test_shifted_sets_at_the_calibration_shares_are_the_plain_sets():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([1, 1, 1], 300)
+    labels = np.array([rng.choice(3, p=p) for p in probs])
+    quantiles = fit_shifted_aps_quantiles(probs, labels, 0.1, np.bincount(labels) / 300)
+    np.testing.assert_allclose(quantiles, fit_aps_quantile(probs, labels, 0.1))
+
+
+def test_shifted_sets_cover_the_target_population():
+    """Calibrated with equal class shares, used where class 0 is 80 %: re-weighted sets cover at least
+    1 - alpha of the target cases (the plain sets' coverage there is reported only)."""
+    rng = np.random.default_rng(1)
+
+    def draw(n: int, shares: list[float]) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.choice(3, size=n, p=shares)
+        probs = rng.dirichlet([1, 1, 1], n)
+        probs[np.arange(n), labels] += rng.uniform(0, 1.5, n)  # class 0 is the hardest only by its share
+        return probs / probs.sum(axis=1, keepdims=True), labels
+
+    cal_probs, cal_labels = draw(1500, [1 / 3, 1 / 3, 1 / 3])
+    new_probs, new_labels = draw(20_000, [0.8, 0.1, 0.1])
+    quantiles = fit_shifted_aps_quantiles(cal_probs, cal_labels, 0.1, [0.8, 0.1, 0.1])
+    sets = aps_sets(new_probs, quantiles)
+    assert sets[np.arange(20_000), new_labels].mean() >= 0.9 - 3 * math.sqrt(0.09 / 20_000)

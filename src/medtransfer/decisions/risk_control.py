@@ -15,6 +15,20 @@ This is MAPIE's ``BinaryClassificationController`` (precision of "correct", fixe
 binomial p-value) as a few vectorised lines; ``tests/decisions/test_risk_control.py`` checks both pick the same
 cut-off. MAPIE itself needs a ``predict_function`` per call and cannot skip cut-offs that accept nothing.
 
+**Under a change of prevalence (label shift).** Where the class shares differ from the calibration data's but
+each class's images do not (:math:`p(x \mid y)` fixed), :func:`control_shifted_risk` certifies the selective risk
+of the *target* population. Each calibration case of class ``k`` counts with weight
+:math:`w_k \propto \pi_k / \hat\pi_{\mathrm{cal},k}` (the largest weight one case): the weighted accepted cases
+and errors are the expected counts of the calibration subsample that keeps a case with probability
+:math:`w_k`, a sample of the target population, and enter the same binomial tail (a regularised incomplete beta
+function, which takes fractional counts). Equal weights give :func:`control_selective_risk` exactly. The
+estimation error of the shares is accounted for by testing every candidate share vector
+(:func:`prevalence_vertices`, the corners of the estimate's interval) and keeping the largest p-value: the
+selective risk is linear-fractional in the shares, so where it exceeds the target at a share in the interval it
+does at a corner. The guarantee then holds for every prevalence in the interval; with a ``1 - gamma`` interval, at least
+``1 - delta - gamma`` overall. Prediction sets re-weighted the same way (Podkopaev & Ramdas 2021,
+:func:`fit_shifted_aps_quantiles`) take one quantile per candidate class, the largest over the corners.
+
 **Prediction sets (multi-class).** APS (Romano et al. 2020) with MAPIE's conformity score; sets are rebuilt from the
 stored quantile and checked against MAPIE's ``SplitConformalClassifier`` in the tests.
 
@@ -31,7 +45,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 
 __all__ = [
     "REFER_ALL",
@@ -42,10 +56,13 @@ __all__ = [
     "check_exchangeability",
     "conformal_quantile",
     "control_selective_risk",
+    "control_shifted_risk",
     "default_grid",
     "fit_aps_quantile",
+    "fit_shifted_aps_quantiles",
     "guarantee_verdict",
     "min_testable",
+    "prevalence_vertices",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -127,6 +144,119 @@ def min_testable(target_risk: float, delta: float) -> int:
     return math.ceil(math.log(delta) / math.log1p(-target_risk) - 1e-9)
 
 
+# ------------------------------------------------------------------------------------------ label shift
+def prevalence_vertices(estimated: Any, interval: Any | None = None) -> np.ndarray:
+    """``(M, K)`` candidate class shares: ``estimated`` first, then the corners of ``interval`` (``(K, 2)``
+    low/high per class) on the simplex. A binary ``(1,)`` share is read as ``[1 - p, p]``."""
+    estimated = np.asarray(estimated, dtype=np.float64).reshape(-1)
+    if estimated.shape == (1,):
+        estimated = np.array([1 - estimated[0], estimated[0]])
+        if interval is not None:
+            low, high = np.asarray(interval, dtype=np.float64).reshape(2)
+            interval = [[1 - high, 1 - low], [low, high]]
+    if interval is None:
+        return estimated[None]
+    bounds = np.clip(np.asarray(interval, dtype=np.float64).reshape(len(estimated), 2), 0.0, 1.0)
+    k = len(estimated)
+    corners = []
+    for free in range(k):  # K - 1 shares at a bound, the last one fills the simplex
+        others = [j for j in range(k) if j != free]
+        for choice in np.ndindex(*(2,) * (k - 1)):
+            shares = np.empty(k)
+            shares[others] = bounds[others, choice]
+            shares[free] = 1.0 - shares[others].sum()
+            if bounds[free, 0] - 1e-9 <= shares[free] <= bounds[free, 1] + 1e-9:
+                corners.append(shares)
+    corners = np.unique(np.clip(np.reshape(corners, (-1, k)), 0.0, 1.0).round(12), axis=0)
+    return np.concatenate([estimated[None], corners])
+
+
+def _shares(prevalence: Any, num_classes: int) -> np.ndarray:
+    shares = np.asarray(prevalence, dtype=np.float64)
+    shares = shares[None] if shares.ndim == 1 else shares
+    if shares.ndim != 2 or shares.shape[1] != num_classes or (shares < 0).any():
+        raise ValueError(f"Expected `prevalence` of shape (K,) or (M, K) with K={num_classes}, but got {shares.shape}")
+    return shares / shares.sum(axis=1, keepdims=True)
+
+
+def control_shifted_risk(
+    confidence: Any,
+    correct: Any,
+    labels: Any,
+    prevalence: Any,
+    target_risk: float,
+    delta: float,
+    grid: np.ndarray | None = None,
+) -> RiskControl:
+    """:func:`control_selective_risk` for a population with other class shares: ``prevalence`` is ``(K,)`` or
+    ``(M, K)`` candidate target shares (:func:`prevalence_vertices`); a cut-off passes when the bound holds for
+    every candidate. ``labels`` are the ``(N,)`` calibration classes in ``0..K-1``. ``coverage`` and ``risk`` are
+    re-weighted to the first candidate; ``risk_bound`` is the largest bound at the certified cut-off."""
+    _check_open_unit("target_risk", target_risk)
+    _check_open_unit("delta", delta)
+    confidence = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    correct = np.asarray(correct, dtype=bool).reshape(-1)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if not confidence.shape == correct.shape == labels.shape:
+        raise ValueError(
+            f"Expected `confidence`, `correct` and `labels` of one shape, but got "
+            f"{confidence.shape}, {correct.shape}, {labels.shape}"
+        )
+    shares = _shares(prevalence, np.asarray(prevalence).shape[-1])
+    if len(labels) and (labels.min() < 0 or labels.max() >= shares.shape[1]):
+        raise ValueError(f"Expected `labels` in 0..{shares.shape[1] - 1}, but got {labels.min()}..{labels.max()}")
+    grid = default_grid() if grid is None else np.asarray(grid, dtype=np.float64)
+    sizes = np.bincount(labels, minlength=shares.shape[1]).astype(np.float64)
+    accepted, errors = np.zeros((2, shares.shape[1], len(grid)))
+    for k in range(shares.shape[1]):
+        rows = labels == k
+        accepted[k], errors[k] = _counts(confidence[rows], correct[rows], grid)
+    weights = np.divide(shares, sizes, out=np.zeros_like(shares), where=sizes > 0)
+    weights /= weights.max(axis=1, keepdims=True)  # the largest class weight is one case
+    kept, wrong = weights @ accepted, weights @ errors  # (M, grid): weighted accepted cases and errors
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p_values = np.where(kept > wrong, special.betainc(kept - wrong, wrong + 1, 1 - target_risk), 1.0).max(0)
+    tested = np.flatnonzero((kept >= math.log(delta) / math.log1p(-target_risk) - 1e-9).all(axis=0))
+    failed = tested[p_values[tested] > delta]
+    stop = failed[0] if len(failed) else len(grid)
+    passed = tested[tested < stop]
+    if len(passed) == 0:
+        return RiskControl(REFER_ALL, False, 0.0, 0.0, 1.0, len(labels))
+    j = int(passed[-1])
+    e, m = wrong[:, j], kept[:, j]
+    bound = float(np.where(e >= m, 1.0, stats.beta.ppf(1 - delta, e + 1, np.maximum(m - e, 1e-12))).max())
+    coverage = float(shares[0] @ np.divide(accepted[:, j], sizes, out=np.zeros_like(sizes), where=sizes > 0))
+    return RiskControl(float(grid[j]), True, coverage, float(e[0] / m[0]), bound, len(labels))
+
+
+def fit_shifted_aps_quantiles(probs: Any, labels: Any, alpha: float, prevalence: Any, seed: int = 0) -> np.ndarray:
+    """Per candidate class, the APS threshold for coverage ``1 - alpha`` in a population with class shares
+    ``prevalence`` (``(K,)`` or ``(M, K)`` candidates, the largest threshold over them): the weighted conformal
+    quantile of Podkopaev & Ramdas (2021), calibration case ``i`` weighted by ``w[y_i]`` and the new case by
+    ``w[y]`` for the class ``y`` tested, ``w = target / calibration share``; ``inf`` where too few cases weigh."""
+    from mapie.conformity_scores import APSConformityScore
+
+    _check_open_unit("alpha", alpha)
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+    num_classes = probs.shape[1]
+    shares = _shares(prevalence, num_classes)
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    score = APSConformityScore()
+    score.set_external_attributes(classes=np.arange(max(3, num_classes)), random_state=seed)
+    padded = np.pad(probs, ((0, 0), (0, max(0, 3 - num_classes))))  # MAPIE's one-hot needs three columns
+    scores = np.asarray(score.get_conformity_scores(labels, padded, y_enc=labels), dtype=np.float64).reshape(-1)
+    order = np.argsort(scores, kind="stable")
+    quantiles = np.full(num_classes, -np.inf)
+    for target in shares:
+        weights = np.divide(target * len(labels), counts, out=np.zeros(num_classes), where=counts > 0)
+        cumulative = np.cumsum(weights[labels[order]])
+        for y in range(num_classes):
+            need = (1 - alpha) * (cumulative[-1] + weights[y]) if len(labels) else math.inf
+            k = int(np.searchsorted(cumulative, need - 1e-12, side="left"))
+            quantiles[y] = max(quantiles[y], scores[order[k]] if k < len(labels) and weights[y] > 0 else math.inf)
+    return quantiles
+
+
 # ------------------------------------------------------------------------------------------ prediction sets
 def fit_aps_quantile(probs: Any, labels: Any, alpha: float, seed: int = 0) -> float:
     """The APS threshold for coverage ``1 - alpha``: the conformal quantile of MAPIE's randomised
@@ -154,14 +284,16 @@ def conformal_quantile(scores: Any, alpha: float) -> float:
     return math.inf if k > len(scores) else float(scores[k - 1])
 
 
-def aps_sets(probs: Any, quantile: float) -> np.ndarray:
+def aps_sets(probs: Any, quantile: Any) -> np.ndarray:
     """``(N, C)`` membership: classes ranked down to (and including) the first whose cumulative probability
-    reaches ``quantile`` (MAPIE's ``include_last_label=True``); the most probable class is always in the set."""
+    reaches ``quantile`` (MAPIE's ``include_last_label=True``; ``(C,)``: one per class, a class joins while the
+    probability ranked before it is below its own); the most probable class is always in the set."""
     probs = np.asarray(probs, dtype=np.float64)
     order = np.argsort(-probs, axis=1, kind="stable")
     ranked = np.take_along_axis(probs, order, axis=1)
     before = np.cumsum(ranked, axis=1) - ranked
-    keep_ranked = before < quantile - 1e-12
+    quantile = np.asarray(quantile, dtype=np.float64)
+    keep_ranked = before < (quantile[order] if quantile.ndim else quantile) - 1e-12
     keep_ranked[:, 0] = True
     sets = np.zeros_like(keep_ranked)
     np.put_along_axis(sets, order, keep_ranked, axis=1)

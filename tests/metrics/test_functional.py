@@ -185,6 +185,11 @@ def test_confidence_scores_and_predictions_per_task():
     binary = torch.tensor([0.9, 0.2, 0.5])
     torch.testing.assert_close(F.confidence_scores(binary, "binary"), torch.tensor([0.9, 0.8, 0.5]))
     torch.testing.assert_close(F.confidence_scores(binary, "binary", 0.3, "margin"), torch.tensor([0.6, 0.1, 0.2]))
+    # the probability stated for the decision: at a threshold of 0.3, 0.2 is a negative stated at 0.8
+    torch.testing.assert_close(F.confidence_scores(binary, "binary", 0.3, "decision_prob"), torch.tensor([0.9, 0.8, 0.5]))
+    torch.testing.assert_close(F.confidence_scores(binary, "binary", 0.6, "decision_prob"), torch.tensor([0.9, 0.8, 0.5]))
+    torch.testing.assert_close(F.confidence_scores(torch.tensor([0.35, 0.25]), "binary", 0.3, "decision_prob"),
+                               torch.tensor([0.35, 0.75]))  # fmt: skip
     assert DecisionRule("binary", torch.tensor(0.5), torch.tensor(0.0)).decide(binary).tolist() == [1, 0, 1]
     multiclass = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.45, 0.05]])
     torch.testing.assert_close(F.confidence_scores(multiclass, "multiclass"), torch.tensor([0.6, 0.5]))

@@ -260,7 +260,7 @@ def run_baseline(
     max_iter: int = 1000,
     threshold_policy: ThresholdPolicy = "youden",
     threshold_target: float = 0.9,
-    confidence_score: F.Score = "margin",
+    confidence_score: F.Score = "decision_prob",
     target_coverage: float = 0.9,
     target_risk: float | None = None,
     device: Literal["auto", "cpu", "cuda"] = "auto",
@@ -283,7 +283,7 @@ def run_baseline(
         max_iter: lbfgs iterations per fit.
         threshold_policy: how the decision threshold is chosen on validation, as for a network.
         threshold_target: the sensitivity or specificity the ``target_*`` policies must reach.
-        confidence_score: ``margin`` or ``max_prob``, as for a network.
+        confidence_score: ``decision_prob``, ``max_prob`` or ``margin``, as for a network.
         target_coverage: share of validation cases decided; the rest fall in the abstention band.
         target_risk: if set, the largest validation coverage whose error rate is at most this, instead.
         device: where the backbone runs; ``auto`` uses a GPU when there is one.

@@ -32,7 +32,7 @@ class DecisionFitting:
     task: Task
     threshold_policy: ThresholdPolicy = "youden"
     threshold_target: float = 0.9
-    confidence_score: F.Score = "margin"
+    confidence_score: F.Score = "decision_prob"
     target_coverage: float = 0.9
     target_risk: float | None = None
     delta: float | None = None

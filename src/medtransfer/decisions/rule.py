@@ -25,7 +25,7 @@ class DecisionRule:
     task: Task
     threshold: Tensor
     min_confidence: Tensor
-    confidence_score: F.Score = "margin"
+    confidence_score: F.Score = "decision_prob"
     set_quantile: float | None = None
 
     def decide(self, probs: Tensor) -> Tensor:
@@ -48,11 +48,14 @@ class DecisionRule:
 
     @property
     def abstention_band(self) -> tuple[float, float]:
-        """Binary tasks: probabilities strictly between ``(low, high)`` are referred (margin score)."""
+        """Binary tasks: probabilities strictly between ``(low, high)`` are referred."""
         if self.task != "binary":
             raise ValueError("abstention_band describes a binary task; use `abstains(probs)` for the others")
         t, m = float(self.threshold), float(self.min_confidence)
-        return max(0.0, t - m), min(1.0, t + m)
+        if self.confidence_score == "margin":
+            return max(0.0, t - m), min(1.0, t + m)
+        centre = t if self.confidence_score == "decision_prob" else 0.5
+        return min(centre, 1.0 - m), max(centre, m)
 
     def prediction_sets(self, probs: Tensor) -> Tensor:
         """Multi-class: ``(N, C)`` booleans, the conformal set of each case."""

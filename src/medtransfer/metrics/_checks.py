@@ -10,7 +10,7 @@ from torch import Tensor
 
 from medtransfer.task import Task
 
-Score = Literal["max_prob", "margin"]
+Score = Literal["decision_prob", "max_prob", "margin"]
 TASKS, SCORES = get_args(Task), get_args(Score)
 
 

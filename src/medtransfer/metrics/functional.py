@@ -60,8 +60,10 @@ def confidence_scores(
 ) -> Tensor:
     """Confidence of each decision, ``(N,)`` or ``(N, L)`` (multilabel); higher means kept rather than referred.
 
-    ``max_prob``: the top class probability or :math:`\\max(p, 1 - p)`; ``margin``: top-1 minus top-2 probability
-    or :math:`|p - \\text{threshold}|`, which ranks cases by their distance to the decision actually made.
+    ``decision_prob``: the probability stated for the decision made (``p`` where ``p >= threshold``, else ``1 - p``;
+    the top class probability for multi-class), so a low threshold does not rank false positives at ``p = 0.8``
+    ahead of true negatives at ``p = 0.05``; ``max_prob``: the top class probability or :math:`\\max(p, 1 - p)`;
+    ``margin``: top-1 minus top-2 probability or :math:`|p - \\text{threshold}|`.
 
     Example:
         >>> confidence_scores(torch.tensor([0.9, 0.2, 0.5]), "binary")
@@ -73,13 +75,16 @@ def confidence_scores(
             raise ValueError(f"Expected argument `score` to be one of {SCORES}, but got {score!r}")
         _check_threshold(threshold, probs)
     if task == "multiclass":
-        if score == "max_prob":
+        if score != "margin":
             return probs.max(dim=1).values
         top2 = probs.topk(2, dim=1).values
         return top2[:, 0] - top2[:, 1]
     if score == "max_prob":
         return torch.maximum(probs, 1 - probs)
-    return (probs - torch.as_tensor(threshold, dtype=probs.dtype, device=probs.device)).abs()
+    threshold = torch.as_tensor(threshold, dtype=probs.dtype, device=probs.device)
+    if score == "decision_prob":
+        return torch.where(probs >= threshold, probs, 1 - probs)
+    return (probs - threshold).abs()
 
 
 # ----------------------------------------------------------------------------------------- operating points

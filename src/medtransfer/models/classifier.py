@@ -59,8 +59,8 @@ class ClassifierModule(LightningModule):
         threshold_target: the sensitivity or specificity that the ``target_*`` policies must reach.
         temperature_scaling: fit a temperature on the validation (calibration) logits (Guo et al. 2017) and divide
             logits by it; ``False`` leaves the network's own probabilities.
-        confidence_score: how sure a decision is: ``margin`` (``|p - threshold|``; top-1 minus top-2) or
-            ``max_prob``; cases are referred from the least confident up.
+        confidence_score: how sure a decision is: ``decision_prob`` (the probability stated for the decision made),
+            ``max_prob`` or ``margin`` (``|p - threshold|``; top-1 minus top-2); the least confident are referred.
         target_coverage: share of validation cases the model should decide on; the rest fall in the abstention band.
         target_risk: if set, instead the largest validation coverage whose error rate is at most this.
         delta: with ``target_risk``, certify the band: selective risk at most ``target_risk`` with probability
@@ -89,7 +89,7 @@ class ClassifierModule(LightningModule):
         threshold_policy: ThresholdPolicy = "youden",
         threshold_target: float = 0.9,
         temperature_scaling: bool = True,
-        confidence_score: F.Score = "margin",
+        confidence_score: F.Score = "decision_prob",
         target_coverage: float = 0.9,
         target_risk: float | None = None,
         class_weighting: Literal["none", "balanced"] = "none",
@@ -187,7 +187,7 @@ class ClassifierModule(LightningModule):
 
     @property
     def abstention_band(self) -> tuple[float, float]:
-        """Binary tasks: probabilities strictly between ``(low, high)`` are referred (margin score)."""
+        """Binary tasks: probabilities strictly between ``(low, high)`` are referred."""
         return self.decision_rule.abstention_band
 
     def on_fit_start(self) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import csv
 import heapq
+import logging
+import signal
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -16,12 +19,15 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.nn import functional as nnf
+from torch.utils.data import DataLoader
 
 from medtransfer.commands.predictor import Predictor
 from medtransfer.data.unlike import unlike_reasons
+from medtransfer.decisions.risk_control import guarantee_verdict
 from medtransfer.errors import DataError
-from medtransfer.explain import DEFAULT_METHOD, explain, map_box, map_peak, resolve_layer, save_overlay
-from medtransfer.explain.methods import Method
+from medtransfer.explain.choices import DEFAULT_METHOD, Method
+from medtransfer.explain.methods import explain, map_box, map_peak, resolve_layer
+from medtransfer.explain.overlays import save_overlay
 from medtransfer.files import atomic_open
 from medtransfer.progress import Progress
 
@@ -287,3 +293,49 @@ class PredictionWriter(BasePredictionWriter):
         heatmaps = self.heatmaps.state() if self.heatmaps is not None else None
         return {"counts": self.counts, "findings": self.findings, "failures": self.failures, "unlike": self.unlike,
                 "probs": self.probs, "heatmaps": heatmaps}  # fmt: skip
+
+
+def summarise(writer: PredictionWriter, predictor: Predictor, images: int, seconds: float, output: Path,
+               explainer: HeatmapWriter | None) -> dict[str, Any]:  # fmt: skip
+    """The fields of the run's ``PredictSummary`` from the writer's tallies, with the guarantee's verdict on these
+    probabilities."""
+    counts, predicted = writer.counts, sum(writer.counts.values())
+    decided = sum(v for k, v in counts.items() if not k.startswith("abstain"))
+    findings = None
+    if predictor.task == "multilabel":
+        findings = {name: dict(writer.findings.get(name, {})) for name in predictor.class_names}
+    return dict(
+        images=images, predicted=predicted, unreadable=len(writer.failures), decisions=dict(counts),
+        coverage=decided / max(1, predicted), images_per_second=images / seconds if seconds else None,
+        output=str(output), model=predictor.label, failures=writer.failures,
+        unlike_training=writer.unlike if predictor.settings.reference else None,
+        heatmaps=explainer.written if explainer is not None else [], findings=findings,
+        guarantee=guarantee_verdict(predictor.rule, predictor.calibration, writer.probs),
+    )  # fmt: skip
+
+
+def predict_rows(module: LightningModule, loader: DataLoader, writer: PredictionWriter, device: str,
+                 devices: int | str, precision: str, inference_mode: bool) -> None:  # fmt: skip
+    """``Trainer.predict`` with ``writer`` streaming the rows (heatmaps need gradients: no inference mode then).
+    A Ctrl-C stays a ``KeyboardInterrupt`` (Lightning would exit with status 1 and leave SIGINT ignored)."""
+    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # "GPU available: ..." lines: not ours
+    level, handler = quiet.level, signal.getsignal(signal.SIGINT)
+    quiet.setLevel(logging.WARNING)
+    try:
+        trainer = Trainer(
+            accelerator="gpu" if device == "cuda" else device, devices=devices, precision=precision,
+            inference_mode=inference_mode, callbacks=[writer], logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        with warnings.catch_warnings():  # the number of workers is the --num_workers the user chose
+            warnings.filterwarnings("ignore", message=r".*does not have many workers")
+            warnings.filterwarnings("ignore", message=r"predict returned None")  # a batch of unreadable files only
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning's, not ours
+            trainer.predict(module, loader, return_predictions=False)
+    except SystemExit:
+        if isinstance(writer.interrupted, KeyboardInterrupt):
+            raise writer.interrupted from None
+        raise
+    finally:
+        quiet.setLevel(level)
+        signal.signal(signal.SIGINT, handler)

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from medtransfer.checkpoints import load_checkpoint
 from medtransfer.data.readers import as_color, dicom_frame_count, is_color, read_image
+from medtransfer.data.transforms import build_eval_transform
 from medtransfer.decisions.rule import DecisionRule
 from medtransfer.errors import DataError
 from medtransfer.models.classifier import ClassifierModule
@@ -179,6 +180,18 @@ class ImageRows(Dataset):
         failed = [(i, error) for i, x, error in items if x is None]
         images = torch.stack([x for _, x in good]) if good else None
         return [i for i, _ in good], images, failed
+
+
+def image_rows(paths: list[Path], settings: InputSpec, frame: str | None) -> ImageRows:
+    """The images read and transformed as in training; ``frame: all`` gives a multi-frame DICOM a row per frame."""
+    frame = frame or settings.dicom_frame
+    frames = None
+    if frame == "all":  # one row per frame; files of one frame read it as their first
+        paths, frames = every_frame(paths)
+    transform = build_eval_transform(
+        settings.size, settings.channels, settings.mean, settings.std, settings.interpolation, color=settings.color,
+    )  # fmt: skip
+    return ImageRows(paths, transform, settings.color, "first" if frame == "all" else frame, frames)
 
 
 def explainable_network(predictor: Predictor, model: str, device: str, tracking_uri: str | None) -> torch.nn.Module:

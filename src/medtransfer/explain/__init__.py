@@ -1,17 +1,12 @@
 """Explanations of a trained classifier's decisions: heatmaps (Grad-CAM, LayerCAM, multi-stage fusion,
-occlusion) at the input's resolution, their peaks and boxes as data, and overlays on the image."""
+occlusion) at the input's resolution, their peaks and boxes as data, and overlays on the image.
 
-from medtransfer.explain.methods import (
-    DEFAULT_METHOD,
-    METHODS,
-    box_iou,
-    explain,
-    map_box,
-    map_peak,
-    pointing_hit,
-    resolve_layer,
-)
-from medtransfer.explain.overlays import overlay, save_overlay
+The method names are at hand at once; the functions (torch, Captum, matplotlib) are imported on first use."""
+
+from importlib import import_module
+from typing import Any
+
+from medtransfer.explain.choices import DEFAULT_METHOD, METHODS
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -25,3 +20,11 @@ __all__ = [
     "resolve_layer",
     "save_overlay",
 ]
+
+_HOMES = {"overlay": "overlays", "save_overlay": "overlays"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_HOMES.get(name, 'methods')}"), name)

@@ -21,13 +21,12 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.nn import functional as nnf
 from torch.utils.data import DataLoader
 
+from medtransfer import explain as heatmap_methods  # torch's Captum and matplotlib: imported on first heatmap
 from medtransfer.commands.predictor import Predictor
 from medtransfer.data.unlike import unlike_reasons
 from medtransfer.decisions.risk_control import guarantee_verdict
 from medtransfer.errors import DataError
 from medtransfer.explain.choices import DEFAULT_METHOD, Method
-from medtransfer.explain.methods import explain, map_box, map_peak, resolve_layer
-from medtransfer.explain.overlays import save_overlay
 from medtransfer.files import atomic_open
 from medtransfer.progress import Progress
 
@@ -99,7 +98,7 @@ class HeatmapWriter:
         self.predictor, self.method, self.layer = predictor, method, layer
         self.read = read  # row -> the image as the model saw it: overlays of colour images are in colour
         if layer is not None:  # a wrong name fails now, before any image is read (occlusion ignores it)
-            resolve_layer(network.backbone, layer)
+            heatmap_methods.resolve_layer(network.backbone, layer)
         self.heap: list[tuple[float, int]] = []
         self.top_probs: dict[int, torch.Tensor] = {}
         self.written: list[str] = []
@@ -117,7 +116,7 @@ class HeatmapWriter:
         rows = [j for j, _ in pairs]
         target = None if pairs[0][1] is None else torch.tensor([t for _, t in pairs], device=images.device)
         with torch.autocast(images.device.type, enabled=False):
-            maps = explain(self.network, images[rows].float(), target, self.method, self.layer).cpu()
+            maps = heatmap_methods.explain(self.network, images[rows].float(), target, self.method, self.layer).cpu()
         columns: list[dict[str, list[str]]] = [{} for _ in paths]
         for (j, label), heat in zip(pairs, maps, strict=True):
             image = self.read(indices[j])
@@ -125,11 +124,12 @@ class HeatmapWriter:
             full = full[0, 0].clamp(0, 1).numpy().astype(np.float32)
             suffix = "" if label is None else f"_{self.predictor.class_names[label]}"
             stem = self.folder / f"{indices[j]:06d}_{paths[j].stem}{suffix}"
-            picture = str(save_overlay(stem.with_suffix(".png"), image, full).resolve())  # usable from any folder
+            overlay = heatmap_methods.save_overlay(stem.with_suffix(".png"), image, full)
+            picture = str(overlay.resolve())  # usable from any folder
             with atomic_open(stem.with_suffix(".npy"), "wb") as stream:
                 np.save(stream, full)
-            x, y, value = map_peak(full)
-            box = map_box(full, BOX_THRESHOLD) or ("",) * 4
+            x, y, value = heatmap_methods.map_peak(full)
+            box = heatmap_methods.map_box(full, BOX_THRESHOLD) or ("",) * 4
             raw = str(stem.with_suffix(".npy").resolve())
             values = [picture, raw, f"{x:.1f}", f"{y:.1f}", f"{value:.4f}", *map(str, box)]
             if label is not None:

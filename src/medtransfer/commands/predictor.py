@@ -22,8 +22,6 @@ from medtransfer.errors import DataError
 from medtransfer.models.classifier import ClassifierModule
 from medtransfer.models.inference import ProbabilityModel, input_settings
 from medtransfer.models.input_spec import InputSpec
-from medtransfer.tracking.mlflow import resolve_tracking_uri
-from medtransfer.tracking.model_logging import tracking_at
 
 __all__ = ["ImageRows", "PredictModule", "Predictor", "every_frame", "explainable_network", "load_predictor",
            "read_as_trained"]  # fmt: skip
@@ -100,6 +98,9 @@ def _is_model_uri(model: str) -> bool:
 def _mlflow_store(tracking_uri: str | None, failure: str) -> Iterator[None]:
     """The MLflow store of ``tracking_uri``; its errors become one DataError starting with ``failure``."""
     from mlflow.exceptions import MlflowException
+
+    from medtransfer.tracking.mlflow import resolve_tracking_uri
+    from medtransfer.tracking.model_logging import tracking_at  # MLflow: only for a model URI
 
     with tracking_at(resolve_tracking_uri(tracking_uri)):
         try:

@@ -131,8 +131,8 @@ def _short_headers() -> dict[str, str]:
 
 
 def __getattr__(name: str) -> Any:
-    """``COVERAGES`` and ``evaluate_predictions`` (the one report, per class) from their home, on first use."""
-    if name in ("evaluate_predictions"):
+    """``COVERAGES`` and ``evaluate_predictions`` (the one report, per class), imported on first use."""
+    if name in ("COVERAGES", "evaluate_predictions"):
         from medtransfer.decisions import report
 
         return getattr(report, "evaluation_table" if name == "evaluate_predictions" else name)

@@ -30,8 +30,7 @@ _TRAINER_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 
 
 def __getattr__(name: str) -> Any:
-    """``Predictor``, ``load_predictor`` and ``read_as_trained`` from their home, imported on first use (torch,
-    Lightning, timm): ``predict --help`` needs none of them."""
+    """``Predictor``, ``load_predictor`` and ``read_as_trained``, imported on first use (``--help`` needs no torch)."""
     if name in ("Predictor", "load_predictor", "read_as_trained"):
         from medtransfer.commands import predictor
 
@@ -155,13 +154,7 @@ def run_predict(
     """
     from torch.utils.data import DataLoader  # here, not at the top: --help needs none of torch, Lightning, timm
 
-    from medtransfer.commands.predict_writer import (
-        HeatmapWriter,
-        PredictionWriter,
-        csv_columns,
-        predict_rows,
-        summarise,
-    )
+    from medtransfer.commands import predict_writer as writing
     from medtransfer.commands.predictor import ImageRows, PredictModule, explainable_network, image_rows, load_predictor
 
     for name, target in (("--output", output), ("--summary", summary)):
@@ -175,21 +168,22 @@ def run_predict(
     explainer = None
     if heatmaps is not None:  # an exported graph has no layers: the maps come from the checkpoint logged beside it
         network = explainable_network(predictor, model, device, tracking_uri)
-        explainer = HeatmapWriter(network, heatmaps, heatmaps_for, top_k, predictor, explain_method, explain_layer,
-                                  read=rows.read)  # fmt: skip
+        explainer = writing.HeatmapWriter(network, heatmaps, heatmaps_for, top_k, predictor, explain_method,
+                                          explain_layer, read=rows.read)  # fmt: skip
     output = Path(output)
     _warn_stale(output)
-    columns = csv_columns(predictor, rows.frames is not None, explainer is not None and heatmaps_for != "top_k")
-    writer = PredictionWriter(output, predictor, rows.paths, columns, rows.frames, predictor.settings.reference,
-                              explainer)  # fmt: skip
+    columns = writing.csv_columns(predictor, rows.frames is not None, explainer is not None and heatmaps_for != "top_k")
+    writer = writing.PredictionWriter(output, predictor, rows.paths, columns, rows.frames, predictor.settings.reference,
+                                      explainer)  # fmt: skip
     start = time.perf_counter()
-    predict_rows(PredictModule(predictor.network, channels_last, compile), loader, writer, device, devices,
-                 _TRAINER_PRECISION[precision], heatmaps is None)  # fmt: skip
+    writing.predict_rows(PredictModule(predictor.network, channels_last, compile), loader, writer, device, devices,
+                         _TRAINER_PRECISION[precision], heatmaps is None)  # fmt: skip
     if not writer.is_global_zero:  # another DDP rank: its rows are in rank 0's CSV, which reports the whole run
         return None
     if explainer is not None and heatmaps_for == "top_k":
         explainer.write_top_k(rows.paths, rows.transform)
-    result = PredictSummary(**summarise(writer, predictor, len(rows), time.perf_counter() - start, output, explainer))
+    seconds = time.perf_counter() - start
+    result = PredictSummary(**writing.summarise(writer, predictor, len(rows), seconds, output, explainer))
     if summary is not None:
         write_text_atomic(Path(summary), result.to_json())
     _print_summary(result)

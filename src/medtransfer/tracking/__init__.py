@@ -1,7 +1,5 @@
-"""Experiment tracking with MLflow: the logger, config logging and run bookkeeping callbacks.
-
-The names below are imported on first use, so that a light module of the package (``ui``, ``redaction``) does not
-pay for Lightning and MLflow."""
+"""Experiment tracking with MLflow: the logger, config logging and run bookkeeping callbacks (imported on first
+use: ``ui`` and ``redaction`` import neither Lightning nor MLflow)."""
 
 from importlib import import_module
 from typing import Any

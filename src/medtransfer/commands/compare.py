@@ -11,12 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-from matplotlib.figure import Figure
 
 from medtransfer.errors import MedtransferError
 from medtransfer.files import write_text_atomic
-from medtransfer.tracking.datasets import DATASET_CONTEXT
-from medtransfer.tracking.mlflow import resolve_tracking_uri
 
 __all__ = ["STANDARD_METRICS", "CompareResult", "lower_is_better", "normalise_metric", "plot_metric", "print_table",
            "run_compare", "runs_table", "to_markdown"]  # fmt: skip
@@ -156,6 +153,8 @@ def _dataset(run: Any) -> str:
     """``<name>@<digest>`` of the run's validation data input (every fit and baseline has one; else its test or
     training one), else the ``dataset.name`` tag of runs logged before dataset inputs; empty if neither."""
     inputs = getattr(getattr(run, "inputs", None), "dataset_inputs", None) or []
+    from medtransfer.tracking.datasets import DATASET_CONTEXT  # its module imports torch
+
     by_context = {next((t.value for t in i.tags if t.key == DATASET_CONTEXT), ""): i.dataset for i in inputs}
     for context in ("validation", "test", "train"):
         if context in by_context:
@@ -178,8 +177,9 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_metric(table: pd.DataFrame, metric: str) -> Figure:
-    """Horizontal bars of ``metric`` per run, in the table's order (best on top); runs without it left out."""
+def plot_metric(table: pd.DataFrame, metric: str) -> Any:
+    """A matplotlib figure: horizontal bars of ``metric`` per run, in the table's order (best on top); runs without
+    it left out."""
     import matplotlib.pyplot as plt
 
     shown = table.dropna(subset=[metric])
@@ -248,6 +248,8 @@ def run_compare(
         mixed_datasets: rank runs of different datasets together (by default each dataset's runs apart).
     """
     from mlflow import MlflowClient
+
+    from medtransfer.tracking.mlflow import resolve_tracking_uri  # Lightning's: not for --help
 
     client = MlflowClient(resolve_tracking_uri(tracking_uri, existing=True))
     table, metric = runs_table(client, experiment, metric, filter_string, max_runs, order, mixed_datasets)

@@ -13,18 +13,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from medtransfer.commands.compare import print_table
 from medtransfer.commands.evaluate_io import SHOW, LabelFormat, join_on_ids, read_labels, read_predictions
 from medtransfer.data.tables import CHESTXRAY14_FINDINGS  # re-exported (in __all__)
-from medtransfer.decisions.report import COVERAGES
-from medtransfer.decisions.report import evaluation_table as evaluate_predictions  # the one report, per class
 from medtransfer.errors import DataError
 from medtransfer.files import write_text_atomic
 from medtransfer.task import Task
 
-__all__ = ["CHESTXRAY14_FINDINGS", "COVERAGES", "EvaluateResult", "evaluate_predictions", "join_on_ids", "read_labels",
+__all__ = ["CHESTXRAY14_FINDINGS", "EvaluateResult", "join_on_ids", "read_labels",
            "read_predictions", "run_evaluate"]  # fmt: skip
 
 _logger = logging.getLogger(__name__)
@@ -93,11 +90,13 @@ def run_evaluate(
         rate = len(pred_ids) / max(read, 1e-9)
         print(f"evaluate: {len(pred_ids):,} images read and joined to {labels} in {read:.1f} s ({rate:,.0f} "
               f"images/s); scoring {len(class_names)} classes ...", file=sys.stderr, flush=True)  # fmt: skip
-    report = evaluate_predictions(probs, targets, class_names, task, threshold)
+    from medtransfer.decisions.report import evaluation_table  # torch and torchmetrics: not for --help
+
+    report = evaluation_table(probs, targets, class_names, task, threshold)
     if large:
         print(f"evaluate: scored in {time.perf_counter() - started - read:.1f} s", file=sys.stderr, flush=True)
     guarantee = _guarantee(model, probs, task) if model is not None else None
-    shown = report.rename(columns=_SHORT_HEADERS).rename_axis("class").reset_index()
+    shown = report.rename(columns=_short_headers()).rename_axis("class").reset_index()
     print_table(shown, f"{Path(predictions).name} vs {Path(labels).name}: {task}, {len(pred_ids)} images", 160,
                 whole=shown.columns)  # fmt: skip
     if out_dir is not None:
@@ -111,6 +110,8 @@ PROGRESS_ROWS = 10_000
 
 def _guarantee(model: str, probs: np.ndarray, task: str) -> dict:
     """The exchangeability verdict of these probabilities against ``model``'s calibration scores."""
+    import torch
+
     from medtransfer.commands.predict import load_predictor
     from medtransfer.decisions.risk_control import guarantee_verdict
 
@@ -121,9 +122,21 @@ def _guarantee(model: str, probs: np.ndarray, task: str) -> dict:
     return verdict
 
 
-#: Narrower headers of the printed table (the files keep the report's names).
-_SHORT_HEADERS = {"positives": "pos", "accuracy": "acc",
-                  **{f"sel_acc_{round(c * 100)}": f"acc@{round(c * 100)}" for c in COVERAGES}}  # fmt: skip
+def _short_headers() -> dict[str, str]:
+    """Narrower headers of the printed table (the files keep the report's names)."""
+    from medtransfer.decisions.report import COVERAGES
+
+    return {"positives": "pos", "accuracy": "acc",
+            **{f"sel_acc_{round(c * 100)}": f"acc@{round(c * 100)}" for c in COVERAGES}}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    """``COVERAGES`` and ``evaluate_predictions`` (the one report, per class), imported on first use."""
+    if name in ("COVERAGES", "evaluate_predictions"):
+        from medtransfer.decisions import report
+
+        return getattr(report, "evaluation_table" if name == "evaluate_predictions" else name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _write_report(report: pd.DataFrame, out_dir: Path, predictions: Path, labels: Path, task: str) -> None:

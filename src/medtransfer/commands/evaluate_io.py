@@ -19,7 +19,6 @@ from medtransfer.data.tables import (
     read_csv_table,
     require_columns,
 )
-from medtransfer.decisions.report import first_bad_probability
 from medtransfer.errors import DataError
 
 __all__ = ["LabelFormat", "join_on_ids", "read_labels", "read_predictions"]
@@ -97,6 +96,8 @@ def _read_probabilities(column: pd.Series, path: Path) -> np.ndarray:
     """One column of probabilities as float64; the first bad cell is a DataError naming its line and column."""
     text = column.str.strip()
     values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
+    from medtransfer.decisions.report import first_bad_probability  # imports torch: not for --help
+
     if (bad := first_bad_probability(values[:, None])) is not None:
         position, _, count = bad
         line, raw, value = column.index[position], text.iloc[position], values[position]

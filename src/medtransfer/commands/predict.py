@@ -9,47 +9,33 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import signal
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-from lightning.pytorch import Trainer
-from torch.utils.data import DataLoader
-
-from medtransfer.commands.predict_writer import HeatmapWriter, PredictionWriter, csv_columns
-from medtransfer.commands.predictor import (
-    ImageRows,
-    PredictModule,
-    Predictor,
-    every_frame,
-    explainable_network,
-    load_predictor,
-    read_as_trained,
-)
 from medtransfer.data.readers import SUPPORTED_SUFFIXES
-from medtransfer.data.tables import read_csv_table, require_columns
-from medtransfer.data.transforms import build_eval_transform
-from medtransfer.decisions.prevalence import Prevalence, PrevalenceMethod, estimate_prevalence, given_prevalence
-from medtransfer.decisions.risk_control import guarantee_verdict
 from medtransfer.errors import DataError
-from medtransfer.explain import DEFAULT_METHOD
-from medtransfer.explain.methods import Method
+from medtransfer.explain.choices import DEFAULT_METHOD, Method
 from medtransfer.files import write_text_atomic
-from medtransfer.models.input_spec import InputSpec
 
-__all__ = ["PredictSummary", "Predictor", "collect_images", "load_predictor", "read_as_trained", "resolve_device",
-           "run_predict"]  # fmt: skip
+__all__ = ["PredictSummary", "collect_images", "resolve_device", "run_predict"]
 
 _logger = logging.getLogger(__name__)
 
 #: ``--precision`` as Lightning's Trainer names it: autocast to bfloat16 / float16 for speed.
 Precision = Literal["32", "bf16", "16"]
 _TRAINER_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+
+
+def __getattr__(name: str) -> Any:
+    """``Predictor``, ``load_predictor`` and ``read_as_trained``, imported on first use (``--help`` needs no torch)."""
+    if name in ("Predictor", "load_predictor", "read_as_trained"):
+        from medtransfer.commands import predictor
+
+        return getattr(predictor, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -90,6 +76,8 @@ def collect_images(source: str, path_column: str = "path") -> list[Path]:
             p for p in path.rglob("*") if p.suffix.lower() in SUPPORTED_SUFFIXES and (p.is_symlink() or not p.is_dir())
         )
     if path.suffix.lower() == ".csv" and path.is_file():
+        from medtransfer.data.tables import read_csv_table, require_columns  # pandas: only for a CSV
+
         table = read_csv_table(path, "image list")
         require_columns(table, [path_column], path)
         return [p if p.is_absolute() else path.parent / p for p in map(Path, table[path_column])]
@@ -141,7 +129,7 @@ def run_predict(
     tracking_uri: str | None = None,
     frame: Literal["first", "middle", "all", "error"] | None = None,
     prevalence: str = "none",
-    prevalence_method: PrevalenceMethod = "em",
+    prevalence_method: Literal["em", "bbse"] = "em",
 ) -> PredictSummary | None:
     """Predict every image and write one CSV row each.
 
@@ -174,34 +162,42 @@ def run_predict(
     Returns:
         The summary (what ``summary`` holds); ``None`` in the processes of DDP ranks other than 0.
     """
+    from torch.utils.data import DataLoader  # here, not at the top: --help needs none of torch, Lightning, timm
+
+    from medtransfer.commands import predict_writer as writing
+    from medtransfer.commands.predictor import ImageRows, PredictModule, explainable_network, image_rows, load_predictor
+
     for name, target in (("--output", output), ("--summary", summary)):
         if target is not None:
             _check_writable(name, Path(target), images)
     shares = _parse_prevalence(prevalence)
     device = resolve_device(device, precision)
     predictor = load_predictor(model, device, tracking_uri)
-    rows = _image_rows(collect_images(images, path_column), predictor.settings, frame)
+    rows = image_rows(collect_images(images, path_column), predictor.settings, frame)
     loader = DataLoader(rows, batch_size=batch_size, num_workers=num_workers, collate_fn=ImageRows.collate,
                         pin_memory=device == "cuda")  # fmt: skip
     explainer = None
     if heatmaps is not None:  # an exported graph has no layers: the maps come from the checkpoint logged beside it
         network = explainable_network(predictor, model, device, tracking_uri)
-        explainer = HeatmapWriter(network, heatmaps, heatmaps_for, top_k, predictor, explain_method, explain_layer,
-                                  read=rows.read)  # fmt: skip
+        explainer = writing.HeatmapWriter(network, heatmaps, heatmaps_for, top_k, predictor, explain_method,
+                                          explain_layer, read=rows.read)  # fmt: skip
     output = Path(output)
     _warn_stale(output)
-    columns = csv_columns(predictor, rows.frames is not None, explainer is not None and heatmaps_for != "top_k")
-    writer = PredictionWriter(output, predictor, rows.paths, columns, rows.frames, predictor.settings.reference,
-                              explainer)  # fmt: skip
+    columns = writing.csv_columns(predictor, rows.frames is not None, explainer is not None and heatmaps_for != "top_k")
+    writer = writing.PredictionWriter(output, predictor, rows.paths, columns, rows.frames, predictor.settings.reference,
+                                      explainer)  # fmt: skip
     start = time.perf_counter()
-    _predict(PredictModule(predictor.network, channels_last, compile), loader, writer, device, devices, precision,
-             heatmaps is None)  # fmt: skip
+    writing.predict_rows(PredictModule(predictor.network, channels_last, compile), loader, writer, device, devices,
+                         _TRAINER_PRECISION[precision], heatmaps is None)  # fmt: skip
     if not writer.is_global_zero:  # another DDP rank: its rows are in rank 0's CSV, which reports the whole run
         return None
     if explainer is not None and heatmaps_for == "top_k":
         explainer.write_top_k(rows.paths, rows.transform)
-    adapted = None if shares is None else _adapt(writer, predictor, shares, prevalence_method)
-    result = _summarise(writer, predictor, len(rows), time.perf_counter() - start, output, explainer, adapted)
+    seconds = time.perf_counter() - start
+    adapted = None if shares is None else writing.adapt_prevalence(writer, predictor, shares, prevalence_method)
+    result = PredictSummary(
+        **writing.summarise(writer, predictor, len(rows), seconds, output, explainer), prevalence=adapted
+    )
     if summary is not None:
         write_text_atomic(Path(summary), result.to_json())
     _print_summary(result)
@@ -219,56 +215,14 @@ def _parse_prevalence(text: str) -> str | list[float] | None:
                         "class such as 0.2,0.3,0.5") from None  # fmt: skip
 
 
-def _adapt(writer: PredictionWriter, predictor: Predictor, shares: str | list[float],
-           method: PrevalenceMethod) -> dict[str, Any]:  # fmt: skip
-    """Adapt the written CSV to the estimated or given class shares; the summary's ``prevalence`` entry."""
-    method_name = method if shares == "estimate" else "given"
-    calibration = predictor.calibration or {}
-    if "prevalence" not in calibration:
-        _logger.warning("Prevalence not adapted: %s holds no calibration class shares (calibrated before "
-                        "medtransfer recorded them); fit or calibrate it again", predictor.label)  # fmt: skip
-        return {"method": method_name, "adapted": False}
-    source, task = torch.tensor(calibration["prevalence"], dtype=torch.float64), predictor.task
-    if shares == "estimate":
-        confusion = calibration.get("confusion")
-        confusion = None if confusion is None else torch.tensor(confusion, dtype=torch.float64)
-
-        def choose(probs: torch.Tensor) -> Prevalence | None:
-            return estimate_prevalence(probs, source, task, method, confusion)
-    else:
-        try:
-            given = given_prevalence(shares, source, task)
-        except ValueError as err:
-            raise DataError(f"--prevalence {','.join(map(str, shares))}: {err}") from None
-
-        def choose(probs: torch.Tensor) -> Prevalence | None:
-            return given
-
-    result = writer.adapt(choose)
-    if result is None:
-        return {"method": method_name, "adapted": False}
-    names = predictor.class_names if task != "binary" else predictor.class_names[:2]
-    return {**result.to_dict(names), "adapted": True}
-
-
 def resolve_device(device: str, precision: Precision) -> str:
     """``auto``: a GPU when there is one; ``--precision 16`` is refused on the CPU."""
+    import torch
+
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if precision == "16" and device == "cpu":
         raise DataError("--precision 16 needs a GPU; on the CPU use --precision bf16 or 32")
     return device
-
-
-def _image_rows(paths: list[Path], settings: InputSpec, frame: str | None) -> ImageRows:
-    """The images read and transformed as in training; ``frame: all`` gives a multi-frame DICOM a row per frame."""
-    frame = frame or settings.dicom_frame
-    frames = None
-    if frame == "all":  # one row per frame; files of one frame read it as their first
-        paths, frames = every_frame(paths)
-    transform = build_eval_transform(
-        settings.size, settings.channels, settings.mean, settings.std, settings.interpolation, color=settings.color,
-    )  # fmt: skip
-    return ImageRows(paths, transform, settings.color, "first" if frame == "all" else frame, frames)
 
 
 def _warn_stale(output: Path) -> None:
@@ -277,24 +231,6 @@ def _warn_stale(output: Path) -> None:
     if stale:
         _logger.warning("%d temporary file(s) of an interrupted run beside %s (e.g. %s): not outputs, safe to delete",
                         len(stale), output, stale[0].name)  # fmt: skip
-
-
-def _summarise(writer: PredictionWriter, predictor: Predictor, images: int, seconds: float, output: Path,
-               explainer: HeatmapWriter | None, prevalence: dict[str, Any] | None) -> PredictSummary:  # fmt: skip
-    """The run's summary from the writer's tallies, with the guarantee's verdict on these probabilities."""
-    counts, predicted = writer.counts, sum(writer.counts.values())
-    decided = sum(v for k, v in counts.items() if not k.startswith("abstain"))
-    findings = None
-    if predictor.task == "multilabel":
-        findings = {name: dict(writer.findings.get(name, {})) for name in predictor.class_names}
-    return PredictSummary(
-        images=images, predicted=predicted, unreadable=len(writer.failures), decisions=dict(counts),
-        coverage=decided / max(1, predicted), images_per_second=images / seconds if seconds else None,
-        output=str(output), model=predictor.label, failures=writer.failures,
-        unlike_training=writer.unlike if predictor.settings.reference else None,
-        heatmaps=explainer.written if explainer is not None else [], findings=findings,
-        guarantee=guarantee_verdict(predictor.rule, predictor.calibration, writer.probs), prevalence=prevalence,
-    )  # fmt: skip
 
 
 def _print_summary(result: PredictSummary) -> None:
@@ -312,30 +248,3 @@ def _print_summary(result: PredictSummary) -> None:
                         result.unlike_training, result.predicted, result.model)  # fmt: skip
     for name, count in (result.findings or {}).items():
         print(f"  {name}: " + ", ".join(f"{count.get(k, 0)} {k}" for k in ("positive", "negative", "abstain")))
-
-
-def _predict(module: PredictModule, loader: DataLoader, writer: PredictionWriter, device: str, devices: int | str,
-             precision: Precision, inference_mode: bool) -> None:  # fmt: skip
-    """``Trainer.predict`` with ``writer`` streaming the rows (heatmaps need gradients: no inference mode then).
-    A Ctrl-C stays a ``KeyboardInterrupt`` (Lightning would exit with status 1 and leave SIGINT ignored)."""
-    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # "GPU available: ..." lines: not ours
-    level, handler = quiet.level, signal.getsignal(signal.SIGINT)
-    quiet.setLevel(logging.WARNING)
-    try:
-        trainer = Trainer(
-            accelerator="gpu" if device == "cuda" else device, devices=devices, precision=_TRAINER_PRECISION[precision],
-            inference_mode=inference_mode, callbacks=[writer], logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False,
-        )  # fmt: skip
-        with warnings.catch_warnings():  # the number of workers is the --num_workers the user chose
-            warnings.filterwarnings("ignore", message=r".*does not have many workers")
-            warnings.filterwarnings("ignore", message=r"predict returned None")  # a batch of unreadable files only
-            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning's, not ours
-            trainer.predict(module, loader, return_predictions=False)
-    except SystemExit:
-        if isinstance(writer.interrupted, KeyboardInterrupt):
-            raise writer.interrupted from None
-        raise
-    finally:
-        quiet.setLevel(level)
-        signal.signal(signal.SIGINT, handler)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import csv
 import heapq
+import logging
+import signal
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -16,18 +19,28 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.nn import functional as nnf
+from torch.utils.data import DataLoader
 
+from medtransfer import explain as heatmap_methods  # torch's Captum and matplotlib: imported on first heatmap
 from medtransfer.commands.predictor import Predictor
 from medtransfer.data.unlike import unlike_reasons
-from medtransfer.decisions.prevalence import Prevalence, adapt_probabilities
+from medtransfer.decisions.prevalence import (
+    Prevalence,
+    PrevalenceMethod,
+    adapt_probabilities,
+    estimate_prevalence,
+    given_prevalence,
+)
+from medtransfer.decisions.risk_control import guarantee_verdict
 from medtransfer.errors import DataError
-from medtransfer.explain import DEFAULT_METHOD, explain, map_box, map_peak, resolve_layer, save_overlay
-from medtransfer.explain.methods import Method
+from medtransfer.explain.choices import DEFAULT_METHOD, Method
 from medtransfer.files import atomic_open
 from medtransfer.progress import Progress
 
-__all__ = ["HEATMAP_COLUMNS", "HeatmapWriter", "PredictionWriter", "csv_columns", "full_size_map", "heatmap_targets",
-           "prediction_rows"]  # fmt: skip
+__all__ = ["HEATMAP_COLUMNS", "HeatmapWriter", "PredictionWriter", "adapt_prevalence", "csv_columns", "full_size_map",
+           "heatmap_targets", "prediction_rows"]  # fmt: skip
+
+_logger = logging.getLogger(__name__)
 
 
 def prediction_rows(predictor: Predictor, probs: torch.Tensor) -> Iterator[dict[str, Any]]:
@@ -110,7 +123,7 @@ class HeatmapWriter:
         self.predictor, self.method, self.layer = predictor, method, layer
         self.read = read  # row -> the image as the model saw it: overlays of colour images are in colour
         if layer is not None:  # a wrong name fails now, before any image is read (occlusion ignores it)
-            resolve_layer(network.backbone, layer)
+            heatmap_methods.resolve_layer(network.backbone, layer)
         self.heap: list[tuple[float, int]] = []
         self.top_probs: dict[int, torch.Tensor] = {}
         self.written: list[str] = []
@@ -120,18 +133,19 @@ class HeatmapWriter:
         rows = [j for j, _ in pairs]
         target = None if pairs[0][1] is None else torch.tensor([t for _, t in pairs], device=images.device)
         with torch.autocast(images.device.type, enabled=False):
-            maps = explain(self.network, images[rows].float(), target, self.method, self.layer).cpu()
+            maps = heatmap_methods.explain(self.network, images[rows].float(), target, self.method, self.layer).cpu()
         columns: list[dict[str, list[str]]] = [{} for _ in paths]
         for (j, label), heat in zip(pairs, maps, strict=True):
             image = self.read(indices[j])
             full = full_size_map(heat, image.shape[:2])
             suffix = "" if label is None else f"_{self.predictor.class_names[label]}"
             stem = self.folder / f"{indices[j]:06d}_{paths[j].stem}{suffix}"
-            picture = str(save_overlay(stem.with_suffix(".png"), image, full).resolve())  # usable from any folder
+            overlay = heatmap_methods.save_overlay(stem.with_suffix(".png"), image, full)
+            picture = str(overlay.resolve())  # usable from any folder
             with atomic_open(stem.with_suffix(".npy"), "wb") as stream:
                 np.save(stream, full)
-            x, y, value = map_peak(full)
-            box = map_box(full, BOX_THRESHOLD) or ("",) * 4
+            x, y, value = heatmap_methods.map_peak(full)
+            box = heatmap_methods.map_box(full, BOX_THRESHOLD) or ("",) * 4
             raw = str(stem.with_suffix(".npy").resolve())
             values = [picture, raw, f"{x:.1f}", f"{y:.1f}", f"{value:.4f}", *map(str, box)]
             if label is not None:
@@ -328,3 +342,81 @@ class PredictionWriter(BasePredictionWriter):
         heatmaps = self.heatmaps.state() if self.heatmaps is not None else None
         return {"counts": self.counts, "findings": self.findings, "failures": self.failures, "unlike": self.unlike,
                 "probs": self.probs, "heatmaps": heatmaps}  # fmt: skip
+
+
+def summarise(writer: PredictionWriter, predictor: Predictor, images: int, seconds: float, output: Path,
+               explainer: HeatmapWriter | None) -> dict[str, Any]:  # fmt: skip
+    """The fields of the run's ``PredictSummary`` from the writer's tallies, with the guarantee's verdict on these
+    probabilities."""
+    counts, predicted = writer.counts, sum(writer.counts.values())
+    decided = sum(v for k, v in counts.items() if not k.startswith("abstain"))
+    findings = None
+    if predictor.task == "multilabel":
+        findings = {name: dict(writer.findings.get(name, {})) for name in predictor.class_names}
+    return dict(
+        images=images, predicted=predicted, unreadable=len(writer.failures), decisions=dict(counts),
+        coverage=decided / max(1, predicted), images_per_second=images / seconds if seconds else None,
+        output=str(output), model=predictor.label, failures=writer.failures,
+        unlike_training=writer.unlike if predictor.settings.reference else None,
+        heatmaps=explainer.written if explainer is not None else [], findings=findings,
+        guarantee=guarantee_verdict(predictor.rule, predictor.calibration, writer.probs),
+    )  # fmt: skip
+
+
+def adapt_prevalence(writer: PredictionWriter, predictor: Predictor, shares: str | list[float],
+                     method: PrevalenceMethod) -> dict[str, Any]:  # fmt: skip
+    """Adapt the written CSV to the estimated or given class shares; the summary's ``prevalence`` entry."""
+    method_name = method if shares == "estimate" else "given"
+    calibration = predictor.calibration or {}
+    if "prevalence" not in calibration:
+        _logger.warning("Prevalence not adapted: %s holds no calibration class shares (calibrated before "
+                        "medtransfer recorded them); fit or calibrate it again", predictor.label)  # fmt: skip
+        return {"method": method_name, "adapted": False}
+    source, task = torch.tensor(calibration["prevalence"], dtype=torch.float64), predictor.task
+    if shares == "estimate":
+        confusion = calibration.get("confusion")
+        confusion = None if confusion is None else torch.tensor(confusion, dtype=torch.float64)
+
+        def choose(probs: torch.Tensor) -> Prevalence | None:
+            return estimate_prevalence(probs, source, task, method, confusion)
+    else:
+        try:
+            given = given_prevalence(shares, source, task)
+        except ValueError as err:
+            raise DataError(f"--prevalence {','.join(map(str, shares))}: {err}") from None
+
+        def choose(probs: torch.Tensor) -> Prevalence | None:
+            return given
+
+    result = writer.adapt(choose)
+    if result is None:
+        return {"method": method_name, "adapted": False}
+    names = predictor.class_names if task != "binary" else predictor.class_names[:2]
+    return {**result.to_dict(names), "adapted": True}
+
+
+def predict_rows(module: LightningModule, loader: DataLoader, writer: PredictionWriter, device: str,
+                 devices: int | str, precision: str, inference_mode: bool) -> None:  # fmt: skip
+    """``Trainer.predict`` with ``writer`` streaming the rows (heatmaps need gradients: no inference mode then).
+    A Ctrl-C stays a ``KeyboardInterrupt`` (Lightning would exit with status 1 and leave SIGINT ignored)."""
+    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # "GPU available: ..." lines: not ours
+    level, handler = quiet.level, signal.getsignal(signal.SIGINT)
+    quiet.setLevel(logging.WARNING)
+    try:
+        trainer = Trainer(
+            accelerator="gpu" if device == "cuda" else device, devices=devices, precision=precision,
+            inference_mode=inference_mode, callbacks=[writer], logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        with warnings.catch_warnings():  # the number of workers is the --num_workers the user chose
+            warnings.filterwarnings("ignore", message=r".*does not have many workers")
+            warnings.filterwarnings("ignore", message=r"predict returned None")  # a batch of unreadable files only
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning's, not ours
+            trainer.predict(module, loader, return_predictions=False)
+    except SystemExit:
+        if isinstance(writer.interrupted, KeyboardInterrupt):
+            raise writer.interrupted from None
+        raise
+    finally:
+        quiet.setLevel(level)
+        signal.signal(signal.SIGINT, handler)

@@ -16,13 +16,12 @@ from torch.utils.data import Dataset
 
 from medtransfer.checkpoints import load_checkpoint
 from medtransfer.data.readers import as_color, dicom_frame_count, is_color, read_image
+from medtransfer.data.transforms import build_eval_transform
 from medtransfer.decisions.rule import DecisionRule
 from medtransfer.errors import DataError
 from medtransfer.models.classifier import ClassifierModule
 from medtransfer.models.inference import ProbabilityModel, input_settings
 from medtransfer.models.input_spec import InputSpec
-from medtransfer.tracking.mlflow import resolve_tracking_uri
-from medtransfer.tracking.model_logging import tracking_at
 
 __all__ = ["ImageRows", "PredictModule", "Predictor", "every_frame", "explainable_network", "load_predictor",
            "read_as_trained"]  # fmt: skip
@@ -99,6 +98,9 @@ def _is_model_uri(model: str) -> bool:
 def _mlflow_store(tracking_uri: str | None, failure: str) -> Iterator[None]:
     """The MLflow store of ``tracking_uri``; its errors become one DataError starting with ``failure``."""
     from mlflow.exceptions import MlflowException
+
+    from medtransfer.tracking.mlflow import resolve_tracking_uri
+    from medtransfer.tracking.model_logging import tracking_at  # MLflow: only for a model URI
 
     with tracking_at(resolve_tracking_uri(tracking_uri)):
         try:
@@ -180,6 +182,18 @@ class ImageRows(Dataset):
         failed = [(i, error) for i, x, error in items if x is None]
         images = torch.stack([x for _, x in good]) if good else None
         return [i for i, _ in good], images, failed
+
+
+def image_rows(paths: list[Path], settings: InputSpec, frame: str | None) -> ImageRows:
+    """The images read and transformed as in training; ``frame: all`` gives a multi-frame DICOM a row per frame."""
+    frame = frame or settings.dicom_frame
+    frames = None
+    if frame == "all":  # one row per frame; files of one frame read it as their first
+        paths, frames = every_frame(paths)
+    transform = build_eval_transform(
+        settings.size, settings.channels, settings.mean, settings.std, settings.interpolation, color=settings.color,
+    )  # fmt: skip
+    return ImageRows(paths, transform, settings.color, "first" if frame == "all" else frame, frames)
 
 
 def explainable_network(predictor: Predictor, model: str, device: str, tracking_uri: str | None) -> torch.nn.Module:

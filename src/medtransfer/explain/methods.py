@@ -14,7 +14,6 @@ methods take any stage timm's ``feature_info`` names (``blocks.2``, stride 8, is
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 from torchvision import ops
 
 from medtransfer.errors import MedtransferError
+from medtransfer.explain.choices import DEFAULT_LAYERS, DEFAULT_METHOD, METHODS, Method
 
 __all__ = [
     "DEFAULT_LAYERS",
@@ -38,13 +38,6 @@ __all__ = [
     "resolve_layer",
 ]
 
-Method = Literal["gradcam", "layercam", "fusion", "occlusion"]
-METHODS: tuple[str, ...] = ("gradcam", "layercam", "fusion", "occlusion")
-#: The method ``predict --heatmaps`` uses (planted lesions at 64 px: hit rate 0.72 against 0.43 for the best CAM).
-DEFAULT_METHOD: Method = "occlusion"
-#: Per method, the ``feature_info`` index of the stage explained when no layer is given (fusion: the
-#: shallowest stage fused). -1 is the last stage; -3 is stride 8 on EfficientNet/ResNet/DenseNet.
-DEFAULT_LAYERS: dict[str, int] = {"gradcam": -1, "layercam": -3, "fusion": -3}
 Layer = int | str | None
 Target = int | Sequence[int] | Tensor | None
 

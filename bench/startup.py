@@ -1,0 +1,134 @@
+"""How long does the command line take to start? Wall time of a fresh process for ``medtransfer <command> --help``
+of every command, a one-image ``medtransfer predict`` of a checkpoint, and ``python -c "import torch, lightning"``
+as the reference, each the median of several runs (interleaved, so a burst of load hits all alike).
+
+Targets: every ``--help`` within 1.5 s; the one-image predict within 1.5 s of the reference. Each entry also lists
+which heavy libraries its process imported. Results go under ``--label`` (e.g. ``before``/``after``) in the JSON,
+beside the labels already there.
+Usage: python bench/startup.py [--label after] [--repeats 5] [--src src] [--out bench/results/startup.json]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MEDTRANSFER_DATA_DIR") or REPO.parent / "shared" / "data")
+COMMANDS = ("fit", "validate", "test", "predict", "evaluate", "compare", "baseline", "learning-curve", "search",
+            "lr-find", "explain-eval", "prepare")  # fmt: skip
+HEAVY = ("torch", "lightning", "timm", "torchmetrics", "albumentations", "mlflow", "optuna", "sklearn", "matplotlib",
+         "pydicom", "captum", "litdata", "scipy", "pandas", "cv2")  # fmt: skip
+HELP_TARGET_S = 1.5
+PREDICT_MARGIN_S = 1.5
+#: Runs the console script's ``main`` with the given argv, then prints which heavy libraries the process imported.
+_PROBE = (
+    "import sys, json\nfrom medtransfer.entry import main\n"
+    "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+    "print('\\n' + json.dumps(sorted(m for m in {HEAVY} if m in sys.modules)), file=sys.stderr)"
+)
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())  # fmt: skip
+    return f"{os.cpu_count()}-core {platform.machine()} CPU ({model}), Python {platform.python_version()}"
+
+
+def write_checkpoint(path: Path) -> None:
+    """A 64-px EfficientNet-Lite0 medtransfer checkpoint (random weights: start-up does not depend on them)."""
+    from medtransfer.models.classifier import ClassifierModule
+
+    model = ClassifierModule(backbone="tf_efficientnet_lite0", pretrained="none")
+    input_spec = {"size": 64, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "channels": 3}
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "pytorch-lightning_version": "2.6.0", "class_names": ["normal", "pneumonia"], "input": input_spec},
+               path)  # fmt: skip
+
+
+def write_image(path: Path) -> None:
+    """One real X-ray: the first PneumoniaMNIST test image."""
+    with np.load(DATA / "pneumoniamnist.npz") as data:
+        Image.fromarray(data["test_images"][0]).save(path)
+
+
+def timed(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, list[str]]:
+    """Seconds the process ran, and the heavy libraries it imported (for probe runs)."""
+    start = time.perf_counter()
+    done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[-4:])} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    last = done.stderr.strip().splitlines()[-1:] if argv[1] == "-c" and "entry" in argv[2] else []
+    return seconds, json.loads(last[0]) if last else []
+
+
+def startup_benchmark(label: str, repeats: int, src: Path, out: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(src.resolve()), "PYTHONWARNINGS": "ignore"}
+    probe = _PROBE.replace("{HEAVY}", repr(set(HEAVY)))
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        write_checkpoint(tmp / "model.ckpt")
+        write_image(tmp / "image.png")
+        cases = {f"{command} --help": [sys.executable, "-c", probe, command, "--help"] for command in COMMANDS}
+        predict = ["predict", str(tmp / "image.png"), str(tmp / "model.ckpt"), "--output", str(tmp / "out.csv")]
+        cases["predict one image"] = [sys.executable, "-c", probe, *predict, "--device", "cpu"]
+        cases["import torch, lightning"] = [sys.executable, "-c", "import torch, lightning"]
+        load_before = os.getloadavg()[0]
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        imported: dict[str, list[str]] = {}
+        for _ in range(repeats):
+            for name, argv in cases.items():
+                seconds, heavy = timed(argv, env, tmp)
+                times[name].append(seconds)
+                imported[name] = heavy
+        load_after = os.getloadavg()[0]
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    reference = medians["import torch, lightning"]
+    result = {
+        "median_s": {name: round(value, 2) for name, value in medians.items()},
+        "runs_s": {name: [round(v, 2) for v in values] for name, values in times.items()},
+        "heavy_imports": {name: names for name, names in imported.items() if name != "import torch, lightning"},
+        "predict_minus_reference_s": round(medians["predict one image"] - reference, 2),
+        "help_over_target": sorted(n for n, v in medians.items() if n.endswith("--help") and v > HELP_TARGET_S),
+        "repeats": repeats,
+        "load_average_1min": [round(load_before, 2), round(load_after, 2)],
+    }
+    everything = json.loads(out.read_text()) if out.is_file() else {}
+    everything.update({"machine": machine(), "targets": {"help_s": HELP_TARGET_S,
+                                                         "predict_minus_reference_s": PREDICT_MARGIN_S}})  # fmt: skip
+    everything.setdefault("results", {})[label] = result
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(everything, indent=2) + "\n")
+    return result
+
+
+def print_table(result: dict) -> None:
+    print(f"{'case':<26} {'median s':>9}  heavy libraries imported")
+    for name, value in result["median_s"].items():
+        print(f"{name:<26} {value:>9.2f}  {', '.join(result['heavy_imports'].get(name, [])) or '-'}")
+    print(f"predict - reference: {result['predict_minus_reference_s']:.2f} s (target <= {PREDICT_MARGIN_S} s); "
+          f"--help over {HELP_TARGET_S} s: {', '.join(result['help_over_target']) or 'none'}; "
+          f"load average {result['load_average_1min']}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    from jsonargparse import auto_cli
+
+    def main(label: str = "after", repeats: int = 5, src: Path = REPO / "src",
+             out: Path = REPO / "bench/results/startup.json") -> None:  # fmt: skip
+        """Time the start-up of every command and write it under ``label``."""
+        print_table(startup_benchmark(label, repeats, src, out))
+
+    auto_cli(main)

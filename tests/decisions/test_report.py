@@ -22,14 +22,15 @@ def _multilabel(n: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
 def test_evaluation_table_is_the_selective_report_per_class():
     probs, targets = _multilabel()
     thresholds = torch.tensor([0.4, 0.5, 0.6])
-    rule = DecisionRule("multilabel", thresholds, torch.zeros(3), "margin")
-    report = selective_report(rule, probs, targets)
-    table = evaluation_table(probs, targets, ["a", "b", "c"], "multilabel", thresholds.tolist())
-    for j, name in enumerate("abc"):
-        for column, key in (("aurc", "aurc"), ("ece", "ece"), ("sel_acc_90", "selective_acc_cov90")):
-            expected, got = float(report[key][j]), float(table.loc[name, column])
-            same = (math.isnan(expected) and math.isnan(got)) or got == pytest.approx(expected, rel=1e-5)
-            assert same, (name, column)
+    for score in ("decision_prob", "margin"):
+        rule = DecisionRule("multilabel", thresholds, torch.zeros(3), score)
+        report = selective_report(rule, probs, targets)
+        table = evaluation_table(probs, targets, ["a", "b", "c"], "multilabel", thresholds.tolist(), score)
+        for j, name in enumerate("abc"):
+            for column, key in (("aurc", "aurc"), ("ece", "ece"), ("sel_acc_90", "selective_acc_cov90")):
+                expected, got = float(report[key][j]), float(table.loc[name, column])
+                same = (math.isnan(expected) and math.isnan(got)) or got == pytest.approx(expected, rel=1e-5)
+                assert same, (score, name, column)
     assert table.loc["c", ["auroc", "aurc", "sel_acc_90"]].isna().all() and not math.isnan(table.loc["c", "accuracy"])
 
 

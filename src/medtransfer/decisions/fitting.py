@@ -58,10 +58,10 @@ class DecisionFitting:
         the ``source`` split)."""
         targets = targets.long()
         shape = (probs.shape[1],) if self.task == "multilabel" else ()
-        threshold = torch.full(shape, 0.5)
+        threshold = torch.full(shape, 0.5, dtype=torch.float64)
         if self.task != "multiclass":
             threshold = fit_thresholds(probs, targets, self.threshold_policy, self.threshold_target).reshape(shape)
-        rule = DecisionRule(self.task, threshold, torch.zeros(shape), self.confidence_score)
+        rule = DecisionRule(self.task, threshold, torch.zeros(shape, dtype=torch.float64), self.confidence_score)
         min_confidence, controls = self.fit_min_confidence(rule, probs, targets)
         return self._record(replace(rule, min_confidence=min_confidence), probs, targets, source, controls)
 
@@ -79,10 +79,11 @@ class DecisionFitting:
                 control_selective_risk(columns[:, j], hits[:, j], self.target_risk, self.delta)
                 for j in range(columns.shape[1])
             ]
-            return torch.tensor([r.cutoff for r in controls]).reshape(shape), controls
+            return torch.tensor([r.cutoff for r in controls], dtype=torch.float64).reshape(shape), controls
         if self.task == "multilabel":
-            return torch.tensor([self._cutoff(confidence[:, j], correct[:, j]) for j in range(shape[0])]), None
-        return torch.tensor(self._cutoff(confidence, correct)), None
+            cutoffs = [self._cutoff(confidence[:, j], correct[:, j]) for j in range(shape[0])]
+            return torch.tensor(cutoffs, dtype=torch.float64), None
+        return torch.tensor(self._cutoff(confidence, correct), dtype=torch.float64), None
 
     def _cutoff(self, confidence: Tensor, correct: Tensor) -> float:
         coverage, risk, cutoffs = F.risk_coverage_curve(confidence, correct)

@@ -145,11 +145,12 @@ def evaluation_table(
     class_names: Sequence[str],
     task: Task = "multilabel",
     threshold: float | Sequence[float] = 0.5,
+    score: F.Score = "decision_prob",
 ) -> pd.DataFrame:
     """Per-class metrics, one-vs-rest, plus a macro ``mean`` row (ignoring NaN), indexed by ``class``.
 
-    Each class is scored as a binary problem by :func:`selective_report` of a margin rule at ``threshold`` (one,
-    or one per scored class): columns ``n``, ``positives``, ``auroc``, ``aurc``, ``ece``, ``accuracy`` and
+    Each class is scored as a binary problem by :func:`selective_report` of a rule at ``threshold`` (one, or one
+    per scored class) ranking by ``score``: columns ``n``, ``positives``, ``auroc``, ``aurc``, ``ece``, ``accuracy`` and
     ``sel_acc_80/90/95``; a class without positives or negatives gets NaN, never 0. ``probs`` are ``(N, C)``, or
     for ``binary`` ``(N,)``, ``(N, 1)`` or ``(N, 2)`` (the last column positive); ``targets`` 0/1 like ``probs``
     or ``(N,)`` class indices.
@@ -159,7 +160,7 @@ def evaluation_table(
     scores, labels, names = _one_vs_rest(probs, targets, list(class_names), task)
     scores, labels = torch.from_numpy(scores.copy()), torch.from_numpy(labels.copy())
     thresholds = np.broadcast_to(np.asarray(threshold, dtype=np.float64).reshape(-1), (len(names),))
-    rule = DecisionRule("multilabel", torch.tensor(thresholds.copy()), torch.zeros(len(names)), "margin")
+    rule = DecisionRule("multilabel", torch.tensor(thresholds.copy()), torch.zeros(len(names)), score)
     report = selective_report(rule, scores, labels)
     defined = defined_labels(labels)
     auroc = [float(binary_auroc(scores[:, k], labels[:, k])) if ok else math.nan for k, ok in enumerate(defined)]

@@ -86,8 +86,8 @@ class DecisionRule:
         """The rule ``to_dict`` wrote."""
         return cls(
             task=values["task"],
-            threshold=torch.tensor(values["threshold"], dtype=torch.float32),
-            min_confidence=torch.tensor(values["min_confidence"], dtype=torch.float32),
+            threshold=torch.tensor(values["threshold"], dtype=torch.float64),
+            min_confidence=torch.tensor(values["min_confidence"], dtype=torch.float64),
             confidence_score=values.get("confidence_score", "margin"),
             set_quantile=values.get("set_quantile"),
         )

@@ -70,9 +70,9 @@ def fit_threshold(
 def fit_thresholds(
     probs: Tensor, target: Tensor, policy: ThresholdPolicy = "youden", target_value: float = 0.9, default: float = 0.5
 ) -> Tensor:
-    """Thresholds for a binary ``(N,)`` task (returns shape ``(1,)``) or per label of a ``(N, L)`` task."""
-    if probs.ndim == 1:
-        return torch.tensor([fit_threshold(probs, target, policy, target_value, default)])
-    return torch.tensor(
-        [fit_threshold(probs[:, j], target[:, j], policy, target_value, default) for j in range(probs.shape[1])]
-    )
+    """Thresholds for a binary ``(N,)`` task (returns shape ``(1,)``) or per label of a ``(N, L)`` task, in float64
+    like the probabilities (a float32 copy of a case's probability may round above it and flip its decision)."""
+    columns = [probs] if probs.ndim == 1 else [probs[:, j] for j in range(probs.shape[1])]
+    targets = [target] if probs.ndim == 1 else [target[:, j] for j in range(probs.shape[1])]
+    fitted = [fit_threshold(p, t, policy, target_value, default) for p, t in zip(columns, targets, strict=True)]
+    return torch.tensor(fitted, dtype=torch.float64)

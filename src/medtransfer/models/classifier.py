@@ -118,10 +118,10 @@ class ClassifierModule(LightningModule):
         self.input_spec = InputSpec.from_timm(timm.data.resolve_model_data_config(self.backbone), in_chans)
         #: Chosen on validation data; buffers, so every checkpoint carries the values fitted for its weights.
         per_label = (num_classes,) if task == "multilabel" else ()
-        self.register_buffer("decision_threshold", torch.full(per_label, 0.5))
+        self.register_buffer("decision_threshold", torch.full(per_label, 0.5, dtype=torch.float64))
         self.register_buffer("temperature", torch.tensor(1.0))
         #: Decide on a case when its confidence is at least this; below it the model abstains (refers).
-        self.register_buffer("min_confidence", torch.zeros(per_label))
+        self.register_buffer("min_confidence", torch.zeros(per_label, dtype=torch.float64))
         #: BCE weight of positive cases (``class_weighting``), per label for a multi-label task.
         self.register_buffer("pos_weight", torch.ones(per_label))
         self.val_logits, self.val_targets = CatMetric(), CatMetric()

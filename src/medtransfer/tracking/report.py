@@ -57,7 +57,7 @@ class TestReportPlots(Callback):
         if rule.task != "multiclass":  # evaluate's table of the test predictions, at the model's thresholds
             threshold = rule.threshold.detach().cpu().double().reshape(-1).numpy()
             table = evaluation_table(probs.double(), targets, names[-1:] if rule.task == "binary" else names,
-                                     rule.task, threshold)  # fmt: skip
+                                     rule.task, threshold, rule.confidence_score)  # fmt: skip
             tables = [write_text_atomic(folder / "evaluation.csv", table.to_csv())]
         if outputs.get("per_label"):  # multi-label: the table per label and the figures per label or pooled
             figures = self.multilabel_figures(rule, probs, targets, outputs["per_label"])

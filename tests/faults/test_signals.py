@@ -1,7 +1,7 @@
 """SIGTERM (a scheduler's stop, ``kill``, ``docker stop``) during a fit, its test-after-fit or a standalone
-``test``: the process exits 143, the MLflow run is marked ``KILLED``, the last finished epoch's ``last.ckpt`` is
-kept, and the documented resume completes the run as after SIGINT or SIGKILL. It used to exit 0. SIGINT during a
-fit ends the run ``KILLED`` too.
+``validate`` or ``test``: the process exits 143, the MLflow run is marked ``KILLED``, the last finished epoch's
+``last.ckpt`` is kept, and the documented resume completes the run as after SIGINT or SIGKILL. It used to exit 0.
+SIGINT during a fit ends the run ``KILLED`` too.
 """
 
 from __future__ import annotations
@@ -68,26 +68,34 @@ def test_sigterm_exits_143_marks_the_run_killed_and_resumes(tmp_path, pneumonia_
 
 @pytest.mark.faults
 @pytest.mark.slow
-def test_sigterm_during_a_standalone_test_exits_143_and_marks_the_run_killed(tmp_path, pneumonia_npz):
-    """``medtransfer test`` logs into the checkpoint's run: stopped mid-test it exits 143, leaves the run
-    ``KILLED`` with no test metric, and the same command run again completes it."""
+@pytest.mark.parametrize(("command", "stage"), [("validate", "val"), ("test", "test")])
+def test_sigterm_during_a_standalone_evaluation_exits_143_and_marks_the_run_killed(
+    tmp_path, pneumonia_npz, command, stage
+):
+    """``medtransfer validate`` and ``test`` log into the checkpoint's run: stopped mid-evaluation they exit 143,
+    leave the run ``KILLED`` with no new value of the stage's metric, and the same command run again completes
+    it, one step after the metric's last."""
     fit = Fit(tmp_path, pneumonia_npz)
     assert fit.wait() == 0, fit.output
     checkpoint = harness.last_checkpoint(tmp_path)
-    test = Fit(tmp_path, pneumonia_npz, f"--ckpt_path={checkpoint}", "--trainer.limit_test_batches=200",
-               "--data.batch_size=4", command="test")  # fmt: skip
-    test.wait_until(lambda: "Loaded model weights from the checkpoint" in test.output, what="the test to start")
-    status = test.terminate()
-    assert status == SIGTERM_EXIT_STATUS, test.output
-    assert "stopped by SIGTERM" in test.output and "Test metric" not in test.output  # stopped mid-test
+    (run,) = harness.runs(tmp_path)
+    before = harness.metric_steps(tmp_path, run.info.run_id).get(f"{stage}/auroc", [])
+    limit = f"--trainer.limit_{stage}_batches"
+    stopped = Fit(tmp_path, pneumonia_npz, f"--ckpt_path={checkpoint}", f"{limit}=200", "--data.batch_size=4",
+                  command=command)  # fmt: skip
+    stopped.wait_until(lambda: "Loaded model weights from the checkpoint" in stopped.output, what=f"{command} to start")
+    status = stopped.terminate()
+    assert status == SIGTERM_EXIT_STATUS, stopped.output
+    assert "stopped by SIGTERM" in stopped.output and f"{command.capitalize()} metric" not in stopped.output
     (run,) = harness.runs(tmp_path)
     assert run.info.status == "KILLED"
-    assert "test/auroc" not in harness.final_values(tmp_path, run.info.run_id)
-    again = Fit(tmp_path, pneumonia_npz, f"--ckpt_path={checkpoint}", "--trainer.limit_test_batches=3",
-                command="test")  # fmt: skip
+    assert harness.metric_steps(tmp_path, run.info.run_id).get(f"{stage}/auroc", []) == before  # stopped mid-way
+    again = Fit(tmp_path, pneumonia_npz, f"--ckpt_path={checkpoint}", f"{limit}=3", command=command)
     assert again.wait() == 0, again.output
     (run,) = harness.runs(tmp_path)
-    assert run.info.status == "FINISHED" and "test/auroc" in harness.final_values(tmp_path, run.info.run_id)
+    assert run.info.status == "FINISHED"
+    steps = harness.metric_steps(tmp_path, run.info.run_id)[f"{stage}/auroc"]
+    assert steps[:-1] == before and steps[-1] > max(before, default=-1)
 
 
 @pytest.mark.faults

@@ -54,7 +54,7 @@ from medtransfer.errors import DataError
 from medtransfer.explain import DEFAULT_METHOD, explain, map_box, map_peak, overlay
 from medtransfer.explain.methods import Method
 
-__all__ = ["ACCEPTED_TYPES", "HEATMAP_FIELDS", "ImageAPI", "RequestGate", "run_serve"]
+__all__ = ["ACCEPTED_TYPES", "HEATMAP_FIELDS", "ImageAPI", "RequestGate", "ServeSummary", "run_serve"]
 
 _logger = logging.getLogger(__name__)
 
@@ -216,6 +216,14 @@ async def _multipart_file(scope: Scope, body: bytes) -> tuple[bytes, str]:
 
 
 @dataclass
+class ServeSummary:
+    """What a finished ``serve`` served: the model's name and the endpoint it answered on."""
+
+    model: str
+    url: str
+
+
+@dataclass
 class _Decoded:
     """One request as the worker decoded it: the model's input (or the error), the image for overlays."""
 
@@ -361,8 +369,9 @@ def run_serve(
     token_variable: str = "MEDTRANSFER_SERVE_TOKEN",
     tracking_uri: str | None = None,
     log_level: Literal["debug", "info", "warning", "error"] = "info",
-) -> None:
-    """Serve the model over HTTP: ``POST /predict`` an image, get ``predict``'s row as JSON.
+) -> ServeSummary:
+    """Serve the model over HTTP: ``POST /predict`` an image, get ``predict``'s row as JSON, until SIGTERM or
+    Ctrl-C.
 
     Args:
         model: a ``medtransfer fit`` checkpoint or an MLflow model URI (``runs:/<id>/model``,
@@ -403,6 +412,7 @@ def run_serve(
                  f" (bearer token from ${token_variable})" if token else "")  # fmt: skip
     signal.signal(signal.SIGTERM, _drain)
     server.run(host=host, port=port, log_level=log_level, generate_client_file=False)
+    return ServeSummary(model=info["name"], url=f"http://{host}:{port}{_PREDICT_PATH}")
 
 
 def _drain(signum: int, frame: Any) -> None:

@@ -35,7 +35,9 @@ RESULTS = Path(__file__).parent / "results" / "prevalence_predict.json"
 
 def recalibrate(checkpoint: Path, out: Path, npz: Path) -> None:
     """The checkpoint's weights with temperature, rule and calibration record fitted again on validation."""
-    model = ClassifierModule.load_from_checkpoint(checkpoint, pretrained="none", temperature_scaling=True)
+    model = ClassifierModule.load_from_checkpoint(
+        checkpoint, pretrained="none", temperature_scaling=True, confidence_score="decision_prob"
+    )
     data = MedMNISTDataModule(flag="pneumoniamnist", path=str(npz), input_spec=model.trained_input)
     trainer = Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False, accelerator="cpu")
     trainer.validate(model, datamodule=data, verbose=False)
@@ -111,7 +113,7 @@ def main() -> None:
     npz = default_data_dir() / "pneumoniamnist.npz"
     with np.load(npz) as arrays:
         images, labels = arrays["test_images"][: args.images], arrays["test_labels"][: args.images, 0]
-    results: dict = {"checkpoint": str(args.checkpoint), "test_prevalence": float(labels.mean())}
+    results: dict = {"checkpoint": args.checkpoint.name, "test_prevalence": float(labels.mean())}
     with tempfile.TemporaryDirectory() as work:
         folder, model = Path(work) / "images", Path(work) / "recalibrated.ckpt"
         folder.mkdir()

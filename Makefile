@@ -38,7 +38,7 @@ test-all: setup ## everything: the fast tier, the slow CLI fits and servers, and
 test-faults: setup ## the whole fault suite (tests/faults), including the long `faults`-marked kill/resume cases
 	$(BIN)/pytest tests/faults -m ""
 
-ui: setup ## the MLflow UI over mlruns/ on http://127.0.0.1:5000, its link opening the runs table (model-training view)
+ui: setup ## the MLflow UI over mlruns/ on http://127.0.0.1:5000, its link opening the runs table with the headline metrics
 	$(BIN)/python -m medtransfer.tracking.ui http://$(HOST):$(PORT) sqlite:///mlruns/mlflow.db medtransfer
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host $(HOST) --port $(PORT)
 

@@ -3,6 +3,7 @@ address for a local store and on the tracking server itself, without credentials
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -10,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from medtransfer.tracking.ui import LOCAL_UI_URL, experiment_link, ui_hint, ui_link
+from medtransfer.tracking.ui import (
+    HEADLINE_METRICS,
+    LOCAL_UI_URL,
+    experiment_link,
+    share_headline_view,
+    ui_hint,
+    ui_link,
+)
 
 VIEW = "?workflowType=machine_learning"
 
@@ -72,11 +80,20 @@ def test_make_ui_links_to_the_experiment_runs_table(tmp_path):
     assert not missing.parent.exists()
 
 
-def test_the_module_prints_the_link_make_ui_shows(tmp_path):
-    store = _store_with(tmp_path, {"medtransfer": 1})
+def test_the_module_prints_the_link_make_ui_shows_with_the_headline_columns(tmp_path):
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = MlflowClient(store).create_experiment("medtransfer")
     out = subprocess.run([sys.executable, "-m", "medtransfer.tracking.ui", LOCAL_UI_URL, store, "medtransfer"],
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
-    assert out.strip().endswith(f"{LOCAL_UI_URL}/#/experiments/1/runs{VIEW}")
+    key = "medtransfer-headline"
+    assert out.strip().endswith(f"{LOCAL_UI_URL}/#/experiments/{experiment_id}/runs{VIEW}&viewStateShareKey={key}")
+    view = json.loads(MlflowClient(store).get_experiment(experiment_id).tags[f"mlflow.sharedViewState.{key}"])
+    assert view == {"selectedColumns": [f"metrics.`{name}`" for name in HEADLINE_METRICS]}
+    # no store: no view to share, and none is created
+    missing = tmp_path / "none" / "mlflow.db"
+    assert share_headline_view(f"sqlite:///{missing}", "medtransfer") is None and not missing.parent.exists()
 
 
 def test_make_ui_asks_this_module_for_its_link():

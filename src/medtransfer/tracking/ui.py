@@ -4,6 +4,7 @@ opens its GenAI view). Imports nothing heavy, so ``make ui`` asks it for a link 
 
 from __future__ import annotations
 
+import json
 import sys
 from contextlib import closing
 from pathlib import Path
@@ -11,12 +12,17 @@ from urllib.parse import urlsplit
 
 from medtransfer.tracking.redaction import redact
 
-__all__ = ["LOCAL_UI_URL", "experiment_link", "ui_hint", "ui_link", "ui_server"]
+__all__ = ["HEADLINE_METRICS", "LOCAL_UI_URL", "experiment_link", "share_headline_view", "ui_hint", "ui_link",
+           "ui_server"]  # fmt: skip
 
 #: Where ``make ui`` (and ``mlflow ui``'s defaults) serve a local store.
 LOCAL_UI_URL = "http://127.0.0.1:5000"
 
 _VIEW = "workflowType=machine_learning"
+
+#: The runs table's columns in the view ``make ui`` opens: what a user compares runs by.
+HEADLINE_METRICS = ("val/auroc", "test/auroc", "test/acc", "test/coverage")
+_HEADLINE_VIEW = "medtransfer-headline"
 
 
 def ui_server(tracking_uri: str) -> str | None:
@@ -68,8 +74,9 @@ def _default_store() -> str:
     return f"sqlite:///{(Path('mlruns') / 'mlflow.db').resolve()}"
 
 
-def experiment_link(store: str, experiment_name: str, server: str = LOCAL_UI_URL) -> str:
-    """The link to ``experiment_name``'s runs in the SQLite ``store``, else to the experiment list (read-only)."""
+def experiment_link(store: str, experiment_name: str, server: str = LOCAL_UI_URL, view: str | None = None) -> str:
+    """The link to ``experiment_name``'s runs in the SQLite ``store`` (in the shared ``view``, when given), else to
+    the experiment list (read-only)."""
     database = Path(store.removeprefix("sqlite:///"))
     if store.startswith("sqlite:///") and database.is_file():
         import sqlite3
@@ -78,10 +85,30 @@ def experiment_link(store: str, experiment_name: str, server: str = LOCAL_UI_URL
             query = "SELECT experiment_id FROM experiments WHERE name = ?"
             row = connection.execute(query, (experiment_name,)).fetchone()
         if row is not None:
-            return f"{ui_link(store, str(row[0]), server=server)}"
+            return f"{ui_link(store, str(row[0]), server=server)}" + (f"&viewStateShareKey={view}" if view else "")
     return f"{server.rstrip('/')}/#/experiments?{_VIEW}"
+
+
+def share_headline_view(store: str, experiment_name: str) -> str | None:
+    """Store in the experiment a runs-table view with the :data:`HEADLINE_METRICS` columns, as the UI's own "Share"
+    button does, and return its key for :func:`experiment_link` (``None`` without such an experiment; no store is
+    created). The format (an experiment tag ``mlflow.sharedViewState.<key>`` holding the view's JSON) is the UI's,
+    not a public API: tests/tracking/test_mlflow_ui.py fails when it changes."""
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+        return None
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return None
+    columns = [f"metrics.`{name}`" for name in HEADLINE_METRICS]
+    client.set_experiment_tag(experiment.experiment_id, f"mlflow.sharedViewState.{_HEADLINE_VIEW}",
+                              json.dumps({"selectedColumns": columns}))  # fmt: skip
+    return _HEADLINE_VIEW
 
 
 if __name__ == "__main__":  # make ui: python -m medtransfer.tracking.ui SERVER STORE EXPERIMENT
     server, store, experiment = sys.argv[1:4]
-    print(f"MLflow UI, {experiment} runs in the model-training view: {experiment_link(store, experiment, server)}")
+    link = experiment_link(store, experiment, server, share_headline_view(store, experiment))
+    print(f"MLflow UI, {experiment} runs in the model-training view: {link}")

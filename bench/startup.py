@@ -26,8 +26,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDTRANSFER_DATA_DIR") or REPO.parent / "shared" / "data")
-COMMANDS = ("fit", "validate", "test", "predict", "evaluate", "compare", "baseline", "learning-curve", "search",
-            "lr-find", "explain-eval", "prepare")  # fmt: skip
+COMMANDS = ("fit", "validate", "test", "predict", "serve", "evaluate", "compare", "baseline", "learning-curve",
+            "search", "lr-find", "explain-eval", "prepare")  # fmt: skip
 HEAVY = ("torch", "lightning", "timm", "torchmetrics", "albumentations", "mlflow", "optuna", "sklearn", "matplotlib",
          "pydicom", "captum", "litdata", "scipy", "pandas", "cv2")  # fmt: skip
 HELP_TARGET_S = 1.5

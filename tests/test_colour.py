@@ -262,4 +262,5 @@ def test_frame_all_predicts_every_frame_of_a_multiframe_dicom_as_its_own_row(fit
     assert not any(r["error"] for r in rows)
     for choice, row in (("first", rows[0]), ("middle", rows[1])):  # the same probabilities as one frame read alone
         run_predict(str(two), str(fitted["best"]), output=tmp_path / "one.csv", frame=choice)
-        assert _read(tmp_path / "one.csv")[0][f"prob_{CLASSES[1]}"] == row[f"prob_{CLASSES[1]}"]
+        alone = float(_read(tmp_path / "one.csv")[0][f"prob_{CLASSES[1]}"])  # float32 network: batch-size noise
+        assert alone == pytest.approx(float(row[f"prob_{CLASSES[1]}"]), abs=1e-6)

@@ -24,13 +24,8 @@ from torch.utils.data import DataLoader
 from medtransfer import explain as heatmap_methods  # torch's Captum and matplotlib: imported on first heatmap
 from medtransfer.commands.predictor import Predictor
 from medtransfer.data.unlike import unlike_reasons
-from medtransfer.decisions.prevalence import (
-    Prevalence,
-    PrevalenceMethod,
-    adapt_probabilities,
-    estimate_prevalence,
-    given_prevalence,
-)
+from medtransfer.decisions import prevalence as shift
+from medtransfer.decisions.prevalence import Prevalence
 from medtransfer.decisions.risk_control import guarantee_verdict
 from medtransfer.errors import DataError
 from medtransfer.explain.choices import DEFAULT_METHOD, Method
@@ -276,9 +271,9 @@ class PredictionWriter(BasePredictionWriter):
 
     def adapt(self, prevalence: Callable[[torch.Tensor], Prevalence | None]) -> Prevalence | None:
         """Re-read the finished CSV, get the class shares of its probabilities from ``prevalence`` (estimated or
-        given), and rewrite its probability, ``prediction`` and ``decision`` columns adapted to them
-        (:func:`adapt_probabilities`; heatmaps stay those of the unadapted decisions); the tallies follow.
-        ``None`` (nothing rewritten) when ``prevalence`` gives none."""
+        given), and rewrite its probability, ``prediction`` and ``decision`` columns adapted to them (Bayes'
+        re-weighting; heatmaps stay those of the unadapted decisions); the tallies follow. ``None`` (nothing
+        rewritten) when ``prevalence`` gives none."""
         with self.output.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
         good = [row for row in rows if not row["error"]]
@@ -290,7 +285,7 @@ class PredictionWriter(BasePredictionWriter):
         shares = prevalence(probs)
         if shares is None:
             return None
-        adapted = adapt_probabilities(probs, shares.source, shares.estimated, task)
+        adapted = shift.adapt_probabilities(probs, shares.source, shares.estimated, task)
         self.counts, self.findings = Counter(), {}
         new_rows = list(prediction_rows(self.predictor, adapted))
         self._tally(adapted, new_rows)
@@ -364,7 +359,7 @@ def summarise(writer: PredictionWriter, predictor: Predictor, images: int, secon
 
 
 def adapt_prevalence(writer: PredictionWriter, predictor: Predictor, shares: str | list[float],
-                     method: PrevalenceMethod) -> dict[str, Any]:  # fmt: skip
+                     method: shift.PrevalenceMethod) -> dict[str, Any]:  # fmt: skip
     """Adapt the written CSV to the estimated or given class shares; the summary's ``prevalence`` entry."""
     method_name = method if shares == "estimate" else "given"
     calibration = predictor.calibration or {}
@@ -378,10 +373,10 @@ def adapt_prevalence(writer: PredictionWriter, predictor: Predictor, shares: str
         confusion = None if confusion is None else torch.tensor(confusion, dtype=torch.float64)
 
         def choose(probs: torch.Tensor) -> Prevalence | None:
-            return estimate_prevalence(probs, source, task, method, confusion)
+            return shift.estimate_prevalence(probs, source, task, method, confusion)
     else:
         try:
-            given = given_prevalence(shares, source, task)
+            given = shift.given_prevalence(shares, source, task)
         except ValueError as err:
             raise DataError(f"--prevalence {','.join(map(str, shares))}: {err}") from None
 

@@ -33,14 +33,8 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from medtransfer import __version__
+from medtransfer.commands import predict_writer as writing
 from medtransfer.commands.predict import Precision, resolve_device
-from medtransfer.commands.predict_writer import (
-    BOX_THRESHOLD,
-    csv_columns,
-    full_size_map,
-    heatmap_targets,
-    prediction_rows,
-)
 from medtransfer.commands.predictor import (
     PredictModule,
     Predictor,
@@ -217,7 +211,7 @@ async def _multipart_file(scope: Scope, body: bytes) -> tuple[bytes, str]:
 
 @dataclass
 class ServeSummary:
-    """What a finished ``serve`` served: the model's name and the endpoint it answered on."""
+    """What a finished ``serve`` served: the model's name and its endpoint."""
 
     model: str
     url: str
@@ -256,7 +250,7 @@ class ImageAPI(ls.LitAPI):
         self.transform = build_eval_transform(settings.size, settings.channels, settings.mean, settings.std,
                                               settings.interpolation, color=settings.color)  # fmt: skip
         self.read_frame = self.frame or settings.dicom_frame
-        self.columns = csv_columns(self.predictor, per_frame=False, heatmaps=False)
+        self.columns = writing.csv_columns(self.predictor, per_frame=False, heatmaps=False)
         self.explainer: torch.nn.Module | None = None
         self.noted: set[str] = set()
         self.device_type = torch.device(device).type
@@ -286,7 +280,7 @@ class ImageAPI(ls.LitAPI):
                                                          enabled=self.precision != "32"):  # fmt: skip
                 probs = self.module.predict_step(([], images.to(self.predictor_device), []), 0).cpu()
             reasons = unlike_reasons(images, self.predictor.settings.reference)
-            for item, row, reason in zip(good, prediction_rows(self.predictor, probs), reasons, strict=True):
+            for item, row, reason in zip(good, writing.prediction_rows(self.predictor, probs), reasons, strict=True):
                 row.update(path=item.name, unlike_training=reason, error="", model=self.predictor.label)
                 rows[id(item)] = {column: row.get(column, "") for column in self.columns}
             wanted = [j for j, item in enumerate(good) if item.heatmap]
@@ -310,7 +304,7 @@ class ImageAPI(ls.LitAPI):
             for item in items:
                 rows[id(item)] = {"error": " ".join(str(err).split())}
             return
-        targets = heatmap_targets(self.predictor, probs)
+        targets = writing.heatmap_targets(self.predictor, probs)
         pairs = [(j, t) for j, labels in enumerate(targets) for t in labels]
         device = self.predictor_device
         target = None if pairs[0][1] is None else torch.tensor([t for _, t in pairs], device=device)
@@ -318,11 +312,11 @@ class ImageAPI(ls.LitAPI):
         maps = explain(self.explainer, chosen, target, self.explain_method).cpu()
         fields: dict[int, dict[str, list[str]]] = {j: {} for j in range(len(items))}
         for (j, label), heat in zip(pairs, maps, strict=True):
-            full = full_size_map(heat, items[j].image.shape[:2])
+            full = writing.full_size_map(heat, items[j].image.shape[:2])
             picture = io.BytesIO()
             Image.fromarray(overlay(items[j].image, full)).save(picture, format="PNG")
             x, y, value = map_peak(full)
-            box = map_box(full, BOX_THRESHOLD) or ("",) * 4
+            box = map_box(full, writing.BOX_THRESHOLD) or ("",) * 4
             values = [base64.b64encode(picture.getvalue()).decode("ascii"), f"{x:.1f}", f"{y:.1f}", f"{value:.4f}",
                       *map(str, box)]  # fmt: skip
             if label is not None:
@@ -349,7 +343,7 @@ def model_info(predictor: Predictor, max_body_bytes: int, frame: str | None) -> 
         "name": label, "version": version, "medtransfer_version": __version__, "task": predictor.task,
         "class_names": predictor.class_names, "input": predictor.settings.to_dict(),
         "dicom_frame": frame or predictor.settings.dicom_frame, "decision": predictor.rule.to_dict(),
-        "fields": csv_columns(predictor, per_frame=False, heatmaps=False), "heatmap_fields": list(HEATMAP_FIELDS),
+        "fields": writing.csv_columns(predictor, False, False), "heatmap_fields": list(HEATMAP_FIELDS),
         "accepts": [*ACCEPTED_TYPES, "multipart/form-data", "application/json"], "max_body_bytes": max_body_bytes,
     }  # fmt: skip
 

@@ -47,10 +47,11 @@ def machine() -> str:
 
 
 def write_checkpoint(path: Path) -> None:
-    """A 64-px EfficientNet-Lite0 medtransfer checkpoint (random weights: start-up does not depend on them)."""
+    """A 64-px EfficientNet-Lite0 medtransfer checkpoint (random weights: start-up does not depend on them), with
+    options that earlier versions also read, so ``--label before --src OLD/src`` loads it."""
     from medtransfer.models.classifier import ClassifierModule
 
-    model = ClassifierModule(backbone="tf_efficientnet_lite0", pretrained="none")
+    model = ClassifierModule(backbone="tf_efficientnet_lite0", pretrained="none", confidence_score="margin")
     input_spec = {"size": 64, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "channels": 3}
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
                 "pytorch-lightning_version": "2.6.0", "class_names": ["normal", "pneumonia"], "input": input_spec},

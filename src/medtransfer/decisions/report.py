@@ -8,10 +8,9 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -22,6 +21,9 @@ from medtransfer.decisions.rule import DecisionRule
 from medtransfer.metrics import functional as F
 from medtransfer.metrics.defined import defined_labels, mask_undefined
 from medtransfer.task import Task
+
+if TYPE_CHECKING:  # pandas (0.4 s) only when a table is made: predict imports this module
+    import pandas as pd
 
 __all__ = [
     "COVERAGES",
@@ -173,6 +175,8 @@ def evaluation_table(
         "accuracy": (rule.decide(scores) == labels).double().mean(0).numpy(),
         **{f"sel_acc_{round(c * 100)}": report[f"selective_acc_cov{round(c * 100)}"].numpy() for c in COVERAGES},
     }
+    import pandas as pd
+
     table = pd.DataFrame(columns, index=pd.Index(names, name="class"))
     mean = table.mean(numeric_only=True, skipna=True)
     mean["n"], mean["positives"] = len(scores), np.nan

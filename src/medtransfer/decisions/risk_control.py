@@ -234,17 +234,12 @@ def fit_shifted_aps_quantiles(probs: Any, labels: Any, alpha: float, prevalence:
     ``prevalence`` (``(K,)`` or ``(M, K)`` candidates, the largest threshold over them): the weighted conformal
     quantile of Podkopaev & Ramdas (2021), calibration case ``i`` weighted by ``w[y_i]`` and the new case by
     ``w[y]`` for the class ``y`` tested, ``w = target / calibration share``; ``inf`` where too few cases weigh."""
-    from mapie.conformity_scores import APSConformityScore
-
     _check_open_unit("alpha", alpha)
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.int64)
     num_classes = probs.shape[1]
     shares = _shares(prevalence, num_classes)
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    score = APSConformityScore()
-    score.set_external_attributes(classes=np.arange(max(3, num_classes)), random_state=seed)
-    padded = np.pad(probs, ((0, 0), (0, max(0, 3 - num_classes))))  # MAPIE's one-hot needs three columns
-    scores = np.asarray(score.get_conformity_scores(labels, padded, y_enc=labels), dtype=np.float64).reshape(-1)
+    scores = _aps_scores(probs, labels, seed)
     order = np.argsort(scores, kind="stable")
     quantiles = np.full(num_classes, -np.inf)
     for target in shares:
@@ -260,20 +255,24 @@ def fit_shifted_aps_quantiles(probs: Any, labels: Any, alpha: float, prevalence:
 # ------------------------------------------------------------------------------------------ prediction sets
 def fit_aps_quantile(probs: Any, labels: Any, alpha: float, seed: int = 0) -> float:
     """The APS threshold for coverage ``1 - alpha``: the conformal quantile of MAPIE's randomised
-    ``APSConformityScore`` on the calibration cases; ``inf`` (every class) when there are too few.
-
-    The score is called directly: MAPIE's classifier refuses calibration labels of fewer than three classes (a
-    two-class model gets a third, empty column, which changes no score)."""
-    from mapie.conformity_scores import APSConformityScore
-
+    ``APSConformityScore`` on the calibration cases; ``inf`` (every class) when there are too few."""
     _check_open_unit("alpha", alpha)
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.int64)
     if math.ceil((len(labels) + 1) * (1 - alpha) - 1e-9) > len(labels):
         return math.inf
+    return conformal_quantile(_aps_scores(probs, labels, seed), alpha)
+
+
+def _aps_scores(probs: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
+    """MAPIE's randomised ``APSConformityScore`` of each calibration case, called directly: MAPIE's classifier
+    refuses calibration labels of fewer than three classes (a two-class model gets a third, empty column, which
+    changes no score)."""
+    from mapie.conformity_scores import APSConformityScore
+
     probs = np.pad(probs, ((0, 0), (0, max(0, 3 - probs.shape[1]))))  # MAPIE's one-hot needs three columns
     score = APSConformityScore()
     score.set_external_attributes(classes=np.arange(probs.shape[1]), random_state=seed)
-    return conformal_quantile(score.get_conformity_scores(labels, probs, y_enc=labels), alpha)
+    return np.asarray(score.get_conformity_scores(labels, probs, y_enc=labels), dtype=np.float64).reshape(-1)
 
 
 def conformal_quantile(scores: Any, alpha: float) -> float:

@@ -10,7 +10,7 @@ A multi-label task is one binary problem per finding. The interval is a percenti
 cases: it does not count the error of the calibration split's own estimates.
 
 Different images (another scanner, another modality) are not a prevalence shift: re-weighting classes does not
-fix them, and :func:`explained_by_prevalence` tells the two apart on the exchangeability check's statistics.
+fix them, and :func:`shift_explanation` tells the two apart on the exchangeability check's statistics.
 """
 
 from __future__ import annotations

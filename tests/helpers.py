@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -14,6 +15,20 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
 #: The installed ``medtransfer`` console script, for tests that need a process of their own (DDP, kills).
 CONSOLE_SCRIPT = Path(sys.executable).with_name("medtransfer")
+
+
+def fit_in(folder: Path, args: list[str]) -> Any:
+    """``medtransfer fit`` (LightningCLI) run in ``folder`` with a store of its own there, as from a fresh shell:
+    no ``MLFLOW_TRACKING_URI``, a bare ``sys.argv``; the working folder and environment restored after."""
+    import pytest
+
+    from medtransfer.commands.fit import build_cli
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setattr("sys.argv", ["medtransfer"])
+        return build_cli(args)
 
 
 def tiny_fit_args(train_batches: int = 4, val_batches: int = 4, test_batches: int = 3) -> list[str]:

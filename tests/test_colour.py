@@ -16,7 +16,7 @@ import pytest
 import tifffile
 import torch
 from colour_data import CLASSES, hue_splits, write_files, write_npz
-from helpers import DEFAULT_CONFIG, tiny_fit_args
+from helpers import DEFAULT_CONFIG, fit_in, tiny_fit_args
 from PIL import Image
 from pydicom.data import get_testdata_files
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -101,18 +101,11 @@ def test_a_colour_setting_on_one_channel_data_names_the_file(hue_data):
 def fitted(tmp_path_factory, hue_data) -> dict:
     """A tiny CLI fit of the default config on the colour CSV, logged to MLflow."""
     workdir = tmp_path_factory.mktemp("fit")
-    mp = pytest.MonkeyPatch()
-    mp.chdir(workdir)
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    mp.setattr("sys.argv", ["medtransfer"])
-    try:
-        cli = build_cli([
-            "fit", f"--config={DEFAULT_CONFIG}", "--data=medtransfer.data.images.ImageDataModule",
-            "--data.source=medtransfer.data.images.CsvSource", f"--data.source.csv_path={hue_data['csv']}",
-            "--data.source.split_column=split", "--data.batch_size=16", *tiny_fit_args(2, 1, 2),
-        ])  # fmt: skip
-    finally:
-        mp.undo()
+    cli = fit_in(workdir, [
+        "fit", f"--config={DEFAULT_CONFIG}", "--data=medtransfer.data.images.ImageDataModule",
+        "--data.source=medtransfer.data.images.CsvSource", f"--data.source.csv_path={hue_data['csv']}",
+        "--data.source.split_column=split", "--data.batch_size=16", *tiny_fit_args(2, 1, 2),
+    ])  # fmt: skip
     return {
         "store": f"sqlite:///{workdir}/mlruns/mlflow.db",
         "run_id": find_mlflow_logger(cli.trainer).run_id,

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from faults.untrained import write_untrained_checkpoint
-from helpers import CONSOLE_SCRIPT
+from helpers import CONSOLE_SCRIPT, fit_in
 from PIL import Image
 
 from medtransfer.commands.fit import build_cli
@@ -41,19 +41,12 @@ def fitted(tmp_path_factory, pneumonia_npz) -> dict:
     """
     workdir = tmp_path_factory.mktemp("fit")
     cwd = Path.cwd()
-    mp = pytest.MonkeyPatch()
-    mp.chdir(workdir)
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    mp.setattr("sys.argv", ["medtransfer"])
-    try:
-        cli = build_cli([
-            "fit", f"--config={CONFIG}", f"--data.path={pneumonia_npz}", "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=4", "--data.image_size=32", "--trainer.enable_progress_bar=false",
-            "--mlflow_model.registered_model_name=pneumonia-tiny",
-        ])  # fmt: skip
-    finally:
-        mp.undo()
-        assert Path.cwd() == cwd
+    cli = fit_in(workdir, [
+        "fit", f"--config={CONFIG}", f"--data.path={pneumonia_npz}", "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=4", "--data.image_size=32", "--trainer.enable_progress_bar=false",
+        "--mlflow_model.registered_model_name=pneumonia-tiny",
+    ])  # fmt: skip
+    assert Path.cwd() == cwd
     store = f"sqlite:///{workdir}/mlruns/mlflow.db"
     run_id = find_mlflow_logger(cli.trainer).run_id
     return {

@@ -20,11 +20,10 @@ import numpy as np
 import psutil
 import pytest
 import requests
-from helpers import tiny_fit_args
+from helpers import fit_in, tiny_fit_args
 from PIL import Image
 from servers import serve_process
 
-from medtransfer.commands.fit import build_cli
 from medtransfer.entry import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,14 +40,7 @@ pytestmark = pytest.mark.slow  # a CLI fit and real server processes
 def checkpoint(tmp_path_factory, pneumonia_npz) -> Path:
     """A tiny real fit of the default config (32 px, a few batches): decision rule, calibration, reference stats."""
     workdir = tmp_path_factory.mktemp("fit")
-    mp = pytest.MonkeyPatch()
-    mp.chdir(workdir)
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    mp.setattr("sys.argv", ["medtransfer"])
-    try:
-        cli = build_cli(["fit", f"--config={CONFIG}", f"--data.path={pneumonia_npz}", *tiny_fit_args()])
-    finally:
-        mp.undo()
+    cli = fit_in(workdir, ["fit", f"--config={CONFIG}", f"--data.path={pneumonia_npz}", *tiny_fit_args()])
     return (workdir / cli.trainer.checkpoint_callback.best_model_path).resolve()
 
 

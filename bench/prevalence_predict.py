@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Trainer
 from PIL import Image
+from prevalence_shift import ece, selective_accuracy  # bench/prevalence_shift.py: the same scores
 
 from medtransfer.commands.predict import run_predict
 from medtransfer.commands.predictor import load_predictor
@@ -55,21 +56,13 @@ def score(csv_path: Path, labels: np.ndarray, checkpoint: Path) -> dict[str, flo
     predicted = (frame["prediction"] == "pneumonia").to_numpy()
     correct = predicted == labels.astype(bool)
     stated = np.where(predicted, p, 1 - p)
-    bins = np.minimum((stated * 15).astype(int), 14)
-    ece = sum(abs(stated[bins == b].mean() - correct[bins == b].mean()) * (bins == b).mean()
-              for b in range(15) if (bins == b).any())  # fmt: skip
     band = load_predictor(checkpoint).rule.confidence(torch.from_numpy(p)).numpy()
-    keep = int(np.ceil(0.8 * len(p)))
-
-    def selective(confidence: np.ndarray) -> float:
-        return float(correct[np.argsort(-confidence, kind="stable")[:keep]].mean())
-
     return {
         "accuracy": float(correct.mean()),
         "accuracy_at_half": float(((p >= 0.5) == labels.astype(bool)).mean()),  # not the rule's: for reference
-        "ece": float(ece),
-        "selective_acc_at_80_stated": selective(stated),
-        "selective_acc_at_80_band": selective(band),
+        "ece": ece(stated, correct),
+        "selective_acc_at_80_stated": selective_accuracy(stated, correct),
+        "selective_acc_at_80_band": selective_accuracy(band, correct),
         "distinct_confidences": len(np.unique(stated)) / len(stated),
         "coverage": float((frame["decision"] != "abstain").mean()),
     }

@@ -12,7 +12,8 @@ import yaml
 from helpers import DEFAULT_CONFIG, REPO
 from optuna.trial import TrialState
 
-from medtransfer.commands.search import load_space, open_storage, run_search
+from medtransfer.commands.search import run_search
+from medtransfer.commands.search_space import load_space, open_storage
 from medtransfer.entry import main
 from medtransfer.errors import DataError
 

@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 HEAVY = {"torch", "lightning", "timm", "torchmetrics", "albumentations", "mlflow", "optuna", "captum", "sklearn",
          "matplotlib", "scipy", "litdata", "pydicom"}  # fmt: skip
 #: The commands whose options are all plain types (no data module or Lightning class to describe).
-LIGHT = ("predict", "evaluate", "compare", "prepare")
+LIGHT = ("predict", "evaluate", "compare", "prepare", "search", "learning-curve", "lr-find", "explain-eval")
 
 
 def _help_imports(command: str) -> tuple[str, set[str]]:

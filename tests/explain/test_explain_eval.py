@@ -14,7 +14,8 @@ from lesions import MEAN, SIZE, STD, _boxes, _centres, _plant
 from lightning.pytorch import Trainer
 from PIL import Image
 
-from medtransfer.commands.explain_eval import localisation_scores, run_explain_eval
+from medtransfer.commands.explain_eval import run_explain_eval
+from medtransfer.commands.explain_scores import localisation_scores
 from medtransfer.data.boxes import chestxray14_boxes, read_box_table
 from medtransfer.data.tables import CHESTXRAY14_FINDINGS
 from medtransfer.entry import main

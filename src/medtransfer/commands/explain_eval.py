@@ -9,27 +9,17 @@ maps whose peak lies in the box); ``mean_iou``, of the box and the box of the pe
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import torch
-
-from medtransfer.commands.predict import Predictor, load_predictor
 from medtransfer.data.boxes import BOX_COLUMNS, CHESTXRAY14_BOX_SIZE, chestxray14_boxes, read_box_table
-from medtransfer.data.readers import read_image
-from medtransfer.data.transforms import build_eval_transform
 from medtransfer.errors import DataError
-from medtransfer.explain.methods import DEFAULT_LAYERS, METHODS, box_iou, explain, map_box, pointing_hit, resolve_layer
+from medtransfer.explain.choices import METHODS, Method
 from medtransfer.files import write_text_atomic
-from medtransfer.tracking.mlflow import open_run
 
-__all__ = ["ExplainEvalResult", "localisation_scores", "run_explain_eval"]
-
-_logger = logging.getLogger(__name__)
+__all__ = ["ExplainEvalResult", "run_explain_eval"]
 
 
 @dataclass
@@ -41,48 +31,6 @@ class ExplainEvalResult:
     output: Path
 
 
-def localisation_scores(heatmaps: torch.Tensor | np.ndarray, boxes: np.ndarray, threshold: float = 0.5) -> dict:
-    """Pointing-game hit rate, mean IoU of the thresholded map's box, and a random point's expected hit rate,
-    for ``(N, H, W)`` maps and ``(N, 4)`` boxes in the maps' pixels."""
-    maps = np.asarray(heatmaps, dtype=np.float32)
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    if len(maps) != len(boxes):
-        raise ValueError(f"Expected as many boxes as maps, but got {len(boxes)} boxes for {len(maps)} maps")
-    if not len(maps):
-        return {"n": 0, "hit_rate": float("nan"), "mean_iou": float("nan"), "random_rate": float("nan")}
-    height, width = maps.shape[1:]
-    hits = [pointing_hit(heat, box) for heat, box in zip(maps, boxes, strict=True)]
-    ious = [box_iou(map_box(heat, threshold), box) for heat, box in zip(maps, boxes, strict=True)]
-    clipped = np.clip(boxes, 0, [width, height, width, height])
-    area = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1]) / (width * height)
-    scores = {"hit_rate": hits, "mean_iou": ious, "random_rate": area}
-    return {"n": len(maps), **{name: float(np.mean(values)) for name, values in scores.items()}}
-
-
-def _targets(predictor: Predictor, findings: Sequence[str]) -> np.ndarray:
-    """Per box, the output explained: 0 (binary), the finding's class index, or -1 when the model lacks it."""
-    if predictor.task == "binary":
-        return np.zeros(len(findings), dtype=np.int64)
-    names = {name.lower(): i for i, name in enumerate(predictor.class_names)}
-    if not any(findings):
-        return np.full(len(findings), -2, dtype=np.int64)  # no finding column: the top-scoring output
-    return np.array([names.get(str(f).lower(), -1) for f in findings], dtype=np.int64)
-
-
-def _load(rows: Any, root: Path, transform: Any, size: int, box_image_size: int | None) -> tuple:
-    images, boxes = [], []
-    for row in rows.itertuples():
-        path = Path(row.path) if Path(row.path).is_absolute() else root / row.path
-        image = read_image(path)
-        height, width = image.shape[:2]
-        sx = width / box_image_size if box_image_size else 1.0
-        sy = height / box_image_size if box_image_size else 1.0
-        box = np.array([row.x_min * sx, row.y_min * sy, row.x_max * sx, row.y_max * sy])
-        boxes.append(box * [size / width, size / height, size / width, size / height])  # to the model's input
-        images.append(transform(image=image)["image"])
-    return torch.stack(images), np.stack(boxes)
-
-
 def run_explain_eval(
     boxes: str,
     model: str,
@@ -91,7 +39,7 @@ def run_explain_eval(
     box_columns: Sequence[str] = BOX_COLUMNS,
     finding_column: str | None = None,
     box_image_size: int | None = None,
-    methods: Sequence[Literal["gradcam", "layercam", "fusion", "occlusion"]] = METHODS,
+    methods: Sequence[Method] = METHODS,
     layers: Sequence[int | str] | None = None,
     detected_only: bool = True,
     threshold: float = 0.5,
@@ -123,32 +71,13 @@ def run_explain_eval(
         tracking_uri: MLflow store (default: ``$MLFLOW_TRACKING_URI``, else ``mlruns/mlflow.db``).
         experiment: MLflow experiment of the run.
     """
+    from medtransfer.commands.explain_scores import score_boxes  # here, not at the top: --help needs no torch
+
     table, root, box_image_size = _box_table(boxes, image_root, path_column, box_columns, finding_column,
                                              box_image_size)  # fmt: skip
-    predictor = load_predictor(model, device)
-    if not hasattr(predictor.network, "backbone"):
-        raise DataError(f"explain-eval needs a checkpoint with the model's layers, not {model}")
-    targets = _targets(predictor, table["finding"].tolist())
-    known = targets != -1
-    if not known.any():
-        raise DataError(f"None of the box findings {sorted(set(table['finding']))} is one of the model's classes")
-    table, targets = table[known].reset_index(drop=True), targets[known]
-    if max_images is not None:
-        table, targets = table.iloc[:max_images], targets[:max_images]
-    spec = predictor.settings
-    transform = build_eval_transform(spec.size, spec.channels, spec.mean, spec.std, spec.interpolation)
-    images, input_boxes = _load(table, root, transform, spec.size, box_image_size)
-    explained, detected = _detected(predictor, images, targets, batch_size, device)
-    chosen = torch.nonzero(detected if detected_only else torch.ones_like(detected)).flatten()
-    _logger.info("explain-eval: %d boxes, %d detected", len(table), int(detected.sum()))
-    scores = []
-    for method in methods:
-        for layer in [None] if method == "occlusion" else (layers or [None]):
-            heat = _heatmaps(predictor, images, explained, chosen, method, layer, batch_size, device)
-            name = "-" if method == "occlusion" else _layer_name(predictor.network, method, layer)
-            found = localisation_scores(heat, input_boxes[chosen.numpy()], threshold)
-            scores.append({"method": method, "layer": name, **found, "boxes": len(table)})
-    _report(scores, spec.size)
+    scores, size = score_boxes(table, root, box_image_size, model, methods, layers, detected_only, threshold,
+                               max_images, batch_size, device)  # fmt: skip
+    _report(scores, size)
     write_text_atomic(Path(output), json.dumps(scores, indent=2) + "\n")
     _log_to_mlflow(scores, Path(output), model, boxes, tracking_uri, experiment)
     return ExplainEvalResult(scores, Path(output))
@@ -171,40 +100,6 @@ def _box_table(
     return table, root, box_image_size or CHESTXRAY14_BOX_SIZE
 
 
-def _detected(predictor: Predictor, images: torch.Tensor, targets: np.ndarray, batch_size: int,
-              device: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Per box, the output explained (the top-scoring one where the box names no finding) and whether the model
-    decides it positive."""
-    with torch.inference_mode():
-        probs = torch.cat([predictor.network(images[i : i + batch_size].to(device)).cpu()
-                           for i in range(0, len(images), batch_size)])  # fmt: skip
-    explained = torch.as_tensor(targets)
-    if predictor.task != "binary":
-        explained = torch.where(explained < 0, probs.argmax(dim=1), explained)
-    decided = predictor.rule.decide(probs)
-    if predictor.task == "binary":
-        return explained, decided == 1
-    if predictor.task == "multiclass":
-        return explained, decided == explained
-    return explained, decided.gather(1, explained[:, None])[:, 0] == 1
-
-
-def _heatmaps(predictor: Predictor, images: torch.Tensor, explained: torch.Tensor, chosen: torch.Tensor,
-              method: str, layer: int | str | None, batch_size: int, device: str) -> torch.Tensor:  # fmt: skip
-    """One method's maps of the chosen images, in batches."""
-    maps = []
-    for i in range(0, len(chosen), batch_size):
-        rows = chosen[i : i + batch_size]
-        target = None if predictor.task == "binary" else explained[rows]
-        maps.append(explain(predictor.network, images[rows].to(device), target, method, layer).cpu())
-    size = predictor.settings.size
-    return torch.cat(maps) if maps else torch.zeros(0, size, size)
-
-
-def _layer_name(network: torch.nn.Module, method: str, layer: int | str | None) -> str:
-    return resolve_layer(network.backbone, DEFAULT_LAYERS[method] if layer is None else layer)[0]
-
-
 def _report(results: list[dict[str, Any]], size: int) -> None:
     print(f"{'method':<10} {'layer':<12} {'n':>5} {'hit rate':>9} {'mean IoU':>9} {'random':>7}   ({size} px)")
     for r in results:
@@ -217,6 +112,8 @@ def _report(results: list[dict[str, Any]], size: int) -> None:
 def _log_to_mlflow(
     results: list[dict], output: Path, model: str, boxes: str, tracking_uri: str | None, experiment: str
 ) -> None:
+    from medtransfer.tracking.mlflow import open_run
+
     metrics = {}
     for r in results:
         key = r["method"] if r["layer"] == "-" else f"{r['method']}/{r['layer']}"

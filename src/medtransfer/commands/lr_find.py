@@ -14,13 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from lightning.pytorch.callbacks import BaseFinetuning
-
-from medtransfer.callbacks.finetuning import FreezeThenFinetune
-from medtransfer.checkpoints import load_checkpoint
-from medtransfer.commands.fit import MedTransferCLI, build_cli
 from medtransfer.errors import MedtransferError
-from medtransfer.tracking.callbacks import find_mlflow_logger
 from medtransfer.tracking.ui import ui_hint
 from medtransfer.upstream import mlflow_logger_settings
 
@@ -66,9 +60,16 @@ class LrFindResult:
     ui_hint: str | None = None
 
 
-def _set_up_phase(model: Any, finetuning: FreezeThenFinetune | None, options: LrFindOptions) -> None:
+def _set_up_phase(model: Any, callbacks: list[Any], options: LrFindOptions) -> None:
+    """Freeze the model's backbone; for ``finetune``, make trainable what the fit's ``FreezeThenFinetune`` (among
+    the Trainer's ``callbacks``) would unfreeze, or the whole backbone without one."""
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    from medtransfer.callbacks.finetuning import FreezeThenFinetune
+
     FreezeThenFinetune.freeze_parameters(model.backbone)
     if options.phase == "finetune":
+        finetuning = next((c for c in callbacks if isinstance(c, FreezeThenFinetune)), None)
         modules = finetuning.unfrozen_modules(model) if finetuning else [model.backbone]
         BaseFinetuning.make_trainable(modules)
 
@@ -80,7 +81,10 @@ def run_lr_find(lr_find: LrFindOptions = LrFindOptions(), fit_args: Sequence[str
         lr_find: what to sweep.
         fit_args: ``fit``'s options as on its command line (``--config``, ``--model.*``, ``--data.*``, ...).
     """
-    from lightning.pytorch.tuner import Tuner
+    from lightning.pytorch.tuner import Tuner  # here, not at the top: --help needs no torch or Lightning
+
+    from medtransfer.checkpoints import load_checkpoint
+    from medtransfer.commands.fit import build_cli
 
     options = lr_find
     cli = build_cli(list(fit_args), run=False)
@@ -89,8 +93,7 @@ def run_lr_find(lr_find: LrFindOptions = LrFindOptions(), fit_args: Sequence[str
     model, trainer = cli.model, cli.trainer
     if options.weights:
         model.load_state_dict(load_checkpoint(options.weights)["state_dict"])
-    finetuning = next((c for c in trainer.callbacks if isinstance(c, FreezeThenFinetune)), None)
-    _set_up_phase(model, finetuning, options)
+    _set_up_phase(model, trainer.callbacks, options)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     finder = Tuner(trainer).lr_find(
         model,
@@ -123,9 +126,12 @@ def run_lr_find(lr_find: LrFindOptions = LrFindOptions(), fit_args: Sequence[str
 
 
 def _log_to_mlflow(
-    cli: MedTransferCLI, options: LrFindOptions, suggestion: float | None, trainable: int, plot: Path
+    cli: Any, options: LrFindOptions, suggestion: float | None, trainable: int, plot: Path
 ) -> tuple[str | None, str | None]:
-    """Log the sweep to the fit's MLflow run: its run id and the line linking to it in the UI."""
+    """Log the sweep to the MLflow run of the fit's CLI (a ``MedTransferCLI``): its run id and the line linking to
+    it in the UI."""
+    from medtransfer.tracking.callbacks import find_mlflow_logger
+
     logger = find_mlflow_logger(cli.trainer)
     if logger is None:
         return None, None

@@ -21,9 +21,12 @@ endif
 
 setup: $(STAMP) ## create .venv and install medtransfer with its dev extras (skipped when up to date)
 
+# The last step stores the --help of fit, validate, test, serve and baseline (commands/help_cache.py) in one
+# process, so that the first `medtransfer fit --help` is already instant.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -c 'from medtransfer.entry import warm_help_cache; warm_help_cache()'
 	touch $(STAMP)
 
 fit: setup ## train the default config, then test its best checkpoint; all tracked in mlruns/

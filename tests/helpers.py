@@ -1,8 +1,11 @@
-"""Small builders shared by tests: a tiny two-class image task that a real timm backbone can fit, and the
-default config shrunk to a seconds-long CLI fit."""
+"""Small builders shared by tests: a tiny two-class image task that a real timm backbone can fit, the default
+config shrunk to a seconds-long CLI fit, and a command's ``--help`` in a fresh process."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,25 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "pneumonia_effnet_lite0.yaml"
 #: The installed ``medtransfer`` console script, for tests that need a process of their own (DDP, kills).
 CONSOLE_SCRIPT = Path(sys.executable).with_name("medtransfer")
+#: Libraries that take seconds to import: a ``--help`` that imports none of them is instant.
+HEAVY = {"torch", "lightning", "timm", "torchmetrics", "albumentations", "mlflow", "optuna", "captum", "sklearn",
+         "matplotlib", "scipy", "litdata", "pydicom"}  # fmt: skip
+
+
+def help_in_fresh_process(command: str, env: dict[str, str] | None = None) -> tuple[str, set[str]]:
+    """What ``medtransfer <command> --help`` prints in a fresh process run as the console script (``sys.argv[0]``
+    ``medtransfer``) with ``env`` added to the environment, and the top-level modules that process imported."""
+    code = (
+        "import contextlib, io, json, sys\nsys.argv[0] = 'medtransfer'\nfrom medtransfer.entry import main\n"
+        "out = io.StringIO()\nwith contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "    main(sys.argv[1:])\nprint(json.dumps([out.getvalue(), sorted({m.split('.')[0] for m in sys.modules})]))"
+    )
+    env = {**os.environ, **(env or {})}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", code, command, "--help"], capture_output=True, text=True, env=env,
+                          check=True)  # fmt: skip
+    text, modules = json.loads(done.stdout.strip().splitlines()[-1])
+    return text, set(modules)
 
 
 def fit_in(folder: Path, args: list[str]) -> Any:

@@ -1,14 +1,15 @@
 """The ``medtransfer`` console script: the command list and dispatch, importing nothing heavy (``--help`` is instant).
 
 ``fit``, ``validate`` and ``test`` go to the LightningCLI in ``medtransfer.commands.fit``; every other command is a
-typed ``run_<command>`` function that :mod:`medtransfer.commands.command_line` turns into its command line.
+typed ``run_<command>`` function that :mod:`medtransfer.commands.command_line` turns into its command line. The
+``--help`` of the commands whose options need torch to describe comes from :mod:`medtransfer.commands.help_cache`.
 """
 
 from __future__ import annotations
 
 import sys
 
-__all__ = ["COMMANDS", "COMMAND_HELP", "main", "print_commands"]
+__all__ = ["COMMANDS", "COMMAND_HELP", "main", "print_commands", "warm_help_cache"]
 
 #: Commands that are not Lightning's: name -> ``"module:function"``, the typed function that runs it.
 COMMANDS = {
@@ -50,6 +51,24 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] in ([], ["-h"], ["--help"]):
         print_commands()
         return
+    from medtransfer.commands import help_cache  # light: the check below, and the cache's own imports
+
+    if help_cache.is_cached_help(argv):
+        help_cache.print_help(argv[0], lambda: _run(argv, args))  # exits, as argparse does after help
+    _run(argv, args)
+
+
+def warm_help_cache() -> None:
+    """Store the ``--help`` of the commands whose options need torch to describe, in this one process (what
+    ``make setup`` runs, so that the first ``medtransfer fit --help`` is already instant)."""
+    from medtransfer.commands import help_cache
+
+    stored = help_cache.warm(lambda argv: _run(argv, argv))
+    print(f"medtransfer: --help of {', '.join(stored) or 'no command'} stored in {help_cache.cache_folder()}")
+
+
+def _run(argv: list[str], args: list[str] | None) -> None:
+    """Run the command ``argv`` names; ``args`` is what ``main`` was given (``None``: from ``sys.argv``)."""
     if argv[0] in COMMANDS:
         from medtransfer.commands.command_line import run_command
 

@@ -11,7 +11,7 @@ keyed by everything the text depends on (:func:`help_key`): a hash of medtransfe
 versions of the packages whose signatures and docstrings it prints, the Python version, the program name in the
 usage line, the terminal width argparse wraps at, and jsonargparse's environment switches. Any change is a miss,
 which runs the live parser. Only ``[command, "--help"]`` or ``[command, "-h"]`` is answered here; anything else
-(``--config x.yaml --help``, ``--print_config``) goes to the live parser, as does an entry that cannot be read.
+(``--config x.yaml --help``, or any option besides) goes to the live parser, as does an entry that cannot be read.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 ``docs/cli.md`` holds the marker ``<!-- cli-reference -->``; this hook replaces it with one section per command
 in ``medtransfer.entry.COMMAND_HELP`` (its one-line summary, then the full ``medtransfer <command> --help``). The
 help texts come from one child process that imports medtransfer once (Lightning, timm and MLflow take seconds to
-import) and runs each command's ``--help`` in turn, exactly as the console script does. A command whose help
-fails stops the build: the reference never silently lacks a command.
+import) and runs each command's ``--help`` in turn, exactly as the console script does, with an empty help cache
+of its own (``XDG_CACHE_HOME``): every command's text is its live parser's, never one stored earlier. A command
+whose help fails stops the build: the reference never silently lacks a command.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 MARKER = "<!-- cli-reference -->"
@@ -45,12 +47,14 @@ def _help_texts() -> dict[str, list[str]]:
     """``{command: [summary, help]}`` from one child process (the repository's ``src`` first on its path)."""
     global _cache
     if _cache is None:
-        env = dict(
-            os.environ,
-            COLUMNS="110",
-            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
-        )
-        done = subprocess.run([sys.executable, "-c", _COLLECT], capture_output=True, text=True, env=env, cwd=REPO)
+        with tempfile.TemporaryDirectory() as empty_cache:
+            env = dict(
+                os.environ,
+                COLUMNS="110",
+                XDG_CACHE_HOME=empty_cache,
+                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+            )
+            done = subprocess.run([sys.executable, "-c", _COLLECT], capture_output=True, text=True, env=env, cwd=REPO)
         if done.returncode != 0:
             raise RuntimeError(f"CLI reference: collecting --help failed:\n{done.stderr[-4000:]}")
         _cache = json.loads(done.stdout)

@@ -401,7 +401,10 @@ def test_a_csv_input_reads_its_paths_from_the_column_named_by_path_column(png_fo
     assert [Path(r["path"]) for r in rows] == [table / rel for rel in relative]
     run_predict(str(folder), str(checkpoint), output=tmp_path / "folder.csv")  # the same files, found by a scan
     by_name = _probabilities(_read(tmp_path / "folder.csv"))
-    assert all(r["error"] == "" and r["prob_pneumonia"] == by_name[Path(r["path"]).name] for r in rows)
+    assert all(r["error"] == "" for r in rows)  # batches of another size may round the last digits otherwise
+    assert [float(r["prob_pneumonia"]) for r in rows] == pytest.approx(
+        [float(by_name[Path(r["path"]).name]) for r in rows], abs=1e-6
+    )
 
     (table / "bare.csv").write_text("image\n" + "".join(f"{rel}\n" for rel in relative))
     with pytest.raises(SystemExit) as exit_info:

@@ -77,9 +77,9 @@ def run_evaluate(
         path_column: Without an id column (predict's CSV), the file names of this column's paths are the ids.
         threshold: Decision threshold of the accuracy columns, one for all classes or one per class.
         model: Optional checkpoint or MLflow URI that made the predictions: checks they look like its calibration data.
-        prevalence: As predict's, with model: none; estimate (the class shares of these predictions, from their
-            probabilities and the model's calibration shares); or the shares given (0.3, or 0.2,0.3,0.5). The
-            probabilities adapted to them are scored too, and the labels' true shares reported beside.
+        prevalence: As predict's, and with model only: none, estimate (the class shares of these predictions, from
+            their probabilities and the model's calibration shares) or the shares given (0.3, or 0.2,0.3,0.5); the
+            probabilities adapted to them are scored too, beside the labels' true shares.
         prevalence_method: How estimate estimates: em (maximum likelihood) or bbse.
 
     Returns:

@@ -6,6 +6,8 @@ A model calibrated where a share :math:`\pi_s` of cases is sick states :math:`p_
 finds :math:`\pi_t` without labels: ``em`` is the maximum-likelihood estimate by EM on calibrated probabilities
 (Saerens et al. 2002; Alexandari et al. 2020), ``bbse`` solves :math:`C\pi_t = \bar p_t` for the calibration
 split's soft confusion matrix :math:`C_{ij} = E_s[p_i(x) \mid y = j]` (Lipton et al. 2018, with soft predictions).
+:func:`batch_prevalence` picks the shares ``--prevalence`` asks for (``predict``, ``evaluate``; ``test`` logs the
+estimate) from a model's calibration record.
 A multi-label task is one binary problem per finding. The interval is a percentile bootstrap over the batch's
 cases: it does not count the error of the calibration split's own estimates.
 

@@ -24,16 +24,11 @@ def load_model(model: str, task: Task, class_names: list[str], shares: str | lis
     """The model that made the predictions; to adapt them (``shares``), predictions of its task and classes: else a
     DataError, before any scoring."""
     predictor = load_predictor(model)
-    names = _class_names(predictor)
+    names = predictor.share_names
     if shares is not None and (task != predictor.task or (task != "binary" and class_names != names)):
         raise DataError(f"--prevalence: these are {task} predictions of {class_names}, but {predictor.label} is a "
                         f"{predictor.task} model of {names}; give its --task and probability columns")  # fmt: skip
     return predictor
-
-
-def _class_names(predictor: Predictor) -> list[str]:
-    """The names of the model's class shares: both classes of a binary task, else each class or finding."""
-    return predictor.class_names[:2] if predictor.task == "binary" else predictor.class_names
 
 
 def _positive_scores(probs: np.ndarray, task: str) -> torch.Tensor:
@@ -56,7 +51,7 @@ def adapted_report(
     ``--prevalence``), ``None`` when none could be, and predict's ``prevalence`` entry plus the ``true`` shares of
     the labels (from ``report``'s positives); the predictions are of the model's task and classes
     (:func:`load_model`)."""
-    names = _class_names(predictor)
+    names = predictor.share_names
     scores = _positive_scores(probs, task)
     chosen = shift.batch_prevalence(scores, predictor.calibration, task, shares, method, predictor.label)
     true = (report["positives"] / report["n"]).drop(index="mean").to_numpy(dtype=np.float64)

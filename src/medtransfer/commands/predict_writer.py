@@ -361,12 +361,9 @@ def summarise(writer: PredictionWriter, predictor: Predictor, images: int, secon
 def adapt_prevalence(writer: PredictionWriter, predictor: Predictor, shares: str | list[float],
                      method: shift.PrevalenceMethod) -> dict[str, Any]:  # fmt: skip
     """Adapt the written CSV to the estimated or given class shares; the summary's ``prevalence`` entry."""
-    task = predictor.task
-    result = writer.adapt(
-        lambda probs: shift.batch_prevalence(probs, predictor.calibration, task, shares, method, predictor.label)
-    )
-    names = predictor.class_names if task != "binary" else predictor.class_names[:2]
-    return shift.summary_entry(result, names, shares, method)
+    result = writer.adapt(lambda probs: shift.batch_prevalence(probs, predictor.calibration, predictor.task, shares,
+                                                               method, predictor.label))  # fmt: skip
+    return shift.summary_entry(result, predictor.share_names, shares, method)
 
 
 def predict_rows(module: LightningModule, loader: DataLoader, writer: PredictionWriter, device: str,

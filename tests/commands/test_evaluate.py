@@ -1,4 +1,5 @@
-"""``medtransfer evaluate`` on a peer's real results: the CheXNet reproduction joined to the official labels."""
+"""``medtransfer evaluate`` on a peer's real results: the CheXNet reproduction joined to the official labels (and,
+with ``--model --prevalence``, adapted to another share of effusions)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from faults.untrained import write_untrained_checkpoint
 from torchmetrics.functional.classification import multiclass_auroc
 
 from medtransfer.commands.evaluate import (
     CHESTXRAY14_FINDINGS,
     evaluate_predictions,
+    join_on_ids,
     read_labels,
     read_predictions,
     run_evaluate,
 )
+from medtransfer.decisions.fitting import DecisionFitting
 from medtransfer.entry import main
 from medtransfer.errors import DataError
 
@@ -320,3 +324,96 @@ def test_a_class_without_positives_is_blank_and_left_out_of_the_mean():
     report = evaluate_predictions(probs, targets, ["a", "b"], threshold=[0.5, 0.25])
     assert report.loc["b", ["auroc", "aurc", *SELECTIVE]].isna().all() and report.loc["b", "accuracy"] == 0.5
     assert report.loc["mean", "auroc"] == report.loc["a", "auroc"] == 1.0
+
+
+# ------------------------------------------------------------------------------------ --model with --prevalence
+@pytest.fixture(scope="module")
+def effusion(chexnet_dir, tmp_path_factory) -> SimpleNamespace:
+    """A binary Effusion model whose decision rule and calibration record are fitted (as ``fit`` fits them on
+    validation) on the CheXNet reproduction's real predictions of the first half of its test images, and the
+    other half to audit. Its weights are untrained: evaluate reads only what the checkpoint stores beside them."""
+    ids, names, probs = read_predictions(chexnet_dir / "preds.csv")
+    label_ids, targets = read_labels(chexnet_dir / LABELS_GZ, names)
+    targets, column, half = join_on_ids(ids, label_ids, targets), names.index("Effusion"), len(ids) // 2
+    probs, positive = probs[:, column], targets[:, column]
+    rule, record = DecisionFitting("binary").fit(torch.from_numpy(probs[:half]), torch.from_numpy(positive[:half]))
+    checkpoint = write_untrained_checkpoint(tmp_path_factory.mktemp("model") / "effusion.ckpt",
+                                            ("No Effusion", "Effusion"))  # fmt: skip
+    state = torch.load(checkpoint, weights_only=False)
+    state["calibration"] = record
+    state["state_dict"] |= {"decision_threshold": rule.threshold, "min_confidence": rule.min_confidence}
+    torch.save(state, checkpoint)
+    return SimpleNamespace(model=checkpoint, ids=ids[half:], probs=probs[half:], positive=positive[half:],
+                           source=float(positive[:half].mean()))  # fmt: skip
+
+
+def _audit(effusion: SimpleNamespace, folder: Path, share: float, n: int = 2000) -> Path:
+    """``predict``'s CSV for ``n`` audit images drawn so that a ``share`` of them show an effusion."""
+    rng = np.random.default_rng(0)
+    sick = rng.choice(np.flatnonzero(effusion.positive == 1), round(share * n), replace=False)
+    healthy = rng.choice(np.flatnonzero(effusion.positive == 0), n - len(sick), replace=False)
+    rows = rng.permutation(np.concatenate([sick, healthy]))
+    path = folder / f"predictions_{share}.csv"
+    pd.DataFrame({"path": [f"/data/images/{i}" for i in effusion.ids[rows]], "prob_Effusion": effusion.probs[rows],
+                  "error": ""}).to_csv(path, index=False)  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("method", ["em", "bbse"])
+def test_prevalence_estimate_finds_the_audits_share_and_scores_the_adapted_predictions(
+    effusion, chexnet_dir, tmp_path, capsys, method
+):
+    """Calibrated where 12 % of images show an effusion, audited on images where 35 % do: the estimate finds the
+    share, and the adapted probabilities (the same ranking) are better calibrated and more accurate."""
+    predictions = _audit(effusion, tmp_path, 0.35)
+    result = run_evaluate(predictions, chexnet_dir / LABELS_GZ, tmp_path / "out", task="binary",
+                          model=str(effusion.model), prevalence="estimate", prevalence_method=method)  # fmt: skip
+    shares = result.prevalence
+    assert shares["method"] == method and shares["adapted"] and shares["true"]["Effusion"] == 0.35
+    assert shares["estimated"]["Effusion"] == pytest.approx(0.35, abs=0.04)
+    low, high = shares["interval"]["Effusion"]
+    assert low <= shares["estimated"]["Effusion"] <= high
+    assert shares["source"]["Effusion"] == pytest.approx(effusion.source, abs=1e-4)
+    plain, adapted = result.report.loc["Effusion"], result.adapted.loc["Effusion"]
+    assert adapted["auroc"] == pytest.approx(plain["auroc"]) and adapted["n"] == plain["n"] == 2000
+    assert adapted["ece"] < plain["ece"] and adapted["accuracy"] > plain["accuracy"]
+    printed = capsys.readouterr().out
+    assert f"prevalence ({method}): No Effusion" in printed and "true 0.350" in printed
+    table = pd.read_csv(tmp_path / "out" / "evaluation.csv", index_col=["probabilities", "class"])
+    rows = [(kind, name) for kind in ("as_predicted", "adapted") for name in ("Effusion", "mean")]
+    assert table.index.tolist() == rows
+    summary = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert summary["prevalence"] == shares and summary["adapted"][0]["ece"] == pytest.approx(adapted["ece"])
+
+
+def test_a_given_prevalence_and_a_batch_too_small_to_estimate_from(effusion, chexnet_dir, tmp_path, caplog):
+    """A known share adapts to that share; 40 images are too few to estimate from: predict's one-line warning,
+    and the true shares with nothing adapted."""
+    predictions = _audit(effusion, tmp_path, 0.35)
+    given = run_evaluate(predictions, chexnet_dir / LABELS_GZ, task="binary", model=str(effusion.model),
+                         prevalence="0.35")  # fmt: skip
+    assert given.prevalence["method"] == "given" and given.prevalence["estimated"]["Effusion"] == 0.35
+    assert given.adapted.loc["Effusion", "ece"] < given.report.loc["Effusion", "ece"]
+    few = _audit(effusion, tmp_path, 0.5, n=40)
+    with caplog.at_level("WARNING"):
+        result = run_evaluate(few, chexnet_dir / LABELS_GZ, tmp_path / "out", task="binary",
+                              model=str(effusion.model), prevalence="estimate")  # fmt: skip
+    assert "Prevalence not estimated: a batch of 40 case(s) is too small" in caplog.text
+    assert result.adapted is None
+    assert result.prevalence == {"method": "em", "adapted": False, "true": {"No Effusion": 0.5, "Effusion": 0.5}}
+    summary = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert "adapted" not in summary and summary["prevalence"] == result.prevalence
+    assert pd.read_csv(tmp_path / "out" / "evaluation.csv").columns[0] == "class"  # the plain table alone
+
+
+def test_prevalence_needs_the_model_and_its_task(effusion, chexnet_dir, tmp_path, capsys):
+    predictions = _audit(effusion, tmp_path, 0.35, n=60)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", str(predictions), str(chexnet_dir / LABELS_GZ), "--task", "binary", "--prevalence",
+              "estimate"])  # fmt: skip
+    assert exit_info.value.code == 2 and "--prevalence estimate needs --model" in capsys.readouterr().err
+    with pytest.raises(DataError, match="is a binary model"):
+        run_evaluate(predictions, chexnet_dir / LABELS_GZ, model=str(effusion.model), prevalence="estimate")
+    with pytest.raises(DataError, match="--prevalence most: expected none, estimate"):
+        run_evaluate(predictions, chexnet_dir / LABELS_GZ, task="binary", model=str(effusion.model),
+                     prevalence="most")  # fmt: skip

@@ -12,11 +12,14 @@ import torch
 from medtransfer.decisions.prevalence import (
     MIN_CASES,
     adapt_probabilities,
+    batch_prevalence,
     calibration_shares,
     estimate_prevalence,
     given_prevalence,
     shift_explanation,
+    summary_entry,
 )
+from medtransfer.errors import DataError
 
 SOURCE = 0.742  # PneumoniaMNIST's validation prevalence
 MEANS = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]])  # three classes in the plane, unit variance
@@ -153,6 +156,29 @@ def test_a_given_prevalence_is_one_share_or_one_per_class():
     for shares, match in (([0.3, 0.3], "sum to 1"), ([1.2], r"in \(0, 1\)"), ([0.2, 0.3, 0.5], "1 or 2 share")):
         with pytest.raises(ValueError, match=match):
             given_prevalence(shares, source, "binary")
+
+
+def test_the_batch_shares_come_from_the_models_record_estimated_or_given(binary_record, caplog):
+    """``--prevalence``'s choice, shared by predict and evaluate: the record's shares (and, for ``bbse``, its
+    confusion matrix) against the batch; given shares as they are; a record without shares warns and adapts
+    nothing; values that are not shares are one DataError naming the option."""
+    probs, _ = _binary(624, 0.3, seed=2)
+    for method in ("em", "bbse"):
+        source, confusion = torch.tensor(binary_record["prevalence"]), torch.tensor(binary_record["confusion"])
+        expected = estimate_prevalence(probs, source, "binary", method, confusion)
+        chosen = batch_prevalence(probs, binary_record, "binary", "estimate", method)
+        torch.testing.assert_close(chosen.estimated, expected.estimated)
+    given = batch_prevalence(probs, binary_record, "binary", [0.3])
+    assert given.method == "given" and given.estimated.tolist() == pytest.approx([0.7, 0.3])
+    with caplog.at_level(logging.WARNING):
+        assert batch_prevalence(probs, {"n": 10}, "binary", "estimate", model="old.ckpt") is None
+    assert "old.ckpt holds no calibration class shares" in caplog.text and len(caplog.records) == 1
+    with pytest.raises(DataError, match=r"--prevalence 0\.3,0\.3: .*sum to 1"):
+        batch_prevalence(probs, binary_record, "binary", [0.3, 0.3])
+    names = ["normal", "pneumonia"]
+    assert summary_entry(given, names, [0.3]) == {**given.to_dict(names), "adapted": True}
+    assert summary_entry(None, names, "estimate", "bbse") == {"method": "bbse", "adapted": False}
+    assert summary_entry(None, names, [0.3], "bbse") == {"method": "given", "adapted": False}
 
 
 def test_the_summary_names_each_class(binary_record):

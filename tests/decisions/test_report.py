@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
 
-from medtransfer.decisions.report import evaluation_table, guarantee_report, report_metrics, selective_report
+from medtransfer.decisions.prevalence import calibration_shares
+from medtransfer.decisions.report import (
+    evaluation_table,
+    guarantee_report,
+    prevalence_metrics,
+    report_metrics,
+    selective_report,
+)
 from medtransfer.decisions.rule import DecisionRule
 
 
@@ -55,3 +63,44 @@ def test_a_model_without_calibration_data_claims_no_guarantee():
     rule = DecisionRule("binary", torch.tensor(0.5), torch.tensor(0.0))
     with pytest.warns(UserWarning, match="no calibration data .* no guarantee is claimed"):
         assert guarantee_report(rule, None, probs, (probs > 0.5).long()) == {}
+
+
+def _posteriors(n: int, share: float, seed: int, source: float = 0.7) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact posteriors at prevalence ``source`` of N(0, 1) vs N(2, 1) cases drawn at ``share``: calibrated."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = (torch.rand(n, generator=generator) < share).long()
+    x = torch.randn(n, generator=generator, dtype=torch.float64) + 2.0 * targets
+    return torch.sigmoid(2 * x - 2 + math.log(source / (1 - source))), targets
+
+
+def test_prevalence_metrics_estimate_the_test_shares_and_score_the_adapted_decisions():
+    """Calibrated at 0.7, tested at 0.2: the EM estimate finds the test share within its interval, and the rule's
+    decisions on the adapted probabilities are more accurate and better calibrated than on the model's own."""
+    record = calibration_shares(*_posteriors(2000, 0.7, seed=1), "binary")
+    probs, targets = _posteriors(1000, 0.2, seed=2)
+    rule = DecisionRule("binary", torch.tensor(0.5), torch.tensor(0.0))
+    metrics = prevalence_metrics(rule, record, probs, targets, ["pneumonia"])
+    shares = ("true", "estimated", "estimated_low", "estimated_high", "calibration")
+    adapted = ("acc", "ece", "selective_acc_cov80")
+    assert set(metrics) == {f"test/prevalence/{k}" for k in shares} | {f"test/adapted/{k}" for k in adapted}
+    true, estimated = metrics["test/prevalence/true"], metrics["test/prevalence/estimated"]
+    assert true == pytest.approx(float(targets.double().mean())) and estimated == pytest.approx(true, abs=0.03)
+    assert metrics["test/prevalence/estimated_low"] <= estimated <= metrics["test/prevalence/estimated_high"]
+    assert metrics["test/prevalence/calibration"] == pytest.approx(record["prevalence"][1])
+    plain = selective_report(rule, probs, targets)
+    assert metrics["test/adapted/acc"] > float((rule.decide(probs) == targets).double().mean()) + 0.03
+    assert metrics["test/adapted/ece"] < float(plain["ece"])
+
+
+def test_prevalence_metrics_name_each_finding_and_fall_back_to_the_true_shares(caplog):
+    probs, targets = _multilabel()
+    rule = DecisionRule("multilabel", torch.full((2,), 0.5), torch.zeros(2))
+    record = calibration_shares(probs[:, :2], targets[:, :2], "multilabel")
+    metrics = prevalence_metrics(rule, record, probs[:, :2], targets[:, :2], ["a", "b"], stage="val")
+    assert metrics["val/prevalence/true/b"] == pytest.approx(float(targets[:, 1].double().mean()))
+    assert {"val/prevalence/estimated/a", "val/prevalence/calibration/b", "val/adapted/ece"} <= set(metrics)
+    assert prevalence_metrics(rule, {"n": 300}, probs[:, :2], targets[:, :2], ["a", "b"]) == {}  # no shares kept
+    with caplog.at_level(logging.WARNING):  # too few cases to estimate from: the true shares alone
+        few = prevalence_metrics(rule, record, probs[:20, :2], targets[:20, :2], ["a", "b"])
+    assert set(few) == {"test/prevalence/true/a", "test/prevalence/true/b"}
+    assert "batch of 20 case(s) is too small" in caplog.text

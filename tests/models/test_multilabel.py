@@ -84,6 +84,31 @@ def test_test_logs_per_label_auroc_and_writes_the_table(tested):
     assert lines[0].startswith("label,auroc,aurc") and [line.split(",")[0] for line in lines[1:]] == ["centre", "edge"]
 
 
+def test_test_logs_the_prevalence_estimate_and_the_adapted_decisions_beside_the_rest(tested):
+    """A model with calibration shares adds, per finding, the true test shares, their EM estimate and interval and
+    the calibration's, and the adapted decisions' accuracy, ECE and selective accuracy; every other metric is what
+    the same model without the shares logs."""
+    model, data, results, _ = tested
+    for j, name in enumerate(data.class_names):
+        assert results[f"test/prevalence/true/{name}"] == pytest.approx(float(data.targets[:, j].mean()))
+        assert results[f"test/prevalence/calibration/{name}"] == pytest.approx(model.calibration["prevalence"][j])
+        low, high = results[f"test/prevalence/estimated_low/{name}"], results[f"test/prevalence/estimated_high/{name}"]
+        assert 0 < low <= results[f"test/prevalence/estimated/{name}"] <= high < 1
+    assert all(0 <= results[f"test/adapted/{k}"] <= 1 for k in ("acc", "ece", "selective_acc_cov80"))
+    added = {k for k in results if k.startswith(("test/prevalence/", "test/adapted/"))}
+    assert len(added) == 5 * len(data.class_names) + 3
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with_shares = trainer.test(model, datamodule=data, verbose=False)[0]  # the model as other tests left it
+    record = model.calibration
+    model.calibration = {k: v for k, v in record.items() if k != "prevalence"}  # as calibrated before shares
+    try:
+        without = trainer.test(model, datamodule=data, verbose=False)[0]
+    finally:
+        model.calibration = record
+    assert set(with_shares) - set(without) == added
+    assert without == {k: v for k, v in with_shares.items() if k not in added}
+
+
 def test_abstention_band_is_binary_only(tested):
     model, *_ = tested
     with pytest.raises(ValueError, match="binary"):

@@ -20,7 +20,7 @@ from medtransfer.errors import DataError
 from medtransfer.explain.choices import DEFAULT_METHOD, Method
 from medtransfer.files import write_text_atomic
 
-__all__ = ["PredictSummary", "collect_images", "resolve_device", "run_predict"]
+__all__ = ["PredictSummary", "collect_images", "parse_prevalence", "prevalence_line", "resolve_device", "run_predict"]
 
 _logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def run_predict(
     for name, target in (("--output", output), ("--summary", summary)):
         if target is not None:
             _check_writable(name, Path(target), images)
-    shares = _parse_prevalence(prevalence)
+    shares = parse_prevalence(prevalence)
     device = resolve_device(device, precision)
     predictor = load_predictor(model, device, tracking_uri)
     rows = image_rows(collect_images(images, path_column), predictor.settings, frame)
@@ -204,8 +204,8 @@ def run_predict(
     return result
 
 
-def _parse_prevalence(text: str) -> str | list[float] | None:
-    """``--prevalence``: ``None`` for ``none``, ``"estimate"``, or the shares given."""
+def parse_prevalence(text: str) -> str | list[float] | None:
+    """``--prevalence`` (predict's and evaluate's): ``None`` for ``none``, ``"estimate"``, or the shares given."""
     if text in ("none", "estimate"):
         return None if text == "none" else text
     try:
@@ -225,6 +225,17 @@ def resolve_device(device: str, precision: Precision) -> str:
     return device
 
 
+def prevalence_line(entry: dict[str, Any]) -> str:
+    """The printed line of an adapted ``prevalence`` entry: each class's share, interval and calibration share
+    (and, where the labels are known, the true share)."""
+    true = entry.get("true", {})
+    return f"prevalence ({entry['method']}): " + ", ".join(
+        f"{name} {share:.3f} [{entry['interval'][name][0]:.3f}, {entry['interval'][name][1]:.3f}] "
+        f"(calibration {entry['source'][name]:.3f}" + (f", true {true[name]:.3f})" if name in true else ")")
+        for name, share in entry["estimated"].items()
+    )
+
+
 def _warn_stale(output: Path) -> None:
     """Name the temporary files an interrupted run left; not deleted, as another run may still own one."""
     stale = sorted(output.parent.glob(f".{output.name}.*.tmp"))
@@ -237,11 +248,7 @@ def _print_summary(result: PredictSummary) -> None:
     print(f"{result.predicted} predicted, {result.unreadable} unreadable, coverage {result.coverage:.1%} -> "
           f"{result.output}")  # fmt: skip
     if result.prevalence and result.prevalence["adapted"]:
-        shares = result.prevalence
-        print(f"prevalence ({shares['method']}): " + ", ".join(
-            f"{name} {share:.3f} [{shares['interval'][name][0]:.3f}, {shares['interval'][name][1]:.3f}] "
-            f"(calibration {shares['source'][name]:.3f})" for name, share in shares["estimated"].items()
-        ))  # fmt: skip
+        print(prevalence_line(result.prevalence))
     if result.unlike_training:
         _logger.warning("%d of %d image(s) are unlike the images %s was validated on (column unlike_training): "
                         "its decisions on them are unreliable.\nHINT: other modality, colour or blank images?",

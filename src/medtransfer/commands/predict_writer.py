@@ -361,33 +361,9 @@ def summarise(writer: PredictionWriter, predictor: Predictor, images: int, secon
 def adapt_prevalence(writer: PredictionWriter, predictor: Predictor, shares: str | list[float],
                      method: shift.PrevalenceMethod) -> dict[str, Any]:  # fmt: skip
     """Adapt the written CSV to the estimated or given class shares; the summary's ``prevalence`` entry."""
-    method_name = method if shares == "estimate" else "given"
-    calibration = predictor.calibration or {}
-    if "prevalence" not in calibration:
-        _logger.warning("Prevalence not adapted: %s holds no calibration class shares (calibrated before "
-                        "medtransfer recorded them); fit or calibrate it again", predictor.label)  # fmt: skip
-        return {"method": method_name, "adapted": False}
-    source, task = torch.tensor(calibration["prevalence"], dtype=torch.float64), predictor.task
-    if shares == "estimate":
-        confusion = calibration.get("confusion")
-        confusion = None if confusion is None else torch.tensor(confusion, dtype=torch.float64)
-
-        def choose(probs: torch.Tensor) -> Prevalence | None:
-            return shift.estimate_prevalence(probs, source, task, method, confusion)
-    else:
-        try:
-            given = shift.given_prevalence(shares, source, task)
-        except ValueError as err:
-            raise DataError(f"--prevalence {','.join(map(str, shares))}: {err}") from None
-
-        def choose(probs: torch.Tensor) -> Prevalence | None:
-            return given
-
-    result = writer.adapt(choose)
-    if result is None:
-        return {"method": method_name, "adapted": False}
-    names = predictor.class_names if task != "binary" else predictor.class_names[:2]
-    return {**result.to_dict(names), "adapted": True}
+    result = writer.adapt(lambda probs: shift.batch_prevalence(probs, predictor.calibration, predictor.task, shares,
+                                                               method, predictor.label))  # fmt: skip
+    return shift.summary_entry(result, predictor.share_names, shares, method)
 
 
 def predict_rows(module: LightningModule, loader: DataLoader, writer: PredictionWriter, device: str,

@@ -46,6 +46,12 @@ class Predictor:
     label: str
     calibration: dict[str, Any] | None = None
 
+    @property
+    def share_names(self) -> list[str]:
+        """What its class shares (``--prevalence``) are named by: both classes of a binary task, else each class
+        or finding."""
+        return self.class_names[:2] if self.task == "binary" else self.class_names
+
 
 def _binary_names(task: str, names: list[str]) -> list[str]:
     return ["negative", names[0]] if task == "binary" and len(names) == 1 else names

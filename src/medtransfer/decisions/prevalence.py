@@ -6,6 +6,8 @@ A model calibrated where a share :math:`\pi_s` of cases is sick states :math:`p_
 finds :math:`\pi_t` without labels: ``em`` is the maximum-likelihood estimate by EM on calibrated probabilities
 (Saerens et al. 2002; Alexandari et al. 2020), ``bbse`` solves :math:`C\pi_t = \bar p_t` for the calibration
 split's soft confusion matrix :math:`C_{ij} = E_s[p_i(x) \mid y = j]` (Lipton et al. 2018, with soft predictions).
+:func:`batch_prevalence` picks the shares ``--prevalence`` asks for (``predict``, ``evaluate``; ``test`` logs the
+estimate) from a model's calibration record.
 A multi-label task is one binary problem per finding. The interval is a percentile bootstrap over the batch's
 cases: it does not count the error of the calibration split's own estimates.
 
@@ -24,6 +26,7 @@ import torch
 from scipy import stats
 from torch import Tensor
 
+from medtransfer.errors import DataError
 from medtransfer.task import Task
 
 __all__ = [
@@ -32,10 +35,12 @@ __all__ = [
     "Prevalence",
     "PrevalenceMethod",
     "adapt_probabilities",
+    "batch_prevalence",
     "calibration_shares",
     "estimate_prevalence",
     "given_prevalence",
     "shift_explanation",
+    "summary_entry",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -208,6 +213,43 @@ def given_prevalence(shares: list[float], source: Tensor, task: Task) -> Prevale
     if task != "multilabel" and abs(float(values.sum()) - 1) > 1e-6:
         raise ValueError(f"Expected argument `prevalence` to sum to 1 over the classes, but got {shares}")
     return Prevalence("given", values, torch.stack([values, values], dim=-1), source)
+
+
+def batch_prevalence(
+    probs: Tensor,
+    calibration: dict[str, Any] | None,
+    task: Task,
+    shares: str | list[float],
+    method: PrevalenceMethod = "em",
+    model: str = "the model",
+) -> Prevalence | None:
+    """The class shares ``--prevalence`` adapts ``probs`` to: estimated from them by ``method`` (``shares`` is
+    ``"estimate"``) or the ``shares`` given, against those of the ``calibration`` record of ``model``. ``None``
+    after a one-line warning when the record holds no class shares (calibrated before medtransfer recorded them)
+    or no estimate is possible (:func:`estimate_prevalence`); given values that are not shares are a DataError."""
+    if "prevalence" not in (calibration or {}):
+        _logger.warning("Prevalence not adapted: %s holds no calibration class shares (calibrated before "
+                        "medtransfer recorded them); fit or calibrate it again", model)  # fmt: skip
+        return None
+    source = torch.tensor(calibration["prevalence"], dtype=torch.float64)
+    if shares != "estimate":
+        try:
+            return given_prevalence(list(shares), source, task)
+        except ValueError as err:
+            raise DataError(f"--prevalence {','.join(map(str, shares))}: {err}") from None
+    confusion = calibration.get("confusion")
+    confusion = None if confusion is None else torch.tensor(confusion, dtype=torch.float64)
+    return estimate_prevalence(probs, source, task, method, confusion)
+
+
+def summary_entry(
+    prevalence: Prevalence | None, names: list[str], shares: str | list[float], method: PrevalenceMethod = "em"
+) -> dict[str, Any]:
+    """The ``prevalence`` entry of predict's summary and evaluate's JSON: ``{method, estimated, interval, source,
+    adapted: true}`` by class ``names``, or ``{method, adapted: false}`` when nothing was adapted."""
+    if prevalence is None:
+        return {"method": method if shares == "estimate" else "given", "adapted": False}
+    return {**prevalence.to_dict(names), "adapted": True}
 
 
 def adapt_probabilities(probs: Tensor, source: Tensor, target: Tensor, task: Task) -> Tensor:

@@ -1,6 +1,7 @@
 """The one selective report of what a :class:`DecisionRule` does on labelled cases, written by the module's
 ``test``, by ``baseline`` and, per class, by ``evaluate``'s table (:func:`evaluation_table`); :func:`guarantee_report`
-adds what the calibration promised and whether these cases look like the calibration data."""
+adds what the calibration promised and whether these cases look like the calibration data, and
+:func:`prevalence_metrics` what adapting to the cases' estimated class shares would do."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc, calibration_error, multilabel_auroc
 
+from medtransfer.decisions.prevalence import adapt_probabilities, batch_prevalence
 from medtransfer.decisions.risk_control import check_exchangeability
 from medtransfer.decisions.rule import DecisionRule
 from medtransfer.metrics import functional as F
@@ -30,6 +32,7 @@ __all__ = [
     "evaluation_table",
     "first_bad_probability",
     "guarantee_report",
+    "prevalence_metrics",
     "report_metrics",
     "selective_report",
 ]
@@ -138,6 +141,47 @@ def report_metrics(
         if ok:  # undefined labels are left out, never logged as 0
             metrics[f"{stage}/auroc/{label}"] = value
     return metrics, per_label
+
+
+def prevalence_metrics(
+    rule: DecisionRule, calibration: dict[str, Any] | None, probs: Tensor, targets: Tensor, names: Sequence[str],
+    stage: str = "test",
+) -> dict[str, float]:  # fmt: skip
+    """What ``predict --prevalence estimate`` would do on these labelled cases, as logged metrics: the true class
+    shares (``<stage>/prevalence/true``), their EM estimate from the probabilities alone (``.../estimated``, with
+    its 95 % bootstrap interval ``.../estimated_low``, ``.../estimated_high``) and the calibration's
+    (``.../calibration``): the positive share for a binary task, else one per class or finding (``.../<name>``);
+    and the accuracy, ECE and selective accuracy at 80 % coverage of the rule's decisions on the probabilities
+    adapted to the estimate (``<stage>/adapted/...``, means over labels). Nothing without calibration shares in the
+    model; the true shares alone when no estimate is possible (a warning says why)."""
+    if "prevalence" not in (calibration or {}):
+        return {}
+    task, probs, targets = rule.task, probs.cpu(), targets.cpu()
+    if task == "multiclass":
+        true = torch.bincount(targets, minlength=probs.shape[-1]).double() / len(targets)
+    else:
+        true = targets.double().mean(0)  # the positive share (binary), per finding (multi-label)
+    metrics = _shares(f"{stage}/prevalence/true", true, names)
+    estimate = batch_prevalence(probs, calibration, task, "estimate")
+    if estimate is None:
+        return metrics
+    positive = 1 if task == "binary" else slice(None)  # binary shares are [negative, positive]
+    for key, value in (("estimated", estimate.estimated), ("estimated_low", estimate.interval[..., 0]),
+                       ("estimated_high", estimate.interval[..., 1]), ("calibration", estimate.source)):  # fmt: skip
+        metrics |= _shares(f"{stage}/prevalence/{key}", value[positive], names)
+    adapted = adapt_probabilities(probs, estimate.source, estimate.estimated, task)
+    report = selective_report(rule, adapted, targets)
+    report["acc"] = (rule.decide(adapted) == targets).double().mean(0)
+    for name in ("acc", "ece", "selective_acc_cov80"):
+        metrics[f"{stage}/adapted/{name}"] = float(report[name].nanmean())
+    return metrics
+
+
+def _shares(key: str, shares: Tensor, names: Sequence[str]) -> dict[str, float]:
+    """One share as ``key``, or one per class or finding as ``key/<name>``."""
+    if shares.ndim == 0:
+        return {key: float(shares)}
+    return {f"{key}/{name}": float(share) for name, share in zip(names, shares, strict=True)}
 
 
 # ------------------------------------------------------------------------------------------ evaluate's table

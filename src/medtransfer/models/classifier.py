@@ -16,7 +16,7 @@ from torchmetrics import CatMetric, MetricCollection
 from medtransfer.data.input_spec import InputSpec
 from medtransfer.data.unlike import reference_from_dataset
 from medtransfer.decisions.fitting import DecisionFitting, calibration_metrics
-from medtransfer.decisions.report import guarantee_report, report_metrics, selective_report
+from medtransfer.decisions.report import guarantee_report, prevalence_metrics, report_metrics, selective_report
 from medtransfer.decisions.rule import DecisionRule
 from medtransfer.decisions.temperature import fit_temperature
 from medtransfer.decisions.thresholds import ThresholdPolicy
@@ -315,8 +315,9 @@ class ClassifierModule(LightningModule):
         self._shared_step(batch, "test", self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
-        """Selective-prediction and calibration report with the stored (validation-fitted) values; the per-label
-        table is kept in ``test_outputs["per_label"]`` for the report callback."""
+        """Selective-prediction and calibration report with the stored (validation-fitted) values, and what adapting
+        to the test split's estimated prevalence would do; the per-label table is kept in
+        ``test_outputs["per_label"]`` for the report callback."""
         logits, targets = self.test_logits.compute(), self.test_targets.compute().long()
         self.test_logits.reset()
         self.test_targets.reset()
@@ -327,7 +328,7 @@ class ClassifierModule(LightningModule):
             self._defined(targets, "test")  # names the labels left out, once
         names = self._label_names() or [str(i) for i in range(self.hparams.num_classes)]
         metrics, per_label = report_metrics(report, probs, targets, names, self.hparams.task)
-        self.log_dict(metrics)
+        self.log_dict(metrics | prevalence_metrics(rule, self.calibration, probs, targets, names))
         summary = {name: float(value.nanmean()) for name, value in report.items()}
         self.test_outputs = {"probs": probs.cpu(), "targets": targets.cpu(), "report": summary, "per_label": per_label}
 

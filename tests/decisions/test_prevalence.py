@@ -11,6 +11,10 @@ import torch
 
 from medtransfer.decisions.prevalence import (
     MIN_CASES,
+    _columns,
+    _em,
+    _shares,
+    _two_class_mle,
     adapt_probabilities,
     batch_prevalence,
     calibration_shares,
@@ -66,6 +70,28 @@ def test_binary_shares_are_recovered_within_their_interval(binary_record, method
     low, high = result.interval[1].tolist()
     assert low <= float(result.estimated[1]) <= high and low - 0.01 <= truth <= high + 0.01
     assert result.source.tolist() == pytest.approx([1 - SOURCE, SOURCE], abs=0.03)
+
+
+@pytest.mark.parametrize("task", ["binary", "multilabel"])
+def test_the_two_class_maximum_is_where_em_converges(task):
+    """Newton's method on the likelihood's derivative lands where EM, run to convergence, ends: shares near 0 and
+    1, one at the boundary (EM's end too), an uninformative model (flat likelihood: EM stays at its start), batched
+    as bootstrap replicates (binary) or findings (multi-label), from EM's start or another."""
+    shares = [0.02, 0.98, 0.005, 0.999, 0.3, 0.7]
+    if task == "binary":
+        probs = torch.stack([_binary(1000, s, seed=20 + i)[0] for i, s in enumerate(shares)])
+        probs = torch.cat([probs, torch.full((1, 1000), SOURCE, dtype=torch.float64)])
+        source = torch.tensor([1 - SOURCE, SOURCE], dtype=torch.float64)
+    else:
+        source = torch.tensor([0.1, 0.5, 0.9, 0.3, 0.05, 0.7], dtype=torch.float64)
+        probs = _multilabel(1000, torch.tensor(shares), source, seed=30)[0]
+    columns, source = _columns(probs, task), _shares(source, task)
+    converged = _em(columns, source, max_iter=100_000, tol=1e-14)
+    solved = _two_class_mle(columns, source)
+    torch.testing.assert_close(solved, converged, atol=1e-6, rtol=0)
+    assert float(solved[3, 1]) == 1.0 and float(solved[1, 1]) < 1.0
+    restarted = _two_class_mle(columns, source, start=torch.full(columns.shape[:-2], 0.5, dtype=torch.float64))
+    torch.testing.assert_close(restarted[: len(shares)], solved[: len(shares)], atol=1e-10, rtol=0)
 
 
 def test_adapted_probabilities_are_the_posteriors_at_the_new_prevalence():
